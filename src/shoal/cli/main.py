@@ -1,0 +1,79 @@
+"""The `shoal` command: a thin typer shell over the layers below.
+
+Each subcommand lives in its own module ``shoal.cli.<name>`` that exposes
+``register(app)``. Modules are imported lazily only when present, so the command works
+while layers are still being built, and ``shoal --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from shoal.errors import ShoalError
+
+# Subcommand modules, in the order `shoal --help` lists them.
+_COMMANDS = ("demo", "peer", "train", "monitor", "dht", "testbed", "bench")
+
+app = typer.Typer(
+    name="shoal",
+    help="Train one model on a swarm of unreliable computers joined by slow links.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Train one model on a swarm of unreliable computers joined by slow links."""
+
+
+_registered = False
+
+
+def _register_all() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    for name in _COMMANDS:
+        module_name = f"shoal.cli.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        module.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Shoal's own errors print one line and exit 2."""
+    _register_all()
+    try:
+        app(args=argv, standalone_mode=False)
+    except ShoalError as exc:
+        print(f"shoal: error: {exc}", file=sys.stderr)
+        return 2
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        print("shoal: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # click usage errors come through here with standalone_mode off
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""compress layer; see docs/architecture.md."""

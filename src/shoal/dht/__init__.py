@@ -1,0 +1,1 @@
+"""dht layer; see docs/architecture.md."""

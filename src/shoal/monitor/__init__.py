@@ -1,0 +1,1 @@
+"""monitor layer; see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""parallel/data layer; see docs/architecture.md."""

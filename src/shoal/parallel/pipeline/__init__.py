@@ -1,0 +1,1 @@
+"""parallel/pipeline layer; see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""parallel/tensor layer; see docs/architecture.md."""

@@ -1,0 +1,1 @@
+"""swarm layer; see docs/architecture.md."""
