@@ -14,12 +14,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# Debian tools the network-namespace tests need (installed only when missing, only as root).
+# Debian tools the network-namespace and dashboard tests need (installed only when missing, only as root).
 system-deps:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
 	  command -v iptables >/dev/null || missing="$$missing iptables"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium"; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi; \
 	fi
 
