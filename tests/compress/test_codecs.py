@@ -1,0 +1,214 @@
+"""Error bounds and compression ratios of every codec."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.compress import (
+    ErrorFeedback,
+    Fp16Codec,
+    Int8BlockwiseCodec,
+    PowerSGDCodec,
+    PowerSGDState,
+    TopKCodec,
+    compression_ratio,
+)
+from shoal.compress.registry import codec_by_name, decode
+from shoal.errors import ConfigError
+
+
+def _tensor(seed: int, n: int, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 5000),
+    block=st.sampled_from([1, 7, 64, 256, 4096]),
+    scale=st.floats(1e-6, 1e6),
+)
+def test_int8_error_is_at_most_half_a_step_per_block(seed, n, block, scale):
+    x = _tensor(seed, n, scale)
+    codec = Int8BlockwiseCodec(block)
+    y = codec.decode(codec.encode(x))
+    assert y.shape == x.shape
+    err = (x - y).abs()
+    pad = -n % block
+    absmax = torch.nn.functional.pad(x.abs(), (0, pad)).view(-1, block).amax(dim=1)
+    bound = (absmax / 254.0).repeat_interleave(block)[:n]
+    assert torch.all(err <= bound * (1 + 1e-5) + 1e-30)
+
+
+def test_int8_zero_blocks_decode_exactly_and_ratio_matches_formula():
+    x = torch.zeros(10_000)
+    x[5000:] = torch.linspace(-3, 3, 5000)
+    codec = Int8BlockwiseCodec(1000)
+    enc = codec.encode(x)
+    assert torch.equal(codec.decode(enc)[:5000], torch.zeros(5000))
+    assert enc.wire_bytes == 10_000 + 4 * 10
+    assert compression_ratio(enc) == pytest.approx(0.25 + 1 / 1000)
+
+
+def test_int8_keeps_shape_of_matrices():
+    x = torch.randn(33, 17)
+    codec = Int8BlockwiseCodec(64)
+    assert codec.decode(codec.encode(x)).shape == (33, 17)
+
+
+def test_int8_encode_of_25m_floats_is_fast_relative_to_a_copy():
+    # Absolute timings are noisy on a shared machine: compare with a plain fp32 copy of the
+    # same tensor measured here, and keep a generous absolute cap as well.
+    x = torch.randn(25_000_000)
+    codec = Int8BlockwiseCodec(4096)
+    codec.encode(x)
+    best_encode = min(_timed(lambda: codec.encode(x)) for _ in range(3))
+    best_copy = min(_timed(lambda: x.clone()) for _ in range(3))
+    assert best_encode < max(0.1, 6 * best_copy), (best_encode, best_copy)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 3000), scale=st.floats(1e-3, 1e4))
+def test_fp16_relative_error_is_below_half_precision_epsilon(seed, n, scale):
+    x = _tensor(seed, n, scale)
+    codec = Fp16Codec()
+    enc = codec.encode(x)
+    y = codec.decode(enc)
+    normal = x.abs() >= 2.0**-14  # fp16 normal range: relative error bound holds
+    rel = ((x - y).abs() / x.abs().clamp_min(1e-30))[normal]
+    assert torch.all(rel <= 2.0**-11)
+    assert compression_ratio(enc) == 0.5
+
+
+def test_fp16_saturates_instead_of_overflowing_to_inf():
+    codec = Fp16Codec()
+    y = codec.decode(codec.encode(torch.tensor([1e9, -1e9, 1.0])))
+    assert torch.isfinite(y).all()
+    assert y[0] == 65504.0 and y[1] == -65504.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 2000), frac=st.floats(0.001, 1.0))
+def test_topk_keeps_exactly_k_largest(seed, n, frac):
+    x = _tensor(seed, n, 1.0)
+    codec = TopKCodec(fraction=frac)
+    enc = codec.encode(x)
+    k = codec.k_for(n)
+    indices, values = enc.payload
+    assert indices.numel() == k == values.numel()
+    assert len(set(indices.tolist())) == k
+    y = codec.decode(enc)
+    assert int((y != 0).sum()) <= k
+    kept = x.abs()[indices.long()]
+    dropped = torch.ones(n, dtype=torch.bool)
+    dropped[indices.long()] = False
+    if dropped.any():
+        assert kept.min() >= x.abs()[dropped].max()
+    assert compression_ratio(enc) == pytest.approx(2 * k / n)
+
+
+def test_topk_error_feedback_loses_nothing_and_running_sums_converge():
+    g = torch.Generator().manual_seed(3)
+    n, steps = 1000, 400
+    codec = TopKCodec(k=50)
+    state = ErrorFeedback()
+    sum_in = torch.zeros(n, dtype=torch.float64)
+    sum_out = torch.zeros(n, dtype=torch.float64)
+    mean_gaps = []
+    for step in range(1, steps + 1):
+        x = torch.randn(n, generator=g) + 0.5
+        sum_in += x.double()
+        sum_out += codec.decode(codec.encode(x, state)).double()
+        # Conservation: nothing is lost, only delayed in the residual.
+        assert torch.allclose(sum_out + state.residual.double(), sum_in, atol=1e-3)
+        mean_gaps.append(float((sum_in - sum_out).abs().max() / step))
+    # The residual stays bounded, so the time-averaged gap shrinks like 1/steps.
+    assert mean_gaps[-1] < 0.25 * mean_gaps[49]
+    assert mean_gaps[-1] < 0.05
+    # Without error feedback the same codec drifts: the gap grows with the step count.
+    plain = TopKCodec(k=50)
+    drift = torch.zeros(n, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x = torch.randn(n, generator=g) + 0.5
+        drift += x.double() - plain.decode(plain.encode(x)).double()
+    assert drift.abs().max() / steps > 10 * mean_gaps[-1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(2, 60),
+    m=st.integers(2, 60),
+    true_rank=st.integers(1, 4),
+    rank=st.integers(1, 6),
+)
+def test_powersgd_is_exact_for_matrices_of_rank_at_most_r(seed, n, m, true_rank, rank):
+    if true_rank > rank:
+        true_rank = rank
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, true_rank, generator=g) @ torch.randn(true_rank, m, generator=g)
+    codec = PowerSGDCodec(rank)
+    state = PowerSGDState(seed=seed)
+    y = codec.decode(codec.encode(x, state))
+    assert torch.allclose(y, x, atol=1e-4 * (1 + x.abs().max().item()))
+    assert state.residual is not None
+    assert state.residual.abs().max() <= 1e-4 * (1 + x.abs().max().item())
+
+
+def test_powersgd_ratio_warm_start_and_error_feedback():
+    g = torch.Generator().manual_seed(0)
+    n, m, r = 256, 128, 4
+    codec = PowerSGDCodec(r)
+    enc = codec.encode(torch.randn(n, m, generator=g))
+    assert compression_ratio(enc) == pytest.approx(r * (n + m) / (n * m))
+    # Error feedback: sum of decoded outputs + residual equals sum of inputs.
+    state = PowerSGDState()
+    target = torch.randn(n, 8, generator=g) @ torch.randn(8, m, generator=g)
+    sum_in = torch.zeros(n, m)
+    sum_out = torch.zeros(n, m)
+    errors = []
+    for step in range(1, 31):
+        sum_in += target
+        out = codec.decode(codec.encode(target, state))
+        sum_out += out
+        assert torch.allclose(sum_out + state.residual, sum_in, atol=1e-2)
+        errors.append(float((sum_in - sum_out).norm() / (step * target.norm())))
+    assert errors[-1] < 0.3 * errors[0]
+    # The basis is warm-started from the previous call.
+    assert state.q is not None and state.q.shape == (m, r)
+
+
+def test_powersgd_sends_vectors_dense():
+    codec = PowerSGDCodec(2)
+    x = torch.randn(17)
+    enc = codec.encode(x)
+    assert torch.equal(codec.decode(enc), x)
+
+
+def test_registry_and_config_errors():
+    assert codec_by_name("none") is None
+    x = torch.randn(100)
+    for name in ("fp16", "int8"):
+        codec = codec_by_name(name)
+        assert torch.allclose(decode(codec.encode(x)), x, atol=0.05)
+    with pytest.raises(ConfigError, match="zstd"):
+        codec_by_name("zstd")
+    with pytest.raises(ConfigError, match="block_size"):
+        Int8BlockwiseCodec(0)
+    with pytest.raises(ConfigError, match="fraction"):
+        TopKCodec(fraction=1.5)
+    with pytest.raises(ConfigError, match="rank"):
+        PowerSGDCodec(0)
