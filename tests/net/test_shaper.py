@@ -1,0 +1,275 @@
+"""LinkShaper: token bucket accuracy, throughput cap, added latency, close propagation."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from shoal.errors import ConfigError
+from shoal.net.shaper import LinkShaper, ShaperConfig, TokenBucket
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def run(coro: Awaitable[None], timeout_s: float = 30.0) -> None:
+    async def bounded() -> None:
+        asyncio.current_task().set_name("test-runner")  # type: ignore[union-attr]
+        await asyncio.wait_for(coro, timeout_s)
+
+    asyncio.run(bounded())
+
+
+async def serve(handler: Handler) -> tuple[asyncio.Server, int, set[asyncio.Task[None]]]:
+    """A loopback server whose handler tasks the test owns."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_accept(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(handler(r, w))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(on_accept, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], tasks
+
+
+async def stop(server: asyncio.Server, tasks: set[asyncio.Task[None]]) -> None:
+    server.close()
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.wait_closed()
+
+
+async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    finally:
+        w.close()
+
+
+def assert_no_tasks_left() -> None:
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    assert [t for t in others if t.get_name() != "test-runner"] == []
+
+
+# ---- pure token bucket -------------------------------------------------------------------
+
+
+def test_token_bucket_long_run_rate_is_exact() -> None:
+    bucket = TokenBucket(rate_bytes_s=1e6, burst_bytes=10_000, now=0.0)
+    now, sent = 0.0, 0
+    for _ in range(2000):  # a sender that always waits exactly as told
+        now += bucket.reserve(4096, now)
+        sent += 4096
+    # burst is paid for up front, the rest at exactly 1 MB/s
+    assert sent - 10_000 == pytest.approx(now * 1e6, rel=1e-9)
+
+
+def test_token_bucket_burst_is_bounded_after_idle() -> None:
+    bucket = TokenBucket(rate_bytes_s=1000.0, burst_bytes=500.0, now=0.0)
+    assert bucket.reserve(500, 100.0) == 0.0  # a long idle refills only to the burst
+    assert bucket.reserve(100, 100.0) == pytest.approx(0.1)
+    assert bucket.reserve(100, 100.0) == pytest.approx(0.2)  # debt accumulates in order
+
+
+def test_token_bucket_oversleep_is_not_lost_within_burst() -> None:
+    bucket = TokenBucket(rate_bytes_s=1000.0, burst_bytes=100.0, now=0.0)
+    assert bucket.reserve(200, 0.0) == pytest.approx(0.1)
+    # the sender woke 50 ms late: those 50 tokens are still there for the next chunk
+    assert bucket.reserve(100, 0.15) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"up_rate_bit_s": 0},
+        {"down_rate_bit_s": -1.0},
+        {"up_delay_s": -0.1},
+        {"burst_s": 0},
+        {"chunk_bytes": 10},
+        {"listen_port": 70000},
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        ShaperConfig(target_host="127.0.0.1", target_port=1, **kwargs)  # type: ignore[arg-type]
+
+
+# ---- real sockets on loopback ------------------------------------------------------------
+
+
+async def measure_throughput(rate_bit_s: float, delay_s: float, duration_s: float) -> float:
+    """Bits/s the receiver sees over ``duration_s`` after its first byte."""
+    received: asyncio.Queue[tuple[float, int]] = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        total, start = 0, None
+        while (data := await r.read(65536)) and not done.is_set():
+            now = loop.time()
+            if start is None:
+                start = now
+            elif now - start >= duration_s:
+                await received.put((now - start, total))
+                done.set()
+                break
+            total += len(data)
+        w.close()
+
+    server, port, tasks = await serve(sink)
+    cfg = ShaperConfig(
+        target_host="127.0.0.1", target_port=port, up_rate_bit_s=rate_bit_s, up_delay_s=delay_s
+    )
+    async with LinkShaper(cfg) as shaper:
+        _, writer = await asyncio.open_connection(*shaper.address)
+        block = b"x" * 65536
+        for _ in range(100_000):  # bounded; ends when the sink has its window
+            if done.is_set():
+                break
+            writer.write(block)
+            try:
+                await asyncio.wait_for(writer.drain(), 10)
+            except ConnectionError:
+                break  # the sink closed after measuring
+        writer.close()
+        elapsed, total = await asyncio.wait_for(received.get(), 5)
+    await stop(server, tasks)
+    return total * 8 / elapsed
+
+
+@pytest.mark.parametrize(("rate_mbit", "delay_ms"), [(20, 0), (50, 0), (40, 50)])
+def test_throughput_is_within_ten_percent_of_cap(rate_mbit: int, delay_ms: int) -> None:
+    async def main() -> None:
+        measured = await measure_throughput(rate_mbit * 1e6, delay_ms / 1000, duration_s=1.5)
+        assert measured == pytest.approx(rate_mbit * 1e6, rel=0.10)
+        assert_no_tasks_left()
+
+    run(main())
+
+
+def test_ping_pong_rtt_is_twice_the_delay() -> None:
+    async def main() -> None:
+        server, port, tasks = await serve(echo)
+        cfg = ShaperConfig(
+            target_host="127.0.0.1",
+            target_port=port,
+            up_delay_s=0.030,
+            down_delay_s=0.020,
+            up_rate_bit_s=50e6,
+            down_rate_bit_s=50e6,
+        )
+        async with LinkShaper(cfg) as shaper:
+            reader, writer = await asyncio.open_connection(*shaper.address)
+            rtts = []
+            for i in range(6):
+                t0 = time.perf_counter()
+                writer.write(b"ping%d" % i)
+                assert await asyncio.wait_for(reader.readexactly(5), 2) == b"ping%d" % i
+                rtts.append(time.perf_counter() - t0)
+            writer.close()
+        await stop(server, tasks)
+        assert min(rtts) >= 0.050
+        assert statistics.median(rtts) < 0.050 + 0.008, rtts
+        assert_no_tasks_left()
+
+    run(main())
+
+
+def test_client_close_reaches_target_and_target_close_reaches_client() -> None:
+    async def main() -> None:
+        saw_eof = asyncio.Event()
+
+        async def wait_eof_then_close(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            assert await r.read() == b"bye"
+            saw_eof.set()
+            w.write(b"ok")
+            w.close()
+
+        server, port, tasks = await serve(wait_eof_then_close)
+        cfg = ShaperConfig(target_host="127.0.0.1", target_port=port, up_delay_s=0.01)
+        async with LinkShaper(cfg) as shaper:
+            reader, writer = await asyncio.open_connection(*shaper.address)
+            writer.write(b"bye")
+            writer.write_eof()  # half-close travels through
+            await asyncio.wait_for(saw_eof.wait(), 2)
+            assert await asyncio.wait_for(reader.read(), 2) == b"ok"  # then EOF
+            writer.close()
+            for _ in range(100):  # bounded wait for the proxy to drop the connection
+                if shaper.active_connections == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert shaper.active_connections == 0
+            assert shaper.up.bytes == 3 and shaper.down.bytes == 2
+        await stop(server, tasks)
+        assert_no_tasks_left()
+
+    run(main())
+
+
+def test_close_aborts_open_connections_and_refused_target_closes_client() -> None:
+    async def main() -> None:
+        server, port, tasks = await serve(echo)
+        shaper = LinkShaper(ShaperConfig(target_host="127.0.0.1", target_port=port))
+        await shaper.start()
+        reader, writer = await asyncio.open_connection(*shaper.address)
+        writer.write(b"hi")
+        assert await asyncio.wait_for(reader.readexactly(2), 2) == b"hi"
+        await shaper.close()
+        await shaper.close()  # idempotent
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        writer.close()
+        await stop(server, tasks)
+
+        # a target that refuses: the client sees the connection closed, not a hang
+        async with LinkShaper(ShaperConfig(target_host="127.0.0.1", target_port=port)) as dead:
+            reader, writer = await asyncio.open_connection(*dead.address)
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+            writer.close()
+        assert_no_tasks_left()
+
+    run(main())
+
+
+def test_command_line_prints_address_and_forwards() -> None:
+    async def main() -> None:
+        server, port, tasks = await serve(echo)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "shoal.net.shaper",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--rate-mbit",
+            "50",
+            "--delay-ms",
+            "5",
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+            assert line.startswith("listening 127.0.0.1:")
+            reader, writer = await asyncio.open_connection("127.0.0.1", int(line.rsplit(":", 1)[1]))
+            writer.write(b"abc")
+            assert await asyncio.wait_for(reader.readexactly(3), 5) == b"abc"
+            writer.close()
+            proc.terminate()
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await stop(server, tasks)
+
+    run(main(), timeout_s=40)
