@@ -1,0 +1,133 @@
+"""Combining the contributions to one part: screening, weighted mean, robust means.
+
+``screen`` rejects contributions that are not finite, whose root-mean-square value exceeds
+``max_rms``, or whose norm is more than ``max_norm_ratio`` times the median norm (when at
+least three contribute). Rejected peers are excluded from the round and reported with a
+reason. ``aggregate`` then combines the accepted ones:
+
+- ``mean``: weighted mean ``sum(w_i x_i) / sum(w_i)`` (weights = samples contributed);
+- ``trimmed_mean``: coordinate-wise mean after dropping the ``trim_fraction`` largest and
+  smallest values of each coordinate (unweighted);
+- ``centered_clip``: start at the coordinate-wise median and move towards each contribution
+  by at most ``clip_radius`` (in L2), weighted, for ``clip_iterations`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shoal.errors import ConfigError
+
+__all__ = ["AggregationConfig", "aggregate", "screen", "weighted_mean"]
+
+_KINDS = ("mean", "trimmed_mean", "centered_clip")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AggregationConfig:
+    """How a reducer screens and combines contributions."""
+
+    kind: str = "mean"
+    """One of ``mean``, ``trimmed_mean``, ``centered_clip``."""
+    max_rms: float = 1e6
+    """Reject a contribution whose root-mean-square element exceeds this."""
+    max_norm_ratio: float = 1e3
+    """Reject a contribution whose norm exceeds this many times the median (>= 3 peers)."""
+    trim_fraction: float = 0.2
+    """``trimmed_mean``: fraction of contributions dropped at each end, per coordinate."""
+    clip_radius: float = 1.0
+    """``centered_clip``: L2 radius of each contribution's pull."""
+    clip_iterations: int = 3
+    """``centered_clip``: fixed-point iterations."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ConfigError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+        if not self.max_rms > 0:
+            raise ConfigError(f"max_rms must be > 0, got {self.max_rms!r}")
+        if not self.max_norm_ratio > 1:
+            raise ConfigError(f"max_norm_ratio must be > 1, got {self.max_norm_ratio!r}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
+        if not self.clip_radius > 0:
+            raise ConfigError(f"clip_radius must be > 0, got {self.clip_radius!r}")
+        if self.clip_iterations < 1:
+            raise ConfigError(f"clip_iterations must be >= 1, got {self.clip_iterations!r}")
+
+
+def screen(
+    parts: Mapping[Hashable, torch.Tensor], config: AggregationConfig
+) -> tuple[set[Hashable], dict[Hashable, str]]:
+    """Split contributions into accepted peers and rejected peers (with reasons)."""
+    rejected: dict[Hashable, str] = {}
+    norms: dict[Hashable, float] = {}
+    for peer, part in parts.items():
+        norm = float(torch.linalg.vector_norm(part)) if part.numel() else 0.0
+        if not math.isfinite(norm):
+            rejected[peer] = "not finite"
+            continue
+        rms = norm / math.sqrt(max(1, part.numel()))
+        if rms > config.max_rms:
+            rejected[peer] = f"rms {rms:.3g} > {config.max_rms:.3g}"
+            continue
+        norms[peer] = norm
+    if len(norms) >= 3:
+        ordered = sorted(norms.values())
+        median = ordered[len(ordered) // 2]
+        limit = config.max_norm_ratio * max(median, 1e-30)
+        for peer, norm in norms.items():
+            if norm > limit:
+                rejected[peer] = f"norm {norm:.3g} > {config.max_norm_ratio:g} x median"
+    return set(norms) - set(rejected), rejected
+
+
+def weighted_mean(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum(w_i x_i) / sum(w_i)`` accumulated in fp32, in the given order."""
+    if not parts or len(parts) != len(weights):
+        raise ValueError(f"need matching non-empty parts/weights, got {len(parts)}/{len(weights)}")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weights must sum to > 0, got {list(weights)}")
+    out = torch.mul(parts[0], weights[0] / total)
+    for part, w in zip(parts[1:], weights[1:], strict=True):
+        out.add_(part, alpha=w / total)
+    return out
+
+
+def _trimmed_mean(parts: Sequence[torch.Tensor], trim_fraction: float) -> torch.Tensor:
+    k = int(len(parts) * trim_fraction)
+    if k == 0:
+        return torch.stack(list(parts)).mean(dim=0)
+    ordered = torch.stack(list(parts)).sort(dim=0).values
+    return ordered[k : len(parts) - k].mean(dim=0)
+
+
+def _centered_clip(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], radius: float, iterations: int
+) -> torch.Tensor:
+    center = torch.stack(list(parts)).median(dim=0).values
+    total = float(sum(weights))
+    for _ in range(iterations):
+        step = torch.zeros_like(center)
+        for part, w in zip(parts, weights, strict=True):
+            diff = part - center
+            norm = float(torch.linalg.vector_norm(diff))
+            scale = 1.0 if norm <= radius else radius / norm
+            step.add_(diff, alpha=w * scale / total)
+        center = center + step
+    return center
+
+
+def aggregate(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], config: AggregationConfig
+) -> torch.Tensor:
+    """Combine accepted contributions according to ``config.kind``."""
+    if config.kind == "mean":
+        return weighted_mean(parts, weights)
+    if config.kind == "trimmed_mean":
+        return _trimmed_mean(parts, config.trim_fraction)
+    return _centered_clip(parts, weights, config.clip_radius, config.clip_iterations)

@@ -1,0 +1,151 @@
+"""Pure matchmaking decisions: when a round's window closes and who averages with whom.
+
+Peers that are ready for a round announce themselves (see ``rendezvous.py`` for the board
+they announce on). Two decisions, both pure functions of (state, now):
+
+- **Window length** comes from history, not a constant: :class:`FormationEstimator` keeps an
+  exponentially weighted mean and mean deviation of how long past windows took to fill
+  (like TCP's RTO estimator) and proposes ``mean + deviation_factor * deviation``, clamped
+  to ``[floor_s, cap_s]``. A window closes early once ``expected_peers`` are ready.
+- **Groups**: the ready peers, ordered by a hash of (round key, peer), are cut into
+  ``ceil(n / max_group_size)`` groups of near-equal size; every group gets at least one
+  peer that can reduce (not in client mode) or the peers left without one join the others.
+  Every peer that sees the same announcements computes the same groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shoal.errors import ConfigError
+
+__all__ = [
+    "FormationConfig",
+    "FormationEstimator",
+    "Group",
+    "ReadyPeer",
+    "form_groups",
+    "window_closed",
+]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FormationConfig:
+    """Window-length estimator settings."""
+
+    initial_s: float = 5.0
+    """Window length before any round has been observed."""
+    floor_s: float = 0.5
+    """Never wait less than this for peers to gather."""
+    cap_s: float = 60.0
+    """Never wait longer than this."""
+    smoothing: float = 0.25
+    """EWMA weight of the newest observation, in (0, 1]."""
+    deviation_factor: float = 4.0
+    """How many mean deviations of margin the window adds."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor_s <= self.cap_s:
+            raise ConfigError(f"need 0 < floor_s <= cap_s, got {self.floor_s!r}, {self.cap_s!r}")
+        if not self.floor_s <= self.initial_s <= self.cap_s:
+            raise ConfigError(f"initial_s must lie in [floor_s, cap_s], got {self.initial_s!r}")
+        if not 0 < self.smoothing <= 1:
+            raise ConfigError(f"smoothing must be in (0, 1], got {self.smoothing!r}")
+        if self.deviation_factor < 0:
+            raise ConfigError(f"deviation_factor must be >= 0, got {self.deviation_factor!r}")
+
+
+class FormationEstimator:
+    """EWMA of observed window fill times -> the next window length (seconds)."""
+
+    def __init__(self, config: FormationConfig | None = None) -> None:
+        self.config = config or FormationConfig()
+        self.mean_s: float | None = None
+        self.deviation_s = 0.0
+
+    def observe(self, fill_time_s: float) -> None:
+        """Record how long a window took until every expected peer was ready (or closed)."""
+        if not math.isfinite(fill_time_s) or fill_time_s < 0:
+            return
+        a = self.config.smoothing
+        if self.mean_s is None:
+            self.mean_s = fill_time_s
+            self.deviation_s = fill_time_s / 2
+            return
+        self.deviation_s = (1 - a) * self.deviation_s + a * abs(fill_time_s - self.mean_s)
+        self.mean_s = (1 - a) * self.mean_s + a * fill_time_s
+
+    def window_s(self) -> float:
+        """How long the next window stays open at most."""
+        c = self.config
+        if self.mean_s is None:
+            return c.initial_s
+        proposed = self.mean_s + c.deviation_factor * self.deviation_s
+        return min(c.cap_s, max(c.floor_s, proposed))
+
+
+def window_closed(
+    *, now: float, opened_at: float, window_s: float, n_ready: int, expected_peers: int
+) -> bool:
+    """True once everyone expected is ready or the window has run out."""
+    return n_ready >= expected_peers or now >= opened_at + window_s
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyPeer:
+    """One announcement on the board."""
+
+    peer: bytes
+    """The peer's id (raw bytes)."""
+    weight: float
+    """Samples it contributes this round."""
+    bandwidth_bps: float
+    """Measured bandwidth; sets its share of the reduction."""
+    client_mode: bool = False
+    """True when it cannot accept connections or is too slow to reduce."""
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """One all-reduce group: ordered members and the id every member derives alike."""
+
+    group_id: bytes
+    members: tuple[ReadyPeer, ...]
+
+
+def _order_key(round_key: bytes, peer: bytes) -> bytes:
+    return hashlib.blake2b(round_key + b"\0" + peer, digest_size=16).digest()
+
+
+def form_groups(
+    round_key: bytes, ready: Sequence[ReadyPeer], *, max_group_size: int, min_group_size: int = 2
+) -> list[Group]:
+    """Cut the ready peers into groups (see module docstring); groups below
+    ``min_group_size`` are dropped (those peers skip the round)."""
+    if max_group_size < 1 or min_group_size < 1:
+        raise ConfigError(f"group sizes must be >= 1, got {max_group_size}, {min_group_size}")
+    unique = {p.peer: p for p in ready}
+    ordered = sorted(unique.values(), key=lambda p: _order_key(round_key, p.peer))
+    n = len(ordered)
+    if n == 0:
+        return []
+    n_groups = math.ceil(n / max_group_size)
+    servers = [p for p in ordered if not p.client_mode]
+    clients = [p for p in ordered if p.client_mode]
+    n_groups = max(1, min(n_groups, len(servers))) if servers else 1
+    buckets: list[list[ReadyPeer]] = [[] for _ in range(n_groups)]
+    for i, p in enumerate(servers + clients):
+        buckets[i % n_groups].append(p)
+    groups = []
+    for bucket in buckets:
+        if len(bucket) < min_group_size or not any(not p.client_mode for p in bucket):
+            continue
+        members = tuple(sorted(bucket, key=lambda p: _order_key(round_key, p.peer)))
+        digest = hashlib.blake2b(round_key, digest_size=16)
+        for p in members:
+            digest.update(p.peer)
+        groups.append(Group(digest.digest(), members))
+    return groups
