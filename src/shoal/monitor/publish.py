@@ -1,0 +1,176 @@
+"""Moving summaries between peers: the store interface, its DHT binding, and the publisher.
+
+A :class:`SummaryStore` has two coroutines: ``publish(summary)`` puts this peer's summary
+where others can read it, ``fetch()`` returns every summary currently readable. Bindings:
+
+- :class:`DhtSummaryStore`: one DHT key per swarm (``swarm_key``), one subkey per peer, so
+  each peer can only overwrite its own entry; records expire after ``record_ttl_s``.
+- :class:`MemorySummaryStore`: a dict, for tests and for observers in the same process.
+
+:class:`SummaryPublisher` owns one background task on the network loop that publishes this
+peer's summary every ``publish_interval_s`` (with jitter), each publish under a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from shoal.errors import NetworkError, ProtocolViolation
+from shoal.monitor.config import SwarmViewConfig
+from shoal.monitor.summary import PeerSummary, decode_summary, encode_summary
+
+__all__ = [
+    "DEFAULT_SWARM_KEY",
+    "DhtLike",
+    "DhtSummaryStore",
+    "MemorySummaryStore",
+    "SummaryPublisher",
+    "SummaryStore",
+]
+
+DEFAULT_SWARM_KEY = "shoal/monitor/v1"
+_MAX_RECORDS = 4096
+log = logging.getLogger(__name__)
+
+
+class SummaryStore(Protocol):
+    async def publish(self, summary: PeerSummary) -> None: ...
+
+    async def fetch(self) -> list[PeerSummary]: ...
+
+
+class DhtLike(Protocol):
+    """The part of ``shoal.dht`` this module uses."""
+
+    async def store(self, key: Any, value: bytes, expires_at: float, subkey: Any = None) -> Any: ...
+
+    async def get(self, key: Any) -> Any: ...
+
+
+def _record_values(result: Any) -> list[Any]:
+    """Raw values of a DHT ``get`` result: nothing, one value, a mapping subkey -> value or
+    record, a record whose value is such a mapping, or a sequence of records."""
+    if result is None:
+        return []
+    if isinstance(result, (bytes, bytearray)):
+        return [bytes(result)]
+    if isinstance(result, Mapping):
+        return list(result.values())[:_MAX_RECORDS]
+    if hasattr(result, "value"):
+        return _record_values(result.value)
+    if isinstance(result, (list, tuple)):
+        return list(result)[:_MAX_RECORDS]
+    return []
+
+
+class DhtSummaryStore:
+    """Summaries under one DHT key, one subkey per peer."""
+
+    def __init__(
+        self,
+        dht: DhtLike,
+        *,
+        subkey: Any,
+        config: SwarmViewConfig,
+        swarm_key: Any = DEFAULT_SWARM_KEY,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._dht = dht
+        self._subkey = subkey
+        self._config = config
+        self._key = swarm_key
+        self._clock = wall_clock
+
+    async def publish(self, summary: PeerSummary) -> None:
+        expires_at = self._clock() + self._config.record_ttl_s
+        await self._dht.store(self._key, encode_summary(summary), expires_at, subkey=self._subkey)
+
+    async def fetch(self) -> list[PeerSummary]:
+        out = []
+        for raw in _record_values(await self._dht.get(self._key)):
+            value = getattr(raw, "value", raw)
+            try:
+                out.append(decode_summary(value))
+            except ProtocolViolation as exc:
+                log.debug("dropping malformed summary: %s", exc)
+        return out
+
+
+class MemorySummaryStore:
+    """An in-process store; publishes are encoded and decoded like the real wire."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, bytes] = {}
+
+    async def publish(self, summary: PeerSummary) -> None:
+        self.records[summary.peer] = encode_summary(summary)
+
+    async def fetch(self) -> list[PeerSummary]:
+        return [decode_summary(v) for v in self.records.values()]
+
+
+class SummaryPublisher:
+    """Publishes ``make_summary()`` periodically until closed. Use as ``async with``."""
+
+    def __init__(
+        self,
+        make_summary: Callable[[], PeerSummary],
+        publish: Callable[[PeerSummary], Awaitable[None]],
+        config: SwarmViewConfig,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._make = make_summary
+        self._publish = publish
+        self._config = config
+        self._rng = rng or random.Random()
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+        self.failed = 0
+
+    async def publish_once(self) -> bool:
+        """One publish under ``publish_timeout_s``; True when it succeeded."""
+        try:
+            summary = await asyncio.to_thread(self._make)
+            await asyncio.wait_for(self._publish(summary), self._config.publish_timeout_s)
+        except (NetworkError, asyncio.TimeoutError, OSError) as exc:
+            self.failed += 1
+            log.info("summary publish failed: %s", exc)
+            return False
+        self.published += 1
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await self.publish_once()
+            jitter = self._rng.uniform(0.9, 1.1)
+            await asyncio.sleep(self._config.publish_interval_s * jitter)
+
+    def start(self) -> None:
+        """Start the background task on the running loop. Idempotent."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="shoal-monitor-publish"
+            )
+
+    async def aclose(self, timeout_s: float = 2.0) -> None:
+        """Cancel the task and wait for it (bounded). Safe to call twice."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            await asyncio.wait_for(task, timeout_s)
+
+    async def __aenter__(self) -> SummaryPublisher:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
