@@ -1,0 +1,187 @@
+"""DHT benchmark: lookup success, hops and latency under churn, and memory per node.
+
+``shoal bench dht --nodes 256 --churn 0.25 --json`` simulates the swarm on the in-memory
+transport and a virtual clock (latency is simulated, so ``p50_ms`` is simulated time; wall
+time is reported separately). Phases, all in one run:
+
+1. join ``nodes`` nodes (in concurrent batches), store ``keys`` records from random nodes;
+2. baseline: ``gets`` lookups with no churn yet (``baseline_success_rate``);
+3. churn: over ``churn_s`` simulated seconds, replace ``churn * nodes`` nodes one at a time
+   (silent death + fresh join) while maintenance and republishing run;
+4. measured: ``gets`` lookups of random keys from random live nodes (``success_rate``),
+   plus the oracle: the fraction of keys that some live node still holds, i.e. what an
+   exhaustive search of every node would find (``oracle_available``).
+
+Memory per node is the RSS growth while the nodes were built and joined, divided by nodes.
+
+``--transport grpc`` runs real nodes on loopback instead (see ``bench/dht_grpc.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import sys
+import time
+
+from shoal.dht.config import DHTConfig
+from shoal.dht.memory import MemoryNetwork, SimConfig
+from shoal.dht.node import DHTNode
+from shoal.dht.sim import SimCluster
+from shoal.dht.virtual_loop import run_virtual
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _log(msg: str) -> None:
+    print(f"[bench dht] {msg}", file=sys.stderr, flush=True)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def _measure_gets(
+    cluster: SimCluster, keys: dict[bytes, bytes], count: int
+) -> tuple[float, list[float], list[float]]:
+    """Success rate, hop counts and simulated latencies (ms) of ``count`` gets."""
+    loop = asyncio.get_running_loop()
+    names = sorted(keys)
+    hops: list[float] = []
+    lat_ms: list[float] = []
+    ok = 0
+
+    async def one(i: int) -> None:
+        nonlocal ok
+        node = cluster.rng.choice(cluster.nodes)
+        key = names[i % len(names)]
+        t0 = loop.time()
+        records = await node.get_records(key, quorum=1)
+        lat_ms.append((loop.time() - t0) * 1000)
+        if any(r.value == keys[key] for r in records):
+            ok += 1
+            hops.append(float(node.last_get_hops or 0))
+
+    for start in range(0, count, 32):
+        await asyncio.gather(*(one(i) for i in range(start, min(count, start + 32))))
+    return ok / max(count, 1), hops, lat_ms
+
+
+async def _simulate(args: argparse.Namespace) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    wall0 = time.perf_counter()
+    config = DHTConfig(
+        rpc_timeout_s=1.0,
+        lookup_timeout_s=10.0,
+        republish_interval_s=args.republish_s,
+        maintenance_period_s=60.0,
+    )
+    network = MemoryNetwork(
+        SimConfig(latency_s=args.latency_ms / 1000, jitter_s=args.latency_ms / 1000), seed=args.seed
+    )
+    cluster = SimCluster(network, config, seed=args.seed)
+    gc.collect()
+    rss0 = _rss_bytes()
+    first = await cluster.add_node()
+    batch = 32
+    while len(cluster.nodes) < args.nodes:
+        size = min(batch, args.nodes - len(cluster.nodes))
+        await asyncio.gather(*(cluster.add_node() for _ in range(size)))
+        if len(cluster.nodes) % 1000 < batch:
+            _log(f"joined {len(cluster.nodes)} nodes, wall {time.perf_counter() - wall0:.1f}s")
+    gc.collect()
+    mem_per_node_kb = (_rss_bytes() - rss0) / args.nodes / 1024
+    del first
+    _log(f"join done: sim {loop.time():.0f}s, wall {time.perf_counter() - wall0:.1f}s")
+
+    keys: dict[bytes, bytes] = {}
+    expires_at = cluster.wall_clock() + 4 * args.churn_s + 3600
+    stores: list[int] = []
+    for i in range(args.keys):
+        key, value = f"bench-key-{i}".encode(), f"value-{i}".encode() * 4
+        writer: DHTNode = cluster.rng.choice(cluster.nodes)
+        stores.append(await writer.store(key, value, expires_at))
+        keys[key] = value
+    baseline, base_hops, base_ms = await _measure_gets(cluster, keys, args.gets)
+    _log(f"stored {len(keys)} keys (min replicas {min(stores)}); baseline success {baseline:.4f}")
+
+    replaced = round(args.churn * args.nodes)
+    step_s = args.churn_s / max(replaced, 1)
+    for i in range(replaced):
+        await asyncio.sleep(step_s)
+        await cluster.kill(cluster.rng.choice(cluster.nodes))
+        await cluster.add_node()
+        if (i + 1) % 500 == 0:
+            _log(f"replaced {i + 1}/{replaced}, wall {time.perf_counter() - wall0:.1f}s")
+    await asyncio.sleep(config.maintenance_period_s)
+    now = cluster.wall_clock()
+    held = {r.key for n in cluster.nodes for r in n.storage.records() if r.expires_at > now}
+    oracle = sum(k in held for k in keys) / len(keys)
+    success, hops, lat_ms = await _measure_gets(cluster, keys, args.gets)
+    _log(f"after churn: success {success:.4f}, oracle {oracle:.4f}")
+    result: dict[str, object] = {
+        "bench": "dht",
+        "transport": "memory",
+        "nodes": args.nodes,
+        "churn": args.churn,
+        "success_rate": round(success, 4),
+        "p50_hops": statistics.median(hops) if hops else None,
+        "p50_ms": round(_quantile(lat_ms, 0.5), 1),
+        "p95_ms": round(_quantile(lat_ms, 0.95), 1),
+        "mem_per_node_kb": round(mem_per_node_kb, 1),
+        "baseline_success_rate": round(baseline, 4),
+        "baseline_p50_hops": statistics.median(base_hops) if base_hops else None,
+        "baseline_p50_ms": round(_quantile(base_ms, 0.5), 1),
+        "oracle_available": round(oracle, 4),
+        "keys": len(keys),
+        "gets": args.gets,
+        "replaced": replaced,
+        "one_way_latency_ms": f"{args.latency_ms}-{2 * args.latency_ms}",
+        "rpcs": network.rpcs,
+        "sim_s": round(loop.time(), 1),
+        "wall_s": round(time.perf_counter() - wall0, 1),
+    }
+    await cluster.close()
+    return result
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="shoal bench dht", description=__doc__.split("\n")[0])
+    p.add_argument("--nodes", type=int, default=256)
+    p.add_argument("--churn", type=float, default=0.25, help="fraction of nodes replaced")
+    p.add_argument("--keys", type=int, default=100)
+    p.add_argument("--gets", type=int, default=1000)
+    p.add_argument("--churn-s", type=float, default=1800.0, help="simulated churn duration")
+    p.add_argument("--republish-s", type=float, default=600.0)
+    p.add_argument("--latency-ms", type=float, default=25.0, help="base one-way latency")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transport", choices=("memory", "grpc"), default="memory")
+    p.add_argument("--json", action="store_true", help="accepted for symmetry; output is JSON")
+    args = p.parse_args(argv)
+    if args.nodes < 2 or not 0 <= args.churn < 1 or args.keys < 1 or args.gets < 1:
+        p.error("need --nodes >= 2, 0 <= --churn < 1, --keys >= 1, --gets >= 1")
+    return args
+
+
+def main(argv: list[str]) -> dict[str, object]:
+    args = _parse(argv)
+    if args.transport == "grpc":
+        from shoal.dht.grpc_bench import run_grpc_bench
+
+        return run_grpc_bench(nodes=args.nodes, keys=args.keys, gets=args.gets, seed=args.seed)
+    return run_virtual(_simulate(args))
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(main(sys.argv[1:])))

@@ -1,0 +1,138 @@
+"""Iterative Kademlia lookups (FIND_NODE and FIND_VALUE) with parallelism and deadlines.
+
+A lookup keeps a shortlist of the contacts closest to the target, queries up to ``alpha``
+of the closest not-yet-queried ones at a time, merges the contacts they return, and ends when
+
+* the ``k`` closest live contacts have all answered (converged), or
+* (FIND_VALUE) ``value_quorum`` nodes returned records, or
+* the lookup deadline passed (it then returns what it has; it never overruns).
+
+Each RPC has its own deadline (``rpc_timeout_s``); a contact that fails is reported through
+``on_failure`` and skipped, so a dead node costs at most one RPC timeout of one of the
+``alpha`` lanes. Every RPC task is owned by the lookup and cancelled when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shoal.dht.ids import Contact
+from shoal.dht.record import Record
+from shoal.dht.transport import MAX_CONTACTS_PER_ANSWER, DHTTransport, FindValueAnswer
+from shoal.errors import NetworkError
+
+__all__ = ["LookupResult", "iterative_lookup"]
+
+
+@dataclass(slots=True)
+class LookupResult:
+    """What a lookup found. ``closest`` holds contacts that answered, nearest first."""
+
+    closest: list[Contact]
+    records: list[Record] = field(default_factory=list)
+    value_hops: int | None = None
+    """Hop count of the first answer that carried records (1 = a contact we already knew)."""
+    rpcs: int = 0
+    timed_out: bool = False
+
+
+@dataclass(slots=True)
+class _Candidate:
+    contact: Contact
+    hop: int
+    state: int = 0  # 0 new, 1 in flight, 2 answered, 3 failed
+
+
+async def iterative_lookup(
+    transport: DHTTransport,
+    seeds: list[Contact],
+    target: int,
+    *,
+    own_raw: bytes,
+    k: int,
+    alpha: int,
+    rpc_timeout_s: float,
+    lookup_timeout_s: float,
+    find_value: bool = False,
+    value_quorum: int = 1,
+    on_success: Callable[[Contact], None] = lambda c: None,
+    on_failure: Callable[[Contact], None] = lambda c: None,
+) -> LookupResult:
+    """Run one lookup; never raises for peer failures, never runs past ``lookup_timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + lookup_timeout_s
+    shortlist: dict[bytes, _Candidate] = {}
+    for contact in seeds:
+        if contact.peer_id.raw != own_raw:
+            shortlist.setdefault(contact.peer_id.raw, _Candidate(contact, 1))
+    result = LookupResult(closest=[])
+    value_answers = 0
+    inflight: dict[asyncio.Task[object], _Candidate] = {}
+
+    def frontier() -> list[_Candidate]:
+        alive = [c for c in shortlist.values() if c.state != 3]
+        alive.sort(key=lambda c: c.contact.node_id ^ target)
+        return alive[:k]
+
+    async def query(cand: _Candidate) -> object:
+        if find_value:
+            return await transport.find_value(cand.contact, target, timeout_s=rpc_timeout_s)
+        return await transport.find_node(cand.contact, target, timeout_s=rpc_timeout_s)
+
+    try:
+        while True:
+            if find_value and value_answers >= value_quorum:
+                break
+            front = frontier()
+            for cand in front:
+                if len(inflight) >= alpha:
+                    break
+                if cand.state == 0:
+                    cand.state = 1
+                    result.rpcs += 1
+                    inflight[asyncio.ensure_future(query(cand))] = cand
+            if not inflight:
+                break  # every one of the k closest has answered or failed
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                result.timed_out = True
+                break
+            done, _ = await asyncio.wait(
+                inflight, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                cand = inflight.pop(task)
+                exc = task.exception()
+                if exc is not None:
+                    if not isinstance(exc, NetworkError):
+                        raise exc
+                    cand.state = 3
+                    on_failure(cand.contact)
+                    continue
+                cand.state = 2
+                on_success(cand.contact)
+                answer = task.result()
+                if isinstance(answer, FindValueAnswer):
+                    closer = answer.closer
+                    if answer.records:
+                        value_answers += 1
+                        result.records.extend(answer.records)
+                        if result.value_hops is None:
+                            result.value_hops = cand.hop
+                else:
+                    closer = answer  # type: ignore[assignment]
+                for contact in closer[:MAX_CONTACTS_PER_ANSWER]:
+                    raw = contact.peer_id.raw
+                    if raw != own_raw and raw not in shortlist:
+                        shortlist[raw] = _Candidate(contact, cand.hop + 1)
+    finally:
+        for task in inflight:
+            task.cancel()
+        if inflight:
+            await asyncio.gather(*inflight, return_exceptions=True)
+    answered = [c for c in shortlist.values() if c.state == 2]
+    answered.sort(key=lambda c: c.contact.node_id ^ target)
+    result.closest = [c.contact for c in answered[:k]]
+    return result

@@ -1,0 +1,65 @@
+"""Background upkeep of a node: expiry, republishing and bucket refresh.
+
+Every ``maintenance_period_s`` (first wake at a random offset, so simulated nodes spread
+out) the node:
+
+1. drops expired records;
+2. re-publishes records it *wrote* whose last publication is ``republish_interval_s`` old
+   (writer republishing: data survives the loss of every original holder);
+3. re-publishes records it *holds* that nobody re-stored to it within the interval
+   (holder republishing, Kademlia's rule: one holder's republish refreshes the others,
+   who then skip theirs, so a record costs about one republish per interval);
+4. refreshes buckets with no lookup for ``refresh_interval_s`` (a lookup of a random ID in
+   the bucket; at most ``_MAX_REFRESH_PER_ROUND`` per round to bound the work).
+
+Failures of one step are logged by the task owner and never stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shoal.dht.node import DHTNode
+
+__all__ = ["maintain", "maintenance_round"]
+
+_log = logging.getLogger(__name__)
+_MAX_REFRESH_PER_ROUND = 2
+
+
+async def maintain(node: DHTNode) -> None:
+    """Run maintenance rounds until cancelled."""
+    period = node.config.maintenance_period_s
+    await asyncio.sleep(node.rng.uniform(0, period))
+    while True:
+        try:
+            await maintenance_round(node)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _log.exception("dht maintenance round failed")
+        await asyncio.sleep(period * node.rng.uniform(0.9, 1.1))
+
+
+async def maintenance_round(node: DHTNode) -> None:
+    cfg = node.config
+    loop = asyncio.get_running_loop()
+    now_wall = node.wall_clock()
+    now = loop.time()
+    node.storage.expire(now_wall)
+    interval = cfg.republish_interval_s
+    for slot, (record, published_at) in list(node.published.items()):
+        if record.expires_at <= now_wall:
+            del node.published[slot]
+        elif published_at <= now - interval:
+            node.published[slot] = (record, now)
+            await node.publish(record)
+    for record in node.storage.due_for_republish(now_wall, interval):
+        await node.publish(record)
+    for index in node.table.stale_buckets(now, cfg.refresh_interval_s, node.started_at)[
+        :_MAX_REFRESH_PER_ROUND
+    ]:
+        await node.lookup(node.table.random_id_in_bucket(index, node.rng))

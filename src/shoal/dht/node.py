@@ -1,0 +1,233 @@
+"""A DHT node: routing table + record store + the four RPC handlers + the public API.
+
+Protocol code only: it talks through a ``DHTTransport`` and answers as a ``DHTHandler``, so
+the same node runs over the in-memory simulator and over gRPC. Two clocks are injected:
+the event loop's monotonic time for deadlines, and ``wall_clock`` (Unix seconds, shared
+meaning across machines) for record expiry.
+
+Public API (all coroutines run on the network loop):
+
+* ``await node.bootstrap(addresses)``: join through any of several addresses.
+* ``await node.store(key, value, expires_at, subkey=None) -> int``: replicas that accepted.
+* ``await node.get(key)``: the freshest value (plain key), ``{subkey: value}`` (dictionary
+  key) or None. ``get_records`` returns the validated records themselves.
+* ``await node.close()``: stop maintenance and every owned task; idempotent, bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from shoal.dht.bootstrap import RetryPolicy, join
+from shoal.dht.config import DHTConfig
+from shoal.dht.ids import Contact, location_of
+from shoal.dht.lookup import LookupResult, iterative_lookup
+from shoal.dht.maintenance import maintain
+from shoal.dht.record import Record, sign_record, validate
+from shoal.dht.routing import RoutingTable
+from shoal.dht.storage import RecordStore
+from shoal.dht.tasks import TaskOwner
+from shoal.dht.transport import DHTTransport, FindValueAnswer, StoreAnswer
+from shoal.errors import ConfigError, NetworkError
+from shoal.net.identity import PEER_ID_BYTES, Identity
+
+__all__ = ["DHTNode", "merge_records"]
+
+
+def merge_records(records: Sequence[Record]) -> bytes | dict[bytes, bytes] | None:
+    """Freshest value per slot: plain key -> bytes, dictionary key -> {subkey: value}."""
+    if not records:
+        return None
+    best: dict[bytes, Record] = {}
+    for rec in records:
+        old = best.get(rec.subkey)
+        if old is None or (rec.expires_at, rec.signature) > (old.expires_at, old.signature):
+            best[rec.subkey] = rec
+    if b"" in best and len(best) == 1:
+        return best[b""].value
+    return {sub: rec.value for sub, rec in best.items() if sub}
+
+
+class DHTNode:
+    """One Kademlia participant. ``address`` None makes a client-only node (serves nothing)."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        transport: DHTTransport,
+        *,
+        address: str | None,
+        config: DHTConfig | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.config = config or DHTConfig()
+        self.transport = transport
+        self.contact = Contact(identity.peer_id, address) if address else None
+        self.wall_clock = wall_clock
+        self.rng = rng or random.Random()
+        self.table = RoutingTable(
+            int.from_bytes(identity.peer_id.digest(), "big"),
+            k=self.config.k,
+            replacement_size=self.config.replacement_cache_size,
+            max_failures=self.config.max_failures,
+        )
+        self.storage = RecordStore(self.config.limits)
+        self.published: dict[tuple[bytes, bytes], tuple[Record, float]] = {}
+        """Records this node wrote, with the loop time of their last publication."""
+        self.tasks = TaskOwner(f"dht {identity.peer_id.short()}")
+        self.last_get_hops: int | None = None
+        """Hops of the last ``get_records`` lookup to its first answer with records."""
+        self.started_at = 0.0
+        """Loop time of ``start`` (buckets never looked up count as refreshed then)."""
+        self._closed = False
+
+    # ----------------------------------------------------------------- handlers
+    def handle_ping(self, caller: Contact | None) -> Contact:
+        self._observe(caller)
+        if self.contact is None:
+            raise ConfigError("a client-only DHT node cannot answer pings")
+        return self.contact
+
+    def handle_store(self, caller: Contact | None, records: Sequence[Record]) -> StoreAnswer:
+        self._observe(caller)
+        now = self.wall_clock()
+        limit = self.config.limits.max_records_per_message
+        return StoreAnswer([self.storage.put(rec, now) for rec in records[:limit]])
+
+    def handle_find_node(self, caller: Contact | None, target: int) -> list[Contact]:
+        self._observe(caller)
+        exclude = caller.peer_id.raw if caller else None
+        return self.table.nearest(target, self.config.k, exclude=exclude)
+
+    def handle_find_value(self, caller: Contact | None, location: int) -> FindValueAnswer:
+        records = self.storage.get(location, self.wall_clock())
+        if len(records) > self.config.limits.max_records_per_message:
+            records.sort(key=lambda r: r.expires_at, reverse=True)
+            del records[self.config.limits.max_records_per_message :]
+        return FindValueAnswer(records, self.handle_find_node(caller, location))
+
+    # ---------------------------------------------------------------- public API
+    async def bootstrap(self, addresses: Sequence[str], policy: RetryPolicy | None = None) -> int:
+        """Join via any answering address, then look up our own ID; returns table size."""
+        contacts = await join(self, addresses, policy or RetryPolicy())
+        for contact in contacts:
+            self._observe(contact)
+        await self.lookup(self.table.own_id)
+        return len(self.table)
+
+    async def store(
+        self, key: bytes, value: bytes, expires_at: float, subkey: bytes | None = None
+    ) -> int:
+        """Sign and store at the k nodes closest to ``key``; returns how many accepted.
+
+        ``subkey`` (for dictionary keys) is appended to our PeerID to make an owned subkey.
+        Raises ConfigError when the record breaks the limits or is already expired.
+        """
+        sub = b"" if subkey is None else self.identity.peer_id.raw + subkey
+        record = sign_record(self.identity, key, value, expires_at, sub)
+        reason = validate(record, self.wall_clock(), self.config.limits)
+        if reason is not None:
+            raise ConfigError(f"record for key {key[:32]!r} refused locally: {reason.value}")
+        loop = asyncio.get_running_loop()
+        self.published[(key, sub)] = (record, loop.time())
+        return await self.publish(record)
+
+    async def publish(self, record: Record) -> int:
+        """Send an already signed record to the k nodes closest to its key."""
+        location = location_of(record.key)
+        found = await self.lookup(location)
+        targets = found.closest[: self.config.k]
+        stored = 0
+        if self.contact is not None and self._among_closest(location, targets):
+            stored += self.storage.put(record, self.wall_clock()) is None
+        answers = await asyncio.gather(
+            *(self._store_one(c, [record]) for c in targets), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, StoreAnswer) and answer.results and answer.results[0] is None:
+                stored += 1
+        return stored
+
+    async def get(self, key: bytes) -> bytes | dict[bytes, bytes] | None:
+        """The freshest valid value(s) for ``key``, or None when nobody holds one."""
+        return merge_records(await self.get_records(key))
+
+    async def get_records(self, key: bytes, *, quorum: int | None = None) -> list[Record]:
+        """Validated, unexpired records for ``key`` from the network and the local store."""
+        location = location_of(key)
+        found = await self.lookup(location, find_value=True, quorum=quorum)
+        now = self.wall_clock()
+        unique = {r.signature: r for r in [*found.records, *self.storage.get(location, now)]}
+        self.last_get_hops = found.value_hops
+        return [
+            r
+            for r in unique.values()
+            if r.key == key and validate(r, now, self.config.limits) is None
+        ]
+
+    async def lookup(
+        self, target: int, *, find_value: bool = False, quorum: int | None = None
+    ) -> LookupResult:
+        cfg = self.config
+        self.table.touch(target, asyncio.get_running_loop().time())
+        return await iterative_lookup(
+            self.transport,
+            self.table.nearest(target, cfg.k),
+            target,
+            own_raw=self.identity.peer_id.raw,
+            k=cfg.k,
+            alpha=cfg.alpha,
+            rpc_timeout_s=cfg.rpc_timeout_s,
+            lookup_timeout_s=cfg.lookup_timeout_s,
+            find_value=find_value,
+            value_quorum=quorum or cfg.value_quorum,
+            on_success=self._observe,
+            on_failure=self.table.failed,
+        )
+
+    def start(self) -> None:
+        """Start the maintenance task (expiry, republishing, bucket refresh)."""
+        self.started_at = asyncio.get_running_loop().time()
+        self.tasks.spawn(maintain(self))
+
+    async def close(self) -> None:
+        """Cancel maintenance and owned tasks; safe to call twice, bounded by 2 s."""
+        self._closed = True
+        await self.tasks.close()
+
+    # ----------------------------------------------------------------- internals
+    async def _store_one(self, contact: Contact, records: list[Record]) -> StoreAnswer:
+        try:
+            answer = await self.transport.store(
+                contact, records, timeout_s=self.config.rpc_timeout_s
+            )
+        except NetworkError:
+            self.table.failed(contact)
+            raise
+        self._observe(contact)
+        return answer
+
+    def _among_closest(self, location: int, closest: list[Contact]) -> bool:
+        if len(closest) < self.config.k:
+            return True
+        return self.table.own_id ^ location < closest[-1].node_id ^ location
+
+    def _observe(self, contact: Contact | None) -> None:
+        if contact is None or self._closed or len(contact.peer_id.raw) != PEER_ID_BYTES:
+            return
+        stale = self.table.observe(contact, asyncio.get_running_loop().time())
+        if stale is not None:
+            self.tasks.spawn(self._check_alive(stale))
+
+    async def _check_alive(self, contact: Contact) -> None:
+        try:
+            await self.transport.ping(contact, timeout_s=self.config.rpc_timeout_s)
+        except NetworkError:
+            self.table.ping_result(contact, False, asyncio.get_running_loop().time())
+        else:
+            self.table.ping_result(contact, True, asyncio.get_running_loop().time())
