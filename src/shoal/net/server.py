@@ -1,0 +1,200 @@
+"""The gRPC server of a peer: service registry, per-call authentication, accounting.
+
+Services are registered with their generated ``add_<Name>Servicer_to_server`` function,
+before or after the server starts (``Dispatcher.add``). Every call except
+``Peer/Handshake`` must carry a valid session token (see ``auth.py``); a call that fails is
+answered UNAUTHENTICATED by the dispatcher, which runs before the handler and before any
+request message is read. Handlers learn the authenticated caller from ``current_caller()``.
+A handler that raises a ShoalError answers with the matching status (``errmap.status_of``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from shoal.errors import ShoalError
+from shoal.net.auth import AUTH_METADATA_KEY, HANDSHAKE_METHOD, AuthFailure, SessionTable
+from shoal.net.errmap import status_of
+from shoal.net.identity import PeerID
+from shoal.net.proto.v1 import tensor_pb2
+from shoal.net.tensors import decode_frame, encode_frame
+from shoal.net.traffic import Traffic
+
+log = logging.getLogger(__name__)
+_caller: contextvars.ContextVar[PeerID | None] = contextvars.ContextVar("shoal_caller",
+                                                                       default=None)
+AUTH_DETAIL_PREFIX = "shoal-auth:"
+
+
+def current_caller() -> PeerID:
+    """The authenticated PeerID of the call being handled (inside a handler only)."""
+    peer = _caller.get()
+    if peer is None:
+        raise RuntimeError("current_caller() is only defined inside an authenticated handler")
+    return peer
+
+
+def fast_codecs(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(request_deserializer, response_serializer), with the tensor fast path swapped in."""
+    deser, ser = handler.request_deserializer, handler.response_serializer
+    if deser == tensor_pb2.TensorFrame.FromString:
+        deser = decode_frame
+    if ser == tensor_pb2.TensorFrame.SerializeToString:
+        ser = encode_frame
+    return deser, ser
+
+
+class _Registrar:
+    """Stands in for a grpc server when a generated ``add_*_to_server`` runs."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: generated code also calls add_registered_method_handlers."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        for name, handler in handlers.items():
+            self.handlers[f"/{service}/{name}"] = handler
+
+
+def _rejection(detail: str) -> grpc.RpcMethodHandler:
+    async def reject(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
+
+    return grpc.stream_stream_rpc_method_handler(reject)
+
+
+class Dispatcher(grpc.GenericRpcHandler):
+    """Finds the handler of a call, authenticates the caller, wraps it for accounting."""
+
+    def __init__(self, sessions: SessionTable, traffic: Traffic,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._sessions = sessions
+        self._traffic = traffic
+        self._clock = clock
+        self._methods: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add(self, register: Callable[[Any, Any], None], servicer: Any) -> list[str]:
+        """Register a servicer via its generated ``add_*_to_server``; returns method paths."""
+        registrar = _Registrar()
+        register(servicer, registrar)
+        self._methods.update(registrar.handlers)
+        return sorted(registrar.handlers)
+
+    def remove(self, service: str) -> None:
+        """Stop serving every method of ``service`` (e.g. ``shoal.v1.Stage``)."""
+        prefix = f"/{service}/"
+        for path in [p for p in self._methods if p.startswith(prefix)]:
+            del self._methods[path]
+
+    @property
+    def methods(self) -> frozenset[str]:
+        return frozenset(self._methods)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        handler = self._methods.get(method)
+        if handler is None:
+            return None
+        if method == HANDSHAKE_METHOD:
+            return self._wrap(handler, None, method)
+        token = None
+        for key, value in handler_call_details.invocation_metadata or ():  # type: ignore[attr-defined]
+            if key == AUTH_METADATA_KEY:
+                token = value
+                break
+        try:
+            peer = self._sessions.verify(token, method, self._clock())
+        except AuthFailure as exc:
+            return _rejection(f"{AUTH_DETAIL_PREFIX}{exc}")
+        return self._wrap(handler, peer, method)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, peer: PeerID | None,
+              method: str) -> grpc.RpcMethodHandler:
+        traffic = self._traffic
+        label = peer.to_string() if peer is not None else None
+        deser, ser = fast_codecs(handler)
+
+        def count_in(data: bytes) -> Any:
+            traffic.received(label, method, len(data))
+            return deser(data)
+
+        def count_out(message: Any) -> bytes:
+            data = ser(message)
+            traffic.sent(label, method, len(data))
+            return data
+
+        if handler.unary_unary is not None:
+            behavior, factory = _unary(handler.unary_unary, peer, method, traffic), \
+                grpc.unary_unary_rpc_method_handler
+        elif handler.stream_unary is not None:
+            behavior, factory = _unary(handler.stream_unary, peer, method, traffic), \
+                grpc.stream_unary_rpc_method_handler
+        elif handler.unary_stream is not None:
+            behavior, factory = _streaming(handler.unary_stream, peer, method, traffic), \
+                grpc.unary_stream_rpc_method_handler
+        else:
+            behavior, factory = _streaming(handler.stream_stream, peer, method, traffic), \
+                grpc.stream_stream_rpc_method_handler
+        return factory(behavior, request_deserializer=count_in, response_serializer=count_out)
+
+
+def _unary(inner: Callable[..., Any], peer: PeerID | None, method: str,
+           traffic: Traffic) -> Callable[..., Any]:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _caller.set(peer)
+        start = time.perf_counter()
+        try:
+            result = inner(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except ShoalError as exc:
+            await context.abort(status_of(exc), str(exc))
+        finally:
+            traffic.latency(method, time.perf_counter() - start, side="server")
+
+    return behavior
+
+
+def _streaming(inner: Callable[..., Any], peer: PeerID | None, method: str,
+               traffic: Traffic) -> Callable[..., Any]:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _caller.set(peer)
+        start = time.perf_counter()
+        try:
+            async for item in inner(request, context):
+                yield item
+        except ShoalError as exc:
+            await context.abort(status_of(exc), str(exc))
+        finally:
+            traffic.latency(method, time.perf_counter() - start, side="server")
+
+    return behavior
+
+
+def server_options(max_message_bytes: int, keepalive_s: float,
+                   keepalive_timeout_s: float) -> list[tuple[str, Any]]:
+    """gRPC server channel arguments derived from NetConfig."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(keepalive_s * 500)),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+__all__ = ["AUTH_DETAIL_PREFIX", "Dispatcher", "current_caller", "fast_codecs",
+           "server_options"]

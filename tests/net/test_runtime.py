@@ -1,0 +1,152 @@
+"""Real runtimes on loopback: calls, auth rejections, caller identity, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import torch
+
+from shoal.errors import AuthenticationError, PeerUnavailable, ProtocolViolation
+from shoal.net.auth import AUTH_METADATA_KEY
+from shoal.net.peer_service import PeerService
+from shoal.net.proto.v1 import peer_pb2, peer_pb2_grpc
+from shoal.net.server import current_caller
+from shoal.net.tensors import TensorReader, tensor_frames
+
+PING = "/shoal.v1.Peer/Ping"
+
+
+class CallerEcho(PeerService):
+    """Peer service whose Ping answers with the caller's PeerID and counts handler runs."""
+
+    runs = 0
+
+    async def Ping(self, request, context):
+        CallerEcho.runs += 1
+        return peer_pb2.PingResponse(payload=current_caller().raw)
+
+
+def _serve_echo(runtime):
+    CallerEcho.runs = 0
+    service = CallerEcho(runtime.identity, runtime.sessions, runtime.config,
+                         runtime.addresses, lambda: [])
+    runtime.add_servicer(peer_pb2_grpc.add_PeerServicer_to_server, service)
+
+
+async def _raw_ping(address: str, metadata=()) -> grpc.StatusCode:
+    """A Ping through a bare channel (no Shoal client); returns the status code."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(PING, request_serializer=peer_pb2.PingRequest.SerializeToString,
+                                   response_deserializer=peer_pb2.PingResponse.FromString)
+        try:
+            await call(peer_pb2.PingRequest(), timeout=5, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+
+def test_ping_info_and_caller_identity(make_runtime):
+    a, b, c = make_runtime(b"a"), make_runtime(b"b"), make_runtime(b"c")
+    _serve_echo(b)
+    for caller in (a, c):
+        stub = caller.stub(peer_pb2_grpc.PeerStub, b.address)
+        reply = caller.run(stub.Ping(peer_pb2.PingRequest()), timeout_s=5)
+        assert reply.payload == caller.peer_id.raw
+        assert stub.peer_id == b.peer_id
+    info = a.run(a.stub(peer_pb2_grpc.PeerStub, b.address).Info(peer_pb2.InfoRequest()), 5)
+    assert info.peer_id == b.peer_id.raw and b.address in info.addresses
+    assert any(x.startswith("unix:") for x in info.addresses)
+
+
+def test_unix_socket_serves_the_same_services(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, f"unix:{b.unix_path}", peer_id=b.peer_id)
+    assert a.run(stub.Ping(peer_pb2.PingRequest(payload=b"u")), 5).payload == b"u"
+
+
+def test_unauthenticated_wrong_key_and_replayed_calls_rejected(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    _serve_echo(b)
+    assert a.run(_raw_ping(b.address), 5) == grpc.StatusCode.UNAUTHENTICATED
+    assert a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, b"x" * 48),)), 5) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    # a real session, then a token signed with the wrong key, then a replay of a good one
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
+    conn = next(iter(a.pool._conns.values()))
+    good = conn.session.token(PING, time.time())
+    real_key = conn.session.key
+    conn.session.key = bytes(32)
+    forged = conn.session.token(PING, time.time())
+    conn.session.key = real_key
+    assert a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, forged),)), 5) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, good),)), 5) == grpc.StatusCode.OK
+    assert a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, good),)), 5) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert CallerEcho.runs == 2  # the stub's call and the one good token; no rejected one
+
+
+def test_wrong_swarm_key_and_wrong_peer_refused(make_runtime):
+    a = make_runtime(swarm_key=b"k" * 32)
+    b = make_runtime(swarm_key=b"other" * 8)
+    c = make_runtime(swarm_key=b"k" * 32)
+    with pytest.raises(AuthenticationError):
+        a.run(a.stub(peer_pb2_grpc.PeerStub, b.address).Ping(peer_pb2.PingRequest()), 5)
+    assert a.run(a.stub(peer_pb2_grpc.PeerStub, c.address).Ping(peer_pb2.PingRequest()), 5)
+    with pytest.raises(AuthenticationError):
+        a.run(a.stub(peer_pb2_grpc.PeerStub, c.address, peer_id=b.peer_id)
+              .Ping(peer_pb2.PingRequest()), 5)
+
+
+def test_handler_errors_map_to_shoal_errors(make_runtime):
+    a, b = make_runtime(), make_runtime(max_ping_payload_bytes=16)
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+    with pytest.raises(ProtocolViolation):
+        a.run(stub.Ping(peer_pb2.PingRequest(payload=b"x" * 17)), 5)
+    with pytest.raises(PeerUnavailable):
+        a.run(a.stub(peer_pb2_grpc.PeerStub, "127.0.0.1:1").Ping(peer_pb2.PingRequest()), 5)
+
+
+def test_tensor_streams_both_directions(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+    tensors = [torch.randn(300, 700), torch.arange(10, dtype=torch.int64),
+               torch.ones(3, 3, dtype=torch.bfloat16), torch.zeros(0)]
+
+    def frames():
+        for t in tensors:
+            yield from tensor_frames(t, chunk_bytes=64 * 1024)
+
+    ack = a.run(stub.Absorb(frames()), 10)
+    assert ack.tensors == len(tensors)
+    assert ack.byte_length == sum(t.numel() * t.element_size() for t in tensors)
+
+    async def fetch():
+        reader = TensorReader(stub.Emit(peer_pb2.EmitRequest(byte_length=3_000_001)),
+                              a.config.tensor_limits)
+        return await reader.read_tensor()
+
+    got = a.run(fetch(), 10)
+    assert got.shape == (3_000_001,) and got.dtype == torch.uint8 and not got.any()
+    snap = b.traffic.snapshot()
+    assert snap["peers"][a.peer_id.to_string()]["bytes_in"] >= ack.byte_length
+    assert snap["services"]["shoal.v1.Peer"]["bytes_out"] >= 3_000_001
+
+
+def test_shutdown_is_fast_idempotent_and_cancels_tasks(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
+    hung = a.submit(asyncio.sleep(3600))
+    start = time.perf_counter()
+    a.close()
+    a.close()
+    assert time.perf_counter() - start < 2.0
+    assert hung.cancelled()
+    assert not a._thread.is_alive()
+    with pytest.raises(RuntimeError):
+        a.submit(asyncio.sleep(0))
