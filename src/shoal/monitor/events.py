@@ -158,7 +158,7 @@ class EventLog:
             raise ValueError(f"event kind must match {_KIND_RE.pattern}, got {kind_text!r}")
         event = Event(t=self._clock(), peer=self._peer, kind=kind_text, fields=_clean(fields))
         line = (event.to_json() + "\n").encode()
-        if len(line) > self._config.max_record_bytes:
+        if len(line) > min(self._config.max_record_bytes, self._config.max_bytes):
             event = Event(event.t, event.peer, event.kind, {"truncated": len(line)})
             line = (event.to_json() + "\n").encode()
         with self._lock:

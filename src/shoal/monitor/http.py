@@ -94,6 +94,20 @@ class DashboardHTTPServer:
             return None
         return parts[0], parts[1]
 
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After refusing a request, read (bounded) what the client still sends, so closing
+        does not reset the connection before it has read the answer."""
+        if writer.can_write_eof():
+            writer.write_eof()
+
+        async def drain_input() -> None:
+            for _ in range(16):
+                if not await reader.read(16 * 1024):
+                    return
+
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            await asyncio.wait_for(drain_input(), 1.0)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
@@ -119,6 +133,8 @@ class DashboardHTTPServer:
             ).encode()
             writer.write(head if method == "HEAD" else head + body)
             await asyncio.wait_for(writer.drain(), self._timeout_s)
+            if request is None:
+                await self._linger(reader, writer)
         except (ConnectionError, asyncio.TimeoutError):
             pass
         finally:

@@ -1,0 +1,87 @@
+import asyncio
+import json
+
+from shoal.monitor.config import DashboardConfig
+from shoal.monitor.dashboard import Dashboard
+
+from .fakes import NOW, FakeClock, FakeSource, peer_id, swarm_events, swarm_history
+
+
+async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+def test_state_endpoint_static_files_and_errors():
+    async def main() -> None:
+        config = DashboardConfig(port=0, poll_interval_s=60.0, request_timeout_s=0.5)
+        source = FakeSource(swarm_history(), swarm_events())
+        async with Dashboard(source, config, wall_clock=FakeClock(NOW + 1)) as dash:
+            await dash.wait_first_poll(5)
+            port = int(dash.url.rsplit(":", 1)[1].strip("/"))
+            assert dash.url.startswith("http://127.0.0.1:")
+
+            status, headers, body = await request(port, get("/api/state"))
+            assert status == 200 and headers["Content-Type"] == "application/json"
+            state = json.loads(body)
+            assert state["swarm"]["peers"] == 6 and state["swarm"]["step"] == 300
+            assert {a["kind"] for a in state["alerts"]} == {
+                "bottleneck",
+                "straggler",
+                "low_bandwidth",
+            }
+            assert len(state["series"]["loss"][peer_id(0)]) == 30
+            assert [e["kind"] for e in state["events"]] == [
+                "checkpoint",
+                "retry",
+                "failure",
+                "join",
+            ]
+
+            status, headers, body = await request(port, get("/"))
+            assert status == 200 and b"dashboard.js" in body
+            assert headers["Content-Type"].startswith("text/html")
+            status, headers, _ = await request(port, get("/static/dashboard.js"))
+            assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+            status, headers, body = await request(port, b"HEAD / HTTP/1.1\r\n\r\n")
+            assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+
+            for path in ("/static/../peer.py", "/static/%2e%2e/peer.py", "/nope", "/static/"):
+                assert (await request(port, get(path)))[0] == 404
+            assert (await request(port, b"POST /api/state HTTP/1.1\r\n\r\n"))[0] == 405
+            assert (await request(port, b"garbage\r\n\r\n"))[0] == 400
+            assert (await request(port, b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 5000))[0] == 400
+            # A client that never finishes its request is cut off at the deadline.
+            assert (await request(port, b"GET / HTTP/1.1\r\n"))[0] == 400
+        await dash.aclose()
+
+    asyncio.run(main())
+
+
+def test_dashboard_marks_peers_stale_as_time_passes():
+    async def main() -> None:
+        clock = FakeClock(NOW + 1)
+        dash = Dashboard(FakeSource(swarm_history()), DashboardConfig(port=0), wall_clock=clock)
+        await dash.poll_once()
+        assert len(dash.view.peers) == 6
+        clock.advance(3600)
+        await dash.poll_once()
+        assert dash.view.peers == () and len(dash.view.stale) == 6
+        state = dash.state()
+        assert all(p["stale"] for p in state["peers"])
+        assert state["alerts"] == []
+        await dash.aclose()
+
+    asyncio.run(main())
