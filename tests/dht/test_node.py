@@ -1,0 +1,132 @@
+import asyncio
+
+import pytest
+
+from shoal.dht.bootstrap import RetryPolicy
+from shoal.dht.node import merge_records
+from shoal.dht.record import sign_record
+from shoal.dht.virtual_loop import run_virtual
+from shoal.errors import ConfigError, PeerUnavailable
+from shoal.net.identity import Identity
+
+from .conftest import grow, make_cluster
+
+
+def test_store_and_get_plain_and_dictionary_keys():
+    async def scenario():
+        cl = make_cluster()
+        await grow(cl, 30)
+        a, b, reader = cl.nodes[3], cl.nodes[7], cl.nodes[-1]
+        exp = cl.wall_clock() + 600
+        assert await a.store(b"plain", b"first", exp) >= cl.config.k
+        assert await b.store(b"plain", b"second", exp + 5) >= cl.config.k
+        assert await reader.get(b"plain") == b"second"  # freshest writer wins
+        await a.store(b"dict", b"va", exp, subkey=b"")
+        await b.store(b"dict", b"vb", exp, subkey=b"/x")
+        got = await reader.get(b"dict")
+        assert got == {a.identity.peer_id.raw: b"va", b.identity.peer_id.raw + b"/x": b"vb"}
+        assert await reader.get(b"missing") is None
+        client = await cl.add_node(serve=False)  # a client-only node reads too
+        assert await client.get(b"plain") == b"second"
+        await cl.close()
+        await client.close()
+
+    run_virtual(scenario())
+
+
+def test_local_store_refuses_bad_records():
+    async def scenario():
+        cl = make_cluster()
+        await grow(cl, 3)
+        node = cl.nodes[0]
+        with pytest.raises(ConfigError, match="expired"):
+            await node.store(b"k", b"v", cl.wall_clock() - 1)
+        with pytest.raises(ConfigError, match="too large"):
+            await node.store(b"k", b"v" * 100_000, cl.wall_clock() + 10)
+        await cl.close()
+
+    run_virtual(scenario())
+
+
+def test_lookup_with_dead_nodes_returns_within_deadline():
+    async def scenario():
+        cl = make_cluster(lookup_timeout_s=2.5, rpc_timeout_s=1.0)
+        await grow(cl, 40)
+        exp = cl.wall_clock() + 600
+        await cl.nodes[0].store(b"key", b"value", exp)
+        reader = cl.nodes[1]
+        for victim in cl.nodes[2:32]:  # three quarters of the swarm dies silently
+            await cl.kill(victim)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        res = await reader.lookup(123456789, find_value=False)
+        assert loop.time() - t0 <= 2.5 + 1e-6
+        assert res.rpcs > 0
+        t0 = loop.time()
+        await reader.get(b"key")
+        assert loop.time() - t0 <= 2.5 + 1e-6
+        await cl.close()
+
+    run_virtual(scenario())
+
+
+def test_bootstrap_with_one_dead_address_and_with_none_alive():
+    async def scenario():
+        cl = make_cluster()
+        await grow(cl, 10)
+        live = cl.nodes[4].contact.address
+        newcomer = cl.make_node()
+        size = await newcomer.bootstrap(["sim:dead", live], RetryPolicy(attempts=2))
+        assert size >= 5
+        loner = cl.make_node()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        policy = RetryPolicy(attempts=3, initial_delay_s=0.5, deadline_s=20)
+        with pytest.raises(PeerUnavailable, match=r"none of the 2 bootstrap .*sim:gone1"):
+            await loner.bootstrap(["sim:gone1", "sim:gone2"], policy)
+        # 3 rounds of 1 s RPC deadline + two pauses of at most 0.6 s and 1.2 s
+        assert 3.0 <= loop.time() - t0 <= 4.9
+        with pytest.raises(ConfigError):
+            await loner.bootstrap([loner.contact.address])
+        await cl.close()
+
+    run_virtual(scenario())
+
+
+def test_handlers_bound_message_sizes():
+    async def scenario():
+        cl = make_cluster()
+        await grow(cl, 2)
+        node = cl.nodes[0]
+        ident = Identity.from_seed(b"w")
+        recs = [sign_record(ident, b"k%d" % i, b"v", cl.wall_clock() + 60) for i in range(100)]
+        answer = node.handle_store(None, recs)
+        assert len(answer.results) == cl.config.limits.max_records_per_message
+        assert len(node.storage) == cl.config.limits.max_records_per_message
+        await cl.close()
+
+    run_virtual(scenario())
+
+
+def test_merge_records_picks_freshest_per_subkey():
+    a, b = Identity.from_seed(b"a"), Identity.from_seed(b"b")
+    recs = [
+        sign_record(a, b"k", b"old", 100.0),
+        sign_record(b, b"k", b"new", 200.0),
+    ]
+    assert merge_records(recs) == b"new"
+    assert merge_records([]) is None
+
+
+def test_close_is_idempotent_and_cancels_maintenance():
+    async def scenario():
+        cl = make_cluster(maintenance=True)
+        await grow(cl, 3)
+        node = cl.nodes[0]
+        assert len(node.tasks) >= 1
+        await node.close()
+        await node.close()
+        assert len(node.tasks) == 0
+        await cl.close()
+
+    run_virtual(scenario())
