@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import msgpack
@@ -49,8 +50,14 @@ def test_tampered_record_is_forged(field, value):
 def test_signature_by_someone_else_is_forged():
     honest = _rec()
     forged = Record(
-        honest.key, honest.subkey, b"evil", honest.expires_at, ALICE.peer_id,
-        MALLORY.sign(Record(honest.key, b"", b"evil", honest.expires_at, ALICE.peer_id, b"").signing_bytes()),
+        honest.key,
+        honest.subkey,
+        b"evil",
+        honest.expires_at,
+        ALICE.peer_id,
+        MALLORY.sign(
+            Record(honest.key, b"", b"evil", honest.expires_at, ALICE.peer_id, b"").signing_bytes()
+        ),
     )
     assert validate(forged, NOW, LIMITS) is Rejection.BAD_SIGNATURE
     unsigned = Record(honest.key, b"", honest.value, honest.expires_at, ALICE.peer_id, b"\0" * 64)
@@ -124,12 +131,16 @@ def test_decode_fuzz_raises_only_protocol_violation(data):
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.one_of(st.binary(max_size=80), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=5), st.none()),
+        st.one_of(
+            st.binary(max_size=80),
+            st.integers(-(2**63), 2**64 - 1),
+            st.floats(),
+            st.text(max_size=5),
+            st.none(),
+        ),
         max_size=8,
     )
 )
 def test_decode_fuzz_structured(fields):
-    try:
+    with contextlib.suppress(ProtocolViolation):
         decode_record(msgpack.packb(fields, use_bin_type=True), LIMITS)
-    except ProtocolViolation:
-        pass
