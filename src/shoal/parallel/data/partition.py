@@ -130,5 +130,5 @@ def _flat_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
             return torch.cat([t.detach().reshape(-1) for t in tensors]), False
         expected += t.numel()
     total = expected - first.storage_offset()
-    flat = torch.empty(0, dtype=first.dtype).set_(storage, first.storage_offset(), (total,))
+    flat = torch.empty(0, dtype=first.dtype).set_(storage, first.storage_offset(), (total,), (1,))
     return flat, True

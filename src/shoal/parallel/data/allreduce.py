@@ -1,0 +1,340 @@
+"""One butterfly all-reduce round whose result is one weighted mean over one set of peers.
+
+Member ``i`` of the group reduces part ``i`` of the flat vector (parts sized by
+``partition.py``; clients have empty parts). A round, seen from one member:
+
+1. **Reduce-scatter.** Send part ``j`` of the own vector (and the own weight) to member
+   ``j``, for every non-empty part. As a reducer, collect contributions to the own part
+   until everyone sent or the collect deadline; screen them (``aggregate.screen``).
+2. **Report.** Tell every member which senders were accepted. Wait for every reducer's
+   report (or the report deadline). Reducers that did not report are presumed dead: they
+   leave the contributor set, and their parts are reassigned round-robin to reducers that
+   did. The round's contributor set ``C`` is the intersection of all accepted sets
+   received, minus the presumed dead.
+3. **Repair.** Each member of ``C`` sends its raw part of each reassigned part to the
+   survivor now in charge of it (every member keeps its raw vector until the round ends).
+4. **All-gather.** Each reducer combines its part(s) over exactly ``C`` and sends the
+   result, tagged with ``C``, to every member.
+5. **Commit.** A member succeeds only when every part arrived tagged with its own ``C``;
+   then every element of its result is the weighted mean over the same ``C``, and ``C`` is
+   reported. Anything else before the deadline (a reducer died after reporting, members saw
+   different reports, too few contributors) is a failed round: the caller's tensors are left
+   untouched. A silent mix of parts averaged over different sets cannot be returned.
+
+With a wire codec, contributions and results travel encoded; a reducer keeps the decoded
+copy of what it sent, so every member ends with identical values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable, Sequence, Set
+from dataclasses import dataclass, field
+
+import torch
+
+from shoal.compress import Codec, Encoded
+from shoal.errors import ConfigError, NetworkError
+from shoal.parallel.data.aggregate import AggregationConfig, aggregate, screen
+from shoal.parallel.data.messages import Contribution, Member, Reduced, Report, WireTensor
+from shoal.parallel.data.transport import RoundTransport
+
+__all__ = ["AllReduceConfig", "RoundResult", "RoundStatus", "run_allreduce"]
+
+
+class RoundStatus(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AllReduceConfig:
+    """Phase deadlines as fractions of the round's time budget, and aggregation."""
+
+    collect_fraction: float = 0.55
+    """Reducers stop accepting contributions at this fraction of the budget."""
+    report_fraction: float = 0.65
+    """Members stop waiting for reducers' reports at this fraction."""
+    repair_fraction: float = 0.85
+    """Survivors stop waiting for repair contributions at this fraction."""
+    min_contributors: int = 1
+    """A round with fewer contributors fails."""
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+
+    def __post_init__(self) -> None:
+        fractions = (self.collect_fraction, self.report_fraction, self.repair_fraction)
+        if not 0 < fractions[0] < fractions[1] < fractions[2] < 1:
+            raise ConfigError(
+                "need 0 < collect_fraction < report_fraction < repair_fraction < 1, got "
+                f"{fractions}"
+            )
+        if self.min_contributors < 1:
+            raise ConfigError(f"min_contributors must be >= 1, got {self.min_contributors!r}")
+
+
+@dataclass(slots=True)
+class RoundResult:
+    """Outcome of one round, as seen by one member."""
+
+    status: RoundStatus
+    contributors: frozenset[Member] = frozenset()
+    """Members whose vectors make up every element of the result (empty on failure)."""
+    weight: float = 0.0
+    """Sum of the contributors' weights."""
+    excluded: dict[Member, str] = field(default_factory=dict)
+    """Members left out, with the reason (rejected by screening, late, silent)."""
+    reason: str = ""
+    """Why the round failed (empty on success)."""
+    reassigned: dict[int, Member] = field(default_factory=dict)
+    """Parts whose reducer was presumed dead, and who reduced them instead."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each phase on this member."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RoundStatus.OK
+
+
+def _encode(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
+    return tensor if codec is None else codec.encode(tensor)
+
+
+def _decode(codec: Codec | None, data: WireTensor) -> torch.Tensor:
+    if isinstance(data, Encoded):
+        if codec is None:
+            raise ValueError(f"received {data.codec!r}-encoded data, but no codec is set")
+        return codec.decode(data).reshape(-1)
+    return data.reshape(-1)
+
+
+async def _send_all(
+    transport: RoundTransport, sends: Sequence[tuple[Member, object]], deadline: float
+) -> dict[Member, str]:
+    """Send concurrently; return the members that could not be reached, with the error."""
+    loop = asyncio.get_running_loop()
+    failed: dict[Member, str] = {}
+
+    async def one(to: Member, message: object) -> None:
+        try:
+            if to == transport.me:
+                transport.inbox.deliver(message)  # type: ignore[arg-type]
+            else:
+                timeout = max(0.0, deadline - loop.time())
+                await transport.send(to, message, timeout)  # type: ignore[arg-type]
+        except NetworkError as exc:
+            failed[to] = f"{type(exc).__name__}: {exc}"
+
+    tasks = [asyncio.ensure_future(one(to, message)) for to, message in sends]
+    try:
+        if tasks:
+            await asyncio.wait(tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    return failed
+
+
+async def run_allreduce(
+    transport: RoundTransport,
+    round_id: bytes,
+    members: Sequence[Member],
+    ranges: Sequence[tuple[int, int]],
+    flat: torch.Tensor,
+    weight: float,
+    deadline: float,
+    *,
+    codec: Codec | None = None,
+    config: AllReduceConfig | None = None,
+) -> tuple[RoundResult, torch.Tensor | None]:
+    """Run one round; return the result and, on success, the reduced flat vector.
+
+    ``flat`` is only read. ``deadline`` is on the running loop's clock. The caller opens
+    ``round_id`` in the inbox before peers may send (it is closed here at the end).
+    """
+    config = config or AllReduceConfig()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    budget = max(0.0, deadline - start)
+    collect_at = start + config.collect_fraction * budget
+    report_at = start + config.report_fraction * budget
+    repair_at = start + config.repair_fraction * budget
+    me = transport.me
+    inbox = transport.inbox
+    inbox.open(round_id)
+    live_parts = [j for j, (a, b) in enumerate(ranges) if b > a]
+    my_part = members.index(me)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def msgs(kind: type, part: int | None = None) -> list:
+        return [
+            m
+            for m in inbox.messages(round_id)
+            if isinstance(m, kind) and m.sender in members and (part is None or m.part == part)
+        ]
+
+    def part_of(j: int) -> torch.Tensor:
+        a, b = ranges[j]
+        return flat[a:b]
+
+    try:
+        # 1. Reduce-scatter: contributions out, own part's contributions in.
+        sends = [
+            (members[j], Contribution(round_id, me, j, weight, _encode(codec, part_of(j))))
+            for j in live_parts
+        ]
+        send_task = asyncio.ensure_future(_send_all(transport, sends, collect_at))
+        accepted: set[Member] = set()
+        rejected: dict[Member, str] = {}
+        contributions: dict[int, dict[Member, tuple[float, torch.Tensor]]] = {}
+        try:
+            if my_part in live_parts:
+                want = set(members)
+                await inbox.wait_until(_have_all(msgs, my_part, want), collect_at)
+                got = _collect(msgs(Contribution, my_part), part_of(my_part).numel(), codec)
+                accepted, rejected = _screen(got, config.aggregation)
+                contributions[my_part] = {p: got[p] for p in accepted}
+        finally:
+            unreachable = await send_task
+        seconds["reduce_scatter"] = time.perf_counter() - t0
+
+        # 2. Reports: agree on one contributor set.
+        if my_part in live_parts:
+            report = Report(round_id, me, my_part, frozenset(accepted), rejected)
+            await _send_all(transport, [(m, report) for m in members], report_at)
+        await inbox.wait_until(
+            lambda: (
+                {r.part for r in msgs(Report) if r.sender == members[r.part]} >= set(live_parts)
+            ),
+            report_at,
+        )
+        reports = {r.part: r for r in msgs(Report) if r.sender == members[r.part]}
+        excluded: dict[Member, str] = {}
+        for r in reports.values():
+            excluded.update(r.rejected)
+        common = frozenset(members)
+        for r in reports.values():
+            common &= r.accepted
+        for m in members:
+            if m not in common and m not in excluded:
+                excluded[m] = "contribution missing at a reducer"
+        dead = [j for j in live_parts if j not in reports]
+        alive = [j for j in live_parts if j in reports]
+        for j in dead:  # a silent reducer is presumed dead: its own vector is left out too
+            if members[j] in common:
+                common -= {members[j]}
+            excluded.setdefault(members[j], "no report from it as reducer (presumed dead)")
+        seconds["report"] = time.perf_counter() - t0 - sum(seconds.values())
+        if len(common) < config.min_contributors or not alive:
+            return _failed(f"only {len(common)} contributors agreed", excluded, seconds), None
+        reassigned = {j: members[alive[k % len(alive)]] for k, j in enumerate(dead)}
+
+        # 3. Repair: raw parts of dead reducers' parts go to their substitutes.
+        if me in common and dead:
+            repair = [
+                (reassigned[j], Contribution(round_id, me, j, weight, _encode(codec, part_of(j))))
+                for j in dead
+            ]
+            await _send_all(transport, repair, repair_at)
+        mine = [j for j in dead if reassigned[j] == me]
+        for j in mine:
+            await inbox.wait_until(_have_all(msgs, j, common), repair_at)
+            got = _collect(msgs(Contribution, j), part_of(j).numel(), codec)
+            contributions[j] = {p: got[p] for p in common if p in got}
+        seconds["repair"] = time.perf_counter() - t0 - sum(seconds.values())
+
+        # 4. All-gather: reduce each own part over exactly the common set.
+        order = [m for m in members if m in common]
+        results: dict[int, torch.Tensor] = {}
+        total_weight = 0.0
+        for j in ([my_part] if my_part in live_parts else []) + mine:
+            have = contributions.get(j, {})
+            if not all(p in have for p in order):
+                continue  # cannot reduce over the agreed set: peers will time out and fail
+            reduced = aggregate(
+                [have[p][1] for p in order], [have[p][0] for p in order], config.aggregation
+            )
+            total_weight = sum(have[p][0] for p in order)
+            wire = _encode(codec, reduced)
+            results[j] = _decode(codec, wire) if codec is not None else reduced
+            message = Reduced(round_id, me, j, common, total_weight, wire)
+            await _send_all(transport, [(m, message) for m in members if m != me], deadline)
+
+        # 5. Commit: every part must carry the same contributor set.
+        def complete() -> bool:
+            nonlocal total_weight
+            for r in msgs(Reduced):
+                if (
+                    r.part not in results
+                    and r.contributors == common
+                    and r.sender in (members[r.part], reassigned.get(r.part))
+                ):
+                    results[r.part] = _decode(codec, r.data)
+                    total_weight = r.weight
+            return all(j in results for j in live_parts)
+
+        if not await inbox.wait_until(complete, deadline):
+            missing = sorted(j for j in live_parts if j not in results)
+            return _failed(f"parts {missing} missing at the deadline", excluded, seconds), None
+        out = torch.empty_like(flat)
+        for j in live_parts:
+            a, b = ranges[j]
+            if results[j].numel() != b - a:
+                return _failed(f"part {j} has the wrong size", excluded, seconds), None
+            out[a:b] = results[j]
+        seconds["all_gather"] = time.perf_counter() - t0 - sum(seconds.values())
+        for m, why in unreachable.items():
+            excluded.setdefault(m, why)
+        result = RoundResult(
+            RoundStatus.OK,
+            contributors=common,
+            weight=total_weight,
+            excluded={m: why for m, why in excluded.items() if m not in common},
+            reassigned=reassigned,
+            seconds=seconds,
+        )
+        return result, out
+    finally:
+        inbox.close(round_id)
+
+
+def _have_all(msgs: Callable[..., list], part: int, who: Set[Member]) -> Callable[[], bool]:
+    return lambda: who <= {m.sender for m in msgs(Contribution, part)}
+
+
+def _collect(
+    received: Sequence[Contribution], numel: int, codec: Codec | None
+) -> dict[Member, tuple[float, torch.Tensor]]:
+    got: dict[Member, tuple[float, torch.Tensor]] = {}
+    for c in received:
+        if c.sender in got:
+            continue
+        try:
+            tensor = _decode(codec, c.data)
+        except (ValueError, RuntimeError):
+            continue
+        if tensor.numel() == numel and tensor.dtype == torch.float32:
+            got[c.sender] = (c.weight, tensor)
+    return got
+
+
+def _screen(
+    got: dict[Member, tuple[float, torch.Tensor]], config: AggregationConfig
+) -> tuple[set[Member], dict[Member, str]]:
+    bad_weight = {
+        p: f"weight {w!r} is not a positive finite number"
+        for p, (w, _) in got.items()
+        if not (0 < w < float("inf"))
+    }
+    accepted, rejected = screen({p: t for p, (w, t) in got.items() if p not in bad_weight}, config)
+    rejected.update(bad_weight)
+    return accepted, rejected
+
+
+def _failed(reason: str, excluded: dict[Member, str], seconds: dict[str, float]) -> RoundResult:
+    return RoundResult(RoundStatus.FAILED, excluded=excluded, reason=reason, seconds=seconds)

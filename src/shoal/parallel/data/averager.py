@@ -1,0 +1,101 @@
+"""``Averager``: the API the training loop calls to average tensors with a group.
+
+    result = await averager.average(tensors, weight=samples, group=group, timeout_s=30)
+    if result.ok:  # tensors now hold the weighted mean over result.contributors
+        ...
+
+On failure the tensors are untouched and ``result.reason`` says why. A group is the
+ordered member list with each member's bandwidth and client mode (from matchmaking) and a
+round id every member derived alike. Must be awaited on the network loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shoal.compress.registry import codec_by_name
+from shoal.errors import ConfigError
+from shoal.parallel.data.allreduce import AllReduceConfig, RoundResult, run_allreduce
+from shoal.parallel.data.messages import Member
+from shoal.parallel.data.partition import FlatVector, part_ranges, shares_from_bandwidth
+from shoal.parallel.data.transport import RoundTransport
+
+__all__ = ["Averager", "GroupSpec"]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSpec:
+    """Who averages in one round and how the vector is split among them."""
+
+    round_id: bytes
+    members: tuple[Member, ...]
+    bandwidths_bps: tuple[float, ...]
+    client_mode: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.members)
+        if n == 0 or len(set(self.members)) != n:
+            raise ConfigError(f"members must be non-empty and unique, got {self.members!r}")
+        if len(self.bandwidths_bps) != n or len(self.client_mode) != n:
+            raise ConfigError("members, bandwidths_bps and client_mode differ in length")
+
+    @classmethod
+    def uniform(cls, round_id: bytes, members: Sequence[Member]) -> GroupSpec:
+        """Equal shares, nobody in client mode."""
+        n = len(members)
+        return cls(round_id, tuple(members), (1.0,) * n, (False,) * n)
+
+
+class Averager:
+    """Averages tensors with a group over a :class:`RoundTransport`."""
+
+    def __init__(
+        self,
+        transport: RoundTransport,
+        *,
+        wire_codec: str = "none",
+        config: AllReduceConfig | None = None,
+    ) -> None:
+        self.transport = transport
+        self.codec = codec_by_name(wire_codec)
+        self.config = config or AllReduceConfig()
+
+    def prepare(self, group: GroupSpec) -> None:
+        """Start holding messages for ``group``'s round (call as soon as the group is known)."""
+        self.transport.inbox.open(group.round_id)
+
+    async def average(
+        self,
+        tensors: Sequence[torch.Tensor],
+        weight: float,
+        *,
+        group: GroupSpec,
+        timeout_s: float,
+    ) -> RoundResult:
+        """Average ``tensors`` in place with ``group``; see the module docstring."""
+        if self.transport.me not in group.members:
+            raise ConfigError(f"this peer {self.transport.me!r} is not in the group")
+        if not timeout_s > 0:
+            raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
+        flat = FlatVector(tensors)
+        shares = shares_from_bandwidth(group.bandwidths_bps, group.client_mode)
+        ranges = part_ranges(flat.numel, shares)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        result, out = await run_allreduce(
+            self.transport,
+            group.round_id,
+            group.members,
+            ranges,
+            flat.flat,
+            weight,
+            deadline,
+            codec=self.codec,
+            config=self.config,
+        )
+        if result.ok and out is not None:
+            flat.write_back(out)
+        return result

@@ -1,0 +1,100 @@
+"""In-process network for the all-reduce, with deterministic fault injection.
+
+Each member gets a :class:`MemoryTransport` whose ``send`` puts the message (tensors
+cloned, as if serialised) straight into the receiver's inbox. A :class:`Fault` kills a
+member at an exact point: when it is about to send its ``after``-th (0-based) message of a
+given kind. From then on its sends raise :class:`PeerKilled` (which ends its round task,
+like a SIGKILL would) and sends to it raise :class:`~shoal.errors.PeerUnavailable`.
+``fired`` records which faults really happened, so tests can assert on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import torch
+
+from shoal.compress import Encoded
+from shoal.errors import PeerUnavailable
+from shoal.parallel.data.messages import Contribution, Member, Message, Reduced
+from shoal.parallel.data.transport import Inbox
+
+__all__ = ["Fault", "MemoryNetwork", "MemoryTransport", "PeerKilled"]
+
+
+class PeerKilled(Exception):
+    """Raised inside a member that a fault killed (never caught by the protocol)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Kill ``peer`` just before it sends its ``after``-th message of type ``kind``."""
+
+    peer: Member
+    kind: str
+    """``"Contribution"``, ``"Report"`` or ``"Reduced"``."""
+    after: int = 0
+
+
+def _clone(data: object) -> object:
+    if isinstance(data, torch.Tensor):
+        return data.clone()
+    if isinstance(data, Encoded):
+        return replace(data, payload=tuple(t.clone() for t in data.payload))
+    return data
+
+
+class MemoryNetwork:
+    """All members of one process-local swarm."""
+
+    def __init__(self, faults: Iterable[Fault] = ()) -> None:
+        self.faults = list(faults)
+        self.fired: list[Fault] = []
+        self.dead: set[Member] = set()
+        self.sent: Counter[tuple[Member, str]] = Counter()
+        self.inboxes: dict[Member, Inbox] = {}
+        self.delivered = asyncio.Event()
+
+    def transport(self, member: Member) -> MemoryTransport:
+        inbox = self.inboxes.setdefault(member, Inbox())
+        return MemoryTransport(self, member, inbox)
+
+    def kill(self, member: Member) -> None:
+        self.dead.add(member)
+
+    async def _send(self, sender: Member, to: Member, message: Message) -> None:
+        if sender in self.dead:
+            raise PeerKilled(f"{sender!r} is dead")
+        kind = type(message).__name__
+        for fault in self.faults:
+            if (
+                fault.peer == sender
+                and fault.kind == kind
+                and fault.after == self.sent[(sender, kind)]
+            ):
+                self.fired.append(fault)
+                self.kill(sender)
+                raise PeerKilled(f"{sender!r} killed before {kind} #{fault.after}")
+        self.sent[(sender, kind)] += 1
+        await asyncio.sleep(0)
+        if to in self.dead or to not in self.inboxes:
+            raise PeerUnavailable("member is gone", peer=repr(to))
+        if isinstance(message, Contribution | Reduced):
+            message = replace(message, data=_clone(message.data))  # type: ignore[arg-type]
+        self.inboxes[to].deliver(message)
+        self.delivered.set()
+
+
+class MemoryTransport:
+    """One member's view of a :class:`MemoryNetwork`."""
+
+    def __init__(self, network: MemoryNetwork, me: Member, inbox: Inbox) -> None:
+        self.network = network
+        self.me = me
+        self.inbox = inbox
+
+    async def send(self, to: Member, message: Message, timeout_s: float) -> None:
+        await asyncio.wait_for(self.network._send(self.me, to, message), max(timeout_s, 0.0))

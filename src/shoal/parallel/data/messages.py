@@ -1,0 +1,59 @@
+"""The three messages of one all-reduce round.
+
+- :class:`Contribution`: a member's slice ``part`` of its vector, with its weight, sent to
+  the part's reducer (or, in repair, to the survivor that took over a dead reducer's part).
+- :class:`Report`: a reducer tells every member whose contributions to its part it
+  received and accepted (and whom it rejected, with a reason).
+- :class:`Reduced`: the combined ``part`` over exactly ``contributors`` (with their total
+  weight), sent to every member (all-gather).
+
+``data`` is a raw fp32 tensor or an :class:`~shoal.compress.Encoded` value when a wire
+codec is on. Members are identified by their id (``bytes`` in a swarm, anything hashable in
+tests); the sender of a message is set by the transport, never trusted from the payload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+from shoal.compress import Encoded
+
+__all__ = ["Contribution", "Member", "Message", "Reduced", "Report", "WireTensor"]
+
+Member = Hashable
+WireTensor = torch.Tensor | Encoded
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    round_id: bytes
+    sender: Member
+    part: int
+    weight: float
+    data: WireTensor
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    round_id: bytes
+    sender: Member
+    part: int
+    accepted: frozenset[Member]
+    rejected: dict[Member, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reduced:
+    round_id: bytes
+    sender: Member
+    part: int
+    contributors: frozenset[Member]
+    weight: float
+    """Sum of the contributors' weights."""
+    data: WireTensor
+
+
+Message = Contribution | Report | Reduced

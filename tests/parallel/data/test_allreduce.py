@@ -1,0 +1,225 @@
+"""The all-reduce round over the in-memory network, with faults injected at exact points.
+
+The invariant checked after every round, for every member: either the round succeeded and
+EVERY element equals the weighted mean over exactly the reported contributors, or it failed
+and the member's tensors are untouched. Inputs are random and distinct per member, so a
+part averaged over a different set would differ by far more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+import torch
+
+from shoal.parallel.data.allreduce import AllReduceConfig, RoundStatus
+from shoal.parallel.data.averager import Averager, GroupSpec
+from shoal.parallel.data.memory import Fault, MemoryNetwork, PeerKilled
+
+SIZE = 1001  # not divisible by the group size: parts differ in length
+
+
+def _inputs(members, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {m: torch.randn(SIZE, generator=g) * (i + 1) for i, m in enumerate(members)}
+
+
+def _split(vector):
+    # Two tensors that are not views of one buffer: exercises the copy path.
+    return [vector[:300].clone().view(10, 30), vector[300:].clone()]
+
+
+def _expected(inputs, weights, contributors):
+    total = sum(weights[m] for m in contributors)
+    return sum(inputs[m].double() * weights[m] for m in contributors) / total
+
+
+async def _round(
+    members,
+    *,
+    faults=(),
+    weights=None,
+    inputs=None,
+    group=None,
+    codec="none",
+    timeout_s=1.0,
+    late=(),
+    config=None,
+):
+    net = MemoryNetwork(faults)
+    inputs = inputs or _inputs(members)
+    weights = weights or {m: float(i + 1) for i, m in enumerate(members)}
+    group = group or GroupSpec.uniform(b"round-1", members)
+    tensors = {m: _split(inputs[m]) for m in members}
+    averagers = {m: Averager(net.transport(m), wire_codec=codec, config=config) for m in members}
+
+    async def run(m):
+        try:
+            return await averagers[m].average(
+                tensors[m], weights[m], group=group, timeout_s=timeout_s
+            )
+        except PeerKilled:
+            return None
+
+    on_time = [m for m in members if m not in late]
+    tasks = {m: asyncio.ensure_future(run(m)) for m in on_time}
+    if late:
+        # Start the stragglers only once every punctual reducer has sent all its reports.
+        n_reports = len(on_time) * (len(members) - 1)
+
+        async def reports_out():
+            while sum(net.sent[(m, "Report")] for m in on_time) < n_reports:
+                net.delivered.clear()
+                await net.delivered.wait()
+
+        await asyncio.wait_for(reports_out(), timeout_s)
+        tasks.update({m: asyncio.ensure_future(run(m)) for m in late})
+    results = {m: await t for m, t in tasks.items()}
+    outputs = {m: torch.cat([t.reshape(-1) for t in tensors[m]]) for m in members}
+    return net, inputs, weights, results, outputs
+
+
+def _check_invariant(inputs, weights, results, outputs, atol=1e-5):
+    for m, result in results.items():
+        if result is None:  # killed
+            continue
+        if result.ok:
+            assert result.contributors, m
+            expect = _expected(inputs, weights, result.contributors)
+            assert torch.allclose(outputs[m].double(), expect, atol=atol, rtol=0), m
+            assert result.weight == pytest.approx(sum(weights[p] for p in result.contributors))
+        else:
+            assert result.reason
+            assert torch.equal(outputs[m], inputs[m]), f"{m} failed but its tensors changed"
+
+
+def _ok(results):
+    return {m for m, r in results.items() if r is not None and r.ok}
+
+
+def test_healthy_round_averages_everyone_with_weights():
+    members = ["a", "b", "c", "d"]
+    _, inputs, weights, results, outputs = asyncio.run(_round(members))
+    assert _ok(results) == set(members)
+    assert all(r.contributors == frozenset(members) for r in results.values())
+    _check_invariant(inputs, weights, results, outputs)
+    assert all(torch.equal(outputs["a"], outputs[m]) for m in members)
+
+
+def test_client_mode_member_contributes_without_reducing():
+    members = ["a", "b", "c", "client"]
+    group = GroupSpec(b"r", tuple(members), (1e8, 3e8, 1e8, 1e9), (False, False, False, True))
+    net, inputs, weights, results, outputs = asyncio.run(_round(members, group=group))
+    assert _ok(results) == set(members)
+    assert results["client"].contributors == frozenset(members)
+    assert net.sent[("client", "Report")] == 0  # it reduced nothing
+    _check_invariant(inputs, weights, results, outputs)
+
+
+@pytest.mark.parametrize("codec,atol", [("fp16", 2e-2), ("int8", 0.1)])
+def test_wire_codecs_give_identical_results_close_to_the_mean(codec, atol):
+    members = ["a", "b", "c"]
+    _, inputs, weights, results, outputs = asyncio.run(_round(members, codec=codec))
+    assert _ok(results) == set(members)
+    _check_invariant(inputs, weights, results, outputs, atol=atol)
+    assert all(torch.equal(outputs["a"], outputs[m]) for m in members)
+
+
+def test_peer_dead_before_sending_is_left_out_and_its_part_is_reassigned():
+    members = ["a", "b", "c", "d"]
+    fault = Fault("c", "Contribution", 0)
+    net, inputs, weights, results, outputs = asyncio.run(_round(members, faults=[fault]))
+    assert net.fired == [fault] and results["c"] is None
+    assert _ok(results) == {"a", "b", "d"}
+    for m in ("a", "b", "d"):
+        assert results[m].contributors == frozenset({"a", "b", "d"})
+        assert results[m].reassigned == {2: "a"}
+        assert "c" in results[m].excluded
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def test_peer_dead_mid_reduce_scatter_is_left_out_everywhere():
+    members = ["a", "b", "c", "d"]
+    fault = Fault("c", "Contribution", 2)  # reached a and b, never d
+    net, inputs, weights, results, outputs = asyncio.run(_round(members, faults=[fault]))
+    assert net.fired == [fault]
+    assert _ok(results) == {"a", "b", "d"}
+    # a and b received c's part, yet re-reduce over the agreed set without it.
+    assert all(results[m].contributors == frozenset({"a", "b", "d"}) for m in _ok(results))
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def test_reducer_dead_before_all_gather_fails_the_round_cleanly():
+    members = ["a", "b", "c", "d"]
+    fault = Fault("c", "Reduced", 0)
+    net, inputs, weights, results, outputs = asyncio.run(
+        _round(members, faults=[fault], timeout_s=0.6)
+    )
+    assert net.fired == [fault]
+    for m in ("a", "b", "d"):
+        assert results[m].status is RoundStatus.FAILED
+        assert "[2]" in results[m].reason
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def test_reducer_dead_mid_report_never_yields_a_mix():
+    # c's report reaches a only: a and the others disagree on the contributor set.
+    members = ["a", "b", "c", "d"]
+    fault = Fault("c", "Report", 1)
+    net, inputs, weights, results, outputs = asyncio.run(
+        _round(members, faults=[fault], timeout_s=0.6)
+    )
+    assert net.fired == [fault]
+    assert all(not r.ok for m, r in results.items() if r is not None)
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def test_straggler_past_the_collect_deadline_is_left_out():
+    members = ["a", "b", "c", "d"]
+    _net, inputs, weights, results, outputs = asyncio.run(_round(members, late=["d"], timeout_s=1.5))
+    assert {"a", "b", "c"} <= _ok(results)
+    for m in ("a", "b", "c"):
+        assert results[m].contributors == frozenset({"a", "b", "c"})
+        assert "d" in results[m].excluded
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def test_nan_and_huge_contributions_are_excluded_and_reported():
+    members = ["a", "b", "c", "d", "e"]
+    inputs = _inputs(members)
+    inputs["b"] = inputs["b"].clone()
+    inputs["b"][17] = float("nan")
+    inputs["e"] = inputs["e"] * 1e9
+    _, inputs, weights, results, outputs = asyncio.run(_round(members, inputs=inputs))
+    for m in ("a", "c", "d"):
+        assert results[m].ok and results[m].contributors == frozenset({"a", "c", "d"})
+        assert results[m].excluded["b"] == "not finite"
+        assert "e" in results[m].excluded
+    _check_invariant(inputs, weights, results, outputs)
+
+
+FAULT_MENU = [
+    Fault("b", "Contribution", 0),
+    Fault("b", "Contribution", 1),
+    Fault("c", "Contribution", 2),
+    Fault("b", "Report", 0),
+    Fault("c", "Report", 2),
+    Fault("d", "Reduced", 0),
+    Fault("d", "Reduced", 2),
+]
+
+
+@pytest.mark.parametrize(
+    "faults", [list(c) for c in itertools.combinations(FAULT_MENU, 2) if c[0].peer != c[1].peer]
+)
+def test_invariant_holds_under_double_faults(faults):
+    members = ["a", "b", "c", "d"]
+    config = AllReduceConfig(collect_fraction=0.3, report_fraction=0.45, repair_fraction=0.7)
+    _, inputs, weights, results, outputs = asyncio.run(
+        _round(members, faults=faults, timeout_s=0.4, config=config)
+    )
+    _check_invariant(inputs, weights, results, outputs)
+    # At most one contributor set is ever reported as a success.
+    assert len({r.contributors for r in results.values() if r is not None and r.ok}) <= 1
