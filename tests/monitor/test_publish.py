@@ -4,7 +4,12 @@ from types import SimpleNamespace
 
 from shoal.errors import PeerTimeout
 from shoal.monitor.config import SwarmViewConfig
-from shoal.monitor.publish import DhtSummaryStore, MemorySummaryStore, SummaryPublisher
+from shoal.monitor.publish import (
+    DEFAULT_SWARM_KEY,
+    DhtSummaryStore,
+    MemorySummaryStore,
+    SummaryPublisher,
+)
 from shoal.monitor.summary import PeerSummary, encode_summary
 
 from .fakes import FakeClock, peer_id
@@ -41,14 +46,16 @@ def test_dht_store_writes_own_subkey_and_reads_everyone_skipping_garbage():
         dht = FakeDht(shape)
         clock = FakeClock(5_000.0)
         stores = [
-            DhtSummaryStore(dht, subkey=peer_id(i).encode(), config=CFG, wall_clock=clock)
+            DhtSummaryStore(
+                dht, subkey=peer_id(i).encode(), config=CFG, wall_clock=clock, bind_owner=False
+            )
             for i in range(3)
         ]
         for i, store in enumerate(stores):
             await store.publish(PeerSummary(peer=peer_id(i), t=clock(), step=i))
-        await dht.store("shoal/monitor/v1", b"\xc1garbage", 0.0, subkey=b"evil")
+        await dht.store(DEFAULT_SWARM_KEY, b"\xc1garbage", 0.0, subkey=b"evil")
         [(_, expires)] = [
-            v for sk, v in dht.records["shoal/monitor/v1"].items() if sk == b"shpeer00" + b"x" * 44
+            v for sk, v in dht.records[DEFAULT_SWARM_KEY].items() if sk == b"shpeer00" + b"x" * 44
         ]
         assert expires == 5_060.0
         fetched = await stores[0].fetch()

@@ -3,8 +3,10 @@
 A :class:`SummaryStore` has two coroutines: ``publish(summary)`` puts this peer's summary
 where others can read it, ``fetch()`` returns every summary currently readable. Bindings:
 
-- :class:`DhtSummaryStore`: one DHT key per swarm (``swarm_key``), one subkey per peer, so
-  each peer can only overwrite its own entry; records expire after ``record_ttl_s``.
+- :class:`DhtSummaryStore`: one DHT key per swarm (``swarm_key``), one subkey per peer
+  (``shoal.dht`` prefixes the subkey with the writer's PeerID and verifies the signature, so
+  each peer can only overwrite its own entry); records expire after ``record_ttl_s``.
+  Binds to ``shoal.dht.DHTNode`` (``store``/``get``) or anything with the same two methods.
 - :class:`MemorySummaryStore`: a dict, for tests and for observers in the same process.
 
 :class:`SummaryPublisher` owns one background task on the network loop that publishes this
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 from shoal.errors import NetworkError, ProtocolViolation
 from shoal.monitor.config import SwarmViewConfig
 from shoal.monitor.summary import PeerSummary, decode_summary, encode_summary
+from shoal.net.identity import PEER_ID_BYTES, PeerID
 
 __all__ = [
     "DEFAULT_SWARM_KEY",
@@ -34,7 +37,7 @@ __all__ = [
     "SummaryStore",
 ]
 
-DEFAULT_SWARM_KEY = "shoal/monitor/v1"
+DEFAULT_SWARM_KEY = b"shoal/monitor/v1"
 _MAX_RECORDS = 4096
 log = logging.getLogger(__name__)
 
@@ -53,38 +56,53 @@ class DhtLike(Protocol):
     async def get(self, key: Any) -> Any: ...
 
 
-def _record_values(result: Any) -> list[Any]:
-    """Raw values of a DHT ``get`` result: nothing, one value, a mapping subkey -> value or
-    record, a record whose value is such a mapping, or a sequence of records."""
+def _record_values(result: Any) -> list[tuple[Any, Any]]:
+    """``(subkey or None, raw value)`` pairs of a DHT ``get`` result: nothing, one value, a
+    mapping subkey -> value or record, a record whose value is such a mapping, or a sequence
+    of records."""
     if result is None:
         return []
     if isinstance(result, (bytes, bytearray)):
-        return [bytes(result)]
+        return [(None, bytes(result))]
     if isinstance(result, Mapping):
-        return list(result.values())[:_MAX_RECORDS]
+        return [(k, getattr(v, "value", v)) for k, v in list(result.items())[:_MAX_RECORDS]]
     if hasattr(result, "value"):
         return _record_values(result.value)
     if isinstance(result, (list, tuple)):
-        return list(result)[:_MAX_RECORDS]
+        return [(getattr(r, "subkey", None), getattr(r, "value", r)) for r in result[:_MAX_RECORDS]]
     return []
 
 
+def _owner_text(subkey: Any) -> str | None:
+    """The text PeerID that owns a ``shoal.dht`` subkey (its first 32 bytes), if any."""
+    if isinstance(subkey, (bytes, bytearray)) and len(subkey) >= PEER_ID_BYTES:
+        return PeerID(bytes(subkey[:PEER_ID_BYTES])).to_string()
+    return None
+
+
 class DhtSummaryStore:
-    """Summaries under one DHT key, one subkey per peer."""
+    """Summaries under one DHT key, one subkey per peer.
+
+    With ``bind_owner`` (the default), a fetched summary is kept only if its ``peer`` is the
+    PeerID that owns (and, in ``shoal.dht``, signed) its subkey, so no peer can speak for
+    another.
+    """
 
     def __init__(
         self,
         dht: DhtLike,
         *,
-        subkey: Any,
         config: SwarmViewConfig,
+        subkey: Any = b"",
         swarm_key: Any = DEFAULT_SWARM_KEY,
+        bind_owner: bool = True,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._dht = dht
         self._subkey = subkey
         self._config = config
         self._key = swarm_key
+        self._bind_owner = bind_owner
         self._clock = wall_clock
 
     async def publish(self, summary: PeerSummary) -> None:
@@ -93,12 +111,16 @@ class DhtSummaryStore:
 
     async def fetch(self) -> list[PeerSummary]:
         out = []
-        for raw in _record_values(await self._dht.get(self._key)):
-            value = getattr(raw, "value", raw)
+        for subkey, value in _record_values(await self._dht.get(self._key)):
             try:
-                out.append(decode_summary(value))
+                summary = decode_summary(value)
             except ProtocolViolation as exc:
                 log.debug("dropping malformed summary: %s", exc)
+                continue
+            if self._bind_owner and _owner_text(subkey) != summary.peer:
+                log.debug("dropping summary for %s not written by it", summary.peer[:12])
+                continue
+            out.append(summary)
         return out
 
 
