@@ -1,0 +1,165 @@
+"""The all-reduce over ``shoal.net``: the ``Averaging`` gRPC service and its client side.
+
+:class:`GrpcTransport` implements :class:`RoundTransport` for members identified by
+:class:`~shoal.net.PeerID`. ``send`` opens one ``Averaging/Deliver`` stream per message: a
+meta frame (``RoundMessage``) and the part's tensors as raw chunks (memoryviews of the
+part, no copy before gRPC). :class:`AveragingService` receives them: it checks every
+field against bounds before allocating, takes the sender from the authenticated caller
+(never from the message), and puts the message into the inbox. Messages that are not
+for a member of the round are filtered by the protocol, which ignores non-members.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import torch
+
+from shoal.compress import Encoded
+from shoal.errors import ProtocolViolation
+from shoal.net.identity import PEER_ID_BYTES, PeerID
+from shoal.net.proto.v1 import averaging_pb2 as pb
+from shoal.net.proto.v1 import averaging_pb2_grpc as rpc
+from shoal.net.proto.v1 import tensor_pb2
+from shoal.net.runtime import NetRuntime
+from shoal.net.server import current_caller
+from shoal.net.tensors import TensorReader, meta_frame, tensor_frames
+from shoal.parallel.data.messages import Contribution, Member, Message, Reduced, Report
+from shoal.parallel.data.transport import Inbox
+
+__all__ = ["MAX_GROUP_SIZE", "AveragingService", "GrpcTransport", "parse"]
+
+MAX_GROUP_SIZE = 256
+MAX_ROUND_ID_BYTES = 64
+MAX_REASON_CHARS = 200
+_KIND = {Contribution: pb.CONTRIBUTION, Report: pb.REPORT, Reduced: pb.REDUCED}
+
+
+def _frames(message: Message) -> Iterator[Any]:
+    meta = pb.RoundMessage(round_id=message.round_id, kind=_KIND[type(message)], part=message.part)
+    tensors: tuple[torch.Tensor, ...] = ()
+    if isinstance(message, Report):
+        meta.peers.extend(_raw(p) for p in sorted(message.accepted, key=_raw))
+        for peer, reason in message.rejected.items():
+            meta.rejected.add(peer_id=_raw(peer), reason=reason[:MAX_REASON_CHARS])
+    else:
+        meta.weight = message.weight
+        if isinstance(message, Reduced):
+            meta.peers.extend(_raw(p) for p in sorted(message.contributors, key=_raw))
+        data = message.data
+        if isinstance(data, Encoded):
+            meta.codec = data.codec
+            meta.numel = data.numel
+            meta.block_size = int(data.meta.get("block_size", 0))
+            tensors = data.payload
+        else:
+            meta.codec = "none"
+            meta.numel = data.numel()
+            tensors = (data,)
+        meta.payload_tensors = len(tensors)
+    return itertools.chain([meta_frame(meta)], *(tensor_frames(t) for t in tensors))
+
+
+def _raw(peer: Member) -> bytes:
+    if isinstance(peer, PeerID):
+        return peer.raw
+    raise TypeError(f"gRPC averaging members must be PeerIDs, got {type(peer).__name__}")
+
+
+def _peer(raw: bytes) -> PeerID:
+    if len(raw) != PEER_ID_BYTES:
+        raise ProtocolViolation(f"peer id of {len(raw)} bytes")
+    return PeerID(raw)
+
+
+def _check_payload(meta: pb.RoundMessage, tensors: list[torch.Tensor]) -> Encoded | torch.Tensor:
+    n = meta.numel
+    if meta.codec == "none":
+        (t,) = tensors
+        if t.dtype != torch.float32 or t.numel() != n:
+            raise ProtocolViolation(f"raw part must be {n} float32 values")
+        return t.reshape(-1)
+    if meta.codec == "fp16":
+        (t,) = tensors
+        if t.dtype != torch.float16 or t.numel() != n:
+            raise ProtocolViolation(f"fp16 part must be {n} float16 values")
+        return Encoded("fp16", (n,), (t.reshape(-1),))
+    q, scales = tensors
+    bs = meta.block_size
+    if bs < 1 or q.dtype != torch.int8 or q.numel() != n or scales.dtype != torch.float32:
+        raise ProtocolViolation("malformed int8 part")
+    if scales.numel() != -(-n // bs):
+        raise ProtocolViolation(f"int8 part with {scales.numel()} scales for {n} values")
+    return Encoded("int8", (n,), (q.reshape(-1), scales.reshape(-1)), {"block_size": bs})
+
+
+def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) -> Message:
+    """Validate a received meta + tensors and build the protocol message."""
+    if not 0 < len(meta.round_id) <= MAX_ROUND_ID_BYTES:
+        raise ProtocolViolation(f"round id of {len(meta.round_id)} bytes")
+    if meta.part >= MAX_GROUP_SIZE or len(meta.peers) > MAX_GROUP_SIZE:
+        raise ProtocolViolation("part index or peer list exceeds the group size limit")
+    if len(meta.rejected) > MAX_GROUP_SIZE:
+        raise ProtocolViolation("rejection list exceeds the group size limit")
+    peers = frozenset(_peer(p) for p in meta.peers)
+    if meta.kind == pb.REPORT:
+        if tensors:
+            raise ProtocolViolation("a report carries no tensors")
+        rejected = {_peer(r.peer_id): r.reason[:MAX_REASON_CHARS] for r in meta.rejected}
+        return Report(meta.round_id, sender, meta.part, peers, rejected)
+    if meta.kind not in (pb.CONTRIBUTION, pb.REDUCED):
+        raise ProtocolViolation(f"unknown round message kind {meta.kind}")
+    expected = {"none": 1, "fp16": 1, "int8": 2}.get(meta.codec)
+    if expected is None or len(tensors) != expected:
+        raise ProtocolViolation(f"codec {meta.codec!r} with {len(tensors)} tensors")
+    data = _check_payload(meta, tensors)
+    if meta.kind == pb.CONTRIBUTION:
+        return Contribution(meta.round_id, sender, meta.part, meta.weight, data)
+    return Reduced(meta.round_id, sender, meta.part, peers, meta.weight, data)
+
+
+class AveragingService(rpc.AveragingServicer):
+    """Receives round messages into ``inbox`` (one per process)."""
+
+    def __init__(self, runtime: NetRuntime, inbox: Inbox) -> None:
+        self._limits = runtime.config.tensor_limits
+        self._inbox = inbox
+
+    async def Deliver(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> tensor_pb2.TensorAck:
+        sender = current_caller()
+        reader = TensorReader(request_iterator, self._limits)
+        meta = await reader.read_meta(pb.RoundMessage)
+        if meta.payload_tensors > 2:
+            raise ProtocolViolation(f"{meta.payload_tensors} payload tensors (at most 2)")
+        tensors = [await reader.read_tensor() for _ in range(meta.payload_tensors)]
+        self._inbox.deliver(parse(meta, sender, tensors))
+        return tensor_pb2.TensorAck(byte_length=reader.bytes_received, tensors=len(tensors))
+
+
+class GrpcTransport:
+    """Sends round messages to group members at known addresses."""
+
+    def __init__(self, runtime: NetRuntime, inbox: Inbox | None = None) -> None:
+        self.runtime = runtime
+        self.me: Member = runtime.peer_id
+        self.inbox = inbox or Inbox()
+        self.addresses: dict[PeerID, str] = {}
+        self._stubs: dict[PeerID, Any] = {}
+        self.service = AveragingService(runtime, self.inbox)
+        runtime.add_servicer(rpc.add_AveragingServicer_to_server, self.service)
+
+    def set_address(self, peer: PeerID, address: str) -> None:
+        self.addresses[peer] = address
+        self._stubs.pop(peer, None)
+
+    async def send(self, to: Member, message: Message, timeout_s: float) -> None:
+        if not isinstance(to, PeerID) or to not in self.addresses:
+            raise ProtocolViolation(f"no address for member {to!r}")
+        stub = self._stubs.get(to)
+        if stub is None:
+            stub = self._stubs[to] = self.runtime.stub(rpc.AveragingStub, self.addresses[to], to)
+        await stub.Deliver(_frames(message), timeout_s=max(timeout_s, 1e-3))

@@ -1,0 +1,207 @@
+"""A swarm of real averaging peers on 127.0.0.1, one OS process each (bench and fault tests).
+
+``python -m shoal.parallel.data.loopback`` is one peer: it starts a ``NetRuntime`` and the
+``Averaging`` service, prints ``{"peer": hex, "address": ...}`` and then obeys JSON lines
+on stdin:
+
+- ``{"cmd": "group", "members": [[hex, address], ...], "numel": N, "seed": S, "codec": C}``:
+  its input vector is ``randn(N)`` from generator seed ``S + rank`` (weight ``rank + 1``), so
+  a parent can recompute every input exactly;
+- ``{"cmd": "round", "round": k, "timeout_s": T, "out": path|null, "hold_after": j|null}``:
+  average a fresh copy of the input; print the result (and save it to ``out``). With
+  ``hold_after`` the peer prints ``{"event": "held"}`` after sending ``j`` contributions and
+  then stalls forever (a parent kills it there: a peer dying mid reduce-scatter);
+- ``{"cmd": "quit"}``.
+
+:class:`LoopbackSwarm` is the parent side: start, configure, run rounds, kill, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+
+from shoal.net.config import NetConfig
+from shoal.net.identity import Identity, PeerID
+from shoal.net.runtime import NetRuntime
+from shoal.parallel.data.averager import Averager, GroupSpec
+from shoal.parallel.data.grpc_transport import GrpcTransport
+from shoal.parallel.data.messages import Contribution, Member, Message
+
+__all__ = ["LoopbackSwarm", "peer_input", "peer_weight"]
+
+_print_lock = threading.Lock()
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    with _print_lock:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+
+def peer_input(numel: int, seed: int, rank: int) -> torch.Tensor:
+    """The input vector of the peer of ``rank`` (recomputable by the parent)."""
+    return torch.randn(numel, generator=torch.Generator().manual_seed(seed + rank))
+
+
+def peer_weight(rank: int) -> float:
+    return float(rank + 1)
+
+
+class _Holding:
+    """Wraps a transport; stalls forever after ``hold_after`` contributions were sent."""
+
+    def __init__(self, inner: GrpcTransport, hold_after: int) -> None:
+        self.inner, self.me, self.inbox = inner, inner.me, inner.inbox
+        self.hold_after, self.sent = hold_after, 0
+
+    async def send(self, to: Member, message: Message, timeout_s: float) -> None:
+        if isinstance(message, Contribution):
+            if self.sent >= self.hold_after:
+                _emit({"event": "held"})
+                await asyncio.Event().wait()
+            self.sent += 1
+        await self.inner.send(to, message, timeout_s)
+
+
+def _peer_main() -> None:
+    torch.set_num_threads(1)
+    runtime = NetRuntime(Identity.generate(), NetConfig(port=0, unix_socket=False)).start()
+    transport = GrpcTransport(runtime)
+    _emit({"peer": runtime.peer_id.raw.hex(), "address": runtime.address})
+    group: GroupSpec | None = None
+    data = torch.empty(0)
+    rank, codec = 0, "none"
+    try:
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            if cmd["cmd"] == "quit":
+                break
+            if cmd["cmd"] == "group":
+                members = [PeerID(bytes.fromhex(h)) for h, _ in cmd["members"]]
+                for peer, (_, address) in zip(members, cmd["members"], strict=True):
+                    transport.set_address(peer, address)
+                rank = members.index(runtime.peer_id)
+                data = peer_input(cmd["numel"], cmd["seed"], rank)
+                codec = cmd.get("codec", "none")
+                group = GroupSpec.uniform(b"", members)
+                _emit({"configured": rank})
+            elif cmd["cmd"] == "round" and group is not None:
+                spec = GroupSpec.uniform(f"round-{cmd['round']}".encode(), group.members)
+                hold = cmd.get("hold_after")
+                chosen = transport if hold is None else _Holding(transport, hold)
+                averager = Averager(chosen, wire_codec=codec)
+                tensor = data.clone()
+                t0 = time.perf_counter()
+                result = runtime.run(
+                    averager.average(
+                        [tensor], peer_weight(rank), group=spec, timeout_s=cmd["timeout_s"]
+                    ),
+                    cmd["timeout_s"] + 5.0,
+                )
+                seconds = time.perf_counter() - t0
+                if cmd.get("out") and result.ok:
+                    torch.save(tensor, cmd["out"])
+                _emit(
+                    {
+                        "round": cmd["round"],
+                        "ok": result.ok,
+                        "reason": result.reason,
+                        "contributors": sorted(p.raw.hex() for p in result.contributors),
+                        "seconds": seconds,
+                        "phases": result.seconds,
+                    }
+                )
+    finally:
+        runtime.close()
+
+
+class LoopbackSwarm:
+    """Parent side: ``n`` peer processes on loopback, driven over pipes."""
+
+    def __init__(self, n: int, *, env: dict[str, str] | None = None) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self._lines: list[queue.Queue[dict[str, Any]]] = []
+        self.peers: list[tuple[str, str]] = []
+        for _ in range(n):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "shoal.parallel.data.loopback"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, **(env or {})},
+            )
+            lines: queue.Queue[dict[str, Any]] = queue.Queue()
+            threading.Thread(target=self._pump, args=(proc, lines), daemon=True).start()
+            self.procs.append(proc)
+            self._lines.append(lines)
+        for i in range(n):
+            hello = self.read(i, 60.0)
+            self.peers.append((hello["peer"], hello["address"]))
+
+    @staticmethod
+    def _pump(proc: subprocess.Popen[str], lines: queue.Queue[dict[str, Any]]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("{"):
+                lines.put(json.loads(line))
+
+    def send(self, i: int, cmd: dict[str, Any]) -> None:
+        proc = self.procs[i]
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(cmd) + "\n")
+        proc.stdin.flush()
+
+    def read(self, i: int, timeout_s: float) -> dict[str, Any]:
+        """The next JSON line of peer ``i``; raises TimeoutError."""
+        try:
+            return self._lines[i].get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"peer {i} said nothing for {timeout_s} s") from None
+
+    def configure(self, numel: int, seed: int, codec: str = "none") -> None:
+        members = [list(p) for p in self.peers]
+        for i in range(len(self.procs)):
+            self.send(
+                i,
+                {"cmd": "group", "members": members, "numel": numel, "seed": seed, "codec": codec},
+            )
+        for i in range(len(self.procs)):
+            self.read(i, 60.0)
+
+    def start_round(self, k: int, timeout_s: float, **extra: Any) -> None:
+        for i in range(len(self.procs)):
+            cmd = {"cmd": "round", "round": k, "timeout_s": timeout_s}
+            cmd.update(extra.get(i, {}))
+            self.send(i, cmd)
+
+    def kill(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait(10.0)
+
+    def close(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    self.send(i, {"cmd": "quit"})
+        for proc in self.procs:
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5.0)
+
+
+if __name__ == "__main__":
+    _peer_main()
