@@ -1,1 +1,26 @@
-"""dht layer; see docs/architecture.md."""
+"""Kademlia DHT with signed, expiring records and owned subkeys (see README.md).
+
+The gRPC facade ``shoal.dht.peer.DHT`` is imported from its module (it pulls in grpc).
+"""
+
+from shoal.dht.bootstrap import RetryPolicy
+from shoal.dht.config import DHTConfig, RecordLimits
+from shoal.dht.ids import Contact, location_of
+from shoal.dht.node import DHTNode, merge_records
+from shoal.dht.record import Record, Rejection, decode_record, encode_record, sign_record, validate
+
+__all__ = [
+    "Contact",
+    "DHTConfig",
+    "DHTNode",
+    "Record",
+    "RecordLimits",
+    "Rejection",
+    "RetryPolicy",
+    "decode_record",
+    "encode_record",
+    "location_of",
+    "merge_records",
+    "sign_record",
+    "validate",
+]
