@@ -1,0 +1,132 @@
+"""The testbed builds the network it promises: reachability, NAT, shaping, partitions, punching.
+
+One topology serves the module (building it takes a couple of seconds):
+
+    relay, server2          public hosts, unshaped
+    slow                    public host, 20 Mbit/s each way, 25 ms one-way delay
+    home1 (cone)            LAN hosts a, d
+    home2 (cone)            LAN host b
+    home3 (symmetric)       LAN host c
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from netns_helpers import AGENTS, result, run, start
+
+from shoal.testbed import Nat, Public, Testbed, Topology
+
+pytestmark = pytest.mark.netns
+
+ECHO = 7000
+SLOW_RATE_BIT_S = 20e6
+SLOW_DELAY_MS = 25.0
+
+
+@pytest.fixture(scope="module")
+def bed(netns_ok: None) -> Iterator[Testbed]:
+    topology = Topology(
+        hosts=[
+            Public(name="relay"),
+            Public(name="server2"),
+            Public(name="slow", rate_mbit=SLOW_RATE_BIT_S / 1e6, delay_ms=SLOW_DELAY_MS),
+            Nat(name="home1", kind="cone", hosts=["a", "d"]),
+            Nat(name="home2", kind="cone", hosts=["b"]),
+            Nat(name="home3", kind="symmetric", hosts=["c"]),
+        ]
+    )
+    with Testbed(topology) as testbed:
+        for name in ("relay", "server2", "slow"):
+            start(testbed.hosts[name], "echo", ECHO)
+        yield testbed
+
+
+def test_public_hosts_reach_each_other(bed: Testbed) -> None:
+    relay, server2 = bed.hosts["relay"], bed.hosts["server2"]
+    seen = run(server2, "whoami", relay.address, ECHO, 0)
+    assert seen["seen_as"].split(":")[0] == server2.address
+    assert run(relay, "pingpong", server2.address, ECHO, 3)["rtt_ms"][-1] < 20
+
+
+def test_nat_host_is_seen_as_its_router_wan_address(bed: Testbed) -> None:
+    a, home1 = bed.hosts["a"], bed.hosts["home1"]
+    seen = run(a, "whoami", bed.hosts["relay"].address, ECHO, 0)
+    assert a.address.startswith("198.19.")
+    assert seen["seen_as"].split(":")[0] == home1.address == a.public_address
+
+
+def test_cone_keeps_the_mapping_and_symmetric_changes_it(bed: Testbed) -> None:
+    targets = [bed.hosts["relay"].address, bed.hosts["server2"].address]
+    cone = [run(bed.hosts["a"], "whoami", t, ECHO, 40001)["seen_as"] for t in targets]
+    assert cone[0] == cone[1] == f"{bed.hosts['home1'].address}:40001"
+    symmetric = [run(bed.hosts["c"], "whoami", t, ECHO, 40001)["seen_as"] for t in targets]
+    assert symmetric[0] != symmetric[1]
+
+
+def test_unsolicited_inbound_to_a_nat_host_fails_silently(bed: Testbed) -> None:
+    a, relay = bed.hosts["a"], bed.hosts["relay"]
+    start(a, "echo", 7100)
+    assert run(bed.hosts["d"], "connect", a.address, 7100, 2)["ok"]  # the server is up
+    to_wan = run(relay, "connect", a.public_address, 7100, 1.0)
+    assert to_wan["ok"] is False and to_wan["error"] == "TimeoutError"  # dropped, not reset
+    assert run(relay, "connect", a.address, 7100, 1.0)["ok"] is False  # private: no route
+
+
+@pytest.mark.parametrize(("sender", "receiver"), [("relay", "slow"), ("slow", "relay")])
+def test_tbf_caps_a_tcp_transfer(bed: Testbed, sender: str, receiver: str) -> None:
+    port = 7200 if receiver == "slow" else 7201
+    sink = start(bed.hosts[receiver], "sink", port, 2.0, 0.5)
+    run(bed.hosts[sender], "source", bed.hosts[receiver].address, port, 2.5, timeout_s=20)
+    measured = result(sink, 10)
+    rate = measured["bytes"] * 8 / measured["seconds"]
+    assert rate == pytest.approx(SLOW_RATE_BIT_S, rel=0.15)
+
+
+def test_delay_adds_the_configured_latency(bed: Testbed) -> None:
+    relay = bed.hosts["relay"]
+    baseline = run(relay, "pingpong", bed.hosts["server2"].address, ECHO, 5)["rtt_ms"]
+    delayed = run(relay, "pingpong", bed.hosts["slow"].address, ECHO, 5)["rtt_ms"]
+    expected = 2 * SLOW_DELAY_MS  # relay has no delay; slow adds 25 ms each way
+    assert statistics.median(baseline) < 5
+    assert min(delayed) >= expected
+    assert statistics.median(delayed) < expected + 6, delayed
+
+
+def test_partition_blocks_and_heal_restores(bed: Testbed) -> None:
+    relay, server2, a, d = (bed.hosts[n] for n in ("relay", "server2", "a", "d"))
+    try:
+        bed.partition(["relay"], ["server2", "home1"])
+        assert run(server2, "connect", relay.address, ECHO, 0.5)["ok"] is False
+        assert run(a, "connect", relay.address, ECHO, 0.5)["ok"] is False
+        assert run(d, "connect", server2.address, ECHO, 2)["ok"]  # same side
+        assert run(bed.hosts["b"], "connect", relay.address, ECHO, 2)["ok"]  # not in any group
+    finally:
+        bed.heal()
+    assert run(server2, "connect", relay.address, ECHO, 2)["ok"]
+    assert run(a, "connect", relay.address, ECHO, 2)["ok"]
+
+
+def test_tcp_simultaneous_open_punches_cone_nats_but_not_symmetric(bed: Testbed) -> None:
+    """Ground truth for hole punching: two cone NATs let it through, a symmetric one not."""
+    relay = bed.hosts["relay"]
+    start(relay, "rendezvous", 7400)
+    start(relay, "rendezvous", 7401)
+    pairs = {7400: ("a", "b"), 7401: ("d", "c")}  # cone-cone, cone-symmetric
+    procs = {
+        name: bed.hosts[name].popen(
+            [sys.executable, AGENTS, "punch", name, relay.address, str(port), "2", "3"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for port, names in pairs.items()
+        for name in names
+    }
+    outcome = {name: result(proc, 20) for name, proc in procs.items()}
+    assert outcome["a"]["ok"] and outcome["b"]["ok"], outcome
+    assert outcome["a"]["heard"] == "b" and outcome["b"]["heard"] == "a"
+    assert not outcome["c"]["ok"] and not outcome["d"]["ok"], outcome
