@@ -1,0 +1,113 @@
+"""`shoal monitor`: the swarm dashboard in a browser, served from this machine.
+
+Sources (one of):
+
+* ``--events PATH ...``: follow the JSONL event logs of local peers (their summary events
+  feed the charts; the rest are listed as events).
+* ``--join ADDR ...``: join the swarm's DHT as an observer that serves nothing and read the
+  summaries every peer publishes there.
+
+The page and its JSON endpoint (``/api/state``) bind 127.0.0.1 unless ``--host`` says
+otherwise. The command prints the page's URL as its first stdout line and runs until
+interrupted (or for ``--duration`` seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+from shoal.errors import ConfigError
+from shoal.monitor.config import DashboardConfig, SwarmViewConfig
+from shoal.monitor.dashboard import Dashboard
+from shoal.monitor.sources import DashboardSource, EventLogSource
+
+__all__ = ["join_source", "register", "run_dashboard"]
+
+
+def join_source(addresses: list[str], view: SwarmViewConfig) -> DashboardSource:
+    """A source that reads published summaries through the swarm's DHT.
+
+    The DHT protocol (``shoal.dht.DHTNode``) and the store binding
+    (``shoal.monitor.publish.DhtSummaryStore``) exist; what this needs in addition is a DHT
+    transport over the network for a client-only node. Until that lands, say so clearly.
+    """
+    raise ConfigError(
+        "--join needs the DHT's network transport (a client-only shoal.dht node over gRPC), "
+        f"which this build does not have yet (asked to join {', '.join(addresses)}); "
+        "use --events PATH to follow local peers' event logs"
+    )
+
+
+async def run_dashboard(
+    source: DashboardSource, config: DashboardConfig, duration_s: float | None
+) -> None:
+    """Serve until SIGINT/SIGTERM or ``duration_s``; prints the URL first."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with Dashboard(source, config) as dash:
+        with contextlib.suppress(asyncio.TimeoutError):  # the page shows the failure itself
+            await dash.wait_first_poll(config.poll_timeout_s + 1.0)
+        sys.stdout.write(dash.url + "\n")
+        sys.stdout.flush()
+        print(f"shoal monitor: dashboard at {dash.url} ({source.name})", file=sys.stderr)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), duration_s)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("monitor")
+    def monitor(
+        events: list[Path] = typer.Option(  # noqa: B008
+            None, "--events", help="Event log(s) of local peers to follow (repeatable)."
+        ),
+        join: list[str] = typer.Option(  # noqa: B008
+            None, "--join", help="host:port of a swarm peer to observe through (repeatable)."
+        ),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address the dashboard binds."),
+        port: int = typer.Option(8321, "--port", help="Dashboard port (0 picks a free one)."),
+        poll_interval_s: float = typer.Option(
+            2.0, "--poll-interval", help="Seconds between refreshes of the swarm view."
+        ),
+        stale_after_s: float = typer.Option(
+            45.0, "--stale-after", help="Seconds after which a silent peer counts as stale."
+        ),
+        duration_s: float = typer.Option(
+            None, "--duration", help="Stop after this many seconds (default: run until Ctrl-C)."
+        ),
+    ) -> None:
+        """Serve a web dashboard of the swarm: losses, throughput, peers, time, alerts."""
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        if bool(events) == bool(join):
+            raise ConfigError("give exactly one source: --events PATH... or --join ADDR...")
+        view = SwarmViewConfig(
+            stale_after_s=stale_after_s,
+            record_ttl_s=max(60.0, stale_after_s),
+        )
+        config = DashboardConfig(
+            host=host, port=port, poll_interval_s=poll_interval_s, swarm_view=view
+        )
+        if duration_s is not None and not duration_s > 0:
+            raise ConfigError(f"--duration must be positive, got {duration_s!r}")
+        source: DashboardSource
+        if events:
+            missing = [str(p) for p in events if not p.exists()]
+            if missing:
+                raise ConfigError(f"--events: no such file: {', '.join(missing)}")
+            source = EventLogSource(events)
+        else:
+            source = join_source(join, view)
+        try:
+            asyncio.run(run_dashboard(source, config, duration_s))
+        except OSError as exc:
+            raise ConfigError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc

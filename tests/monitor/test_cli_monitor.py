@@ -1,0 +1,63 @@
+"""`shoal monitor --events`: a real process serving the dashboard for a local peer's log."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from shoal.cli.main import main
+from shoal.monitor.config import EventLogConfig, MonitorConfig
+from shoal.monitor.peer import PeerMonitor
+
+from .fakes import FakeClock
+
+
+@pytest.mark.slow
+def test_cli_serves_event_log_and_stops_on_sigint(tmp_path):
+    log = tmp_path / "peer.jsonl"
+    clock = FakeClock(2_000_000_000.0)  # in the future: the peer stays fresh during the test
+    monitor = PeerMonitor(
+        MonitorConfig(events=EventLogConfig(path=log)), peer="shcli", wall_clock=clock
+    )
+    monitor.start()
+    for step in range(1, 6):
+        clock.advance(5)
+        monitor.record_progress(step, loss=5.0 / step, samples=16)
+        monitor.snapshot()
+    monitor.record_failure("allreduce", error="timeout")
+    monitor.close()
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli.main", "monitor", "--events", str(log), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read()
+        with urllib.request.urlopen(url + "api/state", timeout=10) as response:
+            state = json.load(response)
+        assert state["source"] == "events: peer.jsonl"
+        assert [p[1] for p in state["series"]["loss"]["shcli"]] == [1, 2, 3, 4, 5]
+        assert {e["kind"] for e in state["events"]} >= {"start", "failure", "stop"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_cli_refuses_bad_arguments(tmp_path, capsys):
+    assert main(["monitor"]) == 2
+    assert "exactly one source" in capsys.readouterr().err
+    assert main(["monitor", "--events", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["monitor", "--join", "127.0.0.1:1"]) == 2
+    assert "--join needs" in capsys.readouterr().err
