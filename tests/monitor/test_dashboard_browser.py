@@ -69,7 +69,7 @@ async def _render(tmp_path: Path) -> tuple[str, Path, str]:
         shot = tmp_path / "dashboard.png"
         dom = await _chromium(["--dump-dom", dash.url], tmp_path / "profile-dom")
         await _chromium(
-            [f"--screenshot={shot}", "--window-size=1280,1400", dash.url], tmp_path / "profile-shot"
+            [f"--screenshot={shot}", "--window-size=1280,1200", dash.url], tmp_path / "profile-shot"
         )
     return dom, shot, static_html
 
@@ -108,8 +108,11 @@ def test_dashboard_renders_swarm(tmp_path: Path) -> None:
     assert shot.stat().st_size > 10_000
     artifacts = os.environ.get("SHOAL_ARTIFACTS")
     if artifacts:
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(artifacts) / "dashboard.png")
+        # A folder, or a flag meaning the repository's artifacts/ folder.
+        flag = artifacts.lower() in ("1", "true", "yes")
+        folder = Path(__file__).resolve().parents[2] / "artifacts" if flag else Path(artifacts)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, folder / "dashboard.png")
 
 
 def test_static_page_loads_nothing_from_outside() -> None:

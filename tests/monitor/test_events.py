@@ -120,3 +120,25 @@ def test_config_is_checked():
         EventLogConfig(max_bytes=10)
     with pytest.raises(ConfigError, match="backups"):
         EventLogConfig(backups=-1)
+
+
+def test_event_log_source_replays_rotated_files_then_follows(tmp_path):
+    import asyncio
+
+    from shoal.monitor.sources import EventLogSource
+    from shoal.monitor.summary import PeerSummary
+
+    path = tmp_path / "events.jsonl"
+    log = _log(path, max_bytes=4096, backups=3)
+    for step in range(30):
+        log.emit("summary", **PeerSummary(peer="shme", t=float(step), step=step).to_dict())
+    log.emit("join", other="shyou")
+    assert (tmp_path / "events.jsonl.2").exists()
+    source = EventLogSource([path], backups=3)
+    first = asyncio.run(source.poll())
+    steps = [s.step for s in first.summaries]
+    assert steps == list(range(steps[0], 30)) and steps[0] < 10
+    assert [e.kind for e in first.events] == ["join"]
+    log.emit("summary", **PeerSummary(peer="shme", t=31.0, step=31).to_dict())
+    log.close()
+    assert [s.step for s in asyncio.run(source.poll()).summaries] == [31]

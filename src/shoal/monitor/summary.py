@@ -96,7 +96,7 @@ class PeerSummary:
 def encode_summary(summary: PeerSummary) -> bytes:
     """Pack a summary; raises ValueError if it does not fit in MAX_SUMMARY_BYTES."""
     wire = {key: getattr(summary, name) for name, (key, _) in _FIELDS.items()}
-    data = msgpack.packb(wire, use_bin_type=True)
+    data: bytes = msgpack.packb(wire, use_bin_type=True)
     if len(data) > MAX_SUMMARY_BYTES:
         raise ValueError(f"summary is {len(data)} bytes, more than {MAX_SUMMARY_BYTES}")
     return data

@@ -43,7 +43,8 @@ def build_view(summaries: Iterable[PeerSummary], now: float, config: SwarmViewCo
         old = newest.get(s.peer)
         if old is None or s.t > old.t:
             newest[s.peer] = s
-    fresh, stale = [], []
+    fresh: list[PeerSummary] = []
+    stale: list[PeerSummary] = []
     for peer in sorted(newest):
         s = newest[peer]
         (fresh if now - s.t <= config.stale_after_s else stale).append(s)

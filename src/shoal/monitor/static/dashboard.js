@@ -165,15 +165,18 @@ function renderBreakdown(b) {
   box.replaceChildren(timeBar(b), legend);
 }
 
-function renderPeers(peers) {
+function renderPeers(peers, alerts) {
+  const flagged = new Map(alerts.filter(a => a.peer).map(a => [a.peer, a.kind]));
   const body = document.querySelector("#peers tbody");
   body.replaceChildren(...peers.map(p => {
     const link = p.stale ? el("span", {class: "badge stale"}, "stale")
                          : el("span", {class: "badge " + p.reachability}, p.reachability);
     const parts = {compute: p.compute_frac, communication: p.comm_frac, waiting: p.wait_frac};
     parts.other = Math.max(0, 1 - p.compute_frac - p.comm_frac - p.wait_frac);
-    const row = el("tr", {class: p.stale ? "stale" : "", "data-peer": p.peer},
-      el("td", {class: "peer", title: p.peer}, short(p.peer)),
+    const flag = flagged.get(p.peer);
+    const cls = (p.stale ? "stale" : "") + (flag ? " flagged" : "");
+    const row = el("tr", {class: cls, "data-peer": p.peer},
+      el("td", {class: "peer", title: flag ? `${p.peer} (${flag})` : p.peer}, short(p.peer)),
       el("td", {}, p.role),
       el("td", {}, p.stage === null ? "–" : p.stage),
       el("td", {}, link),
@@ -203,7 +206,7 @@ function render(state) {
   lineChart(document.getElementById("chart-val"), perPeerSeries(state.series.val, "step"), "step");
   lineChart(document.getElementById("chart-samples"), perPeerSeries(state.series.samples, "time"), "time", true);
   renderBreakdown(state.breakdown);
-  renderPeers(state.peers);
+  renderPeers(state.peers, state.alerts);
   renderEvents(state.events);
   document.getElementById("status").textContent =
     `${state.source} · updated ${fmtClock(state.now)}`;
