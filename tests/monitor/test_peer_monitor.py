@@ -7,7 +7,7 @@ from shoal.monitor.config import EventLogConfig, MetricsConfig, MonitorConfig, P
 from shoal.monitor.events import read_events
 from shoal.monitor.peer import PeerMonitor
 from shoal.monitor.sources import EventLogSource
-from shoal.monitor.traffic import TrafficCounters
+from shoal.monitor.traffic import TrafficCounters, TrafficSnapshot
 
 from .fakes import FakeClock
 
@@ -24,8 +24,8 @@ def make(tmp_path, traffic=None):
 
 
 def test_steps_feed_metrics_profile_and_summary(tmp_path):
-    totals = {("shpeer", "averaging"): TrafficCounters()}
-    monitor, wall, mono = make(tmp_path, traffic=lambda: dict(totals))
+    totals = {"now": TrafficSnapshot()}
+    monitor, wall, mono = make(tmp_path, traffic=lambda: totals["now"])
     monitor.start()
     monitor.set_role("trainer")
     monitor.set_reachability("punched")
@@ -40,7 +40,8 @@ def test_steps_feed_metrics_profile_and_summary(tmp_path):
         with monitor.profiler.waiting:
             mono.advance(0.1)
         wall.advance(1.0)
-        totals[("shpeer", "averaging")] = TrafficCounters((step + 1) * 1000, 0, 1, 0)
+        sent = TrafficCounters((step + 1) * 1000, 0, 1, 0)
+        totals["now"] = TrafficSnapshot({"shpeer": sent}, {"averaging": sent})
         monitor.end_step(loss=3.0 - step * 0.1, samples=8, tokens=8 * 128)
     monitor.record_validation(5, 1.75)
     s = monitor.summary()

@@ -5,7 +5,7 @@ import pytest
 from shoal.monitor.config import ProfilerConfig
 from shoal.monitor.profiler import Phase, StepProfiler
 from shoal.monitor.stats import RateMeter, percentile
-from shoal.monitor.traffic import TrafficCounters, traffic_delta
+from shoal.monitor.traffic import TrafficCounters, TrafficSnapshot, traffic_delta
 
 from .fakes import FakeClock
 
@@ -60,21 +60,28 @@ def test_time_added_from_another_thread_counts_in_current_step():
     assert prof.end_step().communication_s == 0.0
 
 
+def _snap(peers, services):
+    return TrafficSnapshot(peers=dict(peers), services=dict(services))
+
+
 def test_traffic_delta_per_step_and_rolling_summary():
     clock = FakeClock()
-    totals = {("peerA", "averaging"): TrafficCounters(0, 0, 0, 0)}
-    prof = StepProfiler(ProfilerConfig(window_steps=4), clock=clock, traffic=lambda: dict(totals))
+    state = {"snap": _snap({}, {})}
+    prof = StepProfiler(ProfilerConfig(window_steps=4), clock=clock, traffic=lambda: state["snap"])
     for step in range(6):
         prof.begin_step(step)
         with prof.compute:
             clock.advance(1.0 + step)  # compute 1..6 s
         with prof.communication:
             clock.advance(1.0)
-        sent = (step + 1) * 1000
-        totals[("peerA", "averaging")] = TrafficCounters(sent, sent // 2, step + 1, step + 1)
-        totals[("peerB", "dht")] = TrafficCounters(10 * (step + 1), 0, 0, 0)
+        n = step + 1
+        state["snap"] = _snap(
+            {"peerA": TrafficCounters(n * 1000, n * 500, n, n), "peerB": TrafficCounters(10 * n)},
+            {"averaging": TrafficCounters(n * 1000, n * 500, n, n), "dht": TrafficCounters(10 * n)},
+        )
         profile = prof.end_step()
-        assert profile.traffic[("peerA", "averaging")].bytes_sent == 1000
+        assert profile.traffic.services["averaging"].bytes_sent == 1000
+        assert profile.traffic.peers["peerB"].bytes_sent == 10
     summary = prof.summary()
     assert summary is not None and summary.steps == 4  # window of 4: steps 2..5
     compute = summary.phases["compute"]
@@ -94,9 +101,15 @@ def test_summary_is_none_before_first_step():
 
 
 def test_traffic_delta_treats_a_shrinking_counter_as_reset():
-    before = {("p", "s"): TrafficCounters(100, 100, 5, 5)}
-    after = {("p", "s"): TrafficCounters(30, 150, 1, 6), ("q", "s"): TrafficCounters()}
-    assert traffic_delta(before, after) == {("p", "s"): TrafficCounters(30, 50, 1, 1)}
+    before = _snap({"p": TrafficCounters(100, 100, 5, 5)}, {"s": TrafficCounters(100, 100, 5, 5)})
+    after = _snap(
+        {"p": TrafficCounters(30, 150, 1, 6), "q": TrafficCounters()},
+        {"s": TrafficCounters(130, 150, 6, 6)},
+    )
+    delta = traffic_delta(before, after)
+    assert delta.peers == {"p": TrafficCounters(30, 50, 1, 1)}
+    assert delta.services == {"s": TrafficCounters(30, 50, 1, 1)}
+    assert after.total() == TrafficCounters(130, 150, 6, 6)
 
 
 def test_percentile_interpolates_and_rejects_bad_input():

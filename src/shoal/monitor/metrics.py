@@ -12,16 +12,16 @@ The HTTP endpoint binds ``127.0.0.1`` by default; ``port=0`` picks a free port (
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from shoal.monitor.config import MetricsConfig
-from shoal.monitor.traffic import TrafficCounters, TrafficProvider, by_peer, by_service
+from shoal.monitor.traffic import TrafficCounters, TrafficProvider
 
 __all__ = ["PeerMetrics"]
 
@@ -33,36 +33,48 @@ class _TrafficCollector(Collector):
         self._provider = provider
         self._max_peers = max_peers
 
+    def _families(
+        self, kind: str, label: str, table: Mapping[str, TrafficCounters]
+    ) -> Iterator[Metric]:
+        for direction in ("sent", "received"):
+            fam = CounterMetricFamily(
+                f"shoal_{kind}_bytes_{direction}",
+                f"Bytes {direction} per {label}.",
+                labels=[kind],
+            )
+            for name, c in sorted(table.items()):
+                fam.add_metric([name], getattr(c, f"bytes_{direction}"))
+            yield fam
+            fam = CounterMetricFamily(
+                f"shoal_{kind}_messages_{direction}",
+                f"Messages {direction} per {label}.",
+                labels=[kind],
+            )
+            for name, c in sorted(table.items()):
+                fam.add_metric([name], getattr(c, f"messages_{direction}"))
+            yield fam
+
     def collect(self) -> Iterator[Metric]:
         snapshot = self._provider()
-        for direction in ("sent", "received"):
-            attr = f"bytes_{direction}"
-            svc = CounterMetricFamily(
-                f"shoal_service_bytes_{direction}",
-                f"Bytes {direction} per service.",
-                labels=["service"],
-            )
-            for name, c in sorted(by_service(snapshot).items()):
-                svc.add_metric([name], getattr(c, attr))
-            yield svc
-        peers = by_peer(snapshot)
+        yield from self._families("service", "service", snapshot.services)
+        peers = snapshot.peers
         busiest = sorted(peers, key=lambda p: -(peers[p].bytes_sent + peers[p].bytes_received))
         shown = {p: peers[p] for p in busiest[: self._max_peers]}
-        rest = TrafficCounters()
         for p in busiest[self._max_peers :]:
-            rest = rest + peers[p]
-        if rest != TrafficCounters():
-            shown["other"] = rest
-        for direction in ("sent", "received"):
-            attr = f"bytes_{direction}"
-            fam = CounterMetricFamily(
-                f"shoal_peer_bytes_{direction}",
-                f"Bytes {direction} per remote peer.",
-                labels=["peer"],
-            )
-            for name, c in sorted(shown.items()):
-                fam.add_metric([name], getattr(c, attr))
-            yield fam
+            shown["other"] = shown.get("other", TrafficCounters()) + peers[p]
+        yield from self._families("peer", "remote peer", shown)
+        latency = HistogramMetricFamily(
+            "shoal_rpc_latency_seconds", "Call latency per method.", labels=["side", "method"]
+        )
+        for key, h in sorted(snapshot.latency.items()):
+            side, _, method = key.partition(":")
+            buckets, running = [], 0
+            for bound, count in zip(h.bounds_s, h.counts, strict=False):
+                running += count
+                buckets.append((repr(bound), running))
+            buckets.append(("+Inf", running + h.counts[-1]))
+            latency.add_metric([side, method], buckets, h.sum_s)
+        yield latency
 
 
 class PeerMetrics:

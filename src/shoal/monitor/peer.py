@@ -4,7 +4,7 @@ It bundles the Prometheus metrics, the event log, the step profiler and the stat
 into the peer's published summary. Wiring, in a peer::
 
     monitor = PeerMonitor(config.monitor, peer=str(identity.peer_id),
-                          traffic=transport_traffic_provider)
+                          traffic=net_traffic_provider(runtime.traffic))
     monitor.start()                                   # serves /metrics if configured
     monitor.set_role("trainer", stage=None)
     ...
@@ -36,7 +36,7 @@ from shoal.monitor.metrics import PeerMetrics
 from shoal.monitor.profiler import ProfileSummary, StepProfile, StepProfiler
 from shoal.monitor.stats import RateMeter
 from shoal.monitor.summary import REACHABILITY, PeerSummary
-from shoal.monitor.traffic import TrafficProvider, traffic_total
+from shoal.monitor.traffic import TrafficProvider
 
 __all__ = ["PeerMonitor"]
 
@@ -231,7 +231,7 @@ class PeerMonitor:
     def summary(self) -> PeerSummary:
         """This peer's compact summary now (also updates traffic rates)."""
         now = self._wall()
-        total = traffic_total(self._traffic()) if self._traffic is not None else None
+        total = self._traffic().total() if self._traffic is not None else None
         prof = self.profiler.summary()
         fr = prof.fractions() if prof is not None else {}
         with self._lock:

@@ -28,18 +28,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from shoal.monitor.config import ProfilerConfig
 from shoal.monitor.stats import percentile
 from shoal.monitor.traffic import (
+    EMPTY_TRAFFIC,
     TrafficCounters,
-    TrafficKey,
     TrafficProvider,
     TrafficSnapshot,
-    by_peer,
-    by_service,
     traffic_delta,
 )
 
@@ -65,7 +63,8 @@ class StepProfile:
     compute_s: float
     communication_s: float
     waiting_s: float
-    traffic: dict[TrafficKey, TrafficCounters] = field(default_factory=dict)
+    traffic: TrafficSnapshot = EMPTY_TRAFFIC
+    """Bytes and messages of this step, per peer and per service."""
 
     @property
     def other_s(self) -> float:
@@ -156,7 +155,7 @@ class StepProfiler:
         self._since = 0.0
         self._step = 0
         self._step_start = clock()
-        self._last_traffic: TrafficSnapshot = dict(traffic()) if traffic else {}
+        self._last_traffic: TrafficSnapshot = traffic() if traffic else EMPTY_TRAFFIC
         self._external = [0.0, 0.0, 0.0]
         self._lock = threading.Lock()
         self._window: deque[StepProfile] = deque(maxlen=self._config.window_steps)
@@ -208,9 +207,9 @@ class StepProfiler:
         with self._lock:
             external, self._external = self._external, [0.0, 0.0, 0.0]
         acc = [a + e for a, e in zip(self._acc, external, strict=True)]
-        delta: dict[TrafficKey, TrafficCounters] = {}
+        delta = EMPTY_TRAFFIC
         if self._traffic is not None:
-            current = dict(self._traffic())
+            current = self._traffic()
             delta = traffic_delta(self._last_traffic, current)
             self._last_traffic = current
         wall = max(now - self._step_start, sum(acc))
@@ -238,13 +237,12 @@ class StepProfiler:
             "waiting": [p.waiting_s for p in window],
             "other": [p.other_s for p in window],
         }
-        merged: dict[TrafficKey, TrafficCounters] = {}
+        merged = EMPTY_TRAFFIC
         for p in window:
-            for key, c in p.traffic.items():
-                merged[key] = merged.get(key, TrafficCounters()) + c
+            merged = merged.merged(p.traffic)
         return ProfileSummary(
             steps=len(window),
             phases={name: PhaseStats.of(vals, wall_total) for name, vals in columns.items()},
-            bytes_by_service=by_service(merged),
-            bytes_by_peer=by_peer(merged),
+            bytes_by_service=dict(merged.services),
+            bytes_by_peer=dict(merged.peers),
         )
