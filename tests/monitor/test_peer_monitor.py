@@ -109,3 +109,27 @@ def test_snapshots_in_the_log_feed_the_dashboard_source(tmp_path):
     monitor.snapshot()
     assert [s.step for s in asyncio.run(source.poll()).summaries] == [3]
     monitor.close()
+
+
+def test_membership_changes_become_join_and_leave_events(tmp_path):
+    monitor, _, _ = make(tmp_path)
+    assert monitor.observe_members(["a", "b"]) == ([], [])
+    assert monitor.observe_members(["b", "c", "d"]) == (["c", "d"], ["a"])
+    assert monitor.observe_members(["d", "c", "b"]) == ([], [])
+    monitor.close()
+    events = [(e.kind, e.fields["other"]) for e in read_events([tmp_path / "peer.jsonl"])]
+    assert events == [("join", "c"), ("join", "d"), ("leave", "a")]
+    assert "shoal_swarm_peers 3.0" in monitor.metrics.exposition().decode()
+
+
+def test_publisher_without_a_store_still_logs_summaries(tmp_path):
+    from shoal.monitor.config import SwarmViewConfig
+    from shoal.monitor.publish import SummaryPublisher
+
+    monitor, _, _ = make(tmp_path)
+    monitor.record_progress(3, loss=1.5)
+    publisher = SummaryPublisher(monitor.snapshot, None, SwarmViewConfig())
+    assert asyncio.run(publisher.publish_once())
+    monitor.close()
+    [summary] = [e for e in read_events([tmp_path / "peer.jsonl"]) if e.kind == "summary"]
+    assert summary.fields["step"] == 3 and summary.fields["loss"] == 1.5

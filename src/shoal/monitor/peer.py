@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from shoal.monitor.config import MonitorConfig
@@ -79,6 +79,7 @@ class PeerMonitor:
         self._demand_per_s: float | None = None
         self._rounds = 0
         self._failures = 0
+        self._members: set[str] | None = None
         self._started = False
         self._closed = False
 
@@ -181,6 +182,23 @@ class PeerMonitor:
 
     def record_leave(self, peer: str, **fields: Any) -> None:
         self.events.emit(EventKind.LEAVE, other=peer, **fields)
+
+    def observe_members(self, peers: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Feed the current membership (e.g. ``swarm.peers()`` ids, on every change or
+        heartbeat); logs a join or leave event per difference from the previous call and
+        returns ``(joined, left)``. The first call only records the set."""
+        current = set(peers)
+        with self._lock:
+            previous, self._members = self._members, current
+        self.metrics.swarm_peers.set(len(current))
+        if previous is None:
+            return [], []
+        joined, left = sorted(current - previous), sorted(previous - current)
+        for peer in joined:
+            self.record_join(peer)
+        for peer in left:
+            self.record_leave(peer)
+        return joined, left
 
     def _count_event(self, event: Event) -> None:
         kind, fields = event.kind, event.fields

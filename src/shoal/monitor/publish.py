@@ -138,12 +138,17 @@ class MemorySummaryStore:
 
 
 class SummaryPublisher:
-    """Publishes ``make_summary()`` periodically until closed. Use as ``async with``."""
+    """Publishes ``make_summary()`` periodically until closed. Use as ``async with``.
+
+    ``make_summary`` runs in a worker thread (``PeerMonitor.snapshot`` appends to the event
+    log). With ``publish=None`` the summaries are only made (and so logged): a peer without
+    a DHT still feeds ``shoal monitor --events``.
+    """
 
     def __init__(
         self,
         make_summary: Callable[[], PeerSummary],
-        publish: Callable[[PeerSummary], Awaitable[None]],
+        publish: Callable[[PeerSummary], Awaitable[None]] | None,
         config: SwarmViewConfig,
         *,
         rng: random.Random | None = None,
@@ -160,7 +165,8 @@ class SummaryPublisher:
         """One publish under ``publish_timeout_s``; True when it succeeded."""
         try:
             summary = await asyncio.to_thread(self._make)
-            await asyncio.wait_for(self._publish(summary), self._config.publish_timeout_s)
+            if self._publish is not None:
+                await asyncio.wait_for(self._publish(summary), self._config.publish_timeout_s)
         except (NetworkError, asyncio.TimeoutError, OSError) as exc:
             self.failed += 1
             log.info("summary publish failed: %s", exc)
