@@ -12,8 +12,9 @@ ALICE, BOB, MALLORY = (Identity.from_seed(s) for s in (b"alice", b"bob", b"mallo
 METHOD = "/shoal.v1.Peer/Ping"
 
 
-def _session(table: SessionTable, client: Identity = ALICE, swarm_key: bytes = b"",
-             now: float = NOW):
+def _session(
+    table: SessionTable, client: Identity = ALICE, swarm_key: bytes = b"", now: float = NOW
+):
     hs = ClientHandshake(client, swarm_key=swarm_key, expected=None, now_s=now)
     return hs.finish(table.accept(hs.request, now), now)
 

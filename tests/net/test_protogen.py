@@ -18,7 +18,8 @@ def test_changed_proto_is_detected(tmp_path):
     peer.write_text(peer.read_text() + "\nmessage Extra { uint32 x = 1; }\n")
     assert "peer_pb2.py" in protogen.stale_files(proto_root=root)
     (root / "shoal" / "v1" / "extra.proto").write_text(
-        'syntax = "proto3";\npackage shoal.v1;\nmessage Other {}\n')
+        'syntax = "proto3";\npackage shoal.v1;\nmessage Other {}\n'
+    )
     assert "extra_pb2.py" in protogen.stale_files(proto_root=root)
 
 

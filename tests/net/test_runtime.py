@@ -31,16 +31,20 @@ class CallerEcho(PeerService):
 
 def _serve_echo(runtime):
     CallerEcho.runs = 0
-    service = CallerEcho(runtime.identity, runtime.sessions, runtime.config,
-                         runtime.addresses, lambda: [])
+    service = CallerEcho(
+        runtime.identity, runtime.sessions, runtime.config, runtime.addresses, lambda: []
+    )
     runtime.add_servicer(peer_pb2_grpc.add_PeerServicer_to_server, service)
 
 
 async def _raw_ping(address: str, metadata=()) -> grpc.StatusCode:
     """A Ping through a bare channel (no Shoal client); returns the status code."""
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(PING, request_serializer=peer_pb2.PingRequest.SerializeToString,
-                                   response_deserializer=peer_pb2.PingResponse.FromString)
+        call = channel.unary_unary(
+            PING,
+            request_serializer=peer_pb2.PingRequest.SerializeToString,
+            response_deserializer=peer_pb2.PingResponse.FromString,
+        )
         try:
             await call(peer_pb2.PingRequest(), timeout=5, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
@@ -71,8 +75,10 @@ def test_unauthenticated_wrong_key_and_replayed_calls_rejected(make_runtime):
     a, b = make_runtime(), make_runtime()
     _serve_echo(b)
     assert a.run(_raw_ping(b.address), 5) == grpc.StatusCode.UNAUTHENTICATED
-    assert a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, b"x" * 48),)), 5) == \
-        grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, b"x" * 48),)), 5)
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     # a real session, then a token signed with the wrong key, then a replay of a good one
     stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
     a.run(stub.Ping(peer_pb2.PingRequest()), 5)
@@ -82,11 +88,15 @@ def test_unauthenticated_wrong_key_and_replayed_calls_rejected(make_runtime):
     conn.session.key = bytes(32)
     forged = conn.session.token(PING, time.time())
     conn.session.key = real_key
-    assert a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, forged),)), 5) == \
-        grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, forged),)), 5)
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     assert a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, good),)), 5) == grpc.StatusCode.OK
-    assert a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, good),)), 5) == \
-        grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        a.run(_raw_ping(b.address, ((AUTH_METADATA_KEY, good),)), 5)
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     assert CallerEcho.runs == 2  # the stub's call and the one good token; no rejected one
 
 
@@ -98,8 +108,12 @@ def test_wrong_swarm_key_and_wrong_peer_refused(make_runtime):
         a.run(a.stub(peer_pb2_grpc.PeerStub, b.address).Ping(peer_pb2.PingRequest()), 5)
     assert a.run(a.stub(peer_pb2_grpc.PeerStub, c.address).Ping(peer_pb2.PingRequest()), 5)
     with pytest.raises(AuthenticationError):
-        a.run(a.stub(peer_pb2_grpc.PeerStub, c.address, peer_id=b.peer_id)
-              .Ping(peer_pb2.PingRequest()), 5)
+        a.run(
+            a.stub(peer_pb2_grpc.PeerStub, c.address, peer_id=b.peer_id).Ping(
+                peer_pb2.PingRequest()
+            ),
+            5,
+        )
 
 
 def test_handler_errors_map_to_shoal_errors(make_runtime):
@@ -114,8 +128,12 @@ def test_handler_errors_map_to_shoal_errors(make_runtime):
 def test_tensor_streams_both_directions(make_runtime):
     a, b = make_runtime(), make_runtime()
     stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
-    tensors = [torch.randn(300, 700), torch.arange(10, dtype=torch.int64),
-               torch.ones(3, 3, dtype=torch.bfloat16), torch.zeros(0)]
+    tensors = [
+        torch.randn(300, 700),
+        torch.arange(10, dtype=torch.int64),
+        torch.ones(3, 3, dtype=torch.bfloat16),
+        torch.zeros(0),
+    ]
 
     def frames():
         for t in tensors:
@@ -126,8 +144,9 @@ def test_tensor_streams_both_directions(make_runtime):
     assert ack.byte_length == sum(t.numel() * t.element_size() for t in tensors)
 
     async def fetch():
-        reader = TensorReader(stub.Emit(peer_pb2.EmitRequest(byte_length=3_000_001)),
-                              a.config.tensor_limits)
+        reader = TensorReader(
+            stub.Emit(peer_pb2.EmitRequest(byte_length=3_000_001)), a.config.tensor_limits
+        )
         return await reader.read_tensor()
 
     got = a.run(fetch(), 10)
@@ -150,3 +169,17 @@ def test_shutdown_is_fast_idempotent_and_cancels_tasks(make_runtime):
     assert not a._thread.is_alive()
     with pytest.raises(RuntimeError):
         a.submit(asyncio.sleep(0))
+
+
+def test_request_iterator_error_reaches_the_caller(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+
+    def frames():
+        yield from tensor_frames(torch.ones(4))
+        raise ValueError("codec bug")
+
+    with pytest.raises(ValueError, match="codec bug"):
+        a.run(stub.Absorb(frames(), timeout_s=5), 10)
+    with pytest.raises(ProtocolViolation, match="cannot be sent"):
+        a.run(stub.Absorb(tensor_frames(torch.ones(2, dtype=torch.complex64)), timeout_s=5), 10)

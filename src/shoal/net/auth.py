@@ -85,8 +85,12 @@ def _swarm_proof(swarm_key: bytes, role: bytes, transcript: bytes) -> bytes:
 
 
 def _derive_key(shared: bytes, swarm_key: bytes, server_hash: bytes) -> bytes:
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=swarm_key or None,
-                info=b"shoal-session-v1" + server_hash)
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=swarm_key or None,
+        info=b"shoal-session-v1" + server_hash,
+    )
     return hkdf.derive(shared)
 
 
@@ -135,8 +139,9 @@ class ClientSession:
 class ClientHandshake:
     """Builds the handshake request and checks the answer."""
 
-    def __init__(self, identity: Identity, *, swarm_key: bytes, expected: PeerID | None,
-                 now_s: float) -> None:
+    def __init__(
+        self, identity: Identity, *, swarm_key: bytes, expected: PeerID | None, now_s: float
+    ) -> None:
         self._identity = identity
         self._swarm_key = swarm_key
         self._expected = expected
@@ -158,8 +163,9 @@ class ClientHandshake:
         """Verify the answer and derive the session; raises AuthFailure."""
         server = _parse_peer(resp.peer_id, "peer_id")
         if self._expected is not None and server != self._expected:
-            raise AuthFailure("wrong-peer", f"answered by {server.short()}, wanted "
-                                            f"{self._expected.short()}")
+            raise AuthFailure(
+                "wrong-peer", f"answered by {server.short()}, wanted {self._expected.short()}"
+            )
         if len(resp.session_id) != SESSION_ID_BYTES or len(resp.nonce) != NONCE_BYTES:
             raise AuthFailure("malformed", "session id or nonce has the wrong length")
         server_hash = _server_hash(self._client_hash, resp)
@@ -170,8 +176,12 @@ class ClientHandshake:
             raise AuthFailure("wrong-swarm", "peer does not hold our swarm key")
         shared = self._eph.exchange(_x25519_from(resp.ephemeral_key))
         ttl_s = min(resp.session_ttl_ms / 1000.0, 24 * 3600.0)
-        return ClientSession(resp.session_id, _derive_key(shared, self._swarm_key, server_hash),
-                             server, now_s + ttl_s)
+        return ClientSession(
+            resp.session_id,
+            _derive_key(shared, self._swarm_key, server_hash),
+            server,
+            now_s + ttl_s,
+        )
 
 
 class ReplayWindow:
@@ -210,10 +220,17 @@ class ServerSession:
 class SessionTable:
     """The server's sessions: handshakes in, verified callers out. Bounded (LRU)."""
 
-    def __init__(self, identity: Identity, *, swarm_key: bytes = b"",
-                 allowlist: frozenset[bytes] | None = None, ttl_s: float = 3600.0,
-                 max_sessions: int = 4096, replay_window: int = 1024,
-                 max_skew_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        swarm_key: bytes = b"",
+        allowlist: frozenset[bytes] | None = None,
+        ttl_s: float = 3600.0,
+        max_sessions: int = 4096,
+        replay_window: int = 1024,
+        max_skew_s: float = 60.0,
+    ) -> None:
         self._identity = identity
         self._swarm_key = swarm_key
         self._allowlist = allowlist
@@ -255,10 +272,12 @@ class SessionTable:
         server_hash = _server_hash(client_hash, resp)
         resp.swarm_proof = _swarm_proof(self._swarm_key, b"s", server_hash)
         resp.signature = self._identity.sign(server_hash)
-        key = _derive_key(eph.exchange(_x25519_from(req.ephemeral_key)), self._swarm_key,
-                          server_hash)
+        key = _derive_key(
+            eph.exchange(_x25519_from(req.ephemeral_key)), self._swarm_key, server_hash
+        )
         self._sessions[resp.session_id] = ServerSession(
-            client, key, now_s + self._ttl_s, ReplayWindow(self._window))
+            client, key, now_s + self._ttl_s, ReplayWindow(self._window)
+        )
         while len(self._sessions) > self._max:
             self._sessions.popitem(last=False)
         return resp
@@ -276,7 +295,7 @@ class SessionTable:
         if now_s >= session.expires_at_s:
             del self._sessions[session_id]
             raise AuthFailure("unknown-session", "session expired")
-        want = hmac.digest(session.key, method.encode() + token[:_SIGNED.size], "sha256")
+        want = hmac.digest(session.key, method.encode() + token[: _SIGNED.size], "sha256")
         if not hmac.compare_digest(want[:TAG_BYTES], tag):
             raise AuthFailure("bad-mac", f"call tag does not match for {method}")
         _check_clock(ts_ms, now_s, self._skew_s)

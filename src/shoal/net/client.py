@@ -47,8 +47,9 @@ class _Recorder:
     """Stands in for a channel while a generated stub's constructor runs."""
 
     def _spec(self, kind: str) -> Callable[..., MethodSpec]:
-        def make(path: str, request_serializer: Any = None, response_deserializer: Any = None,
-                 **_: Any) -> MethodSpec:
+        def make(
+            path: str, request_serializer: Any = None, response_deserializer: Any = None, **_: Any
+        ) -> MethodSpec:
             return MethodSpec(path, kind, request_serializer, response_deserializer)
 
         return make
@@ -69,6 +70,37 @@ class _SessionLost(AuthenticationError):
     pass
 
 
+class _Requests:
+    """Feeds a request iterator to gRPC, keeping the caller's own exception to re-raise.
+
+    gRPC swallows an exception raised by a request iterator and cancels the call; the
+    caller should see its own error (a bug, or a ProtocolViolation from a codec) instead.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.error: BaseException | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            if hasattr(self.source, "__aiter__"):
+                async for item in self.source:
+                    yield item
+            else:
+                for item in self.source:
+                    yield item
+        except Exception as exc:
+            self.error = exc
+            raise
+
+
+def _stop_request_feed(call: Any) -> None:
+    """Cancel gRPC's task that drains our request iterator (it outlives a failed call)."""
+    poller = getattr(call, "_async_request_poller", None)
+    if poller is not None and not poller.done():
+        poller.cancel()
+
+
 def _mapped(exc: grpc.RpcError, conn: Connection, path: str) -> NetworkError:
     details = exc.details() if hasattr(exc, "details") else ""
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED and (details or "").startswith(_SESSION_LOST):
@@ -84,8 +116,9 @@ class Method:
         self._stub = stub
         self.spec = spec
 
-    def __call__(self, request: Any, *, timeout_s: float | None = None,
-                 idempotent: bool = False) -> Any:
+    def __call__(
+        self, request: Any, *, timeout_s: float | None = None, idempotent: bool = False
+    ) -> Any:
         kind = self.spec.kind
         if kind == "unary_unary":
             return self._unary(request, timeout_s, idempotent)
@@ -107,8 +140,9 @@ class Method:
         s = self.spec
         return conn.callable(s.path, s.kind, s.serializer, s.deserializer)
 
-    async def _unary(self, request: Any, timeout_s: float | None, idempotent: bool,
-                     *, streaming: bool = False) -> Any:
+    async def _unary(
+        self, request: Any, timeout_s: float | None, idempotent: bool, *, streaming: bool = False
+    ) -> Any:
         stub, path = self._stub, self.spec.path
         config = stub.config
         loop = asyncio.get_running_loop()
@@ -120,27 +154,37 @@ class Method:
         while True:
             attempt += 1
             conn: Connection | None = None
+            feed = _Requests(request) if streaming else None
             try:
                 conn = await self._connect(deadline)
-                call = self._callable(conn)(request, timeout=max(0.0, deadline - loop.time()),
-                                            metadata=conn.metadata(path))
+                call = self._callable(conn)(
+                    feed or request,
+                    timeout=max(0.0, deadline - loop.time()),
+                    metadata=conn.metadata(path),
+                )
                 conn.inflight += 1
                 try:
                     result = await call
                 except grpc.RpcError as exc:
+                    if feed is not None and feed.error is not None:
+                        raise feed.error from None
                     raise _mapped(exc, conn, path) from exc
                 except asyncio.CancelledError:
                     call.cancel()
+                    if feed is not None and feed.error is not None:
+                        raise feed.error from None  # gRPC cancelled the call, not our caller
                     raise
                 finally:
                     conn.inflight -= 1
+                    _stop_request_feed(call)
                 stub.pool.succeeded(conn)
                 stub.traffic.latency(path, loop.time() - start)
                 return result
             except _SessionLost:
                 if resent or streaming:
-                    raise PeerUnavailable("peer restarted during the call; retry",
-                                          peer=stub.address) from None
+                    raise PeerUnavailable(
+                        "peer restarted during the call; retry", peer=stub.address
+                    ) from None
                 resent = True
                 attempt -= 1
             except (PeerUnavailable, PeerTimeout) as exc:
@@ -148,8 +192,11 @@ class Method:
                     stub.pool.failed(conn, exc)
                 delay = backoff_s(config.call_retry, attempt, stub.rng())
                 elapsed = loop.time() - start
-                if (not idempotent or not may_retry(config.call_retry, attempt, elapsed, delay)
-                        or loop.time() + delay >= deadline):
+                if (
+                    not idempotent
+                    or not may_retry(config.call_retry, attempt, elapsed, delay)
+                    or loop.time() + delay >= deadline
+                ):
                     raise
                 await asyncio.sleep(delay)
             except NetworkError as exc:
@@ -162,14 +209,18 @@ class Method:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s or stub.config.stream_timeout_s)
         conn = await self._connect(deadline)
-        call = self._callable(conn)(request, timeout=max(0.0, deadline - loop.time()),
-                                    metadata=conn.metadata(path))
+        feed = _Requests(request) if self.spec.kind == "stream_stream" else None
+        call = self._callable(conn)(
+            feed or request, timeout=max(0.0, deadline - loop.time()), metadata=conn.metadata(path)
+        )
         conn.inflight += 1
         try:
             async for message in call:
                 yield message
             stub.pool.succeeded(conn)
         except grpc.RpcError as exc:
+            if feed is not None and feed.error is not None:
+                raise feed.error from None
             err = _mapped(exc, conn, path)
             stub.pool.failed(conn, err)
             if isinstance(err, _SessionLost):
@@ -179,14 +230,23 @@ class Method:
             conn.inflight -= 1
             if not call.done():
                 call.cancel()
+            _stop_request_feed(call)
 
 
 class Stub:
     """Authenticated, accounted calls to one peer; one attribute per RPC of ``stub_cls``."""
 
-    def __init__(self, stub_cls: type, *, address: str, peer_id: PeerID | None,
-                 pool: ConnectionPool, config: NetConfig, traffic: Traffic,
-                 rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        stub_cls: type,
+        *,
+        address: str,
+        peer_id: PeerID | None,
+        pool: ConnectionPool,
+        config: NetConfig,
+        traffic: Traffic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self.address = address
         self.peer_id = peer_id
         self.pool = pool
@@ -202,8 +262,6 @@ class Stub:
 
     def __repr__(self) -> str:
         return f"Stub({self.address}, {self.peer_id!r}, {sorted(self.methods)})"
-
-
 
 
 __all__ = ["Method", "MethodSpec", "Stub", "method_specs"]

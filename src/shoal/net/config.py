@@ -83,8 +83,18 @@ class TensorLimits:
     max_tensors: int = 4096
     """Most tensors in one stream."""
     allowed_dtypes: frozenset[str] = frozenset(
-        {"float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32",
-         "int64", "bool"}
+        {
+            "float32",
+            "float16",
+            "bfloat16",
+            "float64",
+            "int8",
+            "uint8",
+            "int16",
+            "int32",
+            "int64",
+            "bool",
+        }
     )
     """torch dtype names a stream may carry."""
 

@@ -78,9 +78,13 @@ class PeerHealth:
         if len(self._peers) < self._max:
             return
         cfg = self._config
-        for peer in [p for p, r in self._peers.items()
-                     if r.banned_until_s <= now_s and now_s - r.last_ban_s > cfg.ban_memory_s
-                     and self._decayed(r, now_s) < 0.01 * cfg.ban_threshold]:
+        for peer in [
+            p
+            for p, r in self._peers.items()
+            if r.banned_until_s <= now_s
+            and now_s - r.last_ban_s > cfg.ban_memory_s
+            and self._decayed(r, now_s) < 0.01 * cfg.ban_threshold
+        ]:
             del self._peers[peer]
         while len(self._peers) >= self._max:  # everyone is relevant: forget the oldest
             del self._peers[next(iter(self._peers))]

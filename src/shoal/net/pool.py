@@ -54,8 +54,14 @@ def channel_options(config: NetConfig) -> list[tuple[str, Any]]:
 class Connection:
     """A channel to one address, the session on it, and cached method callables."""
 
-    def __init__(self, address: str, expected: PeerID | None, config: NetConfig,
-                 identity: Identity, traffic: Traffic) -> None:
+    def __init__(
+        self,
+        address: str,
+        expected: PeerID | None,
+        config: NetConfig,
+        identity: Identity,
+        traffic: Traffic,
+    ) -> None:
         self.address = address
         self.expected = expected
         self.peer_id: PeerID | None = expected
@@ -67,8 +73,13 @@ class Connection:
         self._traffic = traffic
         self._lock = asyncio.Lock()
         self._callables: dict[str, Any] = {}
-        target = address if address.startswith("unix:") else f"ipv4:{address}" \
-            if address[:1].isdigit() else address
+        target = (
+            address
+            if address.startswith("unix:")
+            else f"ipv4:{address}"
+            if address[:1].isdigit()
+            else address
+        )
         self.channel = grpc.aio.insecure_channel(target, options=channel_options(config))
 
     @property
@@ -78,8 +89,11 @@ class Connection:
 
     def _live(self) -> bool:
         session = self.session
-        return (session is not None and not session.expired(time.time())
-                and self.channel.get_state(try_to_connect=False) == _READY)
+        return (
+            session is not None
+            and not session.expired(time.time())
+            and self.channel.get_state(try_to_connect=False) == _READY
+        )
 
     async def ensure_session(self, timeout_s: float) -> ClientSession:
         """The current session, handshaking first when there is none or the link was redone."""
@@ -100,12 +114,17 @@ class Connection:
 
     async def _handshake(self, timeout_s: float) -> None:
         self.session = None
-        hs = ClientHandshake(self._identity, swarm_key=self._config.swarm_key,
-                             expected=self.peer_id, now_s=time.time())
+        hs = ClientHandshake(
+            self._identity,
+            swarm_key=self._config.swarm_key,
+            expected=self.peer_id,
+            now_s=time.time(),
+        )
         call = self.channel.unary_unary(
             HANDSHAKE_METHOD,
             request_serializer=peer_pb2.HandshakeRequest.SerializeToString,
-            response_deserializer=peer_pb2.HandshakeResponse.FromString)
+            response_deserializer=peer_pb2.HandshakeResponse.FromString,
+        )
         try:
             resp = await call(hs.request, timeout=timeout_s)
         except grpc.RpcError as exc:
@@ -124,8 +143,13 @@ class Connection:
         self.last_used_s = time.monotonic()
         return ((AUTH_METADATA_KEY, self.session.token(method, time.time())),)
 
-    def callable(self, path: str, kind: str, serializer: Callable[[Any], bytes],
-                 deserializer: Callable[[bytes], Any]) -> Any:
+    def callable(
+        self,
+        path: str,
+        kind: str,
+        serializer: Callable[[Any], bytes],
+        deserializer: Callable[[bytes], Any],
+    ) -> Any:
         """The channel's multicallable for ``path``, counting bytes both ways."""
         found = self._callables.get(path)
         if found is not None:
@@ -157,9 +181,16 @@ class Connection:
 class ConnectionPool:
     """Live connections keyed by (address, expected PeerID); see the module docstring."""
 
-    def __init__(self, identity: Identity, config: NetConfig, traffic: Traffic,
-                 health: PeerHealth, *, clock: Callable[[], float] = time.monotonic,
-                 rng: Callable[[], float] = random.random) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        config: NetConfig,
+        traffic: Traffic,
+        health: PeerHealth,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
         self._identity = identity
         self._config = config
         self._traffic = traffic
@@ -185,15 +216,17 @@ class ConnectionPool:
         key = (address, peer_id.raw if peer_id is not None else None)
         conn = self._conns.get(key)
         if conn is None:
-            conn = self._conns[key] = Connection(address, peer_id, self._config,
-                                                 self._identity, self._traffic)
+            conn = self._conns[key] = Connection(
+                address, peer_id, self._config, self._identity, self._traffic
+            )
         if conn._live():
             return conn
         backoff = self._backoff.setdefault(address, Backoff())
         wait = backoff.wait_s(now)
         if wait >= timeout_s:
-            raise PeerUnavailable(f"backing off for {wait:.2f} s after "
-                                  f"{backoff.failures} failed connects", peer=label)
+            raise PeerUnavailable(
+                f"backing off for {wait:.2f} s after {backoff.failures} failed connects", peer=label
+            )
         if wait > 0:
             await asyncio.sleep(wait)
             timeout_s -= wait
@@ -224,12 +257,18 @@ class ConnectionPool:
     async def sweep(self) -> int:
         """Close idle and retired-and-quiet connections; returns how many were closed."""
         now = time.monotonic()
-        idle = [c for c in self._conns.values()
-                if c.inflight == 0 and now - c.last_used_s > self._config.idle_close_s]
+        idle = [
+            c
+            for c in self._conns.values()
+            if c.inflight == 0 and now - c.last_used_s > self._config.idle_close_s
+        ]
         for conn in idle:
             self.retire(conn)
-        quiet = [c for c in self._retired if c.inflight == 0
-                 or now - c.last_used_s > self._config.stream_timeout_s]
+        quiet = [
+            c
+            for c in self._retired
+            if c.inflight == 0 or now - c.last_used_s > self._config.stream_timeout_s
+        ]
         self._retired = [c for c in self._retired if c not in quiet]
         for conn in quiet:
             await conn.close(None)

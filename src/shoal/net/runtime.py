@@ -62,9 +62,14 @@ class NetRuntime:
         self.traffic = Traffic(self.config.max_tracked_peers)
         self.health = PeerHealth(self.config.health)
         self.sessions = SessionTable(
-            identity, swarm_key=self.config.swarm_key, allowlist=self.config.allowlist,
-            ttl_s=self.config.session_ttl_s, max_sessions=self.config.max_sessions,
-            replay_window=self.config.replay_window, max_skew_s=self.config.max_clock_skew_s)
+            identity,
+            swarm_key=self.config.swarm_key,
+            allowlist=self.config.allowlist,
+            ttl_s=self.config.session_ttl_s,
+            max_sessions=self.config.max_sessions,
+            replay_window=self.config.replay_window,
+            max_skew_s=self.config.max_clock_skew_s,
+        )
         self.dispatcher = Dispatcher(self.sessions, self.traffic)
         self.pool = ConnectionPool(identity, self.config, self.traffic, self.health)
         self.supervisor = Supervisor()
@@ -77,8 +82,12 @@ class NetRuntime:
         self._server: grpc.aio.Server | None = None
         self._tmpdir: str | None = None
         self._close_lock = threading.Lock()
-        self.dispatcher.add(peer_pb2_grpc.add_PeerServicer_to_server, PeerService(
-            identity, self.sessions, self.config, self.addresses, lambda: list(self.roles)))
+        self.dispatcher.add(
+            peer_pb2_grpc.add_PeerServicer_to_server,
+            PeerService(
+                identity, self.sessions, self.config, self.addresses, lambda: list(self.roles)
+            ),
+        )
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -110,8 +119,12 @@ class NetRuntime:
             raise RuntimeError(f"runtime is {self.state.value}, cannot start")
         self.state = State.RUNNING
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._thread_main, args=(ready,),
-                                        name=f"shoal-net-{self.peer_id.short()}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._thread_main,
+            args=(ready,),
+            name=f"shoal-net-{self.peer_id.short()}",
+            daemon=True,
+        )
         self._thread.start()
         try:
             ready.result(timeout_s)
@@ -139,8 +152,9 @@ class NetRuntime:
 
     async def _serve_start(self) -> None:
         cfg = self.config
-        server = grpc.aio.server(options=server_options(
-            cfg.max_message_bytes, cfg.keepalive_s, cfg.keepalive_timeout_s))
+        server = grpc.aio.server(
+            options=server_options(cfg.max_message_bytes, cfg.keepalive_s, cfg.keepalive_timeout_s)
+        )
         server.add_generic_rpc_handlers((self.dispatcher,))
         self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if self.port == 0:
@@ -204,11 +218,16 @@ class NetRuntime:
 
     def stub(self, stub_cls: type, address: str, peer_id: PeerID | None = None) -> Stub:
         """Calls to the peer at ``address`` (checked to be ``peer_id`` when given)."""
-        return Stub(stub_cls, address=address, peer_id=peer_id, pool=self.pool,
-                    config=self.config, traffic=self.traffic)
+        return Stub(
+            stub_cls,
+            address=address,
+            peer_id=peer_id,
+            pool=self.pool,
+            config=self.config,
+            traffic=self.traffic,
+        )
 
-    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None
-              ) -> asyncio.Task[T]:
+    def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
         """Start an owned background task (call on the loop thread)."""
         return self.supervisor.spawn(coro, name=name)
 

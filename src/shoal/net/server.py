@@ -28,8 +28,9 @@ from shoal.net.tensors import decode_frame, encode_frame
 from shoal.net.traffic import Traffic
 
 log = logging.getLogger(__name__)
-_caller: contextvars.ContextVar[PeerID | None] = contextvars.ContextVar("shoal_caller",
-                                                                       default=None)
+_caller: contextvars.ContextVar[PeerID | None] = contextvars.ContextVar(
+    "shoal_caller", default=None
+)
 AUTH_DETAIL_PREFIX = "shoal-auth:"
 
 
@@ -75,8 +76,9 @@ def _rejection(detail: str) -> grpc.RpcMethodHandler:
 class Dispatcher(grpc.GenericRpcHandler):
     """Finds the handler of a call, authenticates the caller, wraps it for accounting."""
 
-    def __init__(self, sessions: SessionTable, traffic: Traffic,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, sessions: SessionTable, traffic: Traffic, clock: Callable[[], float] = time.time
+    ) -> None:
         self._sessions = sessions
         self._traffic = traffic
         self._clock = clock
@@ -117,8 +119,9 @@ class Dispatcher(grpc.GenericRpcHandler):
             return _rejection(f"{AUTH_DETAIL_PREFIX}{exc}")
         return self._wrap(handler, peer, method)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, peer: PeerID | None,
-              method: str) -> grpc.RpcMethodHandler:
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler, peer: PeerID | None, method: str
+    ) -> grpc.RpcMethodHandler:
         traffic = self._traffic
         label = peer.to_string() if peer is not None else None
         deser, ser = fast_codecs(handler)
@@ -133,22 +136,31 @@ class Dispatcher(grpc.GenericRpcHandler):
             return data
 
         if handler.unary_unary is not None:
-            behavior, factory = _unary(handler.unary_unary, peer, method, traffic), \
-                grpc.unary_unary_rpc_method_handler
+            behavior, factory = (
+                _unary(handler.unary_unary, peer, method, traffic),
+                grpc.unary_unary_rpc_method_handler,
+            )
         elif handler.stream_unary is not None:
-            behavior, factory = _unary(handler.stream_unary, peer, method, traffic), \
-                grpc.stream_unary_rpc_method_handler
+            behavior, factory = (
+                _unary(handler.stream_unary, peer, method, traffic),
+                grpc.stream_unary_rpc_method_handler,
+            )
         elif handler.unary_stream is not None:
-            behavior, factory = _streaming(handler.unary_stream, peer, method, traffic), \
-                grpc.unary_stream_rpc_method_handler
+            behavior, factory = (
+                _streaming(handler.unary_stream, peer, method, traffic),
+                grpc.unary_stream_rpc_method_handler,
+            )
         else:
-            behavior, factory = _streaming(handler.stream_stream, peer, method, traffic), \
-                grpc.stream_stream_rpc_method_handler
+            behavior, factory = (
+                _streaming(handler.stream_stream, peer, method, traffic),
+                grpc.stream_stream_rpc_method_handler,
+            )
         return factory(behavior, request_deserializer=count_in, response_serializer=count_out)
 
 
-def _unary(inner: Callable[..., Any], peer: PeerID | None, method: str,
-           traffic: Traffic) -> Callable[..., Any]:
+def _unary(
+    inner: Callable[..., Any], peer: PeerID | None, method: str, traffic: Traffic
+) -> Callable[..., Any]:
     async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
         _caller.set(peer)
         start = time.perf_counter()
@@ -165,8 +177,9 @@ def _unary(inner: Callable[..., Any], peer: PeerID | None, method: str,
     return behavior
 
 
-def _streaming(inner: Callable[..., Any], peer: PeerID | None, method: str,
-               traffic: Traffic) -> Callable[..., Any]:
+def _streaming(
+    inner: Callable[..., Any], peer: PeerID | None, method: str, traffic: Traffic
+) -> Callable[..., Any]:
     async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
         _caller.set(peer)
         start = time.perf_counter()
@@ -181,8 +194,9 @@ def _streaming(inner: Callable[..., Any], peer: PeerID | None, method: str,
     return behavior
 
 
-def server_options(max_message_bytes: int, keepalive_s: float,
-                   keepalive_timeout_s: float) -> list[tuple[str, Any]]:
+def server_options(
+    max_message_bytes: int, keepalive_s: float, keepalive_timeout_s: float
+) -> list[tuple[str, Any]]:
     """gRPC server channel arguments derived from NetConfig."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -196,5 +210,4 @@ def server_options(max_message_bytes: int, keepalive_s: float,
     ]
 
 
-__all__ = ["AUTH_DETAIL_PREFIX", "Dispatcher", "current_caller", "fast_codecs",
-           "server_options"]
+__all__ = ["AUTH_DETAIL_PREFIX", "Dispatcher", "current_caller", "fast_codecs", "server_options"]

@@ -38,14 +38,18 @@ class Supervisor:
         return task
 
     def adopt(self) -> asyncio.Task[Any]:
-        """Register the current task (cancelled on close); returns it."""
+        """Register the current task (cancelled on close); returns it.
+
+        Its outcome belongs to whoever awaits it (e.g. a thread's future), so a failure is
+        not logged here.
+        """
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("adopt() needs a running task")
         if self._closed:
             task.cancel()
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self._tasks.discard)
         return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:

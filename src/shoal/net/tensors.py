@@ -98,19 +98,26 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def make_header(tensor: torch.Tensor, payload: memoryview, *, codec: str = RAW,
-                name: str = "") -> tensor_pb2.TensorHeader:
+def make_header(
+    tensor: torch.Tensor, payload: memoryview, *, codec: str = RAW, name: str = ""
+) -> tensor_pb2.TensorHeader:
     """The header for ``payload`` (the tensor's bytes, or a codec's output for it)."""
     if tensor.dtype not in _BY_TORCH:
         raise ProtocolViolation(f"dtype {tensor.dtype} cannot be sent")
     return tensor_pb2.TensorHeader(
-        dtype=DTYPES[_BY_TORCH[tensor.dtype]][0], shape=list(tensor.shape), codec=codec,
-        byte_length=payload.nbytes, checksum_kind=tensor_pb2.XXH3_64,
-        checksum=xxhash.xxh3_64_intdigest(payload), name=name)
+        dtype=DTYPES[_BY_TORCH[tensor.dtype]][0],
+        shape=list(tensor.shape),
+        codec=codec,
+        byte_length=payload.nbytes,
+        checksum_kind=tensor_pb2.XXH3_64,
+        checksum=xxhash.xxh3_64_intdigest(payload),
+        name=name,
+    )
 
 
-def payload_frames(header: tensor_pb2.TensorHeader, payload: memoryview,
-                   chunk_bytes: int = MiB) -> Iterator[tensor_pb2.TensorFrame | Chunk]:
+def payload_frames(
+    header: tensor_pb2.TensorHeader, payload: memoryview, chunk_bytes: int = MiB
+) -> Iterator[tensor_pb2.TensorFrame | Chunk]:
     """Header frame, then ``payload`` in chunks of at most ``chunk_bytes`` (views, no copy)."""
     if not 0 < chunk_bytes <= MiB:
         raise ValueError(f"chunk_bytes must be in (0, 1 MiB], got {chunk_bytes}")
@@ -119,8 +126,9 @@ def payload_frames(header: tensor_pb2.TensorHeader, payload: memoryview,
         yield Chunk(payload[start : start + chunk_bytes])
 
 
-def tensor_frames(tensor: torch.Tensor, *, name: str = "",
-                  chunk_bytes: int = MiB) -> Iterator[tensor_pb2.TensorFrame | Chunk]:
+def tensor_frames(
+    tensor: torch.Tensor, *, name: str = "", chunk_bytes: int = MiB
+) -> Iterator[tensor_pb2.TensorFrame | Chunk]:
     """Frames that carry ``tensor`` raw (header, then chunks)."""
     payload = tensor_bytes(tensor)
     return payload_frames(make_header(tensor, payload, name=name), payload, chunk_bytes)
@@ -142,7 +150,8 @@ def check_header(header: tensor_pb2.TensorHeader, limits: TensorLimits) -> tuple
         raise ProtocolViolation(f"tensor has {len(header.shape)} dims, limit {limits.max_dims}")
     if header.byte_length > limits.max_bytes:
         raise ProtocolViolation(
-            f"tensor payload of {header.byte_length} bytes exceeds limit {limits.max_bytes}")
+            f"tensor payload of {header.byte_length} bytes exceeds limit {limits.max_bytes}"
+        )
     if header.checksum_kind != tensor_pb2.XXH3_64:
         raise ProtocolViolation(f"unsupported checksum kind {header.checksum_kind}")
     numel = 1
@@ -155,7 +164,8 @@ def check_header(header: tensor_pb2.TensorHeader, limits: TensorLimits) -> tuple
         if numel * itemsize != header.byte_length:
             raise ProtocolViolation(
                 f"raw tensor {list(header.shape)} {entry[0]} needs {numel * itemsize} bytes, "
-                f"header says {header.byte_length}")
+                f"header says {header.byte_length}"
+            )
     return entry[0], numel
 
 
@@ -181,8 +191,9 @@ class TensorReader:
             raise ProtocolViolation("expected a meta frame")
         msg = cls()
         if not frame.meta.Unpack(msg):
-            raise ProtocolViolation(f"meta frame is {frame.meta.type_url}, wanted "
-                                    f"{cls.DESCRIPTOR.full_name}")
+            raise ProtocolViolation(
+                f"meta frame is {frame.meta.type_url}, wanted {cls.DESCRIPTOR.full_name}"
+            )
         return msg
 
     async def read_payload(self) -> tuple[tensor_pb2.TensorHeader, bytearray]:
@@ -192,8 +203,9 @@ class TensorReader:
             raise ProtocolViolation("expected a tensor header frame")
         return await self.read_body(frame.header)
 
-    async def read_body(self, header: tensor_pb2.TensorHeader
-                        ) -> tuple[tensor_pb2.TensorHeader, bytearray]:
+    async def read_body(
+        self, header: tensor_pb2.TensorHeader
+    ) -> tuple[tensor_pb2.TensorHeader, bytearray]:
         """Payload chunks for ``header`` (already read), checked and verified."""
         self._tensors += 1
         if self._tensors > self._limits.max_tensors:

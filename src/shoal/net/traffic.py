@@ -25,8 +25,12 @@ class Counter:
     messages_out: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "messages_in": self.messages_in, "messages_out": self.messages_out}
+        return {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+        }
 
 
 @dataclass(slots=True)
@@ -55,9 +59,15 @@ class Histogram:
         return BUCKETS_S[-1]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"count": self.total, "sum_s": self.sum_s, "p50_s": self.quantile(0.5),
-                "p90_s": self.quantile(0.9), "p99_s": self.quantile(0.99),
-                "buckets_s": list(BUCKETS_S), "counts": list(self.counts)}
+        return {
+            "count": self.total,
+            "sum_s": self.sum_s,
+            "p50_s": self.quantile(0.5),
+            "p90_s": self.quantile(0.9),
+            "p99_s": self.quantile(0.99),
+            "buckets_s": list(BUCKETS_S),
+            "counts": list(self.counts),
+        }
 
 
 def service_of(method: str) -> str:
