@@ -197,7 +197,12 @@ def _endpoint(bed: Testbed, ns: str, dev: str, addr: HostAddress, net: str, dela
     ]
     for ip_addr, ms in sorted(per_dst.items()):
         argv += ["--to", f"{ip_addr}={ms}"]
-    proc = host.popen(argv, stdout=subprocess.PIPE, start_new_session=bed.config.persistent)
+    # a persistent testbed outlives this process: its delayers must not hold our stdio open
+    quiet = subprocess.DEVNULL if bed.config.persistent else None
+    proc = host.popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=quiet,
+        start_new_session=bed.config.persistent,
+    )  # fmt: skip
     _wait_ready(proc, bed.config.ready_timeout_s, what=f"delayer in {addr.name}")
     return host
 

@@ -31,6 +31,8 @@ __all__ = [
     "new_prefix",
     "process_start_time",
     "read_record",
+    "record_path",
+    "remove_run",
     "remove_stale",
     "write_record",
 ]
@@ -133,3 +135,12 @@ def remove_stale(state_dir: Path, *, stop_timeout_s: float = 3.0) -> list[str]:
         if record is None or not (record.persistent or record.owner_alive(process_start_time)):
             path.unlink(missing_ok=True)
     return sorted(stale)
+
+
+def remove_run(state_dir: Path, record: Record, *, stop_timeout_s: float = 3.0) -> None:
+    """Delete every namespace of ``record`` (and its processes), then the record itself."""
+    present = set(list_netns())
+    for name in record.namespaces:
+        if name in present:
+            delete_netns(name, stop_timeout_s=stop_timeout_s)
+    record_path(state_dir, record.prefix).unlink(missing_ok=True)
