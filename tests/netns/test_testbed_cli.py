@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from shoal.cli.testbed import testbed_app
+from shoal.cli import testbed as cli_testbed
 
 pytestmark = pytest.mark.netns
 
@@ -17,7 +17,7 @@ TOPOLOGY = '[[public]]\nname = "relay"\ndelay_ms = 5\n\n[[nat]]\nname = "home1"\
 
 
 def shoal(*args: str) -> tuple[int, str]:
-    outcome = CliRunner().invoke(testbed_app, list(args))
+    outcome = CliRunner().invoke(cli_testbed.testbed_app, list(args))
     if outcome.exception is not None and not isinstance(outcome.exception, SystemExit):
         code = 2  # what `shoal` prints and returns for its own errors
     else:
