@@ -4,8 +4,9 @@ Sources (one of):
 
 * ``--events PATH ...``: follow the JSONL event logs of local peers (their summary events
   feed the charts; the rest are listed as events).
-* ``--join ADDR ...``: join the swarm's DHT as an observer that serves nothing and read the
-  summaries every peer publishes there.
+* ``--join ADDR ...``: join the swarm's DHT as an observer (fresh identity, a client-only
+  node that serves nothing) and read the summaries every peer publishes there. Open swarms
+  only for now (no swarm-key option yet).
 
 The page and its JSON endpoint (``/api/state``) bind 127.0.0.1 unless ``--host`` says
 otherwise. The command prints the page's URL as its first stdout line and runs until
@@ -15,10 +16,12 @@ interrupted (or for ``--duration`` seconds).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -28,32 +31,23 @@ from shoal.monitor.config import DashboardConfig, SwarmViewConfig
 from shoal.monitor.dashboard import Dashboard
 from shoal.monitor.sources import DashboardSource, EventLogSource
 
-__all__ = ["join_source", "register", "run_dashboard"]
-
-
-def join_source(addresses: list[str], view: SwarmViewConfig) -> DashboardSource:
-    """A source that reads published summaries through the swarm's DHT.
-
-    The DHT protocol (``shoal.dht.DHTNode``) and the store binding
-    (``shoal.monitor.publish.DhtSummaryStore``) exist; what this needs in addition is a DHT
-    transport over the network for a client-only node. Until that lands, say so clearly.
-    """
-    raise ConfigError(
-        "--join needs the DHT's network transport (a client-only shoal.dht node over gRPC), "
-        f"which this build does not have yet (asked to join {', '.join(addresses)}); "
-        "use --events PATH to follow local peers' event logs"
-    )
+__all__ = ["register", "run_dashboard", "serve_joined"]
 
 
 async def run_dashboard(
-    source: DashboardSource, config: DashboardConfig, duration_s: float | None
+    source: DashboardSource,
+    config: DashboardConfig,
+    duration_s: float | None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM or ``duration_s``; prints the URL first."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    """Serve until ``stop`` is set (by default: SIGINT/SIGTERM) or ``duration_s`` passed;
+    prints the URL first, once the first poll is done."""
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
     async with Dashboard(source, config) as dash:
         with contextlib.suppress(asyncio.TimeoutError):  # the page shows the failure itself
             await dash.wait_first_poll(config.poll_timeout_s + 1.0)
@@ -62,6 +56,54 @@ async def run_dashboard(
         print(f"shoal monitor: dashboard at {dash.url} ({source.name})", file=sys.stderr)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), duration_s)
+
+
+def serve_joined(
+    addresses: list[str],
+    config: DashboardConfig,
+    duration_s: float | None,
+    *,
+    swarm_key: bytes = b"",
+) -> None:
+    """Observe a swarm: a client-only DHT node (fresh identity, serves nothing) on a network
+    runtime, bootstrapped through ``addresses``; the dashboard runs on that runtime's loop
+    and reads every peer's published summary. Blocks until SIGINT/SIGTERM or the duration.
+    """
+    from shoal.dht.peer import DHT
+    from shoal.monitor.publish import DhtSummaryStore
+    from shoal.monitor.sources import StoreSource
+    from shoal.net.config import NetConfig
+    from shoal.net.identity import Identity
+    from shoal.net.runtime import NetRuntime
+
+    runtime = NetRuntime(
+        Identity.generate(), NetConfig(port=0, unix_socket=False, swarm_key=swarm_key)
+    ).start()
+    try:
+        dht = DHT(runtime, serve=False)
+        try:
+            dht.bootstrap(addresses)
+            store = DhtSummaryStore(dht.node, config=config.swarm_view)
+            source = StoreSource(store, name="swarm via " + ", ".join(addresses))
+            stop = asyncio.Event()
+            future = runtime.submit(run_dashboard(source, config, duration_s, stop))
+            in_main = threading.current_thread() is threading.main_thread()
+            previous = (
+                signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main else None
+            )
+            try:
+                future.result()
+            except KeyboardInterrupt:
+                runtime.loop.call_soon_threadsafe(stop.set)
+                with contextlib.suppress(concurrent.futures.TimeoutError):
+                    future.result(timeout=5.0)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
+        finally:
+            dht.close()
+    finally:
+        runtime.close()
 
 
 def register(app: typer.Typer) -> None:
@@ -99,15 +141,13 @@ def register(app: typer.Typer) -> None:
         )
         if duration_s is not None and not duration_s > 0:
             raise ConfigError(f"--duration must be positive, got {duration_s!r}")
-        source: DashboardSource
-        if events:
-            missing = [str(p) for p in events if not p.exists()]
-            if missing:
-                raise ConfigError(f"--events: no such file: {', '.join(missing)}")
-            source = EventLogSource(events)
-        else:
-            source = join_source(join, view)
         try:
-            asyncio.run(run_dashboard(source, config, duration_s))
+            if events:
+                missing = [str(p) for p in events if not p.exists()]
+                if missing:
+                    raise ConfigError(f"--events: no such file: {', '.join(missing)}")
+                asyncio.run(run_dashboard(EventLogSource(events), config, duration_s))
+            else:
+                serve_joined(list(join), config, duration_s)
         except OSError as exc:
             raise ConfigError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc
