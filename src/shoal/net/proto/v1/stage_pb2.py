@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from shoal.net.proto.v1 import tensor_pb2 as shoal_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/stage.proto\x12\x08shoal.v1\x1a\x15shoal/v1/tensor.proto\"\x82\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x0c\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x17\n\x0fpayload_tensors\x18\x04 \x01(\r\x12\x10\n\x08\x62udget_s\x18\x05 \x01(\x01\x12\x13\n\x0bhas_targets\x18\x06 \x01(\x08\"n\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x0c\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x17\n\x0fpayload_tensors\x18\x04 \x01(\r\x12\x10\n\x08\x62udget_s\x18\x05 \x01(\x01\"\xac\x01\n\nStageReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.shoal.v1.ReplyStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fpayload_tensors\x18\x03 \x01(\r\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x14\n\x0cqueue_length\x18\x06 \x01(\r\x12\x17\n\x0foptimizer_steps\x18\x07 \x01(\x04\"\"\n\x11ParametersRequest\x12\r\n\x05stage\x18\x01 \x01(\r\"I\n\x0eParametersInfo\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07tensors\x18\x02 \x01(\r\x12\x17\n\x0foptimizer_steps\x18\x03 \x01(\x04\"\x12\n\x10StageInfoRequest\"\x95\x01\n\tStageInfo\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x12\n\nnum_stages\x18\x02 \x01(\r\x12\x12\n\nthroughput\x18\x03 \x01(\x01\x12\x14\n\x0cqueue_length\x18\x04 \x01(\r\x12\x11\n\tmax_queue\x18\x05 \x01(\r\x12\x0f\n\x07\x61pplied\x18\x06 \x01(\x04\x12\x17\n\x0foptimizer_steps\x18\x07 \x01(\x04\"\x97\x01\n\x11StageAnnouncement\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x12\n\nnum_stages\x18\x03 \x01(\r\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x14\n\x0cqueue_length\x18\x05 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x14\n\x0c\x61nnounced_at\x18\x07 \x01(\x01*p\n\x0bReplyStatus\x12\x1c\n\x18REPLY_STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x08\n\x04\x42USY\x10\x02\x12\x0f\n\x0bWRONG_STAGE\x10\x03\x12\x13\n\x0fUNKNOWN_REQUEST\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x32\xff\x01\n\x05Stage\x12;\n\x07\x46orward\x12\x15.shoal.v1.TensorFrame\x1a\x15.shoal.v1.TensorFrame(\x01\x30\x01\x12<\n\x08\x42\x61\x63kward\x12\x15.shoal.v1.TensorFrame\x1a\x15.shoal.v1.TensorFrame(\x01\x30\x01\x12\x42\n\nParameters\x12\x1b.shoal.v1.ParametersRequest\x1a\x15.shoal.v1.TensorFrame0\x01\x12\x37\n\x04Info\x12\x1a.shoal.v1.StageInfoRequest\x1a\x13.shoal.v1.StageInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14shoal/v1/stage.proto\x12\x08shoal.v1\x1a\x15shoal/v1/tensor.proto\"\x97\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x0c\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x17\n\x0fpayload_tensors\x18\x04 \x01(\r\x12\x10\n\x08\x62udget_s\x18\x05 \x01(\x01\x12\x13\n\x0bhas_targets\x18\x06 \x01(\x08\x12\x13\n\x0bmicro_batch\x18\x07 \x01(\x04\"\x83\x01\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x0c\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x17\n\x0fpayload_tensors\x18\x04 \x01(\r\x12\x10\n\x08\x62udget_s\x18\x05 \x01(\x01\x12\x13\n\x0bmicro_batch\x18\x06 \x01(\x04\"\xac\x01\n\nStageReply\x12%\n\x06status\x18\x01 \x01(\x0e\x32\x15.shoal.v1.ReplyStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fpayload_tensors\x18\x03 \x01(\r\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x14\n\x0cqueue_length\x18\x06 \x01(\r\x12\x17\n\x0foptimizer_steps\x18\x07 \x01(\x04\"\"\n\x11ParametersRequest\x12\r\n\x05stage\x18\x01 \x01(\r\"I\n\x0eParametersInfo\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07tensors\x18\x02 \x01(\r\x12\x17\n\x0foptimizer_steps\x18\x03 \x01(\x04\"\x12\n\x10StageInfoRequest\"\x95\x01\n\tStageInfo\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x12\n\nnum_stages\x18\x02 \x01(\r\x12\x12\n\nthroughput\x18\x03 \x01(\x01\x12\x14\n\x0cqueue_length\x18\x04 \x01(\r\x12\x11\n\tmax_queue\x18\x05 \x01(\r\x12\x0f\n\x07\x61pplied\x18\x06 \x01(\x04\x12\x17\n\x0foptimizer_steps\x18\x07 \x01(\x04\"\x97\x01\n\x11StageAnnouncement\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x12\n\nnum_stages\x18\x03 \x01(\r\x12\x12\n\nthroughput\x18\x04 \x01(\x01\x12\x14\n\x0cqueue_length\x18\x05 \x01(\r\x12\x0e\n\x06\x61\x63tive\x18\x06 \x01(\x08\x12\x14\n\x0c\x61nnounced_at\x18\x07 \x01(\x01*p\n\x0bReplyStatus\x12\x1c\n\x18REPLY_STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x08\n\x04\x42USY\x10\x02\x12\x0f\n\x0bWRONG_STAGE\x10\x03\x12\x13\n\x0fUNKNOWN_REQUEST\x10\x04\x12\x0b\n\x07\x45XPIRED\x10\x05\x32\xff\x01\n\x05Stage\x12;\n\x07\x46orward\x12\x15.shoal.v1.TensorFrame\x1a\x15.shoal.v1.TensorFrame(\x01\x30\x01\x12<\n\x08\x42\x61\x63kward\x12\x15.shoal.v1.TensorFrame\x1a\x15.shoal.v1.TensorFrame(\x01\x30\x01\x12\x42\n\nParameters\x12\x1b.shoal.v1.ParametersRequest\x1a\x15.shoal.v1.TensorFrame0\x01\x12\x37\n\x04Info\x12\x1a.shoal.v1.StageInfoRequest\x1a\x13.shoal.v1.StageInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.v1.stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REPLYSTATUS']._serialized_start=914
-  _globals['_REPLYSTATUS']._serialized_end=1026
+  _globals['_REPLYSTATUS']._serialized_start=957
+  _globals['_REPLYSTATUS']._serialized_end=1069
   _globals['_FORWARDREQUEST']._serialized_start=58
-  _globals['_FORWARDREQUEST']._serialized_end=188
-  _globals['_BACKWARDREQUEST']._serialized_start=190
-  _globals['_BACKWARDREQUEST']._serialized_end=300
-  _globals['_STAGEREPLY']._serialized_start=303
-  _globals['_STAGEREPLY']._serialized_end=475
-  _globals['_PARAMETERSREQUEST']._serialized_start=477
-  _globals['_PARAMETERSREQUEST']._serialized_end=511
-  _globals['_PARAMETERSINFO']._serialized_start=513
-  _globals['_PARAMETERSINFO']._serialized_end=586
-  _globals['_STAGEINFOREQUEST']._serialized_start=588
-  _globals['_STAGEINFOREQUEST']._serialized_end=606
-  _globals['_STAGEINFO']._serialized_start=609
-  _globals['_STAGEINFO']._serialized_end=758
-  _globals['_STAGEANNOUNCEMENT']._serialized_start=761
-  _globals['_STAGEANNOUNCEMENT']._serialized_end=912
-  _globals['_STAGE']._serialized_start=1029
-  _globals['_STAGE']._serialized_end=1284
+  _globals['_FORWARDREQUEST']._serialized_end=209
+  _globals['_BACKWARDREQUEST']._serialized_start=212
+  _globals['_BACKWARDREQUEST']._serialized_end=343
+  _globals['_STAGEREPLY']._serialized_start=346
+  _globals['_STAGEREPLY']._serialized_end=518
+  _globals['_PARAMETERSREQUEST']._serialized_start=520
+  _globals['_PARAMETERSREQUEST']._serialized_end=554
+  _globals['_PARAMETERSINFO']._serialized_start=556
+  _globals['_PARAMETERSINFO']._serialized_end=629
+  _globals['_STAGEINFOREQUEST']._serialized_start=631
+  _globals['_STAGEINFOREQUEST']._serialized_end=649
+  _globals['_STAGEINFO']._serialized_start=652
+  _globals['_STAGEINFO']._serialized_end=801
+  _globals['_STAGEANNOUNCEMENT']._serialized_start=804
+  _globals['_STAGEANNOUNCEMENT']._serialized_end=955
+  _globals['_STAGE']._serialized_start=1072
+  _globals['_STAGE']._serialized_end=1327
 # @@protoc_insertion_point(module_scope)

@@ -22,34 +22,38 @@ UNKNOWN_REQUEST: ReplyStatus
 EXPIRED: ReplyStatus
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "stage", "codec", "payload_tensors", "budget_s", "has_targets")
+    __slots__ = ("request_id", "stage", "codec", "payload_tensors", "budget_s", "has_targets", "micro_batch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_TENSORS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     HAS_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     request_id: bytes
     stage: int
     codec: str
     payload_tensors: int
     budget_s: float
     has_targets: bool
-    def __init__(self, request_id: _Optional[bytes] = ..., stage: _Optional[int] = ..., codec: _Optional[str] = ..., payload_tensors: _Optional[int] = ..., budget_s: _Optional[float] = ..., has_targets: _Optional[bool] = ...) -> None: ...
+    micro_batch: int
+    def __init__(self, request_id: _Optional[bytes] = ..., stage: _Optional[int] = ..., codec: _Optional[str] = ..., payload_tensors: _Optional[int] = ..., budget_s: _Optional[float] = ..., has_targets: _Optional[bool] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("request_id", "stage", "codec", "payload_tensors", "budget_s")
+    __slots__ = ("request_id", "stage", "codec", "payload_tensors", "budget_s", "micro_batch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_TENSORS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     request_id: bytes
     stage: int
     codec: str
     payload_tensors: int
     budget_s: float
-    def __init__(self, request_id: _Optional[bytes] = ..., stage: _Optional[int] = ..., codec: _Optional[str] = ..., payload_tensors: _Optional[int] = ..., budget_s: _Optional[float] = ...) -> None: ...
+    micro_batch: int
+    def __init__(self, request_id: _Optional[bytes] = ..., stage: _Optional[int] = ..., codec: _Optional[str] = ..., payload_tensors: _Optional[int] = ..., budget_s: _Optional[float] = ..., micro_batch: _Optional[int] = ...) -> None: ...
 
 class StageReply(_message.Message):
     __slots__ = ("status", "reason", "payload_tensors", "loss", "duplicate", "queue_length", "optimizer_steps")
