@@ -2,13 +2,16 @@ import asyncio
 import random
 from types import SimpleNamespace
 
+import pytest
+
 from shoal.errors import PeerTimeout
 from shoal.monitor.config import SwarmViewConfig
 from shoal.monitor.publish import (
-    DEFAULT_SWARM_KEY,
     DhtSummaryStore,
     MemorySummaryStore,
     SummaryPublisher,
+    monitor_keys,
+    shard_of,
 )
 from shoal.monitor.summary import PeerSummary, encode_summary
 
@@ -53,11 +56,11 @@ def test_dht_store_writes_own_subkey_and_reads_everyone_skipping_garbage():
         ]
         for i, store in enumerate(stores):
             await store.publish(PeerSummary(peer=peer_id(i), t=clock(), step=i))
-        await dht.store(DEFAULT_SWARM_KEY, b"\xc1garbage", 0.0, subkey=b"evil")
-        [(_, expires)] = [
-            v for sk, v in dht.records[DEFAULT_SWARM_KEY].items() if sk == b"shpeer00" + b"x" * 44
-        ]
-        assert expires == 5_060.0
+        keys = monitor_keys(CFG)
+        assert keys[0] == b"shoal/v1/swarm/default/monitor/0" and len(keys) == CFG.shards
+        await dht.store(keys[1], b"\xc1garbage", 0.0, subkey=b"evil")
+        own_key = keys[shard_of(peer_id(0), CFG.shards)]
+        assert dht.records[own_key][peer_id(0).encode()][1] == 5_060.0
         fetched = await stores[0].fetch()
         assert sorted((s.peer, s.step) for s in fetched) == [(peer_id(i), i) for i in range(3)]
         assert await DhtSummaryStore(FakeDht(shape), subkey=b"x", config=CFG).fetch() == []
@@ -109,5 +112,34 @@ def test_memory_store_round_trips_through_the_wire_form():
         await store.publish(s)
         assert store.records["shme"] == encode_summary(s)
         assert await store.fetch() == [s]
+
+    asyncio.run(main())
+
+
+def test_summaries_spread_over_shards_and_a_dead_shard_does_not_blind_the_view():
+    cfg = SwarmViewConfig(shards=4)
+    peers = [f"sh{i:03d}" for i in range(40)]
+    assert len({shard_of(p, 4) for p in peers}) == 4
+
+    class HalfDeadDht(FakeDht):
+        async def get(self, key):
+            if key.endswith(b"/0"):
+                raise PeerTimeout("lookup timed out")
+            return await super().get(key)
+
+    class DeadDht(FakeDht):
+        async def get(self, key):
+            raise PeerTimeout("lookup timed out")
+
+    async def main() -> None:
+        dht = HalfDeadDht("mapping")
+        for p in peers:
+            store = DhtSummaryStore(dht, subkey=p.encode(), config=cfg, bind_owner=False)
+            await store.publish(PeerSummary(peer=p, t=1.0))
+        fetched = await DhtSummaryStore(dht, config=cfg, bind_owner=False).fetch()
+        expected = sorted(p for p in peers if shard_of(p, 4) != 0)
+        assert sorted(s.peer for s in fetched) == expected
+        with pytest.raises(PeerTimeout):
+            await DhtSummaryStore(DeadDht("mapping"), config=cfg).fetch()
 
     asyncio.run(main())

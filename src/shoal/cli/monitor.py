@@ -115,6 +115,7 @@ def register(app: typer.Typer) -> None:
         join: list[str] = typer.Option(  # noqa: B008
             None, "--join", help="host:port of a swarm peer to observe through (repeatable)."
         ),
+        swarm: str = typer.Option("default", "--swarm", help="Name of the swarm to observe."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address the dashboard binds."),
         port: int = typer.Option(8321, "--port", help="Dashboard port (0 picks a free one)."),
         poll_interval_s: float = typer.Option(
@@ -133,6 +134,7 @@ def register(app: typer.Typer) -> None:
         if bool(events) == bool(join):
             raise ConfigError("give exactly one source: --events PATH... or --join ADDR...")
         view = SwarmViewConfig(
+            swarm=swarm,
             stale_after_s=stale_after_s,
             record_ttl_s=max(60.0, stale_after_s),
         )

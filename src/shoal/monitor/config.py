@@ -99,6 +99,11 @@ class ProfilerConfig:
 class SwarmViewConfig:
     """Publishing this peer's summary and assembling everyone's."""
 
+    swarm: str = "default"
+    """Name of the swarm (as in ``shoal.swarm.SwarmConfig.swarm``); part of the DHT keys."""
+    shards: int = 4
+    """Summaries are spread over this many DHT keys by peer (one DHT answer carries at most
+    64 records, so one key would cap the view at 64 peers)."""
     publish_interval_s: float = 10.0
     """How often a peer publishes its summary."""
     publish_timeout_s: float = 5.0
@@ -119,6 +124,12 @@ class SwarmViewConfig:
             "max_future_s",
         ):
             _positive("SwarmViewConfig", name, getattr(self, name))
+        if not self.swarm or len(self.swarm) > 64 or "/" in self.swarm:
+            raise ConfigError(
+                f"SwarmViewConfig.swarm must be 1..64 characters without '/', got {self.swarm!r}"
+            )
+        if not 1 <= self.shards <= 256:
+            raise ConfigError(f"SwarmViewConfig.shards must be in 1..256, got {self.shards!r}")
         if self.record_ttl_s < self.publish_interval_s:
             raise ConfigError(
                 "SwarmViewConfig.record_ttl_s must be >= publish_interval_s, "

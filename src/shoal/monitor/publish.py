@@ -3,9 +3,11 @@
 A :class:`SummaryStore` has two coroutines: ``publish(summary)`` puts this peer's summary
 where others can read it, ``fetch()`` returns every summary currently readable. Bindings:
 
-- :class:`DhtSummaryStore`: one DHT key per swarm (``swarm_key``), one subkey per peer
-  (``shoal.dht`` prefixes the subkey with the writer's PeerID and verifies the signature, so
-  each peer can only overwrite its own entry); records expire after ``record_ttl_s``.
+- :class:`DhtSummaryStore`: the keys ``shoal/v1/swarm/<swarm>/monitor/<shard>`` (peers
+  spread over ``shards`` keys by a hash of their id), one subkey per peer (``shoal.dht``
+  prefixes the subkey with the writer's PeerID and verifies the signature, so each peer can
+  only overwrite its own entry); records expire after ``record_ttl_s``. ``fetch`` reads all
+  shards concurrently.
   Binds to ``shoal.dht.DHTNode`` (``store``/``get``) or anything with the same two methods.
 - :class:`MemorySummaryStore`: a dict, for tests and for observers in the same process.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -29,17 +32,28 @@ from shoal.monitor.summary import PeerSummary, decode_summary, encode_summary
 from shoal.net.identity import PEER_ID_BYTES, PeerID
 
 __all__ = [
-    "DEFAULT_SWARM_KEY",
     "DhtLike",
     "DhtSummaryStore",
     "MemorySummaryStore",
     "SummaryPublisher",
     "SummaryStore",
+    "monitor_keys",
+    "shard_of",
 ]
 
-DEFAULT_SWARM_KEY = b"shoal/monitor/v1"
 _MAX_RECORDS = 4096
 log = logging.getLogger(__name__)
+
+
+def monitor_keys(config: SwarmViewConfig) -> list[bytes]:
+    """The DHT keys holding the swarm's summaries, one per shard."""
+    base = f"shoal/v1/swarm/{config.swarm}/monitor/".encode()
+    return [base + str(i).encode() for i in range(config.shards)]
+
+
+def shard_of(peer: str, shards: int) -> int:
+    """The shard a peer publishes to (stable across processes)."""
+    return hashlib.sha256(peer.encode()).digest()[0] % shards
 
 
 class SummaryStore(Protocol):
@@ -94,24 +108,36 @@ class DhtSummaryStore:
         *,
         config: SwarmViewConfig,
         subkey: Any = b"",
-        swarm_key: Any = DEFAULT_SWARM_KEY,
         bind_owner: bool = True,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._dht = dht
         self._subkey = subkey
         self._config = config
-        self._key = swarm_key
+        self._keys = monitor_keys(config)
         self._bind_owner = bind_owner
         self._clock = wall_clock
 
     async def publish(self, summary: PeerSummary) -> None:
         expires_at = self._clock() + self._config.record_ttl_s
-        await self._dht.store(self._key, encode_summary(summary), expires_at, subkey=self._subkey)
+        key = self._keys[shard_of(summary.peer, len(self._keys))]
+        await self._dht.store(key, encode_summary(summary), expires_at, subkey=self._subkey)
 
     async def fetch(self) -> list[PeerSummary]:
+        """Every valid summary of every shard. Raises the first NetworkError only when no
+        shard could be read."""
+        answers = await asyncio.gather(
+            *(self._dht.get(k) for k in self._keys), return_exceptions=True
+        )
+        failures = [a for a in answers if isinstance(a, BaseException)]
+        for a in failures:
+            if not isinstance(a, NetworkError):
+                raise a
+        if failures and len(failures) == len(answers):
+            raise failures[0]
         out = []
-        for subkey, value in _record_values(await self._dht.get(self._key)):
+        pairs = [p for a in answers if not isinstance(a, BaseException) for p in _record_values(a)]
+        for subkey, value in pairs:
             try:
                 summary = decode_summary(value)
             except ProtocolViolation as exc:
