@@ -112,7 +112,7 @@ class StageServer:
             await asyncio.sleep(period_s * self._rng.uniform(0.8, 1.2))
             try:
                 await fn()
-            except (ShoalError, TimeoutError) as exc:
+            except (ShoalError, asyncio.TimeoutError) as exc:
                 log.warning("stage server %s: %s", fn.__name__, exc)
 
     def close(self) -> None:
@@ -201,7 +201,7 @@ class StageServer:
             try:
                 state = await self.fetch_parameters(cand, stage)
                 break
-            except (NetworkError, ConfigError, TimeoutError) as exc:
+            except (NetworkError, ConfigError, asyncio.TimeoutError) as exc:
                 log.warning("parameters of stage %d from %s failed: %s", stage, cand.address,
                             exc)
         await self.core.worker.submit(CONTROL, lambda: self.core.install_job(stage, state))

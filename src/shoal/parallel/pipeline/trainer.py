@@ -164,17 +164,20 @@ class PipelineTrainer:
         stat.inflight += 1
         self.counters.calls += 1
         start = self.clock()
+        async def exchange() -> tuple[pb.StageReply, list[torch.Tensor]]:
+            stream = getattr(stub, method)(frames, timeout_s=budget)
+            reader = TensorReader(stream, self.runtime.config.tensor_limits)
+            reply = await reader.read_meta(pb.StageReply)
+            if reply.payload_tensors > 2:
+                raise ProtocolViolation(f"{reply.payload_tensors} tensors in a stage reply")
+            out = [await reader.read_tensor() for _ in range(reply.payload_tensors)]
+            async for _ in stream:
+                raise ProtocolViolation("extra frames after a stage reply")
+            return reply, out
+
         try:
-            async with asyncio.timeout(budget):
-                stream = getattr(stub, method)(frames, timeout_s=budget)
-                reader = TensorReader(stream, self.runtime.config.tensor_limits)
-                reply = await reader.read_meta(pb.StageReply)
-                if reply.payload_tensors > 2:
-                    raise ProtocolViolation(f"{reply.payload_tensors} tensors in a stage reply")
-                out = [await reader.read_tensor() for _ in range(reply.payload_tensors)]
-                async for _ in stream:
-                    raise ProtocolViolation("extra frames after a stage reply")
-        except TimeoutError:
+            reply, out = await asyncio.wait_for(exchange(), budget)
+        except asyncio.TimeoutError:
             raise PeerTimeout(f"Stage/{method} took more than {budget} s",
                               peer=cand.address) from None
         finally:
@@ -322,10 +325,15 @@ class PipelineTrainer:
                 with contextlib.suppress(Exception):
                     on_result(res)
 
-        async with asyncio.TaskGroup() as tg:
+        tasks: set[asyncio.Task[None]] = set()
+        try:
             for mb, (x, y) in enumerate(batches):
                 await sem.acquire()
-                tg.create_task(one(mb, x, y))
+                tasks.add(asyncio.ensure_future(one(mb, x, y)))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
         return sorted(results, key=lambda r: r.micro_batch)
 
     def train_blocking(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
