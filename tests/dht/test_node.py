@@ -4,7 +4,8 @@ import pytest
 
 from shoal.dht.bootstrap import RetryPolicy
 from shoal.dht.node import merge_records
-from shoal.dht.record import sign_record
+from shoal.dht.record import Record, sign_record
+from shoal.dht.transport import FindValueAnswer
 from shoal.dht.virtual_loop import run_virtual
 from shoal.errors import ConfigError, PeerUnavailable
 from shoal.net.identity import Identity
@@ -127,6 +128,34 @@ def test_close_is_idempotent_and_cancels_maintenance():
         await node.close()
         await node.close()
         assert len(node.tasks) == 0
+        await cl.close()
+
+    run_virtual(scenario())
+
+
+def test_reader_ignores_forged_records_served_by_malicious_holders():
+    async def scenario():
+        cl = make_cluster()
+        await grow(cl, 12)
+        exp = cl.wall_clock() + 600
+        writer = cl.nodes[0]
+        await writer.store(b"k", b"honest", exp)
+        honest = sign_record(writer.identity, b"k", b"honest", exp)
+        forged = Record(b"k", b"", b"evil", exp + 1, honest.writer, honest.signature)
+        served = []
+
+        def evil(inner):
+            def handle_find_value(caller, location):
+                answer = inner(caller, location)
+                served.append(location)
+                return FindValueAnswer([forged, *answer.records], answer.closer)
+
+            return handle_find_value
+
+        for node in cl.nodes[:-1]:  # every holder serves a forged, fresher record
+            node.handle_find_value = evil(node.handle_find_value)
+        assert await cl.nodes[-1].get(b"k") == b"honest"
+        assert served  # the forgery really was offered
         await cl.close()
 
     run_virtual(scenario())
