@@ -123,7 +123,7 @@ async def _send_all(
             else:
                 timeout = max(0.0, deadline - loop.time())
                 await transport.send(to, message, timeout)  # type: ignore[arg-type]
-        except NetworkError as exc:
+        except (NetworkError, TimeoutError) as exc:
             failed[to] = f"{type(exc).__name__}: {exc}"
 
     tasks = [asyncio.ensure_future(one(to, message)) for to, message in sends]
@@ -150,10 +150,11 @@ async def run_allreduce(
     *,
     codec: Codec | None = None,
     config: AllReduceConfig | None = None,
-) -> tuple[RoundResult, torch.Tensor | None]:
-    """Run one round; return the result and, on success, the reduced flat vector.
+) -> tuple[RoundResult, dict[int, torch.Tensor] | None]:
+    """Run one round; return the result and, on success, the reduced part of every range.
 
-    ``flat`` is only read. ``deadline`` is on the running loop's clock. The caller opens
+    ``flat`` is only read (the caller writes the parts back, so no full-size buffer is
+    allocated here). ``deadline`` is on the running loop's clock. The caller opens
     ``round_id`` in the inbox before peers may send (it is closed here at the end).
     """
     config = config or AllReduceConfig()
@@ -281,12 +282,10 @@ async def run_allreduce(
         if not await inbox.wait_until(complete, deadline):
             missing = sorted(j for j in live_parts if j not in results)
             return _failed(f"parts {missing} missing at the deadline", excluded, seconds), None
-        out = torch.empty_like(flat)
         for j in live_parts:
             a, b = ranges[j]
             if results[j].numel() != b - a:
                 return _failed(f"part {j} has the wrong size", excluded, seconds), None
-            out[a:b] = results[j]
         seconds["all_gather"] = time.perf_counter() - t0 - sum(seconds.values())
         for m, why in unreachable.items():
             excluded.setdefault(m, why)
@@ -298,7 +297,7 @@ async def run_allreduce(
             reassigned=reassigned,
             seconds=seconds,
         )
-        return result, out
+        return result, {j: results[j] for j in live_parts}
     finally:
         inbox.close(round_id)
 

@@ -85,7 +85,7 @@ class Averager:
         shares = shares_from_bandwidth(group.bandwidths_bps, group.client_mode)
         ranges = part_ranges(flat.numel, shares)
         deadline = asyncio.get_running_loop().time() + timeout_s
-        result, out = await run_allreduce(
+        result, parts = await run_allreduce(
             self.transport,
             group.round_id,
             group.members,
@@ -96,6 +96,6 @@ class Averager:
             codec=self.codec,
             config=self.config,
         )
-        if result.ok and out is not None:
-            flat.write_back(out)
+        if result.ok and parts is not None:
+            flat.write_parts(ranges, parts)
         return result

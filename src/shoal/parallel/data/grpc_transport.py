@@ -107,7 +107,9 @@ def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) ->
     if meta.kind == pb.REPORT:
         if tensors:
             raise ProtocolViolation("a report carries no tensors")
-        rejected = {_peer(r.peer_id): r.reason[:MAX_REASON_CHARS] for r in meta.rejected}
+        rejected: dict[Member, str] = {
+            _peer(r.peer_id): r.reason[:MAX_REASON_CHARS] for r in meta.rejected
+        }
         return Report(meta.round_id, sender, meta.part, peers, rejected)
     if meta.kind not in (pb.CONTRIBUTION, pb.REDUCED):
         raise ProtocolViolation(f"unknown round message kind {meta.kind}")

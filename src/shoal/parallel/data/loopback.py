@@ -75,13 +75,17 @@ class _Holding:
         await self.inner.send(to, message, timeout_s)
 
 
+def _hex(peer: Member) -> str:
+    return peer.raw.hex() if isinstance(peer, PeerID) else repr(peer)
+
+
 def _peer_main() -> None:
     torch.set_num_threads(1)
     runtime = NetRuntime(Identity.generate(), NetConfig(port=0, unix_socket=False)).start()
     transport = GrpcTransport(runtime)
     _emit({"peer": runtime.peer_id.raw.hex(), "address": runtime.address})
     group: GroupSpec | None = None
-    data = torch.empty(0)
+    data = work = torch.empty(0)
     rank, codec = 0, "none"
     try:
         for line in sys.stdin:
@@ -94,6 +98,7 @@ def _peer_main() -> None:
                     transport.set_address(peer, address)
                 rank = members.index(runtime.peer_id)
                 data = peer_input(cmd["numel"], cmd["seed"], rank)
+                work = data.clone()
                 codec = cmd.get("codec", "none")
                 group = GroupSpec.uniform(b"", members)
                 _emit({"configured": rank})
@@ -102,23 +107,23 @@ def _peer_main() -> None:
                 hold = cmd.get("hold_after")
                 chosen = transport if hold is None else _Holding(transport, hold)
                 averager = Averager(chosen, wire_codec=codec)
-                tensor = data.clone()
+                work.copy_(data)
                 t0 = time.perf_counter()
                 result = runtime.run(
                     averager.average(
-                        [tensor], peer_weight(rank), group=spec, timeout_s=cmd["timeout_s"]
+                        [work], peer_weight(rank), group=spec, timeout_s=cmd["timeout_s"]
                     ),
                     cmd["timeout_s"] + 5.0,
                 )
                 seconds = time.perf_counter() - t0
                 if cmd.get("out") and result.ok:
-                    torch.save(tensor, cmd["out"])
+                    torch.save(work, cmd["out"])
                 _emit(
                     {
                         "round": cmd["round"],
                         "ok": result.ok,
                         "reason": result.reason,
-                        "contributors": sorted(p.raw.hex() for p in result.contributors),
+                        "contributors": sorted(_hex(p) for p in result.contributors),
                         "seconds": seconds,
                         "phases": result.seconds,
                     }
@@ -180,10 +185,13 @@ class LoopbackSwarm:
         for i in range(len(self.procs)):
             self.read(i, 60.0)
 
-    def start_round(self, k: int, timeout_s: float, **extra: Any) -> None:
+    def start_round(
+        self, k: int, timeout_s: float, extra: dict[int, dict[str, Any]] | None = None
+    ) -> None:
+        """Tell every live peer to run round ``k``; ``extra[i]`` adds fields for peer i."""
         for i in range(len(self.procs)):
-            cmd = {"cmd": "round", "round": k, "timeout_s": timeout_s}
-            cmd.update(extra.get(i, {}))
+            cmd: dict[str, Any] = {"cmd": "round", "round": k, "timeout_s": timeout_s}
+            cmd.update((extra or {}).get(i, {}))
             self.send(i, cmd)
 
     def kill(self, i: int) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from shoal.compress import Encoded
-from shoal.errors import PeerUnavailable
+from shoal.errors import PeerTimeout, PeerUnavailable
 from shoal.parallel.data.messages import Contribution, Member, Message, Reduced
 from shoal.parallel.data.transport import Inbox
 
@@ -97,4 +97,7 @@ class MemoryTransport:
         self.inbox = inbox
 
     async def send(self, to: Member, message: Message, timeout_s: float) -> None:
-        await asyncio.wait_for(self.network._send(self.me, to, message), max(timeout_s, 0.0))
+        try:
+            await asyncio.wait_for(self.network._send(self.me, to, message), max(timeout_s, 0.0))
+        except TimeoutError:
+            raise PeerTimeout("send timed out", peer=repr(to)) from None

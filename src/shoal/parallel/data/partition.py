@@ -94,6 +94,17 @@ class FlatVector:
     def numel(self) -> int:
         return self.flat.numel()
 
+    def write_parts(
+        self, ranges: Sequence[tuple[int, int]], parts: dict[int, torch.Tensor]
+    ) -> None:
+        """Store each ``parts[j]`` at ``ranges[j]`` of the flat vector, then into the tensors."""
+        with torch.no_grad():
+            for j, part in parts.items():
+                a, b = ranges[j]
+                self.flat[a:b].copy_(part)
+        if not self.is_view:
+            self.write_back(self.flat)
+
     def write_back(self, result: torch.Tensor) -> None:
         """Store a flat result of the same size into the original tensors."""
         if result.numel() != self.numel:
