@@ -85,3 +85,36 @@ def test_dashboard_marks_peers_stale_as_time_passes():
         await dash.aclose()
 
     asyncio.run(main())
+
+
+def test_history_is_bounded_and_keeps_the_newest_points():
+    from shoal.monitor.history import History
+    from shoal.monitor.summary import PeerSummary
+
+    history = History(max_points=16, max_peers=2)
+    history.add(
+        PeerSummary(peer=f"sh{p}", t=float(t), step=t, loss=1.0 / (t + 1))
+        for t in range(100)
+        for p in range(3)
+    )
+    assert sorted(history.loss) == ["sh0", "sh1"]  # a third peer gets no series
+    points = history.loss["sh0"].points
+    assert len(points) <= 16 and points[-1][1] == 99 and points[0][1] == 0
+    assert [p[0] for p in points] == sorted(p[0] for p in points)
+    history.add([PeerSummary(peer="sh0", t=200.0, step=99, loss=0.5)])  # same step: no point
+    assert history.loss["sh0"].points[-1][0] == 99.0
+
+
+def test_dashboard_forgets_the_longest_silent_peers_beyond_its_bound():
+    async def main() -> None:
+        from shoal.monitor.summary import PeerSummary
+
+        summaries = [PeerSummary(peer=peer_id(i), t=NOW - 100 + i) for i in range(10)]
+        config = DashboardConfig(port=0, max_peers=4)
+        dash = Dashboard(FakeSource(summaries), config, wall_clock=FakeClock(NOW))
+        await dash.poll_once()
+        remembered = [s.peer for s in dash.view.peers + dash.view.stale]
+        assert sorted(remembered) == [peer_id(i) for i in range(6, 10)]
+        await dash.aclose()
+
+    asyncio.run(main())

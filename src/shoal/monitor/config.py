@@ -190,8 +190,10 @@ class DashboardConfig:
     """How often the dashboard fetches summaries from its source."""
     poll_timeout_s: float = 10.0
     """Deadline of one fetch."""
-    history_points: int = 1000
+    history_points: int = 400
     """Points kept per chart series; older points are thinned out, never the newest."""
+    max_peers: int = 1024
+    """Peers remembered (fresh or stale); beyond it the longest-silent are forgotten."""
     events_kept: int = 200
     """Most recent events shown."""
     request_timeout_s: float = 5.0
@@ -210,5 +212,7 @@ class DashboardConfig:
             raise ConfigError(
                 f"DashboardConfig.history_points must be >= 16, got {self.history_points!r}"
             )
+        if self.max_peers < 1:
+            raise ConfigError(f"DashboardConfig.max_peers must be >= 1, got {self.max_peers!r}")
         if self.events_kept < 0:
             raise ConfigError(f"DashboardConfig.events_kept must be >= 0, got {self.events_kept!r}")

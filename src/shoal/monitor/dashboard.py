@@ -91,6 +91,10 @@ class Dashboard:
                 old = self._latest.get(s.peer)
                 if old is None or s.t >= old.t:
                     self._latest[s.peer] = s
+            excess = len(self._latest) - self._config.max_peers
+            if excess > 0:  # forget the peers silent the longest
+                for s in sorted(self._latest.values(), key=lambda s: s.t)[:excess]:
+                    del self._latest[s.peer]
             self._events.extend(batch.events)
         now = self._clock()
         self._view = build_view(self._latest.values(), now, self._config.swarm_view)

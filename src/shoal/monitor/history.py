@@ -41,7 +41,7 @@ class History:
     """Chart series built from summaries: loss and validation get one point per (peer,
     step), samples/s one point per (peer, summary time)."""
 
-    def __init__(self, max_points: int, max_peers: int = 256) -> None:
+    def __init__(self, max_points: int, max_peers: int = 64) -> None:
         self._max_points = max_points
         self._max_peers = max_peers
         self.loss: dict[str, Series] = {}
