@@ -68,7 +68,8 @@ def _start_peers(n: int):
     its summary once."""
     from shoal.dht.peer import DHT
     from shoal.monitor.config import SwarmViewConfig
-    from shoal.monitor.publish import DhtSummaryStore
+    from shoal.monitor.publish import DhtSummaryStore, SummaryPublisher
+    from shoal.monitor.traffic import net_traffic_provider
     from shoal.net.config import NetConfig
     from shoal.net.identity import Identity
     from shoal.net.runtime import NetRuntime
@@ -81,11 +82,17 @@ def _start_peers(n: int):
         peers.append((runtime, dht))
         if i:
             dht.bootstrap([peers[0][0].address])
-        monitor = PeerMonitor(MonitorConfig(), peer=str(runtime.peer_id))
+        # The wiring a peer uses (see src/shoal/monitor/README.md).
+        monitor = PeerMonitor(
+            MonitorConfig(),
+            peer=str(runtime.peer_id),
+            traffic=net_traffic_provider(runtime.traffic),
+        )
         monitor.set_role("trainer")
         monitor.record_progress(100 + i, loss=2.0 + i, samples=10)
         store = DhtSummaryStore(dht.node, config=view)
-        runtime.run(store.publish(monitor.summary()), timeout_s=15)
+        publisher = SummaryPublisher(monitor.snapshot, store.publish, view)
+        assert runtime.run(publisher.publish_once(), timeout_s=15)
         monitor.close()
     return peers
 

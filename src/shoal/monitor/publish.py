@@ -213,6 +213,11 @@ class SummaryPublisher:
                 self._run(), name="shoal-monitor-publish"
             )
 
+    async def astart(self) -> None:
+        """:meth:`start` as a coroutine, for ``runtime.run(publisher.astart(), timeout_s=5)``
+        from a thread that is not the network loop."""
+        self.start()
+
     async def aclose(self, timeout_s: float = 2.0) -> None:
         """Cancel the task and wait for it (bounded). Safe to call twice."""
         task, self._task = self._task, None
