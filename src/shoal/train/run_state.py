@@ -1,0 +1,93 @@
+"""Saving and restoring everything a local run needs to continue bit-exactly.
+
+A checkpoint of a run holds the model, the AdamW state, torch's CPU (and CUDA) RNG states,
+the data generator state (``extra.safetensors``), and in the manifest: the step, the batches
+drawn so far, and the run config (used to refuse a checkpoint of a different model shape).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shoal.errors import CheckpointError
+from shoal.models.data import TrainWindows
+from shoal.state.checkpoint import LoadedCheckpoint, Snapshot, take_snapshot
+
+__all__ = ["checkpoint_root", "restore_run", "snapshot_run"]
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def snapshot_run(
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    windows: TrainWindows,
+    config: dict[str, Any],
+) -> Snapshot:
+    """CPU snapshot of the run after ``step`` optimizer steps (training thread only)."""
+    data_state = windows.state_dict()
+    extra = {"rng.torch_cpu": torch.get_rng_state(), "data.generator": data_state["generator"]}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            extra[f"rng.cuda.{i}"] = state
+    meta = {
+        "config": config,
+        "data": {
+            "batches_drawn": data_state["batches_drawn"],
+            "shard_index": windows.shard_index,
+            "num_shards": windows.num_shards,
+        },
+    }
+    return take_snapshot(step, model, optimizer, extra=extra, meta=meta)
+
+
+def restore_run(
+    ckpt: LoadedCheckpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    windows: TrainWindows,
+    config: dict[str, Any],
+) -> int:
+    """Load ``ckpt`` into the run's objects; returns the step to continue from.
+
+    Raises:
+        CheckpointError: the checkpoint was written for another model shape or data shard,
+            or its tensors do not fit.
+    """
+    saved = ckpt.meta.get("config", {})
+    if saved.get("model_shape") != config.get("model_shape"):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was written for model {saved.get('model_shape')}, "
+            f"not {config.get('model_shape')}"
+        )
+    data = ckpt.meta.get("data", {})
+    if (data.get("shard_index"), data.get("num_shards")) != (
+        windows.shard_index,
+        windows.num_shards,
+    ):
+        raise CheckpointError(f"checkpoint {ckpt.path} belongs to another data shard: {data}")
+    if ckpt.optimizer is None or "data.generator" not in ckpt.extra:
+        raise CheckpointError(f"checkpoint {ckpt.path} lacks optimizer or data state")
+    try:
+        model.load_state_dict(ckpt.model, strict=True)
+        optimizer.load_state_dict(ckpt.optimizer)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model: {exc}") from exc
+    windows.load_state_dict(
+        {"generator": ckpt.extra["data.generator"], "batches_drawn": data.get("batches_drawn", 0)}
+    )
+    if "rng.torch_cpu" in ckpt.extra:
+        torch.set_rng_state(ckpt.extra["rng.torch_cpu"])
+    if torch.cuda.is_available():
+        keys = [k for k in ckpt.extra if k.startswith("rng.cuda.")]
+        states = [ckpt.extra[k] for k in sorted(keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    return ckpt.step
