@@ -1,0 +1,90 @@
+"""The Averaging service's message parser under malformed input: ProtocolViolation or a
+well-formed message, nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.errors import ProtocolViolation
+from shoal.net.identity import Identity
+from shoal.net.proto.v1 import averaging_pb2 as pb
+from shoal.parallel.data.grpc_transport import _frames, parse
+from shoal.parallel.data.messages import Contribution, Reduced, Report
+
+SENDER = Identity.generate().peer_id
+OTHER = Identity.generate().peer_id
+
+_tensors = st.lists(
+    st.tuples(
+        st.sampled_from([torch.float32, torch.float16, torch.int8, torch.int64]),
+        st.integers(0, 40),
+    ).map(lambda t: torch.zeros(t[1], dtype=t[0])),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    round_id=st.binary(max_size=80),
+    kind=st.integers(0, 5),
+    part=st.integers(0, 2**32 - 1),
+    weight=st.floats(allow_nan=True, allow_infinity=True),
+    peers=st.lists(st.binary(max_size=40), max_size=4),
+    codec=st.sampled_from(["none", "fp16", "int8", "zstd", ""]),
+    numel=st.integers(0, 2**64 - 1),
+    block_size=st.integers(0, 2**32 - 1),
+    tensors=_tensors,
+)
+def test_parse_never_fails_otherwise(
+    round_id, kind, part, weight, peers, codec, numel, block_size, tensors
+):
+    meta = pb.RoundMessage(
+        round_id=round_id,
+        kind=kind,
+        part=part,
+        weight=weight,
+        peers=peers,
+        codec=codec,
+        numel=numel,
+        block_size=block_size,
+        payload_tensors=len(tensors),
+    )
+    try:
+        message = parse(meta, SENDER, tensors)
+    except ProtocolViolation:
+        return
+    assert message.sender == SENDER
+    assert isinstance(message, Contribution | Report | Reduced)
+    if not isinstance(message, Report):
+        data = message.data
+        assert data.numel == numel if hasattr(data, "codec") else data.numel() == numel
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
+def test_frames_round_trip_through_parse(codec):
+    from shoal.compress.registry import codec_by_name
+    from shoal.net.tensors import as_tensor
+
+    part = torch.randn(5000)
+    c = codec_by_name(codec)
+    data = part if c is None else c.encode(part)
+    message = Reduced(b"r", SENDER, 3, frozenset({SENDER, OTHER}), 7.0, data)
+    frames = list(_frames(message))
+    meta = pb.RoundMessage()
+    assert frames[0].meta.Unpack(meta)
+    headers = [f.header for f in frames[1:] if not hasattr(f, "data")]
+    chunks = [bytes(f.data) for f in frames[1:] if hasattr(f, "data")]
+    blob = b"".join(chunks)
+    tensors, pos = [], 0
+    for h in headers:
+        tensors.append(as_tensor(h, bytearray(blob[pos : pos + h.byte_length])))
+        pos += h.byte_length
+    back = parse(meta, SENDER, tensors)
+    assert isinstance(back, Reduced) and back.part == 3 and back.weight == 7.0
+    assert back.contributors == frozenset({SENDER, OTHER})
+    decoded = back.data if c is None else c.decode(back.data)
+    expect = part if c is None else c.decode(data)
+    assert torch.equal(decoded.reshape(-1), expect.reshape(-1))
