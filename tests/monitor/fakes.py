@@ -76,6 +76,7 @@ class FakeSource:
     """Returns the whole history on the first poll, then nothing new."""
 
     name = "fake swarm"
+    has_events = True
 
     def __init__(self, summaries: list[PeerSummary], events: list[Event] | None = None) -> None:
         self._pending = list(summaries)

@@ -118,3 +118,28 @@ def test_dashboard_forgets_the_longest_silent_peers_beyond_its_bound():
         await dash.aclose()
 
     asyncio.run(main())
+
+
+def test_store_sources_get_events_derived_from_view_changes():
+    async def main() -> None:
+        from shoal.monitor.publish import MemorySummaryStore
+        from shoal.monitor.sources import StoreSource
+        from shoal.monitor.summary import PeerSummary
+
+        store = MemorySummaryStore()
+        clock = FakeClock(NOW)
+        dash = Dashboard(StoreSource(store), DashboardConfig(port=0), wall_clock=clock)
+        for i in range(3):
+            await store.publish(PeerSummary(peer=peer_id(i), t=NOW, step_t=NOW, step=1))
+        await dash.poll_once()
+        clock.advance(200)  # everyone silent: all stale, nothing left to alert on
+        await store.publish(PeerSummary(peer=peer_id(0), t=clock(), step_t=NOW, step=1))
+        await dash.poll_once()
+        events = [(e["kind"], e["peer"]) for e in dash.state()["events"]][::-1]
+        assert events[:3] == [("seen", peer_id(i)) for i in range(3)]
+        assert events[3:5] == [("stale", peer_id(1)), ("stale", peer_id(2))]
+        assert events[5] == ("alert", "swarm")  # peer 0 is fresh but has not stepped for 200 s
+        assert "stalled" in dash.state()["events"][0]["text"]
+        await dash.aclose()
+
+    asyncio.run(main())

@@ -20,7 +20,7 @@ from shoal.errors import NetworkError
 from shoal.monitor.alerts import Alert, compute_alerts
 from shoal.monitor.config import DashboardConfig
 from shoal.monitor.events import Event
-from shoal.monitor.history import History, dashboard_state
+from shoal.monitor.history import History, dashboard_state, view_changes
 from shoal.monitor.http import DashboardHTTPServer
 from shoal.monitor.sources import DashboardSource
 from shoal.monitor.summary import PeerSummary
@@ -97,9 +97,12 @@ class Dashboard:
                     del self._latest[s.peer]
             self._events.extend(batch.events)
         now = self._clock()
-        self._view = build_view(self._latest.values(), now, self._config.swarm_view)
-        self._history.add_throughput(self._view)
-        self._alerts = compute_alerts(self._view, now, self._config.alerts)
+        view = build_view(self._latest.values(), now, self._config.swarm_view)
+        alerts = compute_alerts(view, now, self._config.alerts)
+        if not getattr(self._source, "has_events", False):
+            self._events.extend(view_changes(self._view, view, self._alerts, alerts))
+        self._view, self._alerts = view, alerts
+        self._history.add_throughput(view)
         self.polls += 1
         self._first_poll.set()
 

@@ -18,7 +18,7 @@ from shoal.monitor.stats import median
 from shoal.monitor.summary import PeerSummary
 from shoal.monitor.view import SwarmView
 
-__all__ = ["History", "Series", "dashboard_state", "event_text"]
+__all__ = ["History", "Series", "dashboard_state", "event_text", "view_changes"]
 
 
 class Series:
@@ -78,6 +78,28 @@ class History:
             self.throughput.add(view.now, view.max_step(), view.total_samples_per_s())
 
 
+def view_changes(
+    old: SwarmView, new: SwarmView, old_alerts: list[Alert], new_alerts: list[Alert]
+) -> list[Event]:
+    """Events a dashboard derives from two successive views (for sources that carry no
+    events of their own): peers appearing or going stale, alerts raised or cleared."""
+    out = []
+    before, after = {s.peer for s in old.peers}, {s.peer for s in new.peers}
+    for peer in sorted(after - before):
+        out.append(Event(new.now, peer, "seen", {}))
+    for peer in sorted(before - after):
+        out.append(Event(new.now, peer, "stale", {}))
+    raised = {(a.kind, a.message) for a in old_alerts}
+    current = {(a.kind, a.message) for a in new_alerts}
+    for a in new_alerts:
+        if (a.kind, a.message) not in raised:
+            out.append(Event(new.now, a.peer or "swarm", "alert", {"message": a.message}))
+    for a in old_alerts:
+        if (a.kind, a.message) not in current:
+            out.append(Event(new.now, a.peer or "swarm", "cleared", {"message": a.message}))
+    return out
+
+
 def _peer_row(s: PeerSummary, now: float, stale: bool) -> dict[str, Any]:
     row = s.to_dict()
     row["last_seen_s"] = max(0.0, now - s.t)
@@ -88,6 +110,8 @@ def _peer_row(s: PeerSummary, now: float, stale: bool) -> dict[str, Any]:
 def event_text(event: Event) -> str:
     """A one-line description of an event for humans."""
     f = event.fields
+    if set(f) == {"message"}:
+        return str(f["message"])[:200]
     skip = {"peer", "t"}
     parts = [f"{k}={v}" for k, v in f.items() if k not in skip and not isinstance(v, dict)]
     return " ".join(parts)[:200]

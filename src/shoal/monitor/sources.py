@@ -32,11 +32,16 @@ class SourceBatch:
 
 class DashboardSource(Protocol):
     name: str
+    """Shown on the page."""
+    has_events: bool
+    """False: the dashboard derives events from view changes (peers seen/stale, alerts)."""
 
     async def poll(self) -> SourceBatch: ...
 
 
 class StoreSource:
+    has_events = False
+
     def __init__(self, store: SummaryStore, name: str = "swarm") -> None:
         self._store = store
         self.name = name
@@ -60,6 +65,8 @@ def split_events(events: Sequence[Event]) -> SourceBatch:
 
 class EventLogSource:
     """Follows one or more event logs. File reads run in a worker thread."""
+
+    has_events = True
 
     def __init__(self, paths: Sequence[Path], *, backups: int = 3) -> None:
         self._paths = [Path(p) for p in paths]
