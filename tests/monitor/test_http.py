@@ -1,8 +1,10 @@
 import asyncio
 import json
+import re
 
 from shoal.monitor.config import DashboardConfig
 from shoal.monitor.dashboard import Dashboard
+from shoal.monitor.http import STATIC_DIR
 
 from .fakes import NOW, FakeClock, FakeSource, peer_id, swarm_events, swarm_history
 
@@ -143,3 +145,10 @@ def test_store_sources_get_events_derived_from_view_changes():
         await dash.aclose()
 
     asyncio.run(main())
+
+
+def test_static_page_loads_nothing_from_outside() -> None:
+    for path in STATIC_DIR.iterdir():
+        text = path.read_text()
+        assert not re.search(r"(src|href)=\"(https?:)?//", text), path.name
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", ""), path.name
