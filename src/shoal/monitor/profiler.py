@@ -138,7 +138,9 @@ class _PhaseTimer:
 
 
 class StepProfiler:
-    """Per-step phase timer and traffic accountant; phase timers belong to one thread."""
+    """Per-step phase timer and traffic accountant. Phase timers, ``begin_step`` and
+    ``end_step`` belong to one thread (the compute thread); ``add``, ``recent`` and
+    ``summary`` may be called from any."""
 
     def __init__(
         self,
@@ -214,18 +216,22 @@ class StepProfiler:
             self._last_traffic = current
         wall = max(now - self._step_start, sum(acc))
         profile = StepProfile(self._step, wall, acc[0], acc[1], acc[2], delta)
-        self._window.append(profile)
+        with self._lock:
+            self._window.append(profile)
         self._step += 1
         self._step_start = now
         self._acc = [0.0, 0.0, 0.0]
         return profile
 
     def recent(self) -> list[StepProfile]:
-        return list(self._window)
+        """The steps in the window, oldest first; safe from any thread."""
+        with self._lock:
+            return list(self._window)
 
     def summary(self) -> ProfileSummary | None:
-        """Statistics over the last ``window_steps`` steps; ``None`` before the first."""
-        window = list(self._window)
+        """Statistics over the last ``window_steps`` steps; ``None`` before the first. Safe
+        from any thread."""
+        window = self.recent()
         if not window:
             return None
         wall = [p.wall_s for p in window]
