@@ -1,12 +1,6 @@
 """The testbed builds the network it promises: reachability, NAT, shaping, partitions, punching.
 
-One topology serves the module (building it takes a couple of seconds):
-
-    relay, server2          public hosts, unshaped
-    slow                    public host, 20 Mbit/s each way, 25 ms one-way delay
-    home1 (cone)            LAN hosts a, d
-    home2 (cone)            LAN host b
-    home3 (symmetric)       LAN host c
+Uses the session's shared topology ``bed`` (see conftest.py).
 """
 
 from __future__ import annotations
@@ -14,36 +8,14 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
+from conftest import ECHO, SLOW_DELAY_MS, SLOW_RATE_BIT_S
 from netns_helpers import AGENTS, result, run, start
 
-from shoal.testbed import Nat, Public, Testbed, Topology
+from shoal.testbed import Testbed
 
 pytestmark = pytest.mark.netns
-
-ECHO = 7000
-SLOW_RATE_BIT_S = 20e6
-SLOW_DELAY_MS = 25.0
-
-
-@pytest.fixture(scope="module")
-def bed(netns_ok: None) -> Iterator[Testbed]:
-    topology = Topology(
-        hosts=[
-            Public(name="relay"),
-            Public(name="server2"),
-            Public(name="slow", rate_mbit=SLOW_RATE_BIT_S / 1e6, delay_ms=SLOW_DELAY_MS),
-            Nat(name="home1", kind="cone", hosts=["a", "d"]),
-            Nat(name="home2", kind="cone", hosts=["b"]),
-            Nat(name="home3", kind="symmetric", hosts=["c"]),
-        ]
-    )
-    with Testbed(topology) as testbed:
-        for name in ("relay", "server2", "slow"):
-            start(testbed.hosts[name], "echo", ECHO)
-        yield testbed
 
 
 def test_public_hosts_reach_each_other(bed: Testbed) -> None:
