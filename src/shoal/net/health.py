@@ -33,7 +33,7 @@ class PeerHealth:
 
     def _decayed(self, rec: _Record, now_s: float) -> float:
         dt = max(0.0, now_s - rec.at_s)
-        return rec.score * 0.5 ** (dt / self._config.score_half_life_s)
+        return float(rec.score * 0.5 ** (dt / self._config.score_half_life_s))
 
     def score(self, peer: str, now_s: float) -> float:
         rec = self._peers.get(peer)

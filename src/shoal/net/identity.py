@@ -11,6 +11,7 @@ Keys persist in the peer's data dir as raw 32-byte private keys, file mode 0600.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class PeerID:
         body += "=" * (-len(body) % 8)
         try:
             raw = base64.b32decode(body, casefold=False)
-        except (ValueError, base64.binascii.Error) as exc:
+        except (ValueError, binascii.Error) as exc:
             raise ValueError(f"not a PeerID (bad base32): {text!r}") from exc
         if len(raw) != PEER_ID_BYTES:
             raise ValueError(f"not a PeerID (decodes to {len(raw)} bytes): {text!r}")

@@ -64,7 +64,8 @@ class Connection:
     ) -> None:
         self.address = address
         self.expected = expected
-        self.peer_id: PeerID | None = expected
+        self._peer_id: PeerID | None = expected
+        self._label = expected.to_string() if expected is not None else address
         self.session: ClientSession | None = None
         self.inflight = 0
         self.last_used_s = time.monotonic()
@@ -83,9 +84,14 @@ class Connection:
         self.channel = grpc.aio.insecure_channel(target, options=channel_options(config))
 
     @property
+    def peer_id(self) -> PeerID | None:
+        """The peer's PeerID: the expected one, or the one learned from the handshake."""
+        return self._peer_id
+
+    @property
     def label(self) -> str:
         """The peer's PeerID string when known, else its address (health/traffic key)."""
-        return self.peer_id.to_string() if self.peer_id is not None else self.address
+        return self._label
 
     def _live(self) -> bool:
         session = self.session
@@ -133,7 +139,8 @@ class Connection:
         allow = self._config.allowlist
         if allow is not None and session.peer_id.raw not in allow:
             raise AuthenticationError("peer is not on the allowlist", peer=session.peer_id.short())
-        self.peer_id = session.peer_id
+        self._peer_id = session.peer_id
+        self._label = session.peer_id.to_string()
         self.session = session
 
     def metadata(self, method: str) -> tuple[tuple[str, bytes], ...]:
@@ -210,15 +217,15 @@ class ConnectionPool:
         if self._closed:
             raise PeerUnavailable("network runtime is closed", peer=address)
         now = self._clock()
-        label = peer_id.to_string() if peer_id is not None else address
-        if self.health.is_banned(label, now):
-            raise PeerUnavailable("peer is temporarily banned", peer=label)
         key = (address, peer_id.raw if peer_id is not None else None)
         conn = self._conns.get(key)
         if conn is None:
             conn = self._conns[key] = Connection(
                 address, peer_id, self._config, self._identity, self._traffic
             )
+        label = conn.label
+        if self.health.is_banned(label, now):
+            raise PeerUnavailable("peer is temporarily banned", peer=label)
         if conn._live():
             return conn
         backoff = self._backoff.setdefault(address, Backoff())

@@ -32,6 +32,7 @@ _caller: contextvars.ContextVar[PeerID | None] = contextvars.ContextVar(
     "shoal_caller", default=None
 )
 AUTH_DETAIL_PREFIX = "shoal-auth:"
+_MAX_WRAPPED = 8192
 
 
 def current_caller() -> PeerID:
@@ -73,7 +74,7 @@ def _rejection(detail: str) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(reject)
 
 
-class Dispatcher(grpc.GenericRpcHandler):
+class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
     """Finds the handler of a call, authenticates the caller, wraps it for accounting."""
 
     def __init__(
@@ -83,12 +84,15 @@ class Dispatcher(grpc.GenericRpcHandler):
         self._traffic = traffic
         self._clock = clock
         self._methods: dict[str, grpc.RpcMethodHandler] = {}
+        # wrapped handlers per (method, caller): built once, reused by later calls
+        self._wrapped: dict[tuple[str, PeerID | None], grpc.RpcMethodHandler] = {}
 
     def add(self, register: Callable[[Any, Any], None], servicer: Any) -> list[str]:
         """Register a servicer via its generated ``add_*_to_server``; returns method paths."""
         registrar = _Registrar()
         register(servicer, registrar)
         self._methods.update(registrar.handlers)
+        self._wrapped.clear()
         return sorted(registrar.handlers)
 
     def remove(self, service: str) -> None:
@@ -96,20 +100,21 @@ class Dispatcher(grpc.GenericRpcHandler):
         prefix = f"/{service}/"
         for path in [p for p in self._methods if p.startswith(prefix)]:
             del self._methods[path]
+        self._wrapped.clear()
 
     @property
     def methods(self) -> frozenset[str]:
         return frozenset(self._methods)
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         handler = self._methods.get(method)
         if handler is None:
             return None
         if method == HANDSHAKE_METHOD:
-            return self._wrap(handler, None, method)
+            return self._cached(handler, None, method)
         token = None
-        for key, value in handler_call_details.invocation_metadata or ():  # type: ignore[attr-defined]
+        for key, value in handler_call_details.invocation_metadata or ():
             if key == AUTH_METADATA_KEY:
                 token = value
                 break
@@ -117,7 +122,18 @@ class Dispatcher(grpc.GenericRpcHandler):
             peer = self._sessions.verify(token, method, self._clock())
         except AuthFailure as exc:
             return _rejection(f"{AUTH_DETAIL_PREFIX}{exc}")
-        return self._wrap(handler, peer, method)
+        return self._cached(handler, peer, method)
+
+    def _cached(
+        self, handler: grpc.RpcMethodHandler, peer: PeerID | None, method: str
+    ) -> grpc.RpcMethodHandler:
+        key = (method, peer)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            if len(self._wrapped) >= _MAX_WRAPPED:
+                self._wrapped.clear()
+            wrapped = self._wrapped[key] = self._wrap(handler, peer, method)
+        return wrapped
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler, peer: PeerID | None, method: str
@@ -131,7 +147,7 @@ class Dispatcher(grpc.GenericRpcHandler):
             return deser(data)
 
         def count_out(message: Any) -> bytes:
-            data = ser(message)
+            data: bytes = ser(message)
             traffic.sent(label, method, len(data))
             return data
 

@@ -68,7 +68,8 @@ def encode_frame(frame: tensor_pb2.TensorFrame | Chunk) -> bytes:
     """Serialize a frame; a ``Chunk`` is written as ``TensorFrame{chunk}`` with one copy."""
     if isinstance(frame, Chunk):
         return b"".join((b"\x12", _varint(frame.data.nbytes), frame.data))
-    return frame.SerializeToString()
+    data: bytes = frame.SerializeToString()
+    return data
 
 
 def decode_frame(data: bytes) -> tensor_pb2.TensorFrame | Chunk:
@@ -85,7 +86,8 @@ def decode_frame(data: bytes) -> tensor_pb2.TensorFrame | Chunk:
                     return Chunk(memoryview(data)[pos:])
                 break
     try:
-        return tensor_pb2.TensorFrame.FromString(data)
+        frame: tensor_pb2.TensorFrame = tensor_pb2.TensorFrame.FromString(data)
+        return frame
     except DecodeError as exc:
         raise ProtocolViolation(f"malformed tensor frame: {exc}") from exc
 
@@ -95,7 +97,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array).cast("B")
 
 
 def make_header(
@@ -105,7 +108,7 @@ def make_header(
     if tensor.dtype not in _BY_TORCH:
         raise ProtocolViolation(f"dtype {tensor.dtype} cannot be sent")
     return tensor_pb2.TensorHeader(
-        dtype=DTYPES[_BY_TORCH[tensor.dtype]][0],
+        dtype=DTYPES[_BY_TORCH[tensor.dtype]][0],  # type: ignore[arg-type]
         shape=list(tensor.shape),
         codec=codec,
         byte_length=payload.nbytes,
@@ -189,7 +192,7 @@ class TensorReader:
         frame = await self._next()
         if isinstance(frame, Chunk) or frame.WhichOneof("frame") != "meta":
             raise ProtocolViolation("expected a meta frame")
-        msg = cls()
+        msg: M = cls()
         if not frame.meta.Unpack(msg):
             raise ProtocolViolation(
                 f"meta frame is {frame.meta.type_url}, wanted {cls.DESCRIPTOR.full_name}"
