@@ -106,31 +106,28 @@ def test_config_rejects_bad_values(kwargs: dict[str, float]) -> None:
 # ---- real sockets on loopback ------------------------------------------------------------
 
 
-async def measure_throughput(rate_bit_s: float, delay_s: float, duration_s: float) -> float:
-    """Bits/s the receiver sees over ``duration_s`` after its first byte."""
-    received: asyncio.Queue[tuple[float, int]] = asyncio.Queue()
+async def measure_throughput(
+    rate_bit_s: float, delay_s: float, duration_s: float, connections: int = 1
+) -> float:
+    """Bits/s the receiver sees, over all connections, for ``duration_s`` after the first byte."""
     done = asyncio.Event()
+    window = {"start": -1.0, "bytes": 0, "elapsed": 0.0}
 
     async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
-        total, start = 0, None
         while (data := await r.read(65536)) and not done.is_set():
             now = loop.time()
-            if start is None:
-                start = now
-            elif now - start >= duration_s:
-                await received.put((now - start, total))
+            if window["start"] < 0:
+                window["start"] = now
+            elif now - window["start"] >= duration_s:
+                window["elapsed"] = now - window["start"]
                 done.set()
                 break
-            total += len(data)
+            window["bytes"] += len(data)
         w.close()
 
-    server, port, tasks = await serve(sink)
-    cfg = ShaperConfig(
-        target_host="127.0.0.1", target_port=port, up_rate_bit_s=rate_bit_s, up_delay_s=delay_s
-    )
-    async with LinkShaper(cfg) as shaper:
-        _, writer = await asyncio.open_connection(*shaper.address)
+    async def send(address: tuple[str, int]) -> None:
+        _, writer = await asyncio.open_connection(*address)
         block = b"x" * 65536
         for _ in range(100_000):  # bounded; ends when the sink has its window
             if done.is_set():
@@ -141,15 +138,30 @@ async def measure_throughput(rate_bit_s: float, delay_s: float, duration_s: floa
             except ConnectionError:
                 break  # the sink closed after measuring
         writer.close()
-        elapsed, total = await asyncio.wait_for(received.get(), 5)
+
+    server, port, tasks = await serve(sink)
+    cfg = ShaperConfig(
+        target_host="127.0.0.1", target_port=port, up_rate_bit_s=rate_bit_s, up_delay_s=delay_s
+    )
+    async with LinkShaper(cfg) as shaper:
+        await asyncio.gather(*(send(shaper.address) for _ in range(connections)))
+        await asyncio.wait_for(done.wait(), 5)
     await stop(server, tasks)
-    return total * 8 / elapsed
+    return window["bytes"] * 8 / window["elapsed"]
 
 
-@pytest.mark.parametrize(("rate_mbit", "delay_ms"), [(20, 0), (50, 0), (40, 50)])
-def test_throughput_is_within_ten_percent_of_cap(rate_mbit: int, delay_ms: int) -> None:
+@pytest.mark.parametrize(
+    ("rate_mbit", "delay_ms", "connections"), [(20, 0, 1), (50, 0, 1), (40, 50, 1), (30, 20, 3)]
+)
+def test_throughput_is_within_ten_percent_of_cap(
+    rate_mbit: int, delay_ms: int, connections: int
+) -> None:
+    """The cap is per link: parallel connections share it."""
+
     async def main() -> None:
-        measured = await measure_throughput(rate_mbit * 1e6, delay_ms / 1000, duration_s=1.5)
+        measured = await measure_throughput(
+            rate_mbit * 1e6, delay_ms / 1000, duration_s=1.5, connections=connections
+        )
         assert measured == pytest.approx(rate_mbit * 1e6, rel=0.10)
         assert_no_tasks_left()
 
@@ -177,8 +189,8 @@ def test_ping_pong_rtt_is_twice_the_delay() -> None:
                 rtts.append(time.perf_counter() - t0)
             writer.close()
         await stop(server, tasks)
-        assert min(rtts) >= 0.050
-        assert statistics.median(rtts) < 0.050 + 0.008, rtts
+        assert 0.050 <= min(rtts) < 0.050 + 0.005, rtts
+        assert statistics.median(rtts) < 0.050 + 0.020, rtts  # loose: the machine is shared
         assert_no_tasks_left()
 
     run(main())

@@ -65,8 +65,8 @@ def test_delay_adds_the_configured_latency(bed: Testbed) -> None:
     delayed = run(relay, "pingpong", bed.hosts["slow"].address, ECHO, 5)["rtt_ms"]
     expected = 2 * SLOW_DELAY_MS  # relay has no delay; slow adds 25 ms each way
     assert statistics.median(baseline) < 5
-    assert min(delayed) >= expected
-    assert statistics.median(delayed) < expected + 6, delayed
+    assert expected <= min(delayed) < expected + 5, delayed
+    assert statistics.median(delayed) < expected + 20, delayed  # loose: the machine is shared
 
 
 def test_partition_blocks_and_heal_restores(bed: Testbed) -> None:
