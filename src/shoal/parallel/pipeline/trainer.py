@@ -171,6 +171,11 @@ class PipelineTrainer:
             if reply.payload_tensors > 2:
                 raise ProtocolViolation(f"{reply.payload_tensors} tensors in a stage reply")
             out = [await reader.read_tensor() for _ in range(reply.payload_tensors)]
+            if reply.status != pb.OK:
+                # refused before reading our tensors (BUSY, ...): the answer is complete
+                # while our request may still be streaming; end the call here.
+                await stream.aclose()
+                return reply, out
             async for _ in stream:
                 raise ProtocolViolation("extra frames after a stage reply")
             return reply, out
