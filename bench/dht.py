@@ -149,6 +149,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, object]:
         "replaced": replaced,
         "one_way_latency_ms": f"{args.latency_ms}-{2 * args.latency_ms}",
         "rpcs": network.rpcs,
+        "rpcs_by_method": dict(network.calls),
         "sim_s": round(loop.time(), 1),
         "wall_s": round(time.perf_counter() - wall0, 1),
     }

@@ -70,3 +70,12 @@ def test_invalid_records_never_enter():
         Rejection.NOT_SUBKEY_OWNER
     )
     assert len(store) == 0
+
+
+def test_discard_removes_only_that_record():
+    store = RecordStore(RecordLimits())
+    rec = sign_record(A, b"k", b"v", NOW + 10)
+    store.put(rec, NOW)
+    assert not store.discard(sign_record(A, b"k", b"other", NOW + 10))
+    assert store.discard(rec) and len(store) == 0 and store.bytes_used == 0
+    assert store.expire(NOW + 20) == 0  # the stale heap item is skipped

@@ -15,6 +15,7 @@ Each RPC has its own deadline (``rpc_timeout_s``); a contact that fails is repor
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,17 +65,29 @@ async def iterative_lookup(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + lookup_timeout_s
     shortlist: dict[bytes, _Candidate] = {}
+    ordered: list[tuple[int, bytes]] = []  # (distance, PeerID raw), nearest first
+
+    def add(contact: Contact, hop: int) -> None:
+        raw = contact.peer_id.raw
+        if raw != own_raw and raw not in shortlist:
+            shortlist[raw] = _Candidate(contact, hop)
+            bisect.insort(ordered, (contact.node_id ^ target, raw))
+
     for contact in seeds:
-        if contact.peer_id.raw != own_raw:
-            shortlist.setdefault(contact.peer_id.raw, _Candidate(contact, 1))
+        add(contact, 1)
     result = LookupResult(closest=[])
     value_answers = 0
     inflight: dict[asyncio.Task[object], _Candidate] = {}
 
     def frontier() -> list[_Candidate]:
-        alive = [c for c in shortlist.values() if c.state != 3]
-        alive.sort(key=lambda c: c.contact.node_id ^ target)
-        return alive[:k]
+        alive: list[_Candidate] = []
+        for _, raw in ordered:
+            cand = shortlist[raw]
+            if cand.state != 3:
+                alive.append(cand)
+                if len(alive) == k:
+                    break
+        return alive
 
     async def query(cand: _Candidate) -> object:
         if find_value:
@@ -124,15 +137,12 @@ async def iterative_lookup(
                 else:
                     closer = answer  # type: ignore[assignment]
                 for contact in closer[:MAX_CONTACTS_PER_ANSWER]:
-                    raw = contact.peer_id.raw
-                    if raw != own_raw and raw not in shortlist:
-                        shortlist[raw] = _Candidate(contact, cand.hop + 1)
+                    add(contact, cand.hop + 1)
     finally:
         for task in inflight:
             task.cancel()
         if inflight:
             await asyncio.gather(*inflight, return_exceptions=True)
-    answered = [c for c in shortlist.values() if c.state == 2]
-    answered.sort(key=lambda c: c.contact.node_id ^ target)
-    result.closest = [c.contact for c in answered[:k]]
+    answered = (shortlist[raw] for _, raw in ordered)
+    result.closest = [c.contact for c in answered if c.state == 2][:k]
     return result

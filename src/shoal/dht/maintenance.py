@@ -8,7 +8,9 @@ out) the node:
    (writer republishing: data survives the loss of every original holder);
 3. re-publishes records it *holds* that nobody re-stored to it within the interval
    (holder republishing, Kademlia's rule: one holder's republish refreshes the others,
-   who then skip theirs, so a record costs about one republish per interval);
+   who then skip theirs, so a record costs about one republish per interval); a holder
+   that is no longer among the k closest live nodes hands the record over and drops it,
+   so churn does not grow the set of holders (and their republishing) without bound;
 4. refreshes buckets with no lookup for ``refresh_interval_s`` (a lookup of a random ID in
    the bucket; at most ``_MAX_REFRESH_PER_ROUND`` per round to bound the work).
 
@@ -58,7 +60,7 @@ async def maintenance_round(node: DHTNode) -> None:
             node.published[slot] = (record, now)
             await node.publish(record)
     for record in node.storage.due_for_republish(now_wall, interval):
-        await node.publish(record)
+        await node.republish_held(record)
     for index in node.table.stale_buckets(now, cfg.refresh_interval_s, node.started_at)[
         :_MAX_REFRESH_PER_ROUND
     ]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,8 @@ class MemoryNetwork:
         self.rng = random.Random(seed)
         self._handlers: dict[str, tuple[Contact, DHTHandler]] = {}
         self.rpcs = 0
+        self.calls: Counter[str] = Counter()
+        """RPCs sent, by method."""
         self.lost = 0
 
     def listen(self, contact: Contact, handler: DHTHandler) -> None:
@@ -102,6 +105,7 @@ class MemoryTransport:
     ) -> object:
         net = self._net
         net.rpcs += 1
+        net.calls[method] += 1
         there = net._delay()
         back = net._delay()
         if there is None or there > timeout_s:

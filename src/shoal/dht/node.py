@@ -139,11 +139,21 @@ class DHTNode:
 
     async def publish(self, record: Record) -> int:
         """Send an already signed record to the k nodes closest to its key."""
+        return (await self._publish(record))[0]
+
+    async def republish_held(self, record: Record) -> None:
+        """Re-store a record we hold; drop it if we are no longer among its k closest."""
+        stored, among = await self._publish(record)
+        if not among and stored > 0:
+            self.storage.discard(record)
+
+    async def _publish(self, record: Record) -> tuple[int, bool]:
         location = location_of(record.key)
         found = await self.lookup(location)
         targets = found.closest[: self.config.k]
         stored = 0
-        if self.contact is not None and self._among_closest(location, targets):
+        among = self.contact is not None and self._among_closest(location, targets)
+        if among:
             stored += self.storage.put(record, self.wall_clock()) is None
         answers = await asyncio.gather(
             *(self._store_one(c, [record]) for c in targets), return_exceptions=True
@@ -151,7 +161,7 @@ class DHTNode:
         for answer in answers:
             if isinstance(answer, StoreAnswer) and answer.results and answer.results[0] is None:
                 stored += 1
-        return stored
+        return stored, among
 
     async def get(self, key: bytes) -> bytes | dict[bytes, bytes] | None:
         """The freshest valid value(s) for ``key``, or None when nobody holds one."""

@@ -111,6 +111,21 @@ class RecordStore:
                     due.append(entry.record)
         return due
 
+    def discard(self, record: Record) -> bool:
+        """Remove exactly this record if stored; True when it was."""
+        location = location_of(record.key)
+        slots = self._by_location.get(location)
+        slot: _Slot = (record.subkey, record.writer.raw)
+        entry = slots.get(slot) if slots else None
+        if entry is None or entry.record != record:
+            return False
+        del slots[slot]  # type: ignore[union-attr]
+        if not slots:
+            del self._by_location[location]
+        self._count -= 1
+        self._bytes -= record.size_bytes
+        return True  # its heap item turns stale and is skipped later
+
     def records(self) -> Iterator[Record]:
         for slots in self._by_location.values():
             for entry in slots.values():

@@ -17,14 +17,22 @@ from typing import Any, TypeVar
 __all__ = ["VirtualClockLoop", "run_virtual"]
 
 T = TypeVar("T")
+_POLL_EVERY = 64
 
 
 class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
     def __init__(self) -> None:
         super().__init__()
         self.clock: VirtualClockLoop | None = None
+        self._skipped = 0
 
     def select(self, timeout: float | None = None) -> list[Any]:
+        if timeout == 0:
+            # Work is ready: poll real I/O only now and then (it is rare in simulations).
+            self._skipped += 1
+            if self._skipped < _POLL_EVERY:
+                return []
+        self._skipped = 0
         events = super().select(0)
         if events or timeout is None or self.clock is None:
             return events if events or timeout is not None else super().select(None)
