@@ -5,7 +5,8 @@
 meta frame (``RoundMessage``) and the part's tensors as raw chunks (memoryviews of the
 part, no copy before gRPC). :class:`AveragingService` receives them: it checks every
 field against bounds before allocating, takes the sender from the authenticated caller
-(never from the message), and puts the message into the inbox. Messages that are not
+(never from the message), reads the tensors into pooled buffers (``receive.py``), and puts
+the message into the inbox. Messages that are not
 for a member of the round are filtered by the protocol, which ignores non-members.
 """
 
@@ -25,8 +26,9 @@ from shoal.net.proto.v1 import averaging_pb2_grpc as rpc
 from shoal.net.proto.v1 import tensor_pb2
 from shoal.net.runtime import NetRuntime
 from shoal.net.server import current_caller
-from shoal.net.tensors import TensorReader, meta_frame, tensor_frames
+from shoal.net.tensors import Chunk, meta_frame, tensor_frames
 from shoal.parallel.data.messages import Contribution, Member, Message, Reduced, Report
+from shoal.parallel.data.receive import BufferPool, read_tensor_into_pool
 from shoal.parallel.data.transport import Inbox
 
 __all__ = ["MAX_GROUP_SIZE", "AveragingService", "GrpcTransport", "parse"]
@@ -128,18 +130,31 @@ class AveragingService(rpc.AveragingServicer):
     def __init__(self, runtime: NetRuntime, inbox: Inbox) -> None:
         self._limits = runtime.config.tensor_limits
         self._inbox = inbox
+        self._pool = BufferPool()
 
     async def Deliver(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> tensor_pb2.TensorAck:
         sender = current_caller()
-        reader = TensorReader(request_iterator, self._limits)
-        meta = await reader.read_meta(pb.RoundMessage)
+        frames = request_iterator.__aiter__()
+        try:
+            first = await frames.__anext__()
+        except StopAsyncIteration:
+            raise ProtocolViolation("empty round message stream") from None
+        meta = pb.RoundMessage()
+        if isinstance(first, Chunk) or first.WhichOneof("frame") != "meta":
+            raise ProtocolViolation("a round message starts with a meta frame")
+        if not first.meta.Unpack(meta):
+            raise ProtocolViolation(f"meta frame is {first.meta.type_url}, not a RoundMessage")
         if meta.payload_tensors > 2:
             raise ProtocolViolation(f"{meta.payload_tensors} payload tensors (at most 2)")
-        tensors = [await reader.read_tensor() for _ in range(meta.payload_tensors)]
+        tensors = [
+            await read_tensor_into_pool(frames, self._limits, self._pool)
+            for _ in range(meta.payload_tensors)
+        ]
         self._inbox.deliver(parse(meta, sender, tensors))
-        return tensor_pb2.TensorAck(byte_length=reader.bytes_received, tensors=len(tensors))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_pb2.TensorAck(byte_length=nbytes, tensors=len(tensors))
 
 
 class GrpcTransport:
