@@ -9,14 +9,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from netns_helpers import start
+from netns_helpers import ECHO, SLOW_DELAY_MS, SLOW_RATE_BIT_S, start
 
 from shoal.testbed import Nat, Public, Testbed, Topology
 from shoal.testbed.netns import missing_tools
-
-ECHO = 7000
-SLOW_RATE_BIT_S = 20e6
-SLOW_DELAY_MS = 25.0
 
 
 def netns_skip_reason() -> str | None:

@@ -14,6 +14,12 @@ from shoal.testbed.host import Host
 
 AGENTS = str(Path(__file__).with_name("agents.py"))
 
+# the session topology (conftest.py ``bed``)
+ECHO = 7000
+"""Port of the echo agent on relay, server2 and slow."""
+SLOW_RATE_BIT_S = 20e6
+SLOW_DELAY_MS = 25.0
+
 
 def start(host: Host, *args: object, ready_timeout_s: float = 10.0) -> subprocess.Popen[str]:
     """Start a server agent in ``host`` and wait (bounded) for its "ready" line."""

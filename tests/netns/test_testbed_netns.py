@@ -10,8 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ECHO, SLOW_DELAY_MS, SLOW_RATE_BIT_S
-from netns_helpers import AGENTS, result, run, start
+from netns_helpers import AGENTS, ECHO, SLOW_DELAY_MS, SLOW_RATE_BIT_S, result, run, start
 
 from shoal.testbed import Testbed
 
