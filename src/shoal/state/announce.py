@@ -1,0 +1,195 @@
+"""Donor announcements in the DHT, and the pure choice of donors a joiner downloads from.
+
+Every donor stores, under ``state_key(swarm)`` with its own PeerID as subkey, a small msgpack
+map ``{"s": step, "v": version, "a": address, "b": total_bytes}`` that expires after
+``ttl_s`` and is refreshed every ``ttl_s / 3`` and whenever a newer snapshot is ready
+(``StateAnnouncer``). A joiner reads the dictionary, drops malformed entries
+(``parse_announcements``), and ``choose_donors`` picks the freshest step, the version most
+donors hold at that step, and up to ``max_donors`` of them; the others stay as spares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from shoal.errors import ConfigError, NetworkError
+from shoal.net.identity import PEER_ID_BYTES, PeerID
+from shoal.state.snapshot import ServedSnapshot
+
+__all__ = [
+    "Announcement",
+    "DonorChoice",
+    "StateAnnouncer",
+    "choose_donors",
+    "encode_announcement",
+    "parse_announcements",
+    "state_key",
+]
+
+log = logging.getLogger(__name__)
+_MAX_VALUE_BYTES = 1024
+_MAX_ADDRESS_CHARS = 256
+_MAX_VERSION_CHARS = 64
+
+
+def state_key(swarm: str) -> bytes:
+    """The DHT key donors of ``swarm`` announce under."""
+    return b"shoal.state/" + swarm.encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """One donor's newest servable snapshot."""
+
+    peer_id: PeerID
+    step: int
+    version: str
+    address: str
+    total_bytes: int
+
+
+def encode_announcement(step: int, version: str, address: str, total_bytes: int) -> bytes:
+    value: bytes = msgpack.packb(
+        {"s": step, "v": version, "a": address, "b": total_bytes}, use_bin_type=True
+    )
+    return value
+
+
+def _parse_one(subkey: bytes, value: bytes) -> Announcement | None:
+    if len(subkey) < PEER_ID_BYTES or not isinstance(value, bytes) or len(value) > _MAX_VALUE_BYTES:
+        return None
+    try:
+        doc = msgpack.unpackb(value, raw=False, max_str_len=_MAX_ADDRESS_CHARS, max_map_len=8)
+        step, version, address, total = doc["s"], doc["v"], doc["a"], doc["b"]
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+        return None
+    if not (isinstance(step, int) and step >= 0 and isinstance(total, int) and total >= 0):
+        return None
+    if not (isinstance(version, str) and 0 < len(version) <= _MAX_VERSION_CHARS):
+        return None
+    if not (isinstance(address, str) and 0 < len(address) <= _MAX_ADDRESS_CHARS):
+        return None
+    try:
+        peer_id = PeerID.from_bytes(subkey[:PEER_ID_BYTES])
+    except Exception:  # not a valid public key
+        return None
+    return Announcement(peer_id, step, version, address, total)
+
+
+def parse_announcements(value: bytes | Mapping[bytes, bytes] | None) -> list[Announcement]:
+    """Well-formed announcements from a DHT ``get`` of the state key (others are dropped)."""
+    if not isinstance(value, Mapping):
+        return []
+    found = [_parse_one(k, v) for k, v in value.items()]
+    return [a for a in found if a is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class DonorChoice:
+    step: int
+    version: str
+    donors: list[Announcement]
+    """Up to ``max_donors`` donors, in the order to use them."""
+    spares: list[Announcement]
+    """Further donors of the same version, tried when the chosen ones fail."""
+
+
+def choose_donors(
+    announcements: list[Announcement],
+    *,
+    exclude: PeerID | None = None,
+    max_donors: int = 3,
+    rng: random.Random | None = None,
+) -> DonorChoice | None:
+    """Freshest step, then the version most donors hold (ties: smallest version string)."""
+    candidates = [a for a in announcements if exclude is None or a.peer_id != exclude]
+    if not candidates:
+        return None
+    step = max(a.step for a in candidates)
+    by_version: dict[str, list[Announcement]] = {}
+    for a in candidates:
+        if a.step == step:
+            by_version.setdefault(a.version, []).append(a)
+    version = min(by_version, key=lambda v: (-len(by_version[v]), v))
+    donors = sorted(by_version[version], key=lambda a: a.peer_id.raw)
+    (rng or random.Random()).shuffle(donors)
+    return DonorChoice(step, version, donors[:max_donors], donors[max_donors:])
+
+
+class StateAnnouncer:
+    """Keeps this peer's newest servable snapshot announced in the DHT (runs on the loop)."""
+
+    def __init__(
+        self,
+        dht: Any,
+        key: bytes,
+        provider: Callable[[], ServedSnapshot | None],
+        *,
+        address: str,
+        ttl_s: float = 30.0,
+        store_timeout_s: float = 10.0,
+    ) -> None:
+        if not ttl_s > 3.0:
+            raise ConfigError(f"StateAnnouncer ttl_s must be > 3, got {ttl_s!r}")
+        self.dht = dht
+        self.runtime = dht.runtime
+        self.key = key
+        self.provider = provider
+        self.address = address
+        self.ttl_s = ttl_s
+        self.store_timeout_s = store_timeout_s
+        self.announced_step: int | None = None
+        self._wake: asyncio.Event | None = None
+        self._future: concurrent.futures.Future[None] | None = None
+
+    def start(self) -> StateAnnouncer:
+        if self._future is None:
+            self._future = self.runtime.submit(self._run())
+        return self
+
+    def notify(self) -> None:
+        """A newer snapshot may be ready: announce it soon (any thread)."""
+        wake = self._wake
+        if wake is not None:
+            self.runtime.loop.call_soon_threadsafe(wake.set)
+
+    async def announce_once(self) -> bool:
+        """Store the current snapshot's announcement; False when there is none yet."""
+        served = self.provider()
+        if served is None:
+            return False
+        value = encode_announcement(served.step, served.version, self.address, served.total_bytes)
+        await asyncio.wait_for(
+            self.dht.node.store(self.key, value, time.time() + self.ttl_s, subkey=b""),
+            self.store_timeout_s,
+        )
+        self.announced_step = served.step
+        return True
+
+    async def _run(self) -> None:
+        self._wake = asyncio.Event()
+        period = self.ttl_s / 3
+        while True:
+            try:
+                await self.announce_once()
+            except (NetworkError, asyncio.TimeoutError) as exc:
+                log.warning("state announcement failed: %s", exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), period)
+            self._wake.clear()
+
+    def close(self) -> None:
+        """Stop announcing (the record expires by itself). Idempotent."""
+        if self._future is not None:
+            self._future.cancel()
+            self._future = None
