@@ -63,13 +63,13 @@ def test_failed_build_removes_what_it_built(
 
 def test_leftovers_of_dead_runs_are_removed_at_start(netns_ok: None) -> None:
     dead, orphan, alive = new_prefix(), new_prefix(), new_prefix()
-    for prefix in (dead, orphan, alive):
-        subprocess.run(["ip", "netns", "add", f"{prefix}zombie"], check=True, timeout=10)
     # ``dead`` names an owner that does not exist, ``orphan`` has no record at all,
-    # ``alive`` is owned by this very process
+    # ``alive`` is owned by this very process (records first, as a testbed does)
     write_record(STATE_DIR, Record(prefix=dead, pid=2**22 + 1, start_time=1))
     me = os.getpid()
     write_record(STATE_DIR, Record(prefix=alive, pid=me, start_time=process_start_time(me)))
+    for prefix in (dead, orphan, alive):
+        subprocess.run(["ip", "netns", "add", f"{prefix}zombie"], check=True, timeout=10)
     try:
         with Testbed(Topology(hosts=[Public(name="p1")])):
             assert leftovers(dead) == [] and leftovers(orphan) == []
