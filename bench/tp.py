@@ -1,9 +1,11 @@
 """Tensor parallelism against the dense model: same seed, same batches, same AdamW.
 
 ``shoal bench tp --tp 2 [--model small] [--steps 20] [--dtype float64] [--json]`` trains the
-model densely in this process (torch using every core) and on a local tensor-parallel group
-of ``--tp`` spawned ranks (gloo on CPU, NCCL with enough GPUs; one core per rank on CPU),
-each for ``--steps`` AdamW steps on identical batches from the embedded corpus.
+model densely in this process and on a local tensor-parallel group of ``--tp`` spawned ranks
+(gloo on CPU, NCCL with enough GPUs), each for ``--steps`` AdamW steps on identical batches
+from the embedded corpus. ``--threads`` torch threads (default 1) for the dense run and for
+each rank: TP=N then uses N times the cores of the dense run, so on an idle machine the ideal
+``step_time_ratio`` is 1/N plus the cost of communication.
 
 Prints ``max_loss_diff`` (largest |loss_tp - loss_dense| over the steps), ``max_param_diff``
 after the last step, ``step_time_ratio`` (mean TP step time / mean dense step time, first
@@ -46,6 +48,8 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the dense run and of each TP rank")
     ap.add_argument("--json", action="store_true", help="accepted; the output is always JSON")
     args = ap.parse_args(argv)
 
@@ -56,13 +60,15 @@ def main(argv: list[str]) -> dict:
                            seed=args.seed)
     batches = [windows.next_batch() for _ in range(args.steps)]
 
+    torch.set_num_threads(args.threads)
     _log(f"dense {args.model} ({args.dtype}), {args.steps} steps ...")
     start = time.perf_counter()
     dense = train_dense(spec, batches)
     _log(f"dense done in {time.perf_counter() - start:.1f}s; TP={args.tp} ...")
     start = time.perf_counter()
     ranks = launch_tp_group(args.tp, train_tp_rank, (spec, batches),
-                            config=LaunchConfig(run_timeout_s=1800.0))
+                            config=LaunchConfig(run_timeout_s=1800.0,
+                                                threads_per_rank=args.threads))
     _log(f"tp done in {time.perf_counter() - start:.1f}s (including process start)")
 
     lead = ranks[0]
@@ -90,5 +96,6 @@ def main(argv: list[str]) -> dict:
         "param_bytes_per_rank": [r["param_bytes"] for r in ranks],
         "max_rss_mb_per_rank": [round(r["max_rss_bytes"] / 2**20, 1) for r in ranks],
         "backend": "gloo" if not torch.cuda.is_available() else "auto",
-        "threads_dense": torch.get_num_threads(),
+        "threads_dense": args.threads,
+        "threads_per_rank": args.threads,
     }

@@ -6,6 +6,8 @@ tensors; the tests compare them with dense computations done in the test process
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 import torch
@@ -133,3 +135,28 @@ def all_checks(ctx: RankContext) -> dict[str, Any]:
                "runner": runner_checks(ctx, name)}
         for name in ("float64", "float32")
     }
+
+
+def _record_pid(pid_dir: str, rank: int) -> None:
+    path = os.path.join(pid_dir, f"rank{rank}.pid")
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    fifo = os.path.join(pid_dir, "ready.fifo")
+    if os.path.exists(fifo):  # a test waits on it for the ranks to be up
+        with open(fifo, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def fail_on_rank1(ctx: RankContext, pid_dir: str) -> None:
+    """Rank 1 raises; rank 0 hangs (never returns) until the launcher kills it."""
+    _record_pid(pid_dir, ctx.rank)
+    if ctx.rank == 1:
+        raise ValueError("deliberate failure on rank 1")
+    threading.Event().wait()
+
+
+def hang(ctx: RankContext, pid_dir: str) -> None:
+    """Every rank records its pid and then never returns."""
+    _record_pid(pid_dir, ctx.rank)
+    threading.Event().wait()

@@ -175,6 +175,7 @@ class _Followers:
                     self.results[rank] = self._receive(rank)
                     pending.discard(rank)
                 elif proc.sentinel in ready:
+                    proc.join(self.cfg.terminate_grace_s)
                     raise TPGroupError(f"exited with code {proc.exitcode} without a result",
                                        rank=rank)
         for proc in self.procs.values():
