@@ -161,3 +161,40 @@ def test_same_stage_servers_average_their_weights(swarm_factory: list[Swarm]) ->
                           strict=True):
         assert torch.allclose(p, (x + y) / 2, atol=1e-6)
         assert torch.allclose(q, (x + y) / 2, atol=1e-6)
+
+
+def test_entry_points_serve_and_train() -> None:
+    from shoal.net.config import NetConfig
+    from shoal.parallel.pipeline import StageServer, run_pipeline_trainer, serve_stage
+
+    stop = threading.Event()
+    started: list[StageServer] = []
+    ready = threading.Semaphore(0)
+    config = StageServerConfig(num_stages=2, accumulate=2)
+    overrides = {"n_layer": 2, "d_model": 64, "max_seq_len": 64}
+
+    def serve(stage: int | str, join: list[str]) -> None:
+        serve_stage(stage=stage, model_overrides=overrides, join=join, config=config,
+                    net=NetConfig(unix_socket=False), stop=stop,
+                    ready=lambda s: (started.append(s), ready.release()))
+
+    threads = [threading.Thread(target=serve, args=(0, []), daemon=True)]
+    threads[0].start()
+    try:
+        assert ready.acquire(timeout=60)
+        join = [started[0].runtime.address]
+        threads.append(threading.Thread(target=serve, args=("auto", join), daemon=True))
+        threads[1].start()
+        assert ready.acquire(timeout=60)
+        assert sorted(s.stage for s in started) == [0, 1]  # auto took the empty stage
+        results = run_pipeline_trainer(join=join, model_overrides=overrides,
+                                       config=TrainerConfig(num_stages=2, max_inflight=4),
+                                       net=NetConfig(unix_socket=False),
+                                       data=batches(6, 2, 16, seed=6), timeout_s=60)
+        assert [r.error for r in results] == [""] * 6
+        assert all(s.core.ledger.counters.applied == 6 for s in started)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not any(t.is_alive() for t in threads)
