@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shoal.net.auth import AuthFailure, ClientHandshake, ReplayWindow, SessionTable
 from shoal.net.identity import Identity
+from shoal.net.proto.v1 import peer_pb2
 
 NOW = 1_800_000_000.0
 ALICE, BOB, MALLORY = (Identity.from_seed(s) for s in (b"alice", b"bob", b"mallory"))
@@ -119,3 +122,32 @@ def test_replay_window():
     assert w.accept(3) and not w.accept(3)
     assert not w.accept(1)  # more than 4 behind
     assert w.accept(100) and not w.accept(96) and w.accept(97)
+
+
+handshake_requests = st.builds(
+    peer_pb2.HandshakeRequest,
+    version=st.integers(0, 3),
+    peer_id=st.one_of(st.binary(max_size=40), st.just(ALICE.peer_id.raw)),
+    ephemeral_key=st.binary(max_size=40),
+    nonce=st.binary(max_size=20),
+    timestamp_ms=st.one_of(st.integers(0, 2**64 - 1), st.just(int(NOW * 1000))),
+    expected_peer_id=st.binary(max_size=33),
+    swarm_proof=st.binary(max_size=40),
+    signature=st.binary(max_size=70),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(handshake_requests)
+def test_handshake_fuzz_only_auth_failures(req):
+    with pytest.raises(AuthFailure):
+        SessionTable(BOB).accept(req, NOW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=80), st.binary(min_size=48, max_size=48)))
+def test_token_fuzz_only_auth_failures(token):
+    table = SessionTable(BOB)
+    _session(table)
+    with pytest.raises(AuthFailure):
+        table.verify(token, METHOD, NOW)

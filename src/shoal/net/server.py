@@ -14,12 +14,13 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from shoal.errors import ShoalError
+from shoal.errors import ProtocolViolation, ShoalError
 from shoal.net.auth import AUTH_METADATA_KEY, HANDSHAKE_METHOD, AuthFailure, SessionTable
 from shoal.net.errmap import status_of
 from shoal.net.identity import PeerID
@@ -144,7 +145,10 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         def count_in(data: bytes) -> Any:
             traffic.received(label, method, len(data))
-            return deser(data)
+            try:
+                return deser(data)
+            except (DecodeError, ProtocolViolation) as exc:
+                return _Malformed(f"{method}: malformed request: {exc}")
 
         def count_out(message: Any) -> bytes:
             data: bytes = ser(message)
@@ -153,35 +157,60 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         if handler.unary_unary is not None:
             behavior, factory = (
-                _unary(handler.unary_unary, peer, method, traffic),
+                _unary(handler.unary_unary, peer, method, traffic, False),
                 grpc.unary_unary_rpc_method_handler,
             )
         elif handler.stream_unary is not None:
             behavior, factory = (
-                _unary(handler.stream_unary, peer, method, traffic),
+                _unary(handler.stream_unary, peer, method, traffic, True),
                 grpc.stream_unary_rpc_method_handler,
             )
         elif handler.unary_stream is not None:
             behavior, factory = (
-                _streaming(handler.unary_stream, peer, method, traffic),
+                _streaming(handler.unary_stream, peer, method, traffic, False),
                 grpc.unary_stream_rpc_method_handler,
             )
         else:
             behavior, factory = (
-                _streaming(handler.stream_stream, peer, method, traffic),
+                _streaming(handler.stream_stream, peer, method, traffic, True),
                 grpc.stream_stream_rpc_method_handler,
             )
         return factory(behavior, request_deserializer=count_in, response_serializer=count_out)
 
 
+class _Malformed:
+    """Stands for a request message that did not parse (the handler never sees it)."""
+
+    __slots__ = ("detail",)
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream that raises ProtocolViolation at the first unparsable message."""
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise ProtocolViolation(request.detail)
+        yield request
+
+
+def _request(request: Any, streaming: bool) -> Any:
+    if streaming:
+        return _checked(request)
+    if isinstance(request, _Malformed):
+        raise ProtocolViolation(request.detail)
+    return request
+
+
 def _unary(
-    inner: Callable[..., Any], peer: PeerID | None, method: str, traffic: Traffic
+    inner: Callable[..., Any], peer: PeerID | None, method: str, traffic: Traffic, streaming: bool
 ) -> Callable[..., Any]:
     async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
         _caller.set(peer)
         start = time.perf_counter()
         try:
-            result = inner(request, context)
+            result = inner(_request(request, streaming), context)
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -194,13 +223,13 @@ def _unary(
 
 
 def _streaming(
-    inner: Callable[..., Any], peer: PeerID | None, method: str, traffic: Traffic
+    inner: Callable[..., Any], peer: PeerID | None, method: str, traffic: Traffic, streaming: bool
 ) -> Callable[..., Any]:
     async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
         _caller.set(peer)
         start = time.perf_counter()
         try:
-            async for item in inner(request, context):
+            async for item in inner(_request(request, streaming), context):
                 yield item
         except ShoalError as exc:
             await context.abort(status_of(exc), str(exc))

@@ -1,0 +1,92 @@
+"""Connection pool behaviour on loopback: idle close, bans, backoff, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from shoal.errors import PeerUnavailable, ProtocolViolation
+from shoal.net.config import HealthConfig, RetryPolicy
+from shoal.net.proto.v1 import peer_pb2, peer_pb2_grpc
+
+DEAD = "127.0.0.1:1"  # nothing listens on port 1
+
+
+def test_idle_connection_is_closed_and_reopened(make_runtime):
+    a, b = make_runtime(idle_close_s=30), make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
+    assert len(a.pool) == 1
+    assert a.run(a.pool.sweep(), 5) == 0  # fresh: kept
+    conn = next(iter(a.pool._conns.values()))
+    conn.last_used_s -= 31  # as if unused for 31 s
+    assert a.run(a.pool.sweep(), 5) == 1
+    assert len(a.pool) == 0
+    assert a.run(stub.Ping(peer_pb2.PingRequest(payload=b"again")), 5).payload == b"again"
+
+
+def test_failing_peer_is_banned_then_refused_without_dialing(make_runtime):
+    a = make_runtime(
+        health=HealthConfig(ban_threshold=1.5, ban_base_s=60),
+        reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
+    )
+    stub = a.stub(peer_pb2_grpc.PeerStub, DEAD)
+    for _ in range(2):
+        with pytest.raises(PeerUnavailable):
+            a.run(stub.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+    assert a.health.is_banned(DEAD, time.monotonic())
+    with pytest.raises(PeerUnavailable, match="banned"):
+        a.run(stub.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+
+
+def test_backoff_refuses_when_the_wait_exceeds_the_deadline(make_runtime):
+    a = make_runtime(reconnect=RetryPolicy(initial_s=5.0, max_s=10.0, jitter=0.0))
+    stub = a.stub(peer_pb2_grpc.PeerStub, DEAD)
+    with pytest.raises(PeerUnavailable):
+        a.run(stub.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+    start = time.monotonic()
+    with pytest.raises(PeerUnavailable, match="backing off"):
+        a.run(stub.Ping(peer_pb2.PingRequest(), timeout_s=1), 5)
+    assert time.monotonic() - start < 0.5
+
+
+def test_concurrent_calls_share_one_session(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+
+    async def many():
+        replies = await asyncio.gather(
+            *(stub.Ping(peer_pb2.PingRequest(payload=str(i).encode())) for i in range(200))
+        )
+        return [r.payload for r in replies]
+
+    assert a.run(many(), 30) == [str(i).encode() for i in range(200)]
+    assert len(a.pool) == 1 and len(b.sessions) == 1
+
+
+def test_removed_service_answers_unimplemented(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
+    b.remove_service("shoal.v1.Peer")
+    with pytest.raises(ProtocolViolation, match="UNIMPLEMENTED"):
+        a.run(stub.Info(peer_pb2.InfoRequest()), 5)
+
+
+def test_runtime_bridge_rules(make_runtime):
+    a = make_runtime()
+
+    async def nested():
+        a.run(asyncio.sleep(0), 1)
+
+    with pytest.raises(RuntimeError, match="await instead"):
+        a.run(nested(), 5)
+
+    async def start_background():
+        return a.spawn(asyncio.sleep(3600), name="background")
+
+    task = a.run(start_background(), 5)
+    a.close()
+    assert task.cancelled()
