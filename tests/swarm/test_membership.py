@@ -1,5 +1,7 @@
 import asyncio
 
+import pytest
+
 from shoal.dht.config import DHTConfig
 from shoal.dht.memory import MemoryNetwork, SimConfig
 from shoal.dht.sim import SimCluster
@@ -9,6 +11,7 @@ from shoal.swarm import Membership, PeerInfo, SwarmConfig
 TTL = 30.0
 
 
+@pytest.mark.slow
 def test_members_see_each_other_and_a_silent_peer_leaves_within_two_ttls():
     async def scenario():
         net = MemoryNetwork(SimConfig(loss_rate=0.01, serialize=True), seed=2)

@@ -91,7 +91,7 @@ def _caller(address: str) -> Contact | None:
     return Contact(current_caller(), address)
 
 
-class DHTService(rpc.DHTServicer):  # type: ignore[misc]
+class DHTService(rpc.DHTServicer):
     """gRPC handlers: parse and bound the request, then ask the node (``DHTHandler``)."""
 
     def __init__(self, node: DHTHandler, limits: RecordLimits) -> None:

@@ -54,7 +54,8 @@ class DHT:
     def bootstrap(self, addresses: Sequence[str], policy: RetryPolicy | None = None) -> int:
         policy = policy or RetryPolicy()
         budget = policy.deadline_s + self.config.lookup_timeout_s + 1.0
-        return self.runtime.run(self.node.bootstrap(addresses, policy), timeout_s=budget)
+        n: int = self.runtime.run(self.node.bootstrap(addresses, policy), timeout_s=budget)
+        return n
 
     def store(
         self,
@@ -66,17 +67,22 @@ class DHT:
         timeout_s: float | None = None,
     ) -> int:
         budget = timeout_s or 2 * self.config.lookup_timeout_s + 1.0
-        return self.runtime.run(self.node.store(key, value, expires_at, subkey), timeout_s=budget)
+        n: int = self.runtime.run(self.node.store(key, value, expires_at, subkey), timeout_s=budget)
+        return n
 
     def get(
         self, key: bytes, *, timeout_s: float | None = None
     ) -> bytes | dict[bytes, bytes] | None:
         budget = timeout_s or self.config.lookup_timeout_s + 1.0
-        return self.runtime.run(self.node.get(key), timeout_s=budget)
+        value: bytes | dict[bytes, bytes] | None = self.runtime.run(
+            self.node.get(key), timeout_s=budget
+        )
+        return value
 
     def get_records(self, key: bytes, *, timeout_s: float | None = None) -> list[Record]:
         budget = timeout_s or self.config.lookup_timeout_s + 1.0
-        return self.runtime.run(self.node.get_records(key), timeout_s=budget)
+        records: list[Record] = self.runtime.run(self.node.get_records(key), timeout_s=budget)
+        return records
 
     def close(self) -> None:
         """Stop maintenance and stop serving; safe to call twice."""

@@ -86,7 +86,7 @@ def signing_bytes(
     key: bytes, subkey: bytes, value: bytes, expires_at: float, writer: PeerID
 ) -> bytes:
     body = msgpack.packb([key, subkey, value, float(expires_at), writer.raw], use_bin_type=True)
-    return SIGN_DOMAIN + body
+    return SIGN_DOMAIN + bytes(body)
 
 
 def sign_record(
@@ -129,7 +129,7 @@ def validate(record: Record, now: float, limits: RecordLimits) -> Rejection | No
 
 def encode_record(record: Record) -> bytes:
     """Wire/storage form: a msgpack array with a version tag."""
-    return msgpack.packb(
+    packed: bytes = msgpack.packb(
         [
             _WIRE_VERSION,
             record.key,
@@ -141,6 +141,7 @@ def encode_record(record: Record) -> bytes:
         ],
         use_bin_type=True,
     )
+    return packed
 
 
 def decode_record(data: bytes, limits: RecordLimits | None = None) -> Record:

@@ -20,7 +20,7 @@ T = TypeVar("T")
 _POLL_EVERY = 64
 
 
-class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _VirtualSelector(selectors.DefaultSelector):
     def __init__(self) -> None:
         super().__init__()
         self.clock: VirtualClockLoop | None = None

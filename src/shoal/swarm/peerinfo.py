@@ -91,7 +91,7 @@ def _problem(info: PeerInfo) -> str | None:
 
 
 def encode_peer_info(info: PeerInfo) -> bytes:
-    return msgpack.packb(
+    packed: bytes = msgpack.packb(
         {
             "v": _SCHEMA,
             "a": list(info.addresses),
@@ -103,6 +103,7 @@ def encode_peer_info(info: PeerInfo) -> bytes:
         },
         use_bin_type=True,
     )
+    return packed
 
 
 def decode_peer_info(data: bytes) -> PeerInfo:
