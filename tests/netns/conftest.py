@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from netns_helpers import ECHO, SLOW_DELAY_MS, SLOW_RATE_BIT_S, start
+from netns_helpers import ECHO, HOME2_DELAY_MS, SLOW_DELAY_MS, SLOW_RATE_BIT_S, start
 
 from shoal.testbed import Nat, Public, Testbed, Topology
 from shoal.testbed.netns import missing_tools
@@ -40,7 +40,7 @@ def bed(netns_ok: None) -> Iterator[Testbed]:
         relay, server2          public hosts, unshaped
         slow                    public host, 20 Mbit/s each way, 25 ms one-way delay
         home1 (cone)            LAN hosts a, d
-        home2 (cone)            LAN host b
+        home2 (cone)            LAN host b, 10 ms one-way delay
         home3 (symmetric)       LAN host c
 
     Tests that partition it heal it before they return.
@@ -51,7 +51,7 @@ def bed(netns_ok: None) -> Iterator[Testbed]:
             Public(name="server2"),
             Public(name="slow", rate_mbit=SLOW_RATE_BIT_S / 1e6, delay_ms=SLOW_DELAY_MS),
             Nat(name="home1", kind="cone", hosts=["a", "d"]),
-            Nat(name="home2", kind="cone", hosts=["b"]),
+            Nat(name="home2", kind="cone", hosts=["b"], delay_ms=HOME2_DELAY_MS),
             Nat(name="home3", kind="symmetric", hosts=["c"]),
         ]
     )

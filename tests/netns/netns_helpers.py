@@ -19,6 +19,7 @@ ECHO = 7000
 """Port of the echo agent on relay, server2 and slow."""
 SLOW_RATE_BIT_S = 20e6
 SLOW_DELAY_MS = 25.0
+HOME2_DELAY_MS = 10.0
 
 
 def start(host: Host, *args: object, ready_timeout_s: float = 10.0) -> subprocess.Popen[str]:

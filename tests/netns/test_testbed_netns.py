@@ -10,7 +10,16 @@ import subprocess
 import sys
 
 import pytest
-from netns_helpers import AGENTS, ECHO, SLOW_DELAY_MS, SLOW_RATE_BIT_S, result, run, start
+from netns_helpers import (
+    AGENTS,
+    ECHO,
+    HOME2_DELAY_MS,
+    SLOW_DELAY_MS,
+    SLOW_RATE_BIT_S,
+    result,
+    run,
+    start,
+)
 
 from shoal.testbed import Testbed
 
@@ -66,6 +75,13 @@ def test_delay_adds_the_configured_latency(bed: Testbed) -> None:
     assert statistics.median(baseline) < 5
     assert expected <= min(delayed) < expected + 5, delayed
     assert statistics.median(delayed) < expected + 20, delayed  # loose: the machine is shared
+    # behind a NAT: b's home adds 10 ms each way; slow adds 25 ms more each way
+    behind_nat = run(bed.hosts["b"], "pingpong", relay.address, ECHO, 5)["rtt_ms"]
+    assert 2 * HOME2_DELAY_MS <= min(behind_nat) < 2 * HOME2_DELAY_MS + 5, behind_nat
+    both = run(bed.hosts["b"], "pingpong", bed.hosts["slow"].address, ECHO, 5)["rtt_ms"]
+    assert (
+        2 * (HOME2_DELAY_MS + SLOW_DELAY_MS) <= min(both) < 2 * (HOME2_DELAY_MS + SLOW_DELAY_MS) + 5
+    )
 
 
 def test_partition_blocks_and_heal_restores(bed: Testbed) -> None:
