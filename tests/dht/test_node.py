@@ -2,12 +2,12 @@ import asyncio
 
 import pytest
 
-from shoal.dht.bootstrap import RetryPolicy
 from shoal.dht.node import merge_records
 from shoal.dht.record import Record, sign_record
 from shoal.dht.transport import FindValueAnswer
 from shoal.dht.virtual_loop import run_virtual
 from shoal.errors import ConfigError, PeerUnavailable
+from shoal.net.config import RetryPolicy
 from shoal.net.identity import Identity
 
 from .conftest import grow, make_cluster
@@ -82,7 +82,7 @@ def test_bootstrap_with_one_dead_address_and_with_none_alive():
         loner = cl.make_node()
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        policy = RetryPolicy(attempts=3, initial_delay_s=0.5, deadline_s=20)
+        policy = RetryPolicy(attempts=3, initial_s=0.5, deadline_s=20)
         with pytest.raises(PeerUnavailable, match=r"none of the 2 bootstrap .*sim:gone1"):
             await loner.bootstrap(["sim:gone1", "sim:gone2"], policy)
         # 3 rounds of 1 s RPC deadline + two pauses of at most 0.6 s and 1.2 s

@@ -42,9 +42,9 @@ def _runtime(host: str, port: int, key_file: Path | None) -> NetRuntime:
 
 def _client(join: list[str], timeout_s: float, key_file: Path | None) -> tuple[NetRuntime, DHT]:
     """A started runtime and a client-only DHT joined through ``join``."""
-    from shoal.dht.bootstrap import RetryPolicy
     from shoal.dht.config import DHTConfig
     from shoal.dht.peer import DHT
+    from shoal.net.config import RetryPolicy
 
     if not join:
         raise ConfigError("--join is required: give at least one host:port of a swarm peer")
@@ -55,7 +55,7 @@ def _client(join: list[str], timeout_s: float, key_file: Path | None) -> tuple[N
     runtime = _runtime("127.0.0.1", 0, key_file)
     dht = DHT(runtime, config, serve=False)
     try:
-        dht.bootstrap(join, RetryPolicy(attempts=3, initial_delay_s=0.3, deadline_s=timeout_s / 2))
+        dht.bootstrap(join, RetryPolicy(attempts=3, initial_s=0.3, deadline_s=timeout_s / 2))
     except BaseException:
         dht.close()
         runtime.close()

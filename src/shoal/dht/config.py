@@ -65,7 +65,8 @@ class DHTConfig:
     rpc_timeout_s: float = 2.0
     """Deadline of one RPC (request sent to answer received)."""
     lookup_timeout_s: float = 10.0
-    """Deadline of one whole iterative lookup (and of the STOREs that follow it)."""
+    """Deadline of one whole iterative lookup; a ``store`` takes at most this plus one
+    ``rpc_timeout_s`` (its STOREs run in parallel after the lookup)."""
     max_failures: int = 2
     """Consecutive failed RPCs after which a contact is dropped from its bucket."""
     value_quorum: int = 3

@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from shoal.dht.bootstrap import RetryPolicy, join
+from shoal.dht.bootstrap import BOOTSTRAP_RETRY, join
 from shoal.dht.config import DHTConfig
 from shoal.dht.ids import Contact, location_of
 from shoal.dht.lookup import LookupResult, iterative_lookup
@@ -32,6 +32,7 @@ from shoal.dht.storage import RecordStore
 from shoal.dht.tasks import TaskOwner
 from shoal.dht.transport import DHTTransport, FindValueAnswer, StoreAnswer
 from shoal.errors import ConfigError, NetworkError
+from shoal.net.config import RetryPolicy
 from shoal.net.identity import PEER_ID_BYTES, Identity
 
 __all__ = ["DHTNode", "merge_records"]
@@ -114,7 +115,7 @@ class DHTNode:
     # ---------------------------------------------------------------- public API
     async def bootstrap(self, addresses: Sequence[str], policy: RetryPolicy | None = None) -> int:
         """Join via any answering address, then look up our own ID; returns table size."""
-        contacts = await join(self, addresses, policy or RetryPolicy())
+        contacts = await join(self, addresses, policy or BOOTSTRAP_RETRY)
         for contact in contacts:
             self._observe(contact)
         await self.lookup(self.table.own_id)

@@ -13,12 +13,13 @@ import contextlib
 import time
 from collections.abc import Sequence
 
-from shoal.dht.bootstrap import RetryPolicy
+from shoal.dht.bootstrap import BOOTSTRAP_RETRY
 from shoal.dht.config import DHTConfig
 from shoal.dht.grpc_transport import DHTService, GrpcTransport
 from shoal.dht.node import DHTNode
 from shoal.dht.record import Record
 from shoal.net import NetRuntime
+from shoal.net.config import RetryPolicy
 from shoal.net.proto.v1 import dht_pb2_grpc as rpc
 
 __all__ = ["DHT"]
@@ -52,7 +53,7 @@ class DHT:
 
     # Blocking wrappers for threads other than the network loop.
     def bootstrap(self, addresses: Sequence[str], policy: RetryPolicy | None = None) -> int:
-        policy = policy or RetryPolicy()
+        policy = policy or BOOTSTRAP_RETRY
         budget = policy.deadline_s + self.config.lookup_timeout_s + 1.0
         n: int = self.runtime.run(self.node.bootstrap(addresses, policy), timeout_s=budget)
         return n

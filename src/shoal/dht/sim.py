@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-from shoal.dht.bootstrap import RetryPolicy
 from shoal.dht.config import DHTConfig
 from shoal.dht.memory import MemoryNetwork
 from shoal.dht.node import DHTNode
+from shoal.net.config import RetryPolicy
 from shoal.net.identity import Identity
 
 __all__ = ["SimCluster"]
@@ -66,7 +66,7 @@ class SimCluster:
         if self.nodes:
             seeds = self.rng.sample(self.nodes, min(join_via, len(self.nodes)))
             addresses = [s.contact.address for s in seeds if s.contact is not None]
-            await node.bootstrap(addresses, RetryPolicy(attempts=2, initial_delay_s=0.1))
+            await node.bootstrap(addresses, RetryPolicy(attempts=2, initial_s=0.1))
         if self.maintenance:
             node.start()
         if serve:
