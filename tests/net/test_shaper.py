@@ -285,3 +285,40 @@ def test_command_line_prints_address_and_forwards() -> None:
             await stop(server, tasks)
 
     run(main(), timeout_s=40)
+
+
+def test_a_stalled_target_pushes_back_on_the_sender() -> None:
+    """The delay line is bounded: with a target that never reads, the sender stalls."""
+
+    async def main() -> None:
+        reading = asyncio.Event()
+
+        async def never_read(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await reading.wait()  # never set: the target does not read
+            w.close()
+
+        server, port, tasks = await serve(never_read)
+        cfg = ShaperConfig(
+            target_host="127.0.0.1",
+            target_port=port,
+            up_delay_s=0.2,
+            unlimited_buffer_bytes=1 << 20,
+        )
+        async with LinkShaper(cfg) as shaper:
+            _, writer = await asyncio.open_connection(*shaper.address)
+            block, written, stalled = b"x" * (1 << 20), 0, False
+            for _ in range(64):  # try to push 64 MiB
+                writer.write(block)
+                try:
+                    await asyncio.wait_for(writer.drain(), 1.0)
+                except asyncio.TimeoutError:
+                    stalled = True
+                    break
+                written += len(block)
+            # kernel socket buffers on both hops hold some MiB; the proxy holds at most ~1 MiB
+            assert stalled and written < 40 << 20, written
+            writer.transport.abort()
+        await stop(server, tasks)
+        assert_no_tasks_left()
+
+    run(main())
