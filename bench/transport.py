@@ -3,7 +3,8 @@
 Two processes: this one sends, a child receives (``--child``). The child serves Shoal's
 ``Peer`` service (auth, framing, header checks, xxHash3 verification into a preallocated
 buffer) and a bare grpc.aio service (identity serializers, copies chunks into a
-preallocated buffer) on the same loop. Repetitions alternate raw and full to cancel noise.
+preallocated buffer) on the same loop. Repetitions alternate raw and full to cancel noise;
+throughput is the best repetition of each, RPC latency the median of alternating blocks.
 
 Measures: 512 MiB client->peer streams (``full_MBps`` vs ``raw_MBps``), small-RPC p50
 (``Peer.Ping`` vs a bare unary echo), and a shorter transfer through ``shoal.net.shaper``
@@ -227,8 +228,9 @@ async def _parent(
         _log(f"shaped: {shaped:.3f} of {args.shaped_mbit} Mbit/s")
     finally:
         await channel.close(None)
-    full_mbps = args.mib * MiB / statistics.median(full_s) / 1e6
-    raw_mbps = args.mib * MiB / statistics.median(raw_s) / 1e6
+    # best of the alternating repetitions: on a shared machine noise only ever adds time
+    full_mbps = args.mib * MiB / min(full_s) / 1e6
+    raw_mbps = args.mib * MiB / min(raw_s) / 1e6
     return {
         "bench": "transport",
         "ratio_vs_raw": round(full_mbps / raw_mbps, 3),

@@ -29,7 +29,7 @@ def test_idle_connection_is_closed_and_reopened(make_runtime):
 
 def test_failing_peer_is_banned_then_refused_without_dialing(make_runtime):
     a = make_runtime(
-        health=HealthConfig(ban_threshold=1.5, ban_base_s=60),
+        health=HealthConfig(ban_threshold=2, ban_base_s=60, score_half_life_s=1e6),
         reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
     )
     stub = a.stub(peer_pb2_grpc.PeerStub, DEAD)
@@ -90,3 +90,17 @@ def test_runtime_bridge_rules(make_runtime):
     task = a.run(start_background(), 5)
     a.close()
     assert task.cancelled()
+
+
+def test_identify_and_penalize(make_runtime):
+    a, b = make_runtime(health=HealthConfig(ban_threshold=3, score_half_life_s=1e6)), make_runtime()
+    assert a.run(a.identify(b.address), 5) == b.peer_id
+
+    async def punish():
+        return [a.penalize(b.peer_id) for _ in range(3)]
+
+    assert a.run(punish(), 5) == [False, False, True]
+    assert a.is_banned(b.peer_id)
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address, peer_id=b.peer_id)
+    with pytest.raises(PeerUnavailable, match="banned"):
+        a.run(stub.Ping(peer_pb2.PingRequest()), 5)

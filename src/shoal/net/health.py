@@ -58,7 +58,8 @@ class PeerHealth:
             rec = self._peers.setdefault(peer, _Record(at_s=now_s))
         rec.score = self._decayed(rec, now_s) + cfg.failure_weight * weight
         rec.at_s = now_s
-        if rec.score < cfg.ban_threshold or rec.banned_until_s > now_s:
+        # a hair of tolerance: strikes a few microseconds apart still add up to the threshold
+        if rec.score < cfg.ban_threshold * (1 - 1e-6) or rec.banned_until_s > now_s:
             return False
         if now_s - rec.last_ban_s > cfg.ban_memory_s:
             rec.bans = 0

@@ -227,6 +227,21 @@ class NetRuntime:
             traffic=self.traffic,
         )
 
+    async def identify(self, address: str, timeout_s: float | None = None) -> PeerID:
+        """Connect and handshake with ``address``; returns the PeerID that answered."""
+        conn = await self.pool.get(address, None, timeout_s or self.config.connect_timeout_s)
+        assert conn.peer_id is not None  # set by the handshake
+        return conn.peer_id
+
+    def penalize(self, peer: PeerID, weight: float = 1.0) -> bool:
+        """Count misbehaviour seen above the transport (e.g. a garbage gradient) against
+        ``peer``; returns True when this started a ban. Call it on the loop thread."""
+        return self.health.failure(peer.to_string(), time.monotonic(), weight)
+
+    def is_banned(self, peer: PeerID) -> bool:
+        """Whether calls to ``peer`` are currently refused."""
+        return self.health.is_banned(peer.to_string(), time.monotonic())
+
     def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
         """Start an owned background task (call on the loop thread)."""
         return self.supervisor.spawn(coro, name=name)
