@@ -30,8 +30,9 @@ class Swarm:
         self.servers: list[StageServer] = []
         self.trainers: list[PipelineTrainer] = []
 
-    def peer(self) -> tuple[NetRuntime, DHT]:
-        runtime = NetRuntime(Identity.generate(), NetConfig(port=0, unix_socket=False)).start()
+    def peer(self, net: NetConfig | None = None) -> tuple[NetRuntime, DHT]:
+        net = net or NetConfig(port=0, unix_socket=False)
+        runtime = NetRuntime(Identity.generate(), net).start()
         dht = DHT(runtime)
         if self.peers:
             dht.bootstrap([self.peers[0][0].address])
@@ -44,8 +45,9 @@ class Swarm:
         self.servers.append(server)
         return server
 
-    def trainer(self, config: TrainerConfig, **kw: object) -> PipelineTrainer:
-        runtime, dht = self.peer()
+    def trainer(self, config: TrainerConfig, net: NetConfig | None = None,
+                **kw: object) -> PipelineTrainer:
+        runtime, dht = self.peer(net)
         trainer = PipelineTrainer(runtime, dht, self.cfg, config, **kw)  # type: ignore[arg-type]
         self.trainers.append(trainer)
         return trainer

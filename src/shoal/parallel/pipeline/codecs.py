@@ -21,6 +21,8 @@ every payload's dtype and shape before use and raises ProtocolViolation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from shoal.compress.activations import SubspaceCodec
@@ -65,7 +67,7 @@ class BoundaryCodec:
         q, scales = enc.payload
         return (q.reshape(x.shape), scales)
 
-    def decode(self, payload: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def decode(self, payload: Sequence[torch.Tensor]) -> torch.Tensor:
         """The (B, T, d) float32 tensor back from its payload (validated)."""
         if len(payload) != payload_count(self.name):
             raise ProtocolViolation(f"codec {self.name} needs {payload_count(self.name)} "

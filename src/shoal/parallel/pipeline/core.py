@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 Outcome = tuple[pb.StageReply, Sequence[torch.Tensor]]
 
 
-def _reply(status: int, reason: str = "", **kw: Any) -> pb.StageReply:
+def _reply(status: Any, reason: str = "", **kw: Any) -> pb.StageReply:
     return pb.StageReply(status=status, reason=reason[:200], **kw)
 
 
