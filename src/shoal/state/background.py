@@ -93,7 +93,7 @@ class BackgroundCheckpointer:
         self.last_error: BaseException | None = None
         self._latest_served: ServedSnapshot | None = None
         self._last_taken_step: int | None = None
-        self._pending: Snapshot | None = None
+        self._pending: tuple[Snapshot, bool] | None = None
         self._busy = False
         self._closed = False
         self._cond = threading.Condition()
@@ -113,8 +113,13 @@ class BackgroundCheckpointer:
         self.save(step, state_provider)
         return True
 
-    def save(self, step: int, state_provider: Callable[[], Snapshot]) -> float:
-        """Snapshot now (``state_provider`` runs here) and queue it; returns the pause in s."""
+    def save(
+        self, step: int, state_provider: Callable[[], Snapshot], *, write: bool = True
+    ) -> float:
+        """Snapshot now (``state_provider`` runs here) and queue it; returns the pause in s.
+
+        ``write=False`` only makes it servable (e.g. the state just restored from disk).
+        """
         if self._closed:
             raise RuntimeError("checkpointer is closed")
         start = time.perf_counter()
@@ -122,21 +127,26 @@ class BackgroundCheckpointer:
         pause = time.perf_counter() - start
         self.pauses_s.append(pause)
         self._last_taken_step = step
-        self.submit(snapshot)
+        self.submit(snapshot, write=write)
         return pause
 
-    def submit(self, snapshot: Snapshot) -> None:
+    def submit(self, snapshot: Snapshot, *, write: bool = True) -> None:
         """Queue an already taken snapshot (replaces one still waiting)."""
         with self._cond:
             if self._pending is not None:
                 self.superseded += 1
                 log.info(
                     "checkpoint of step %d superseded by step %d before it was written",
-                    self._pending.step,
+                    self._pending[0].step,
                     snapshot.step,
                 )
-            self._pending = snapshot
+            self._pending = (snapshot, write)
             self._cond.notify_all()
+
+    @property
+    def last_taken_step(self) -> int | None:
+        """Step of the newest snapshot taken (queued, written or not)."""
+        return self._last_taken_step
 
     @property
     def latest_served(self) -> ServedSnapshot | None:
@@ -177,10 +187,10 @@ class BackgroundCheckpointer:
                     self._cond.wait()
                 if self._pending is None:
                     return
-                snapshot, self._pending = self._pending, None
+                (snapshot, write), self._pending = self._pending, None
                 self._busy = True
             try:
-                self._handle(snapshot)
+                self._handle(snapshot, write)
             except Exception as exc:  # a failed write must not kill the worker
                 self.last_error = exc
                 log.exception("background checkpoint of step %d failed", snapshot.step)
@@ -189,13 +199,13 @@ class BackgroundCheckpointer:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _handle(self, snapshot: Snapshot) -> None:
+    def _handle(self, snapshot: Snapshot, write: bool) -> None:
         cfg = self.config
         start = time.perf_counter()
         if cfg.serve:
             self._latest_served = prepare(snapshot, chunk_bytes=cfg.chunk_bytes)
         path = None
-        if cfg.write_to_disk:
+        if cfg.write_to_disk and write:
             path = write_snapshot(snapshot, self.root, keep_last=cfg.keep_last)
         saved = SavedCheckpoint(snapshot.step, path, time.perf_counter() - start)
         self.last_saved = saved
