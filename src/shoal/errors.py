@@ -4,6 +4,7 @@
     ├── ConfigError              invalid configuration or command-line value
     ├── DataError                missing or unusable training data
     ├── CheckpointError          torn, corrupt or incompatible checkpoint
+    ├── TestbedError             building or removing a network-namespace testbed failed
     └── NetworkError             anything that crossed (or failed to cross) the wire
         ├── PeerUnavailable      could not reach the peer (refused, reset, unroutable, banned)
         ├── PeerTimeout          the peer did not answer within the deadline
@@ -32,6 +33,12 @@ class DataError(ShoalError):
 
 class CheckpointError(ShoalError):
     """A checkpoint is torn, corrupt, or does not fit the model; the message names the file."""
+
+
+class TestbedError(ShoalError):
+    """Building, using or removing a network-namespace testbed failed."""
+
+    __test__ = False  # not a pytest test class
 
 
 class NetworkError(ShoalError):
@@ -73,4 +80,5 @@ __all__ = [
     "ProtocolViolation",
     "RemoteError",
     "ShoalError",
+    "TestbedError",
 ]

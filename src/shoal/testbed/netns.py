@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from shoal.errors import ShoalError
+from shoal.errors import TestbedError
 
 __all__ = [
     "TestbedError",
@@ -30,12 +30,6 @@ __all__ = [
 ]
 
 REQUIRED_TOOLS = ("ip", "tc", "iptables", "iptables-restore")
-
-
-class TestbedError(ShoalError):
-    """Building, using or removing a network-namespace testbed failed."""
-
-    __test__ = False  # not a pytest test class
 
 
 def missing_tools() -> list[str]:
