@@ -48,16 +48,21 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads of the dense run and of each TP rank")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the dense run and of each TP rank"
+    )
     ap.add_argument("--json", action="store_true", help="accepted; the output is always JSON")
     args = ap.parse_args(argv)
 
-    spec = StageSpec(model=model_config(args.model), seed=args.seed, lr=args.lr,
-                     weight_decay=0.1, dtype=args.dtype)
+    spec = StageSpec(
+        model=model_config(args.model),
+        seed=args.seed,
+        lr=args.lr,
+        weight_decay=0.1,
+        dtype=args.dtype,
+    )
     corpus = load_corpus()
-    windows = TrainWindows(corpus.train, seq_len=args.seq, batch_size=args.batch,
-                           seed=args.seed)
+    windows = TrainWindows(corpus.train, seq_len=args.seq, batch_size=args.batch, seed=args.seed)
     batches = [windows.next_batch() for _ in range(args.steps)]
 
     torch.set_num_threads(args.threads)
@@ -66,9 +71,12 @@ def main(argv: list[str]) -> dict:
     dense = train_dense(spec, batches)
     _log(f"dense done in {time.perf_counter() - start:.1f}s; TP={args.tp} ...")
     start = time.perf_counter()
-    ranks = launch_tp_group(args.tp, train_tp_rank, (spec, batches),
-                            config=LaunchConfig(run_timeout_s=1800.0,
-                                                threads_per_rank=args.threads))
+    ranks = launch_tp_group(
+        args.tp,
+        train_tp_rank,
+        (spec, batches),
+        config=LaunchConfig(run_timeout_s=1800.0, threads_per_rank=args.threads),
+    )
     _log(f"tp done in {time.perf_counter() - start:.1f}s (including process start)")
 
     lead = ranks[0]

@@ -49,8 +49,8 @@ def parallelize_tp(
             comm.broadcast(t.data, src=0)
     for module in list(model.modules()):
         if isinstance(module, Block):
-            module.attn = TPAttention(module.attn, comm, overlap=overlap)  # type: ignore[arg-type]
-            module.mlp = TPMLP(module.mlp, comm, overlap=overlap)  # type: ignore[arg-type]
+            module.attn = TPAttention(module.attn, comm, overlap=overlap)  # type: ignore[assignment]
+            module.mlp = TPMLP(module.mlp, comm, overlap=overlap)  # type: ignore[assignment]
     return model
 
 

@@ -127,6 +127,10 @@ class TPStageRunner:
 
     # ---------------------------------------------------------------- shared
 
+    def lead(self, kind: Kind, tensors: Sequence[torch.Tensor] = ()) -> tuple[Any, Any]:
+        """Broadcast a work item and execute it here too (rank 0); returns rank 0's result."""
+        return self._lead(kind, tensors)
+
     def _lead(self, kind: Kind, tensors: Sequence[torch.Tensor]) -> tuple[Any, Any]:
         if self.comm.rank != 0:
             raise RuntimeError("only rank 0 sends requests")
@@ -135,7 +139,8 @@ class TPStageRunner:
         header = encode_header(kind, tensors)
         decode_header(header, max_elements=self.max_elements)  # same checks as followers
         self.comm.broadcast(header.to(self.device), src=0)
-        moved = [self.comm.broadcast(t.to(self.device).contiguous(), src=0) for t in tensors]
+        moved = [self.comm.broadcast(t.detach().to(self.device).contiguous(), src=0)
+                 for t in tensors]
         return self._execute(kind, moved)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -162,7 +167,13 @@ class TPStageRunner:
             self.stage.zero_grad(set_to_none=True)
         elif kind is Kind.STOP:
             self._stopped = True
+        else:
+            return self._execute_more(kind, tensors)
         return None, None
+
+    def _execute_more(self, kind: Kind, tensors: list[torch.Tensor]) -> tuple[Any, Any]:
+        """Kinds a subclass adds (``pipeline_core.py``); the base runner knows none."""
+        raise ConfigError(f"work item kind {kind.name} is not handled by {type(self).__name__}")
 
     def _backward(self, inputs: torch.Tensor, second: torch.Tensor) -> tuple[Any, Any]:
         x = inputs

@@ -63,8 +63,9 @@ class StageSpec:
         """The dense stage cut from ``model`` (built from the spec if ``None``)."""
         model = model or GPT(self.model, seed=self.seed)
         model = model.to(getattr(torch, self.dtype))
-        tie = "copy" if self.boundaries else "shared"  # one stage keeps the head tied
-        return split_stages(model, list(self.boundaries), tie=tie)[self.index]
+        if not self.boundaries:  # one stage: keep the head tied, as in the whole model
+            return split_stages(model, [], tie="shared")[0]
+        return split_stages(model, list(self.boundaries), tie="copy")[self.index]
 
 
 def build_tp_stage(

@@ -2,7 +2,7 @@
 
 Header: ``HEADER_LEN`` int64 values::
 
-    [version, kind, n_tensors, (dtype code, ndim, d0, d1, d2, d3) * MAX_TENSORS]
+    [version, kind, n_tensors, (dtype code, ndim, d0, d1, d2, d3) * MAX_TENSORS, pad]
 
 Followers allocate the tensors the header describes and receive them by broadcast. Rank 0
 runs the same code as its followers, but the header is still checked before anything is
@@ -45,6 +45,23 @@ class Kind(enum.IntEnum):
     """Drop the accumulated gradients."""
     STOP = 5
     """Followers leave their loop."""
+    # Kinds of the pipeline stage core (pipeline_core.py):
+    INSTALL = 6
+    """Build and shard a stage; payload: stage index (int64)."""
+    KEEP_FORWARD = 7
+    """Forward with autograd, keeping the graph for the next GRADS: inputs [, targets]."""
+    GRADS = 8
+    """Differentiate the kept graph into pending gradients: [grad of outputs] (or none)."""
+    APPLY = 9
+    """Add the pending gradients into the accumulator."""
+    DISCARD = 10
+    """Drop the pending gradients."""
+    STEP_MEAN = 11
+    """Scale the accumulated gradients by a factor (float64), step, zero them."""
+    GATHER = 12
+    """All-gather the stage's parameters in dense layout (rank 0 returns them)."""
+    ADD_DELTA = 13
+    """Add a flat dense-layout delta (float) to the parameters, each rank its shard."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,8 +106,8 @@ class ZeroAdamW:
     Args:
         params: the model's parameters (the same list, in the same order, on every rank).
         comm: the tensor-parallel group.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; decay applies to tensors
-            with ``dim() >= 2`` only.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        decays: which parameters get weight decay; default: tensors with ``dim() >= 2``.
 
     Raises:
         ConfigError: a hyper-parameter out of range.
@@ -122,6 +122,7 @@ class ZeroAdamW:
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        decays: Callable[[torch.Tensor], bool] = _decays,
     ) -> None:
         if not lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {lr!r}")
@@ -132,11 +133,11 @@ class ZeroAdamW:
         replicated = [p for p in self.params if tp_shard_dim(p) is None]
         sharded = [p for p in self.params if tp_shard_dim(p) is not None]
         self.flats = [
-            FlatShard([p for p in replicated if _decays(p)], comm),
-            FlatShard([p for p in replicated if not _decays(p)], comm),
+            FlatShard([p for p in replicated if decays(p)], comm),
+            FlatShard([p for p in replicated if not decays(p)], comm),
         ]
-        decay = [p for p in sharded if _decays(p)] + [self.flats[0].shard]
-        no_decay = [p for p in sharded if not _decays(p)] + [self.flats[1].shard]
+        decay = [p for p in sharded if decays(p)] + [self.flats[0].shard]
+        no_decay = [p for p in sharded if not decays(p)] + [self.flats[1].shard]
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": weight_decay},
