@@ -81,8 +81,6 @@ class DHTNode:
         self.published: dict[tuple[bytes, bytes], tuple[Record, float]] = {}
         """Records this node wrote, with the loop time of their last publication."""
         self.tasks = TaskOwner(f"dht {identity.peer_id.short()}")
-        self.last_get_hops: int | None = None
-        """Hops of the last ``get_records`` lookup to its first answer with records."""
         self.started_at = 0.0
         """Loop time of ``start`` (buckets never looked up count as refreshed then)."""
         self._closed = False
@@ -170,16 +168,22 @@ class DHTNode:
 
     async def get_records(self, key: bytes, *, quorum: int | None = None) -> list[Record]:
         """Validated, unexpired records for ``key`` from the network and the local store."""
+        return (await self.find_records(key, quorum=quorum))[0]
+
+    async def find_records(
+        self, key: bytes, *, quorum: int | None = None
+    ) -> tuple[list[Record], LookupResult]:
+        """``get_records`` plus the lookup that found them (hops, RPCs; for measurements)."""
         location = location_of(key)
         found = await self.lookup(location, find_value=True, quorum=quorum)
         now = self.wall_clock()
         unique = {r.signature: r for r in [*found.records, *self.storage.get(location, now)]}
-        self.last_get_hops = found.value_hops
-        return [
+        valid = [
             r
             for r in unique.values()
             if r.key == key and validate(r, now, self.config.limits) is None
         ]
+        return valid, found
 
     async def lookup(
         self, target: int, *, find_value: bool = False, quorum: int | None = None
