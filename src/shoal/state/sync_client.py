@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,8 +182,15 @@ class _Transfer:
 
 
 class _Downloader:
-    def __init__(self, runtime: Any, choice: DonorChoice, config: SyncConfig) -> None:
+    def __init__(
+        self,
+        runtime: Any,
+        choice: DonorChoice,
+        config: SyncConfig,
+        on_chunk: Callable[[str, int], None] | None,
+    ) -> None:
         self.runtime = runtime
+        self.on_chunk = on_chunk
         self.choice = choice
         self.config = config
         self.candidates: deque[Announcement] = deque([*choice.donors, *choice.spares])
@@ -243,10 +251,11 @@ class _Downloader:
                         if got >= len(piece.chunks):
                             raise ProtocolViolation("Fetch sent more chunks than asked for")
                         transfer.accept(frame, piece.chunks[got])
-                        self.bytes_by_donor[label] = (
-                            self.bytes_by_donor.get(label, 0) + piece.chunks[got][2]
-                        )
+                        done = self.bytes_by_donor.get(label, 0) + piece.chunks[got][2]
+                        self.bytes_by_donor[label] = done
                         got += 1
+                        if self.on_chunk is not None:
+                            self.on_chunk(label, done)
                 if got != len(piece.chunks):
                     raise ProtocolViolation(f"Fetch ended after {got} of {len(piece.chunks)}")
             except (NetworkError, asyncio.TimeoutError) as exc:
@@ -307,9 +316,15 @@ class _Downloader:
 
 
 async def download(
-    runtime: Any, choice: DonorChoice, config: SyncConfig | None = None
+    runtime: Any,
+    choice: DonorChoice,
+    config: SyncConfig | None = None,
+    *,
+    on_chunk: Callable[[str, int], None] | None = None,
 ) -> SyncResult:
     """Download the snapshot ``choice`` names (on the runtime's loop).
+
+    ``on_chunk(donor, bytes_from_donor)`` runs on the loop after each verified chunk.
 
     Raises:
         PeerUnavailable: no donor could serve it to the end.
@@ -318,7 +333,7 @@ async def download(
     config = config or SyncConfig()
     try:
         return await asyncio.wait_for(
-            _Downloader(runtime, choice, config).run(), config.total_timeout_s
+            _Downloader(runtime, choice, config, on_chunk).run(), config.total_timeout_s
         )
     except asyncio.TimeoutError:
         raise PeerTimeout(f"state sync did not finish within {config.total_timeout_s} s") from None
@@ -333,7 +348,12 @@ async def find_donors(
 
 
 async def sync_from_swarm(
-    runtime: Any, dht: Any, key: bytes, config: SyncConfig | None = None
+    runtime: Any,
+    dht: Any,
+    key: bytes,
+    config: SyncConfig | None = None,
+    *,
+    on_chunk: Callable[[str, int], None] | None = None,
 ) -> SyncResult:
     """Find the freshest snapshot announced under ``key`` and download it.
 
@@ -348,4 +368,4 @@ async def sync_from_swarm(
         raise PeerTimeout("reading state announcements timed out") from None
     if choice is None:
         raise PeerUnavailable("no peer announces a state snapshot")
-    return await download(runtime, choice, config)
+    return await download(runtime, choice, config, on_chunk=on_chunk)

@@ -1,0 +1,162 @@
+"""A training peer with background checkpoints, a State service and DHT announcements.
+
+    python -m shoal.state.demo_peer --run-dir runs/a [--join HOST:PORT] [--interval 20]
+
+It stands in for ``shoal peer`` until that exists, and is what the recovery tests kill with
+``kill -9`` and restart. Startup: identity from ``<run-dir>/key`` (the same PeerID across
+restarts), network runtime, DHT (bootstrapped from ``--join``), the local ``Trainer`` on the
+tiny model, then ``recover`` (disk or swarm, whichever is fresher) and restore. Then it
+steps forever (or to ``--steps``), snapshotting every ``--interval`` steps in the
+background, serving the newest snapshot and announcing it.
+
+This module composes the ``train`` layer with ``state``; it is the one module of
+``shoal.state`` that imports upward and should move under ``shoal peer``.
+
+Stdout carries one JSON object per line for whoever drives the process:
+``listening``, ``recovered`` (source, step), ``ready``, ``checkpoint`` (step, path),
+``step`` (every ``--report-every`` steps) and ``stopped``. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("shoal.state.demo_peer")
+_emit_lock = threading.Lock()
+
+
+def emit(event: str, **fields: Any) -> None:
+    with _emit_lock:
+        print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shoal.state.demo_peer")
+    p.add_argument("--run-dir", required=True, type=Path)
+    p.add_argument("--join", action="append", default=[], help="DHT bootstrap HOST:PORT")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--swarm", default="demo")
+    p.add_argument("--steps", type=int, default=1_000_000)
+    p.add_argument("--interval", type=int, default=20, help="checkpoint every N steps")
+    p.add_argument("--keep-last", type=int, default=3)
+    p.add_argument("--report-every", type=int, default=5)
+    p.add_argument("--data-dir", default=None, help="text files (default: embedded corpus)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttl", type=float, default=30.0, help="announcement TTL in s")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
+    from shoal.dht.peer import DHT
+    from shoal.net import Identity, NetConfig, NetRuntime
+    from shoal.state.announce import StateAnnouncer, state_key
+    from shoal.state.background import BackgroundCheckpointer, CheckpointerConfig, SavedCheckpoint
+    from shoal.state.recovery import Source, recover
+    from shoal.state.sync_service import StateServer
+    from shoal.train.config import TrainConfig, with_overrides
+    from shoal.train.run_state import checkpoint_root, restore_run, snapshot_run
+    from shoal.train.trainer import Trainer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    run_dir: Path = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    identity = Identity.load_or_create(run_dir / "key")
+    runtime = NetRuntime(identity, NetConfig(port=args.port)).start()
+    dht = DHT(runtime)
+    key = state_key(args.swarm)
+    emit("listening", address=runtime.address, peer_id=runtime.peer_id.to_string())
+    if args.join:
+        dht.bootstrap(args.join)
+
+    cfg = with_overrides(
+        TrainConfig(),
+        {
+            "model.name": "tiny",
+            "model.n_layer": 1,
+            "model.d_model": 32,
+            "model.n_head": 2,
+            "data.dir": args.data_dir,
+            "data.seq_len": 32,
+            "data.batch_size": 4,
+            "run.steps": args.steps,
+            "run.seed": args.seed,
+            "run.run_dir": str(run_dir),
+            "run.threads": 1,
+            "run.device": "cpu",
+            "checkpoint.every_steps": 0,
+        },
+    )
+    trainer = Trainer(cfg, show_progress=False, log_lines=False)
+    config_meta = {**cfg.to_dict(), "model_shape": trainer.model_cfg.to_dict()}
+    root = checkpoint_root(run_dir)
+    found = recover(root, runtime, dht, key)
+    if found.checkpoint is not None:
+        trainer.step = restore_run(
+            found.checkpoint, trainer.model, trainer.optimizer, trainer.windows, config_meta
+        )
+    emit(
+        "recovered",
+        source=found.source.value,
+        step=trainer.step,
+        local_step=found.local_step,
+        swarm_step=found.swarm_step,
+    )
+
+    def provider() -> Any:
+        return snapshot_run(
+            trainer.step, trainer.model, trainer.optimizer, trainer.windows, config_meta
+        )
+
+    announcer: StateAnnouncer | None = None
+
+    def on_saved(saved: SavedCheckpoint) -> None:
+        emit("checkpoint", step=saved.step, path=str(saved.path) if saved.path else None)
+        if announcer is not None:
+            announcer.notify()
+
+    ckpt = BackgroundCheckpointer(
+        root,
+        CheckpointerConfig(interval_steps=args.interval, keep_last=args.keep_last),
+        on_saved=on_saved,
+    )
+    server = StateServer(runtime, ckpt.latest_served)
+    announcer = StateAnnouncer(
+        dht, key, ckpt.latest_served, address=runtime.address, ttl_s=args.ttl
+    ).start()
+    ckpt.save(trainer.step, provider, write=found.source is not Source.DISK)
+    emit("ready", step=trainer.step, address=runtime.address)
+    try:
+        while trainer.step < args.steps and not stop.is_set():
+            trainer.train_step()
+            if trainer.step % args.report_every == 0:
+                emit("step", step=trainer.step)
+            ckpt.maybe_save(trainer.step, provider)
+        if ckpt.last_taken_step != trainer.step:
+            ckpt.save(trainer.step, provider)
+    finally:
+        ckpt.close(timeout_s=30.0)
+        announcer.close()
+        server.close()
+        dht.close()
+        runtime.close()
+    emit("stopped", step=trainer.step)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Pure parts of state sync: donor choice, announcements, piece plans, manifests, version pins."""
+
+import asyncio
+import random
+
+import msgpack
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.errors import ProtocolViolation, RemoteError
+from shoal.net.identity import Identity
+from shoal.net.proto.v1 import state_pb2
+from shoal.state.announce import (
+    Announcement,
+    choose_donors,
+    encode_announcement,
+    parse_announcements,
+)
+from shoal.state.checkpoint import Snapshot
+from shoal.state.recovery import Source, choose_source
+from shoal.state.snapshot import ManifestLimits, check_manifest, manifest_version, prepare
+from shoal.state.sync_client import plan_pieces
+from shoal.state.sync_service import ServeConfig, StateService, VersionCache
+
+IDS = [Identity.from_seed(bytes([i]) * 32).peer_id for i in range(6)]
+
+
+def _ann(i, step, version="v1"):
+    return Announcement(IDS[i], step, version, f"127.0.0.1:{4000 + i}", 100)
+
+
+def _snap(step=3, sizes=(10, 70000, 0)):
+    g = torch.Generator().manual_seed(step)
+    tensors = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
+    return Snapshot(
+        step=step,
+        files={"model": tensors, "extra": {"rng": torch.arange(5, dtype=torch.uint8)}},
+        meta={"k": step},
+    )
+
+
+def test_choose_donors_prefers_freshest_step_then_most_held_version():
+    anns = [_ann(0, 9, "a"), _ann(1, 10, "b"), _ann(2, 10, "c"), _ann(3, 10, "c"), _ann(4, 8)]
+    choice = choose_donors(anns, max_donors=3, rng=random.Random(0))
+    assert choice.step == 10 and choice.version == "c"
+    assert {a.peer_id for a in choice.donors} == {IDS[2], IDS[3]} and choice.spares == []
+
+
+def test_choose_donors_excludes_self_and_keeps_spares():
+    anns = [_ann(i, 5) for i in range(5)] + [_ann(5, 6)]
+    choice = choose_donors(anns, exclude=IDS[5], max_donors=3, rng=random.Random(1))
+    assert choice.step == 5 and len(choice.donors) == 3 and len(choice.spares) == 2
+    assert IDS[5] not in {a.peer_id for a in choice.donors + choice.spares}
+    assert choose_donors([_ann(0, 1)], exclude=IDS[0]) is None
+
+
+def test_parse_announcements_drops_malformed_entries():
+    good = encode_announcement(7, "abc", "127.0.0.1:1", 10)
+    value = {
+        IDS[0].raw: good,
+        IDS[1].raw: b"\x00garbage",
+        IDS[2].raw: msgpack.packb({"s": -1, "v": "x", "a": "h:1", "b": 1}),
+        IDS[3].raw: msgpack.packb({"s": 1, "v": "", "a": "h:1", "b": 1}),
+        b"short": good,
+    }
+    found = parse_announcements(value)
+    assert [(a.peer_id, a.step, a.version) for a in found] == [(IDS[0], 7, "abc")]
+    assert parse_announcements(None) == [] and parse_announcements(b"plain") == []
+
+
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=6), st.integers(1, 9000))
+@settings(max_examples=60, deadline=None)
+def test_plan_pieces_covers_every_chunk_once(sizes, piece_bytes):
+    manifest = state_pb2.StateManifest(chunk_bytes=1000)
+    for i, n in enumerate(sizes):
+        manifest.tensors.append(state_pb2.StateTensor(name=f"m/{i}", byte_length=n))
+    pieces = plan_pieces(manifest, piece_bytes)
+    chunks = [c for p in pieces for c in p.chunks]
+    want = [(i, pos, min(1000, n - pos)) for i, n in enumerate(sizes) for pos in range(0, n, 1000)]
+    assert chunks == want
+    for p in pieces:
+        covered = sum(s.end - s.start for s in p.segments())
+        assert covered == p.nbytes
+
+
+def test_manifest_round_trip_and_tampering_is_refused():
+    served = prepare(_snap(), chunk_bytes=4096)
+    limits = ManifestLimits()
+    check_manifest(served.manifest, limits)
+    assert served.version == manifest_version(served.manifest)
+    assert prepare(_snap()).version != prepare(_snap(step=4)).version
+
+    def tampered(edit):
+        m = state_pb2.StateManifest()
+        m.CopyFrom(served.manifest)
+        edit(m)
+        return m
+
+    bad = [
+        tampered(lambda m: m.tensors[0].chunk_checksums.append(1)),
+        tampered(lambda m: setattr(m, "step", m.step + 1)),  # version no longer matches
+        tampered(lambda m: setattr(m, "chunk_bytes", 2 << 20)),
+        tampered(lambda m: m.tensors.append(m.tensors[0])),
+        tampered(lambda m: setattr(m.tensors[1], "byte_length", 8)),
+    ]
+    for m in bad:
+        with pytest.raises(ProtocolViolation):
+            check_manifest(m, limits)
+    with pytest.raises(ProtocolViolation, match="exceeds"):
+        check_manifest(served.manifest, ManifestLimits(max_total_bytes=100))
+
+
+def test_version_cache_pins_used_versions_for_a_while():
+    now = [0.0]
+    cache = VersionCache(ServeConfig(pin_s=10.0, max_versions=2), clock=lambda: now[0])
+    old, new, newer = prepare(_snap(1)), prepare(_snap(2)), prepare(_snap(3))
+    assert cache.get("", old) is old
+    now[0] = 5.0
+    assert cache.get(old.version, new) is old  # still pinned after the donor moved on
+    now[0] = 16.0
+    assert cache.get(old.version, new) is None  # unused for longer than pin_s
+    cache.get(new.version, new)
+    cache.update(newer)
+    assert cache.versions == [new.version, newer.version]
+
+
+def _fetch_all(service, request):
+    async def collect():
+        return [frame async for frame in service.Fetch(request, None)]
+
+    return asyncio.run(collect())
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 300000), st.integers(0, 300000)),
+        max_size=5,
+    ),
+    st.text(max_size=70),
+)
+@settings(max_examples=80, deadline=None)
+def test_fetch_with_arbitrary_segments_fails_cleanly(segments, version):
+    served = prepare(_snap(), chunk_bytes=4096)
+    service = StateService(lambda: served)
+    request = state_pb2.FetchRequest(version=version)
+    for t, a, b in segments:
+        request.segments.append(state_pb2.Segment(tensor=t, start=a, end=b))
+    try:
+        frames = _fetch_all(service, request)
+    except (ProtocolViolation, RemoteError):
+        return
+    assert sum(f.data.nbytes for f in frames) == sum(b - a for _, a, b in segments)
+
+
+def test_choose_source_prefers_the_strictly_fresher_copy():
+    assert choose_source(None, None) is Source.NONE
+    assert choose_source(5, None) is Source.DISK
+    assert choose_source(None, 0) is Source.SWARM
+    assert choose_source(5, 5) is Source.DISK
+    assert choose_source(5, 6) is Source.SWARM

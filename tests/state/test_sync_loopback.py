@@ -1,0 +1,158 @@
+"""State sync between runtimes of this process on loopback: service, client, DHT, recovery."""
+
+import pytest
+import torch
+
+from shoal.dht.peer import DHT
+from shoal.errors import PeerUnavailable
+from shoal.net import Identity, NetConfig, NetRuntime
+from shoal.net.tensors import tensor_bytes
+from shoal.state.announce import Announcement, DonorChoice, StateAnnouncer, state_key
+from shoal.state.checkpoint import Snapshot, write_snapshot
+from shoal.state.recovery import Source, recover
+from shoal.state.snapshot import ServedSnapshot, prepare
+from shoal.state.sync_client import SyncConfig, download, sync_from_swarm
+from shoal.state.sync_service import StateServer
+
+CFG = SyncConfig(piece_bytes=64 * 1024, streams_per_donor=2, total_timeout_s=60)
+
+
+def _snapshot(step=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Snapshot(
+        step=step,
+        files={
+            "model": {"w": torch.randn(300, 500, generator=g), "b": torch.zeros(3)},
+            "optimizer": {"state.0.exp_avg": torch.randn(150000, generator=g)},
+            "extra": {"rng": torch.get_rng_state(), "empty": torch.zeros(0)},
+        },
+        file_meta={"optimizer": {"shoal.optimizer": '{"scalars": {}, "param_groups": []}'}},
+        meta={"data": {"batches_drawn": 3}},
+    )
+
+
+def _corrupted(served: ServedSnapshot) -> ServedSnapshot:
+    tensors = tuple(t.clone() for t in served.tensors)
+    for t in tensors:  # same manifest, wrong bytes in every chunk
+        t.view(torch.uint8).view(-1)[:: 16 * 1024] += 1
+    return ServedSnapshot(
+        manifest=served.manifest, tensors=tensors, views=tuple(tensor_bytes(t) for t in tensors)
+    )
+
+
+def _assert_same(got: Snapshot, want: Snapshot):
+    assert got.step == want.step and got.meta == want.meta and got.file_meta == want.file_meta
+    assert set(got.files) == set(want.files)
+    for stem, tensors in want.files.items():
+        assert set(got.files[stem]) == set(tensors)
+        for key, tensor in tensors.items():
+            assert got.files[stem][key].dtype == tensor.dtype
+            assert torch.equal(got.files[stem][key], tensor), f"{stem}/{key}"
+
+
+@pytest.fixture()
+def runtimes():
+    made = []
+
+    def make(n):
+        for _ in range(n):
+            made.append(NetRuntime(Identity.generate(), NetConfig(port=0)).start())
+        return made[-n:]
+
+    yield make
+    for rt in made:
+        rt.close()
+
+
+def _choice(donors, served):
+    anns = [Announcement(r.peer_id, served.step, served.version, r.address, 0) for r in donors]
+    return DonorChoice(served.step, served.version, anns[:3], anns[3:])
+
+
+def test_three_donors_share_the_download_and_the_result_is_exact(runtimes):
+    snap = _snapshot()
+    served = prepare(snap, chunk_bytes=16 * 1024)
+    donors = runtimes(3)
+    for rt in donors:
+        StateServer(rt, lambda: served)
+    (joiner,) = runtimes(1)
+    result = joiner.run(download(joiner, _choice(donors, served), CFG), timeout_s=60)
+    _assert_same(result.snapshot, snap)
+    assert sum(result.bytes_by_donor.values()) == served.total_bytes
+    assert len(result.bytes_by_donor) == 3 and result.failed_donors == []
+
+
+def test_a_donor_sending_bad_bytes_is_dropped_and_others_finish(runtimes):
+    snap = _snapshot()
+    served = prepare(snap, chunk_bytes=16 * 1024)
+    bad = _corrupted(served)
+    donors = runtimes(3)
+    StateServer(donors[0], lambda: bad)
+    for rt in donors[1:]:
+        StateServer(rt, lambda: served)
+    (joiner,) = runtimes(1)
+    result = joiner.run(download(joiner, _choice(donors, served), CFG), timeout_s=60)
+    _assert_same(result.snapshot, snap)
+    assert result.failed_donors == [donors[0].peer_id.short()]
+
+
+def test_spare_donor_takes_over_and_no_donor_at_all_fails(runtimes):
+    snap = _snapshot()
+    served = prepare(snap, chunk_bytes=16 * 1024)
+    donors = runtimes(2)
+    StateServer(donors[0], lambda: _corrupted(served))
+    StateServer(donors[1], lambda: served)
+    (joiner,) = runtimes(1)
+    anns = [Announcement(r.peer_id, 7, served.version, r.address, 0) for r in donors]
+    one = SyncConfig(piece_bytes=64 * 1024, max_donors=1, total_timeout_s=60)
+    result = joiner.run(
+        download(joiner, DonorChoice(7, served.version, anns[:1], anns[1:]), one), 60
+    )
+    _assert_same(result.snapshot, snap)
+    with pytest.raises(PeerUnavailable):
+        joiner.run(download(joiner, DonorChoice(7, served.version, anns[:1], []), one), 60)
+
+
+def test_a_donor_that_moved_on_serves_its_newer_snapshot(runtimes):
+    old, new = _snapshot(step=7), _snapshot(step=9, seed=1)
+    served_old, served_new = prepare(old), prepare(new)
+    (donor, joiner) = runtimes(2)
+    StateServer(donor, lambda: served_new)  # announced step 7, holds only step 9 now
+    ann = Announcement(donor.peer_id, 7, served_old.version, donor.address, 0)
+    result = joiner.run(download(joiner, DonorChoice(7, served_old.version, [ann], []), CFG), 60)
+    _assert_same(result.snapshot, new)
+
+
+def test_announce_sync_and_recover_through_the_dht(runtimes, tmp_path):
+    snap = _snapshot(step=12)
+    served = prepare(snap)
+    joiner, donor_rt = runtimes(2)
+    joiner_dht = DHT(joiner)
+    donor_dht = DHT(donor_rt)
+    key = state_key("t")
+    try:
+        donor_dht.bootstrap([joiner.address])
+        StateServer(donor_rt, lambda: served)
+        announcer = StateAnnouncer(donor_dht, key, lambda: served, address=donor_rt.address)
+        assert donor_rt.run(announcer.announce_once(), timeout_s=20)
+
+        result = joiner.run(sync_from_swarm(joiner, joiner_dht, key, CFG), timeout_s=60)
+        _assert_same(result.snapshot, snap)
+
+        # recovery: an older disk copy loses to the swarm, a newer one wins
+        write_snapshot(_snapshot(step=5, seed=3), tmp_path / "a")
+        found = recover(tmp_path / "a", joiner, joiner_dht, key, CFG)
+        assert found.source is Source.SWARM and found.step == 12
+        assert torch.equal(found.checkpoint.model["w"], snap.files["model"]["w"])
+        write_snapshot(_snapshot(step=20, seed=3), tmp_path / "b")
+        found = recover(tmp_path / "b", joiner, joiner_dht, key, CFG)
+        assert found.source is Source.DISK and found.step == 20 and found.swarm_step == 12
+
+        # the donor stops serving: recovery falls back to the disk copy
+        donor_rt.remove_service("shoal.v1.State")
+        found = recover(tmp_path / "a", joiner, joiner_dht, key, CFG)
+        assert found.source is Source.DISK and found.step == 5
+        assert recover(tmp_path / "none", joiner, None, key, CFG).source is Source.NONE
+    finally:
+        donor_dht.close()
+        joiner_dht.close()
