@@ -183,3 +183,15 @@ def test_request_iterator_error_reaches_the_caller(make_runtime):
         a.run(stub.Absorb(frames(), timeout_s=5), 10)
     with pytest.raises(ProtocolViolation, match="cannot be sent"):
         a.run(stub.Absorb(tensor_frames(torch.ones(2, dtype=torch.complex64)), timeout_s=5), 10)
+
+
+def test_close_from_inside_the_loop(make_runtime):
+    a = make_runtime()
+
+    async def close_from_handler():
+        a.close()
+        return "returned"
+
+    assert a.run(close_from_handler(), 5) == "returned"
+    a._thread.join(2.0)
+    assert not a._thread.is_alive()

@@ -31,6 +31,7 @@ from shoal.net.traffic import Traffic
 
 log = logging.getLogger(__name__)
 _READY = grpc.ChannelConnectivity.READY
+_MAX_BACKOFF_ENTRIES = 4096
 
 
 def channel_options(config: NetConfig) -> list[tuple[str, Any]]:
@@ -228,7 +229,11 @@ class ConnectionPool:
             raise PeerUnavailable("peer is temporarily banned", peer=label)
         if conn._live():
             return conn
-        backoff = self._backoff.setdefault(address, Backoff())
+        backoff = self._backoff.get(address)
+        if backoff is None:
+            if len(self._backoff) >= _MAX_BACKOFF_ENTRIES:
+                self._backoff.clear()  # only delays are lost, never correctness
+            backoff = self._backoff[address] = Backoff()
         wait = backoff.wait_s(now)
         if wait >= timeout_s:
             raise PeerUnavailable(
@@ -243,7 +248,7 @@ class ConnectionPool:
             backoff.failed(self._config.reconnect, self._clock(), self._rng())
             self.failed(conn, exc)
             raise
-        backoff.succeeded()
+        self._backoff.pop(address, None)  # reachable again: forget past failures
         return conn
 
     def succeeded(self, conn: Connection) -> None:

@@ -82,6 +82,7 @@ class NetRuntime:
         self._server: grpc.aio.Server | None = None
         self._tmpdir: str | None = None
         self._close_lock = threading.Lock()
+        self._closing: asyncio.Task[None] | None = None  # close() called on the loop itself
         self.dispatcher.add(
             peer_pb2_grpc.add_PeerServicer_to_server,
             PeerService(
@@ -182,6 +183,10 @@ class NetRuntime:
             was_running = self.state is State.RUNNING
             self.state = State.CLOSED
         loop, thread = self._loop, self._thread
+        if thread is threading.current_thread() and loop is not None:
+            # called from a handler or task on the loop itself: it cannot block here
+            self._closing = loop.create_task(self._shutdown_and_stop(timeout_s * 0.7))
+            return
         if was_running and loop is not None and thread is not None and loop.is_running():
             future = asyncio.run_coroutine_threadsafe(self._shutdown(timeout_s * 0.7), loop)
             try:
@@ -193,6 +198,14 @@ class NetRuntime:
             thread.join(max(0.1, timeout_s * 0.2))
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    async def _shutdown_and_stop(self, budget_s: float) -> None:
+        try:
+            await self._shutdown(budget_s)
+        finally:
+            asyncio.get_running_loop().stop()
+            if self._tmpdir:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     async def _shutdown(self, budget_s: float) -> None:
         grace = min(self.config.shutdown_grace_s, budget_s / 3)
