@@ -101,6 +101,7 @@ def main(argv: list[str]) -> dict:
         "opt_state_bytes_dense": dense["opt_state_bytes"],
         "opt_state_bytes_per_rank": [r["opt_state_bytes"] for r in ranks],
         "opt_state_bytes_per_rank_without_zero": [2 * r["param_bytes"] for r in ranks],
+        "zero_flat_shard_bytes_per_rank": [r["shard_bytes"] for r in ranks],
         "param_bytes_per_rank": [r["param_bytes"] for r in ranks],
         "max_rss_mb_per_rank": [round(r["max_rss_bytes"] / 2**20, 1) for r in ranks],
         "backend": "gloo" if not torch.cuda.is_available() else "auto",

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import Store, TCPStore  # type: ignore[attr-defined]
 
 from shoal.errors import ConfigError, ShoalError
 from shoal.parallel.tensor.comm import TPComm
@@ -73,7 +74,7 @@ def _resolve_backend(backend: str, world_size: int) -> str:
     return "nccl" if torch.cuda.device_count() >= world_size else "gloo"
 
 
-def _init_rank(rank: int, world_size: int, store: dist.Store, cfg: LaunchConfig) -> RankContext:
+def _init_rank(rank: int, world_size: int, store: Store, cfg: LaunchConfig) -> RankContext:
     backend = _resolve_backend(cfg.backend, world_size)
     device = torch.device("cpu")
     if backend == "nccl":
@@ -119,7 +120,7 @@ def _rank_main(
     _die_with_parent(parent_pid)
     torch.set_num_threads(cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // world_size))
     try:
-        store = dist.TCPStore(HOST, port, world_size, is_master=False,
+        store = TCPStore(HOST, port, world_size, is_master=False,
                               timeout=timedelta(seconds=cfg.init_timeout_s))
         ctx = _init_rank(rank, world_size, store, cfg)
         try:
@@ -208,8 +209,8 @@ class _Followers:
         self.readers.clear()
 
 
-def _host_store(world_size: int, cfg: LaunchConfig) -> dist.TCPStore:
-    return dist.TCPStore(HOST, 0, world_size, is_master=True,
+def _host_store(world_size: int, cfg: LaunchConfig) -> TCPStore:
+    return TCPStore(HOST, 0, world_size, is_master=True,
                          timeout=timedelta(seconds=cfg.init_timeout_s), wait_for_workers=False)
 
 
@@ -252,10 +253,10 @@ def launch_tp_group(
 class TPGroup:
     """A group whose rank 0 is this process and whose other ranks are spawned followers."""
 
-    def __init__(self, ctx: RankContext, followers: _Followers, store: dist.TCPStore) -> None:
+    def __init__(self, ctx: RankContext, followers: _Followers, store: TCPStore) -> None:
         self.ctx = ctx
         self._followers = followers
-        self._store: dist.TCPStore | None = store
+        self._store: TCPStore | None = store
         self._closed = False
 
     def __enter__(self) -> TPGroup:

@@ -92,7 +92,11 @@ class _ColumnParallelFn(torch.autograd.Function):
         for i, (g, has_b) in enumerate(zip(grads, ctx.has_bias, strict=True)):
             g2 = g.reshape(-1, g.shape[-1])  # (N, out_local)
             out.append(g2.t() @ x2.to(g2.dtype) if ctx.needs_input_grad[3 + 2 * i] else None)
-            out.append(g2.sum(0) if has_b and ctx.needs_input_grad[4 + 2 * i] else None)
+            if has_b and ctx.needs_input_grad[4 + 2 * i]:  # sum bf16 grads in fp32 at least
+                acc = torch.promote_types(g2.dtype, torch.float32)
+                out.append(g2.sum(0, dtype=acc).to(g2.dtype))
+            else:
+                out.append(None)
         if work is not None:
             work.wait()
         return (grad_x, None, None, *out)
