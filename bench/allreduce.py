@@ -3,8 +3,9 @@
 Both run ``--peers`` real processes on 127.0.0.1 averaging ``--params`` fp32 values, in the
 same run, one torch thread per process: Shoal's butterfly all-reduce over its gRPC
 ``Averaging`` service (no compression unless ``--codec``), and gloo's ``all_reduce``
-(TCP store on 127.0.0.1). A round's time is the slowest process's time; the result is
-the median over ``--rounds`` rounds after one warm-up round.
+(TCP store on 127.0.0.1). Rounds of the two alternate, so load from elsewhere on the
+machine hits both alike. A round's time is the slowest process's time from the moment it
+is told to start; the result is the median over ``--rounds`` rounds after one warm-up.
 
     shoal bench allreduce --peers 4 --params 25000000 --json
     {"bench": "allreduce", "shoal_s": ..., "gloo_s": ..., "ratio": ...}
@@ -32,7 +33,8 @@ def _log(msg: str) -> None:
     print(f"[allreduce] {msg}", file=sys.stderr, flush=True)
 
 
-def _gloo_worker(rank: int, world: int, port: int, numel: int, rounds: int) -> None:
+def _gloo_worker(rank: int, world: int, port: int, numel: int) -> None:
+    """One gloo rank: all-reduce (mean) a fresh copy of its input per stdin line."""
     import torch
     import torch.distributed as dist
 
@@ -41,68 +43,98 @@ def _gloo_worker(rank: int, world: int, port: int, numel: int, rounds: int) -> N
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     data = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
-    times = []
-    for _ in range(rounds + 1):
-        tensor = data.clone()
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_reduce(tensor)
-        tensor /= world
-        times.append(time.perf_counter() - t0)
-    slowest = torch.tensor(times[1:], dtype=torch.float64)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        print(json.dumps({"times": slowest.tolist()}), flush=True)
+    work = data.clone()
+    print(json.dumps({"ready": rank}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        work.copy_(data)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        dist.all_reduce(work)
+        work /= world
+        print(
+            json.dumps({"seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0}),
+            flush=True,
+        )
     dist.destroy_process_group()
 
 
-def run_gloo(peers: int, numel: int, rounds: int) -> float:
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--gloo-worker",
-                str(r),
-                str(peers),
-                str(port),
-                str(numel),
-                str(rounds),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(peers)
-    ]
-    out = [p.communicate(timeout=600)[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"gloo workers failed: {[p.returncode for p in procs]}")
-    times = json.loads(out[0].strip().splitlines()[-1])["times"]
-    _log(f"gloo rounds: {[round(t, 3) for t in times]}")
-    return statistics.median(times)
+class _Gloo:
+    """``peers`` gloo ranks on 127.0.0.1, one round per ``round()`` call."""
+
+    def __init__(self, peers: int, numel: int) -> None:
+        port = _free_port()
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--gloo-worker",
+                    str(r),
+                    str(peers),
+                    str(port),
+                    str(numel),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for r in range(peers)
+        ]
+        for p in self.procs:
+            self._read(p)
+
+    @staticmethod
+    def _read(proc: subprocess.Popen[str]) -> dict:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"gloo worker exited with {proc.wait()}")
+        return json.loads(line)
+
+    def round(self) -> tuple[float, float]:
+        """(seconds of the slowest rank, CPU seconds of all ranks together)."""
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        replies = [self._read(p) for p in self.procs]
+        return max(r["seconds"] for r in replies), sum(r["cpu_s"] for r in replies)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.stdin is not None:
+                p.stdin.write("quit\n")
+                p.stdin.close()
+        for p in self.procs:
+            p.wait(30)
 
 
-def run_shoal(peers: int, numel: int, rounds: int, codec: str) -> tuple[float, dict]:
-    from shoal.parallel.data.loopback import LoopbackSwarm
+class _Shoal:
+    """``peers`` Shoal peer processes; one all-reduce round per ``round()`` call."""
 
-    swarm = LoopbackSwarm(peers)
-    try:
-        swarm.configure(numel, seed=0, codec=codec)
-        times, phases = [], []
-        for k in range(rounds + 1):
-            swarm.start_round(k, timeout_s=60.0)
-            replies = [swarm.read(i, 120.0) for i in range(peers)]
-            if not all(r["ok"] for r in replies):
-                raise RuntimeError(f"round {k} failed: {[r['reason'] for r in replies]}")
-            if k:
-                times.append(max(r["seconds"] for r in replies))
-                phases.append(max(replies, key=lambda r: r["seconds"])["phases"])
-        _log(f"shoal rounds: {[round(t, 3) for t in times]}")
-        _log(f"shoal phases of the slowest peer: {phases}")
-        return statistics.median(times), phases[len(phases) // 2]
-    finally:
-        swarm.close()
+    def __init__(self, peers: int, numel: int, codec: str) -> None:
+        from shoal.parallel.data.loopback import LoopbackSwarm
+
+        self.swarm = LoopbackSwarm(peers)
+        self.swarm.configure(numel, seed=0, codec=codec)
+        self.k = 0
+        self.phases: list[dict] = []
+
+    def round(self) -> tuple[float, float]:
+        """(seconds of the slowest peer, CPU seconds of all peers together)."""
+        n = len(self.swarm.procs)
+        self.swarm.start_round(self.k, timeout_s=60.0)
+        replies = [self.swarm.read(i, 120.0) for i in range(n)]
+        self.k += 1
+        if not all(r["ok"] for r in replies):
+            raise RuntimeError(f"round failed: {[r['reason'] for r in replies]}")
+        slowest = max(replies, key=lambda r: r["seconds"])
+        self.phases.append({k: round(v, 3) for k, v in slowest["phases"].items()})
+        return slowest["seconds"], sum(r["cpu_s"] for r in replies)
+
+    def close(self) -> None:
+        self.swarm.close()
 
 
 def main(argv: list[str]) -> dict:
@@ -116,19 +148,41 @@ def main(argv: list[str]) -> dict:
     if args.peers < 2 or args.params < args.peers or args.rounds < 1:
         raise SystemExit("need --peers >= 2, --params >= --peers, --rounds >= 1")
     _log(f"{args.peers} peers, {args.params} fp32 params, {args.rounds} rounds")
-    shoal_s, _ = run_shoal(args.peers, args.params, args.rounds, args.codec)
-    gloo_s = run_gloo(args.peers, args.params, args.rounds)
+    shoal = _Shoal(args.peers, args.params, args.codec)
+    try:
+        gloo = _Gloo(args.peers, args.params)
+        try:
+            # Alternate the two so that load from elsewhere hits both alike; round 0 warms up.
+            shoal_times, gloo_times, shoal_cpu, gloo_cpu = [], [], [], []
+            for k in range(args.rounds + 1):
+                (s_t, s_cpu), (g_t, g_cpu) = shoal.round(), gloo.round()
+                if k:
+                    shoal_times.append(s_t)
+                    gloo_times.append(g_t)
+                    shoal_cpu.append(s_cpu)
+                    gloo_cpu.append(g_cpu)
+        finally:
+            gloo.close()
+    finally:
+        shoal.close()
+    _log(f"shoal rounds: {[round(t, 3) for t in shoal_times]}")
+    _log(f"gloo rounds:  {[round(t, 3) for t in gloo_times]}")
+    _log(f"shoal phases (slowest peer): {shoal.phases[1:]}")
+    _log(f"CPU s per round, all processes: shoal {shoal_cpu}, gloo {gloo_cpu}")
+    shoal_s, gloo_s = statistics.median(shoal_times), statistics.median(gloo_times)
     return {
         "bench": "allreduce",
         "shoal_s": round(shoal_s, 4),
         "gloo_s": round(gloo_s, 4),
         "ratio": round(shoal_s / gloo_s, 2),
+        "shoal_cpu_s": round(statistics.median(shoal_cpu), 3),
+        "gloo_cpu_s": round(statistics.median(gloo_cpu), 3),
     }
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--gloo-worker":
-        _gloo_worker(*(int(a) for a in sys.argv[2:7]))
+        _gloo_worker(*(int(a) for a in sys.argv[2:6]))
     else:
         print(json.dumps(main(sys.argv[1:])))
         os._exit(0)

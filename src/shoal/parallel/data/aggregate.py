@@ -85,14 +85,16 @@ def screen(
     return set(norms) - set(rejected), rejected
 
 
-def weighted_mean(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum(w_i x_i) / sum(w_i)`` accumulated in fp32, in the given order."""
+def weighted_mean(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum(w_i x_i) / sum(w_i)`` accumulated in fp32, in the given order (into ``out``)."""
     if not parts or len(parts) != len(weights):
         raise ValueError(f"need matching non-empty parts/weights, got {len(parts)}/{len(weights)}")
     total = float(sum(weights))
     if not total > 0:
         raise ValueError(f"weights must sum to > 0, got {list(weights)}")
-    out = torch.mul(parts[0], weights[0] / total)
+    out = torch.mul(parts[0], weights[0] / total, out=out)
     for part, w in zip(parts[1:], weights[1:], strict=True):
         out.add_(part, alpha=w / total)
     return out
@@ -123,11 +125,14 @@ def _centered_clip(
 
 
 def aggregate(
-    parts: Sequence[torch.Tensor], weights: Sequence[float], config: AggregationConfig
+    parts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    config: AggregationConfig,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Combine accepted contributions according to ``config.kind``."""
+    """Combine accepted contributions according to ``config.kind`` (``mean`` fills ``out``)."""
     if config.kind == "mean":
-        return weighted_mean(parts, weights)
+        return weighted_mean(parts, weights, out)
     if config.kind == "trimmed_mean":
         return _trimmed_mean(parts, config.trim_fraction)
     return _centered_clip(parts, weights, config.clip_radius, config.clip_iterations)

@@ -32,16 +32,21 @@ import enum
 import time
 from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from shoal.compress import Codec, Encoded
 from shoal.errors import ConfigError, NetworkError
 from shoal.parallel.data.aggregate import AggregationConfig, aggregate, screen
+from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.messages import Contribution, Member, Reduced, Report, WireTensor
 from shoal.parallel.data.transport import RoundTransport
 
 __all__ = ["AllReduceConfig", "RoundResult", "RoundStatus", "run_allreduce"]
+
+T = TypeVar("T")
+_OFFLOAD_NUMEL = 1 << 20
 
 
 class RoundStatus(enum.Enum):
@@ -150,6 +155,7 @@ async def run_allreduce(
     *,
     codec: Codec | None = None,
     config: AllReduceConfig | None = None,
+    buffers: BufferPool | None = None,
 ) -> tuple[RoundResult, dict[int, torch.Tensor] | None]:
     """Run one round; return the result and, on success, the reduced part of every range.
 
@@ -257,8 +263,14 @@ async def run_allreduce(
             have = contributions.get(j, {})
             if not all(p in have for p in order):
                 continue  # cannot reduce over the agreed set: peers will time out and fail
-            reduced = aggregate(
-                [have[p][1] for p in order], [have[p][0] for p in order], config.aggregation
+            numel = part_of(j).numel()
+            reduced = await _offload(
+                numel,
+                aggregate,
+                [have[p][1] for p in order],
+                [have[p][0] for p in order],
+                config.aggregation,
+                buffers.tensor(numel) if buffers is not None else None,
             )
             total_weight = sum(have[p][0] for p in order)
             wire = _encode(codec, reduced)
@@ -300,6 +312,13 @@ async def run_allreduce(
         return result, {j: results[j] for j in live_parts}
     finally:
         inbox.close(round_id)
+
+
+async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
+    """Run big tensor work on a worker thread (torch releases the GIL), small work inline."""
+    if numel >= _OFFLOAD_NUMEL:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def _have_all(msgs: Callable[..., list], part: int, who: Set[Member]) -> Callable[[], bool]:

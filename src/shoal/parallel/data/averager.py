@@ -20,6 +20,7 @@ import torch
 from shoal.compress.registry import codec_by_name
 from shoal.errors import ConfigError
 from shoal.parallel.data.allreduce import AllReduceConfig, RoundResult, run_allreduce
+from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.messages import Member
 from shoal.parallel.data.partition import FlatVector, part_ranges, shares_from_bandwidth
 from shoal.parallel.data.transport import RoundTransport
@@ -63,6 +64,7 @@ class Averager:
         self.transport = transport
         self.codec = codec_by_name(wire_codec)
         self.config = config or AllReduceConfig()
+        self.buffers = BufferPool()
 
     def prepare(self, group: GroupSpec) -> None:
         """Start holding messages for ``group``'s round (call as soon as the group is known)."""
@@ -95,6 +97,7 @@ class Averager:
             deadline,
             codec=self.codec,
             config=self.config,
+            buffers=self.buffers,
         )
         if result.ok and parts is not None:
             flat.write_parts(ranges, parts)

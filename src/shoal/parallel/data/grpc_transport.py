@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +27,13 @@ from shoal.net.proto.v1 import averaging_pb2_grpc as rpc
 from shoal.net.proto.v1 import tensor_pb2
 from shoal.net.runtime import NetRuntime
 from shoal.net.server import current_caller
-from shoal.net.tensors import Chunk, meta_frame, tensor_frames
+from shoal.net.tensors import (
+    Chunk,
+    make_header,
+    meta_frame,
+    payload_frames,
+    tensor_bytes,
+)
 from shoal.parallel.data.messages import Contribution, Member, Message, Reduced, Report
 from shoal.parallel.data.receive import BufferPool, read_tensor_into_pool
 from shoal.parallel.data.transport import Inbox
@@ -39,7 +46,22 @@ MAX_REASON_CHARS = 200
 _KIND = {Contribution: pb.CONTRIBUTION, Report: pb.REPORT, Reduced: pb.REDUCED}
 
 
-def _frames(message: Message) -> Iterator[Any]:
+@dataclass(frozen=True, slots=True)
+class _Wire:
+    """A message ready to send: its meta frame and (header, payload view) per tensor.
+
+    Built once per message: a reducer sends the same result to every member, and the
+    payload checksum in each header is computed only once.
+    """
+
+    meta: Any
+    tensors: tuple[tuple[tensor_pb2.TensorHeader, memoryview], ...]
+
+    def frames(self) -> Iterator[Any]:
+        return itertools.chain([self.meta], *(payload_frames(h, p) for h, p in self.tensors))
+
+
+def _wire(message: Message) -> _Wire:
     meta = pb.RoundMessage(round_id=message.round_id, kind=_KIND[type(message)], part=message.part)
     tensors: tuple[torch.Tensor, ...] = ()
     if isinstance(message, Report):
@@ -61,7 +83,16 @@ def _frames(message: Message) -> Iterator[Any]:
             meta.numel = data.numel()
             tensors = (data,)
         meta.payload_tensors = len(tensors)
-    return itertools.chain([meta_frame(meta)], *(tensor_frames(t) for t in tensors))
+    payloads = []
+    for t in tensors:
+        view = tensor_bytes(t)
+        payloads.append((make_header(t, view), view))
+    return _Wire(meta_frame(meta), tuple(payloads))
+
+
+def _frames(message: Message) -> Iterator[Any]:
+    """The frames of one ``Deliver`` stream carrying ``message``."""
+    return _wire(message).frames()
 
 
 def _raw(peer: Member) -> bytes:
@@ -166,6 +197,7 @@ class GrpcTransport:
         self.inbox = inbox or Inbox()
         self.addresses: dict[PeerID, str] = {}
         self._stubs: dict[PeerID, Any] = {}
+        self._inflight: dict[int, list[Any]] = {}
         self.service = AveragingService(runtime, self.inbox)
         runtime.add_servicer(rpc.add_AveragingServicer_to_server, self.service)
 
@@ -179,4 +211,15 @@ class GrpcTransport:
         stub = self._stubs.get(to)
         if stub is None:
             stub = self._stubs[to] = self.runtime.stub(rpc.AveragingStub, self.addresses[to], to)
-        await stub.Deliver(_frames(message), timeout_s=max(timeout_s, 1e-3))
+        # Concurrent sends of one message (a result to every member) share its encoding;
+        # the entry lives only while such a send is in flight.
+        entry = self._inflight.get(id(message))
+        if entry is None or entry[0] is not message:
+            entry = self._inflight[id(message)] = [message, _wire(message), 0]
+        entry[2] += 1
+        try:
+            await stub.Deliver(entry[1].frames(), timeout_s=max(timeout_s, 1e-3))
+        finally:
+            entry[2] -= 1
+            if entry[2] == 0 and self._inflight.get(id(message)) is entry:
+                del self._inflight[id(message)]

@@ -108,14 +108,14 @@ def _peer_main() -> None:
                 chosen = transport if hold is None else _Holding(transport, hold)
                 averager = Averager(chosen, wire_codec=codec)
                 work.copy_(data)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 result = runtime.run(
                     averager.average(
                         [work], peer_weight(rank), group=spec, timeout_s=cmd["timeout_s"]
                     ),
                     cmd["timeout_s"] + 5.0,
                 )
-                seconds = time.perf_counter() - t0
+                seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
                 if cmd.get("out") and result.ok:
                     torch.save(work, cmd["out"])
                 _emit(
@@ -125,6 +125,7 @@ def _peer_main() -> None:
                         "reason": result.reason,
                         "contributors": sorted(_hex(p) for p in result.contributors),
                         "seconds": seconds,
+                        "cpu_s": cpu_s,
                         "phases": result.seconds,
                     }
                 )

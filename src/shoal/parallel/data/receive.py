@@ -1,11 +1,5 @@
 """Receiving round tensors into reused buffers.
 
-A 25M-parameter round makes every peer receive about 150 MB; allocating a fresh zeroed
-buffer for each part costs more than copying the bytes (page faults). :class:`BufferPool`
-hands out ``bytearray`` buffers by size and takes one back automatically once nothing
-views it any more (its reference count drops to the pool's own), so a buffer is never
-reused while a tensor still reads it.
-
 :func:`read_tensor_into_pool` reads one tensor of a ``shoal.v1.TensorFrame`` stream: it
 checks the header with ``shoal.net.tensors.check_header`` before taking a buffer, bounds
 every chunk, and verifies the xxHash3 checksum, like ``TensorReader.read_body``, but fills a
@@ -14,7 +8,6 @@ pooled buffer instead of a new one.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,38 +18,9 @@ from shoal.errors import ProtocolViolation
 from shoal.net.config import MiB, TensorLimits
 from shoal.net.proto.v1 import tensor_pb2
 from shoal.net.tensors import RAW, Chunk, as_tensor, check_header
+from shoal.parallel.data.buffers import BufferPool
 
-__all__ = ["BufferPool", "read_tensor_into_pool"]
-
-# References to a pooled buffer when nobody else holds it: the pool's list, the loop
-# variable and getrefcount's own argument.
-_IDLE_REFS = 3
-
-
-class BufferPool:
-    """Reusable receive buffers, at most ``max_bytes`` pooled in total."""
-
-    def __init__(self, max_bytes: int = 1 << 30, min_pooled_bytes: int = 1 << 20) -> None:
-        self.max_bytes = max_bytes
-        self.min_pooled_bytes = min_pooled_bytes
-        self._buffers: dict[int, list[bytearray]] = {}
-        self.pooled_bytes = 0
-        self.reused = 0
-
-    def take(self, nbytes: int) -> bytearray:
-        """A buffer of exactly ``nbytes`` (contents undefined)."""
-        if nbytes < self.min_pooled_bytes:
-            return bytearray(nbytes)
-        same = self._buffers.setdefault(nbytes, [])
-        for buf in same:
-            if sys.getrefcount(buf) <= _IDLE_REFS:
-                self.reused += 1
-                return buf
-        buf = bytearray(nbytes)
-        if self.pooled_bytes + nbytes <= self.max_bytes:
-            same.append(buf)
-            self.pooled_bytes += nbytes
-        return buf
+__all__ = ["read_tensor_into_pool"]
 
 
 async def read_tensor_into_pool(
