@@ -143,6 +143,16 @@ class LocalEndpoint:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
+    async def reset(self) -> int:
+        """Abort every spliced connection but keep listening (the channel reconnects and
+        gets a new ``open_remote()`` stream); returns how many were aborted."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._close_timeout_s)
+        return len(tasks)
+
     async def __aenter__(self) -> LocalEndpoint:
         return await self.start()
 
