@@ -53,6 +53,7 @@ class Swarm:
         return trainer
 
     def kill(self, server: StageServer) -> None:
+        server.dht.close()  # its tasks live on the runtime's loop; stop them before the loop
         server.runtime.close()
         server.core.close()
 
