@@ -64,13 +64,19 @@ def test_int8_keeps_shape_of_matrices():
 
 def test_int8_encode_of_25m_floats_is_fast_relative_to_a_copy():
     # Absolute timings are noisy on a shared machine: compare with a plain fp32 copy of the
-    # same tensor measured here, and keep a generous absolute cap as well.
+    # same tensor measured here. One intra-op thread: with the cores oversubscribed, OpenMP
+    # barriers make multi-threaded timings meaningless (averaging peers run single-threaded).
     x = torch.randn(25_000_000)
     codec = Int8BlockwiseCodec(4096)
-    codec.encode(x)
-    best_encode = min(_timed(lambda: codec.encode(x)) for _ in range(3))
-    best_copy = min(_timed(lambda: x.clone()) for _ in range(3))
-    assert best_encode < max(0.1, 6 * best_copy), (best_encode, best_copy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        codec.encode(x)
+        best_encode = min(_timed(lambda: codec.encode(x)) for _ in range(3))
+        best_copy = min(_timed(lambda: x.clone()) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
+    assert best_encode < max(0.1, 4 * best_copy), (best_encode, best_copy)
 
 
 def _timed(fn) -> float:
