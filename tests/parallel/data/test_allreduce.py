@@ -178,7 +178,9 @@ def test_reducer_dead_mid_report_never_yields_a_mix():
 
 def test_straggler_past_the_collect_deadline_is_left_out():
     members = ["a", "b", "c", "d"]
-    _net, inputs, weights, results, outputs = asyncio.run(_round(members, late=["d"], timeout_s=1.5))
+    _net, inputs, weights, results, outputs = asyncio.run(
+        _round(members, late=["d"], timeout_s=1.5)
+    )
     assert {"a", "b", "c"} <= _ok(results)
     for m in ("a", "b", "c"):
         assert results[m].contributors == frozenset({"a", "b", "c"})

@@ -64,3 +64,14 @@ def test_flat_copy_of_scattered_tensors_writes_back():
     assert a.flatten().tolist() == [0, 1, 2, 3] and b.tolist() == [4, 5, 6]
     with pytest.raises(ConfigError, match="float32"):
         FlatVector([torch.zeros(2, dtype=torch.float16)])
+
+
+def test_write_parts_fills_a_view_in_place_and_a_copy_through_write_back():
+    buffer = torch.zeros(6)
+    view = FlatVector([buffer[:2], buffer[2:]])
+    view.write_parts([(0, 4), (4, 6)], {0: torch.ones(4), 1: torch.full((2,), 2.0)})
+    assert buffer.tolist() == [1, 1, 1, 1, 2, 2]
+    a, b = torch.zeros(3), torch.zeros(3)
+    copied = FlatVector([a, b])
+    copied.write_parts([(0, 2), (2, 6)], {0: torch.ones(2), 1: torch.full((4,), 3.0)})
+    assert a.tolist() == [1, 1, 3] and b.tolist() == [3, 3, 3]
