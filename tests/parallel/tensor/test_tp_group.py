@@ -55,6 +55,19 @@ def test_outputs_and_gradients_match_dense(ranks: list[dict[str, Any]], dtype: s
         norm = torch.linalg.vector_norm(
             torch.cat([p.grad.reshape(-1).double() for p in dense.parameters()]))
         assert abs(out["norm"] - float(norm)) <= 1e-6 * float(norm)
+    torch.nn.utils.clip_grad_norm_(dense.parameters(), float(norm) / 2)
+    for r in ranks:
+        clipped = r[dtype]["model"]["clipped_grads"]
+        for name, p in dense.named_parameters():
+            assert p.grad is not None
+            _close(clipped[name], p.grad, tol)
+
+
+def test_f_and_g_communicate_in_the_right_direction(ranks: list[dict[str, Any]]) -> None:
+    x = torch.arange(4, dtype=torch.float64)
+    for r in ranks:  # weights 1 and 2 on the two ranks
+        assert torch.equal(r["fg"]["y"], x * 3)
+        assert torch.equal(r["fg"]["dx"], torch.full((4,), 3.0, dtype=torch.float64))
 
 
 def test_replicated_gradients_are_bit_identical_across_ranks(ranks: list[dict[str, Any]]) -> None:

@@ -19,9 +19,11 @@ from shoal.parallel.tensor import (
     ZeroAdamW,
     build_tp_stage,
     clip_grad_norm_tp,
+    copy_to_tp,
     gather_dense_grads,
     gather_dense_state,
     parallelize_tp,
+    reduce_from_tp,
     tp_shard_dim,
 )
 from shoal.parallel.tensor.launch import RankContext
@@ -59,6 +61,8 @@ def model_checks(ctx: RankContext, dtype: torch.dtype) -> dict[str, Any]:
     out["grads"] = gather_dense_grads(model, ctx.comm)
     out["replicated_grads"] = _replicated_grads(model)
     out["norm"] = clip_grad_norm_tp(model.parameters(), 1e9, ctx.comm)
+    clip_grad_norm_tp(model.parameters(), out["norm"] / 2, ctx.comm)
+    out["clipped_grads"] = gather_dense_grads(model, ctx.comm)
     model.zero_grad(set_to_none=True)
     opt = ZeroAdamW(model.parameters(), ctx.comm, lr=1e-2, weight_decay=0.1)
     for step in range(2):
@@ -128,13 +132,25 @@ def dense_stages(dtype: torch.dtype) -> list[torch.nn.Module]:
     return split_stages(dense_model(dtype), [1], tie="copy")
 
 
+def fg_checks(ctx: RankContext) -> dict[str, torch.Tensor]:
+    """f then a rank-dependent scale then g: y = x * sum(w_r), dx = sum(w_r) on every rank."""
+    x = torch.arange(4, dtype=torch.float64).requires_grad_(True)
+    w = torch.full((4,), float(ctx.rank + 1), dtype=torch.float64)
+    y = reduce_from_tp(copy_to_tp(x, ctx.comm) * w, ctx.comm)
+    y.sum().backward()
+    assert x.grad is not None
+    return {"y": y.detach(), "dx": x.grad}
+
+
 def all_checks(ctx: RankContext) -> dict[str, Any]:
     """Every rank-side check, in float64 (exactness) and float32."""
-    return {
+    out: dict[str, Any] = {
         name: {"model": model_checks(ctx, getattr(torch, name)),
                "runner": runner_checks(ctx, name)}
         for name in ("float64", "float32")
     }
+    out["fg"] = fg_checks(ctx)
+    return out
 
 
 def _record_pid(pid_dir: str, rank: int) -> None:

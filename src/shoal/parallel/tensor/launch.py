@@ -14,6 +14,8 @@ Teardown. Every rank is spawned (never forked) as a daemon with ``PR_SET_PDEATHS
 SIGKILL on Linux, so it dies with the launcher even after ``kill -9``. A rank that fails sends
 its traceback back and the launcher terminates the others (SIGTERM, then SIGKILL after
 ``terminate_grace_s``) and raises ``TPGroupError``; on a deadline the same happens.
+Linux delivers the death signal when the *thread* that spawned a rank ends, so start a group
+from a thread that lives as long as the group (the main thread of a peer).
 """
 
 from __future__ import annotations
