@@ -185,8 +185,9 @@ async def _shaped(
     try:
         stub = runtime.stub(peer_pb2_grpc.PeerStub, address, peer_id=peer)
         await stub.Ping(peer_pb2.PingRequest(), timeout_s=10)  # connect + handshake first
+        await _send_full(stub, torch.ones(2 * MiB, dtype=torch.uint8))  # grow HTTP/2 windows
         tensor = torch.ones(mib * MiB, dtype=torch.uint8)
-        elapsed = await _send_full(stub, tensor)
+        elapsed = min([await _send_full(stub, tensor) for _ in range(2)])
         return (mib * MiB * 8 / elapsed) / (mbit * 1e6)
     finally:
         proc.terminate()
@@ -245,7 +246,7 @@ async def _parent(
 def main(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="shoal bench transport")
     parser.add_argument("--mib", type=int, default=512, help="bytes per stream, MiB")
-    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions")
+    parser.add_argument("--reps", type=int, default=4, help="alternating repetitions")
     parser.add_argument("--pings", type=int, default=600, help="small RPCs per side")
     parser.add_argument("--shaped-mib", type=int, default=16)
     parser.add_argument("--shaped-mbit", type=float, default=50.0)
