@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import threading
 
 import pytest
 import torch
@@ -11,14 +13,50 @@ import torch
 from shoal.errors import NetworkError
 from shoal.net import tensor_frames
 from shoal.net.nat.limits import RelayConfig
+from shoal.net.nat.punch import PunchResult
+from shoal.net.nat.reachability import Reachability, Verdict
 from shoal.net.nat.reserve import RelayAddress, ReserverConfig
+from shoal.net.nat.routing import LinkKind
 from shoal.net.nat.traversal import Traversal, TraversalConfig
 from shoal.net.proto.v1 import peer_pb2, peer_pb2_grpc
 from shoal.net.runtime import NetRuntime
 
 
-def _nat(runtime: NetRuntime, **config: object) -> Traversal:
-    nat = Traversal(runtime, TraversalConfig(**config))  # type: ignore[arg-type]
+class LoopbackPuncher:
+    """Stands in for ``punch()`` on loopback: the two sides that name each other's port get
+    the two ends of one TCP connection (simultaneous open itself is tested in tests/netns)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[frozenset[int], tuple[socket.socket, tuple[str, int]]] = {}
+        self._lock = threading.Lock()
+        self.calls = 0
+
+    async def __call__(self, port: int, peer: tuple[str, int], config: object) -> PunchResult:
+        self.calls += 1
+        key = frozenset((port, peer[1]))
+        with self._lock:
+            held = self._waiting.pop(key, None)
+            if held is None:
+                listener = socket.create_server(("127.0.0.1", 0))
+                a = socket.create_connection(listener.getsockname())
+                b, _ = listener.accept()
+                listener.close()
+                self._waiting[key] = (b, ("127.0.0.1", port))
+                sock = a
+            else:
+                sock = held[0]
+        sock.setblocking(False)
+        return PunchResult(sock=sock, attempts=1, local=("127.0.0.1", port), peer=peer)
+
+
+def _nat(
+    runtime: NetRuntime, puncher: LoopbackPuncher | None = None, **config: object
+) -> Traversal:
+    nat = Traversal(
+        runtime,
+        TraversalConfig(**config),  # type: ignore[arg-type]
+        puncher=puncher or LoopbackPuncher(),
+    )
     runtime.run(nat.start(), timeout_s=5)
     return nat
 
@@ -109,3 +147,62 @@ def test_reservations_move_to_the_next_relay_when_one_goes(make_runtime) -> None
     assert target_rt.run(moved(), timeout_s=15) == [b]
     _close(target_rt, target)
     _close(second_rt, second)
+
+
+def test_dial_back_from_two_helpers_says_public(make_runtime) -> None:
+    me_rt, h1_rt, h2_rt = make_runtime(), make_runtime(), make_runtime()
+    nats = [_nat(rt) for rt in (me_rt, h1_rt, h2_rt)]
+    helpers = [RelayAddress(h1_rt.address, h1_rt.peer_id), RelayAddress(h2_rt.address, None)]
+
+    async def check() -> Verdict:
+        return await nats[0].check_reachability(helpers, [me_rt.address])
+
+    verdict = me_rt.run(check(), timeout_s=20)
+    assert verdict.status is Reachability.PUBLIC and verdict.reached == 2
+    assert verdict.mapping == "none"  # loopback: helpers saw our own address and port
+
+    async def unreachable() -> Verdict:
+        return await nats[0].check_reachability(helpers, ["127.0.0.1:1"])
+
+    verdict = me_rt.run(unreachable(), timeout_s=20)
+    assert verdict.status is Reachability.PRIVATE and verdict.unreached == 2
+    for rt, nat in zip((me_rt, h1_rt, h2_rt), nats, strict=True):
+        _close(rt, nat)
+
+
+def test_upgrade_moves_the_channel_off_the_relay(make_runtime) -> None:
+    relay_rt, target_rt, dialer_rt = make_runtime(), make_runtime(), make_runtime()
+    relay = _nat(relay_rt, relay=RelayConfig())
+    puncher = LoopbackPuncher()
+    target, dialer = _nat(target_rt, puncher), _nat(dialer_rt, puncher)
+    where = RelayAddress(relay_rt.address, relay_rt.peer_id)
+
+    async def reserve() -> list[RelayAddress]:
+        return await target.reserve([where]).wait_held(1, timeout_s=5)
+
+    target_rt.run(reserve(), timeout_s=10)
+
+    async def go() -> tuple[bool, LinkKind | None]:
+        address = await dialer.address_for(target_rt.peer_id, direct=[], relays=[where])
+        stub = dialer_rt.stub(peer_pb2_grpc.PeerStub, address, target_rt.peer_id)
+        await stub.Ping(peer_pb2.PingRequest(), timeout_s=10)
+        punched = await dialer.upgrade(target_rt.peer_id)
+        await stub.Ping(peer_pb2.PingRequest(), timeout_s=10)
+        return punched, dialer.links[target_rt.peer_id.raw].kind
+
+    assert dialer_rt.run(go(), timeout_s=30) == (True, LinkKind.PUNCHED)
+    assert target.punched_in == 1 and puncher.calls == 2
+    assert relay.core is not None
+    assert [c["open"] for c in relay.core.stats()["circuits"]] == [False]
+    before = relay.core.total_bytes
+
+    async def bulk() -> int:
+        address = dialer.links[target_rt.peer_id.raw].address
+        stub = dialer_rt.stub(peer_pb2_grpc.PeerStub, address, target_rt.peer_id)
+        ack = await stub.Absorb(tensor_frames(torch.ones(1 << 20)), timeout_s=20)
+        return int(ack.byte_length)
+
+    assert dialer_rt.run(bulk(), timeout_s=30) == 4 << 20
+    assert relay.core.total_bytes == before
+    for rt, nat in ((dialer_rt, dialer), (target_rt, target), (relay_rt, relay)):
+        _close(rt, nat)

@@ -85,7 +85,9 @@ async def probe(
 
     folder = runtime.config.unix_socket_dir or tempfile.gettempdir()
     path = os.path.join(folder, f"probe-{os.getpid()}-{local_port}-{id(local):x}.sock")
-    pool = ConnectionPool(runtime.identity, runtime.config, runtime.traffic, PeerHealth())
+    pool = ConnectionPool(
+        runtime.identity, runtime.config, runtime.traffic, PeerHealth(runtime.config.health)
+    )
     endpoint = LocalEndpoint(path, open_remote, open_timeout_s=timeout_s)
     try:
         await endpoint.start()

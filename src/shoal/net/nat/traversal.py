@@ -32,7 +32,7 @@ from shoal.net.nat.circuit import open_circuit
 from shoal.net.nat.limits import RelayConfig
 from shoal.net.nat.links import PeerLink
 from shoal.net.nat.observe import probe
-from shoal.net.nat.punch import PunchConfig, punch, reusable_socket
+from shoal.net.nat.punch import PunchConfig, PunchResult, punch, reusable_socket
 from shoal.net.nat.reachability import ReachabilityConfig, Verdict, assess
 from shoal.net.nat.relay import RelayCore
 from shoal.net.nat.reserve import RelayAddress, Reserver, ReserverConfig
@@ -46,6 +46,7 @@ __all__ = ["Traversal", "TraversalConfig"]
 
 _log = logging.getLogger(__name__)
 Resolve = Callable[[PeerID], Awaitable[list[RelayAddress]]]
+Puncher = Callable[[int, tuple[str, int], PunchConfig], Awaitable[PunchResult]]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -93,8 +94,13 @@ class Traversal:
         runtime: NetRuntime,
         config: TraversalConfig | None = None,
         resolve: Resolve | None = None,
+        *,
+        puncher: Puncher = punch,
     ) -> None:
+        """``puncher`` is ``punch.punch``; tests on loopback (where a closed port answers
+        with RST, so simultaneous open cannot be timed) pass a stand-in."""
         self.runtime = runtime
+        self._punch = puncher
         self.config = config or TraversalConfig()
         self.resolve = resolve
         self.core = RelayCore(self.config.relay) if self.config.relay is not None else None
@@ -224,7 +230,7 @@ class Traversal:
                 return False
             target = parse_address(reply.observed)
             await asyncio.sleep(max(0.0, delay_ms / 1000 - (loop.time() - sent) / 2))
-            result = await punch(port, target, self.config.punch)
+            result = await self._punch(port, target, self.config.punch)
         except NetworkError as exc:
             _log.info("punch to %s failed: %r", peer.short(), exc)
             return False
@@ -253,7 +259,7 @@ class Traversal:
     async def _punch_in(self, port: int, dialer: tuple[str, int], delay_s: float) -> None:
         await asyncio.sleep(delay_s)  # the agreed start time, not synchronisation
         try:
-            result = await punch(port, dialer, self.config.punch)
+            result = await self._punch(port, dialer, self.config.punch)
         except NetworkError as exc:
             _log.info("incoming punch from %s failed: %r", dialer, exc)
             return

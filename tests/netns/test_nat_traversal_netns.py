@@ -1,0 +1,150 @@
+"""NAT traversal between real peer processes in network namespaces (the session ``bed``).
+
+    relay, server2  public peers: DHT nodes and relays      slow   public DHT node
+    a (home1 cone), b (home2 cone), c (home3 symmetric)     DHT clients holding a reservation
+
+The tests share one set of processes and run in file order; the last one kills the relay.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shoal.net.nat.driver import PeerProcess
+from shoal.testbed import Testbed
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+PORT = 7600
+MIB = 1 << 20
+SWARM = "nat-test"
+
+
+def _spawn(bed: Testbed, name: str, *args: str) -> PeerProcess:
+    host = bed.hosts[name]
+    return PeerProcess(name, host.popen, ["--host", host.address, "--swarm", SWARM, *args])
+
+
+@pytest.fixture(scope="module")
+def peers(bed: Testbed) -> Iterator[dict[str, PeerProcess]]:
+    relay_at = f"{bed.hosts['relay'].address}:{PORT}"
+    server2_at = f"{bed.hosts['server2'].address}:{PORT}"
+    seeds = f"{relay_at},{server2_at}"
+    made: dict[str, PeerProcess] = {}
+    try:
+        made["relay"] = _spawn(bed, "relay", "--port", str(PORT), "--relay", "--dht-serve").start()
+        for name in ("server2", "slow"):
+            made[name] = _spawn(
+                bed, name, "--port", str(PORT), "--relay", "--dht-serve", "--seeds", relay_at
+            )
+        for name in ("a", "b", "c"):
+            made[name] = _spawn(bed, name, "--seeds", seeds, "--reserve", seeds)
+        for name, proc in made.items():
+            if name != "relay":
+                proc.start()
+        for name in ("a", "b", "c"):
+            _until(lambda n=name: made[n].call("stats")["held"] == [relay_at], 15.0)
+        yield made
+    finally:
+        for proc in made.values():
+            proc.stop()
+
+
+def _until(check, timeout_s: float, every_s: float = 0.25) -> float:
+    """Poll ``check`` (a bounded remote query) until it holds; seconds it took."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s"
+        time.sleep(every_s)  # pacing between remote queries, each answered synchronously
+    return time.monotonic() - start
+
+
+def _relay_bytes(peers: dict[str, PeerProcess]) -> int:
+    return int(peers["relay"].call("stats")["relay"]["total_bytes"])
+
+
+def test_dial_back_tells_public_cone_and_symmetric(bed: Testbed, peers) -> None:
+    helpers = [peers["relay"].address, peers["server2"].address, peers["slow"].address]
+    public = peers["slow"].call("dialback", helpers=helpers[:2])
+    assert public["ok"] and public["status"] == "public" and public["mapping"] == "none", public
+    cone = peers["a"].call("dialback", helpers=helpers)
+    assert cone["status"] == "private" and cone["mapping"] == "cone", cone
+    assert cone["public"] == [cone["public"][0]] and cone["public"][0].startswith(
+        bed.hosts["a"].public_address + ":"
+    )
+    symmetric = peers["c"].call("dialback", helpers=helpers)
+    assert symmetric["status"] == "private" and symmetric["mapping"] == "symmetric", symmetric
+
+
+def test_cone_peers_punch_and_bulk_bypasses_the_relay(peers) -> None:
+    a, b = peers["a"], peers["b"]
+    relayed = a.call("ping", peer=b.id)
+    assert relayed["ok"] and relayed["kind"] == "relayed", relayed
+    upgraded = a.call("upgrade", peer=b.id)
+    assert upgraded["punched"] and upgraded["kind"] == "punched", upgraded
+    assert b.call("stats")["punched_in"] == 1
+    circuits = peers["relay"].call("stats")["relay"]["circuits"]
+    assert [c["open"] for c in circuits if c["target"] == b.id] == [False]  # relayed one closed
+    before = _relay_bytes(peers)
+    sent = a.call("send", peer=b.id, nbytes=64 * MIB, timeout_s=120)
+    assert sent["ok"] and sent["bytes"] == 64 * MIB and sent["kind"] == "punched", sent
+    assert _relay_bytes(peers) - before < MIB  # the relay carried none of it
+
+
+def test_symmetric_peer_is_reached_through_the_relay(peers) -> None:
+    a, c = peers["a"], peers["c"]
+    ping = a.call("ping", peer=c.id)
+    assert ping["ok"] and ping["kind"] == "relayed", ping
+    assert not a.call("upgrade", peer=c.id)["punched"]
+    before = _relay_bytes(peers)
+    sent = a.call("send", peer=c.id, nbytes=4 * MIB, timeout_s=60)
+    assert sent["ok"] and sent["kind"] == "relayed", sent
+    circuits = peers["relay"].call("stats")["relay"]["circuits"]
+    to_c = [x for x in circuits if x["target"] == c.id and x["open"]]
+    assert len(to_c) == 1 and to_c[0]["bytes_to_target"] >= 4 * MIB, circuits
+    assert _relay_bytes(peers) - before >= 4 * MIB
+
+
+def test_partition_of_30_s_heals_within_30_s(bed: Testbed, peers) -> None:
+    everyone = sorted(p.id for p in peers.values())
+    _until(lambda: all(p.call("members")["members"] == everyone for p in peers.values()), 30.0)
+    side_one, side_two = ("relay", "a"), ("server2", "slow", "b", "c")
+    bed.partition(["relay", "home1"], ["server2", "slow", "home2", "home3"])
+    cut = time.monotonic()
+    try:
+        assert peers["relay"].call("put", key="left", value="1")["stored"] >= 1
+        assert peers["slow"].call("put", key="right", value="2")["stored"] >= 1
+        while time.monotonic() - cut < 30.0:  # the partition lasts 30 s
+            time.sleep(0.5)
+        left_view = set(peers["relay"].call("members")["members"])
+        assert left_view == {peers[n].id for n in side_one}, "heartbeats crossed the partition"
+    finally:
+        bed.heal()
+
+    def converged() -> bool:
+        return (
+            all(p.call("members")["members"] == everyone for p in peers.values())
+            and peers["b"].call("get", key="left")["value"] == "1"
+            and peers["a"].call("get", key="right")["value"] == "2"
+        )
+
+    assert _until(converged, 30.0, every_s=0.5) < 30.0
+    assert {peers[n].id for n in side_two} < set(everyone)
+
+
+def test_peers_move_to_another_relay_within_10_s(bed: Testbed, peers) -> None:
+    a, c = peers["a"], peers["c"]
+    assert a.call("ping", peer=c.id)["relay"] == peers["relay"].address
+    peers["relay"].kill()
+    killed = time.monotonic()
+
+    def reached() -> bool:
+        answer = a.call("ping", peer=c.id, timeout_s=3.0)
+        return bool(answer["ok"]) and answer["relay"] == peers["server2"].address
+
+    _until(reached, 10.0)
+    assert time.monotonic() - killed < 10.0
+    assert c.call("stats")["held"] == [peers["server2"].address]
