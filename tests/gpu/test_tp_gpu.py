@@ -12,8 +12,11 @@ import tp_gpu_ranks as gr
 from shoal.models import GPT
 from shoal.parallel.tensor import LaunchConfig, launch_tp_group
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 CFG = LaunchConfig(backend="auto", init_timeout_s=120.0, run_timeout_s=300.0)
 

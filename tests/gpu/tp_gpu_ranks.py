@@ -29,5 +29,10 @@ def gpu_checks(ctx: RankContext, autocast: bool) -> dict[str, Any]:
     dtypes = {str(p.grad.dtype) for p in model.parameters() if p.grad is not None}
     opt = ZeroAdamW(model.parameters(), ctx.comm, lr=1e-3)
     opt.step()
-    return {"backend": ctx.comm.backend, "loss": float(loss), "grads": grads,
-            "grad_dtypes": sorted(dtypes), "device": str(ctx.device)}
+    return {
+        "backend": ctx.comm.backend,
+        "loss": float(loss),
+        "grads": grads,
+        "grad_dtypes": sorted(dtypes),
+        "device": str(ctx.device),
+    }

@@ -16,10 +16,9 @@ from shoal.parallel.tensor import LaunchConfig, launch_tp_group
 
 pytestmark = pytest.mark.slow
 
-CFG = LaunchConfig(init_timeout_s=120.0, collective_timeout_s=120.0, run_timeout_s=240.0,
-                   threads_per_rank=1)
-
-
+CFG = LaunchConfig(
+    init_timeout_s=120.0, collective_timeout_s=120.0, run_timeout_s=240.0, threads_per_rank=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,8 @@ def test_outputs_and_gradients_match_dense(ranks: list[dict[str, Any]], dtype: s
             assert grads[name].shape == p.shape
             _close(grads[name], p.grad, tol)
         norm = torch.linalg.vector_norm(
-            torch.cat([p.grad.reshape(-1).double() for p in dense.parameters()]))
+            torch.cat([p.grad.reshape(-1).double() for p in dense.parameters()])
+        )
         assert abs(out["norm"] - float(norm)) <= 1e-6 * float(norm)
     torch.nn.utils.clip_grad_norm_(dense.parameters(), float(norm) / 2)
     for r in ranks:
@@ -80,9 +80,13 @@ def test_replicated_gradients_are_bit_identical_across_ranks(ranks: list[dict[st
 def _dense_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     params = list(model.parameters())
     return torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=1e-2, betas=(0.9, 0.95))
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -118,8 +122,7 @@ def test_tp_training_with_zero1_tracks_dense_training(ranks: list[dict[str, Any]
         after = r["float64"]["model"]["after_steps"]
         for name, p in dense.named_parameters():
             _close(after[name], p.detach(), 1e-10)
-    dense_state = sum(t.numel() * t.element_size() for s in opt.state.values()
-                      for t in s.values())
+    dense_state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
     per_rank = [r["float64"]["model"]["opt_state_bytes"] for r in ranks]
     assert max(per_rank) < 0.55 * dense_state  # sharded: about half of the dense state each
 
@@ -145,9 +148,13 @@ def test_stage_runner_answers_like_dense_stages(ranks: list[dict[str, Any]], dty
     _close(grad_h, hin.grad, tol)
     _close(loss_b, loss1.detach(), tol)
     opt = torch.optim.AdamW(
-        [{"params": [p for p in s1.parameters() if p.dim() >= 2], "weight_decay": 0.0},
-         {"params": [p for p in s1.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-        lr=1e-2, betas=(0.9, 0.95))
+        [
+            {"params": [p for p in s1.parameters() if p.dim() >= 2], "weight_decay": 0.0},
+            {"params": [p for p in s1.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.95),
+    )
     opt.step()
     with torch.no_grad():
         after = s1(res["h1"], y)

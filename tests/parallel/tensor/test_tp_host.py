@@ -13,14 +13,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_host_serves_like_the_dense_stage_and_shuts_down_cleanly() -> None:
-    spec = StageSpec(model=rc.CFG, seed=rc.SEED, boundaries=(1,), index=1, lr=1e-2,
-                     dtype="float64")
+    spec = StageSpec(model=rc.CFG, seed=rc.SEED, boundaries=(1,), index=1, lr=1e-2, dtype="float64")
     cfg = LaunchConfig(init_timeout_s=120.0, collective_timeout_s=120.0, threads_per_rank=1)
     dense = spec.dense_stage()
     opt = torch.optim.AdamW(dense.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     _, y = rc.batch(40)
-    h = torch.randn(2, 16, rc.CFG.d_model, dtype=torch.float64,
-                    generator=torch.Generator().manual_seed(41))
+    h = torch.randn(
+        2, 16, rc.CFG.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(41)
+    )
     host = TPStageHost.start(2, spec, config=cfg)
     try:
         for _ in range(2):

@@ -77,8 +77,9 @@ def test_ranks_die_with_a_killed_launcher(tmp_path: Path) -> None:
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     keep_open = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # no EOF before the ranks write
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
-    parent = subprocess.Popen([sys.executable, str(HERE / "tp_orphan_parent.py"), str(tmp_path)],
-                              env=env)
+    parent = subprocess.Popen(
+        [sys.executable, str(HERE / "tp_orphan_parent.py"), str(tmp_path)], env=env
+    )
     try:
         deadline = time.monotonic() + 180.0
         data = b""

@@ -48,28 +48,29 @@ def test_tp_stage_server_trains_like_a_dense_pipeline() -> None:
 
     try:
         servers.append(StageServer(*peer(), 0, CFG, server_cfg).start())
-        launch = LaunchConfig(init_timeout_s=120.0, collective_timeout_s=120.0,
-                              threads_per_rank=1)
+        launch = LaunchConfig(init_timeout_s=120.0, collective_timeout_s=120.0, threads_per_rank=1)
         tp_server = TPStageServer(*peer(), 1, CFG, server_cfg, tp=2, launch=launch).start()
         servers.append(tp_server)
         runtime, dht = peer()
-        trainer = PipelineTrainer(runtime, dht, CFG, TrainerConfig(num_stages=2,
-                                                                   max_inflight=micro))
+        trainer = PipelineTrainer(
+            runtime, dht, CFG, TrainerConfig(num_stages=2, max_inflight=micro)
+        )
         data = _batches(micro, seed=1) * steps
         got: list[float] = []
         for s in range(steps):
-            results = trainer.train_blocking(data[s * micro:(s + 1) * micro], timeout_s=90)
+            results = trainer.train_blocking(data[s * micro : (s + 1) * micro], timeout_s=90)
             assert [r.error for r in results] == [""] * micro
             got += [r.loss for r in results]
         assert [srv.core.steps for srv in servers] == [steps, steps]
         assert tp_server.core.ledger.counters.applied == micro * steps
 
         stages = build_stages(CFG, 2, seed=5)  # the same pipeline in one process
-        opt = torch.optim.AdamW([p for st in stages for p in st.parameters()], lr=lr,
-                                weight_decay=0.0)
+        opt = torch.optim.AdamW(
+            [p for st in stages for p in st.parameters()], lr=lr, weight_decay=0.0
+        )
         want: list[float] = []
         for s in range(steps):
-            for x, y in data[s * micro:(s + 1) * micro]:
+            for x, y in data[s * micro : (s + 1) * micro]:
                 loss = stages[1](stages[0](x.long()), y.long())
                 (loss / micro).backward()
                 want.append(float(loss.detach()))

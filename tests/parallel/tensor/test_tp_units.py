@@ -54,8 +54,13 @@ def test_any_header_decodes_or_is_rejected(values: list[int]) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("backend", "mpi"), ("init_timeout_s", 0), ("run_timeout_s", -1.0),
-     ("threads_per_rank", -1), ("max_result_bytes", 0)],
+    [
+        ("backend", "mpi"),
+        ("init_timeout_s", 0),
+        ("run_timeout_s", -1.0),
+        ("threads_per_rank", -1),
+        ("max_result_bytes", 0),
+    ],
 )
 def test_launch_config_rejects(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):

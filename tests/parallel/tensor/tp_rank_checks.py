@@ -42,8 +42,13 @@ def dense_model(dtype: torch.dtype) -> GPT:
 
 
 def _replicated_grads(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()
-                      if tp_shard_dim(p) is None and p.grad is not None])
+    return torch.cat(
+        [
+            p.grad.reshape(-1)
+            for p in model.parameters()
+            if tp_shard_dim(p) is None and p.grad is not None
+        ]
+    )
 
 
 def model_checks(ctx: RankContext, dtype: torch.dtype) -> dict[str, Any]:
@@ -103,8 +108,9 @@ def runner_checks(ctx: RankContext, dtype_name: str) -> dict[str, Any]:
     """Drive two TP stages (boundary at block 1) through the runner, as a stage server does."""
     results: dict[str, Any] = {}
     for index in (0, 1):
-        spec = StageSpec(model=CFG, seed=SEED, boundaries=(1,), index=index, lr=1e-2,
-                         dtype=dtype_name)
+        spec = StageSpec(
+            model=CFG, seed=SEED, boundaries=(1,), index=index, lr=1e-2, dtype=dtype_name
+        )
         runner: TPStageRunner = build_tp_stage(ctx, spec)
         if ctx.rank != 0:
             results[f"followed{index}"] = runner.follow()
@@ -112,13 +118,21 @@ def runner_checks(ctx: RankContext, dtype_name: str) -> dict[str, Any]:
         x_ids, y = batch(20)
         if index == 0:
             results["fwd0"] = runner.forward(x_ids)
-            g = torch.randn(results["fwd0"].shape, generator=torch.Generator().manual_seed(5),
-                            dtype=results["fwd0"].dtype)
+            g = torch.randn(
+                results["fwd0"].shape,
+                generator=torch.Generator().manual_seed(5),
+                dtype=results["fwd0"].dtype,
+            )
             results["grad_out0"] = g
             results["bwd0"] = runner.backward(x_ids, g)
         else:
-            h = torch.randn(2, 16, CFG.d_model, generator=torch.Generator().manual_seed(6),
-                            dtype=getattr(torch, dtype_name))
+            h = torch.randn(
+                2,
+                16,
+                CFG.d_model,
+                generator=torch.Generator().manual_seed(6),
+                dtype=getattr(torch, dtype_name),
+            )
             results["h1"] = h
             results["fwd1_loss"] = runner.forward(h, y)
             results["bwd1"] = runner.backward(h, targets=y)
@@ -145,8 +159,7 @@ def fg_checks(ctx: RankContext) -> dict[str, torch.Tensor]:
 def all_checks(ctx: RankContext) -> dict[str, Any]:
     """Every rank-side check, in float64 (exactness) and float32."""
     out: dict[str, Any] = {
-        name: {"model": model_checks(ctx, getattr(torch, name)),
-               "runner": runner_checks(ctx, name)}
+        name: {"model": model_checks(ctx, getattr(torch, name)), "runner": runner_checks(ctx, name)}
         for name in ("float64", "float32")
     }
     out["fg"] = fg_checks(ctx)

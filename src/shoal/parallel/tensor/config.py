@@ -33,8 +33,12 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"tp.backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("init_timeout_s", "collective_timeout_s", "run_timeout_s",
-                     "terminate_grace_s"):
+        for name in (
+            "init_timeout_s",
+            "collective_timeout_s",
+            "run_timeout_s",
+            "terminate_grace_s",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"tp.{name} must be > 0, got {value!r}")

@@ -20,128 +20,45 @@ from a thread that lives as long as the group (the main thread of a peer).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import pickle
-import signal
-import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
-from torch.distributed import Store, TCPStore  # type: ignore[attr-defined]
+from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
-from shoal.errors import ConfigError, ShoalError
-from shoal.parallel.tensor.comm import TPComm
+from shoal.errors import ConfigError
 from shoal.parallel.tensor.config import LaunchConfig
+from shoal.parallel.tensor.rank import (
+    HOST,
+    RankContext,
+    TPGroupError,
+    close_rank,
+    init_rank,
+    rank_main,
+    resolve_backend,
+)
 
 __all__ = ["RankContext", "TPGroup", "TPGroupError", "launch_tp_group", "start_tp_group"]
-
-HOST = "127.0.0.1"
-
-
-class TPGroupError(ShoalError):
-    """A rank of a local tensor-parallel group failed, died, or missed a deadline."""
-
-    def __init__(self, message: str, *, rank: int | None = None) -> None:
-        super().__init__(message if rank is None else f"rank {rank}: {message}")
-        self.rank = rank
-
-
-@dataclass(kw_only=True, slots=True)
-class RankContext:
-    """What a rank's target receives: its place in the group and the group itself."""
-
-    rank: int
-    world_size: int
-    comm: TPComm
-    device: torch.device
-    config: LaunchConfig = field(default_factory=LaunchConfig)
-
-
-def _resolve_backend(backend: str, world_size: int) -> str:
-    if backend != "auto":
-        if backend == "nccl" and torch.cuda.device_count() < world_size:
-            raise ConfigError(f"tp.backend='nccl' needs {world_size} GPUs, found "
-                              f"{torch.cuda.device_count()}")
-        return backend
-    return "nccl" if torch.cuda.device_count() >= world_size else "gloo"
-
-
-def _init_rank(rank: int, world_size: int, store: Store, cfg: LaunchConfig) -> RankContext:
-    backend = _resolve_backend(cfg.backend, world_size)
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend,
-        store=store,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=cfg.collective_timeout_s),
-        device_id=device if backend == "nccl" else None,
-    )
-    return RankContext(rank=rank, world_size=world_size, comm=TPComm(None), device=device,
-                       config=cfg)
-
-
-def _close_rank() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (and check it is still alive)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def _rank_main(
-    rank: int,
-    world_size: int,
-    port: int,
-    parent_pid: int,
-    cfg: LaunchConfig,
-    target: Callable[..., Any],
-    args: Sequence[Any],
-    conn: mpc.Connection,
-) -> None:
-    _die_with_parent(parent_pid)
-    torch.set_num_threads(cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // world_size))
-    try:
-        store = TCPStore(HOST, port, world_size, is_master=False,
-                              timeout=timedelta(seconds=cfg.init_timeout_s))
-        ctx = _init_rank(rank, world_size, store, cfg)
-        try:
-            payload: tuple[str, Any] = ("ok", target(ctx, *args))
-        finally:
-            _close_rank()
-        data = pickle.dumps(payload)
-    except BaseException as exc:  # report everything; the launcher decides
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        data = pickle.dumps(("error", text))
-    conn.send_bytes(data)
-    conn.close()
 
 
 class _Followers:
     """Spawned ranks and the pipes their results come back on."""
 
-    def __init__(self, ranks: range, world_size: int, port: int, cfg: LaunchConfig,
-                 target: Callable[..., Any], args: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        ranks: range,
+        world_size: int,
+        port: int,
+        cfg: LaunchConfig,
+        target: Callable[..., Any],
+        args: Sequence[Any],
+    ) -> None:
         self.cfg = cfg
         ctx = mp.get_context("spawn")
         self.procs: dict[int, Any] = {}
@@ -151,7 +68,7 @@ class _Followers:
             for rank in ranks:
                 reader, writer = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
-                    target=_rank_main,
+                    target=rank_main,
                     args=(rank, world_size, port, os.getpid(), cfg, target, args, writer),
                     name=f"shoal-tp-rank{rank}",
                     daemon=True,
@@ -179,8 +96,9 @@ class _Followers:
                     pending.discard(rank)
                 elif proc.sentinel in ready:
                     proc.join(self.cfg.terminate_grace_s)
-                    raise TPGroupError(f"exited with code {proc.exitcode} without a result",
-                                       rank=rank)
+                    raise TPGroupError(
+                        f"exited with code {proc.exitcode} without a result", rank=rank
+                    )
         for proc in self.procs.values():
             proc.join(max(0.0, deadline - time.monotonic()))
         return self.results
@@ -189,8 +107,9 @@ class _Followers:
         try:
             status, value = pickle.loads(self.readers[rank].recv_bytes(self.cfg.max_result_bytes))
         except (EOFError, OSError) as exc:
-            raise TPGroupError(f"result lost or over {self.cfg.max_result_bytes} bytes",
-                               rank=rank) from exc
+            raise TPGroupError(
+                f"result lost or over {self.cfg.max_result_bytes} bytes", rank=rank
+            ) from exc
         if status != "ok":
             raise TPGroupError(f"failed:\n{value}", rank=rank)
         return value
@@ -212,8 +131,14 @@ class _Followers:
 
 
 def _host_store(world_size: int, cfg: LaunchConfig) -> TCPStore:
-    return TCPStore(HOST, 0, world_size, is_master=True,
-                         timeout=timedelta(seconds=cfg.init_timeout_s), wait_for_workers=False)
+    return TCPStore(
+        HOST,
+        0,
+        world_size,
+        is_master=True,
+        timeout=timedelta(seconds=cfg.init_timeout_s),
+        wait_for_workers=False,
+    )
 
 
 def _check_world(world_size: int) -> None:
@@ -240,7 +165,7 @@ def launch_tp_group(
     """
     _check_world(world_size)
     cfg = config or LaunchConfig()
-    _resolve_backend(cfg.backend, world_size)
+    resolve_backend(cfg.backend, world_size)
     deadline = time.monotonic() + cfg.run_timeout_s
     store = _host_store(world_size, cfg)
     followers = _Followers(range(world_size), world_size, store.port, cfg, target, args)
@@ -284,7 +209,7 @@ class TPGroup:
             results = self._followers.wait(time.monotonic() + wait_s)
         finally:
             self._followers.terminate()
-            _close_rank()
+            close_rank()
             self._store = None
         return [results[r] for r in sorted(results)]
 
@@ -310,13 +235,13 @@ def start_tp_group(
     cfg = config or LaunchConfig()
     if dist.is_initialized():
         raise ConfigError("a torch.distributed default group already exists in this process")
-    _resolve_backend(cfg.backend, world_size)
+    resolve_backend(cfg.backend, world_size)
     store = _host_store(world_size, cfg)
     followers = _Followers(range(1, world_size), world_size, store.port, cfg, follower, args)
     try:
-        ctx = _init_rank(0, world_size, store, cfg)
+        ctx = init_rank(0, world_size, store, cfg)
     except BaseException as exc:
         followers.terminate()
-        _close_rank()
+        close_rank()
         raise TPGroupError(f"group of {world_size} did not form: {exc}", rank=0) from exc
     return TPGroup(ctx, followers, store)

@@ -61,8 +61,9 @@ def _dense_shape(p: torch.Tensor, world_size: int) -> torch.Size:
 class StageExecutor(TPStageRunner):
     """Runs the pipeline's stage work items on every rank of the group."""
 
-    def __init__(self, ctx: RankContext, model_config: ModelConfig,
-                 config: StageServerConfig) -> None:
+    def __init__(
+        self, ctx: RankContext, model_config: ModelConfig, config: StageServerConfig
+    ) -> None:
         if config.optimizer != "adamw":
             raise ConfigError(f"tensor-parallel stages train with adamw, not {config.optimizer!r}")
         super().__init__(nn.Identity(), ctx.comm, device=ctx.device)
@@ -95,14 +96,23 @@ class StageExecutor(TPStageRunner):
 
     def _install(self, index: int) -> None:
         cfg = self.config
-        dense = self.prepared if self.comm.rank == 0 and self.prepared is not None else (
-            build_stage(self.model_config, cfg.num_stages, index, cfg.seed))
+        dense = (
+            self.prepared
+            if self.comm.rank == 0 and self.prepared is not None
+            else (build_stage(self.model_config, cfg.num_stages, index, cfg.seed))
+        )
         self.prepared = None
         stage = parallelize_tp(dense.to(self.device), self.comm)
         stage.train()
         self.stage = stage
-        self.optimizer = ZeroAdamW(stage.parameters(), self.comm, lr=cfg.lr, betas=(0.9, 0.999),
-                                   weight_decay=cfg.weight_decay, decays=lambda p: True)
+        self.optimizer = ZeroAdamW(
+            stage.parameters(),
+            self.comm,
+            lr=cfg.lr,
+            betas=(0.9, 0.999),
+            weight_decay=cfg.weight_decay,
+            decays=lambda p: True,
+        )
         self._kept, self._pending = None, None
 
     def _keep_forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -188,8 +198,15 @@ class _LeaderModule(nn.Module):
 class TPStageCore(StageCore):
     """``StageCore`` computed by a tensor-parallel group (see the module docstring)."""
 
-    def __init__(self, model_config: ModelConfig, config: StageServerConfig, stage: int,
-                 *, group: TPGroup, **kw: Any) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        config: StageServerConfig,
+        stage: int,
+        *,
+        group: TPGroup,
+        **kw: Any,
+    ) -> None:
         self.group = group
         self._group_closed = False
         self.follower_results: list[Any] = []
@@ -222,13 +239,22 @@ class TPStageCore(StageCore):
         flat = torch.cat([(a - b).reshape(-1) for b, a in zip(before, after, strict=True)])
         self.executor.lead(Kind.ADD_DELTA, [flat])
 
-    def _grads(self, root: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor
-               ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    def _grads(
+        self, root: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         grads, grad_in = self.executor.lead(Kind.GRADS, [] if grad is None else [grad])
         return grads, (grad_in.cpu() if grad_in is not None else None)
 
-    def _apply(self, rid: bytes, mb: int, grads: list[torch.Tensor | None], answer: Any,
-               samples: int, busy_s: float, deadline: float) -> bool:
+    def _apply(
+        self,
+        rid: bytes,
+        mb: int,
+        grads: list[torch.Tensor | None],
+        answer: Any,
+        samples: int,
+        busy_s: float,
+        deadline: float,
+    ) -> bool:
         if self.clock() > deadline:  # decided once, here, for the whole group
             self.executor.lead(Kind.DISCARD)
             return super()._apply(rid, mb, grads, answer, samples, busy_s, -math.inf)
@@ -257,8 +283,9 @@ class TPStageCore(StageCore):
             self.follower_results = self.group.close()
 
 
-def follow_pipeline_stage(ctx: RankContext, model_config: ModelConfig,
-                          config: StageServerConfig) -> dict[str, int]:
+def follow_pipeline_stage(
+    ctx: RankContext, model_config: ModelConfig, config: StageServerConfig
+) -> dict[str, int]:
     """Follower entry point (spawned by ``TPStageServer``): execute work items until STOP."""
     executor = StageExecutor(ctx, model_config, config)
     return {"rank": ctx.rank, "items": executor.follow()}

@@ -33,17 +33,26 @@ class TPStageServer(StageServer):
         TPGroupError: the local group did not form.
     """
 
-    def __init__(self, runtime: NetRuntime, dht: DHT, stage_index: int | str,
-                 model_config: ModelConfig, config: StageServerConfig | None = None, *,
-                 tp: int, launch: LaunchConfig | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        runtime: NetRuntime,
+        dht: DHT,
+        stage_index: int | str,
+        model_config: ModelConfig,
+        config: StageServerConfig | None = None,
+        *,
+        tp: int,
+        launch: LaunchConfig | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(runtime, dht, stage_index, model_config, config, **kw)
         dense_core = self.core  # the base class builds a dense core; replace it
         try:
-            group = start_tp_group(tp, follow_pipeline_stage, (model_config, self.config),
-                                   config=launch)
+            group = start_tp_group(
+                tp, follow_pipeline_stage, (model_config, self.config), config=launch
+            )
             try:
-                self.core = TPStageCore(model_config, self.config, dense_core.stage,
-                                        group=group)
+                self.core = TPStageCore(model_config, self.config, dense_core.stage, group=group)
             except BaseException:
                 group.close(timeout_s=group.ctx.config.terminate_grace_s)
                 raise

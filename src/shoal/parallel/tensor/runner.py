@@ -114,8 +114,9 @@ class TPStageRunner:
             raise RuntimeError("rank 0 leads; only followers call follow()")
         count = 0
         while not self._stopped and (max_items is None or count < max_items):
-            header = self.comm.broadcast(torch.zeros(HEADER_LEN, dtype=torch.int64,
-                                                     device=self.device), src=0)
+            header = self.comm.broadcast(
+                torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.device), src=0
+            )
             kind, specs = decode_header(header.cpu(), max_elements=self.max_elements)
             tensors = [
                 self.comm.broadcast(torch.empty(s.shape, dtype=s.dtype, device=self.device), src=0)
@@ -139,8 +140,9 @@ class TPStageRunner:
         header = encode_header(kind, tensors)
         decode_header(header, max_elements=self.max_elements)  # same checks as followers
         self.comm.broadcast(header.to(self.device), src=0)
-        moved = [self.comm.broadcast(t.detach().to(self.device).contiguous(), src=0)
-                 for t in tensors]
+        moved = [
+            self.comm.broadcast(t.detach().to(self.device).contiguous(), src=0) for t in tensors
+        ]
         return self._execute(kind, moved)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:

@@ -74,8 +74,14 @@ def build_tp_stage(
     """Shard ``dense`` (or the spec's dense stage) over ``ctx.comm`` and wrap it in a runner."""
     stage = dense if dense is not None else spec.dense_stage()
     stage = parallelize_tp(stage.to(ctx.device), ctx.comm, overlap=spec.overlap)
-    opt = ZeroAdamW(stage.parameters(), ctx.comm, lr=spec.lr, betas=spec.betas, eps=spec.eps,
-                    weight_decay=spec.weight_decay)
+    opt = ZeroAdamW(
+        stage.parameters(),
+        ctx.comm,
+        lr=spec.lr,
+        betas=spec.betas,
+        eps=spec.eps,
+        weight_decay=spec.weight_decay,
+    )
     use_autocast = spec.autocast and ctx.device.type == "cuda"
     return TPStageRunner(stage, ctx.comm, opt, device=ctx.device, autocast=use_autocast)
 

@@ -28,7 +28,12 @@ MAX_DIMS = 4
 HEADER_LEN = 3 + MAX_TENSORS * (2 + MAX_DIMS)
 
 DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32,
+    torch.float32,
+    torch.float64,
+    torch.bfloat16,
+    torch.float16,
+    torch.int64,
+    torch.int32,
 )
 
 

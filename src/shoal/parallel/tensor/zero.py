@@ -90,8 +90,9 @@ class FlatShard:
         """All-gather the updated shards and write them into every parameter (collective)."""
         if not self.numel:
             return
-        full = torch.empty(self.chunk * self.comm.world_size, dtype=self.shard.dtype,
-                           device=self.shard.device)
+        full = torch.empty(
+            self.chunk * self.comm.world_size, dtype=self.shard.dtype, device=self.shard.device
+        )
         self.comm.all_gather(list(full.split(self.chunk)), self.shard.detach())
         offset = 0
         for p in self.params:
@@ -171,8 +172,9 @@ class ZeroAdamW:
         """Bytes of AdamW state (moments and step counters) held by this rank."""
         total = 0
         for state in self.optimizer.state.values():
-            total += sum(t.numel() * t.element_size() for t in state.values()
-                         if isinstance(t, torch.Tensor))
+            total += sum(
+                t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor)
+            )
         return total
 
     def shard_bytes(self) -> int:
