@@ -28,19 +28,18 @@ copy of what it sent, so every member ends with identical values.
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections.abc import Callable, Sequence, Set
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
 from shoal.compress import Codec, Encoded
-from shoal.errors import ConfigError, NetworkError
+from shoal.errors import NetworkError
 from shoal.parallel.data.aggregate import AggregationConfig, aggregate, screen
 from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.messages import Contribution, Member, Reduced, Report, WireTensor
+from shoal.parallel.data.round import AllReduceConfig, RoundResult, RoundStatus
 from shoal.parallel.data.transport import RoundTransport
 
 __all__ = ["AllReduceConfig", "RoundResult", "RoundStatus", "run_allreduce"]
@@ -49,61 +48,15 @@ T = TypeVar("T")
 _OFFLOAD_NUMEL = 1 << 20
 
 
-class RoundStatus(enum.Enum):
-    OK = "ok"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class AllReduceConfig:
-    """Phase deadlines as fractions of the round's time budget, and aggregation."""
-
-    collect_fraction: float = 0.55
-    """Reducers stop accepting contributions at this fraction of the budget."""
-    report_fraction: float = 0.65
-    """Members stop waiting for reducers' reports at this fraction."""
-    repair_fraction: float = 0.85
-    """Survivors stop waiting for repair contributions at this fraction."""
-    min_contributors: int = 1
-    """A round with fewer contributors fails."""
-    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
-
-    def __post_init__(self) -> None:
-        fractions = (self.collect_fraction, self.report_fraction, self.repair_fraction)
-        if not 0 < fractions[0] < fractions[1] < fractions[2] < 1:
-            raise ConfigError(
-                "need 0 < collect_fraction < report_fraction < repair_fraction < 1, got "
-                f"{fractions}"
-            )
-        if self.min_contributors < 1:
-            raise ConfigError(f"min_contributors must be >= 1, got {self.min_contributors!r}")
-
-
-@dataclass(slots=True)
-class RoundResult:
-    """Outcome of one round, as seen by one member."""
-
-    status: RoundStatus
-    contributors: frozenset[Member] = frozenset()
-    """Members whose vectors make up every element of the result (empty on failure)."""
-    weight: float = 0.0
-    """Sum of the contributors' weights."""
-    excluded: dict[Member, str] = field(default_factory=dict)
-    """Members left out, with the reason (rejected by screening, late, silent)."""
-    reason: str = ""
-    """Why the round failed (empty on success)."""
-    reassigned: dict[int, Member] = field(default_factory=dict)
-    """Parts whose reducer was presumed dead, and who reduced them instead."""
-    seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time of each phase on this member."""
-
-    @property
-    def ok(self) -> bool:
-        return self.status is RoundStatus.OK
-
-
 def _encode(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
     return tensor if codec is None else codec.encode(tensor)
+
+
+async def _encode_off(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
+    """Encode, on a worker thread when the part is big (raw parts need no work)."""
+    if codec is None:
+        return tensor
+    return await _offload(tensor.numel(), codec.encode, tensor)
 
 
 def _decode(codec: Codec | None, data: WireTensor) -> torch.Tensor:
@@ -192,7 +145,10 @@ async def run_allreduce(
     try:
         # 1. Reduce-scatter: contributions out, own part's contributions in.
         sends = [
-            (members[j], Contribution(round_id, me, j, weight, _encode(codec, part_of(j))))
+            (
+                members[j],
+                Contribution(round_id, me, j, weight, await _encode_off(codec, part_of(j))),
+            )
             for j in live_parts
         ]
         send_task = asyncio.ensure_future(_send_all(transport, sends, collect_at))
@@ -203,7 +159,10 @@ async def run_allreduce(
             if my_part in live_parts:
                 want = set(members)
                 await inbox.wait_until(_have_all(msgs, my_part, want), collect_at)
-                got = _collect(msgs(Contribution, my_part), part_of(my_part).numel(), codec)
+                numel = part_of(my_part).numel()
+                got = await _offload(
+                    numel if codec else 0, _collect, msgs(Contribution, my_part), numel, codec
+                )
                 accepted, rejected = _screen(got, config.aggregation)
                 contributions[my_part] = {p: got[p] for p in accepted}
         finally:
@@ -244,7 +203,10 @@ async def run_allreduce(
         # 3. Repair: raw parts of dead reducers' parts go to their substitutes.
         if me in common and dead:
             repair = [
-                (reassigned[j], Contribution(round_id, me, j, weight, _encode(codec, part_of(j))))
+                (
+                    reassigned[j],
+                    Contribution(round_id, me, j, weight, await _encode_off(codec, part_of(j))),
+                )
                 for j in dead
             ]
             await _send_all(transport, repair, repair_at)
@@ -273,7 +235,7 @@ async def run_allreduce(
                 buffers.tensor(numel) if buffers is not None else None,
             )
             total_weight = sum(have[p][0] for p in order)
-            wire = _encode(codec, reduced)
+            wire = await _encode_off(codec, reduced)
             results[j] = _decode(codec, wire) if codec is not None else reduced
             message = Reduced(round_id, me, j, common, total_weight, wire)
             await _send_all(transport, [(m, message) for m in members if m != me], deadline)
