@@ -8,12 +8,16 @@ step / train loss / validation bits per byte.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 
 import typer
 
 __all__ = ["register"]
+
+# Sleeping (not spinning) OpenMP waits; see shoal.cli.train. Must precede any torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def register(app: typer.Typer) -> None:

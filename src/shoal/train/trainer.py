@@ -154,7 +154,11 @@ class Trainer:
         return lr, result.loss
 
     def run(self, until: int | None = None) -> RunSummary:
-        """Train up to step ``until`` (default ``run.steps``) and return the summary."""
+        """Train up to step ``until`` (default ``run.steps``) and return the summary.
+
+        Validation runs every ``run.eval_every`` steps and at ``run.steps``; a run stopped
+        early by ``until`` reports the latest validation result (NaN if none yet).
+        """
         cfg = self.cfg
         end = min(until or cfg.run.steps, cfg.run.steps)
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.grad_accum
@@ -173,7 +177,7 @@ class Trainer:
                 steps_done += 1
                 tok_s = steps_done * tokens_per_step / max(step_time, 1e-9)
                 val: float | None = None
-                if self.step == end or (every_eval and self.step % every_eval == 0):
+                if self.step == cfg.run.steps or (every_eval and self.step % every_eval == 0):
                     val = val_bpb = self.evaluate()
                     progress.log(f"step {self.step:>6d}  loss {loss:.4f}  val_bpb {val:.4f}")
                 if every_ckpt and (self.step % every_ckpt == 0 or self.step == end):
