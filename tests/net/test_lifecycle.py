@@ -101,6 +101,29 @@ def test_server_killed_mid_stream(make_runtime, children):
     assert a.run(_other_tasks(), 5) == before
 
 
+def test_server_killed_while_streaming_to_us(make_runtime, children):
+    a = make_runtime()
+    child = children("serve")
+    stub = a.stub(peer_pb2_grpc.PeerStub, child.address, peer_id=child.peer_id)
+    before = a.run(_other_tasks(), 5)
+
+    async def pull() -> int:
+        frames = 0
+        async for _ in stub.Emit(
+            peer_pb2.EmitRequest(byte_length=64 << 20, chunk_bytes=16 << 10), timeout_s=10
+        ):
+            frames += 1
+            if frames == 20:
+                child.kill()
+        return frames
+
+    start = time.monotonic()
+    with pytest.raises(PeerUnavailable):
+        a.run(pull(), 15)
+    assert time.monotonic() - start < 10
+    assert a.run(_other_tasks(), 5) == before
+
+
 class _WatchedAbsorb(PeerService):
     """Absorb that reports when it has data and how it ended."""
 

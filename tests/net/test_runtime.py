@@ -9,10 +9,13 @@ import grpc
 import pytest
 import torch
 
-from shoal.errors import AuthenticationError, PeerUnavailable, ProtocolViolation
+from shoal.errors import AuthenticationError, ConfigError, PeerUnavailable, ProtocolViolation
 from shoal.net.auth import AUTH_METADATA_KEY
+from shoal.net.config import NetConfig
+from shoal.net.identity import Identity
 from shoal.net.peer_service import PeerService
 from shoal.net.proto.v1 import peer_pb2, peer_pb2_grpc
+from shoal.net.runtime import NetRuntime, State
 from shoal.net.server import current_caller
 from shoal.net.tensors import TensorReader, tensor_frames
 
@@ -195,3 +198,14 @@ def test_close_from_inside_the_loop(make_runtime):
     assert a.run(close_from_handler(), 5) == "returned"
     a._thread.join(2.0)
     assert not a._thread.is_alive()
+
+
+def test_port_in_use_is_a_config_error(make_runtime):
+    a = make_runtime()
+    b = NetRuntime(Identity.generate(), NetConfig(port=a.port))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="port"):
+        b.start()
+    assert time.perf_counter() - start < 2.0
+    assert b.state is State.CLOSED and not b._thread.is_alive()
+    b.close()  # still safe

@@ -129,8 +129,14 @@ class NetRuntime:
         self._thread.start()
         try:
             ready.result(timeout_s)
-        except BaseException:
+        except concurrent.futures.TimeoutError:
             self.close()
+            raise PeerTimeout(f"network runtime did not start within {timeout_s} s") from None
+        except BaseException:
+            self.state = State.CLOSED  # the loop thread cleaned up after itself
+            self._thread.join(CLOSE_TIMEOUT_S)
+            if self._tmpdir:
+                shutil.rmtree(self._tmpdir, ignore_errors=True)
             raise
         return self
 
@@ -139,10 +145,12 @@ class NetRuntime:
         self._loop = loop
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(self._serve_start())
-        except BaseException as exc:
-            ready.set_exception(exc)
-        else:
+            try:
+                loop.run_until_complete(self._serve_start())
+            except BaseException as exc:
+                loop.run_until_complete(self._shutdown(CLOSE_TIMEOUT_S / 2))
+                ready.set_exception(exc)
+                return
             ready.set_result(None)
             loop.run_forever()
         finally:
@@ -157,7 +165,13 @@ class NetRuntime:
             options=server_options(cfg.max_message_bytes, cfg.keepalive_s, cfg.keepalive_timeout_s)
         )
         server.add_generic_rpc_handlers((self.dispatcher,))
-        self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        self._server = server
+        try:
+            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError as exc:  # grpc's "Failed to bind"
+            raise ConfigError(
+                f"NetConfig.port: cannot listen on {cfg.host}:{cfg.port} (in use?)"
+            ) from exc
         if self.port == 0:
             raise ConfigError(f"NetConfig.port: cannot listen on {cfg.host}:{cfg.port}")
         if cfg.unix_socket:
@@ -166,7 +180,6 @@ class NetRuntime:
             self.unix_path = os.path.join(folder, f"peer-{self.port}.sock")
             server.add_insecure_port(f"unix:{self.unix_path}")
         await server.start()
-        self._server = server
         self.supervisor.spawn(self._sweeper(), name="net-sweeper")
 
     async def _sweeper(self) -> None:
