@@ -106,6 +106,8 @@ class ReadyPeer:
     """Measured bandwidth; sets its share of the reduction."""
     client_mode: bool = False
     """True when it cannot accept connections or is too slow to reduce."""
+    address: str = ""
+    """Where its Averaging service is reached (``host:port``); empty for clients."""
 
 
 @dataclass(frozen=True, slots=True)

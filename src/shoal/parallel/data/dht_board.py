@@ -1,0 +1,83 @@
+"""The rendezvous board on the DHT: one signed, owned subkey per ready peer.
+
+Every peer ready for a round stores a small record under ``prefix + round key`` with its
+own subkey, so the DHT's rule "a subkey can only be written by its owner" authenticates the
+announcement: the peer id is read from the signed subkey, never from the value. The value
+is msgpack ``[version, weight, bandwidth_bps, client_mode, address]``; readers bound and
+type-check every field and skip records that do not parse.
+
+``expires_at`` is on the DHT's wall clock (Unix seconds): give :func:`find_group` the same
+clock (``time.time`` in a swarm, the simulator's wall clock in tests).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import msgpack
+
+from shoal.parallel.data.matchmaking import ReadyPeer
+
+__all__ = ["DhtBoard", "RecordStore"]
+
+_VERSION = 1
+_PEER_ID_BYTES = 32
+_MAX_VALUE_BYTES = 512
+_MAX_ADDRESS_CHARS = 256
+
+
+class RecordStore(Protocol):
+    """What the board needs from ``shoal.dht`` (``DHTNode`` provides it)."""
+
+    async def store(
+        self, key: bytes, value: bytes, expires_at: float, subkey: bytes | None = None
+    ) -> int: ...
+
+    async def get(self, key: bytes) -> bytes | dict[bytes, bytes] | None: ...
+
+
+class DhtBoard:
+    """:class:`~shoal.parallel.data.rendezvous.RendezvousBoard` over a DHT node."""
+
+    def __init__(self, dht: RecordStore, prefix: bytes = b"shoal/avg/") -> None:
+        self.dht = dht
+        self.prefix = prefix
+
+    async def announce(self, key: bytes, entry: ReadyPeer, expires_at: float) -> None:
+        value = msgpack.packb(
+            [_VERSION, entry.weight, entry.bandwidth_bps, entry.client_mode, entry.address]
+        )
+        await self.dht.store(self.prefix + key, value, expires_at, subkey=b"")
+
+    async def entries(self, key: bytes) -> list[ReadyPeer]:
+        found = await self.dht.get(self.prefix + key)
+        if not isinstance(found, dict):
+            return []
+        out = []
+        for subkey, value in found.items():
+            entry = _parse(subkey, value)
+            if entry is not None:
+                out.append(entry)
+        return out
+
+
+def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
+    if len(subkey) != _PEER_ID_BYTES or len(value) > _MAX_VALUE_BYTES:
+        return None
+    try:
+        fields = msgpack.unpackb(value)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    if not isinstance(fields, list) or len(fields) != 5 or fields[0] != _VERSION:
+        return None
+    _, weight, bandwidth, client_mode, address = fields
+    numbers_ok = all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+        for x in (weight, bandwidth)
+    )
+    if not numbers_ok or not isinstance(client_mode, bool):
+        return None
+    if not isinstance(address, str) or len(address) > _MAX_ADDRESS_CHARS:
+        return None
+    return ReadyPeer(subkey, float(weight), float(bandwidth), client_mode, address)

@@ -1,0 +1,68 @@
+"""Matchmaking over the real DHT protocol (simulated swarm on a virtual clock)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+
+from shoal.dht.config import DHTConfig
+from shoal.dht.memory import MemoryNetwork, SimConfig
+from shoal.dht.sim import SimCluster
+from shoal.dht.virtual_loop import run_virtual
+from shoal.parallel.data.dht_board import DhtBoard, _parse
+from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, ReadyPeer
+from shoal.parallel.data.rendezvous import MatchConfig, find_group
+
+
+def test_peers_find_one_group_through_the_dht_and_ids_come_from_signed_subkeys():
+    async def scenario():
+        cluster = SimCluster(
+            MemoryNetwork(SimConfig(), seed=1), DHTConfig(k=8, rpc_timeout_s=1.0), seed=1
+        )
+        for _ in range(12):
+            await cluster.add_node()
+        peers = cluster.nodes[:4]
+
+        async def one(i, node):
+            me = ReadyPeer(node.identity.peer_id.raw, float(i + 1), 1e8, False, f"10.0.0.{i}:1")
+            return await find_group(
+                DhtBoard(node),
+                b"round-7",
+                me,
+                expected_peers=4,
+                estimator=FormationEstimator(FormationConfig(initial_s=30.0)),
+                config=MatchConfig(poll_interval_s=0.5),
+                clock=cluster.wall_clock,
+            )
+
+        groups = await asyncio.gather(*(one(i, n) for i, n in enumerate(peers)))
+        await cluster.close()
+        return peers, groups
+
+    peers, groups = run_virtual(scenario())
+    assert all(g is not None for g in groups)
+    assert len({g.group_id for g in groups}) == 1
+    members = {m.peer: m for m in groups[0].members}
+    assert set(members) == {p.identity.peer_id.raw for p in peers}
+    for i, p in enumerate(peers):
+        assert members[p.identity.peer_id.raw].address == f"10.0.0.{i}:1"
+        assert members[p.identity.peer_id.raw].weight == i + 1
+
+
+def test_malformed_board_records_are_skipped():
+    peer = b"p" * 32
+    good = msgpack.packb([1, 2.0, 1e8, False, "h:1"])
+    assert _parse(peer, good) == ReadyPeer(peer, 2.0, 1e8, False, "h:1")
+    for bad_subkey, bad_value in [
+        (peer[:31], good),
+        (peer, b"\xc1"),
+        (peer, msgpack.packb([2, 2.0, 1e8, False, "h:1"])),
+        (peer, msgpack.packb([1, float("nan"), 1e8, False, "h:1"])),
+        (peer, msgpack.packb([1, -1.0, 1e8, False, "h:1"])),
+        (peer, msgpack.packb([1, 1.0, 1e8, 1, "h:1"])),
+        (peer, msgpack.packb([1, 1.0, 1e8, False, "x" * 300])),
+        (peer, msgpack.packb({"weight": 1})),
+        (peer, b"\x00" * 600),
+    ]:
+        assert _parse(bad_subkey, bad_value) is None
