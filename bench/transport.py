@@ -5,6 +5,8 @@ Two processes: this one sends, a child receives (``--child``). The child serves 
 buffer) and a bare grpc.aio service (identity serializers, copies chunks into a
 preallocated buffer) on the same loop. Repetitions alternate raw and full to cancel noise;
 throughput is the best repetition of each, RPC latency the median of alternating blocks.
+``cpu_ratio_vs_raw`` (CPU seconds of both processes, full / raw) does not depend on what
+else the machine runs.
 
 Measures: 512 MiB client->peer streams (``full_MBps`` vs ``raw_MBps``), small-RPC p50
 (``Peer.Ping`` vs a bare unary echo), and a shorter transfer through ``shoal.net.shaper``
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +41,7 @@ from shoal.net.tensors import tensor_frames
 
 RAW_SINK = "/bench.Raw/Sink"
 RAW_ECHO = "/bench.Raw/Echo"
+RAW_CPU = "/bench.Raw/Cpu"
 
 
 def _log(msg: str) -> None:
@@ -61,6 +65,10 @@ class _RawHandler(grpc.GenericRpcHandler):
             return grpc.unary_unary_rpc_method_handler(
                 self.echo, request_deserializer=_identity, response_serializer=_identity
             )
+        if method == RAW_CPU:
+            return grpc.unary_unary_rpc_method_handler(
+                self.cpu, request_deserializer=_identity, response_serializer=_identity
+            )
         return None
 
     async def sink(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> bytes:
@@ -75,6 +83,15 @@ class _RawHandler(grpc.GenericRpcHandler):
 
     async def echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
+
+    async def cpu(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return repr(_cpu_s()).encode()
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) used by this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _child(mib: int) -> int:
@@ -135,14 +152,20 @@ async def _send_full(stub: Any, tensor: torch.Tensor) -> float:
     return elapsed
 
 
-async def _pings(stub: Any, channel: grpc.aio.Channel, count: int) -> tuple[float, float]:
+async def _pings(
+    stub: Any, channel: grpc.aio.Channel, count: int, both_cpu_s: Any
+) -> tuple[float, float, float]:
+    """(full p50 us, raw p50 us, CPU ratio full/raw) over alternating blocks of 50 calls."""
     echo = channel.unary_unary(
         RAW_ECHO, request_serializer=_identity, response_deserializer=_identity
     )
     full: list[float] = []
     raw: list[float] = []
+    cpu = [0.0, 0.0]  # full, raw
     request = peer_pb2.PingRequest()
     for block in range(count // 50):
+        cpu0 = await both_cpu_s()
+        cpu[block % 2] -= cpu0
         for _ in range(50):
             start = time.perf_counter()
             if block % 2:
@@ -151,7 +174,8 @@ async def _pings(stub: Any, channel: grpc.aio.Channel, count: int) -> tuple[floa
             else:
                 await stub.Ping(request, timeout_s=5)
                 full.append(time.perf_counter() - start)
-    return statistics.median(full) * 1e6, statistics.median(raw) * 1e6
+        cpu[block % 2] += await both_cpu_s()
+    return statistics.median(full) * 1e6, statistics.median(raw) * 1e6, cpu[0] / cpu[1]
 
 
 async def _start_shaper(target: str, mbit: float, delay_ms: float) -> tuple[Any, str]:
@@ -208,20 +232,31 @@ async def _parent(
         payload = memoryview(tensor.numpy())
         await _send_raw(channel, payload[: 8 * MiB])  # warm both paths
         await _send_full(stub, tensor[: 8 * MiB])
-        raw_s, full_s = [], []
+        child_cpu = channel.unary_unary(
+            RAW_CPU, request_serializer=_identity, response_deserializer=_identity
+        )
+
+        async def both_cpu_s() -> float:
+            return _cpu_s() + float(await child_cpu(b"", timeout=5))
+
+        raw_s: list[float] = []
+        full_s: list[float] = []
+        cpu_s = {"raw": 0.0, "full": 0.0}
         for rep in range(args.reps):
             order = ("raw", "full") if rep % 2 == 0 else ("full", "raw")
             for kind in order:
+                cpu0 = await both_cpu_s()
                 if kind == "raw":
                     raw_s.append(await _send_raw(channel, payload))
                 else:
                     full_s.append(await _send_full(stub, tensor))
+                cpu_s[kind] += await both_cpu_s() - cpu0
                 _log(
                     f"rep {rep} {kind}: {args.mib / (raw_s if kind == 'raw' else full_s)[-1]:.0f}"
                     " MiB/s"
                 )
         del tensor, payload
-        rpc_full, rpc_raw = await _pings(stub, channel, args.pings)
+        rpc_full, rpc_raw, rpc_cpu = await _pings(stub, channel, args.pings, both_cpu_s)
         _log(f"ping p50 full {rpc_full:.0f} us, raw {rpc_raw:.0f} us")
         shaped = await _shaped(
             runtime, child["full"], peer, args.shaped_mib, args.shaped_mbit, args.delay_ms
@@ -240,6 +275,9 @@ async def _parent(
         "rpc_p50_us": round(rpc_full, 1),
         "raw_rpc_p50_us": round(rpc_raw, 1),
         "shaped_ratio_of_link": round(shaped, 3),
+        # load-independent companion of ratio_vs_raw: CPU seconds of both processes
+        "cpu_ratio_vs_raw": round(cpu_s["full"] / cpu_s["raw"], 3),
+        "rpc_cpu_ratio_vs_raw": round(rpc_cpu, 3),
     }
 
 
@@ -251,6 +289,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--shaped-mib", type=int, default=16)
     parser.add_argument("--shaped-mbit", type=float, default=50.0)
     parser.add_argument("--delay-ms", type=float, default=10.0, help="shaper one-way delay")
+    parser.add_argument("--json", action="store_true", help="accepted; the result is JSON anyway")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

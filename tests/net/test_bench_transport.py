@@ -24,6 +24,7 @@ def test_transport_bench_smoke():
             "100",
             "--delay-ms",
             "2",
+            "--json",
         ],
     )
     assert result["bench"] == "transport"
