@@ -17,6 +17,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+import torch
+
+from shoal.compress import Encoded
 from shoal.parallel.data.messages import Member, Message
 
 __all__ = ["Inbox", "RoundTransport"]
@@ -33,25 +36,61 @@ class RoundTransport(Protocol):
         ...
 
 
-class Inbox:
-    """Messages received by one peer, grouped by round, with waits on predicates."""
+def _nbytes(message: Message) -> int:
+    data = getattr(message, "data", None)
+    if isinstance(data, torch.Tensor):
+        return data.numel() * data.element_size()
+    if isinstance(data, Encoded):
+        return data.wire_bytes
+    return 0
 
-    def __init__(self, *, max_pending_rounds: int = 8, max_messages_per_round: int = 4096):
+
+class Inbox:
+    """Messages received by one peer, grouped by round, with waits on predicates.
+
+    Bounds: at most ``max_pending_rounds`` rounds not yet opened (oldest dropped first),
+    ``max_pending_bytes`` of tensor data in them, ``max_messages_per_round`` per round;
+    messages for the last ``remember_closed`` closed rounds are dropped on arrival.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_pending_rounds: int = 8,
+        max_pending_bytes: int = 1 << 30,
+        max_messages_per_round: int = 4096,
+        remember_closed: int = 64,
+    ) -> None:
         self._rounds: OrderedDict[bytes, list[Message]] = OrderedDict()
+        self._pending_bytes: dict[bytes, int] = {}
         self._open: set[bytes] = set()
+        self._closed: OrderedDict[bytes, None] = OrderedDict()
         self._max_pending = max_pending_rounds
+        self._max_pending_bytes = max_pending_bytes
         self._max_messages = max_messages_per_round
+        self._remember_closed = remember_closed
         self._changed = asyncio.Event()
         self.dropped = 0
 
     def deliver(self, message: Message) -> bool:
         """Store a message; False when it was dropped (closed round or over a bound)."""
         rid = message.round_id
+        if rid in self._closed:
+            self.dropped += 1
+            return False
         box = self._rounds.get(rid)
+        if rid not in self._open:
+            size = _nbytes(message)
+            if size + sum(self._pending_bytes.values()) > self._max_pending_bytes:
+                self.dropped += 1
+                return False
+            if box is None:
+                pending = [r for r in self._rounds if r not in self._open]
+                if len(pending) >= self._max_pending:
+                    del self._rounds[pending[0]]
+                    self._pending_bytes.pop(pending[0], None)
+            self._pending_bytes[rid] = self._pending_bytes.get(rid, 0) + size
         if box is None:
-            pending = [r for r in self._rounds if r not in self._open]
-            if len(pending) >= self._max_pending:
-                del self._rounds[pending[0]]
             box = self._rounds[rid] = []
         if len(box) >= self._max_messages:
             self.dropped += 1
@@ -62,12 +101,18 @@ class Inbox:
 
     def open(self, round_id: bytes) -> None:
         self._open.add(round_id)
+        self._pending_bytes.pop(round_id, None)
+        self._closed.pop(round_id, None)
         self._rounds.setdefault(round_id, [])
 
     def close(self, round_id: bytes) -> None:
-        """Forget a round; later messages for it are dropped as pending, then evicted."""
+        """Forget a round; messages for it that arrive later are dropped."""
         self._open.discard(round_id)
         self._rounds.pop(round_id, None)
+        self._pending_bytes.pop(round_id, None)
+        self._closed[round_id] = None
+        while len(self._closed) > self._remember_closed:
+            self._closed.popitem(last=False)
 
     def messages(self, round_id: bytes) -> list[Message]:
         return self._rounds.get(round_id, [])
