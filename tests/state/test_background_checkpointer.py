@@ -38,7 +38,7 @@ def test_maybe_save_follows_the_interval_and_keeps_the_last_k(tmp_path):
     assert ckpt.close(timeout_s=30)
     steps = [read_checkpoint(p).step for p in list_checkpoints(tmp_path)]
     assert steps == [9, 12]
-    assert ckpt.latest_served is not None and ckpt.latest_served.step == 12
+    assert ckpt.latest_served() is not None and ckpt.latest_served().step == 12
     assert ckpt.last_saved is not None and ckpt.last_saved.step == 12
 
 
@@ -103,9 +103,9 @@ def test_a_failed_write_is_reported_and_the_worker_keeps_going(tmp_path):
     ckpt.save(1, lambda: take_snapshot(1, model, opt))
     assert ckpt.flush(30)
     assert ckpt.last_error is not None
-    assert ckpt.latest_served is not None and ckpt.latest_served.step == 1  # still servable
+    assert ckpt.latest_served() is not None and ckpt.latest_served().step == 1  # still servable
     ckpt.save(2, lambda: take_snapshot(2, model, opt))
-    assert ckpt.flush(30) and ckpt.latest_served.step == 2
+    assert ckpt.flush(30) and ckpt.latest_served().step == 2
     ckpt.close()
 
 

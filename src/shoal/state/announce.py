@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 
-from shoal.errors import ConfigError, NetworkError
+from shoal.errors import ConfigError, ShoalError
 from shoal.net.identity import PEER_ID_BYTES, PeerID
 from shoal.state.snapshot import ServedSnapshot
 
@@ -182,8 +182,10 @@ class StateAnnouncer:
         while True:
             try:
                 await self.announce_once()
-            except (NetworkError, asyncio.TimeoutError) as exc:
+            except (ShoalError, asyncio.TimeoutError) as exc:
                 log.warning("state announcement failed: %s", exc)
+            except Exception:  # a bug must not silently end the announcements
+                log.exception("state announcement failed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), period)
             self._wake.clear()

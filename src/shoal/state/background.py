@@ -10,7 +10,7 @@ The compute thread only pays for the CPU copy (``state_provider()``); indexing t
 serving (``snapshot.prepare``) and writing it (``checkpoint.write_snapshot``: temporary
 folder, fsync, atomic rename, manifest with sha256 per file, last K kept) run on one worker
 thread. One write is in flight at a time; a snapshot queued behind it is replaced by a newer
-one (counted in ``superseded``). ``latest_served`` is the newest snapshot indexed for serving:
+one (counted in ``superseded``). ``latest_served()`` is the newest snapshot indexed for serving:
 immutable CPU tensors a ``StateServer`` can stream while training goes on.
 """
 
@@ -148,9 +148,8 @@ class BackgroundCheckpointer:
         """Step of the newest snapshot taken (queued, written or not)."""
         return self._last_taken_step
 
-    @property
     def latest_served(self) -> ServedSnapshot | None:
-        """The newest snapshot indexed for serving (immutable), or None."""
+        """The newest snapshot indexed for serving (immutable), or None; a snapshot provider."""
         return self._latest_served
 
     def flush(self, timeout_s: float) -> bool:

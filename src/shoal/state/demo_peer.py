@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
     from shoal.dht.peer import DHT
+    from shoal.errors import ShoalError
     from shoal.net import Identity, NetConfig, NetRuntime
+    from shoal.net.config import RetryPolicy
     from shoal.state.announce import StateAnnouncer, state_key
     from shoal.state.background import BackgroundCheckpointer, CheckpointerConfig, SavedCheckpoint
     from shoal.state.recovery import Source, recover
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from shoal.train.run_state import checkpoint_root, restore_run, snapshot_run
     from shoal.train.trainer import Trainer
 
+    join_policy = RetryPolicy(initial_s=0.5, max_s=4.0, attempts=12, deadline_s=60.0)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -81,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     key = state_key(args.swarm)
     emit("listening", address=runtime.address, peer_id=runtime.peer_id.to_string())
     if args.join:
-        dht.bootstrap(args.join)
+        try:
+            dht.bootstrap(args.join, join_policy)
+        except ShoalError as exc:  # alone for now: recover from disk, others may find us later
+            log.warning("could not join the DHT via %s: %s", args.join, exc)
 
     cfg = with_overrides(
         TrainConfig(),
