@@ -104,3 +104,21 @@ def test_identify_and_penalize(make_runtime):
     stub = a.stub(peer_pb2_grpc.PeerStub, b.address, peer_id=b.peer_id)
     with pytest.raises(PeerUnavailable, match="banned"):
         a.run(stub.Ping(peer_pb2.PingRequest()), 5)
+
+
+def test_concurrent_calls_to_a_dead_peer_dial_once(make_runtime):
+    a = make_runtime(reconnect=RetryPolicy(initial_s=5.0, max_s=10.0))
+    stub = a.stub(peer_pb2_grpc.PeerStub, DEAD)
+
+    async def many():
+        return await asyncio.gather(
+            *(stub.Ping(peer_pb2.PingRequest(), timeout_s=3) for _ in range(20)),
+            return_exceptions=True,
+        )
+
+    start = time.monotonic()
+    results = a.run(many(), 10)
+    assert all(isinstance(r, PeerUnavailable) for r in results)
+    assert time.monotonic() - start < 3
+    conn = next(iter(a.pool._retired), None)
+    assert conn is not None and conn._attempts == 1

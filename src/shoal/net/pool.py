@@ -52,6 +52,16 @@ def channel_options(config: NetConfig) -> list[tuple[str, Any]]:
     ]
 
 
+def _shared(error: NetworkError, label: str) -> NetworkError:
+    """The error a queued caller gets when the handshake it waited for failed."""
+    cls: type[NetworkError] = PeerUnavailable
+    if isinstance(error, AuthenticationError):
+        cls = AuthenticationError
+    elif isinstance(error, PeerTimeout):
+        cls = PeerTimeout
+    return cls(f"handshake failed while this call waited: {error}", peer=label)
+
+
 class Connection:
     """A channel to one address, the session on it, and cached method callables."""
 
@@ -74,6 +84,8 @@ class Connection:
         self._identity = identity
         self._traffic = traffic
         self._lock = asyncio.Lock()
+        self._attempts = 0  # handshakes started on this connection
+        self._last_error: NetworkError | None = None
         self._callables: dict[str, Any] = {}
         target = (
             address
@@ -107,13 +119,22 @@ class Connection:
         if self._live():
             assert self.session is not None
             return self.session
+        attempts_seen = self._attempts
         try:
             await asyncio.wait_for(self._lock.acquire(), timeout_s)
         except asyncio.TimeoutError:
             raise PeerTimeout("handshake queue timed out", peer=self.label) from None
         try:
             if not self._live():
-                await self._handshake(timeout_s)
+                if self._attempts != attempts_seen and self._last_error is not None:
+                    # a handshake failed while we queued: share its verdict, don't redial
+                    raise _shared(self._last_error, self.label) from self._last_error
+                self._attempts += 1
+                try:
+                    await self._handshake(timeout_s)
+                except NetworkError as exc:
+                    self._last_error = exc
+                    raise
             assert self.session is not None
             return self.session
         finally:
