@@ -69,7 +69,8 @@ def _relay_bytes(peers: dict[str, PeerProcess]) -> int:
 def test_dial_back_tells_public_cone_and_symmetric(bed: Testbed, peers) -> None:
     helpers = [peers["relay"].address, peers["server2"].address, peers["slow"].address]
     public = peers["slow"].call("dialback", helpers=helpers[:2])
-    assert public["ok"] and public["status"] == "public" and public["mapping"] == "none", public
+    assert public["ok"] and public["mapping"] == "none", public
+    assert public["status"] == "public" and public["reached"] == 2, public
     cone = peers["a"].call("dialback", helpers=helpers)
     assert cone["status"] == "private" and cone["mapping"] == "cone", cone
     assert cone["public"] == [cone["public"][0]] and cone["public"][0].startswith(

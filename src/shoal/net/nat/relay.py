@@ -55,8 +55,8 @@ class Circuit:
     def summary(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "dialer": self.dialer.to_string(),
-            "target": self.target.to_string(),
+            "dialer": self.dialer.raw.hex(),
+            "target": self.target.raw.hex(),
             "bytes_to_target": self.bytes_to_target,
             "bytes_to_dialer": self.bytes_to_dialer,
             "open": not self.closed,
@@ -97,7 +97,7 @@ class RelayCore:
     def stats(self) -> dict[str, Any]:
         """Reservations, circuits (open, then recently closed) and total relayed bytes."""
         return {
-            "reservations": [r.peer.to_string() for r in self._reservations.values()],
+            "reservations": [r.peer.raw.hex() for r in self._reservations.values()],
             "circuits": [c.summary() for c in self._circuits.values()] + list(self._closed),
             "total_bytes": self.total_bytes,
             "refused": self.refused,

@@ -148,6 +148,8 @@ class Reserver:
                 event = await asyncio.wait_for(events.__anext__(), timeout)
                 if first:
                     first = False
+                    if relay.peer_id is None and stub.peer_id is not None:
+                        slot.relay = RelayAddress(relay.address, stub.peer_id)  # learned
                     slot.observed = event.observed
                     slot.ready.set()
                     self._changed()

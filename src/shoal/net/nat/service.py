@@ -46,7 +46,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):  # type: ignore[misc]
         core: RelayCore | None,
         punch: PunchResponder | None = None,
         *,
-        dial_back_timeout_s: float = 3.0,
+        dial_back_timeout_s: float = 5.0,
     ) -> None:
         self._runtime = runtime
         self.core = core

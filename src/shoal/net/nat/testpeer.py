@@ -55,7 +55,14 @@ class Commands:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        config = NetConfig(host=args.host, port=args.port, idle_close_s=600.0)
+        # gRPC takes min_reconnect_backoff_ms as the connect timeout as well: 0.1 s is too
+        # short for a delayed or relayed link on a busy machine
+        config = NetConfig(
+            host=args.host,
+            port=args.port,
+            idle_close_s=600.0,
+            reconnect=RetryPolicy(initial_s=1.0, max_s=4.0),
+        )
         self.runtime = NetRuntime(Identity.generate(), config).start()
         relay = RelayConfig(rate_bytes_s=args.relay_rate_bytes_s) if args.relay else None
         self.nat = Traversal(
@@ -95,8 +102,8 @@ class Commands:
 
     def _info(self) -> PeerInfo:
         held = self.nat.reserver.held() if self.nat.reserver is not None else []
-        if held:
-            relay = held[0].peer_id.raw if held[0].peer_id is not None else b""
+        if held and held[0].peer_id is not None:
+            relay = held[0].peer_id.raw
             return PeerInfo(reachability=Reachability.RELAYED, relay=relay, roles=("test",))
         return PeerInfo(
             addresses=(self.runtime.address,), reachability=Reachability.DIRECT, roles=("test",)
