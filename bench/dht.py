@@ -121,12 +121,17 @@ async def _simulate(args: argparse.Namespace) -> dict[str, object]:
 
     replaced = round(args.churn * args.nodes)
     step_s = args.churn_s / max(replaced, 1)
-    for i in range(replaced):
+    joins: set[asyncio.Task[DHTNode]] = set()
+    for i in range(replaced):  # newcomers join concurrently, as independent peers would
         await asyncio.sleep(step_s)
         await cluster.kill(cluster.rng.choice(cluster.nodes))
-        await cluster.add_node()
+        task = asyncio.ensure_future(cluster.add_node())
+        joins.add(task)
+        task.add_done_callback(joins.discard)
         if (i + 1) % 500 == 0:
             _log(f"replaced {i + 1}/{replaced}, wall {time.perf_counter() - wall0:.1f}s")
+    if joins:
+        await asyncio.gather(*joins)
     await asyncio.sleep(config.maintenance_period_s)
     now = cluster.wall_clock()
     held = {r.key for n in cluster.nodes for r in n.storage.records() if r.expires_at > now}
