@@ -88,3 +88,75 @@ def test_frames_round_trip_through_parse(codec):
     decoded = back.data if c is None else c.decode(back.data)
     expect = part if c is None else c.decode(data)
     assert torch.equal(decoded.reshape(-1), expect.reshape(-1))
+
+
+def _frames_strategy():
+    from shoal.net.proto.v1 import tensor_pb2
+    from shoal.net.tensors import Chunk
+
+    header = st.builds(
+        tensor_pb2.TensorHeader,
+        dtype=st.integers(0, 12),
+        shape=st.lists(st.integers(0, 2**40), max_size=10),
+        codec=st.sampled_from(["raw", "int8", ""]),
+        byte_length=st.integers(0, 2**41),
+        checksum_kind=st.integers(0, 2),
+        checksum=st.integers(0, 2**64 - 1),
+    )
+    frame = st.one_of(
+        header.map(lambda h: tensor_pb2.TensorFrame(header=h)),
+        st.binary(max_size=64).map(lambda b: tensor_pb2.TensorFrame(chunk=b)),
+        st.binary(max_size=64).map(lambda b: Chunk(memoryview(b))),
+    )
+    return st.lists(frame, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames=_frames_strategy())
+def test_stream_reader_never_fails_otherwise(frames):
+    import asyncio
+
+    from shoal.net.config import TensorLimits
+    from shoal.parallel.data.buffers import BufferPool
+    from shoal.parallel.data.receive import read_tensor_into_pool
+
+    async def source():
+        for f in frames:
+            yield f
+
+    async def main():
+        return await read_tensor_into_pool(
+            source().__aiter__(), TensorLimits(max_bytes=1 << 20), BufferPool()
+        )
+
+    try:
+        tensor = asyncio.run(main())
+    except ProtocolViolation:
+        return
+    assert isinstance(tensor, torch.Tensor)
+
+
+def test_stream_reader_accepts_a_real_stream_and_rejects_a_corrupted_one():
+    import asyncio
+
+    from shoal.net.config import TensorLimits
+    from shoal.net.tensors import Chunk, tensor_frames
+    from shoal.parallel.data.buffers import BufferPool
+    from shoal.parallel.data.receive import read_tensor_into_pool
+
+    part = torch.randn(300_000)
+    frames = list(tensor_frames(part))
+
+    async def read(fs):
+        async def source():
+            for f in fs:
+                yield f
+
+        return await read_tensor_into_pool(source().__aiter__(), TensorLimits(), BufferPool())
+
+    assert torch.equal(asyncio.run(read(frames)), part)
+    bad = bytearray(frames[1].data)
+    bad[0] ^= 1
+    corrupted = [frames[0], Chunk(memoryview(bytes(bad))), *frames[2:]]
+    with pytest.raises(ProtocolViolation, match="checksum"):
+        asyncio.run(read(corrupted))
