@@ -20,6 +20,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from shoal.dht.ids import Contact
 from shoal.dht.record import Record, decode_record, encode_record
@@ -136,30 +137,24 @@ class MemoryTransport:
         return result
 
     async def ping(self, peer: Contact, *, timeout_s: float) -> Contact:
-        result = await self._call(peer.address, peer, "ping", None, timeout_s)
-        assert isinstance(result, Contact)
-        return result
+        return cast(Contact, await self._call(peer.address, peer, "ping", None, timeout_s))
 
     async def ping_address(self, address: str, *, timeout_s: float) -> Contact:
-        result = await self._call(address, None, "ping", None, timeout_s)
-        assert isinstance(result, Contact)
-        return result
+        return cast(Contact, await self._call(address, None, "ping", None, timeout_s))
 
     async def store(
         self, peer: Contact, records: Sequence[Record], *, timeout_s: float
     ) -> StoreAnswer:
-        result = await self._call(peer.address, peer, "store", records, timeout_s)
-        assert isinstance(result, StoreAnswer)
-        return result
+        return cast(StoreAnswer, await self._call(peer.address, peer, "store", records, timeout_s))
 
     async def find_node(self, peer: Contact, target: int, *, timeout_s: float) -> list[Contact]:
-        result = await self._call(peer.address, peer, "find_node", target, timeout_s)
-        assert isinstance(result, list)
-        return result
+        return cast(
+            list[Contact], await self._call(peer.address, peer, "find_node", target, timeout_s)
+        )
 
     async def find_value(
         self, peer: Contact, location: int, *, timeout_s: float
     ) -> FindValueAnswer:
-        result = await self._call(peer.address, peer, "find_value", location, timeout_s)
-        assert isinstance(result, FindValueAnswer)
-        return result
+        return cast(
+            FindValueAnswer, await self._call(peer.address, peer, "find_value", location, timeout_s)
+        )
