@@ -209,3 +209,31 @@ def test_port_in_use_is_a_config_error(make_runtime):
     assert time.perf_counter() - start < 2.0
     assert b.state is State.CLOSED and not b._thread.is_alive()
     b.close()  # still safe
+
+
+class _OddHandlers(PeerService):
+    """Emit written with context.write(), Info as a plain function: both must work."""
+
+    async def Emit(self, request, context):
+        for frame in tensor_frames(torch.arange(5, dtype=torch.int32)):
+            await context.write(frame)
+
+    def Info(self, request, context):
+        return peer_pb2.PeerInfo(version=current_caller().short())
+
+
+def test_handler_styles(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    b.add_servicer(
+        peer_pb2_grpc.add_PeerServicer_to_server,
+        _OddHandlers(b.identity, b.sessions, b.config, b.addresses, lambda: []),
+    )
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+    assert a.run(stub.Info(peer_pb2.InfoRequest()), 5).version == a.peer_id.short()
+
+    async def fetch():
+        return await TensorReader(
+            stub.Emit(peer_pb2.EmitRequest()), a.config.tensor_limits
+        ).read_tensor()
+
+    assert a.run(fetch(), 5).tolist() == [0, 1, 2, 3, 4]

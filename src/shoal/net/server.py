@@ -229,8 +229,15 @@ def _streaming(
         _caller.set(peer)
         start = time.perf_counter()
         try:
-            async for item in inner(_request(request, streaming), context):
-                yield item
+            result = inner(_request(request, streaming), context)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            elif inspect.isawaitable(result):  # a handler that uses context.write()
+                await result
+            else:
+                for item in result:
+                    yield item
         except ShoalError as exc:
             await context.abort(status_of(exc), str(exc))
         finally:
