@@ -141,7 +141,8 @@ class NetConfig:
     idle_close_s: float = 300.0
     """A pooled connection unused this long is closed."""
     reconnect: RetryPolicy = field(default_factory=RetryPolicy)
-    """Backoff between connection attempts to one address."""
+    """Backoff between connection attempts to one address (initial, max, factor, jitter;
+    the pool never gives up on an address by itself: failures feed ``health`` bans)."""
     call_retry: RetryPolicy = field(
         default_factory=lambda: RetryPolicy(initial_s=0.05, max_s=1.0, deadline_s=10.0, attempts=3)
     )
