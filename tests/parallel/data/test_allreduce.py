@@ -17,6 +17,7 @@ import torch
 from shoal.parallel.data.allreduce import AllReduceConfig, RoundStatus
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.memory import Fault, MemoryNetwork, PeerKilled
+from shoal.parallel.data.messages import Contribution, Report
 
 SIZE = 1001  # not divisible by the group size: parts differ in length
 
@@ -225,3 +226,71 @@ def test_invariant_holds_under_double_faults(faults):
     _check_invariant(inputs, weights, results, outputs)
     # At most one contributor set is ever reported as a success.
     assert len({r.contributors for r in results.values() if r is not None and r.ok}) <= 1
+
+
+class _Tampering:
+    """Wraps a member's transport and rewrites some of its outgoing messages."""
+
+    def __init__(self, inner, rewrite):
+        self.inner, self.me, self.inbox, self.rewrite = inner, inner.me, inner.inbox, rewrite
+
+    async def send(self, to, message, timeout_s):
+        await self.inner.send(to, self.rewrite(to, message), timeout_s)
+
+
+def _tampered_round(members, tamperer, rewrite, inputs, weights):
+    import dataclasses
+
+    net = MemoryNetwork()
+    group = GroupSpec.uniform(b"round-t", members)
+    tensors = {m: _split(inputs[m]) for m in members}
+
+    async def main():
+        averagers = {}
+        for m in members:
+            t = net.transport(m)
+            if m == tamperer:
+                t = _Tampering(t, lambda to, msg: rewrite(dataclasses, to, msg))
+            averagers[m] = Averager(t)
+        tasks = [
+            averagers[m].average(tensors[m], weights[m], group=group, timeout_s=1.0)
+            for m in members
+        ]
+        return dict(zip(members, await asyncio.gather(*tasks), strict=True))
+
+    results = asyncio.run(main())
+    outputs = {m: torch.cat([t.reshape(-1) for t in tensors[m]]) for m in members}
+    return results, outputs
+
+
+def test_a_member_telling_reducers_different_weights_fails_the_round_not_a_mix():
+    members = ["a", "b", "c"]
+    inputs = _inputs(members)
+    weights = {"a": 1.0, "b": 2.0, "c": 3.0}
+
+    def rewrite(dc, to, msg):
+        if isinstance(msg, Contribution) and to == "c":
+            return dc.replace(msg, weight=50.0)
+        return msg
+
+    results, outputs = _tampered_round(members, "b", rewrite, inputs, weights)
+    assert all(not r.ok for r in results.values())
+    assert any("weights" in r.reason for r in results.values())
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def test_reports_with_an_out_of_range_part_are_ignored():
+    members = ["a", "b", "c"]
+    inputs = _inputs(members)
+    weights = {"a": 1.0, "b": 2.0, "c": 3.0}
+
+    def rewrite(dc, to, msg):
+        if isinstance(msg, Report):
+            return dc.replace(msg, part=99)
+        return msg
+
+    results, outputs = _tampered_round(members, "b", rewrite, inputs, weights)
+    # b's real report never arrives: b is presumed dead, the others average without it.
+    for m in ("a", "c"):
+        assert results[m].ok and results[m].contributors == frozenset({"a", "c"})
+    _check_invariant(inputs, weights, results, outputs)

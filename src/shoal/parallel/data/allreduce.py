@@ -135,7 +135,10 @@ async def run_allreduce(
         return [
             m
             for m in inbox.messages(round_id)
-            if isinstance(m, kind) and m.sender in members and (part is None or m.part == part)
+            if isinstance(m, kind)
+            and m.sender in members
+            and 0 <= m.part < len(members)
+            and (part is None or m.part == part)
         ]
 
     def part_of(j: int) -> torch.Tensor:
@@ -214,13 +217,14 @@ async def run_allreduce(
         for j in mine:
             await inbox.wait_until(_have_all(msgs, j, common), repair_at)
             got = _collect(msgs(Contribution, j), part_of(j).numel(), codec)
-            contributions[j] = {p: got[p] for p in common if p in got}
+            ok, _ = _screen({p: got[p] for p in common if p in got}, config.aggregation)
+            contributions[j] = {p: got[p] for p in ok}
         seconds["repair"] = time.perf_counter() - t0 - sum(seconds.values())
 
         # 4. All-gather: reduce each own part over exactly the common set.
         order = [m for m in members if m in common]
         results: dict[int, torch.Tensor] = {}
-        total_weight = 0.0
+        part_weight: dict[int, float] = {}
         for j in ([my_part] if my_part in live_parts else []) + mine:
             have = contributions.get(j, {})
             if not all(p in have for p in order):
@@ -234,15 +238,14 @@ async def run_allreduce(
                 config.aggregation,
                 buffers.tensor(numel) if buffers is not None else None,
             )
-            total_weight = sum(have[p][0] for p in order)
+            part_weight[j] = sum(have[p][0] for p in order)
             wire = await _encode_off(codec, reduced)
             results[j] = _decode(codec, wire) if codec is not None else reduced
-            message = Reduced(round_id, me, j, common, total_weight, wire)
+            message = Reduced(round_id, me, j, common, part_weight[j], wire)
             await _send_all(transport, [(m, message) for m in members if m != me], deadline)
 
         # 5. Commit: every part must carry the same contributor set.
         def complete() -> bool:
-            nonlocal total_weight
             for r in msgs(Reduced):
                 if (
                     r.part not in results
@@ -250,7 +253,7 @@ async def run_allreduce(
                     and r.sender in (members[r.part], reassigned.get(r.part))
                 ):
                     results[r.part] = _decode(codec, r.data)
-                    total_weight = r.weight
+                    part_weight[r.part] = r.weight
             return all(j in results for j in live_parts)
 
         if not await inbox.wait_until(complete, deadline):
@@ -260,6 +263,11 @@ async def run_allreduce(
             a, b = ranges[j]
             if results[j].numel() != b - a:
                 return _failed(f"part {j} has the wrong size", excluded, seconds), None
+        # Same contributors and the same weights everywhere give bit-identical totals; a
+        # member that told reducers different weights would make parts different means.
+        total_weight = part_weight[live_parts[0]] if live_parts else 0.0
+        if any(part_weight[j] != total_weight for j in live_parts):
+            return _failed("reducers saw different contributor weights", excluded, seconds), None
         seconds["all_gather"] = time.perf_counter() - t0 - sum(seconds.values())
         for m, why in unreachable.items():
             excluded.setdefault(m, why)
