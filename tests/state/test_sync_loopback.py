@@ -25,6 +25,7 @@ def _snapshot(step=7, seed=0):
             "model": {"w": torch.randn(300, 500, generator=g), "b": torch.zeros(3)},
             "optimizer": {"state.0.exp_avg": torch.randn(150000, generator=g)},
             "extra": {"rng": torch.get_rng_state(), "empty": torch.zeros(0)},
+            "nothing": {},  # e.g. an optimizer before its first step
         },
         file_meta={"optimizer": {"shoal.optimizer": '{"scalars": {}, "param_groups": []}'}},
         meta={"data": {"batches_drawn": 3}},

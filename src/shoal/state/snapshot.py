@@ -135,7 +135,8 @@ def prepare(snapshot: Snapshot, *, chunk_bytes: int = MiB) -> ServedSnapshot:
             total += view.nbytes
     manifest.total_bytes = total
     manifest.meta_json = json.dumps(
-        {"meta": snapshot.meta, "file_meta": snapshot.file_meta}, sort_keys=True
+        {"meta": snapshot.meta, "file_meta": snapshot.file_meta, "stems": sorted(snapshot.files)},
+        sort_keys=True,
     )
     manifest.version = manifest_version(manifest)
     return ServedSnapshot(manifest=manifest, tensors=tuple(tensors), views=tuple(views))
@@ -192,9 +193,10 @@ def assemble(manifest: state_pb2.StateManifest, tensors: list[torch.Tensor]) -> 
     try:
         doc = json.loads(manifest.meta_json or "{}")
         meta, file_meta = dict(doc.get("meta", {})), dict(doc.get("file_meta", {}))
+        stems = [str(stem) for stem in doc.get("stems", [])]
     except (ValueError, TypeError, AttributeError) as exc:
         raise ProtocolViolation(f"state manifest meta is not a JSON object: {exc}") from exc
-    files: dict[str, dict[str, torch.Tensor]] = {}
+    files: dict[str, dict[str, torch.Tensor]] = {stem: {} for stem in stems}  # empty ones too
     for entry, tensor in zip(manifest.tensors, tensors, strict=True):
         stem, key = entry.name.split("/", 1)
         files.setdefault(stem, {})[key] = tensor
