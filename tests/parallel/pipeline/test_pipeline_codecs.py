@@ -66,3 +66,15 @@ def test_ledger_applies_once_and_expires() -> None:
     ledger.sweep(now=200.0)
     assert not ledger.applied(b"b")
     assert ledger.counters.applied == 1 and ledger.counters.applied_micro_batches == [7]
+
+
+def test_simulated_boundary_matches_the_wire() -> None:
+    from shoal.parallel.pipeline.simulate import boundary
+
+    codec = BoundaryCodec("subspace-int8", 32, 0, rank=8, block_size=32)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    y = boundary(x, codec)
+    assert torch.equal(y, codec.decode(codec.encode(x)))
+    g = torch.randn(2, 3, 32)
+    (grad,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(grad, codec.decode(codec.encode(g)))
