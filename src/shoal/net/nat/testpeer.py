@@ -237,7 +237,7 @@ class Commands:
             return {"members": []}
         with contextlib.suppress(NetworkError, asyncio.TimeoutError):
             await self.membership.refresh()
-        return {"members": sorted(m.peer_id.to_string() for m in self.membership.peers())}
+        return {"members": sorted(m.peer_id.raw.hex() for m in self.membership.peers())}
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
