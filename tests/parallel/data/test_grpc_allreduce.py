@@ -89,3 +89,22 @@ def test_buffer_pool_reuses_only_buffers_nobody_views():
     del t
     assert pool.tensor(1000).data_ptr() == ptr
     assert pool.reused == 1
+
+
+def test_a_matchmaking_group_becomes_an_all_reduce_group(peers):
+    from shoal.parallel.data.matchmaking import ReadyPeer, form_groups
+
+    runtimes, transports = peers
+    ready = [
+        ReadyPeer(rt.peer_id.raw, 1.0, 1e8 * (i + 1), i == 2, rt.address)
+        for i, rt in enumerate(runtimes)
+    ]
+    (group,) = form_groups(b"k", ready, max_group_size=8)
+    spec = transports[0].join(group)
+    assert set(spec.members) == {rt.peer_id for rt in runtimes}
+    by_peer = dict(
+        zip(spec.members, zip(spec.bandwidths_bps, spec.client_mode, strict=True), strict=True)
+    )
+    assert by_peer[runtimes[2].peer_id] == (3e8, True)
+    assert transports[0].addresses[runtimes[1].peer_id] == runtimes[1].address
+    assert spec.round_id == group.group_id

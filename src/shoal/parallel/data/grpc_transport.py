@@ -34,6 +34,8 @@ from shoal.net.tensors import (
     payload_frames,
     tensor_bytes,
 )
+from shoal.parallel.data.averager import GroupSpec
+from shoal.parallel.data.matchmaking import Group
 from shoal.parallel.data.messages import Contribution, Member, Message, Reduced, Report
 from shoal.parallel.data.receive import BufferPool, read_tensor_into_pool
 from shoal.parallel.data.transport import Inbox
@@ -200,6 +202,21 @@ class GrpcTransport:
         self._inflight: dict[int, list[Any]] = {}
         self.service = AveragingService(runtime, self.inbox)
         runtime.add_servicer(rpc.add_AveragingServicer_to_server, self.service)
+
+    def join(self, group: Group) -> GroupSpec:
+        """The all-reduce group for a matchmaking ``Group``; learns members' addresses."""
+        members = []
+        for entry in group.members:
+            peer = _peer(entry.peer)
+            if entry.address:
+                self.set_address(peer, entry.address)
+            members.append(peer)
+        return GroupSpec(
+            group.group_id,
+            tuple(members),
+            tuple(e.bandwidth_bps for e in group.members),
+            tuple(e.client_mode for e in group.members),
+        )
 
     def set_address(self, peer: PeerID, address: str) -> None:
         self.addresses[peer] = address
