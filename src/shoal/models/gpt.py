@@ -24,7 +24,7 @@ __all__ = ["GPT", "MLP", "Attention", "Block", "Rotary", "init_weights", "lm_los
 
 
 class Rotary(nn.Module):
-    """Rotary position tables; ``apply`` rotates pairs of channels of q or k."""
+    """Rotary position tables; ``rotate`` rotates pairs of channels of q or k."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -37,7 +37,7 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape (B, nh, T, hs) by position."""
         t = x.shape[-2]
         cos = self.cos[:t].to(x.dtype)  # (T, hs/2)
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         q = self.q(x).view(b, t, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k(x).view(b, t, self.n_head, hs).transpose(1, 2)
         v = self.v(x).view(b, t, self.n_head, hs).transpose(1, 2)
-        q, k = rotary.apply(q), rotary.apply(k)
+        q, k = rotary.rotate(q), rotary.rotate(k)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ class Stage(nn.Module):
         return self.head_weight is not None
 
     @property
-    def tied_weight(self) -> nn.Parameter | None:
+    def tied_weight(self) -> torch.Tensor | None:
         """The embedding matrix this stage uses (as input table or as output head), if any."""
         if self.head_weight is not None:
             return self.head_weight
@@ -130,7 +130,7 @@ def split_stages(
     for i, (start, stop) in enumerate(ranges):
         head: nn.Parameter | None = None
         if i == last:
-            head = model.wte.weight
+            head = cast(nn.Parameter, model.wte.weight)
             if tie == "copy":
                 head = nn.Parameter(model.wte.weight.detach().clone())
         stages.append(
@@ -139,7 +139,7 @@ def split_stages(
                 i,
                 start,
                 stop,
-                list(model.blocks[start:stop]),
+                [cast(Block, b) for b in model.blocks[start:stop]],
                 model.rotary,
                 embedding=model.wte if i == 0 else None,
                 ln_f=model.ln_f if i == last else None,

@@ -147,8 +147,8 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         v = self.warmup_steps
         _check(_is_int(v) and v >= 0, "schedule.warmup_steps", v, "an integer >= 0")
-        v = self.min_lr_ratio
-        _check(_is_num(v) and 0 <= v <= 1, "schedule.min_lr_ratio", v, "in [0, 1]")
+        r = self.min_lr_ratio
+        _check(_is_num(r) and 0 <= r <= 1, "schedule.min_lr_ratio", r, "in [0, 1]")
 
 
 @dataclass(kw_only=True, slots=True)
