@@ -46,11 +46,10 @@ def peers(bed: Testbed) -> Iterator[dict[str, PeerProcess]]:
             if name != "relay":
                 proc.start()
         for name in ("a", "b", "c"):
-            _until(lambda n=name: made[n].call("stats")["held"] == [relay_at], 15.0)
+            assert made[name].call("wait_held", count=1, timeout_s=15.0)["held"] == [relay_at]
         yield made
     finally:
-        for proc in made.values():
-            proc.stop()
+        PeerProcess.stop_all(made.values())
 
 
 def _until(check, timeout_s: float, every_s: float = 0.25) -> float:

@@ -12,7 +12,7 @@ import selectors
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from shoal.errors import PeerTimeout, ProtocolViolation
@@ -66,16 +66,35 @@ class PeerProcess:
         stdin.flush()
         return self._line(timeout_s + 5.0)
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        if self.proc.poll() is None:
+    def quit(self) -> None:
+        """Ask the peer to close (no wait)."""
+        if self.proc.poll() is None and self.proc.stdin is not None:
             try:
-                assert self.proc.stdin is not None
                 self.proc.stdin.write('{"op": "quit"}\n')
                 self.proc.stdin.close()
-                self.proc.wait(grace_s)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(grace_s)
+            except OSError:
+                pass
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Quit, wait up to ``grace_s``, then kill."""
+        self.quit()
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    @staticmethod
+    def stop_all(peers: Iterable[PeerProcess], grace_s: float = 5.0) -> None:
+        """Quit all at once, then wait for each (the grace period is shared)."""
+        peers = list(peers)
+        for peer in peers:
+            peer.quit()
+        deadline = time.monotonic() + grace_s
+        for peer in peers:
+            try:
+                peer.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                peer.kill()
 
     def kill(self) -> None:
         self.proc.kill()

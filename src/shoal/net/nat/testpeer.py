@@ -222,6 +222,16 @@ class Commands:
             "punched_in": self.nat.punched_in,
         }
 
+    async def cmd_wait_held(self, count: int = 1, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Wait until ``count`` reservations are held."""
+        if self.nat.reserver is None:
+            raise ValueError("this peer reserves at no relay")
+        try:
+            held = await self.nat.reserver.wait_held(count, timeout_s)
+        except asyncio.TimeoutError:
+            held = self.nat.reserver.held()
+        return {"held": [r.address for r in held]}
+
     async def cmd_put(self, key: str, value: str) -> dict[str, Any]:
         assert self.dht is not None
         stored = await self.dht.node.store(key.encode(), value.encode(), time.time() + 300)
