@@ -1,0 +1,125 @@
+"""`shoal peer`: run a swarm peer (data-parallel trainer, or a pipeline stage server).
+
+    shoal peer --mode diloco --run-dir runs/a --port 31337          # first peer
+    shoal peer --mode diloco --run-dir runs/b --join 127.0.0.1:31337
+
+Stdout carries progress lines (``--json``: one JSON object per line with an ``event`` key;
+see ``docs/peer.md``); logs go to stderr. SIGINT/SIGTERM stop the peer cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+__all__ = ["register"]
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("peer")
+    def peer(
+        mode: str = typer.Option("diloco", "--mode", help="sync | diloco | streaming"),
+        join: list[str] = typer.Option([], "--join", help="Bootstrap HOST:PORT (repeatable)."),  # noqa: B008
+        data_dir: str = typer.Option(None, "--data-dir", help="Text files (default: embedded)."),
+        run_dir: Path = typer.Option(Path("runs/peer"), "--run-dir", help="Key + checkpoints."),  # noqa: B008
+        host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+        port: int = typer.Option(0, "--port", help="TCP port (0 = any)."),
+        metrics_port: int = typer.Option(None, "--metrics-port", help="Prometheus port."),
+        events: Path = typer.Option(None, "--events", help="JSONL event log path."),  # noqa: B008
+        swarm: str = typer.Option("default", "--swarm", help="Swarm name."),
+        swarm_key_file: Path = typer.Option(None, "--swarm-key-file", help="Closed-swarm key."),  # noqa: B008
+        steps: int = typer.Option(1_000_000, "--steps", help="Stop after N local steps."),
+        local_steps: int = typer.Option(50, "--local-steps", "-H", help="DiLoCo H."),
+        outer_lr: float = typer.Option(0.7, "--outer-lr"),
+        outer_momentum: float = typer.Option(0.9, "--outer-momentum"),
+        codec: str = typer.Option("int8", "--codec", help="Wire codec: none | fp16 | int8."),
+        fragments: int = typer.Option(4, "--fragments", help="Streaming DiLoCo fragments."),
+        overlap_steps: int = typer.Option(5, "--overlap-steps", help="Streaming overlap."),
+        target_batch: int = typer.Option(256, "--target-batch", help="Sync: global batch."),
+        batch_size: int = typer.Option(8, "--batch-size"),
+        seq_len: int = typer.Option(64, "--seq-len"),
+        lr: float = typer.Option(3e-3, "--lr", help="Inner AdamW peak learning rate."),
+        model: str = typer.Option("tiny", "--model"),
+        layers: int = typer.Option(None, "--layers", help="Override the model's n_layer."),
+        width: int = typer.Option(None, "--width", help="Override the model's d_model."),
+        shard: str = typer.Option(None, "--shard", help="Data shard I/N (default: by PeerID)."),
+        seed: int = typer.Option(0, "--seed", help="Model init seed (same on every peer)."),
+        threads: int = typer.Option(1, "--threads"),
+        window_s: float = typer.Option(15.0, "--window", help="First matchmaking window, s."),
+        heartbeat_s: float = typer.Option(3.0, "--heartbeat", help="Membership period, s."),
+        ckpt_rounds: int = typer.Option(1, "--checkpoint-every", help="Rounds per disk write."),
+        eval_rounds: int = typer.Option(0, "--eval-every", help="Rounds per validation."),
+        report_every: int = typer.Option(10, "--report-every", help="Steps per step line."),
+        role: str = typer.Option("trainer", "--role", help="trainer | stage"),
+        stage: str = typer.Option("auto", "--stage", help="Pipeline stage K or auto."),
+        tp: int = typer.Option(1, "--tp", help="Tensor-parallel ranks of a stage server."),
+        json_out: bool = typer.Option(False, "--json", help="JSON progress lines."),
+    ) -> None:
+        """Join (or start) a swarm and train."""
+        from shoal.cli._peer_run import run_stage, run_trainer
+        from shoal.cli.train import setup_logging
+
+        setup_logging()
+        key = swarm_key_file.read_bytes().strip() if swarm_key_file is not None else b""
+        if role == "stage":
+            raise typer.Exit(
+                run_stage(
+                    stage=stage,
+                    tp=tp,
+                    join=join,
+                    port=port,
+                    host=host,
+                    run_dir=run_dir,
+                    swarm_key=key,
+                    model=model,
+                )
+            )
+        if role != "trainer":
+            raise typer.BadParameter(f"--role must be trainer or stage, got {role!r}")
+        overrides = {k: v for k, v in (("n_layer", layers), ("d_model", width)) if v is not None}
+        shard_index, num_shards = None, 1
+        if shard:
+            i, _, n = shard.partition("/")
+            shard_index, num_shards = int(i), int(n or "1")
+        from shoal.train.outer import OuterConfig
+        from shoal.train.swarm_config import PeerOptions
+
+        opts = PeerOptions(
+            mode=mode,
+            join=tuple(join),
+            run_dir=run_dir,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            metrics_port=metrics_port,
+            events=events,
+            swarm=swarm,
+            swarm_key=key,
+            model=model,
+            model_overrides=overrides,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            lr=lr,
+            steps=steps,
+            seed=seed,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            threads=threads,
+            local_steps=local_steps,
+            outer=OuterConfig(lr=outer_lr, momentum=outer_momentum),
+            wire_codec=codec,
+            fragments=fragments,
+            overlap_steps=overlap_steps,
+            target_batch=target_batch,
+            window_s=window_s,
+            heartbeat_s=heartbeat_s,
+            checkpoint_every_rounds=ckpt_rounds,
+            eval_every_rounds=eval_rounds,
+            report_every=report_every,
+            json=json_out,
+        )
+        raise typer.Exit(run_trainer(opts))

@@ -1,0 +1,106 @@
+"""DiLoCo as a swarm strategy: the local trainer + :class:`DiLoCo` + rounds over the DHT."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
+from shoal.train.swarm_config import PeerOptions
+from shoal.train.swarm_round import RoundOutcome, RoundsConfig, SwarmRounds
+from shoal.train.swarm_services import PeerServices
+from shoal.train.swarm_state import fetch_from_swarm
+from shoal.train.swarm_strategy import StepOutcome, blocking_round, round_key
+from shoal.train.trainer import Trainer
+
+__all__ = ["DiLoCoStrategy", "rounds_config"]
+
+
+def rounds_config(opts: PeerOptions) -> RoundsConfig:
+    return RoundsConfig(
+        wire_codec=opts.wire_codec,
+        window_initial_s=opts.window_s,
+        window_cap_s=max(opts.window_s, 60.0),
+        allreduce_timeout_s=opts.allreduce_timeout_s,
+    )
+
+
+class DiLoCoStrategy:
+    mode = "diloco"
+
+    def __init__(
+        self,
+        trainer: Trainer,
+        services: PeerServices,
+        opts: PeerOptions,
+        stop: threading.Event,
+        *,
+        applied_step: int = 0,
+    ) -> None:
+        self.trainer = trainer
+        self.services = services
+        self.opts = opts
+        self.stop = stop
+        self.rounds_cfg = rounds_config(opts)
+        self.rounds = SwarmRounds(
+            services.runtime, services.dht.node, swarm=opts.swarm, config=self.rounds_cfg
+        )
+        self.applied_step = applied_step
+        """Local step of the last applied outer step (resync only takes fresher state)."""
+        self.diloco = DiLoCo(
+            [p for p in trainer.model.parameters()],
+            DiLoCoConfig(local_steps=opts.local_steps, outer=opts.outer),
+            self._average,
+            self._resync,
+        )
+
+    @property
+    def round_index(self) -> int:
+        return self.diloco.round_index
+
+    def _average(self, vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
+        cfg = self.rounds_cfg
+        outcome = blocking_round(
+            self.services.runtime,
+            self.rounds.average(
+                vector,
+                weight,
+                round_key=round_key(self.mode, index, self.diloco.outer.fingerprint()),
+                expected_peers=self.services.trainers(),
+            ),
+            stop=self.stop,
+            timeout_s=cfg.window_cap_s + cfg.allreduce_timeout_s + 10.0,
+        )
+        prof = self.services.monitor.profiler
+        prof.add("waiting", outcome.seconds.get("matchmaking", 0.0))
+        prof.add("communication", outcome.seconds.get("allreduce", 0.0))
+        return outcome
+
+    def _resync(self) -> ResyncState | None:
+        s = self.services
+        ckpt = fetch_from_swarm(s.runtime, s.dht, s.state_key, newer_than=self.applied_step)
+        if ckpt is None or ckpt.meta.get("mode") != self.mode:
+            return None
+        tensors = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
+        return ResyncState(int(ckpt.meta.get("round_index", 0)), tensors)
+
+    def step(self) -> StepOutcome:
+        with self.services.monitor.profiler.compute:
+            _, loss_t = self.trainer.train_step()
+            loss = float(loss_t)
+        samples = self.opts.batch_size
+        report = self.diloco.after_local_step(samples)
+        if report is not None and report.ok:
+            self.applied_step = self.trainer.step
+        return StepOutcome(loss, samples, report)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.diloco.state_tensors()
+
+    def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
+        self.applied_step = self.trainer.step
+        return self.diloco.load_state(tensors, round_index)
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,127 @@
+"""The outer optimizer of DiLoCo: Nesterov SGD on an fp32 master copy of the parameters.
+
+Vocabulary (used by ``diloco.py`` and ``diloco_streaming.py``):
+
+- *outer parameters* ``θ``: the fp32 master copy every peer holds identically; the model's
+  parameters are reset to it after each outer step.
+- *pseudo-gradient* ``Δ = θ - θ_local``: how far H local AdamW steps moved the model.
+- *outer step*, given the mean pseudo-gradient ``Δ̄`` over one round's contributors
+  (PyTorch's ``SGD(nesterov=True)`` rule)::
+
+      b ← μ·b + Δ̄
+      θ ← θ - η·(Δ̄ + μ·b)
+
+  with learning rate ``η`` (default 0.7) and momentum ``μ`` (default 0.9), as in the
+  DiLoCo paper. Peers that start a round with equal ``θ`` and ``b`` and apply the same
+  ``Δ̄`` end it with equal ``θ`` and ``b``: element-wise fp32 arithmetic is deterministic.
+
+Pure tensor math, no I/O; the parameters can be any subset of a model (a fragment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shoal.errors import ConfigError
+
+__all__ = ["OuterConfig", "OuterNesterov"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OuterConfig:
+    """Outer Nesterov SGD settings."""
+
+    lr: float = 0.7
+    """Outer learning rate η."""
+    momentum: float = 0.9
+    """Nesterov momentum μ."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lr <= 10:
+            raise ConfigError(f"outer.lr must be in (0, 10], got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"outer.momentum must be in [0, 1), got {self.momentum!r}")
+
+
+class OuterNesterov:
+    """fp32 master parameters and momentum for a list of model parameters."""
+
+    def __init__(self, params: Sequence[torch.Tensor], config: OuterConfig | None = None) -> None:
+        self.config = config or OuterConfig()
+        self.master = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+        self.momentum = [torch.zeros_like(m) for m in self.master]
+
+    def fingerprint(self) -> str:
+        """Short hash of the master parameters (equal exactly when they are bitwise equal)."""
+        h = hashlib.blake2b(digest_size=8)
+        for m in self.master:
+            h.update(m.numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def numel(self) -> int:
+        return sum(m.numel() for m in self.master)
+
+    def pseudo_gradient(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``θ - θ_local`` flattened into one fresh fp32 vector."""
+        self._check(params)
+        return torch.cat(
+            [
+                (m - p.detach().to("cpu", torch.float32)).reshape(-1)
+                for m, p in zip(self.master, params, strict=True)
+            ]
+        )
+
+    def step(self, mean_delta: torch.Tensor) -> None:
+        """Apply one outer step with the mean pseudo-gradient (flat fp32, ``numel`` values)."""
+        if mean_delta.numel() != self.numel:
+            raise ConfigError(f"pseudo-gradient has {mean_delta.numel()} values, need {self.numel}")
+        lr, mu = self.config.lr, self.config.momentum
+        offset = 0
+        for m, b in zip(self.master, self.momentum, strict=True):
+            d = mean_delta[offset : offset + m.numel()].view_as(m).to(torch.float32)
+            offset += m.numel()
+            b.mul_(mu).add_(d)
+            m.sub_(lr * (d + mu * b))
+
+    @torch.no_grad()
+    def load_into(self, params: Sequence[torch.Tensor]) -> None:
+        """Copy the master parameters into the model's parameters."""
+        self._check(params)
+        for m, p in zip(self.master, params, strict=True):
+            p.copy_(m.to(p.device, p.dtype))
+
+    @torch.no_grad()
+    def rebase(self, params: Sequence[torch.Tensor], new_master: Sequence[torch.Tensor]) -> None:
+        """Move local progress onto a newer master: ``θ_local ← θ_new + (θ_local - θ_old)``."""
+        self._check(params)
+        for p, old, new in zip(params, self.master, new_master, strict=True):
+            p.add_((new - old).to(p.device, p.dtype))
+
+    def state_tensors(self, prefix: str = "outer") -> dict[str, torch.Tensor]:
+        """Master and momentum as named CPU tensors (for snapshots)."""
+        out: dict[str, torch.Tensor] = {}
+        for i, (m, b) in enumerate(zip(self.master, self.momentum, strict=True)):
+            out[f"{prefix}.master.{i}"] = m
+            out[f"{prefix}.momentum.{i}"] = b
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> bool:
+        """Restore from :meth:`state_tensors`; False (nothing changed) if any is missing or misfit."""
+        masters, moms = [], []
+        for i, (m, b) in enumerate(zip(self.master, self.momentum, strict=True)):
+            mt, bt = tensors.get(f"{prefix}.master.{i}"), tensors.get(f"{prefix}.momentum.{i}")
+            if mt is None or bt is None or mt.shape != m.shape or bt.shape != b.shape:
+                return False
+            masters.append(mt.to(torch.float32).clone())
+            moms.append(bt.to(torch.float32).clone())
+        self.master, self.momentum = masters, moms
+        return True
+
+    def _check(self, params: Sequence[torch.Tensor]) -> None:
+        if len(params) != len(self.master):
+            raise ConfigError(f"expected {len(self.master)} parameters, got {len(params)}")

@@ -1,0 +1,116 @@
+"""``PeerOptions``: everything ``shoal peer`` needs to run a data-parallel swarm peer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.errors import ConfigError
+from shoal.train.outer import OuterConfig
+
+__all__ = ["MODES", "PeerOptions"]
+
+MODES = ("sync", "diloco", "streaming")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerOptions:
+    """A swarm training peer (see ``docs/peer.md``)."""
+
+    mode: str = "diloco"
+    """``sync`` (collaborative global batch), ``diloco`` or ``streaming`` (streaming DiLoCo)."""
+    join: tuple[str, ...] = ()
+    """Bootstrap ``host:port`` addresses; empty = first peer of a new swarm."""
+    run_dir: Path = Path("runs/peer")
+    """Identity key, checkpoints."""
+    data_dir: str | None = None
+    """Text files to train on (default: the embedded standard-library corpus)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on."""
+    port: int = 0
+    """TCP port (0 = any free port; the chosen one is printed)."""
+    metrics_port: int | None = None
+    """Prometheus ``/metrics`` port (None = off, 0 = any)."""
+    events: Path | None = None
+    """JSONL event log path."""
+    swarm: str = "default"
+    """Swarm name (DHT key namespace)."""
+    swarm_key: bytes = b""
+    """Pre-shared key of a closed swarm (empty = open)."""
+    model: str = "tiny"
+    """Named model size."""
+    model_overrides: dict[str, int] = field(default_factory=dict)
+    """Fields of the model config to replace (e.g. ``{"n_layer": 1}``)."""
+    seq_len: int = 64
+    batch_size: int = 8
+    """Sequences per local step."""
+    lr: float = 3e-3
+    """Inner AdamW peak learning rate."""
+    warmup_steps: int = 30
+    steps: int = 1_000_000
+    """Stop after this many local steps (the LR schedule's horizon)."""
+    seed: int = 0
+    """Model initialisation seed (equal on every peer)."""
+    shard_index: int | None = None
+    """Data shard of this peer; None = random windows with a seed derived from the PeerID."""
+    num_shards: int = 1
+    threads: int = 1
+    """Torch threads."""
+    local_steps: int = 50
+    """DiLoCo H."""
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    wire_codec: str = "int8"
+    """Codec of pseudo-gradients / gradients on the wire."""
+    fragments: int = 4
+    """Streaming DiLoCo: number of parameter fragments."""
+    overlap_steps: int = 5
+    """Streaming DiLoCo: local steps a fragment's all-reduce may overlap before it is waited for."""
+    mix_alpha: float = 0.5
+    """Streaming DiLoCo: weight of the local fragment when merging in the new outer one."""
+    target_batch: int = 256
+    """Sync mode: global samples per optimizer step."""
+    window_s: float = 15.0
+    """First matchmaking window."""
+    allreduce_timeout_s: float = 30.0
+    heartbeat_s: float = 3.0
+    """Membership heartbeat and refresh period."""
+    checkpoint_every_rounds: int = 1
+    """Write a checkpoint to disk every N applied rounds (a servable snapshot every round)."""
+    eval_every_rounds: int = 0
+    """Validate every N rounds (0 = only at the end)."""
+    report_every: int = 10
+    """Print a step line every N local steps."""
+    json: bool = False
+    """Progress as JSON lines on stdout."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("seq_len", "batch_size", "steps", "local_steps", "fragments", "target_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_shards < 1 or (
+            self.shard_index is not None and not 0 <= self.shard_index < self.num_shards
+        ):
+            raise ConfigError(
+                f"need 0 <= shard_index < num_shards, got {self.shard_index!r}, {self.num_shards!r}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port!r}")
+        if self.mode == "streaming" and self.fragments > self.local_steps:
+            raise ConfigError(
+                f"fragments ({self.fragments}) must not exceed local_steps ({self.local_steps})"
+            )
+        if self.mode == "streaming" and not (
+            0 <= self.overlap_steps <= self.local_steps // self.fragments
+        ):
+            raise ConfigError(
+                f"overlap_steps must be in [0, local_steps // fragments], got {self.overlap_steps!r}"
+            )
+        if not 0 <= self.mix_alpha < 1:
+            raise ConfigError(f"mix_alpha must be in [0, 1), got {self.mix_alpha!r}")
+        if not self.window_s > 0 or not self.heartbeat_s > 0 or not self.allreduce_timeout_s > 0:
+            raise ConfigError("window_s, heartbeat_s and allreduce_timeout_s must be > 0")
+        if self.checkpoint_every_rounds < 0 or self.eval_every_rounds < 0:
+            raise ConfigError("checkpoint_every_rounds and eval_every_rounds must be >= 0")

@@ -1,0 +1,237 @@
+"""``run_peer``: one data-parallel swarm peer, from startup recovery to clean shutdown.
+
+Startup: identity from ``<run-dir>/key`` (the same PeerID across restarts), the network
+services (``swarm_services.py``), the local trainer on this peer's data stream, then
+recovery — the newest valid checkpoint on disk or the freshest snapshot announced by the
+swarm, whichever is ahead — and the strategy (``sync``, ``diloco`` or ``streaming``). The
+loop trains until ``steps`` or a stop request; after every applied round it hands a
+snapshot to the background checkpointer (served to joiners every round, written to disk
+every ``checkpoint_every_rounds``). Shutdown closes everything in reverse order.
+
+Progress goes through ``emit(event, **fields)``: ``listening``, ``recovered``, ``ready``,
+``step``, ``round``, ``eval``, ``checkpoint``, ``stopped`` (see ``docs/peer.md``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shoal.errors import CheckpointError
+from shoal.models.data import TrainWindows
+from shoal.net import Identity
+from shoal.state.recovery import Source, recover
+from shoal.train.config import TrainConfig, with_overrides
+from shoal.train.run_state import checkpoint_root
+from shoal.train.swarm_config import PeerOptions
+from shoal.train.swarm_services import PeerServices, bytes_sent
+from shoal.train.swarm_state import Restored, restore_peer, snapshot_peer
+from shoal.train.swarm_strategy import Strategy
+from shoal.train.trainer import Trainer
+
+__all__ = ["build_trainer", "data_seed", "run_peer"]
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[..., None]
+
+
+def data_seed(opts: PeerOptions, peer_raw: bytes) -> int:
+    """The seed of this peer's batch stream: the shard's seed, or one derived from its id."""
+    if opts.shard_index is not None:
+        return opts.seed
+    return int.from_bytes(hashlib.blake2b(peer_raw, digest_size=4).digest(), "little")
+
+
+def build_trainer(opts: PeerOptions, seed_for_data: int) -> Trainer:
+    overrides: dict[str, Any] = {
+        "model.name": opts.model,
+        "data.dir": opts.data_dir,
+        "data.seq_len": opts.seq_len,
+        "data.batch_size": opts.batch_size,
+        "data.shard_index": opts.shard_index or 0,
+        "data.num_shards": opts.num_shards if opts.shard_index is not None else 1,
+        "optim.lr": opts.lr,
+        "schedule.warmup_steps": opts.warmup_steps,
+        "run.steps": opts.steps,
+        "run.seed": opts.seed,
+        "run.run_dir": str(opts.run_dir),
+        "run.threads": opts.threads,
+        "run.device": "cpu",
+        "checkpoint.every_steps": 0,
+    }
+    for name, value in opts.model_overrides.items():
+        overrides[f"model.{name}"] = value
+    cfg = with_overrides(TrainConfig(), overrides)
+    trainer = Trainer(cfg, show_progress=False, log_lines=False)
+    if seed_for_data != opts.seed:
+        w = trainer.windows
+        trainer.windows = TrainWindows(
+            w.data,
+            seq_len=w.seq_len,
+            batch_size=w.batch_size,
+            seed=seed_for_data,
+            shard_index=w.shard_index,
+            num_shards=w.num_shards,
+        )
+    return trainer
+
+
+def _make_strategy(
+    opts: PeerOptions, trainer: Trainer, services: PeerServices, stop: threading.Event
+) -> Strategy:
+    if opts.mode == "diloco":
+        from shoal.train.diloco_strategy import DiLoCoStrategy
+
+        return DiLoCoStrategy(trainer, services, opts, stop)
+    if opts.mode == "streaming":
+        from shoal.train.diloco_streaming import StreamingStrategy
+
+        return StreamingStrategy(trainer, services, opts, stop)
+    from shoal.train.collaborative_strategy import SyncStrategy
+
+    return SyncStrategy(trainer, services, opts, stop)
+
+
+def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
+    """Run the peer until ``opts.steps`` or ``stop``; returns the process exit code."""
+    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    identity = Identity.load_or_create(opts.run_dir / "key")
+    services = PeerServices.start(opts, identity, emit)
+    strategy: Strategy | None = None
+    try:
+        seed_for_data = data_seed(opts, services.runtime.peer_id.raw)
+        trainer = build_trainer(opts, seed_for_data)
+        shape = trainer.model_cfg.to_dict()
+        root = checkpoint_root(opts.run_dir)
+        found = recover(root, services.runtime, services.dht, services.state_key)
+        restored: Restored | None = None
+        if found.checkpoint is not None:
+            try:
+                restored = restore_peer(
+                    found.checkpoint,
+                    trainer.model,
+                    trainer.optimizer,
+                    trainer.windows,
+                    mode=opts.mode,
+                    model_shape=shape,
+                    data_seed=seed_for_data,
+                )
+                trainer.step = restored.step
+            except CheckpointError as exc:
+                log.warning("cannot continue from %s: %s", found.checkpoint.path, exc)
+        strategy = _make_strategy(opts, trainer, services, stop)
+        if restored is not None:
+            strategy.load_state(restored.strategy, restored.round_index)
+        emit(
+            "recovered",
+            source=found.source.value if restored is not None else "none",
+            step=trainer.step,
+            round=strategy.round_index,
+        )
+        s = strategy
+
+        def provider() -> Any:
+            return snapshot_peer(
+                trainer.step,
+                trainer.model,
+                trainer.optimizer,
+                trainer.windows,
+                strategy=s.state_tensors(),
+                round_index=s.round_index,
+                mode=opts.mode,
+                model_shape=shape,
+                data_seed=seed_for_data,
+            )
+
+        def on_saved(saved: Any) -> None:
+            path = str(saved.path) if saved.path else None
+            services.monitor.record_checkpoint(saved.step, path=path)
+            if path:
+                emit("checkpoint", step=saved.step, path=path)
+
+        services.attach_state(root, on_saved)
+        assert services.ckpt is not None  # attach_state sets it
+        services.ckpt.save(trainer.step, provider, write=found.source is not Source.DISK)
+        emit("ready", step=trainer.step, address=services.runtime.address)
+        _loop(opts, trainer, strategy, services, stop, emit, provider)
+        val = trainer.evaluate()
+        services.monitor.record_validation(trainer.step, val)
+        emit(
+            "stopped",
+            step=trainer.step,
+            round=strategy.round_index,
+            val_bpb=round(val, 5),
+            bytes_sent=bytes_sent(services.runtime),
+        )
+        return 0
+    finally:
+        if strategy is not None:
+            strategy.close()
+        services.close()
+
+
+def _loop(
+    opts: PeerOptions,
+    trainer: Trainer,
+    strategy: Strategy,
+    services: PeerServices,
+    stop: threading.Event,
+    emit: Emit,
+    provider: Callable[[], Any],
+) -> None:
+    monitor = services.monitor
+    ckpt = services.ckpt
+    assert ckpt is not None
+    applied = 0
+    losses: list[float] = []
+    while trainer.step < opts.steps and not stop.is_set():
+        monitor.begin_step(trainer.step)
+        out = strategy.step()
+        losses.append(out.loss)
+        monitor.end_step(loss=out.loss, samples=out.samples, tokens=out.samples * opts.seq_len)
+        if trainer.step % opts.report_every == 0:
+            mean = sum(losses) / len(losses)
+            losses.clear()
+            emit(
+                "step",
+                step=trainer.step,
+                loss=round(mean, 5),
+                peers=services.trainers(),
+                round=strategy.round_index,
+            )
+        r = out.report
+        if r is None:
+            continue
+        total_s = sum(r.seconds.values())
+        if r.ok:
+            monitor.record_round(opts.mode, total_s, group_size=r.group_size)
+        else:
+            monitor.record_failure(opts.mode, error=r.reason)
+        emit(
+            "round",
+            round=r.round_index,
+            ok=r.ok,
+            step=trainer.step,
+            contributors=r.contributors,
+            group=r.group_size,
+            weight=r.weight,
+            reason=r.reason,
+            resynced=r.resynced,
+            seconds={k: round(v, 3) for k, v in r.seconds.items()},
+            bytes_sent=bytes_sent(services.runtime),
+        )
+        if not r.ok:
+            continue
+        applied += 1
+        every = opts.checkpoint_every_rounds
+        ckpt.save(trainer.step, provider, write=bool(every) and applied % every == 0)
+        if opts.eval_every_rounds and applied % opts.eval_every_rounds == 0:
+            t0 = time.monotonic()
+            val = trainer.evaluate()
+            monitor.record_validation(trainer.step, val)
+            emit("eval", step=trainer.step, val_bpb=round(val, 5), seconds=time.monotonic() - t0)

@@ -1,0 +1,161 @@
+"""One averaging round over the swarm: meet on the DHT board, then all-reduce in place.
+
+``SwarmRounds.average(vector, weight, round_key=..., expected_peers=...)`` runs on the
+network loop. It announces this peer on the rendezvous board under ``round_key`` (every
+peer of the round derives the same key, e.g. from the outer step), waits for the window to
+close (``shoal.parallel.data.find_group``), and averages ``vector`` with the group that
+formed. The outcome is a :class:`RoundOutcome`: ``ok`` means ``vector`` now holds the
+weighted mean over ``contributors``; otherwise ``vector`` is untouched and ``reason`` says
+why (alone, group too small, all-reduce failed, timeout). Nothing here raises for a
+failed round: a lost round is an outcome, not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from shoal.errors import ConfigError, NetworkError
+from shoal.net.identity import PeerID
+from shoal.net.runtime import NetRuntime
+from shoal.parallel.data.averager import Averager, GroupSpec
+from shoal.parallel.data.dht_board import DhtBoard, RecordStore
+from shoal.parallel.data.grpc_transport import GrpcTransport
+from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, ReadyPeer
+from shoal.parallel.data.rendezvous import MatchConfig, find_group
+from shoal.parallel.data.round import AllReduceConfig
+
+__all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RoundsConfig:
+    """How rounds form and how long they may take."""
+
+    wire_codec: str = "int8"
+    """Codec of the all-reduce messages: ``none`` (fp32), ``fp16`` or ``int8`` (blockwise)."""
+    window_initial_s: float = 15.0
+    """How long the first window waits for the expected peers."""
+    window_cap_s: float = 60.0
+    """Longest window."""
+    allreduce_timeout_s: float = 30.0
+    """Budget of the all-reduce once the group is known."""
+    min_group_size: int = 2
+    """Groups smaller than this skip the round."""
+    min_contributors: int = 2
+    """A round whose result would hold fewer contributors fails (a peer alone is no swarm)."""
+    max_group_size: int = 64
+    """Largest all-reduce group."""
+
+    def __post_init__(self) -> None:
+        if self.wire_codec not in ("none", "fp16", "int8"):
+            raise ConfigError(f"wire_codec must be none, fp16 or int8, got {self.wire_codec!r}")
+        if not 0 < self.window_initial_s <= self.window_cap_s:
+            raise ConfigError(
+                f"need 0 < window_initial_s <= window_cap_s, got "
+                f"{self.window_initial_s!r}, {self.window_cap_s!r}"
+            )
+        if not self.allreduce_timeout_s > 0:
+            raise ConfigError(f"allreduce_timeout_s must be > 0, got {self.allreduce_timeout_s!r}")
+        if not 1 <= self.min_group_size <= self.max_group_size:
+            raise ConfigError(
+                f"need 1 <= min_group_size <= max_group_size, got "
+                f"{self.min_group_size!r}, {self.max_group_size!r}"
+            )
+
+
+@dataclass(slots=True)
+class RoundOutcome:
+    """What one round gave this peer."""
+
+    ok: bool
+    contributors: frozenset[PeerID] = frozenset()
+    weight: float = 0.0
+    """Sum of the contributors' weights (samples)."""
+    group_size: int = 0
+    reason: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """``matchmaking`` and ``allreduce`` wall seconds."""
+
+
+class SwarmRounds:
+    """Rendezvous on the DHT + butterfly all-reduce, for one peer (use on the network loop)."""
+
+    def __init__(
+        self,
+        runtime: NetRuntime,
+        dht: RecordStore,
+        *,
+        swarm: str,
+        config: RoundsConfig | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.config = cfg = config or RoundsConfig()
+        self.transport = GrpcTransport(runtime)
+        self.averager = Averager(
+            self.transport,
+            wire_codec=cfg.wire_codec,
+            config=AllReduceConfig(min_contributors=cfg.min_contributors),
+        )
+        self.board = DhtBoard(dht, prefix=f"shoal/v1/swarm/{swarm}/avg/".encode())
+        self.estimator = FormationEstimator(
+            FormationConfig(
+                initial_s=cfg.window_initial_s,
+                floor_s=min(1.0, cfg.window_initial_s),
+                cap_s=cfg.window_cap_s,
+            )
+        )
+        self.match = MatchConfig(
+            max_group_size=cfg.max_group_size, min_group_size=cfg.min_group_size
+        )
+
+    async def average(
+        self, vector: torch.Tensor, weight: float, *, round_key: bytes, expected_peers: int
+    ) -> RoundOutcome:
+        """Average the flat fp32 ``vector`` in place with whoever meets under ``round_key``."""
+        t0 = time.monotonic()
+        me = ReadyPeer(self.runtime.peer_id.raw, float(weight), 1.0, False, self.runtime.address)
+        try:
+            group = await find_group(
+                self.board,
+                round_key,
+                me,
+                expected_peers=max(1, expected_peers),
+                estimator=self.estimator,
+                config=self.match,
+                clock=time.time,
+            )
+        except (NetworkError, asyncio.TimeoutError) as exc:
+            return RoundOutcome(False, reason=f"matchmaking failed: {exc}")
+        t1 = time.monotonic()
+        seconds = {"matchmaking": t1 - t0}
+        if group is None:
+            return RoundOutcome(False, reason="no group formed", seconds=seconds)
+        members = [PeerID(p.peer) for p in group.members]
+        for peer, entry in zip(members, group.members, strict=True):
+            if peer != self.runtime.peer_id:
+                self.transport.set_address(peer, entry.address)
+        spec = GroupSpec.uniform(group.group_id, members)
+        self.averager.prepare(spec)
+        result = await self.averager.average(
+            [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
+        )
+        seconds["allreduce"] = time.monotonic() - t1
+        if not result.ok:
+            return RoundOutcome(
+                False, group_size=len(members), reason=result.reason, seconds=seconds
+            )
+        contributors = frozenset(p for p in result.contributors if isinstance(p, PeerID))
+        return RoundOutcome(
+            True,
+            contributors=contributors,
+            weight=result.weight,
+            group_size=len(members),
+            seconds=seconds,
+        )

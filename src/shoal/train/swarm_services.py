@@ -1,0 +1,169 @@
+"""The network side of a swarm peer: runtime, DHT, membership, monitor, state serving.
+
+``PeerServices.start(opts, identity, emit)`` brings them up in order (runtime → DHT and
+bootstrap → membership heartbeats → monitor and summary publisher); ``attach_state``
+adds the background checkpointer, the State service and its DHT announcements once the
+peer knows its starting step. ``close()`` takes everything down in reverse order, is
+idempotent and bounded in time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.dht.peer import DHT
+from shoal.errors import ShoalError
+from shoal.monitor import DhtSummaryStore, PeerMonitor, SummaryPublisher
+from shoal.monitor.config import EventLogConfig, MetricsConfig, MonitorConfig, SwarmViewConfig
+from shoal.monitor.traffic import net_traffic_provider
+from shoal.net import Identity, NetConfig, NetRuntime
+from shoal.net.config import RetryPolicy
+from shoal.state.announce import StateAnnouncer, state_key
+from shoal.state.background import BackgroundCheckpointer, CheckpointerConfig, SavedCheckpoint
+from shoal.state.sync_service import StateServer
+from shoal.swarm.config import SwarmConfig
+from shoal.swarm.membership import Membership
+from shoal.swarm.peerinfo import PeerInfo, Reachability
+from shoal.train.swarm_config import PeerOptions
+
+__all__ = ["PeerServices", "bytes_sent"]
+
+log = logging.getLogger(__name__)
+
+_JOIN_RETRY = RetryPolicy(initial_s=0.3, max_s=3.0, attempts=10, deadline_s=30.0)
+
+
+def bytes_sent(runtime: NetRuntime) -> int:
+    """Every byte this peer sent (requests and responses), from the transport's accounting."""
+    services = runtime.traffic.snapshot()["services"]
+    return int(sum(c["bytes_out"] for c in services.values()))
+
+
+@dataclass(slots=True)
+class PeerServices:
+    opts: PeerOptions
+    runtime: NetRuntime
+    dht: DHT
+    membership: Membership
+    monitor: PeerMonitor
+    publisher: SummaryPublisher
+    state_key: bytes
+    ckpt: BackgroundCheckpointer | None = None
+    server: StateServer | None = None
+    announcer: StateAnnouncer | None = None
+    _closed: bool = field(default=False)
+
+    @classmethod
+    def start(
+        cls, opts: PeerOptions, identity: Identity, emit: Callable[..., None]
+    ) -> PeerServices:
+        runtime = NetRuntime(
+            identity, NetConfig(host=opts.host, port=opts.port, swarm_key=opts.swarm_key)
+        ).start()
+        try:
+            dht = DHT(runtime)
+        except BaseException:
+            runtime.close()
+            raise
+        emit("listening", address=runtime.address, peer_id=runtime.peer_id.to_string())
+        if opts.join:
+            try:
+                dht.bootstrap(list(opts.join), _JOIN_RETRY)
+            except ShoalError as exc:  # alone for now; others may find us later
+                log.warning("could not join via %s: %s", ",".join(opts.join), exc)
+        hb = opts.heartbeat_s
+        swarm_cfg = SwarmConfig(
+            swarm=opts.swarm,
+            heartbeat_interval_s=hb,
+            refresh_interval_s=hb,
+            ttl_s=max(4 * hb, 12.0),
+            max_clock_skew_s=2.0,
+        )
+        role = f"trainer:{opts.mode}"
+
+        def info() -> PeerInfo:
+            return PeerInfo(
+                addresses=(runtime.address,), reachability=Reachability.DIRECT, roles=(role,)
+            )
+
+        membership = Membership(dht.node, swarm_cfg, info)
+        runtime.run(_call(membership.start), timeout_s=5.0)
+        view_cfg = SwarmViewConfig(
+            swarm=opts.swarm, publish_interval_s=max(2.0, hb), record_ttl_s=max(30.0, 6 * hb)
+        )
+        monitor = PeerMonitor(
+            MonitorConfig(
+                metrics=MetricsConfig(port=opts.metrics_port),
+                events=EventLogConfig(path=opts.events),
+                swarm_view=view_cfg,
+            ),
+            peer=runtime.peer_id.to_string(),
+            traffic=net_traffic_provider(runtime.traffic),
+        )
+        metrics_port = monitor.start()
+        if metrics_port is not None:
+            emit("metrics", port=metrics_port)
+        store = DhtSummaryStore(dht.node, config=view_cfg)
+        publisher = SummaryPublisher(monitor.snapshot, store.publish, view_cfg)
+        runtime.run(publisher.astart(), timeout_s=5.0)
+        return cls(opts, runtime, dht, membership, monitor, publisher, state_key(opts.swarm))
+
+    def trainers(self) -> int:
+        """Live peers training in this mode (ourselves included), at least 1."""
+        role = f"trainer:{self.opts.mode}"
+        live = [m for m in self.membership.peers() if role in m.info.roles]
+        self.monitor.observe_members(m.peer_id.to_string() for m in live)
+        return max(
+            1, len(live) + (0 if any(m.peer_id == self.runtime.peer_id for m in live) else 1)
+        )
+
+    def attach_state(self, root: Path, on_saved: Callable[[SavedCheckpoint], None]) -> None:
+        """Background checkpointer + State service + announcements."""
+
+        def saved(s: SavedCheckpoint) -> None:
+            on_saved(s)
+            if self.announcer is not None:
+                self.announcer.notify()
+
+        self.ckpt = BackgroundCheckpointer(root, CheckpointerConfig(keep_last=3), on_saved=saved)
+        self.server = StateServer(self.runtime, self.ckpt.latest_served)
+        self.announcer = StateAnnouncer(
+            self.dht,
+            self.state_key,
+            self.ckpt.latest_served,
+            address=self.runtime.address,
+            ttl_s=max(10.0, 4 * self.opts.heartbeat_s),
+        ).start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        steps: list[tuple[str, Callable[[], Any]]] = []
+        if self.ckpt is not None:
+            ckpt = self.ckpt
+            steps.append(("checkpointer", lambda: ckpt.close(timeout_s=10.0)))
+        if self.announcer is not None:
+            steps.append(("announcer", self.announcer.close))
+        if self.server is not None:
+            steps.append(("state server", self.server.close))
+        steps += [
+            ("publisher", lambda: self.runtime.run(self.publisher.aclose(), timeout_s=3.0)),
+            ("monitor", self.monitor.close),
+            ("membership", lambda: self.runtime.run(self.membership.close(), timeout_s=3.0)),
+            ("dht", self.dht.close),
+            ("runtime", self.runtime.close),
+        ]
+        for name, fn in steps:
+            try:
+                fn()
+            except Exception as exc:  # keep closing the rest
+                log.warning("closing %s failed: %s", name, exc)
+
+
+async def _call(fn: Callable[[], None]) -> None:
+    fn()

@@ -1,0 +1,129 @@
+"""What a swarm peer's snapshot holds, and how one is restored (from disk or from a donor).
+
+A snapshot (``shoal.state`` format) holds the model, the inner AdamW state, the strategy's
+own tensors in ``extra`` (DiLoCo: outer master parameters and momentum, named
+``outer.*``), the data generator and RNG, and in the manifest meta: the model shape, the
+data shard, the mode and the strategy's round index. A donor's snapshot belongs to another
+peer's data shard: restoring it keeps this peer's own data stream (only a snapshot of the
+same shard also restores the data position).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shoal.errors import CheckpointError, NetworkError
+from shoal.models.data import TrainWindows
+from shoal.state.checkpoint import LoadedCheckpoint, Snapshot, take_snapshot
+from shoal.state.snapshot import as_checkpoint
+from shoal.state.sync_client import SyncConfig, download, find_donors
+
+__all__ = ["Restored", "fetch_from_swarm", "restore_peer", "snapshot_peer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    step: int
+    round_index: int
+    strategy: dict[str, torch.Tensor]
+    """The ``extra`` tensors of the strategy (prefix ``outer.``)."""
+
+
+def snapshot_peer(
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    windows: TrainWindows,
+    *,
+    strategy: dict[str, torch.Tensor],
+    round_index: int,
+    mode: str,
+    model_shape: dict[str, Any],
+    data_seed: int,
+) -> Snapshot:
+    """CPU snapshot of a swarm peer (compute thread)."""
+    data = windows.state_dict()
+    extra = {"rng.torch_cpu": torch.get_rng_state(), "data.generator": data["generator"]}
+    extra.update(strategy)
+    meta = {
+        "config": {"model_shape": model_shape},
+        "mode": mode,
+        "round_index": round_index,
+        "data": {
+            "batches_drawn": data["batches_drawn"],
+            "shard_index": windows.shard_index,
+            "num_shards": windows.num_shards,
+            "seed": data_seed,
+        },
+    }
+    return take_snapshot(step, model, optimizer, extra=extra, meta=meta)
+
+
+def restore_peer(
+    ckpt: LoadedCheckpoint,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    windows: TrainWindows,
+    *,
+    mode: str,
+    model_shape: dict[str, Any],
+    data_seed: int,
+) -> Restored:
+    """Load ``ckpt`` into the peer's objects.
+
+    Raises:
+        CheckpointError: another model shape or mode, or tensors that do not fit.
+    """
+    saved_shape = ckpt.meta.get("config", {}).get("model_shape")
+    if saved_shape != model_shape:
+        raise CheckpointError(f"{ckpt.path}: model {saved_shape}, not {model_shape}")
+    if ckpt.meta.get("mode") != mode:
+        raise CheckpointError(f"{ckpt.path}: mode {ckpt.meta.get('mode')!r}, not {mode!r}")
+    try:
+        model.load_state_dict(ckpt.model, strict=True)
+        if ckpt.optimizer is not None:
+            optimizer.load_state_dict(ckpt.optimizer)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{ckpt.path} does not fit the model: {exc}") from exc
+    data = ckpt.meta.get("data", {})
+    same_stream = (data.get("shard_index"), data.get("num_shards"), data.get("seed")) == (
+        windows.shard_index,
+        windows.num_shards,
+        data_seed,
+    )
+    if same_stream and "data.generator" in ckpt.extra:
+        windows.load_state_dict(
+            {
+                "generator": ckpt.extra["data.generator"],
+                "batches_drawn": data.get("batches_drawn", 0),
+            }
+        )
+    strategy = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
+    return Restored(ckpt.step, int(ckpt.meta.get("round_index", 0)), strategy)
+
+
+def fetch_from_swarm(
+    runtime: Any, dht: Any, key: bytes, *, newer_than: int, timeout_s: float = 30.0
+) -> LoadedCheckpoint | None:
+    """Download the freshest announced snapshot if its step is above ``newer_than``.
+
+    Blocking (compute thread). Network failures give None (logged), never an exception.
+    """
+    config = SyncConfig(dht_timeout_s=min(10.0, timeout_s), total_timeout_s=timeout_s)
+    try:
+        choice = runtime.run(
+            find_donors(dht, key, config, exclude=runtime.peer_id), timeout_s=timeout_s
+        )
+        if choice is None or choice.step <= newer_than:
+            return None
+        result = runtime.run(download(runtime, choice, config), timeout_s=timeout_s + 5.0)
+    except (NetworkError, TimeoutError) as exc:
+        log.warning("state sync from the swarm failed: %s", exc)
+        return None
+    return as_checkpoint(result.snapshot, "swarm")

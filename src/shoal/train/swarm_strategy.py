@@ -1,0 +1,82 @@
+"""What the swarm loop asks of a data-parallel strategy, and the helpers strategies share.
+
+A strategy owns how one local step turns into (maybe) a round with the swarm:
+:class:`Strategy.step` trains one local step and returns a :class:`StepOutcome`; the loop
+snapshots the run after every applied round (``report.ok``). ``blocking_round`` runs a
+round coroutine on the network loop from the compute thread, giving up at a deadline or
+as soon as the peer is asked to stop (the round then counts as failed and nothing is
+applied).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from shoal.net.runtime import NetRuntime
+from shoal.train.diloco import RoundReport
+from shoal.train.swarm_round import RoundOutcome
+
+__all__ = ["StepOutcome", "Strategy", "blocking_round", "round_key"]
+
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    loss: float
+    samples: int
+    report: RoundReport | None = None
+
+
+class Strategy(Protocol):
+    mode: str
+    round_index: int
+
+    def step(self) -> StepOutcome: ...
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def round_key(mode: str, index: int, tag: object = None) -> bytes:
+    """The rendezvous key every peer derives alike for round ``index``.
+
+    ``tag`` narrows it further (a fragment number, a fingerprint of the outer parameters):
+    only peers that agree on it average together.
+    """
+    tail = f"/{tag}" if tag is not None else ""
+    return f"{mode}/{index}{tail}".encode()
+
+
+def blocking_round(
+    runtime: NetRuntime,
+    coro: Coroutine[Any, Any, RoundOutcome],
+    *,
+    stop: threading.Event,
+    timeout_s: float,
+) -> RoundOutcome:
+    """Run ``coro`` on the loop and wait for it from the compute thread (see module doc)."""
+    future = runtime.submit(coro)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return future.result(timeout=_POLL_S)
+        except concurrent.futures.TimeoutError:
+            if stop.is_set() or time.monotonic() > deadline:
+                future.cancel()
+                why = "stopping" if stop.is_set() else f"no result within {timeout_s:.0f} s"
+                return RoundOutcome(False, reason=why)
+        except concurrent.futures.CancelledError:
+            return RoundOutcome(False, reason="cancelled")
+        except Exception as exc:  # a bug in a round must cost the round, not the peer
+            return RoundOutcome(False, reason=f"round error: {type(exc).__name__}: {exc}")

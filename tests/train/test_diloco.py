@@ -1,0 +1,152 @@
+"""DiLoCo outer step math and the commit rule of a round (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal.errors import ConfigError
+from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
+from shoal.train.outer import OuterConfig, OuterNesterov
+from shoal.train.swarm_round import RoundOutcome
+
+
+def test_outer_nesterov_matches_hand_computation() -> None:
+    p = torch.tensor([1.0, -2.0, 0.5])
+    outer = OuterNesterov([p], OuterConfig(lr=0.7, momentum=0.9))
+    # Round 1: local params moved to p1; delta = theta - p1.
+    d1 = torch.tensor([0.1, -0.2, 0.0])
+    outer.step(d1)
+    # b1 = d1; theta1 = theta0 - 0.7 * (d1 + 0.9 * b1) = theta0 - 0.7 * 1.9 * d1
+    expected1 = torch.tensor([1.0 - 0.133, -2.0 + 0.266, 0.5])
+    assert torch.allclose(outer.master[0], expected1, atol=1e-6)
+    d2 = torch.tensor([0.05, 0.0, -0.1])
+    outer.step(d2)
+    b2 = 0.9 * d1 + d2
+    expected2 = expected1 - 0.7 * (d2 + 0.9 * b2)
+    assert torch.allclose(outer.master[0], expected2, atol=1e-6)
+    assert torch.allclose(outer.momentum[0], b2, atol=1e-7)
+
+
+def test_pseudo_gradient_and_torch_sgd_agree() -> None:
+    torch.manual_seed(0)
+    theta = torch.randn(4, 3)
+    local = theta + 0.01 * torch.randn(4, 3)
+    outer = OuterNesterov([theta])
+    delta = outer.pseudo_gradient([local])
+    assert torch.allclose(delta, (theta - local).reshape(-1))
+    ref = theta.clone().requires_grad_(True)
+    sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        ref.grad = delta.view(4, 3).clone()
+        sgd.step()
+        outer.step(delta)
+    assert torch.allclose(outer.master[0], ref.detach(), atol=1e-6)
+
+
+def test_outer_config_checks() -> None:
+    with pytest.raises(ConfigError, match=r"outer\.lr"):
+        OuterConfig(lr=0.0)
+    with pytest.raises(ConfigError, match="momentum"):
+        OuterConfig(momentum=1.0)
+
+
+def _unused(vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
+    raise AssertionError("replaced before the round")
+
+
+def _peer_params(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(5, generator=g), torch.randn(2, 3, generator=g)]
+
+
+def test_failed_peer_leaves_survivors_equal_to_mean_over_contributors() -> None:
+    start = _peer_params(0)
+    n, dead = 4, {2}
+    peers: list[DiLoCo] = []
+    params: list[list[torch.Tensor]] = []
+    for _ in range(n):
+        ps = [t.clone() for t in start]
+        params.append(ps)
+        peers.append(DiLoCo(ps, DiLoCoConfig(local_steps=2), _unused))
+    # Local training moves each peer differently (with different sample counts).
+    for rank, ps in enumerate(params):
+        g = torch.Generator().manual_seed(100 + rank)
+        for p in ps:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    before = [[p.clone() for p in ps] for ps in params]
+    # Collect contributions first (pseudo-gradients are computed from the params).
+    deltas = {r: peers[r].outer.pseudo_gradient(params[r]) for r in range(n)}
+    weights = {r: float(10 * (r + 1)) for r in range(n)}
+    alive = [r for r in range(n) if r not in dead]
+    mean = sum(deltas[r] * weights[r] for r in alive) / sum(weights[r] for r in alive)
+
+    for rank in range(n):
+
+        def average(vector, weight, index, rank=rank):
+            if rank in dead:
+                return RoundOutcome(False, reason="peer died")
+            assert torch.equal(vector, deltas[rank])
+            vector.copy_(mean)  # what the all-reduce writes on success
+            return RoundOutcome(True, weight=sum(weights[r] for r in alive), group_size=n)
+
+        peers[rank].average = average
+        peers[rank].samples = int(weights[rank]) - 2
+        peers[rank].after_local_step(1)
+        report = peers[rank].after_local_step(1)
+        assert report is not None and report.ok is (rank not in dead)
+    survivors = [params[r] for r in alive]
+    for ps in survivors[1:]:
+        for a, b in zip(ps, survivors[0], strict=True):
+            assert torch.equal(a, b)
+    # Equal to one outer Nesterov step from the common start with the contributors' mean.
+    ref = OuterNesterov(start)
+    ref.step(mean)
+    for a, b in zip(survivors[0], ref.master, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    # The failed peer kept its local progress and is marked stale.
+    for a, b in zip(params[2], before[2], strict=True):
+        assert torch.equal(a, b)
+    assert peers[2].stale and peers[2].round_index == 1
+
+
+def test_stale_peer_resyncs_onto_the_swarm_and_keeps_its_local_progress() -> None:
+    start = _peer_params(1)
+    donor = OuterNesterov(start)
+    donor.step(torch.full((11,), 0.01))
+
+    def failing(vector, weight, index):
+        return RoundOutcome(False, reason="no group")
+
+    seen: list[torch.Tensor] = []
+
+    def ok(vector, weight, index):
+        seen.append(vector.clone())
+        return RoundOutcome(True, group_size=2)
+
+    ps = [t.clone() for t in start]
+    d = DiLoCo(
+        ps, DiLoCoConfig(local_steps=1), failing, lambda: ResyncState(1, donor.state_tensors())
+    )
+    ps[0].add_(0.5)
+    assert not d.after_local_step(4).ok  # type: ignore[union-attr]
+    local_progress = [p - m for p, m in zip(ps, d.outer.master, strict=True)]
+    d.average = ok
+    report = d.after_local_step(4)
+    assert report is not None and report.resynced and report.round_index == 1
+    # The pseudo-gradient sent after the resync is exactly the local progress, rebased.
+    expected = torch.cat([(-lp).reshape(-1) for lp in local_progress])
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+
+
+def test_failed_round_keeps_samples_and_local_params() -> None:
+    ps = _peer_params(2)
+    d = DiLoCo(ps, DiLoCoConfig(local_steps=3), lambda v, w, i: RoundOutcome(False, reason="x"))
+    ps[1].add_(1.0)
+    snapshot = [p.clone() for p in ps]
+    assert d.after_local_step(8) is None
+    assert d.after_local_step(8) is None
+    report = d.after_local_step(8)
+    assert report is not None and not report.ok
+    assert d.samples == 24 and d.local_steps_done == 0
+    assert all(torch.equal(a, b) for a, b in zip(ps, snapshot, strict=True))
