@@ -33,6 +33,7 @@ from shoal.errors import (
     PeerTimeout,
     PeerUnavailable,
     ProtocolViolation,
+    RemoteError,
 )
 from shoal.net.config import MiB
 from shoal.net.proto.v1 import state_pb2, state_pb2_grpc
@@ -211,7 +212,7 @@ class _Downloader:
                     state_pb2.ManifestRequest(version=want), timeout_s=cfg.manifest_timeout_s
                 )
             except NetworkError as exc:
-                if self.manifest is not None or "does not hold" not in str(exc):
+                if self.manifest is not None or not isinstance(exc, RemoteError):
                     raise
                 # the donor moved on since it announced: take its newer snapshot instead
                 m = await stub.Manifest(
@@ -226,7 +227,8 @@ class _Downloader:
             return None
         if self.manifest is not None and m.version != self.manifest.version:
             return None
-        return m
+        manifest: state_pb2.StateManifest = m
+        return manifest
 
     async def _next_donor(self) -> Announcement | None:
         while self.candidates:
