@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import sys
 import time
 from typing import Any
@@ -191,7 +192,7 @@ class Commands:
         pid = PeerID.from_bytes(bytes.fromhex(peer))
         punched = await self.nat.upgrade(pid)
         out = await self.cmd_ping(peer) if punched else {}
-        return {"punched": punched, "ms": (time.monotonic() - start) * 1000, **out}
+        return {**out, "punched": punched, "setup_ms": (time.monotonic() - start) * 1000}
 
     async def cmd_send(
         self, peer: str, nbytes: int, direct: list[str] | None = None
@@ -271,11 +272,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--swarm", default="")
     p.add_argument("--ttl-s", type=float, default=20.0)
     p.add_argument("--rejoin-s", type=float, default=2.0)
+    p.add_argument("--log-level", default="WARNING")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"[{args.host}] %(name)s: %(message)s")
     commands = Commands(args)
     rt = commands.runtime
     print(

@@ -18,6 +18,7 @@ the punched socket; the peer bridges it into its server. On failure the link sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -234,6 +235,11 @@ class Traversal:
         except NetworkError as exc:
             _log.info("punch to %s failed: %r", peer.short(), exc)
             return False
+        # retire the pooled channel first: a call issued right after the switch must not
+        # go out on the aborted relayed connection before gRPC has noticed it is gone
+        pool = self.runtime.pool
+        with contextlib.suppress(NetworkError):
+            pool.retire(await pool.get(link.address, peer, self.config.probe_timeout_s))
         await link.use_punched(result.sock)
         return True
 
