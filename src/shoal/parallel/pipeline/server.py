@@ -116,7 +116,7 @@ class StageServer:
                 log.warning("stage server %s: %s", fn.__name__, exc)
 
     def close(self) -> None:
-        """Stop serving and computing; announcements lapse after their TTL. Idempotent."""
+        """Stop serving and computing, announce "left" (best effort). Idempotent, <= 2 s."""
         if self._closed:
             return
         self._closed = True
@@ -130,6 +130,8 @@ class StageServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(ShoalError, asyncio.TimeoutError):  # best effort: leave now
+            await asyncio.wait_for(self._announce(active=False), 1.0)
 
     # -- requests (called by the service on the loop) -----------------------------------
     def admit(self, *, backward: bool) -> pb.StageReply | None:

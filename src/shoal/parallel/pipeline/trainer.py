@@ -62,6 +62,7 @@ __all__ = ["MicroBatchResult", "PipelineTrainer", "TrainerCounters"]
 log = logging.getLogger(__name__)
 _SERVER_SHARE = 0.8
 _MAX_BUSY = 200
+_MAX_ANNOUNCEMENT_AGE_S = 180.0  # sanity bound; records also expire in the DHT
 
 
 @dataclass(slots=True)
@@ -116,7 +117,7 @@ class PipelineTrainer:
                 return
             cfg = self.config
             lists = await asyncio.gather(*(
-                read_stage(self.dht.node, cfg.prefix, k, self.wall_clock(), 3 * 60.0)
+                read_stage(self.dht.node, cfg.prefix, k, self.wall_clock(), _MAX_ANNOUNCEMENT_AGE_S)
                 for k in range(cfg.num_stages)))
             self._candidates = list(lists)
             self._refreshed_at = self.clock()
