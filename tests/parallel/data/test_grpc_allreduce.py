@@ -108,3 +108,8 @@ def test_a_matchmaking_group_becomes_an_all_reduce_group(peers):
     assert by_peer[runtimes[2].peer_id] == (3e8, True)
     assert transports[0].addresses[runtimes[1].peer_id] == runtimes[1].address
     assert spec.round_id == group.group_id
+
+
+def test_one_transport_per_runtime_is_shared(peers):
+    runtimes, transports = peers
+    assert GrpcTransport.for_runtime(runtimes[0]) is transports[0]

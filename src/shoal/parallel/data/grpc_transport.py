@@ -13,9 +13,10 @@ for a member of the round are filtered by the protocol, which ignores non-member
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -191,7 +192,23 @@ class AveragingService(rpc.AveragingServicer):
 
 
 class GrpcTransport:
-    """Sends round messages to group members at known addresses."""
+    """Sends round messages to group members at known addresses.
+
+    A runtime serves one ``Averaging`` service: share one transport per runtime between
+    its users (``GrpcTransport.for_runtime``); rounds are told apart by their ids.
+    """
+
+    _shared: ClassVar[weakref.WeakKeyDictionary[NetRuntime, GrpcTransport]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    @classmethod
+    def for_runtime(cls, runtime: NetRuntime) -> GrpcTransport:
+        """The transport of ``runtime``, created on first use."""
+        transport = cls._shared.get(runtime)
+        if transport is None:
+            transport = cls(runtime)
+        return transport
 
     def __init__(self, runtime: NetRuntime, inbox: Inbox | None = None) -> None:
         self.runtime = runtime
@@ -202,6 +219,7 @@ class GrpcTransport:
         self._inflight: dict[int, list[Any]] = {}
         self.service = AveragingService(runtime, self.inbox)
         runtime.add_servicer(rpc.add_AveragingServicer_to_server, self.service)
+        GrpcTransport._shared[runtime] = self
 
     def join(self, group: Group) -> GroupSpec:
         """The all-reduce group for a matchmaking ``Group``; learns members' addresses."""
