@@ -6,6 +6,7 @@ import random
 import msgpack
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -160,3 +161,14 @@ def test_choose_source_prefers_the_strictly_fresher_copy():
     assert choose_source(None, 0) is Source.SWARM
     assert choose_source(5, 5) is Source.DISK
     assert choose_source(5, 6) is Source.SWARM
+
+
+@given(st.binary(max_size=2000))
+@settings(max_examples=150, deadline=None)
+def test_manifest_from_arbitrary_bytes_is_refused_cleanly(data):
+    try:
+        manifest = state_pb2.StateManifest.FromString(data)
+    except DecodeError:
+        return
+    with pytest.raises(ProtocolViolation):
+        check_manifest(manifest, ManifestLimits())  # random bytes never hash to their version

@@ -1,18 +1,22 @@
 """State sync between runtimes of this process on loopback: service, client, DHT, recovery."""
 
+import asyncio
+import time
+
 import pytest
 import torch
 
 from shoal.dht.peer import DHT
 from shoal.errors import PeerUnavailable
 from shoal.net import Identity, NetConfig, NetRuntime
+from shoal.net.proto.v1 import state_pb2_grpc
 from shoal.net.tensors import tensor_bytes
 from shoal.state.announce import Announcement, DonorChoice, StateAnnouncer, state_key
 from shoal.state.checkpoint import Snapshot, write_snapshot
 from shoal.state.recovery import Source, recover
 from shoal.state.snapshot import ServedSnapshot, prepare
 from shoal.state.sync_client import SyncConfig, download, sync_from_swarm
-from shoal.state.sync_service import StateServer
+from shoal.state.sync_service import StateServer, StateService
 
 CFG = SyncConfig(piece_bytes=64 * 1024, streams_per_donor=2, total_timeout_s=60)
 
@@ -157,3 +161,29 @@ def test_announce_sync_and_recover_through_the_dht(runtimes, tmp_path):
     finally:
         donor_dht.close()
         joiner_dht.close()
+
+
+class _StallingService(StateService):
+    """Sends two chunks of each Fetch, then stalls far past the joiner's piece deadline."""
+
+    async def Fetch(self, request, context):
+        sent = 0
+        async for frame in super().Fetch(request, context):
+            if sent == 2:
+                await asyncio.sleep(60)
+            sent += 1
+            yield frame
+
+
+def test_a_stalled_donor_is_dropped_after_the_piece_deadline(runtimes):
+    snap = _snapshot()
+    served = prepare(snap, chunk_bytes=16 * 1024)
+    slow, good, joiner = runtimes(3)
+    slow.add_servicer(state_pb2_grpc.add_StateServicer_to_server, _StallingService(lambda: served))
+    StateServer(good, lambda: served)
+    config = SyncConfig(piece_bytes=64 * 1024, piece_timeout_s=1.0, total_timeout_s=30)
+    start = time.monotonic()
+    result = joiner.run(download(joiner, _choice([slow, good], served), config), timeout_s=30)
+    _assert_same(result.snapshot, snap)
+    assert result.failed_donors == [slow.peer_id.short()]
+    assert time.monotonic() - start < 20
