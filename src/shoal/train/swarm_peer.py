@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shoal.errors import CheckpointError
+from shoal.errors import CheckpointError, NetworkError
 from shoal.models.data import TrainWindows
 from shoal.net import Identity
 from shoal.state.recovery import Source, recover
+from shoal.state.sync_client import SyncConfig, find_donors
 from shoal.train.config import TrainConfig, with_overrides
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
@@ -81,6 +82,20 @@ def build_trainer(opts: PeerOptions, seed_for_data: int) -> Trainer:
     return trainer
 
 
+def _dht_if_ahead(services: PeerServices) -> Any:
+    """The DHT for recovery, or None when the swarm only announces its initial state
+    (every peer builds that from the shared seed: nothing to download)."""
+    try:
+        choice = services.runtime.run(
+            find_donors(services.dht, services.state_key, SyncConfig(dht_timeout_s=10.0)),
+            timeout_s=12.0,
+        )
+    except (NetworkError, TimeoutError) as exc:
+        log.warning("could not read state announcements: %s", exc)
+        return None
+    return services.dht if choice is not None and choice.step > 0 else None
+
+
 def _make_strategy(
     opts: PeerOptions, trainer: Trainer, services: PeerServices, stop: threading.Event
 ) -> Strategy:
@@ -108,7 +123,7 @@ def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         trainer = build_trainer(opts, seed_for_data)
         shape = trainer.model_cfg.to_dict()
         root = checkpoint_root(opts.run_dir)
-        found = recover(root, services.runtime, services.dht, services.state_key)
+        found = recover(root, services.runtime, _dht_if_ahead(services), services.state_key)
         restored: Restored | None = None
         if found.checkpoint is not None:
             try:

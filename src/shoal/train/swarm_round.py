@@ -52,6 +52,8 @@ class RoundsConfig:
     """A round whose result would hold fewer contributors fails (a peer alone is no swarm)."""
     max_group_size: int = 64
     """Largest all-reduce group."""
+    poll_interval_s: float = 0.25
+    """How often the board is read while a window is open (each read is a DHT lookup)."""
 
     def __post_init__(self) -> None:
         if self.wire_codec not in ("none", "fp16", "int8"):
@@ -112,7 +114,9 @@ class SwarmRounds:
             )
         )
         self.match = MatchConfig(
-            max_group_size=cfg.max_group_size, min_group_size=cfg.min_group_size
+            max_group_size=cfg.max_group_size,
+            min_group_size=cfg.min_group_size,
+            poll_interval_s=cfg.poll_interval_s,
         )
 
     async def average(
@@ -126,7 +130,7 @@ class SwarmRounds:
                 self.board,
                 round_key,
                 me,
-                expected_peers=max(1, expected_peers),
+                expected_peers=max(2, expected_peers),
                 estimator=self.estimator,
                 config=self.match,
                 clock=time.time,

@@ -1,0 +1,216 @@
+"""Benchmark: DiLoCo over real peer processes against one process with the same total batch.
+
+    shoal bench diloco [--peers 4] [--steps 600] [--local-steps 150] [--json]
+
+Starts ``--peers`` ``shoal peer --mode diloco`` processes on 127.0.0.1 (the first one
+bootstraps the swarm, the others join it; peer i trains on data shard i of N with
+``--batch-size`` sequences per local step), then trains the same model in this process
+for the same number of steps with ``peers x batch`` sequences per step (AdamW, same
+learning rate and schedule). Both are evaluated on the same validation windows.
+
+- ``bytes_sent``: every byte the peers sent, from the transport's traffic accounting
+  (averaging, DHT, membership, summaries, state announcements).
+- ``ddp_fp32_bytes``: what a ring all-reduce of fp32 gradients would send for the same steps:
+  ``steps x peers x 2(N-1)/N x 4 bytes x parameters``.
+- ``comm_reduction = ddp_fp32_bytes / bytes_sent``; ``loss_gap = (val_bpb - baseline) /
+  baseline``. Curves (per-round validation of the swarm, baseline every round) go to stderr
+  and into the JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+from shoal.models.data import load_corpus, val_batches
+from shoal.train.config import TrainConfig, with_overrides
+from shoal.train.evaluate import evaluate_bpb
+from shoal.train.trainer import Trainer
+
+
+def _log(msg: str) -> None:
+    print(f"bench diloco: {msg}", file=sys.stderr, flush=True)
+
+
+class PeerProcess:
+    """One ``shoal peer`` process and the JSON lines it printed."""
+
+    def __init__(self, argv: list[str], name: str, stderr: Any = subprocess.DEVNULL) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.events: list[dict[str, Any]] = []
+        self.address: str | None = None
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self.events.append(event)
+            if event.get("event") == "listening":
+                self.address = event["address"]
+                self._listening.set()
+            if event.get("event") == "round":
+                _log(
+                    f"{self.name} round {event['round']} ok={event['ok']} "
+                    f"contributors={event['contributors']} step={event['step']} {event.get('reason', '')}"
+                )
+
+    def wait_listening(self, timeout_s: float) -> str:
+        if not self._listening.wait(timeout_s) or self.address is None:
+            raise RuntimeError(f"{self.name} did not start within {timeout_s} s")
+        return self.address
+
+    def wait(self, timeout_s: float) -> dict[str, Any]:
+        self.proc.wait(timeout=timeout_s)
+        self._reader.join(timeout=5.0)
+        stopped = [e for e in self.events if e.get("event") == "stopped"]
+        if not stopped:
+            raise RuntimeError(f"{self.name} exited {self.proc.returncode} without a result")
+        return stopped[-1]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def _peer_argv(args: argparse.Namespace, run_dir: Path, index: int, join: str | None) -> list[str]:
+    argv = [sys.executable, "-m", "shoal.cli.main", "peer", "--mode", "diloco", "--json"]
+    argv += [
+        "--run-dir",
+        str(run_dir),
+        "--swarm",
+        "bench-diloco",
+        "--shard",
+        f"{index}/{args.peers}",
+    ]
+    argv += ["--steps", str(args.steps), "--local-steps", str(args.local_steps)]
+    argv += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    argv += ["--lr", str(args.lr), "--model", args.model, "--codec", args.codec]
+    argv += ["--window", str(args.window_s), "--heartbeat", str(args.heartbeat_s)]
+    argv += ["--checkpoint-every", "0", "--eval-every", "1", "--report-every", "50"]
+    if join:
+        argv += ["--join", join]
+    return argv
+
+
+def _train_config(args: argparse.Namespace, batch_size: int, run_dir: Path) -> TrainConfig:
+    return with_overrides(
+        TrainConfig(),
+        {
+            "model.name": args.model,
+            "data.seq_len": args.seq_len,
+            "data.batch_size": batch_size,
+            "optim.lr": args.lr,
+            "schedule.warmup_steps": 30,
+            "run.steps": args.steps,
+            "run.run_dir": str(run_dir),
+            "run.threads": 1,
+            "run.device": "cpu",
+            "checkpoint.every_steps": 0,
+        },
+    )
+
+
+def _baseline(args: argparse.Namespace, run_dir: Path) -> tuple[float, list[dict[str, float]]]:
+    """One process, ``peers x batch`` sequences per step; val on the peers' windows."""
+    cfg = _train_config(args, args.peers * args.batch_size, run_dir)
+    trainer = Trainer(cfg, show_progress=False, log_lines=False)
+    corpus = load_corpus(None, val_fraction=cfg.data.val_fraction)
+    val = val_batches(corpus.val, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=8)
+    curve = []
+    while trainer.step < args.steps:
+        trainer.train_step()
+        if trainer.step % args.local_steps == 0 or trainer.step == args.steps:
+            bpb = evaluate_bpb(trainer.model, val, device=trainer.device, autocast=trainer.autocast)
+            curve.append({"step": trainer.step, "val_bpb": round(bpb, 4)})
+            _log(f"baseline step {trainer.step} val_bpb {bpb:.4f}")
+    return curve[-1]["val_bpb"], curve
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="shoal bench diloco")
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--local-steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--window-s", type=float, default=30.0)
+    p.add_argument("--heartbeat-s", type=float, default=5.0)
+    p.add_argument("--timeout-s", type=float, default=1500.0)
+    p.add_argument("--keep-logs", action="store_true", help="print the peers' logs to stderr")
+    p.add_argument("--json", action="store_true", help="accepted; the result is always JSON")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-diloco-") as tmp:
+        root = Path(tmp)
+        peers: list[PeerProcess] = []
+        try:
+            logs = [open(root / f"p{i}.log", "w") for i in range(args.peers)]  # noqa: SIM115
+            first = PeerProcess(_peer_argv(args, root / "p0", 0, None), "peer0", logs[0])
+            peers.append(first)
+            address = first.wait_listening(120.0)
+            for i in range(1, args.peers):
+                argv = _peer_argv(args, root / f"p{i}", i, address)
+                peers.append(PeerProcess(argv, f"peer{i}", logs[i]))
+            results = [peer.wait(args.timeout_s) for peer in peers]
+        finally:
+            for peer in peers:
+                peer.kill()
+            for f in logs:
+                f.close()
+            if args.keep_logs:
+                for i in range(args.peers):
+                    _log(f"peer{i} log:\n" + (root / f"p{i}.log").read_text()[-3000:])
+        swarm_s = time.monotonic() - t0
+        baseline, base_curve = _baseline(args, root / "baseline")
+    vals = [r["val_bpb"] for r in results]
+    val_bpb = sum(vals) / len(vals)
+    bytes_sent = sum(int(r["bytes_sent"]) for r in results)
+    n = args.peers
+    num_params = _train_config(args, 1, Path(".")).model.build().num_params()
+    ddp = int(args.steps * n * 2 * (n - 1) / n * 4 * num_params)
+    rounds = [e for e in peers[0].events if e.get("event") == "round"]
+    evals = [e for e in peers[0].events if e.get("event") == "eval"]
+    return {
+        "bench": "diloco",
+        "val_bpb": round(val_bpb, 4),
+        "baseline_val_bpb": round(baseline, 4),
+        "loss_gap": round((val_bpb - baseline) / baseline, 4),
+        "bytes_sent": bytes_sent,
+        "ddp_fp32_bytes": ddp,
+        "comm_reduction": round(ddp / max(1, bytes_sent), 1),
+        "peers": n,
+        "steps": args.steps,
+        "local_steps": args.local_steps,
+        "codec": args.codec,
+        "params": num_params,
+        "rounds_ok": sum(1 for r in rounds if r["ok"]),
+        "rounds": len(rounds),
+        "peer_val_bpb": vals,
+        "curve": [{"step": e["step"], "val_bpb": e["val_bpb"]} for e in evals],
+        "baseline_curve": base_curve,
+        "swarm_seconds": round(swarm_s, 1),
+    }
