@@ -30,7 +30,8 @@ def encode_relays(relays: list[RelayAddress]) -> bytes:
         [r.peer_id.raw if r.peer_id is not None else b"", r.address]
         for r in relays[:MAX_ADVERTISED_RELAYS]
     ]
-    return msgpack.packb(rows, use_bin_type=True)
+    data: bytes = msgpack.packb(rows, use_bin_type=True)
+    return data
 
 
 def decode_relays(data: bytes) -> list[RelayAddress]:

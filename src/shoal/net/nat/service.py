@@ -39,7 +39,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class RelayService(relay_pb2_grpc.RelayServicer):  # type: ignore[misc]
+class RelayService(relay_pb2_grpc.RelayServicer):
     def __init__(
         self,
         runtime: NetRuntime,
