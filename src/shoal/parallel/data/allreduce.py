@@ -166,7 +166,7 @@ async def run_allreduce(
                 got = await _offload(
                     numel if codec else 0, _collect, msgs(Contribution, my_part), numel, codec
                 )
-                accepted, rejected = _screen(got, config.aggregation)
+                accepted, rejected = await _offload(numel, _screen, got, config.aggregation)
                 contributions[my_part] = {p: got[p] for p in accepted}
         finally:
             unreachable = await send_task

@@ -100,5 +100,5 @@ class Averager:
             buffers=self.buffers,
         )
         if result.ok and parts is not None:
-            flat.write_parts(ranges, parts)
+            await asyncio.to_thread(flat.write_parts, ranges, parts)
         return result
