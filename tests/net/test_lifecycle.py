@@ -125,19 +125,28 @@ def test_server_killed_while_streaming_to_us(make_runtime, children):
 
 
 class _WatchedAbsorb(PeerService):
-    """Absorb that reports when it has data and how it ended."""
+    """Absorb that reports when it has data, holds the stream until the caller is dead,
+    and records how the stream ended (only the first stream is watched)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.receiving = threading.Event()
         self.ended = threading.Event()
+        self.caller_dead: asyncio.Event | None = None
         self.outcome: BaseException | None = None
+        self.task: asyncio.Task | None = None
 
     async def Absorb(self, request_iterator, context):
+        if self.task is not None:
+            return await super().Absorb(request_iterator, context)
+        self.task = asyncio.current_task()
+        self.caller_dead = asyncio.Event()
+
         async def watched():
             async for i, frame in _enumerate(request_iterator):
                 if i == 20:
                     self.receiving.set()
+                    await asyncio.wait_for(self.caller_dead.wait(), 30)
                 yield frame
 
         try:
@@ -164,8 +173,10 @@ def test_client_killed_mid_stream(make_runtime, children):
     child = children("stream", "--target", b.address)
     assert service.receiving.wait(60)
     child.kill()
+    b.loop.call_soon_threadsafe(service.caller_dead.set)
     assert service.ended.wait(10)
     assert isinstance(service.outcome, (asyncio.CancelledError, NetworkError))
+    b.run(asyncio.wait([service.task], timeout=5), 10)
     assert b.run(_other_tasks(), 5) == before
 
 
