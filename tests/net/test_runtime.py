@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import grpc
@@ -237,3 +238,30 @@ def test_handler_styles(make_runtime):
         ).read_tensor()
 
     assert a.run(fetch(), 5).tolist() == [0, 1, 2, 3, 4]
+
+
+class _Hang(PeerService):
+    """Ping never answers (until cancelled)."""
+
+    started: threading.Event
+
+    async def Ping(self, request, context):
+        _Hang.started.set()
+        await asyncio.Event().wait()
+
+
+def test_close_cancels_hung_handlers_in_time(make_runtime):
+    a, b = make_runtime(), make_runtime()
+    _Hang.started = threading.Event()
+    b.add_servicer(
+        peer_pb2_grpc.add_PeerServicer_to_server,
+        _Hang(b.identity, b.sessions, b.config, b.addresses, lambda: []),
+    )
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
+    pending = a.submit(stub.Ping(peer_pb2.PingRequest(), timeout_s=30))
+    assert _Hang.started.wait(10)
+    start = time.perf_counter()
+    b.close()
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(PeerUnavailable):
+        pending.result(10)  # the caller learns at once, long before its 30 s deadline
