@@ -1,6 +1,8 @@
 """NAT traversal: reachability, relays, hole punching, link routing, byte-stream bridges.
 
-See README.md in this folder.
+See README.md in this folder. Only the light modules are re-exported here (importing the
+package must stay cheap for small agents); import ``Traversal`` from
+``shoal.net.nat.traversal`` and ``RelayAddress`` from ``shoal.net.nat.reserve``.
 """
 
 from shoal.net.nat.bridge import LocalEndpoint, SpliceStats, bridge_to_unix, splice
@@ -13,9 +15,7 @@ from shoal.net.nat.reachability import (
     Verdict,
     assess,
 )
-from shoal.net.nat.reserve import RelayAddress, ReserverConfig
 from shoal.net.nat.routing import Link, LinkKind, choose, ranked
-from shoal.net.nat.traversal import Traversal, TraversalConfig
 
 __all__ = [
     "DialBackReport",
@@ -26,13 +26,9 @@ __all__ = [
     "PunchResult",
     "Reachability",
     "ReachabilityConfig",
-    "RelayAddress",
     "RelayConfig",
-    "ReserverConfig",
     "SpliceStats",
     "TokenBucket",
-    "Traversal",
-    "TraversalConfig",
     "Verdict",
     "assess",
     "bridge_to_unix",
