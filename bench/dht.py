@@ -86,6 +86,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, object]:
     wall0 = time.perf_counter()
     config = DHTConfig(
         rpc_timeout_s=1.0,
+        slow_rpc_s=0.25,  # about twice the simulated links' slowest round trip
         lookup_timeout_s=10.0,
         republish_interval_s=args.republish_s,
         maintenance_period_s=60.0,

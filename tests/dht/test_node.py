@@ -159,3 +159,25 @@ def test_reader_ignores_forged_records_served_by_malicious_holders():
         await cl.close()
 
     run_virtual(scenario())
+
+
+def test_slow_rpcs_free_their_lane():
+    """With dead nodes around, freeing lanes after slow_rpc_s makes lookups finish sooner."""
+
+    def total_lookup_time(slow_rpc_s: float) -> float:
+        async def scenario() -> float:
+            cl = make_cluster(seed=4, rpc_timeout_s=1.0, slow_rpc_s=slow_rpc_s)
+            await grow(cl, 40)
+            for victim in cl.nodes[::3]:
+                await cl.kill(victim)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for i, node in enumerate(cl.nodes[:10]):
+                await node.lookup(i * 7919 << 200)
+            elapsed = loop.time() - t0
+            await cl.close()
+            return elapsed
+
+        return run_virtual(scenario())
+
+    assert total_lookup_time(0.2) < 0.8 * total_lookup_time(1.0)

@@ -51,7 +51,9 @@ def _client(join: list[str], timeout_s: float, key_file: Path | None) -> tuple[N
     if not timeout_s > 0:
         raise ConfigError(f"--timeout must be > 0, got {timeout_s!r}")
     rpc_s = min(2.0, timeout_s)
-    config = DHTConfig(rpc_timeout_s=rpc_s, lookup_timeout_s=max(rpc_s, timeout_s / 2))
+    config = DHTConfig(
+        rpc_timeout_s=rpc_s, slow_rpc_s=min(0.6, rpc_s), lookup_timeout_s=max(rpc_s, timeout_s / 2)
+    )
     runtime = _runtime("127.0.0.1", 0, key_file)
     dht = DHT(runtime, config, serve=False)
     try:

@@ -64,6 +64,9 @@ class DHTConfig:
     """Standby contacts kept per bucket, most recently seen first."""
     rpc_timeout_s: float = 2.0
     """Deadline of one RPC (request sent to answer received)."""
+    slow_rpc_s: float = 0.6
+    """A lookup RPC unanswered this long frees its lane for another candidate (it may still
+    answer until ``rpc_timeout_s``); about twice a slow link's round trip."""
     lookup_timeout_s: float = 10.0
     """Deadline of one whole iterative lookup; a ``store`` takes at most this plus one
     ``rpc_timeout_s`` (its STOREs run in parallel after the lookup)."""
@@ -87,6 +90,7 @@ class DHTConfig:
             "alpha",
             "replacement_cache_size",
             "rpc_timeout_s",
+            "slow_rpc_s",
             "lookup_timeout_s",
             "max_failures",
             "value_quorum",
@@ -96,6 +100,11 @@ class DHTConfig:
         )
         if self.alpha > self.k:
             raise ConfigError(f"DHTConfig.alpha must be <= k ({self.k}), got {self.alpha}")
+        if self.slow_rpc_s > self.rpc_timeout_s:
+            raise ConfigError(
+                f"DHTConfig.slow_rpc_s ({self.slow_rpc_s}) must be <= rpc_timeout_s "
+                f"({self.rpc_timeout_s})"
+            )
         if self.rpc_timeout_s > self.lookup_timeout_s:
             raise ConfigError(
                 f"DHTConfig.rpc_timeout_s ({self.rpc_timeout_s}) must be <= lookup_timeout_s "

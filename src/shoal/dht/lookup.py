@@ -8,8 +8,11 @@ of the closest not-yet-queried ones at a time, merges the contacts they return, 
 * the lookup deadline passed (it then returns what it has; it never overruns).
 
 Each RPC has its own deadline (``rpc_timeout_s``); a contact that fails is reported through
-``on_failure`` and skipped, so a dead node costs at most one RPC timeout of one of the
-``alpha`` lanes. Every RPC task is owned by the lookup and cancelled when it returns.
+``on_failure`` and skipped. An RPC unanswered after ``slow_rpc_s`` gives its lane to the next
+candidate and no longer counts among the k closest, but stays in flight (at most
+``3 * alpha`` in flight in all) and is used if it answers before the lookup ends; so a dead
+node delays a lookup by ``slow_rpc_s`` rather than by a whole RPC timeout. Every RPC task is
+owned by the lookup and cancelled when it returns.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class LookupResult:
 class _Candidate:
     contact: Contact
     hop: int
-    state: int = 0  # 0 new, 1 in flight, 2 answered, 3 failed
+    state: int = 0  # 0 new, 1 in flight, 2 answered, 3 failed, 4 in flight but slow
 
 
 async def iterative_lookup(
@@ -56,6 +59,7 @@ async def iterative_lookup(
     alpha: int,
     rpc_timeout_s: float,
     lookup_timeout_s: float,
+    slow_rpc_s: float | None = None,
     find_value: bool = False,
     value_quorum: int = 1,
     on_success: Callable[[Contact], None] = lambda c: None,
@@ -78,12 +82,15 @@ async def iterative_lookup(
     result = LookupResult(closest=[])
     value_answers = 0
     inflight: dict[asyncio.Task[object], _Candidate] = {}
+    started: dict[asyncio.Task[object], float] = {}
+    slow_s = rpc_timeout_s if slow_rpc_s is None else slow_rpc_s
+    max_inflight = 3 * alpha  # slow RPCs stay in flight, but never more than this
 
     def frontier() -> list[_Candidate]:
         alive: list[_Candidate] = []
         for _, raw in ordered:
             cand = shortlist[raw]
-            if cand.state != 3:
+            if cand.state < 3:
                 alive.append(cand)
                 if len(alive) == k:
                     break
@@ -98,25 +105,38 @@ async def iterative_lookup(
         while True:
             if find_value and value_answers >= value_quorum:
                 break
-            front = frontier()
-            for cand in front:
-                if len(inflight) >= alpha:
+            now = loop.time()
+            lanes = 0
+            for t, c in inflight.items():
+                if now - started[t] < slow_s:
+                    lanes += 1
+                elif c.state == 1:
+                    c.state = 4  # no longer holds a lane nor a place among the k closest
+            for cand in frontier():
+                if lanes >= alpha or len(inflight) >= max_inflight:
                     break
                 if cand.state == 0:
                     cand.state = 1
                     result.rpcs += 1
-                    inflight[asyncio.ensure_future(query(cand))] = cand
-            if not inflight:
-                break  # every one of the k closest has answered or failed
-            remaining = deadline - loop.time()
+                    lanes += 1
+                    task = asyncio.ensure_future(query(cand))
+                    inflight[task] = cand
+                    started[task] = now
+            if lanes == 0:
+                break  # every one of the k closest answered, failed or is too slow
+            remaining = deadline - now
             if remaining <= 0:
                 result.timed_out = True
                 break
+            # Wake at the first answer, or when the next RPC turns slow and frees its lane.
+            turns_slow = [started[t] + slow_s - now for t in inflight if now - started[t] < slow_s]
+            wait_s = min([remaining, *(w for w in turns_slow if w > 0)])
             done, _ = await asyncio.wait(
-                inflight, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                inflight, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
             )
             for task in done:
                 cand = inflight.pop(task)
+                del started[task]
                 exc = task.exception()
                 if exc is not None:
                     if not isinstance(exc, NetworkError):

@@ -199,6 +199,7 @@ class DHTNode:
             alpha=cfg.alpha,
             rpc_timeout_s=cfg.rpc_timeout_s,
             lookup_timeout_s=cfg.lookup_timeout_s,
+            slow_rpc_s=cfg.slow_rpc_s,
             find_value=find_value,
             value_quorum=quorum or cfg.value_quorum,
             on_success=self._observe,
