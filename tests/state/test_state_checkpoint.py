@@ -15,6 +15,14 @@ from shoal.state.checkpoint import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _trained(seed=0):
     model = GPT(model_config("tiny", n_layer=1, d_model=32, n_head=2), seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))

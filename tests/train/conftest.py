@@ -1,6 +1,17 @@
 import pytest
+import torch
 
 from shoal.train.config import TrainConfig, with_overrides
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests train tiny models on one thread (the trainer sets threads from its config);
+    the process-wide setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture()

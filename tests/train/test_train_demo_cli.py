@@ -4,7 +4,7 @@ from shoal.cli.main import main
 
 
 def test_demo_json_reports_a_curve(capsys):
-    rc = main(["demo", "--steps", "2", "--eval-every", "1", "--json"])
+    rc = main(["demo", "--steps", "2", "--eval-every", "1", "--threads", "1", "--json"])
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1

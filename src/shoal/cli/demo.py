@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
         eval_every: int = typer.Option(50, "--eval-every", help="Validate every N steps."),
         json_out: bool = typer.Option(False, "--json", help="Print one final JSON line only."),
+        threads: int = typer.Option(0, "--threads", help="CPU threads (0 = all cores)."),
     ) -> None:
         """Train a tiny model locally and show its loss curve."""
         from rich.console import Console
@@ -45,6 +46,7 @@ def register(app: typer.Typer) -> None:
                     "run.eval_every": eval_every,
                     "run.run_dir": run_dir,
                     "checkpoint.every_steps": 0,
+                    "run.threads": threads,
                 },
             )
             summary = Trainer(cfg, show_progress=not json_out, log_lines=not json_out).run()
