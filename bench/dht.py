@@ -6,8 +6,9 @@ time is reported separately). Phases, all in one run:
 
 1. join ``nodes`` nodes (in concurrent batches), store ``keys`` records from random nodes;
 2. baseline: ``gets`` lookups with no churn yet (``baseline_success_rate``);
-3. churn: over ``churn_s`` simulated seconds, replace ``churn * nodes`` nodes one at a time
-   (silent death + fresh join) while maintenance and republishing run;
+3. churn: over ``churn_s`` simulated seconds, replace ``churn * nodes`` nodes at an even
+   pace (silent death + a fresh node joining concurrently) while maintenance and
+   republishing run;
 4. measured: ``gets`` lookups of random keys from random live nodes (``success_rate``),
    plus the oracle: the fraction of keys that some live node still holds, i.e. what an
    exhaustive search of every node would find (``oracle_available``).
