@@ -104,7 +104,7 @@ def _make_strategy(
 
         return DiLoCoStrategy(trainer, services, opts, stop)
     if opts.mode == "streaming":
-        from shoal.train.diloco_streaming import StreamingStrategy
+        from shoal.train.diloco_streaming_strategy import StreamingStrategy
 
         return StreamingStrategy(trainer, services, opts, stop)
     from shoal.train.collaborative_strategy import SyncStrategy
@@ -202,14 +202,15 @@ def _loop(
     monitor = services.monitor
     ckpt = services.ckpt
     assert ckpt is not None
-    applied = 0
+    applied = calls = 0
     losses: list[float] = []
     while trainer.step < opts.steps and not stop.is_set():
         monitor.begin_step(trainer.step)
         out = strategy.step()
+        calls += 1
         losses.append(out.loss)
         monitor.end_step(loss=out.loss, samples=out.samples, tokens=out.samples * opts.seq_len)
-        if trainer.step % opts.report_every == 0:
+        if calls % opts.report_every == 0:
             mean = sum(losses) / len(losses)
             losses.clear()
             emit(

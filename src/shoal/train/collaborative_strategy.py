@@ -1,0 +1,180 @@
+"""Collaborative sync as a swarm strategy: progress records in the DHT, averaged gradients.
+
+Progress lives under ``shoal/v1/swarm/<swarm>/progress`` with one owned subkey per peer
+(the DHT signs it; nobody can write another peer's progress). The value is msgpack
+``[step, samples]``, bounded and type-checked on read; records expire after a few check
+intervals so a vanished peer stops counting toward the global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from typing import Any
+
+import msgpack
+import torch
+
+from shoal.errors import CheckpointError, NetworkError
+from shoal.train.collaborative import CollaborativeConfig, CollaborativeSync, ProgressRecord
+from shoal.train.diloco_strategy import rounds_config
+from shoal.train.swarm_config import PeerOptions
+from shoal.train.swarm_round import RoundOutcome, SwarmRounds
+from shoal.train.swarm_services import PeerServices
+from shoal.train.swarm_state import fetch_from_swarm, restore_peer
+from shoal.train.swarm_strategy import StepOutcome, blocking_round, round_key
+from shoal.train.trainer import Trainer
+
+__all__ = ["SyncStrategy", "parse_progress"]
+
+log = logging.getLogger(__name__)
+
+_PEER_ID_BYTES = 32
+_MAX_VALUE_BYTES = 64
+_MAX_STEP = 1 << 48
+
+
+def parse_progress(found: Any) -> list[tuple[bytes, int, int]]:
+    """``(peer, step, samples)`` for every well-formed record (others skipped)."""
+    if not isinstance(found, dict):
+        return []
+    out = []
+    for subkey, value in found.items():
+        if len(subkey) != _PEER_ID_BYTES or len(value) > _MAX_VALUE_BYTES:
+            continue
+        try:
+            fields = msgpack.unpackb(value)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            continue
+        if not isinstance(fields, list) or len(fields) != 2:
+            continue
+        step, samples = fields
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in fields):
+            continue
+        if 0 <= step < _MAX_STEP and 0 <= samples < _MAX_STEP:
+            out.append((subkey, step, samples))
+    return out
+
+
+class SyncStrategy:
+    mode = "sync"
+
+    def __init__(
+        self, trainer: Trainer, services: PeerServices, opts: PeerOptions, stop: threading.Event
+    ) -> None:
+        self.trainer = trainer
+        self.services = services
+        self.opts = opts
+        self.stop = stop
+        self.rounds_cfg = rounds_config(opts)
+        self.rounds = SwarmRounds(
+            services.runtime, services.dht.node, swarm=opts.swarm, config=self.rounds_cfg
+        )
+        self.key = f"shoal/v1/swarm/{opts.swarm}/progress".encode()
+        self.ttl_s = 4 * 0.5 + 2.0
+        me = services.runtime.peer_id.raw
+        self.sync = CollaborativeSync(
+            trainer.model,
+            trainer.optimizer,
+            CollaborativeConfig(target_batch=opts.target_batch, grad_clip=1.0),
+            me=me,
+            lr_at=trainer.lr_at,
+            publish=self._publish,
+            fetch=self._fetch,
+            average=self._average,
+            catch_up=self._catch_up,
+        )
+        self.sync.step = trainer.step
+
+    @property
+    def round_index(self) -> int:
+        return self.sync.step
+
+    def _publish(self, step: int, samples: int) -> None:
+        value = msgpack.packb([step, samples])
+        try:
+            self.services.dht.store(self.key, value, time.time() + self.ttl_s, subkey=b"")
+        except (NetworkError, TimeoutError) as exc:
+            log.debug("progress publish failed: %s", exc)
+
+    def _fetch(self) -> list[ProgressRecord]:
+        try:
+            found = self.services.dht.get(self.key, timeout_s=5.0)
+        except (NetworkError, TimeoutError):
+            return []
+        # The DHT dropped expired records; the ttl bounds how stale an entry may be.
+        horizon = time.time() + self.ttl_s
+        return [
+            ProgressRecord(peer[:_PEER_ID_BYTES], step, samples, horizon)
+            for peer, step, samples in parse_progress(found)
+        ]
+
+    def _average(self, vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
+        cfg = self.rounds_cfg
+        fp = _fingerprint(self.trainer.model)
+        outcome = blocking_round(
+            self.services.runtime,
+            self.rounds.average(
+                vector,
+                weight,
+                round_key=round_key(self.mode, index, fp),
+                expected_peers=self.services.trainers(),
+            ),
+            stop=self.stop,
+            timeout_s=cfg.window_cap_s + cfg.allreduce_timeout_s + 10.0,
+        )
+        prof = self.services.monitor.profiler
+        prof.add("waiting", outcome.seconds.get("matchmaking", 0.0))
+        prof.add("communication", outcome.seconds.get("allreduce", 0.0))
+        return outcome
+
+    def _catch_up(self) -> bool:
+        s, t = self.services, self.trainer
+        ckpt = fetch_from_swarm(s.runtime, s.dht, s.state_key, newer_than=t.step)
+        if ckpt is None:
+            return False
+        try:
+            restored = restore_peer(
+                ckpt,
+                t.model,
+                t.optimizer,
+                t.windows,
+                mode=self.mode,
+                model_shape=t.model_cfg.to_dict(),
+                data_seed=-1,
+            )
+        except CheckpointError as exc:
+            log.warning("catch-up state does not fit: %s", exc)
+            return False
+        t.step = self.sync.step = restored.step
+        return True
+
+    def step(self) -> StepOutcome:
+        t = self.trainer
+        with self.services.monitor.profiler.compute:
+            x, y = t.windows.next_batch()
+            with t.autocast():
+                loss = t.model(x.to(t.device), y.to(t.device))
+            loss.backward()
+        report = self.sync.after_backward(self.opts.batch_size)
+        t.step = self.sync.step
+        return StepOutcome(float(loss.detach()), self.opts.batch_size, report)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
+        self.sync.step = self.trainer.step
+        return True
+
+    def close(self) -> None:
+        return None
+
+
+def _fingerprint(model: torch.nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for p in model.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()

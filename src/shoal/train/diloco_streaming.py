@@ -1,0 +1,192 @@
+"""Streaming DiLoCo: parameter fragments synchronized at staggered times, overlapping compute.
+
+The parameters are cut into ``F`` fragments of about equal size (whole tensors, in model
+order). Fragment ``f`` has its own outer Nesterov state (``outer.py``) and is synchronized
+every ``H`` local steps at offset ``o_f = (f + 1)·H/F``: at local step ``t`` with
+``t ≡ o_f (mod H)``. So one fragment's worth of bytes is in flight at a time, and peak
+bandwidth drops by ``F``.
+
+**Delayed application (the exact rule).** At the sync step ``t`` the peer takes
+``Δ_f = θ_f - θ_local,f(t)`` and starts its all-reduce on the network loop; the compute
+thread keeps taking local steps. The result is applied at the first step boundary after it
+lands, and at the latest at ``t + τ`` (``overlap_steps``; the compute thread waits there if
+needed). Applying at step ``t' ≥ t``:
+
+    θ_f ← Nesterov(θ_f, Δ̄_f)                       (the same on every contributor)
+    θ_local,f ← α·θ_local,f(t') + (1 - α)·θ_f       (α = ``mix_alpha``, default 0.5)
+
+The outer parameters depend only on ``Δ̄_f``, never on when it landed, so they stay equal
+across contributors; the mix keeps part of the ``t' - t`` local steps taken meanwhile
+(α = 0 discards them, as plain DiLoCo would). A failed fragment round changes nothing
+(local progress kept) and marks the peer stale: before its next launch it asks
+``resync`` for the swarm's outer state and rebases onto it, as ``diloco.py`` does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shoal.train.diloco import ResyncState, RoundReport
+from shoal.train.outer import OuterConfig, OuterNesterov
+from shoal.train.swarm_round import RoundOutcome
+
+__all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
+
+LaunchFn = Callable[[torch.Tensor, float, int, int, str], "concurrent.futures.Future[RoundOutcome]"]
+
+
+def split_fragments(sizes: Sequence[int], fragments: int) -> list[list[int]]:
+    """Indices of the tensors of each fragment: contiguous runs of about equal numel."""
+    n = len(sizes)
+    fragments = max(1, min(fragments, n))
+    total = sum(sizes)
+    out: list[list[int]] = [[] for _ in range(fragments)]
+    acc = 0
+    for i, size in enumerate(sizes):
+        f = min(fragments - 1, int(acc * fragments / max(1, total)))
+        # Leave at least one tensor for every later fragment.
+        f = max(f, fragments - (n - i)) if n - i <= fragments else f
+        out[f].append(i)
+        acc += size
+    return [frag for frag in out if frag]
+
+
+def fragment_offsets(fragments: int, local_steps: int) -> list[int]:
+    """Step offset (1..H) within each H-step cycle at which each fragment syncs."""
+    return [max(1, (f + 1) * local_steps // fragments) for f in range(fragments)]
+
+
+@dataclass(slots=True)
+class _Pending:
+    fragment: int
+    index: int
+    delta: torch.Tensor
+    future: concurrent.futures.Future[RoundOutcome]
+    launched_at: int
+
+
+class StreamingDiLoCo:
+    """Per-fragment outer loops with overlapped all-reduces (call from the compute thread)."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        *,
+        local_steps: int,
+        fragments: int,
+        overlap_steps: int,
+        mix_alpha: float,
+        outer: OuterConfig,
+        launch: LaunchFn,
+        resync: Callable[[], ResyncState | None] | None = None,
+        wait_timeout_s: float = 120.0,
+    ) -> None:
+        self.params = list(params)
+        self.local_steps = local_steps
+        self.overlap_steps = overlap_steps
+        self.mix_alpha = mix_alpha
+        self.launch = launch
+        self.resync = resync
+        self.wait_timeout_s = wait_timeout_s
+        self.groups = split_fragments([p.numel() for p in self.params], fragments)
+        self.offsets = fragment_offsets(len(self.groups), local_steps)
+        self.outers = [OuterNesterov([self.params[i] for i in g], outer) for g in self.groups]
+        self.step = 0
+        """Local steps taken (drives the schedule; restored with the run's step)."""
+        self.samples = [0] * len(self.groups)
+        self.pending: _Pending | None = None
+        self.stale = False
+        self.round_index = 0
+        """Fragment rounds finished (ok or not)."""
+
+    def fragment_params(self, f: int) -> list[torch.Tensor]:
+        return [self.params[i] for i in self.groups[f]]
+
+    def after_local_step(self, samples: int) -> list[RoundReport]:
+        """Count one local step; apply landed results; launch the fragment due now."""
+        self.step += 1
+        self.samples = [s + samples for s in self.samples]
+        reports = []
+        p = self.pending
+        if p is not None and (p.future.done() or self.step >= p.launched_at + self.overlap_steps):
+            reports.append(self._finish())
+        phase = self.step % self.local_steps or self.local_steps
+        for f, offset in enumerate(self.offsets):
+            if phase == offset:
+                if self.pending is not None:  # never two fragments in flight
+                    reports.append(self._finish())
+                self._launch(f)
+        return reports
+
+    def drain(self) -> list[RoundReport]:
+        """Finish the round in flight, if any (before a snapshot or at the end)."""
+        return [self._finish()] if self.pending is not None else []
+
+    def _launch(self, f: int) -> None:
+        if self.stale:
+            self._resync()
+        outer = self.outers[f]
+        delta = outer.pseudo_gradient(self.fragment_params(f))
+        index = (self.step - self.offsets[f]) // self.local_steps
+        future = self.launch(delta, float(self.samples[f]), index, f, outer.fingerprint())
+        self.pending = _Pending(f, index, delta, future, self.step)
+
+    @torch.no_grad()
+    def _finish(self) -> RoundReport:
+        p = self.pending
+        assert p is not None
+        self.pending = None
+        try:
+            outcome = p.future.result(timeout=self.wait_timeout_s)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as exc:
+            p.future.cancel()
+            outcome = RoundOutcome(False, reason=f"fragment round did not finish: {exc!r}")
+        self.round_index += 1
+        if outcome.ok:
+            outer = self.outers[p.fragment]
+            outer.step(p.delta)
+            a = self.mix_alpha
+            for param, m in zip(self.fragment_params(p.fragment), outer.master, strict=True):
+                param.mul_(a).add_(m.to(param.device, param.dtype), alpha=1 - a)
+            self.samples[p.fragment] = 0
+        else:
+            self.stale = True
+        return RoundReport(
+            p.index * len(self.groups) + p.fragment,
+            outcome.ok,
+            len(outcome.contributors),
+            outcome.group_size,
+            outcome.weight,
+            outcome.reason,
+            dict(outcome.seconds),
+        )
+
+    def _resync(self) -> None:
+        state = self.resync() if self.resync is not None else None
+        if state is None:
+            return
+        for f, outer in enumerate(self.outers):
+            old = [m.clone() for m in outer.master]
+            if not outer.load_state_tensors(state.tensors, prefix=f"outer.{f}"):
+                return
+            new = outer.master
+            outer.master = old
+            outer.rebase(self.fragment_params(f), new)
+            outer.master = new
+        self.stale = False
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f, outer in enumerate(self.outers):
+            out.update(outer.state_tensors(prefix=f"outer.{f}"))
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> bool:
+        ok = all(
+            o.load_state_tensors(tensors, prefix=f"outer.{f}") for f, o in enumerate(self.outers)
+        )
+        return ok

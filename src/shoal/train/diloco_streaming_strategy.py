@@ -1,0 +1,97 @@
+"""Streaming DiLoCo as a swarm strategy: fragment rounds run on the network loop."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import torch
+
+from shoal.train.diloco import ResyncState
+from shoal.train.diloco_strategy import rounds_config
+from shoal.train.diloco_streaming import StreamingDiLoCo
+from shoal.train.swarm_config import PeerOptions
+from shoal.train.swarm_round import RoundOutcome, SwarmRounds
+from shoal.train.swarm_services import PeerServices
+from shoal.train.swarm_state import fetch_from_swarm
+from shoal.train.swarm_strategy import StepOutcome, round_key
+from shoal.train.trainer import Trainer
+
+__all__ = ["StreamingStrategy"]
+
+
+class StreamingStrategy:
+    mode = "streaming"
+
+    def __init__(
+        self, trainer: Trainer, services: PeerServices, opts: PeerOptions, stop: threading.Event
+    ) -> None:
+        self.trainer = trainer
+        self.services = services
+        self.opts = opts
+        self.stop = stop
+        self.rounds_cfg = cfg = rounds_config(opts)
+        self.rounds = SwarmRounds(services.runtime, services.dht.node, swarm=opts.swarm, config=cfg)
+        self.applied_step = trainer.step
+        self.streaming = StreamingDiLoCo(
+            list(trainer.model.parameters()),
+            local_steps=opts.local_steps,
+            fragments=opts.fragments,
+            overlap_steps=opts.overlap_steps,
+            mix_alpha=opts.mix_alpha,
+            outer=opts.outer,
+            launch=self._launch,
+            resync=self._resync,
+            wait_timeout_s=cfg.window_cap_s + cfg.allreduce_timeout_s + 10.0,
+        )
+        self.streaming.step = trainer.step
+
+    @property
+    def round_index(self) -> int:
+        return self.streaming.round_index
+
+    def _launch(
+        self, vector: torch.Tensor, weight: float, index: int, fragment: int, fp: str
+    ) -> concurrent.futures.Future[RoundOutcome]:
+        key = round_key(self.mode, index, f"{fragment}/{fp}")
+        return self.services.runtime.submit(
+            self.rounds.average(
+                vector, weight, round_key=key, expected_peers=self.services.trainers()
+            )
+        )
+
+    def _resync(self) -> ResyncState | None:
+        s = self.services
+        ckpt = fetch_from_swarm(s.runtime, s.dht, s.state_key, newer_than=self.applied_step)
+        if ckpt is None or ckpt.meta.get("mode") != self.mode:
+            return None
+        tensors = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
+        return ResyncState(int(ckpt.meta.get("round_index", 0)), tensors)
+
+    def step(self) -> StepOutcome:
+        with self.services.monitor.profiler.compute:
+            _, loss_t = self.trainer.train_step()
+            loss = float(loss_t)
+        samples = self.opts.batch_size
+        with self.services.monitor.profiler.waiting:
+            reports = self.streaming.after_local_step(samples)
+        if self.stop.is_set():
+            reports += self.streaming.drain()
+        report = reports[-1] if reports else None
+        if any(r.ok for r in reports):
+            self.applied_step = self.trainer.step
+        return StepOutcome(loss, samples, report)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.streaming.state_tensors()
+
+    def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
+        self.streaming.step = self.trainer.step
+        self.streaming.round_index = round_index
+        self.applied_step = self.trainer.step
+        return self.streaming.load_state(tensors)
+
+    def close(self) -> None:
+        p = self.streaming.pending
+        if p is not None:
+            p.future.cancel()
