@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from shoal.dht.peer import DHT
-from shoal.errors import ConfigError, NetworkError, ShoalError
+from shoal.errors import ConfigError, NetworkError, PeerTimeout, ShoalError
 from shoal.models import ModelConfig
 from shoal.net.proto.v1 import stage_pb2 as pb
 from shoal.net.proto.v1 import stage_pb2_grpc as rpc
@@ -158,14 +158,23 @@ class StageServer:
         deadline = core.budget(req.budget_s)
         fut = core.worker.submit(FORWARD, lambda: core.forward_job(req, payload, targets,
                                                                    deadline))
-        return await asyncio.wait_for(fut, req.budget_s + 1.0)
+        return await self._wait(fut, req.budget_s)
 
     async def backward(self, req: pb.BackwardRequest, payload: Sequence[torch.Tensor]
                        ) -> Outcome:
         core = self.core
         deadline = core.budget(req.budget_s)
         fut = core.worker.submit(BACKWARD, lambda: core.backward_job(req, payload, deadline))
-        return await asyncio.wait_for(fut, req.budget_s + 1.0)
+        return await self._wait(fut, req.budget_s)
+
+    @staticmethod
+    async def _wait(fut: asyncio.Future[Outcome], budget_s: float) -> Outcome:
+        """The job's outcome; past the budget the job discards itself (it checks the deadline
+        before applying anything), so giving up here cannot hide an applied gradient."""
+        try:
+            return await asyncio.wait_for(fut, budget_s + 1.0)
+        except asyncio.TimeoutError:
+            raise PeerTimeout(f"stage compute did not finish within {budget_s:.1f} s") from None
 
     async def parameters(self, stage: int) -> tuple[int, int, dict[str, torch.Tensor]]:
         if stage != self.core.stage:
