@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from shoal.errors import ConfigError, ProtocolViolation
-from shoal.net.identity import Identity
-from shoal.net.nat.advert import decode_relays, encode_relays, relay_key, relays_of
+from shoal.net.identity import Identity, PeerID
+from shoal.net.nat.advert import (
+    advertise,
+    decode_relays,
+    encode_relays,
+    relay_key,
+    relays_of,
+    resolve,
+)
 from shoal.net.nat.limits import MAX_FRAME_BYTES, RelayConfig, TokenBucket
 from shoal.net.nat.relay import observed_address
 from shoal.net.nat.reserve import RelayAddress, ReserverConfig
@@ -117,3 +126,34 @@ def test_addresses_from_grpc_peers_and_requests() -> None:
     for bad in ("198.18.0.1", ":4000", "198.18.0.1:0", "198.18.0.1:70000", "a:b"):
         with pytest.raises(ProtocolViolation):
             parse_address(bad)
+
+
+class DictStore:
+    """Stands in for a DHT node: dictionary keys, subkey = writer PeerID + subkey."""
+
+    def __init__(self, writer: PeerID) -> None:
+        self.writer = writer
+        self.data: dict[bytes, dict[bytes, bytes]] = {}
+
+    async def store(
+        self, key: bytes, value: bytes, expires_at: float, subkey: bytes | None = None
+    ) -> int:
+        assert subkey is not None and expires_at > 0
+        self.data.setdefault(key, {})[self.writer.raw + subkey] = value
+        return 1
+
+    async def get(self, key: bytes) -> bytes | dict[bytes, bytes] | None:
+        return self.data.get(key)
+
+
+def test_advertise_then_resolve() -> None:
+    me, relay = Identity.generate().peer_id, Identity.generate().peer_id
+    store = DictStore(me)
+    relays = [RelayAddress("198.18.0.2:7600", relay)]
+
+    async def main() -> list[RelayAddress]:
+        assert await resolve(store, me) == []
+        assert await advertise(store, me, relays) == 1
+        return await resolve(store, me)
+
+    assert asyncio.run(main()) == relays

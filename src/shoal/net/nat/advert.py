@@ -8,17 +8,39 @@ the subkey of the peer itself, so nobody can redirect another peer's traffic.
 
 from __future__ import annotations
 
+import time
+from typing import Protocol
+
 import msgpack
 
 from shoal.errors import ProtocolViolation
 from shoal.net.identity import PeerID
 from shoal.net.nat.reserve import RelayAddress
 
-__all__ = ["MAX_ADVERTISED_RELAYS", "decode_relays", "encode_relays", "relay_key", "relays_of"]
+__all__ = [
+    "MAX_ADVERTISED_RELAYS",
+    "RecordStore",
+    "advertise",
+    "decode_relays",
+    "encode_relays",
+    "relay_key",
+    "relays_of",
+    "resolve",
+]
 
 MAX_ADVERTISED_RELAYS = 8
 _MAX_ADDRESS_CHARS = 128
 _MAX_BYTES = 2048
+
+
+class RecordStore(Protocol):
+    """What ``DHTNode`` offers (``store`` / ``get``)."""
+
+    async def store(
+        self, key: bytes, value: bytes, expires_at: float, subkey: bytes | None = None
+    ) -> int: ...
+
+    async def get(self, key: bytes) -> bytes | dict[bytes, bytes] | None: ...
 
 
 def relay_key(peer: PeerID) -> bytes:
@@ -70,3 +92,15 @@ def relays_of(peer: PeerID, value: bytes | dict[bytes, bytes] | None) -> list[Re
         return decode_relays(own)
     except ProtocolViolation:
         return []
+
+
+async def advertise(
+    dht: RecordStore, peer: PeerID, relays: list[RelayAddress], ttl_s: float = 120.0
+) -> int:
+    """Store "``peer`` is reachable via ``relays``" (our own subkey); replicas that took it."""
+    return await dht.store(relay_key(peer), encode_relays(relays), time.time() + ttl_s, subkey=b"")
+
+
+async def resolve(dht: RecordStore, peer: PeerID) -> list[RelayAddress]:
+    """The relays ``peer`` advertised (empty when none or malformed)."""
+    return relays_of(peer, await dht.get(relay_key(peer)))

@@ -31,7 +31,7 @@ from shoal.errors import NetworkError, ShoalError
 from shoal.net import tensor_frames
 from shoal.net.config import NetConfig, RetryPolicy
 from shoal.net.identity import Identity, PeerID
-from shoal.net.nat.advert import encode_relays, relay_key, relays_of
+from shoal.net.nat import advert
 from shoal.net.nat.limits import RelayConfig
 from shoal.net.nat.reserve import RelayAddress, ReserverConfig
 from shoal.net.nat.traversal import Traversal, TraversalConfig
@@ -117,10 +117,9 @@ class Commands:
     async def _advertise(self) -> None:
         if self.dht is None or self.nat.reserver is None:
             return
-        value = encode_relays(self.nat.reserver.held())
         with contextlib.suppress(NetworkError, asyncio.TimeoutError):
-            await self.dht.node.store(
-                relay_key(self.runtime.peer_id), value, time.time() + _ADVERT_TTL_S, subkey=b""
+            await advert.advertise(
+                self.dht.node, self.runtime.peer_id, self.nat.reserver.held(), _ADVERT_TTL_S
             )
 
     async def _rejoin(self, seeds: list[str]) -> None:
@@ -137,7 +136,7 @@ class Commands:
     async def resolve(self, peer: PeerID) -> list[RelayAddress]:
         if self.dht is None:
             return []
-        return relays_of(peer, await self.dht.node.get(relay_key(peer)))
+        return await advert.resolve(self.dht.node, peer)
 
     # -- commands -------------------------------------------------------------------------
     async def cmd_dialback(self, helpers: list[str]) -> dict[str, Any]:
