@@ -86,3 +86,14 @@ def test_sequence_longer_than_rotary_tables_is_refused():
     model = GPT(model_config("tiny", max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_module_apply_still_walks_the_tree_and_rotary_apply_rotates():
+    model = GPT(model_config("tiny"))
+    visited = []
+    model.apply(lambda m: visited.append(type(m).__name__))
+    assert "Rotary" in visited and visited[-1] == "GPT"
+    x = torch.randn(1, 2, 5, 32)
+    assert torch.equal(model.rotary.apply(x), model.rotary.rotate(x))
+    # rotation preserves the norm of each channel pair
+    torch.testing.assert_close(model.rotary.rotate(x).norm(dim=-1), x.norm(dim=-1))

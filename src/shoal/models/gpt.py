@@ -46,6 +46,12 @@ class Rotary(nn.Module):
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return out.flatten(-2)  # (B, nh, T, hs)
 
+    def apply(self, fn):  # type: ignore[no-untyped-def, override]
+        """Deprecated spelling of ``rotate`` for tensors; ``nn.Module.apply`` for functions."""
+        if isinstance(fn, torch.Tensor):
+            return self.rotate(fn)
+        return super().apply(fn)
+
 
 class Attention(nn.Module):
     """Causal multi-head self-attention with separate q, k, v and output projections."""
