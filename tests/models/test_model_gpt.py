@@ -74,7 +74,8 @@ def test_unknown_model_name_lists_the_known_ones():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"n_head": 3}, {"d_model": 0}, {"dropout": 1.5}, {"n_layer": 2.5}]
+    "kwargs",
+    [{"n_head": 3}, {"d_model": 0}, {"dropout": 1.5}, {"n_layer": 2.5}, {"init_std": "0.02"}],
 )
 def test_invalid_model_config_names_the_field(kwargs):
     field = next(iter(kwargs))

@@ -51,6 +51,10 @@ class ModelConfig:
                 f"model.n_head={self.n_head} must divide model.d_model={self.d_model} "
                 "into an even head size"
             )
+        for name in ("rope_base", "dropout", "init_std", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"model.{name} must be a number, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.init_std > 0.0:
