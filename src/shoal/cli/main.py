@@ -51,27 +51,27 @@ def _register_all() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point. Shoal's own errors print one line and exit 2."""
+    """Console entry point. Shoal's own errors print one line and exit 2.
+
+    Usage errors (unknown command, missing argument) are reported by the command-line
+    parser itself, which prints the usage and exits 2.
+    """
     _register_all()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=True)
     except ShoalError as exc:
         print(f"shoal: error: {exc}", file=sys.stderr)
         return 2
-    except typer.Exit as exc:
-        return int(exc.exit_code or 0)
-    except typer.Abort:
-        print("shoal: aborted", file=sys.stderr)
-        return 130
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        print(code, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # click usage errors come through here with standalone_mode off
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
     return 0
 
 
