@@ -140,6 +140,8 @@ class NetConfig:
     """A keepalive ping unanswered this long closes the connection."""
     idle_close_s: float = 300.0
     """A pooled connection unused this long is closed."""
+    sweep_interval_s: float = 5.0
+    """How often idle connections and expired sessions are swept."""
     reconnect: RetryPolicy = field(default_factory=RetryPolicy)
     """Backoff between connection attempts to one address (initial, max, factor, jitter;
     the pool never gives up on an address by itself: failures feed ``health`` bans)."""
@@ -167,7 +169,7 @@ class NetConfig:
     def __post_init__(self) -> None:
         _positive(self, "call_timeout_s", "stream_timeout_s", "connect_timeout_s")
         _positive(self, "max_clock_skew_s", "session_ttl_s", "max_sessions", "replay_window")
-        _positive(self, "keepalive_s", "keepalive_timeout_s", "idle_close_s")
+        _positive(self, "keepalive_s", "keepalive_timeout_s", "idle_close_s", "sweep_interval_s")
         _positive(self, "max_message_bytes", "chunk_bytes", "max_tracked_peers")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"NetConfig.port must be in [0, 65535], got {self.port!r}")

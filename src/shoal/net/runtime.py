@@ -43,7 +43,6 @@ from shoal.net.traffic import Traffic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_SWEEP_INTERVAL_S = 5.0
 CLOSE_TIMEOUT_S = 2.0
 
 
@@ -184,7 +183,7 @@ class NetRuntime:
 
     async def _sweeper(self) -> None:
         while True:
-            await asyncio.sleep(_SWEEP_INTERVAL_S)
+            await asyncio.sleep(self.config.sweep_interval_s)
             await self.pool.sweep()
             self.sessions.drop_expired(time.time())
 
