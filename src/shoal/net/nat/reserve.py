@@ -87,7 +87,7 @@ class Reserver:
         self.on_change = on_change
         self._slots: dict[str, _Slot] = {}
         self._hold_until: dict[str, float] = {}
-        self._tasks = TaskSet("reserver")
+        self._tasks = TaskSet("reserver", runtime.spawn)
         self._wake = asyncio.Event()
         self.accepted = 0
         self.changed = asyncio.Event()

@@ -1,10 +1,14 @@
-"""``TaskSet``: the background tasks one NAT component owns, cancelled together on close."""
+"""``TaskSet``: the background tasks one NAT component owns, cancelled together on close.
+
+With ``spawner=runtime.spawn`` the runtime's supervisor owns them as well, so closing the
+runtime first still cancels them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["TaskSet"]
@@ -16,8 +20,9 @@ T = TypeVar("T")
 class TaskSet:
     """Spawn owned tasks on the running loop; ``close`` cancels and awaits them (bounded)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, spawner: Callable[..., asyncio.Task[Any]] | None = None) -> None:
         self.name = name
+        self._spawner = spawner
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
 
@@ -28,7 +33,10 @@ class TaskSet:
         if self.closed:
             coro.close()
             raise RuntimeError(f"{self.name} is closed")
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        if self._spawner is not None:
+            task: asyncio.Task[T] = self._spawner(coro, name=name)
+        else:
+            task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task

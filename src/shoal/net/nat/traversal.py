@@ -110,7 +110,7 @@ class Traversal:
         self.verdict: Verdict | None = None
         self.links: dict[bytes, PeerLink] = {}
         self.punched_in = 0
-        self._tasks = TaskSet("traversal")
+        self._tasks = TaskSet("traversal", runtime.spawn)
         self._started = False
 
     async def start(self) -> Traversal:
