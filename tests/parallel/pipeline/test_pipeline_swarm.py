@@ -198,3 +198,10 @@ def test_entry_points_serve_and_train() -> None:
         for t in threads:
             t.join(10)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_periodic_rebalancing_moves_by_itself(swarm_factory: list[Swarm]) -> None:
+    swarm = make(swarm_factory, num_stages=2, min_dwell_s=0.0, rebalance_period_s=0.3)
+    a, b = swarm.server(0), swarm.server(0)  # nobody on stage 1
+    assert a.moved.wait(20) or b.moved.wait(5)
+    assert sorted([a.stage, b.stage]) == [0, 1] and a.moves + b.moves == 1

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,6 +70,8 @@ class StageServer:
         self.core = StageCore(model_config, self.config,
                               stage_index if isinstance(stage_index, int) else 0)
         self.moves = 0
+        self.moved = threading.Event()
+        """Set after each move (for tests and supervisors on other threads)."""
         self.averaging_rounds = 0
         self._moved_at = time.monotonic()
         self._averaging_transport = averaging_transport
@@ -240,6 +243,7 @@ class StageServer:
         await self._announce(active=True)
         self.moves += 1
         self._moved_at = time.monotonic()
+        self.moved.set()
         log.info("stage server moved from stage %d to %d", old, stage)
 
     def move_to_blocking(self, stage: int, timeout_s: float = 60.0) -> None:
