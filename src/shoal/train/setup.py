@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,12 +17,28 @@ from shoal.train.config import OptimConfig
 __all__ = ["autocast_for", "available_cores", "make_optimizer", "pick_device", "set_threads"]
 
 
-def available_cores() -> int:
-    """Cores this process may run on (respects CPU affinity and container limits)."""
+def _cgroup_cpu_limit(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """Whole CPUs allowed by a cgroup v2 quota (``"<quota> <period>"``), or None if unlimited."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, int(quota) // max(1, int(period)))
+    except ValueError:
+        return None
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    limit = _cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
 
 
 def set_threads(threads: int) -> int:
