@@ -162,6 +162,9 @@ class SyncStrategy:
         t.step = self.sync.step
         return StepOutcome(float(loss.detach()), self.opts.batch_size, report)
 
+    def fingerprint(self) -> str:
+        return _fingerprint(self.trainer.model)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 

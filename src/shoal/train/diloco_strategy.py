@@ -95,6 +95,9 @@ class DiLoCoStrategy:
             self.applied_step = self.trainer.step
         return StepOutcome(loss, samples, report)
 
+    def fingerprint(self) -> str:
+        return self.diloco.outer.fingerprint()
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.diloco.state_tensors()
 

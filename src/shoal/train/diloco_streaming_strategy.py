@@ -82,6 +82,9 @@ class StreamingStrategy:
             self.applied_step = self.trainer.step
         return StepOutcome(loss, samples, report)
 
+    def fingerprint(self) -> str:
+        return "-".join(o.fingerprint() for o in self.streaming.outers)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.streaming.state_tensors()
 

@@ -238,6 +238,7 @@ def _loop(
             weight=r.weight,
             reason=r.reason,
             resynced=r.resynced,
+            fingerprint=strategy.fingerprint(),
             seconds={k: round(v, 3) for k, v in r.seconds.items()},
             bytes_sent=bytes_sent(services.runtime),
         )

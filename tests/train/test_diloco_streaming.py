@@ -1,0 +1,94 @@
+"""Streaming DiLoCo: fragment schedule, overlap with compute, delayed application rule."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import torch
+
+from shoal.train.diloco_streaming import StreamingDiLoCo, fragment_offsets, split_fragments
+from shoal.train.outer import OuterConfig, OuterNesterov
+from shoal.train.swarm_round import RoundOutcome
+
+
+def test_split_fragments_is_contiguous_balanced_and_complete() -> None:
+    sizes = [100, 10, 10, 100, 50, 50, 100, 80]
+    frags = split_fragments(sizes, 4)
+    assert [i for f in frags for i in f] == list(range(len(sizes)))
+    assert len(frags) == 4 and all(frags)
+    assert split_fragments([5, 5], 4) == [[0], [1]]
+    assert fragment_offsets(4, 20) == [5, 10, 15, 20]
+
+
+class Launcher:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, torch.Tensor]] = []
+        self.futures: list[concurrent.futures.Future[RoundOutcome]] = []
+
+    def __call__(self, vector, weight, index, fragment, fp):
+        self.calls.append((fragment, index, vector.clone()))
+        fut: concurrent.futures.Future[RoundOutcome] = concurrent.futures.Future()
+        self.futures.append(fut)
+        return fut
+
+
+def _model() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(6, generator=g) for _ in range(4)]
+
+
+def test_rounds_overlap_compute_and_apply_by_the_delayed_rule() -> None:
+    params = _model()
+    launch = Launcher()
+    s = StreamingDiLoCo(
+        params,
+        local_steps=8,
+        fragments=4,
+        overlap_steps=2,
+        mix_alpha=0.5,
+        outer=OuterConfig(),
+        launch=launch,
+    )
+    start = [p.clone() for p in params]
+    assert s.offsets == [2, 4, 6, 8]
+    s.after_local_step(8)
+    assert launch.calls == []
+    params[0].add_(1.0)  # local progress of fragment 0 before its sync step
+    s.after_local_step(8)  # step 2: fragment 0 launched, compute goes on
+    assert [c[0] for c in launch.calls] == [0] and s.pending is not None
+    assert torch.allclose(launch.calls[0][2], torch.full((6,), -1.0))
+    params[0].add_(0.25)  # a local step taken while the all-reduce runs
+    launch.futures[0].set_result(RoundOutcome(True, group_size=2))
+    reports = s.after_local_step(8)  # step 3: landed -> applied now
+    assert len(reports) == 1 and reports[0].ok and s.pending is None
+    ref = OuterNesterov([start[0]])
+    ref.step(launch.calls[0][2])
+    assert torch.allclose(s.outers[0].master[0], ref.master[0])
+    # theta_local <- 0.5 * local(t') + 0.5 * theta_new; local(t') = start + 1.25
+    assert torch.allclose(params[0], 0.5 * (start[0] + 1.25) + 0.5 * ref.master[0])
+    # Other fragments untouched by fragment 0's round.
+    assert all(torch.equal(a, b) for a, b in zip(params[1:], start[1:], strict=True))
+
+
+def test_unfinished_round_is_waited_for_at_the_overlap_bound_and_failure_changes_nothing() -> None:
+    params = _model()
+    launch = Launcher()
+    s = StreamingDiLoCo(
+        params,
+        local_steps=8,
+        fragments=4,
+        overlap_steps=2,
+        mix_alpha=0.5,
+        outer=OuterConfig(),
+        launch=launch,
+        wait_timeout_s=0.05,
+    )
+    s.after_local_step(8)
+    s.after_local_step(8)  # launch fragment 0 at step 2
+    assert s.after_local_step(8) == []  # step 3: not landed, within the bound
+    before = [p.clone() for p in params]
+    reports = s.after_local_step(8)  # step 4: bound reached -> waited (times out), failed
+    assert reports and not reports[0].ok and s.stale
+    assert launch.futures[0].cancelled()
+    assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
+    assert [c[0] for c in launch.calls] == [0, 1]  # fragment 1 launched at its own offset
