@@ -16,8 +16,10 @@ resent once, which is safe because the peer rejected it before any handler work.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
-from collections.abc import AsyncIterator, Callable
+import types
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +62,13 @@ class _Recorder:
         return self._spec(kind)
 
 
-def method_specs(stub_cls: type) -> dict[str, MethodSpec]:
-    """The methods of a generated stub class, by attribute name."""
+@functools.lru_cache(maxsize=256)
+def method_specs(stub_cls: type) -> Mapping[str, MethodSpec]:
+    """The methods of a generated stub class, by attribute name (computed once per class)."""
     stub = stub_cls(_Recorder())
-    return {k: v for k, v in vars(stub).items() if isinstance(v, MethodSpec)}
+    return types.MappingProxyType(
+        {k: v for k, v in vars(stub).items() if isinstance(v, MethodSpec)}
+    )
 
 
 class _SessionLost(AuthenticationError):
