@@ -41,7 +41,7 @@ class StageAveraging:
     def __init__(self, server: StageServer, transport: Any = None) -> None:
         from shoal.parallel.data.grpc_transport import GrpcTransport
         self.server = server
-        self.transport = transport or GrpcTransport(server.runtime)
+        self.transport = transport or GrpcTransport.for_runtime(server.runtime)
         self.averager = Averager(self.transport)
         self.rounds_ok = 0
         self.rounds_failed = 0
