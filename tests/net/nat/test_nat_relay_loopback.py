@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import threading
@@ -13,6 +14,7 @@ import torch
 from shoal.errors import NetworkError
 from shoal.net import tensor_frames
 from shoal.net.nat.limits import RelayConfig
+from shoal.net.nat.observe import ProbeResult, probe
 from shoal.net.nat.punch import PunchResult
 from shoal.net.nat.reachability import Reachability, Verdict
 from shoal.net.nat.reserve import RelayAddress, ReserverConfig
@@ -206,3 +208,25 @@ def test_upgrade_moves_the_channel_off_the_relay(make_runtime) -> None:
     assert relay.core.total_bytes == before
     for rt, nat in ((dialer_rt, dialer), (target_rt, target), (relay_rt, relay)):
         _close(rt, nat)
+
+
+def test_dial_back_never_dials_another_host(make_runtime) -> None:
+    me_rt, helper_rt = make_runtime(), make_runtime()
+    helper = _nat(helper_rt)
+    accepted: list[object] = []
+    bystander = socket.create_server(("127.0.0.2", 0))
+    bystander.setblocking(False)
+    elsewhere = f"127.0.0.2:{bystander.getsockname()[1]}"
+
+    async def ask() -> ProbeResult:
+        return await probe(
+            me_rt, helper_rt.address, helper_rt.peer_id, 0, (me_rt.address, elsewhere)
+        )
+
+    result = me_rt.run(ask(), timeout_s=20)
+    assert result.reached == (me_rt.address,)  # ours was dialled, the bystander was not
+    with contextlib.suppress(BlockingIOError):
+        accepted.append(bystander.accept())
+    assert accepted == []
+    bystander.close()
+    _close(helper_rt, helper)

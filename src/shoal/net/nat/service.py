@@ -2,7 +2,8 @@
 
 - ``DialBack``: dial the caller back at up to ``MAX_DIAL_BACK`` addresses, each with a
   fresh connection (never a pooled one, which would prove nothing) that must handshake as
-  the caller; report which answered and the address the request came from.
+  the caller; report which answered and the address the request came from. Only
+  addresses on the host the request came from are dialled (no probing of third parties).
 - ``Listen`` / ``Connect`` / ``Accept``: delegated to a ``RelayCore`` when this peer relays,
   refused otherwise.
 - ``Punch``: delegated to the owner's punch responder (a peer behind a NAT), refused when
@@ -69,12 +70,15 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         addresses = list(request.addresses)
         if len(addresses) > MAX_DIAL_BACK:
             raise ProtocolViolation(f"DialBack: more than {MAX_DIAL_BACK} addresses")
-        for address in addresses:
-            parse_address(address)
-        results = await asyncio.gather(*(self._dial(a, caller) for a in addresses))
+        observed = observed_address(context.peer())
+        seen_host = parse_address(observed)[0] if observed else None
+        # only the host the request came from is dialled: a helper must not be usable to
+        # probe third parties (an address elsewhere is simply reported as not reached)
+        wanted = [a for a in addresses if parse_address(a)[0] == seen_host]
+        results = await asyncio.gather(*(self._dial(a, caller) for a in wanted))
         return relay_pb2.DialBackReply(
-            observed=observed_address(context.peer()),
-            reached=[a for a, ok in zip(addresses, results, strict=True) if ok],
+            observed=observed,
+            reached=[a for a, ok in zip(wanted, results, strict=True) if ok],
         )
 
     def _relay(self) -> RelayCore:

@@ -58,6 +58,8 @@ class TraversalConfig:
     punch: PunchConfig = field(
         default_factory=lambda: PunchConfig(attempts=2, attempt_timeout_s=3.0, total_timeout_s=7.0)
     )
+    max_punches_in_flight: int = 4
+    """Incoming punch requests served at once; more are declined (traffic stays relayed)."""
     punch_delay_s: float = 0.2
     """Both sides start connecting this long after the punch reply."""
     probe_timeout_s: float = 5.0
@@ -74,6 +76,11 @@ class TraversalConfig:
                 raise ConfigError(
                     f"TraversalConfig.{name} must be >= 0, got {getattr(self, name)!r}"
                 )
+        if not isinstance(self.max_punches_in_flight, int) or self.max_punches_in_flight < 0:
+            raise ConfigError(
+                "TraversalConfig.max_punches_in_flight must be an int >= 0, "
+                f"got {self.max_punches_in_flight!r}"
+            )
         if not self.circuit_lifetime_s > 0:
             raise ConfigError(
                 f"TraversalConfig.circuit_lifetime_s must be > 0, got {self.circuit_lifetime_s!r}"
@@ -110,6 +117,7 @@ class Traversal:
         self.verdict: Verdict | None = None
         self.links: dict[bytes, PeerLink] = {}
         self.punched_in = 0
+        self._punching_in = 0
         self._tasks = TaskSet("traversal", runtime.spawn)
         self._started = False
 
@@ -248,6 +256,8 @@ class Traversal:
     ) -> relay_pb2.PunchReply:
         if self.verdict is not None and self.verdict.mapping == "symmetric":
             return relay_pb2.PunchReply(observed="")
+        if self._punching_in >= self.config.max_punches_in_flight:
+            return relay_pb2.PunchReply(observed="")
         dialer = parse_address(request.observed)
         relay = self._rendezvous(None)
         if relay is None:
@@ -263,12 +273,15 @@ class Traversal:
         return relay_pb2.PunchReply(observed=f"{mine.observed[0]}:{mine.observed[1]}")
 
     async def _punch_in(self, port: int, dialer: tuple[str, int], delay_s: float) -> None:
-        await asyncio.sleep(delay_s)  # the agreed start time, not synchronisation
+        self._punching_in += 1
         try:
+            await asyncio.sleep(delay_s)  # the agreed start time, not synchronisation
             result = await self._punch(port, dialer, self.config.punch)
         except NetworkError as exc:
             _log.info("incoming punch from %s failed: %r", dialer, exc)
             return
+        finally:
+            self._punching_in -= 1
         unix_path = self.runtime.unix_path
         if unix_path is None:
             result.sock.close()
