@@ -7,6 +7,14 @@ while layers are still being built, and ``shoal --help`` stays fast.
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while waiting for work starve every other process on a shared or
+# oversubscribed machine (a local swarm runs several peers per core): one tiny-model step went
+# from ~2 s to ~30 s. The setting only takes effect before torch is first imported, so it is
+# made here, ahead of every subcommand import; an explicit value in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import importlib
 import sys
 

@@ -168,7 +168,7 @@ class TPAttention(nn.Module):
         q = q.view(b, t, nh, hs).transpose(1, 2)  # (B, nh/N, T, hs)
         k = k.view(b, t, nh, hs).transpose(1, 2)
         v = v.view(b, t, nh, hs).transpose(1, 2)
-        q, k = rotary.apply(q), rotary.apply(k)
+        q, k = rotary.rotate(q), rotary.rotate(k)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         y = y.transpose(1, 2).reshape(b, t, nh * hs)  # (B, T, C/N)
