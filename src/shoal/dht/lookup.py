@@ -112,8 +112,12 @@ async def iterative_lookup(
                     lanes += 1
                 elif c.state == 1:
                     c.state = 4  # no longer holds a lane nor a place among the k closest
+            waiting = False  # a candidate is left that the in-flight cap holds back
             for cand in frontier():
-                if lanes >= alpha or len(inflight) >= max_inflight:
+                if lanes >= alpha:
+                    break
+                if cand.state == 0 and len(inflight) >= max_inflight:
+                    waiting = True
                     break
                 if cand.state == 0:
                     cand.state = 1
@@ -122,7 +126,7 @@ async def iterative_lookup(
                     task = asyncio.ensure_future(query(cand))
                     inflight[task] = cand
                     started[task] = now
-            if lanes == 0:
+            if lanes == 0 and not waiting:
                 break  # every one of the k closest answered, failed or is too slow
             remaining = deadline - now
             if remaining <= 0:
