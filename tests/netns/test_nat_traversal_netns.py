@@ -147,4 +147,8 @@ def test_peers_move_to_another_relay_within_10_s(bed: Testbed, peers) -> None:
 
     _until(reached, 10.0)
     assert time.monotonic() - killed < 10.0
-    assert c.call("stats")["held"] == [peers["server2"].address]
+    for name in ("a", "b", "c"):  # every reservation moved to the surviving relay
+        held = peers[name].call("wait_held", count=1, timeout_s=5.0)["held"]
+        assert held == [peers["server2"].address], (name, held)
+    moved = peers["server2"].call("stats")["relay"]["circuits"]
+    assert any(x["target"] == c.id and x["bytes_to_target"] > 0 for x in moved), moved
