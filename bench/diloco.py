@@ -105,8 +105,10 @@ def _peer_argv(args: argparse.Namespace, run_dir: Path, index: int, join: str | 
     argv += ["--steps", str(args.steps), "--local-steps", str(args.local_steps)]
     argv += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     argv += ["--lr", str(args.lr), "--model", args.model, "--codec", args.codec]
+    argv += ["--rank", str(args.rank), "--outer-lr", str(args.outer_lr)]
     argv += ["--window", str(args.window_s), "--heartbeat", str(args.heartbeat_s)]
-    argv += ["--checkpoint-every", "0", "--eval-every", "1", "--report-every", "50"]
+    argv += ["--checkpoint-every", "0", "--eval-every", str(args.eval_every)]
+    argv += ["--report-every", "50"]
     if join:
         argv += ["--join", join]
     return argv
@@ -139,7 +141,7 @@ def _baseline(args: argparse.Namespace, run_dir: Path) -> tuple[float, list[dict
     curve = []
     while trainer.step < args.steps:
         trainer.train_step()
-        if trainer.step % args.local_steps == 0 or trainer.step == args.steps:
+        if trainer.step % (args.local_steps * args.eval_every) == 0 or trainer.step == args.steps:
             bpb = evaluate_bpb(trainer.model, val, device=trainer.device, autocast=trainer.autocast)
             curve.append({"step": trainer.step, "val_bpb": round(bpb, 4)})
             _log(f"baseline step {trainer.step} val_bpb {bpb:.4f}")
@@ -150,14 +152,17 @@ def main(argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="shoal bench diloco")
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--local-steps", type=int, default=150)
+    p.add_argument("--local-steps", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--model", default="tiny")
     p.add_argument("--codec", default="int8")
+    p.add_argument("--rank", type=int, default=4, help="low-rank averaging (0 = whole tensors)")
+    p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--window-s", type=float, default=30.0)
-    p.add_argument("--heartbeat-s", type=float, default=5.0)
+    p.add_argument("--heartbeat-s", type=float, default=10.0)
+    p.add_argument("--eval-every", type=int, default=10, help="rounds between validations")
     p.add_argument("--timeout-s", type=float, default=1500.0)
     p.add_argument("--keep-logs", action="store_true", help="print the peers' logs to stderr")
     p.add_argument("--json", action="store_true", help="accepted; the result is always JSON")
@@ -206,6 +211,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         "steps": args.steps,
         "local_steps": args.local_steps,
         "codec": args.codec,
+        "rank": args.rank,
         "params": num_params,
         "rounds_ok": sum(1 for r in rounds if r["ok"]),
         "rounds": len(rounds),

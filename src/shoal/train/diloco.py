@@ -84,12 +84,14 @@ class DiLoCo:
         config: DiLoCoConfig,
         average: AverageFn,
         resync: Callable[[], ResyncState | None] | None = None,
+        on_resync: Callable[[ResyncState], None] | None = None,
     ) -> None:
         self.params = list(params)
         self.config = config
         self.outer = OuterNesterov(self.params, config.outer)
         self.average = average
         self.resync = resync
+        self.on_resync = on_resync
         self.round_index = 0
         """Rounds attempted so far = index of the next round."""
         self.local_steps_done = 0
@@ -144,6 +146,8 @@ class DiLoCo:
         self.outer.master = new
         self.round_index = state.round_index
         self.stale = False
+        if self.on_resync is not None:
+            self.on_resync(state)
         return True
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ import threading
 import torch
 
 from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
+from shoal.train.diloco_lowrank import LowRankAverager
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_round import RoundOutcome, RoundsConfig, SwarmRounds
 from shoal.train.swarm_services import PeerServices
@@ -48,11 +49,18 @@ class DiLoCoStrategy:
         )
         self.applied_step = applied_step
         """Local step of the last applied outer step (resync only takes fresher state)."""
+        params = list(trainer.model.parameters())
+        self.lowrank = (
+            LowRankAverager([p.shape for p in params], opts.rank, seed=opts.seed)
+            if opts.rank > 0
+            else None
+        )
         self.diloco = DiLoCo(
-            [p for p in trainer.model.parameters()],
+            params,
             DiLoCoConfig(local_steps=opts.local_steps, outer=opts.outer),
             self._average,
             self._resync,
+            self._on_resync,
         )
 
     @property
@@ -60,22 +68,34 @@ class DiLoCoStrategy:
         return self.diloco.round_index
 
     def _average(self, vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
-        cfg = self.rounds_cfg
-        outcome = blocking_round(
-            self.services.runtime,
-            self.rounds.average(
-                vector,
-                weight,
-                round_key=round_key(self.mode, index, self.diloco.outer.fingerprint()),
-                expected_peers=self.services.trainers(),
-            ),
-            stop=self.stop,
-            timeout_s=cfg.window_cap_s + cfg.allreduce_timeout_s + 10.0,
-        )
+        if self.lowrank is not None:
+            outcome = self.lowrank.average(vector, weight, index, self._raw)
+        else:
+            outcome = self._raw(vector, weight, index, 0)
         prof = self.services.monitor.profiler
         prof.add("waiting", outcome.seconds.get("matchmaking", 0.0))
         prof.add("communication", outcome.seconds.get("allreduce", 0.0))
         return outcome
+
+    def _raw(self, vector: torch.Tensor, weight: float, index: int, stage: int) -> RoundOutcome:
+        cfg = self.rounds_cfg
+        if stage == 0:
+            key = round_key(self.mode, index, self.diloco.outer.fingerprint())
+            coro = self.rounds.average(
+                vector, weight, round_key=key, expected_peers=self.services.trainers()
+            )
+        else:
+            coro = self.rounds.again(vector, weight, tag=f"/{stage}".encode())
+        return blocking_round(
+            self.services.runtime,
+            coro,
+            stop=self.stop,
+            timeout_s=cfg.window_cap_s + cfg.allreduce_timeout_s + 10.0,
+        )
+
+    def _on_resync(self, state: ResyncState) -> None:
+        if self.lowrank is not None:
+            self.lowrank.load_state_tensors(state.tensors)
 
     def _resync(self) -> ResyncState | None:
         s = self.services
@@ -99,10 +119,13 @@ class DiLoCoStrategy:
         return self.diloco.outer.fingerprint()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.diloco.state_tensors()
+        extra = self.lowrank.state_tensors() if self.lowrank is not None else {}
+        return {**self.diloco.state_tensors(), **extra}
 
     def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
         self.applied_step = self.trainer.step
+        if self.lowrank is not None:
+            self.lowrank.load_state_tensors(tensors)
         return self.diloco.load_state(tensors, round_index)
 
     def close(self) -> None:

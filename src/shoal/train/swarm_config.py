@@ -61,6 +61,8 @@ class PeerOptions:
     outer: OuterConfig = field(default_factory=OuterConfig)
     wire_codec: str = "int8"
     """Codec of pseudo-gradients / gradients on the wire."""
+    rank: int = 0
+    """DiLoCo: average pseudo-gradients through rank-``rank`` factors (0 = whole tensors)."""
     fragments: int = 4
     """Streaming DiLoCo: number of parameter fragments."""
     overlap_steps: int = 5

@@ -113,6 +113,8 @@ class SwarmRounds:
                 cap_s=cfg.window_cap_s,
             )
         )
+        self.last_group: GroupSpec | None = None
+        """The contributors of the last successful round, as a group (for :meth:`again`)."""
         self.match = MatchConfig(
             max_group_size=cfg.max_group_size,
             min_group_size=cfg.min_group_size,
@@ -156,10 +158,42 @@ class SwarmRounds:
                 False, group_size=len(members), reason=result.reason, seconds=seconds
             )
         contributors = frozenset(p for p in result.contributors if isinstance(p, PeerID))
+        kept = [m for m in members if m in contributors]
+        self.last_group = GroupSpec.uniform(group.group_id, kept)
         return RoundOutcome(
             True,
             contributors=contributors,
             weight=result.weight,
             group_size=len(members),
+            seconds=seconds,
+        )
+
+    async def again(self, vector: torch.Tensor, weight: float, *, tag: bytes) -> RoundOutcome:
+        """A follow-up all-reduce with the last round's contributors, without matchmaking.
+
+        Every contributor of the last round derives the same group (the contributor set is
+        agreed by the all-reduce), so a second exchange of the same round (e.g. the Q
+        factors of a low-rank round) needs no rendezvous.
+        """
+        last = self.last_group
+        if last is None:
+            return RoundOutcome(False, reason="no previous group")
+        spec = GroupSpec.uniform(last.round_id[:32] + tag[:16], last.members)
+        self.averager.prepare(spec)
+        t0 = time.monotonic()
+        result = await self.averager.average(
+            [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
+        )
+        seconds = {"allreduce": time.monotonic() - t0}
+        if not result.ok:
+            return RoundOutcome(
+                False, group_size=len(spec.members), reason=result.reason, seconds=seconds
+            )
+        contributors = frozenset(p for p in result.contributors if isinstance(p, PeerID))
+        return RoundOutcome(
+            True,
+            contributors=contributors,
+            weight=result.weight,
+            group_size=len(spec.members),
             seconds=seconds,
         )

@@ -1,0 +1,129 @@
+"""Low-rank (PowerSGD-style) averaging of pseudo-gradients, with error feedback.
+
+A DiLoCo round moves the whole pseudo-gradient; this compressor moves two small factors per
+matrix instead, in two all-reduces with the same contributors (the second one needs no
+matchmaking, ``SwarmRounds.again``). For every matrix ``M_i = Δ_i + e_i`` (``e_i``: this
+peer's error feedback; tensors with more than two dims are viewed as ``(shape[0], -1)``):
+
+    1. P_i = M_i Q              all-reduce (weighted mean) → P̄;  P̂ = orthonormal basis of P̄
+    2. R_i = M_iᵀ P̂             all-reduce → R̄
+    3. mean ≈ P̂ R̄ᵀ  (= P̂ P̂ᵀ · mean of M);   e_i ← M_i - P̂ R_iᵀ;   Q ← R̄ (warm start)
+
+Vectors (biases, norms) and small matrices travel dense in the first all-reduce. ``Q`` is
+derived from the averaged ``R̄``, so it is the same on every contributor; it is part of the
+outer state (``state_tensors``, prefix ``outer.lowrank.``) so a peer that resyncs from the
+swarm adopts it too. The first ``Q`` is a seeded random orthonormal matrix (same seed on
+every peer). One power iteration per round, warm-started, as in PowerSGD.
+
+Commit rule: the result is written only when both all-reduces succeed; otherwise the
+pseudo-gradient, ``Q`` and the error feedback are untouched and the round fails.
+Bytes per round: ``rank·(n + m)`` values per ``n×m`` matrix instead of ``n·m``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from shoal.errors import ConfigError
+from shoal.train.swarm_round import RoundOutcome
+
+__all__ = ["LowRankAverager"]
+
+# raw(vector, weight, index, stage) averages in place; stage 0 meets the swarm, 1 reuses it.
+RawAverage = Callable[[torch.Tensor, float, int, int], RoundOutcome]
+
+
+class LowRankAverager:
+    """Averages a flat pseudo-gradient through rank-``rank`` factors (see module doc)."""
+
+    def __init__(self, shapes: Sequence[torch.Size], rank: int, *, seed: int = 0) -> None:
+        if rank < 1:
+            raise ConfigError(f"rank must be >= 1, got {rank!r}")
+        self.rank = rank
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.sizes = [s.numel() for s in self.shapes]
+        self.matrices: list[int] = []
+        for i, s in enumerate(self.shapes):
+            if len(s) >= 2:
+                n, m = s[0], s.numel() // s[0]
+                if rank * (n + m) < n * m // 2:  # worth compressing
+                    self.matrices.append(i)
+        self.dense = [i for i in range(len(self.shapes)) if i not in self.matrices]
+        g = torch.Generator().manual_seed(seed)
+        self.q: dict[int, torch.Tensor] = {}
+        self.error: dict[int, torch.Tensor] = {}
+        for i in self.matrices:
+            n, m = self._nm(i)
+            self.q[i] = torch.linalg.qr(torch.randn(m, rank, generator=g)).Q.contiguous()
+            self.error[i] = torch.zeros(n, m)
+
+    def _nm(self, i: int) -> tuple[int, int]:
+        s = self.shapes[i]
+        return s[0], s.numel() // s[0]
+
+    def wire_numel(self) -> int:
+        """Values sent per round (both all-reduces), against ``sum(sizes)`` uncompressed."""
+        lowrank = sum(self.rank * sum(self._nm(i)) for i in self.matrices)
+        return lowrank + sum(self.sizes[i] for i in self.dense)
+
+    def average(
+        self, delta: torch.Tensor, weight: float, index: int, raw: RawAverage
+    ) -> RoundOutcome:
+        """Replace ``delta`` (flat fp32) by the low-rank mean over the contributors, in place."""
+        views = list(torch.split(delta, self.sizes))
+        m = {i: views[i].view(self._nm(i)) + self.error[i] for i in self.matrices}
+        first = torch.cat(
+            [(m[i] @ self.q[i]).reshape(-1) for i in self.matrices] + [views[i] for i in self.dense]
+        )
+        out1 = raw(first, weight, index, 0)
+        if not out1.ok:
+            return out1
+        p_hat: dict[int, torch.Tensor] = {}
+        offset = 0
+        for i in self.matrices:
+            n, _ = self._nm(i)
+            p_bar = first[offset : offset + n * self.rank].view(n, self.rank)
+            offset += n * self.rank
+            p_hat[i] = torch.linalg.qr(p_bar).Q
+        dense_mean = first[offset:]
+        local_r = {i: m[i].T @ p_hat[i] for i in self.matrices}
+        second = torch.cat([local_r[i].reshape(-1) for i in self.matrices])
+        out2 = raw(second, weight, index, 1)
+        seconds = {**out1.seconds}
+        for k, v in out2.seconds.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+        if not out2.ok:
+            return RoundOutcome(
+                False, group_size=out2.group_size, reason=f"second: {out2.reason}", seconds=seconds
+            )
+        offset = 0
+        for i in self.matrices:
+            _, cols = self._nm(i)
+            r_bar = second[offset : offset + cols * self.rank].view(cols, self.rank)
+            offset += cols * self.rank
+            views[i].copy_((p_hat[i] @ r_bar.T).reshape(-1))
+            self.error[i] = m[i] - p_hat[i] @ local_r[i].T
+            self.q[i] = r_bar.clone()
+        d_off = 0
+        for i in self.dense:
+            views[i].copy_(dense_mean[d_off : d_off + self.sizes[i]])
+            d_off += self.sizes[i]
+        return RoundOutcome(
+            True,
+            contributors=out2.contributors,
+            weight=out2.weight,
+            group_size=out2.group_size,
+            seconds=seconds,
+        )
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"outer.lowrank.q.{i}": q for i, q in self.q.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> bool:
+        found = {i: tensors.get(f"outer.lowrank.q.{i}") for i in self.q}
+        if any(t is None or t.shape != self.q[i].shape for i, t in found.items()):
+            return False
+        self.q = {i: t.to(torch.float32).clone() for i, t in found.items() if t is not None}
+        return True

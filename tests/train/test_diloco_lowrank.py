@@ -1,0 +1,100 @@
+"""Low-rank averaging of pseudo-gradients: exactness, agreement across peers, commit rule."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from shoal.train.diloco_lowrank import LowRankAverager
+from shoal.train.swarm_round import RoundOutcome
+
+SHAPES = [torch.Size([32, 24]), torch.Size([24]), torch.Size([16, 2, 8])]
+
+
+def _ok(vector: torch.Tensor, weight: float, index: int, stage: int) -> RoundOutcome:
+    return RoundOutcome(True, contributors=frozenset({1, 2}), weight=weight, group_size=2)
+
+
+def test_low_rank_inputs_come_through_exactly_and_dense_tensors_untouched() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 2, generator=g) @ torch.randn(2, 24, generator=g)
+    b = torch.randn(24, generator=g)
+    c = (torch.randn(16, 1, generator=g) @ torch.randn(1, 16, generator=g)).view(16, 2, 8)
+    delta = torch.cat([a.reshape(-1), b, c.reshape(-1)])
+    avg = LowRankAverager(SHAPES, rank=2)
+    assert avg.matrices == [0, 2] and avg.dense == [1]
+    assert avg.wire_numel() == 2 * (32 + 24) + 24 + 2 * (16 + 16)
+    out = delta.clone()
+    assert avg.average(out, 1.0, 0, _ok).ok
+    assert torch.allclose(out, delta, atol=1e-4)
+    assert all(e.abs().max() < 1e-4 for e in avg.error.values())
+
+
+def test_error_feedback_keeps_what_was_not_sent() -> None:
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(sum(s.numel() for s in SHAPES), generator=g)
+    avg = LowRankAverager(SHAPES, rank=1)
+    out = delta.clone()
+    assert avg.average(out, 1.0, 0, _ok).ok
+    sent = out[: 32 * 24].view(32, 24)
+    assert torch.allclose(sent + avg.error[0], delta[: 32 * 24].view(32, 24), atol=1e-5)
+    assert torch.linalg.matrix_rank(sent) == 1
+
+
+def test_failed_second_exchange_changes_nothing() -> None:
+    avg = LowRankAverager(SHAPES, rank=2)
+    q = {i: t.clone() for i, t in avg.q.items()}
+    delta = torch.randn(sum(s.numel() for s in SHAPES))
+    out = delta.clone()
+
+    def second_fails(vector, weight, index, stage):
+        if stage == 1:
+            return RoundOutcome(False, reason="peer died")
+        return _ok(vector, weight, index, stage)
+
+    result = avg.average(out, 1.0, 0, second_fails)
+    assert not result.ok and "second" in result.reason
+    assert torch.equal(out, delta)
+    assert all(torch.equal(avg.q[i], q[i]) for i in q)
+    assert all(e.abs().max() == 0 for e in avg.error.values())
+
+
+def test_peers_end_with_the_same_result_the_projected_weighted_mean() -> None:
+    n = 3
+    weights = [1.0, 2.0, 5.0]
+    g = torch.Generator().manual_seed(2)
+    deltas = [torch.randn(sum(s.numel() for s in SHAPES), generator=g) for _ in range(n)]
+    outs = [d.clone() for d in deltas]
+    peers = [LowRankAverager(SHAPES, rank=3, seed=7) for _ in range(n)]
+    barrier = threading.Barrier(n, timeout=30)
+    slots: dict[tuple[int, int], torch.Tensor] = {}
+
+    def raw(rank: int):
+        def average(vector, weight, index, stage):
+            slots[(stage, rank)] = vector.clone()
+            barrier.wait()
+            total = sum(weights)
+            vector.copy_(sum(slots[(stage, r)] * weights[r] for r in range(n)) / total)
+            barrier.wait()
+            return RoundOutcome(True, contributors=frozenset(range(n)), weight=total, group_size=n)
+
+        return average
+
+    threads = [
+        threading.Thread(target=peers[r].average, args=(outs[r], weights[r], 0, raw(r)))
+        for r in range(n)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    mean = sum(d * w for d, w in zip(deltas, weights, strict=True)) / sum(weights)
+    # Dense tensors: exact weighted mean; matrices: the mean projected on a shared basis.
+    assert torch.allclose(outs[0][768:792], mean[768:792], atol=1e-6)
+    sent = outs[0][:768].view(32, 24)
+    p, _ = torch.linalg.qr(sent)
+    assert torch.allclose(p[:, :3] @ p[:, :3].T @ mean[:768].view(32, 24), sent, atol=1e-4)
+    assert all(torch.equal(peers[0].q[i], peers[1].q[i]) for i in peers[0].q)
