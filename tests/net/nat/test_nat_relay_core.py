@@ -138,7 +138,7 @@ def test_idle_circuits_close() -> None:
 
 def test_each_direction_is_held_to_the_rate() -> None:
     async def main() -> None:
-        rate = 1e6
+        rate = 4e6
         core = RelayCore(RelayConfig(rate_bytes_s=rate, burst_bytes=MAX_FRAME_BYTES))
         ends = await Ends(core).open()
         start = time.monotonic()

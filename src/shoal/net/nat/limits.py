@@ -14,7 +14,7 @@ from shoal.errors import ConfigError
 
 __all__ = ["RelayConfig", "TokenBucket"]
 
-MAX_FRAME_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 256 * 1024
 """Largest payload of one relay frame; larger frames are a protocol violation."""
 
 
