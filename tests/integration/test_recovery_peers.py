@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from shoal.monitor.events import read_events
 from shoal.state.checkpoint import list_checkpoints
 
 START_TIMEOUT_S = 150.0
@@ -159,6 +160,11 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_clear_line(tmp_path, data
         log = c.err_path.read_text()
         assert f"skipping checkpoint {newest.name}: checkpoint file {target} is truncated" in log
         c.wait_for("step", STEP_TIMEOUT_S, lambda e: e["step"] > found["step"])
+        events = list(read_events([tmp_path / "c" / "events.jsonl"]))
+        recoveries = [e.fields for e in events if e.kind == "recovery"]
+        assert [r["source"] for r in recoveries] == ["none", "disk"]
+        assert recoveries[-1]["step"] == found["step"]
+        assert any(e.kind == "checkpoint" and e.fields["step"] >= 10 for e in events)
     finally:
         for p in peers:
             p.stop()

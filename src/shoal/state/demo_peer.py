@@ -14,7 +14,8 @@ This module composes the ``train`` layer with ``state``; it is the one module of
 
 Stdout carries one JSON object per line for whoever drives the process:
 ``listening``, ``recovered`` (source, step), ``ready``, ``checkpoint`` (step, path),
-``step`` (every ``--report-every`` steps) and ``stopped``. Logs go to stderr.
+``step`` (every ``--report-every`` steps) and ``stopped``. Logs go to stderr; recovery and
+checkpoint events also go to the peer's event log ``<run-dir>/events.jsonl``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from shoal.dht.peer import DHT
     from shoal.errors import ShoalError
+    from shoal.monitor.config import EventLogConfig, MonitorConfig
+    from shoal.monitor.peer import PeerMonitor
     from shoal.net import Identity, NetConfig, NetRuntime
     from shoal.net.config import RetryPolicy
     from shoal.state.announce import StateAnnouncer, state_key
@@ -82,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     runtime = NetRuntime(identity, NetConfig(port=args.port)).start()
     dht = DHT(runtime)
     key = state_key(args.swarm)
+    monitor = PeerMonitor(
+        MonitorConfig(events=EventLogConfig(path=run_dir / "events.jsonl")),
+        peer=runtime.peer_id.to_string(),
+    )
+    monitor.start()
     emit("listening", address=runtime.address, peer_id=runtime.peer_id.to_string())
     if args.join:
         try:
@@ -115,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.step = restore_run(
             found.checkpoint, trainer.model, trainer.optimizer, trainer.windows, config_meta
         )
+    monitor.events.emit(
+        "recovery", source=found.source.value, step=trainer.step, swarm_step=found.swarm_step
+    )
     emit(
         "recovered",
         source=found.source.value,
@@ -131,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     announcer: StateAnnouncer | None = None
 
     def on_saved(saved: SavedCheckpoint) -> None:
-        emit("checkpoint", step=saved.step, path=str(saved.path) if saved.path else None)
+        path = str(saved.path) if saved.path else None
+        monitor.record_checkpoint(saved.step, path=path, write_s=round(saved.write_s, 4))
+        emit("checkpoint", step=saved.step, path=path)
         if announcer is not None:
             announcer.notify()
 
@@ -160,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         dht.close()
         runtime.close()
+        monitor.close()
     emit("stopped", step=trainer.step)
     return 0
 
