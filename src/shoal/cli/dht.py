@@ -166,7 +166,7 @@ def register(app: typer.Typer) -> None:
             runtime.close()
         if n == 0:
             print("shoal: error: no node accepted the record", file=sys.stderr)
-            raise SystemExit(1)  # typer.Exit's code is lost under standalone_mode=False
+            raise typer.Exit(1)
         typer.echo(f"stored on {n} node(s)")
 
     @group.command("get")
@@ -186,7 +186,7 @@ def register(app: typer.Typer) -> None:
             runtime.close()
         if value is None:
             print(f"shoal: no value for key {key!r}", file=sys.stderr)
-            raise SystemExit(1)  # typer.Exit's code is lost under standalone_mode=False
+            raise typer.Exit(1)
         if isinstance(value, bytes):
             typer.echo(_show(value))
             return
