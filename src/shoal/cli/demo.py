@@ -1,8 +1,13 @@
-"""`shoal demo`: a short local training run with a loss-curve summary.
+"""`shoal demo`: watch a local swarm train, lose a peer to SIGKILL and get it back.
 
-A stand-in until the swarm demo exists: it trains the ``tiny`` model on the embedded
-standard-library corpus for a minute or two on a laptop CPU and prints a table of
-step / train loss / validation bits per byte.
+    shoal demo                 # 4 peers + bootstrap on loopback, shaped links, ~2 minutes
+    shoal demo --json          # the summary as one JSON line on stdout
+    shoal demo --local         # the single-process run (no swarm)
+
+The scenario lives in ``_demo_swarm``; progress on a terminal is a live table, otherwise
+plain lines (on stderr with ``--json``). Every child process is terminated on exit, on
+Ctrl-C and on error. Exit codes: 0 done, 2 a step missed its deadline or a peer failed,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import typer
 
@@ -23,54 +29,53 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
-        steps: int = typer.Option(300, "--steps", help="Optimizer steps."),
-        eval_every: int = typer.Option(50, "--eval-every", help="Validate every N steps."),
-        json_out: bool = typer.Option(False, "--json", help="Print one final JSON line only."),
-        threads: int = typer.Option(0, "--threads", help="CPU threads (0 = all cores)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON line."),
+        run_dir: Path = typer.Option(None, "--run-dir", help="Logs, keys, checkpoints."),  # noqa: B008
+        peers: int = typer.Option(4, "--peers", help="Training peers."),
+        steps: int = typer.Option(None, "--steps", help="Local steps per peer (100; --local 300)."),
+        local_steps: int = typer.Option(10, "--local-steps", "-H", help="DiLoCo H."),
+        mode: str = typer.Option("diloco", "--mode", help="diloco | streaming | sync"),
+        rate_mbit: float = typer.Option(100.0, "--rate-mbit", help="Each peer link's cap."),
+        delay_ms: float = typer.Option(25.0, "--delay-ms", help="One-way latency per link."),
+        deadline_s: float = typer.Option(170.0, "--deadline", help="Whole-run deadline, s."),
+        monitor: bool = typer.Option(True, "--monitor/--no-monitor", help="Start the dashboard."),
+        local: bool = typer.Option(False, "--local", help="Single-process run instead."),
+        eval_every: int = typer.Option(50, "--eval-every", help="--local: validate every N."),
+        threads: int = typer.Option(0, "--threads", help="--local: CPU threads (0 = all)."),
     ) -> None:
-        """Train a tiny model locally and show its loss curve."""
-        from rich.console import Console
-        from rich.table import Table
+        """Run a local swarm: train, kill a peer, watch it recover."""
+        if local:
+            from shoal.cli._demo_local import run_local
 
-        from shoal.cli.train import setup_logging
-        from shoal.train.config import TrainConfig, with_overrides
-        from shoal.train.trainer import Trainer
-
-        setup_logging()
-        with tempfile.TemporaryDirectory(prefix="shoal-demo-") as run_dir:
-            cfg = with_overrides(
-                TrainConfig(),
-                {
-                    "model.name": "tiny",
-                    "run.steps": steps,
-                    "run.eval_every": eval_every,
-                    "run.run_dir": run_dir,
-                    "checkpoint.every_steps": 0,
-                    "run.threads": threads,
-                },
+            run_local(
+                steps=300 if steps is None else steps,
+                eval_every=eval_every,
+                json_out=json_out,
+                threads=threads,
             )
-            summary = Trainer(cfg, show_progress=not json_out, log_lines=not json_out).run()
-        if json_out:
-            curve = [
-                {
-                    "step": r.step,
-                    "train_loss": round(r.train_loss, 4),
-                    "val_bpb": round(r.val_bpb, 4),
-                }
-                for r in summary.history
-                if r.val_bpb is not None
-            ]
-            sys.stdout.write(json.dumps({**summary.as_json(), "curve": curve}) + "\n")
             return
-        table = Table(title="shoal demo: tiny byte-level GPT on the Python standard library")
-        for name in ("step", "train loss (nats/byte)", "val (bits/byte)"):
-            table.add_column(name, justify="right")
-        for r in summary.history:
-            if r.val_bpb is not None:
-                table.add_row(str(r.step), f"{r.train_loss:.3f}", f"{r.val_bpb:.3f}")
-        console = Console()
-        console.print(table)
-        console.print(
-            f"{summary.params:,} parameters, {summary.tokens_per_s:,.0f} tokens/s; "
-            "the swarm demo replaces this local run."
+        from shoal.cli._demo_state import DemoConfig
+        from shoal.cli._demo_swarm import run_swarm_demo
+        from shoal.cli._demo_view import Progress, print_summary
+
+        cfg = DemoConfig(
+            peers=peers,
+            steps=100 if steps is None else steps,
+            local_steps=local_steps,
+            mode=mode,
+            rate_mbit=rate_mbit,
+            delay_ms=delay_ms,
+            deadline_s=deadline_s,
+            monitor=monitor,
+            kill_peer=min(2, peers - 1),
         )
+        live = sys.stdout.isatty() and not json_out
+        progress = Progress(live=live, stream=sys.stderr if json_out else sys.stdout)
+        with tempfile.TemporaryDirectory(prefix="shoal-demo-") as tmp:
+            where = run_dir if run_dir is not None else Path(tmp)
+            with progress:
+                summary = run_swarm_demo(cfg, where, progress.show)
+        if json_out:
+            sys.stdout.write(json.dumps(summary) + "\n")
+        else:
+            print_summary(summary, progress.console)
