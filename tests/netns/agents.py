@@ -123,7 +123,7 @@ def pingpong(ip: str, port: int, count: int) -> None:
 
 def rendezvous(port: int) -> None:
     server = listen(port)
-    server.settimeout(30)
+    server.settimeout(90)  # clients import torch first; slow on a loaded machine
     clients = []
     for _ in range(2):
         conn, addr = server.accept()

@@ -30,7 +30,7 @@ def test_library_punch_through_cone_nats_and_not_symmetric(bed: Testbed) -> None
         for port, names in pairs.items()
         for name in names
     }
-    outcome = {name: result(proc, 30) for name, proc in procs.items()}
+    outcome = {name: result(proc, 90) for name, proc in procs.items()}
     assert outcome["a"] == {"ok": True, "heard": "b", "attempts": outcome["a"]["attempts"]}, outcome
     assert outcome["b"]["ok"] and outcome["b"]["heard"] == "a", outcome
     assert outcome["c"]["ok"] is False and outcome["d"]["ok"] is False, outcome
