@@ -150,3 +150,25 @@ def test_failed_round_keeps_samples_and_local_params() -> None:
     assert report is not None and not report.ok
     assert d.samples == 24 and d.local_steps_done == 0
     assert all(torch.equal(a, b) for a, b in zip(ps, snapshot, strict=True))
+
+
+def test_stale_peer_behind_the_swarm_skips_the_round_it_already_holds() -> None:
+    start = _peer_params(4)
+    donor = OuterNesterov(start)
+    donor.step(torch.full((11,), 0.02))
+    calls: list[int] = []
+
+    def average(vector, weight, index):
+        calls.append(index)
+        return RoundOutcome(False, reason="no group")
+
+    ps = [t.clone() for t in start]
+    d = DiLoCo(
+        ps, DiLoCoConfig(local_steps=1), average, lambda: ResyncState(5, donor.state_tensors())
+    )
+    assert not d.after_local_step(4).ok  # type: ignore[union-attr]
+    assert calls == [0] and d.stale and d.round_index == 1
+    report = d.after_local_step(4)  # the swarm is at round 5 already
+    assert report is not None and report.resynced and not report.ok
+    assert calls == [0] and d.round_index == 5 and not d.stale
+    assert all(torch.equal(a, b) for a, b in zip(d.outer.master, donor.master, strict=True))

@@ -17,6 +17,8 @@ The commit rule:
   accumulate too). The peer is marked *stale*; before its next round it asks
   ``resync`` whether the swarm applied a round it missed, and if so adopts that ``θ`` and
   momentum and moves its local progress onto it (``θ_local ← θ_new + θ_local - θ_old``).
+  When the swarm's state is from a round this peer has not reached yet (it was slower),
+  the peer skips that round (it already holds its result) and joins the next one.
 
 The averaging call is injected (``average(vector, weight, round_index) -> RoundOutcome``)
 so the logic is tested without a network.
@@ -108,7 +110,15 @@ class DiLoCo:
         return self.run_round()
 
     def run_round(self) -> RoundReport:
+        before = self.round_index
         resynced = self._maybe_resync()
+        if resynced and self.round_index > before:
+            # The swarm already finished this round: we now hold its result, with our local
+            # progress rebased onto it, and take part again from its next round on.
+            self.local_steps_done = 0
+            return RoundReport(
+                before, False, 0, 0, 0.0, "caught up with the swarm", {}, resynced=True
+            )
         delta = self.outer.pseudo_gradient(self.params)
         r = self.round_index
         outcome = self.average(delta, float(self.samples), r)

@@ -121,9 +121,15 @@ def fetch_from_swarm(
             find_donors(dht, key, config, exclude=runtime.peer_id), timeout_s=timeout_s
         )
         if choice is None or choice.step <= newer_than:
+            log.info(
+                "no fresher state in the swarm (freshest %s, have %d)",
+                None if choice is None else choice.step,
+                newer_than,
+            )
             return None
         result = runtime.run(download(runtime, choice, config), timeout_s=timeout_s + 5.0)
     except (NetworkError, TimeoutError) as exc:
         log.warning("state sync from the swarm failed: %s", exc)
         return None
+    log.info("fetched the swarm's state of step %d", choice.step)
     return as_checkpoint(result.snapshot, "swarm")
