@@ -1,0 +1,89 @@
+"""Peer options checks, round keys, progress lines, and rounds abandoned on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+import time
+
+import pytest
+
+from shoal.cli._peer_run import Printer
+from shoal.errors import ConfigError
+from shoal.train.swarm_config import PeerOptions
+from shoal.train.swarm_round import RoundsConfig
+from shoal.train.swarm_strategy import blocking_round, round_key
+
+
+def test_peer_options_are_checked() -> None:
+    PeerOptions(mode="diloco", local_steps=5, fragments=8)  # fragments only matter streaming
+    with pytest.raises(ConfigError, match="mode"):
+        PeerOptions(mode="async")
+    with pytest.raises(ConfigError, match="fragments"):
+        PeerOptions(mode="streaming", local_steps=5, fragments=8)
+    with pytest.raises(ConfigError, match="overlap_steps"):
+        PeerOptions(mode="streaming", local_steps=8, fragments=4, overlap_steps=3)
+    with pytest.raises(ConfigError, match="shard_index"):
+        PeerOptions(shard_index=4, num_shards=4)
+    with pytest.raises(ConfigError, match="wire_codec"):
+        RoundsConfig(wire_codec="topk")
+
+
+def test_round_keys_separate_modes_rounds_and_parameters() -> None:
+    keys = {
+        round_key("diloco", 3, "aa"),
+        round_key("diloco", 3, "ab"),
+        round_key("diloco", 4, "aa"),
+        round_key("sync", 3, "aa"),
+    }
+    assert len(keys) == 4 and round_key("diloco", 3) == b"diloco/3"
+
+
+def test_progress_lines_are_json_objects(capsys: pytest.CaptureFixture[str]) -> None:
+    Printer(True)("round", round=2, ok=True, seconds={"allreduce": 0.1})
+    Printer(False)("step", step=5, loss=1.5)
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[0]) == {
+        "event": "round",
+        "round": 2,
+        "ok": True,
+        "seconds": {"allreduce": 0.1},
+    }
+    assert lines[1].split() == ["step", "step=5", "loss=1.5"]
+
+
+class NeverRuntime:
+    """Hands out futures that never finish, like a round stuck waiting for peers."""
+
+    def __init__(self) -> None:
+        self.futures: list[concurrent.futures.Future[object]] = []
+
+    def submit(self, coro):  # type: ignore[no-untyped-def]
+        coro.close()
+        fut: concurrent.futures.Future[object] = concurrent.futures.Future()
+        self.futures.append(fut)
+        return fut
+
+
+async def _never() -> None:
+    await asyncio.sleep(3600)
+
+
+def test_a_round_is_abandoned_promptly_when_the_peer_stops() -> None:
+    runtime = NeverRuntime()
+    stop = threading.Event()
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    t0 = time.monotonic()
+    outcome = blocking_round(runtime, _never(), stop=stop, timeout_s=60.0)  # type: ignore[arg-type]
+    assert not outcome.ok and outcome.reason == "stopping"
+    assert time.monotonic() - t0 < 5.0
+    assert runtime.futures[0].cancelled()
+
+
+def test_a_round_past_its_deadline_fails() -> None:
+    runtime = NeverRuntime()
+    outcome = blocking_round(runtime, _never(), stop=threading.Event(), timeout_s=0.2)  # type: ignore[arg-type]
+    assert not outcome.ok and "no result" in outcome.reason
