@@ -161,7 +161,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--rank", type=int, default=4, help="low-rank averaging (0 = whole tensors)")
     p.add_argument("--outer-lr", type=float, default=0.7)
     p.add_argument("--window-s", type=float, default=30.0)
-    p.add_argument("--heartbeat-s", type=float, default=10.0)
+    p.add_argument("--heartbeat-s", type=float, default=3.0)
     p.add_argument("--eval-every", type=int, default=10, help="rounds between validations")
     p.add_argument("--timeout-s", type=float, default=1500.0)
     p.add_argument("--keep-logs", action="store_true", help="print the peers' logs to stderr")

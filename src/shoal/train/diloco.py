@@ -17,8 +17,9 @@ The commit rule:
   accumulate too). The peer is marked *stale*; before its next round it asks
   ``resync`` whether the swarm applied a round it missed, and if so adopts that ``θ`` and
   momentum and moves its local progress onto it (``θ_local ← θ_new + θ_local - θ_old``).
-  When the swarm's state is from a round this peer has not reached yet (it was slower),
-  the peer skips that round (it already holds its result) and joins the next one.
+  The peer takes the swarm's round index too: when that round is one this peer has not
+  reached yet (it was slower), it skips it (it already holds its result) and joins the
+  next one; otherwise it runs the round now under the swarm's index.
 
 The averaging call is injected (``average(vector, weight, round_index) -> RoundOutcome``)
 so the logic is tested without a network.
@@ -145,8 +146,8 @@ class DiLoCo:
     def _maybe_resync(self) -> bool:
         if not self.stale or self.resync is None:
             return False
-        state = self.resync()
-        if state is None or state.round_index < self.round_index:
+        state = self.resync()  # only state fresher than our last applied round
+        if state is None:
             return False
         old = [m.clone() for m in self.outer.master]
         if not self.outer.load_state_tensors(state.tensors):
