@@ -62,7 +62,7 @@ def global_samples(
     records: Iterable[ProgressRecord], *, step: int, me: bytes, my_samples: int, now: float
 ) -> int:
     """Samples the swarm accumulated toward ``step``: ours (exact) + others' fresh records."""
-    others = {}
+    others: dict[bytes, int] = {}
     for r in records:
         if r.peer != me and r.step == step and r.expires_at > now:
             others[r.peer] = max(others.get(r.peer, 0), r.samples)

@@ -37,7 +37,9 @@ class StepOutcome:
 
 class Strategy(Protocol):
     mode: str
-    round_index: int
+
+    @property
+    def round_index(self) -> int: ...
 
     def step(self) -> StepOutcome: ...
 
