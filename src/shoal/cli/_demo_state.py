@@ -156,6 +156,7 @@ class SwarmState:
                 row.rounds_ok += 1
                 row.round_index = int(event.get("round", row.round_index)) + 1
                 row.status = "training"
+                row.note = ""
                 if row.first_round_s is None:
                     row.first_round_s = now_s
             else:

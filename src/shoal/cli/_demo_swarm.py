@@ -90,13 +90,20 @@ class _Run:
                 overall = end >= self.deadline
                 limit = self.cfg.deadline_s if overall else timeout_s
                 raise DemoTimeout(
-                    f"{what} within {limit:.0f} s" + (" (demo deadline)" if overall else "")
+                    f"{what} within {limit:.0f} s"
+                    + (" (demo deadline)" if overall else "")
+                    + self._peer_notes()
                 )
             try:
                 line = self.children.lines.get(timeout=min(left, 0.5))
             except queue.Empty:
                 continue
             self.handle(line)
+
+    def _peer_notes(self) -> str:
+        rows = self.state.rows.values()
+        notes = [f"{r.name} at step {r.step}: {r.note or r.status}" for r in rows]
+        return ("; " + "; ".join(notes)) if notes else ""
 
     def handle(self, line: Line) -> None:
         name = line.name

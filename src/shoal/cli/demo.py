@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -69,6 +70,7 @@ def register(app: typer.Typer) -> None:
             monitor=monitor,
             kill_peer=min(2, peers - 1),
         )
+        _interrupt_on_sigterm()
         live = sys.stdout.isatty() and not json_out
         progress = Progress(live=live, stream=sys.stderr if json_out else sys.stdout)
         with tempfile.TemporaryDirectory(prefix="shoal-demo-") as tmp:
@@ -79,3 +81,13 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write(json.dumps(summary) + "\n")
         else:
             print_summary(summary, progress.console)
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so the children are always taken down."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
