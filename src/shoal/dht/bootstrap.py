@@ -20,13 +20,16 @@ from shoal.net.retry import backoff_s
 if TYPE_CHECKING:
     from shoal.dht.node import DHTNode
 
-__all__ = ["BOOTSTRAP_RETRY", "RetryPolicy", "join"]
+__all__ = ["BOOTSTRAP_RETRY", "REJOIN_RETRY", "RetryPolicy", "join"]
 
 
 BOOTSTRAP_RETRY = RetryPolicy(
     initial_s=0.5, max_s=8.0, factor=2.0, jitter=0.2, attempts=4, deadline_s=30.0
 )
 """Default for joining: 4 rounds, pauses of about 0.5, 1, 2 s, all within 30 s."""
+
+REJOIN_RETRY = RetryPolicy(initial_s=0.5, max_s=0.5, attempts=1, deadline_s=5.0)
+"""Periodic re-joins from maintenance: one round of pings, no waiting on unreachable seeds."""
 
 
 async def join(node: DHTNode, addresses: Sequence[str], policy: RetryPolicy) -> list[Contact]:

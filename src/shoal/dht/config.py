@@ -81,6 +81,10 @@ class DHTConfig:
     """Buckets with no lookup for this long are refreshed by a lookup of a random ID in them."""
     maintenance_period_s: float = 30.0
     """How often the maintenance task wakes to republish and refresh what is due."""
+    rejoin_interval_s: float = 60.0
+    """The bootstrap addresses are pinged again this often (one attempt) and our own ID looked
+    up through those that answer, so a node that dropped every contact on the far side of a
+    partition finds them again once it heals. 0 disables it."""
     limits: RecordLimits = field(default_factory=RecordLimits)
 
     def __post_init__(self) -> None:
@@ -98,6 +102,10 @@ class DHTConfig:
             "refresh_interval_s",
             "maintenance_period_s",
         )
+        if self.rejoin_interval_s < 0:
+            raise ConfigError(
+                f"DHTConfig.rejoin_interval_s must be >= 0 (0 disables), got {self.rejoin_interval_s!r}"
+            )
         if self.alpha > self.k:
             raise ConfigError(f"DHTConfig.alpha must be <= k ({self.k}), got {self.alpha}")
         if self.slow_rpc_s > self.rpc_timeout_s:

@@ -12,7 +12,10 @@ out) the node:
    that is no longer among the k closest live nodes hands the record over and drops it,
    so churn does not grow the set of holders (and their republishing) without bound;
 4. refreshes buckets with no lookup for ``refresh_interval_s`` (a lookup of a random ID in
-   the bucket; at most ``_MAX_REFRESH_PER_ROUND`` per round to bound the work).
+   the bucket; at most ``_MAX_REFRESH_PER_ROUND`` per round to bound the work);
+5. every ``rejoin_interval_s``, re-joins through its bootstrap addresses: contacts that
+   failed during a partition were dropped from the table and nothing else would re-learn
+   them, so without this the two sides of a healed partition stay strangers.
 
 Failures of one step are logged by the task owner and never stop the loop.
 """
@@ -65,3 +68,5 @@ async def maintenance_round(node: DHTNode) -> None:
         :_MAX_REFRESH_PER_ROUND
     ]:
         await node.lookup(node.table.random_id_in_bucket(index, node.rng))
+    if cfg.rejoin_interval_s > 0 and node.seeds and now - node.joined_at >= cfg.rejoin_interval_s:
+        await node.rejoin()

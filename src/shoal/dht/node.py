@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
-from shoal.dht.bootstrap import BOOTSTRAP_RETRY, join
+from shoal.dht.bootstrap import BOOTSTRAP_RETRY, REJOIN_RETRY, join
 from shoal.dht.config import DHTConfig
 from shoal.dht.ids import Contact, location_of
 from shoal.dht.lookup import LookupResult, iterative_lookup
@@ -31,7 +31,7 @@ from shoal.dht.routing import RoutingTable
 from shoal.dht.storage import RecordStore
 from shoal.dht.tasks import TaskOwner
 from shoal.dht.transport import DHTTransport, FindValueAnswer, StoreAnswer
-from shoal.errors import ConfigError, NetworkError
+from shoal.errors import ConfigError, NetworkError, PeerUnavailable
 from shoal.net.config import RetryPolicy
 from shoal.net.identity import PEER_ID_BYTES, Identity
 
@@ -82,6 +82,10 @@ class DHTNode:
         """Records this node wrote, with the loop time of their last publication."""
         self.tasks = TaskOwner(f"dht {identity.peer_id.short()}")
         self.started_at = 0.0
+        self.seeds: tuple[str, ...] = ()
+        """Bootstrap addresses of the last successful join; maintenance re-joins through them."""
+        self.joined_at = 0.0
+        """Loop time of the last join attempt through ``seeds``."""
         """Loop time of ``start`` (buckets never looked up count as refreshed then)."""
         self._closed = False
 
@@ -114,10 +118,29 @@ class DHTNode:
     async def bootstrap(self, addresses: Sequence[str], policy: RetryPolicy | None = None) -> int:
         """Join via any answering address, then look up our own ID; returns table size."""
         contacts = await join(self, addresses, policy or BOOTSTRAP_RETRY)
+        self.seeds = tuple(addresses)
+        self.joined_at = asyncio.get_running_loop().time()
         for contact in contacts:
             self._observe(contact)
         await self.lookup(self.table.own_id)
         return len(self.table)
+
+    async def rejoin(self) -> bool:
+        """One quick join through ``seeds`` (see ``DHTConfig.rejoin_interval_s``).
+
+        Returns whether any seed answered; never raises for unreachable seeds.
+        """
+        self.joined_at = asyncio.get_running_loop().time()
+        if not self.seeds:
+            return False
+        try:
+            contacts = await join(self, self.seeds, REJOIN_RETRY)
+        except PeerUnavailable:
+            return False
+        for contact in contacts:
+            self._observe(contact)
+        await self.lookup(self.table.own_id)
+        return True
 
     async def store(
         self, key: bytes, value: bytes, expires_at: float, subkey: bytes | None = None
