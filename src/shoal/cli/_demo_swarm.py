@@ -65,8 +65,9 @@ def _baseline(cfg: DemoConfig, out: dict[str, Any]) -> None:
 
 
 class _Run:
-    def __init__(self, cfg: DemoConfig, run_dir: Path, show: Show) -> None:
+    def __init__(self, cfg: DemoConfig, run_dir: Path, show: Show, stop: threading.Event) -> None:
         self.cfg = cfg
+        self.stop = stop
         self.run_dir = run_dir
         self.show = show
         self.state = SwarmState()
@@ -85,6 +86,8 @@ class _Run:
         """Handle child lines until ``until()`` holds; ``DemoTimeout(what)`` past the deadline."""
         end = min(time.monotonic() + timeout_s, self.deadline)
         while not until():
+            if self.stop.is_set():
+                raise KeyboardInterrupt
             left = end - time.monotonic()
             if left <= 0:
                 overall = end >= self.deadline
@@ -279,15 +282,22 @@ class _Run:
             self.links.close()
 
 
-def run_swarm_demo(cfg: DemoConfig, run_dir: Path, show: Show) -> dict[str, Any]:
-    """Run the scenario (see the module docstring) and return the summary."""
+def run_swarm_demo(
+    cfg: DemoConfig, run_dir: Path, show: Show, stop: threading.Event | None = None
+) -> dict[str, Any]:
+    """Run the scenario (see the module docstring) and return the summary.
+
+    ``stop`` (set from a signal handler) is checked between child lines, at least every
+    0.5 s; once set, the run raises ``KeyboardInterrupt`` after taking its children down.
+    Interrupting at safe points only means a child is never started without being owned.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {}
     baseline = threading.Thread(
         target=_baseline, args=(cfg, base), name="demo-baseline", daemon=True
     )
     baseline.start()
-    run = _Run(cfg, run_dir, show)
+    run = _Run(cfg, run_dir, show, stop if stop is not None else threading.Event())
     try:
         run.start_bootstrap()
         run.start_peers()

@@ -26,7 +26,12 @@ __all__ = ["Progress", "print_summary"]
 def _table(state: SwarmState) -> Table:
     table = Table(title="shoal demo: a local swarm on shaped links", expand=False)
     for col in ("peer", "status", "step", "loss", "rounds", "peers seen", "MB sent", "note"):
-        table.add_column(col, justify="left" if col in ("peer", "status", "note") else "right")
+        table.add_column(
+            col,
+            justify="left" if col in ("peer", "status", "note") else "right",
+            no_wrap=True,
+            overflow="ellipsis",
+        )
     for row in state.rows.values():
         table.add_row(
             row.name,
@@ -36,7 +41,7 @@ def _table(state: SwarmState) -> Table:
             str(row.round_index),
             str(row.peers_seen or "-"),
             f"{(row.bytes_sent + row.bytes_earlier) / 1e6:.2f}",
-            row.note[:40],
+            row.note[:32],
         )
     return table
 

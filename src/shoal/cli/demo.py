@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import typer
@@ -70,24 +71,29 @@ def register(app: typer.Typer) -> None:
             monitor=monitor,
             kill_peer=min(2, peers - 1),
         )
-        _interrupt_on_sigterm()
+        stop = _stop_on_signals()
         live = sys.stdout.isatty() and not json_out
         progress = Progress(live=live, stream=sys.stderr if json_out else sys.stdout)
         with tempfile.TemporaryDirectory(prefix="shoal-demo-") as tmp:
             where = run_dir if run_dir is not None else Path(tmp)
             with progress:
-                summary = run_swarm_demo(cfg, where, progress.show)
+                summary = run_swarm_demo(cfg, where, progress.show, stop)
         if json_out:
             sys.stdout.write(json.dumps(summary) + "\n")
         else:
             print_summary(summary, progress.console)
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, so the children are always taken down."""
+def _stop_on_signals() -> threading.Event:
+    """Ctrl-C, SIGTERM and SIGHUP set an event the demo checks at safe points (so no child
+    is ever started unowned); a second signal interrupts at once."""
+    stop = threading.Event()
 
     def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
+    return stop
