@@ -62,27 +62,30 @@ def test_int8_keeps_shape_of_matrices():
     assert codec.decode(codec.encode(x)).shape == (33, 17)
 
 
-def test_int8_encode_of_25m_floats_is_fast_relative_to_a_copy():
-    # Absolute timings are noisy on a shared machine: compare with a plain fp32 copy of the
-    # same tensor measured here. One intra-op thread: with the cores oversubscribed, OpenMP
-    # barriers make multi-threaded timings meaningless (averaging peers run single-threaded).
+def test_int8_encode_of_25m_floats_costs_little_cpu_relative_to_a_copy():
+    # The property is cost, so measure CPU time of this thread, not wall time: on a loaded
+    # machine wall time mostly measures how long the scheduler kept us off a core. With one
+    # intra-op thread torch runs every kernel on the calling thread, so thread_time sees all
+    # of it (averaging peers run single-threaded too). The baseline is a plain fp32 copy of
+    # the same tensor measured in the same run; best of three absorbs cache disturbances.
     x = torch.randn(25_000_000)
     codec = Int8BlockwiseCodec(4096)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         codec.encode(x)
-        best_encode = min(_timed(lambda: codec.encode(x)) for _ in range(3))
-        best_copy = min(_timed(lambda: x.clone()) for _ in range(3))
+        best_encode = min(_cpu_s(lambda: codec.encode(x)) for _ in range(3))
+        best_copy = min(_cpu_s(lambda: x.clone()) for _ in range(3))
     finally:
         torch.set_num_threads(threads)
-    assert best_encode < max(0.1, 4 * best_copy), (best_encode, best_copy)
+    assert best_copy > 0, best_copy
+    assert best_encode < 4 * best_copy, (best_encode, best_copy)
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
+def _cpu_s(fn) -> float:
+    t0 = time.thread_time()
     fn()
-    return time.perf_counter() - t0
+    return time.thread_time() - t0
 
 
 @settings(max_examples=40, deadline=None)
