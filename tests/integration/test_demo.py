@@ -29,6 +29,8 @@ def test_demo_json_summary(tmp_path):
     assert isinstance(summary["recovered_s"], float | int) and summary["recovered_s"] > 0, summary
     assert summary["peers_alive"] == summary["peers"] == 4, summary
     assert 0 < summary["bytes_sent"] < summary["bytes_fp32_allreduce"], summary
+    # peers announce their shaper, so the traffic between them crossed the shaped links
+    assert summary["bytes_through_shapers"] > summary["bytes_sent"] // 2, summary
     # bootstrap, 4 peers, the restarted peer and the dashboard
     assert len(summary["pids"]) == 7, summary
     assert summary["leftover_pids"] == []

@@ -213,10 +213,11 @@ class _Run:
             cfg.rejoin_timeout_s,
             f"{name} did not rejoin (complete a round after its restart)",
         )
+        took_s = (row.first_round_s or 0.0) - self.restarted_at
         self.show(
             self.state,
             f"{name} is back: recovered from {row.recovered_from or '?'} at step "
-            f"{row.recovered_step}, first round after {row.first_round_s - self.restarted_at:.1f} s",
+            f"{row.recovered_step}, first round {took_s:.1f} s after its restart",
         )
 
     def finish(self) -> None:
@@ -261,6 +262,7 @@ class _Run:
             "bytes_fp32_allreduce": fp32,
             "bytes_ratio": round(fp32 / sent, 1) if sent else None,
             "link": {"rate_mbit": cfg.rate_mbit, "delay_ms": cfg.delay_ms},
+            "bytes_through_shapers": self.links.carried_bytes(),
             "killed": victim.name,
             "rejoined": victim.first_round_s is not None,
             "recovered_from": victim.recovered_from,
