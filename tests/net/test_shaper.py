@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import statistics
 import subprocess
 import sys
@@ -106,24 +108,48 @@ def test_config_rejects_bad_values(kwargs: dict[str, float]) -> None:
 # ---- real sockets on loopback ------------------------------------------------------------
 
 
+@dataclasses.dataclass(slots=True)
+class Measurement:
+    rate_bit_s: float
+    """Steady rate the receiver saw over the window that starts at its first byte."""
+    excess_bytes: float
+    """Most bytes ever received beyond ``burst + cap * (time since the shaper started)``."""
+
+
 async def measure_throughput(
     rate_bit_s: float, delay_s: float, duration_s: float, connections: int = 1
-) -> float:
-    """Bits/s the receiver sees, over all connections, for ``duration_s`` after the first byte."""
+) -> Measurement:
+    """Rate the receiver sees over all connections, and how far it ever got beyond the cap.
+
+    The cap check is load-independent: whatever the scheduler does, a shaper may never have
+    delivered more than its bucket depth plus ``cap * elapsed`` bytes since it started (a late
+    reader only sees fewer). The steady rate, in contrast, drops when the machine is busy.
+    """
     done = asyncio.Event()
     window = {"start": -1.0, "bytes": 0, "elapsed": 0.0}
+    total = {"bytes": 0, "excess": -math.inf}
+    cfg = ShaperConfig(
+        target_host="127.0.0.1", target_port=1, up_rate_bit_s=rate_bit_s, up_delay_s=delay_s
+    )
+    rate_bytes_s = rate_bit_s / 8
+    burst_bytes = max(16 * 1024, rate_bytes_s * cfg.burst_s)  # bucket depth: "at least 16 KiB"
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()  # before the shaper (and its bucket) starts: the bound stays conservative
 
     async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
         while (data := await r.read(65536)) and not done.is_set():
             now = loop.time()
+            total["bytes"] += len(data)
+            allowed = burst_bytes + rate_bytes_s * (now - t0)
+            total["excess"] = max(total["excess"], total["bytes"] - allowed)
             if window["start"] < 0:
                 window["start"] = now
             elif now - window["start"] >= duration_s:
                 window["elapsed"] = now - window["start"]
                 done.set()
                 break
-            window["bytes"] += len(data)
+            else:
+                window["bytes"] += len(data)
         w.close()
 
     async def send(address: tuple[str, int]) -> None:
@@ -140,32 +166,43 @@ async def measure_throughput(
         writer.close()
 
     server, port, tasks = await serve(sink)
-    cfg = ShaperConfig(
-        target_host="127.0.0.1", target_port=port, up_rate_bit_s=rate_bit_s, up_delay_s=delay_s
-    )
-    async with LinkShaper(cfg) as shaper:
+    async with LinkShaper(dataclasses.replace(cfg, target_port=port)) as shaper:
         await asyncio.gather(*(send(shaper.address) for _ in range(connections)))
         await asyncio.wait_for(done.wait(), 5)
     await stop(server, tasks)
-    return window["bytes"] * 8 / window["elapsed"]
+    return Measurement(window["bytes"] * 8 / window["elapsed"], total["excess"])
 
 
 @pytest.mark.parametrize(
     ("rate_mbit", "delay_ms", "connections"), [(20, 0, 1), (50, 0, 1), (40, 50, 1), (30, 20, 3)]
 )
-def test_throughput_is_within_ten_percent_of_cap(
+def test_throughput_never_exceeds_the_cap_and_reaches_it(
     rate_mbit: int, delay_ms: int, connections: int
 ) -> None:
-    """The cap is per link: parallel connections share it."""
+    """The cap is per link: parallel connections share it.
+
+    Never exceeding the cap holds on every attempt (it cannot depend on load). Reaching it
+    needs the CPU when the bucket refills: on a loaded machine a late wake-up loses tokens
+    beyond the 10 ms bucket, so the best of up to three attempts must come within 20 %. The
+    exact long-run rate of the bucket itself is checked with a fake clock above.
+    """
+
+    cap_bit_s = rate_mbit * 1e6
+    rates: list[float] = []
 
     async def main() -> None:
-        measured = await measure_throughput(
-            rate_mbit * 1e6, delay_ms / 1000, duration_s=1.5, connections=connections
-        )
-        assert measured == pytest.approx(rate_mbit * 1e6, rel=0.10)
+        for _ in range(3):
+            m = await measure_throughput(
+                cap_bit_s, delay_ms / 1000, duration_s=1.5, connections=connections
+            )
+            assert m.excess_bytes <= 0, m
+            rates.append(m.rate_bit_s)
+            if m.rate_bit_s >= 0.9 * cap_bit_s:
+                break
         assert_no_tasks_left()
 
-    run(main())
+    run(main(), timeout_s=60.0)
+    assert max(rates) >= 0.8 * cap_bit_s, rates
 
 
 def test_ping_pong_rtt_is_twice_the_delay() -> None:
