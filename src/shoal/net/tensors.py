@@ -64,8 +64,14 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_frame(frame: tensor_pb2.TensorFrame | Chunk) -> bytes:
-    """Serialize a frame; a ``Chunk`` is written as ``TensorFrame{chunk}`` with one copy."""
+def encode_frame(frame: tensor_pb2.TensorFrame | Chunk | bytes) -> bytes:
+    """Serialize a frame; a ``Chunk`` is written as ``TensorFrame{chunk}`` with one copy.
+
+    ``bytes`` are a frame serialized earlier (``encode_frame`` output kept to send the same
+    frame on several streams) and pass through unchanged.
+    """
+    if isinstance(frame, bytes):
+        return frame
     if isinstance(frame, Chunk):
         return b"".join((b"\x12", _varint(frame.data.nbytes), frame.data))
     data: bytes = frame.SerializeToString()

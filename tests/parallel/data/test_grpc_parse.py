@@ -66,13 +66,14 @@ def test_parse_never_fails_otherwise(
 @pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
 def test_frames_round_trip_through_parse(codec):
     from shoal.compress.registry import codec_by_name
-    from shoal.net.tensors import as_tensor
+    from shoal.net.tensors import as_tensor, decode_frame, encode_frame
 
     part = torch.randn(5000)
     c = codec_by_name(codec)
     data = part if c is None else c.encode(part)
     message = Reduced(b"r", SENDER, 3, frozenset({SENDER, OTHER}), 7.0, data)
-    frames = list(_frames(message))
+    # What the receiver sees: the frames as serialized for the wire, parsed back.
+    frames = [decode_frame(encode_frame(f)) for f in _frames(message)]
     meta = pb.RoundMessage()
     assert frames[0].meta.Unpack(meta)
     headers = [f.header for f in frames[1:] if not hasattr(f, "data")]

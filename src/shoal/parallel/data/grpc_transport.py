@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +29,7 @@ from shoal.net.runtime import NetRuntime
 from shoal.net.server import current_caller
 from shoal.net.tensors import (
     Chunk,
+    encode_frame,
     make_header,
     meta_frame,
     payload_frames,
@@ -49,19 +49,42 @@ MAX_REASON_CHARS = 200
 _KIND = {Contribution: pb.CONTRIBUTION, Report: pb.REPORT, Reduced: pb.REDUCED}
 
 
-@dataclass(frozen=True, slots=True)
 class _Wire:
     """A message ready to send: its meta frame and (header, payload view) per tensor.
 
     Built once per message: a reducer sends the same result to every member, and the
-    payload checksum in each header is computed only once.
+    payload checksum in each header is computed only once. With ``reuse`` (results, which
+    go to every member) each chunk is also serialized only once, on first use, and the
+    same bytes go out on every stream; otherwise chunks are serialized by gRPC's
+    serializer as they are sent (nothing is held).
     """
 
-    meta: Any
-    tensors: tuple[tuple[tensor_pb2.TensorHeader, memoryview], ...]
+    __slots__ = ("_encoded", "meta", "tensors")
+
+    def __init__(
+        self,
+        meta: Any,
+        tensors: tuple[tuple[tensor_pb2.TensorHeader, memoryview], ...],
+        *,
+        reuse: bool,
+    ) -> None:
+        self.meta = meta
+        self.tensors = tensors
+        self._encoded: list[bytes] | None = [] if reuse else None
 
     def frames(self) -> Iterator[Any]:
-        return itertools.chain([self.meta], *(payload_frames(h, p) for h, p in self.tensors))
+        plain = itertools.chain([self.meta], *(payload_frames(h, p) for h, p in self.tensors))
+        encoded = self._encoded
+        if encoded is None:
+            return plain
+        return self._shared(plain, encoded)
+
+    @staticmethod
+    def _shared(plain: Iterator[Any], encoded: list[bytes]) -> Iterator[Any]:
+        for i, frame in enumerate(plain):
+            if i == len(encoded):
+                encoded.append(encode_frame(frame))
+            yield encoded[i]
 
 
 def _wire(message: Message) -> _Wire:
@@ -90,7 +113,7 @@ def _wire(message: Message) -> _Wire:
     for t in tensors:
         view = tensor_bytes(t)
         payloads.append((make_header(t, view), view))
-    return _Wire(meta_frame(meta), tuple(payloads))
+    return _Wire(meta_frame(meta), tuple(payloads), reuse=isinstance(message, Reduced))
 
 
 def _frames(message: Message) -> Iterator[Any]:

@@ -85,6 +85,7 @@ def _peer_main() -> None:
     transport = GrpcTransport(runtime)
     _emit({"peer": runtime.peer_id.raw.hex(), "address": runtime.address})
     group: GroupSpec | None = None
+    averager: Averager | None = None
     data = work = torch.empty(0)
     rank, codec = 0, "none"
     try:
@@ -100,13 +101,16 @@ def _peer_main() -> None:
                 data = peer_input(cmd["numel"], cmd["seed"], rank)
                 work = data.clone()
                 codec = cmd.get("codec", "none")
+                averager = None
                 group = GroupSpec.uniform(b"", members)
                 _emit({"configured": rank})
             elif cmd["cmd"] == "round" and group is not None:
                 spec = GroupSpec.uniform(f"round-{cmd['round']}".encode(), group.members)
                 hold = cmd.get("hold_after")
-                chosen = transport if hold is None else _Holding(transport, hold)
-                averager = Averager(chosen, wire_codec=codec)
+                if hold is not None:
+                    averager = Averager(_Holding(transport, hold), wire_codec=codec)
+                elif averager is None or averager.transport is not transport:
+                    averager = Averager(transport, wire_codec=codec)  # kept, like a trainer's
                 work.copy_(data)
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 result = runtime.run(
