@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from shoal.errors import ProtocolViolation
 from shoal.net.identity import Identity
 from shoal.net.proto.v1 import averaging_pb2 as pb
-from shoal.parallel.data.grpc_transport import _frames, parse
+from shoal.parallel.data.grpc_transport import _frames, _wire, parse
 from shoal.parallel.data.messages import Contribution, Reduced, Report
 
 SENDER = Identity.generate().peer_id
@@ -161,3 +161,24 @@ def test_stream_reader_accepts_a_real_stream_and_rejects_a_corrupted_one():
     corrupted = [frames[0], Chunk(memoryview(bytes(bad))), *frames[2:]]
     with pytest.raises(ProtocolViolation, match="checksum"):
         asyncio.run(read(corrupted))
+
+
+def test_a_result_is_serialized_once_for_all_members():
+    from shoal.net.config import MiB
+    from shoal.net.tensors import decode_frame, encode_frame
+
+    part = torch.randn(3 * MiB // 4 + 10)  # 3 MiB and a bit: four chunks
+    wire = _wire(Reduced(b"r", SENDER, 0, frozenset({SENDER}), 1.0, part))
+    a, b = wire.frames(), wire.frames()
+    first, second = [], []
+    for x, y in zip(a, b, strict=True):  # two streams advancing together
+        first.append(x)
+        second.append(y)
+    assert len(first) == 6  # meta, header, four chunks
+    assert all(x is y for x, y in zip(first[2:], second[2:], strict=True))
+    chunks = [bytes(decode_frame(encode_frame(f)).data) for f in first[2:]]
+    assert [len(c) for c in chunks] == [MiB, MiB, MiB, part.numel() * 4 - 3 * MiB]
+    blob = b"".join(chunks)
+    assert blob == part.numpy().tobytes()
+    contribution = _wire(Contribution(b"r", SENDER, 0, 1.0, part))
+    assert not any(isinstance(f, bytes) for f in contribution.frames())
