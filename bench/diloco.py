@@ -106,6 +106,7 @@ def _peer_argv(args: argparse.Namespace, run_dir: Path, index: int, join: str | 
     argv += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     argv += ["--lr", str(args.lr), "--model", args.model, "--codec", args.codec]
     argv += ["--rank", str(args.rank), "--outer-lr", str(args.outer_lr)]
+    argv += ["--outer-momentum", str(args.outer_momentum)]
     argv += ["--window", str(args.window_s), "--heartbeat", str(args.heartbeat_s)]
     argv += ["--checkpoint-every", "0", "--eval-every", str(args.eval_every)]
     argv += ["--report-every", "50"]
@@ -160,6 +161,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--codec", default="int8")
     p.add_argument("--rank", type=int, default=0, help="low-rank averaging (0 = whole tensors)")
     p.add_argument("--outer-lr", type=float, default=0.7)
+    p.add_argument("--outer-momentum", type=float, default=0.9)
     p.add_argument("--window-s", type=float, default=30.0)
     p.add_argument("--heartbeat-s", type=float, default=3.0)
     p.add_argument("--eval-every", type=int, default=1, help="rounds between validations")
@@ -212,6 +214,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "local_steps": args.local_steps,
         "codec": args.codec,
         "rank": args.rank,
+        "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
         "params": num_params,
         "rounds_ok": sum(1 for r in rounds if r["ok"]),
         "rounds": len(rounds),
