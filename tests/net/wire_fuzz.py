@@ -8,6 +8,11 @@
   then the call is cancelled (long-lived streams count as served).
 - ``REFUSALS``: the statuses a handler may answer malformed input with. ``UNKNOWN`` (an
   exception the handler did not map) and ``DEADLINE_EXCEEDED`` (a hang) are never allowed.
+- ``HIDDEN``: what ``RawCaller`` returns when the server answered while our request stream
+  was still writing: gRPC's client then reports its own INTERNAL ("Internal error from
+  Core") instead of the server's status. Such calls are judged by ``ServerCrashes`` alone.
+- ``ServerCrashes``: collects gRPC's log records of exceptions a handler let escape (the
+  server answered UNKNOWN), whatever the client saw.
 - ``rss_mib``: this process's peak resident memory, to check that fuzzing allocated nothing
   unbounded.
 """
@@ -15,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
 from collections.abc import Iterable
 from typing import Any
@@ -25,14 +31,24 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from hypothesis import strategies as st
 
-__all__ = ["OK_OR_REFUSED", "REFUSALS", "RawCaller", "requests", "rss_mib"]
+__all__ = [
+    "HIDDEN",
+    "OK_OR_REFUSED",
+    "REFUSALS",
+    "RawCaller",
+    "ServerCrashes",
+    "requests",
+    "rss_mib",
+]
+
+HIDDEN = "hidden by a late client write"
+_GRPC_LOGGER = "grpc._cython.cygrpc"
 
 REFUSALS = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,  # ProtocolViolation, or a request that did not parse
         grpc.StatusCode.RESOURCE_EXHAUSTED,  # over gRPC's message size limit
-        grpc.StatusCode.FAILED_PRECONDITION,  # RemoteError: well formed, but not servable here
-        grpc.StatusCode.UNAVAILABLE,  # PeerUnavailable: e.g. "this peer does not relay"
+        grpc.StatusCode.FAILED_PRECONDITION,  # other ShoalErrors: well formed, not servable here
     }
 )
 OK_OR_REFUSED = REFUSALS | {grpc.StatusCode.OK}
@@ -126,6 +142,26 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class ServerCrashes(logging.Handler):
+    """``with ServerCrashes() as crashes:`` ... ``assert crashes.messages == []``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "raised by servicer method" in message:
+            self.messages.append(message)
+
+    def __enter__(self) -> ServerCrashes:
+        logging.getLogger(_GRPC_LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger(_GRPC_LOGGER).removeHandler(self)
+
+
 class RawCaller:
     """Raw-bytes calls from runtime ``client`` to the peer at ``address`` (see module doc)."""
 
@@ -134,13 +170,18 @@ class RawCaller:
         self.address = address
         self.timeout_s = timeout_s
 
-    def call(self, method: str, kind: str, body: bytes | Iterable[bytes], max_responses: int = 8):
-        """Run one call; ``kind`` is unary_unary, unary_stream, stream_unary or stream_stream."""
+    def call(
+        self, method: str, kind: str, body: bytes | Iterable[bytes], max_responses: int = 8
+    ) -> grpc.StatusCode | str:
+        """Run one call; ``kind`` is unary_unary, unary_stream, stream_unary or stream_stream.
+
+        Returns the status the server answered, or ``HIDDEN`` (see the module docstring).
+        """
         return self.client.run(self._call(method, kind, body, max_responses), self.timeout_s + 5)
 
     async def _call(
         self, method: str, kind: str, body: bytes | Iterable[bytes], max_responses: int
-    ) -> grpc.StatusCode:
+    ) -> grpc.StatusCode | str:
         conn = await self.client.pool.get(self.address, None, self.timeout_s)
         metadata = conn.metadata(method)
         ident: dict[str, Any] = dict(request_serializer=bytes, response_deserializer=bytes)
@@ -158,6 +199,9 @@ class RawCaller:
                             call.cancel()
                             return grpc.StatusCode.OK  # a stream that keeps serving is fine
             except grpc.aio.AioRpcError as exc:
+                late_write = exc.code() == grpc.StatusCode.INTERNAL and kind.startswith("stream_")
+                if late_write and exc.details() == "Internal error from Core":
+                    return HIDDEN
                 return exc.code()
             except asyncio.CancelledError:
                 if call.cancelled():

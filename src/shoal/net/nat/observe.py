@@ -51,7 +51,8 @@ class ProbeResult:
 
 def _split(text: str) -> tuple[str, int] | None:
     host, sep, port = text.rpartition(":")
-    return (host, int(port)) if sep and port.isdigit() else None
+    ok = sep and port.isascii() and port.isdigit() and len(port) <= 5  # int() refuses "²"
+    return (host, int(port)) if ok else None
 
 
 async def probe(

@@ -35,7 +35,10 @@ PunchResponder = Callable[[PeerID, relay_pb2.PunchRequest], Awaitable[relay_pb2.
 def parse_address(text: str) -> tuple[str, int]:
     """``(ip, port)`` from ``ip:port``; ProtocolViolation when malformed."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII digits only and at most 5 of them: str.isdigit() also accepts e.g. "²", which
+    # int() refuses, and int() refuses more than 4300 digits
+    digits = port.isascii() and port.isdigit() and len(port) <= 5
+    if not sep or not host or not digits or not 0 < int(port) < 65536:
         raise ProtocolViolation(f"not an ip:port address: {text[:_MAX_ADDRESS_CHARS]!r}")
     return host.strip("[]"), int(port)
 
