@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from net.wire_fuzz import OK_OR_REFUSED, RawCaller, requests, rss_mib
+from net.wire_fuzz import OK_OR_REFUSED, RawCaller, ServerCrashes, requests, rss_mib
 
 from shoal.net import Identity, NetConfig, NetRuntime
 from shoal.net.proto.v1 import state_pb2
@@ -27,7 +27,8 @@ MANIFEST = "/shoal.v1.State/Manifest"
 FETCH = "/shoal.v1.State/Fetch"
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
 CHUNK = 4096
-SEEN: set[grpc.StatusCode] = set()
+SEEN: set[grpc.StatusCode | str] = set()
+CRASHES = ServerCrashes()
 SNAP = Snapshot(
     step=5,
     files={"model": {"w": torch.arange(5000.0).view(100, 50), "b": torch.zeros(0)}},
@@ -43,7 +44,8 @@ def donor() -> Iterator[tuple[NetRuntime, NetRuntime, ServedSnapshot, RawCaller]
     client_rt = NetRuntime(Identity.generate(), NetConfig()).start()
     server = StateServer(server_rt, lambda: served)
     try:
-        yield server_rt, client_rt, served, RawCaller(client_rt, server_rt.address)
+        with CRASHES:
+            yield server_rt, client_rt, served, RawCaller(client_rt, server_rt.address)
     finally:
         server.close()
         client_rt.close()
@@ -74,6 +76,7 @@ def test_manifest_refuses_malformed_requests(donor, body: bytes) -> None:
     code = donor[3].call(MANIFEST, "unary_unary", body)
     SEEN.add(code)
     assert code in OK_OR_REFUSED
+    assert CRASHES.messages == []
 
 
 @FUZZ
@@ -91,6 +94,7 @@ def test_fetch_refuses_malformed_requests(donor, data, real_version: bool) -> No
     code = raw.call(FETCH, "unary_stream", body)
     SEEN.add(code)
     assert code in OK_OR_REFUSED
+    assert CRASHES.messages == []
 
 
 def test_donor_still_serves_after_fuzzing_and_memory_stayed_bounded(donor) -> None:
