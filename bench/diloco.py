@@ -149,6 +149,14 @@ def _baseline(args: argparse.Namespace, run_dir: Path) -> tuple[float, list[dict
     return curve[-1]["val_bpb"], curve
 
 
+def _sum_services(results: list[dict[str, Any]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for r in results:
+        for name, n in r.get("bytes_by_service", {}).items():
+            total[name] = total.get(name, 0) + int(n)
+    return total
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="shoal bench diloco")
     p.add_argument("--peers", type=int, default=4)
@@ -223,4 +231,5 @@ def main(argv: list[str]) -> dict[str, Any]:
         "curve": [{"step": e["step"], "val_bpb": e["val_bpb"]} for e in evals],
         "baseline_curve": base_curve,
         "swarm_seconds": round(swarm_s, 1),
+        "bytes_by_service": _sum_services(results),
     }

@@ -29,7 +29,7 @@ from shoal.state.sync_client import SyncConfig, find_donors
 from shoal.train.config import TrainConfig, with_overrides
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_services import PeerServices, bytes_sent
+from shoal.train.swarm_services import PeerServices, bytes_by_service, bytes_sent
 from shoal.train.swarm_state import Restored, restore_peer, snapshot_peer
 from shoal.train.swarm_strategy import Strategy
 from shoal.train.trainer import Trainer
@@ -182,6 +182,7 @@ def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
             round=strategy.round_index,
             val_bpb=round(val, 5),
             bytes_sent=bytes_sent(services.runtime),
+            bytes_by_service=bytes_by_service(services.runtime),
         )
         return 0
     finally:

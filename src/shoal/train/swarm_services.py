@@ -30,7 +30,7 @@ from shoal.swarm.membership import Membership
 from shoal.swarm.peerinfo import PeerInfo, Reachability
 from shoal.train.swarm_config import PeerOptions
 
-__all__ = ["PeerServices", "bytes_sent"]
+__all__ = ["PeerServices", "bytes_by_service", "bytes_sent"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,12 @@ def bytes_sent(runtime: NetRuntime) -> int:
     """Every byte this peer sent (requests and responses), from the transport's accounting."""
     services = runtime.traffic.snapshot()["services"]
     return int(sum(c["bytes_out"] for c in services.values()))
+
+
+def bytes_by_service(runtime: NetRuntime) -> dict[str, int]:
+    """Bytes sent per service (e.g. ``shoal.v1.Averaging``, ``shoal.v1.DHT``)."""
+    services = runtime.traffic.snapshot()["services"]
+    return {name: int(c["bytes_out"]) for name, c in sorted(services.items())}
 
 
 @dataclass(slots=True)
