@@ -3,6 +3,7 @@
 - ``requests(cls)``: hypothesis strategy of request bytes for message class ``cls``: messages
   with every field drawn from edge values (huge ints, NaN, long strings, many repeats, nested
   messages, unknown enum values), truncated messages, and plain garbage.
+- ``messages(cls)``: the edge-valued messages alone, to wrap in other messages.
 - ``RawCaller``: sends such bytes to any method of a served peer, authenticated with the
   caller runtime's session, and returns the status code; responses are read up to a bound,
   then the call is cancelled (long-lived streams count as served).
@@ -37,6 +38,7 @@ __all__ = [
     "REFUSALS",
     "RawCaller",
     "ServerCrashes",
+    "messages",
     "requests",
     "rss_mib",
 ]
@@ -128,6 +130,11 @@ def _messages(descriptor: Descriptor, depth: int) -> st.SearchStrategy[Message]:
     return st.fixed_dictionaries(optional).map(
         lambda kw: cls(**{k: v for k, v in kw.items() if v is not None})
     )
+
+
+def messages(cls: type[Message], depth: int = 2) -> st.SearchStrategy[Message]:
+    """Messages of ``cls`` with every field drawn from edge values (or left unset)."""
+    return _messages(cls.DESCRIPTOR, depth)
 
 
 def requests(cls: type[Message], depth: int = 2) -> st.SearchStrategy[bytes]:
