@@ -33,12 +33,15 @@ test: install system-deps
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not netns"
 
+# Lint and formatting are both checked; `ruff format src tests bench` fixes the latter.
 lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
+# The whole package, plus strict mode on net/ (the trust boundary: every wire type spelled out).
 typecheck: install
 	$(VENV)/bin/mypy src/shoal
+	$(VENV)/bin/mypy --strict src/shoal/net
 
 # Regenerate the committed gRPC code from proto/ (tests fail when it is stale).
 proto: install
