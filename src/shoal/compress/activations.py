@@ -44,8 +44,9 @@ class SubspaceCodec:
         if tensor.shape[-1] != self.dim:
             raise ConfigError(f"last dimension {tensor.shape[-1]} != codec width {self.dim}")
         coeffs = (tensor.detach().float() @ self.basis).contiguous()  # (..., r)
-        return Encoded(self.name, tuple(tensor.shape), (coeffs,),
-                       {"rank": self.rank, "seed": self.seed})
+        return Encoded(
+            self.name, tuple(tensor.shape), (coeffs,), {"rank": self.rank, "seed": self.seed}
+        )
 
     def decode(self, encoded: Encoded) -> torch.Tensor:
         (coeffs,) = encoded.payload

@@ -48,7 +48,10 @@ def channel_options(config: NetConfig) -> list[tuple[str, Any]]:
         # gRPC also uses the "min reconnect backoff" as its minimum connect timeout: tying it to
         # the (short) initial backoff made connects over slow or loaded links fail with "timed
         # out before receiving SETTINGS frame", so it follows connect_timeout_s instead.
-        ("grpc.min_reconnect_backoff_ms", int(max(policy.initial_s, config.connect_timeout_s) * 1000)),
+        (
+            "grpc.min_reconnect_backoff_ms",
+            int(max(policy.initial_s, config.connect_timeout_s) * 1000),
+        ),
         ("grpc.max_reconnect_backoff_ms", int(policy.max_s * 1000)),
         ("grpc.enable_retries", 0),
         ("grpc.use_local_subchannel_pool", 1),

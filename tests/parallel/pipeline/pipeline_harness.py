@@ -45,8 +45,9 @@ class Swarm:
         self.servers.append(server)
         return server
 
-    def trainer(self, config: TrainerConfig, net: NetConfig | None = None,
-                **kw: object) -> PipelineTrainer:
+    def trainer(
+        self, config: TrainerConfig, net: NetConfig | None = None, **kw: object
+    ) -> PipelineTrainer:
         runtime, dht = self.peer(net)
         trainer = PipelineTrainer(runtime, dht, self.cfg, config, **kw)  # type: ignore[arg-type]
         self.trainers.append(trainer)

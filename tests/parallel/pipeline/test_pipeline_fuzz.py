@@ -39,28 +39,48 @@ def setup() -> Iterator[tuple[Swarm, PipelineTrainer, Candidate]]:
 
 tensors = st.lists(
     st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 6), min_size=0, max_size=4)),
-    max_size=3)
+    max_size=3,
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(rid=st.binary(max_size=40), codec=st.sampled_from([*CODECS, "bogus", ""]),
-       count=st.integers(0, 4), budget=st.sampled_from([-1.0, 0.0, 5.0, 1e9, float("nan")]),
-       stage=st.integers(0, 3), has_targets=st.booleans(), specs=tensors,
-       backward=st.booleans())
+@given(
+    rid=st.binary(max_size=40),
+    codec=st.sampled_from([*CODECS, "bogus", ""]),
+    count=st.integers(0, 4),
+    budget=st.sampled_from([-1.0, 0.0, 5.0, 1e9, float("nan")]),
+    stage=st.integers(0, 3),
+    has_targets=st.booleans(),
+    specs=tensors,
+    backward=st.booleans(),
+)
 def test_malformed_requests_are_refused(
-        setup: tuple[Swarm, PipelineTrainer, Candidate], rid: bytes, codec: str, count: int,
-        budget: float, stage: int, has_targets: bool, specs: list[tuple[torch.dtype, list[int]]],
-        backward: bool) -> None:
+    setup: tuple[Swarm, PipelineTrainer, Candidate],
+    rid: bytes,
+    codec: str,
+    count: int,
+    budget: float,
+    stage: int,
+    has_targets: bool,
+    specs: list[tuple[torch.dtype, list[int]]],
+    backward: bool,
+) -> None:
     swarm, trainer, cand = setup
     payload = [torch.zeros(shape, dtype=dtype) for dtype, shape in specs]
     if backward:
-        meta: object = pb.BackwardRequest(request_id=rid, stage=stage, codec=codec,
-                                          payload_tensors=count, budget_s=budget)
+        meta: object = pb.BackwardRequest(
+            request_id=rid, stage=stage, codec=codec, payload_tensors=count, budget_s=budget
+        )
         method = "Backward"
     else:
-        meta = pb.ForwardRequest(request_id=rid, stage=stage, codec=codec,
-                                 payload_tensors=count, budget_s=budget,
-                                 has_targets=has_targets)
+        meta = pb.ForwardRequest(
+            request_id=rid,
+            stage=stage,
+            codec=codec,
+            payload_tensors=count,
+            budget_s=budget,
+            has_targets=has_targets,
+        )
         method = "Forward"
     try:
         reply, _ = trainer.runtime.run(trainer._call(cand, method, meta, payload), 20.0)
@@ -76,8 +96,7 @@ def test_malformed_requests_are_refused(
     assert core.pending_forward == 0 and core.pending_backward == 0
 
 
-def test_server_still_serves_after_fuzzing(
-        setup: tuple[Swarm, PipelineTrainer, Candidate]) -> None:
+def test_server_still_serves_after_fuzzing(setup: tuple[Swarm, PipelineTrainer, Candidate]) -> None:
     swarm, _, _ = setup
     assert len(FUZZED) >= 40  # every example reached the server and was refused
     # a fresh client: the fuzzing one's connection pool holds the errors against the server

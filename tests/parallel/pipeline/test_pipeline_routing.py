@@ -23,8 +23,9 @@ def cand(peer: int, throughput: float = 10.0, queue: int = 0) -> Candidate:
     return Candidate(bytes([peer]) * 32, f"127.0.0.1:{1000 + peer}", throughput, queue)
 
 
-def picks(cands: list[Candidate], stats: dict[bytes, ServerStats], n: int = 4000,
-          now: float = 0.0) -> collections.Counter[int]:
+def picks(
+    cands: list[Candidate], stats: dict[bytes, ServerStats], n: int = 4000, now: float = 0.0
+) -> collections.Counter[int]:
     rng = random.Random(7)
     out: collections.Counter[int] = collections.Counter()
     for _ in range(n):
@@ -93,10 +94,17 @@ def test_initial_stage_fills_holes_then_least_throughput() -> None:
     assert stage_totals(3, [(0, 1.0), (0, 2.0), (2, 4.0), (7, 9.0)]) == [3.0, 0.0, 4.0]
 
 
-def move(current: int, rank: int, mine: float, counts: list[int], totals: list[float],
-         since: float = 100.0) -> int | None:
-    return choose_move(current, rank, mine, counts, totals, hysteresis=0.2, since_move_s=since,
-                       min_dwell_s=10.0)
+def move(
+    current: int,
+    rank: int,
+    mine: float,
+    counts: list[int],
+    totals: list[float],
+    since: float = 100.0,
+) -> int | None:
+    return choose_move(
+        current, rank, mine, counts, totals, hysteresis=0.2, since_move_s=since, min_dwell_s=10.0
+    )
 
 
 def test_moves_fill_an_empty_stage_one_server_only() -> None:

@@ -41,7 +41,7 @@ def test_pipelined_loss_matches_single_process(swarm_factory: list[Swarm]) -> No
     data = batches(micro, 2, 16, seed=1) * steps  # the same batches each step: loss falls
     got: list[float] = []
     for s in range(steps):  # one optimizer step per `micro` micro-batches, on every server
-        results = trainer.train_blocking(data[s * micro:(s + 1) * micro], timeout_s=60)
+        results = trainer.train_blocking(data[s * micro : (s + 1) * micro], timeout_s=60)
         assert [r.error for r in results] == [""] * micro
         got += [r.loss for r in results]
     assert [srv.core.steps for srv in swarm.servers] == [steps] * 4
@@ -51,7 +51,7 @@ def test_pipelined_loss_matches_single_process(swarm_factory: list[Swarm]) -> No
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     want: list[float] = []
     for s in range(steps):
-        for x, y in data[s * micro:(s + 1) * micro]:
+        for x, y in data[s * micro : (s + 1) * micro]:
             h = x.long()
             for st in stages[:-1]:
                 h = st(h)
@@ -65,15 +65,18 @@ def test_pipelined_loss_matches_single_process(swarm_factory: list[Swarm]) -> No
 
 
 def test_killed_server_loses_no_micro_batch_and_applies_none_twice(
-        swarm_factory: list[Swarm]) -> None:
-    swarm = make(swarm_factory, num_stages=3, accumulate=4, announce_period_s=0.5,
-                 announce_ttl_s=5.0)
+    swarm_factory: list[Swarm],
+) -> None:
+    swarm = make(
+        swarm_factory, num_stages=3, accumulate=4, announce_period_s=0.5, announce_ttl_s=5.0
+    )
     swarm.server(0)
     victim = swarm.server(1)
     survivor = swarm.server(1)
     swarm.server(2)
-    trainer = swarm.trainer(TrainerConfig(num_stages=3, max_inflight=6, call_budget_s=10.0,
-                                          refresh_period_s=0.5))
+    trainer = swarm.trainer(
+        TrainerConfig(num_stages=3, max_inflight=6, call_budget_s=10.0, refresh_period_s=0.5)
+    )
     n = 40
     seen: list[MicroBatchResult] = []
     halfway = threading.Event()
@@ -157,8 +160,9 @@ def test_same_stage_servers_average_their_weights(swarm_factory: list[Swarm]) ->
     assert any(not torch.equal(x, y) for x, y in zip(pa, pb_, strict=True))
     futures = [s.runtime.submit(s.averaging.average_once(epoch=1)) for s in (a, b)]
     assert [f.result(30) for f in futures] == [True, True]
-    for x, y, p, q in zip(pa, pb_, a.core.module.parameters(), b.core.module.parameters(),
-                          strict=True):
+    for x, y, p, q in zip(
+        pa, pb_, a.core.module.parameters(), b.core.module.parameters(), strict=True
+    ):
         assert torch.allclose(p, (x + y) / 2, atol=1e-6)
         assert torch.allclose(q, (x + y) / 2, atol=1e-6)
 
@@ -174,9 +178,15 @@ def test_entry_points_serve_and_train() -> None:
     overrides = {"n_layer": 2, "d_model": 64, "max_seq_len": 64}
 
     def serve(stage: int | str, join: list[str]) -> None:
-        serve_stage(stage=stage, model_overrides=overrides, join=join, config=config,
-                    net=NetConfig(unix_socket=False), stop=stop,
-                    ready=lambda s: (started.append(s), ready.release()))
+        serve_stage(
+            stage=stage,
+            model_overrides=overrides,
+            join=join,
+            config=config,
+            net=NetConfig(unix_socket=False),
+            stop=stop,
+            ready=lambda s: (started.append(s), ready.release()),
+        )
 
     threads = [threading.Thread(target=serve, args=(0, []), daemon=True)]
     threads[0].start()
@@ -187,10 +197,14 @@ def test_entry_points_serve_and_train() -> None:
         threads[1].start()
         assert ready.acquire(timeout=60)
         assert sorted(s.stage for s in started) == [0, 1]  # auto took the empty stage
-        results = run_pipeline_trainer(join=join, model_overrides=overrides,
-                                       config=TrainerConfig(num_stages=2, max_inflight=4),
-                                       net=NetConfig(unix_socket=False),
-                                       data=batches(6, 2, 16, seed=6), timeout_s=60)
+        results = run_pipeline_trainer(
+            join=join,
+            model_overrides=overrides,
+            config=TrainerConfig(num_stages=2, max_inflight=4),
+            net=NetConfig(unix_socket=False),
+            data=batches(6, 2, 16, seed=6),
+            timeout_s=60,
+        )
         assert [r.error for r in results] == [""] * 6
         assert all(s.core.ledger.counters.applied == 6 for s in started)
     finally:

@@ -40,6 +40,7 @@ class StageAveraging:
 
     def __init__(self, server: StageServer, transport: Any = None) -> None:
         from shoal.parallel.data.grpc_transport import GrpcTransport
+
         self.server = server
         self.transport = transport or GrpcTransport.for_runtime(server.runtime)
         self.averager = Averager(self.transport)
@@ -73,13 +74,15 @@ class StageAveraging:
         for raw in order:
             if raw != me:
                 self.transport.set_address(PeerID(raw), peers[raw])
-        group = GroupSpec.uniform(round_id(server.config.prefix, stage, epoch),
-                                  [PeerID(raw) for raw in order])
+        group = GroupSpec.uniform(
+            round_id(server.config.prefix, stage, epoch), [PeerID(raw) for raw in order]
+        )
         self.averager.prepare(group)
         before = await core.worker.submit(CONTROL, core.params_job)
         values = [t.clone() for t in before]
-        result = await self.averager.average(values, 1.0, group=group,
-                                             timeout_s=server.config.average_timeout_s)
+        result = await self.averager.average(
+            values, 1.0, group=group, timeout_s=server.config.average_timeout_s
+        )
         if not result.ok or core.stage != stage:
             self.rounds_failed += 1
             return False

@@ -45,15 +45,26 @@ def payload_count(codec: str) -> int:
 class BoundaryCodec:
     """Encoder/decoder of one boundary (see the module docstring)."""
 
-    def __init__(self, name: str, width: int, boundary: int, *, rank: int = 16,
-                 block_size: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        width: int,
+        boundary: int,
+        *,
+        rank: int = 16,
+        block_size: int = 256,
+        seed: int = 0,
+    ) -> None:
         if name not in CODECS:
             raise ConfigError(f"codec must be one of {CODECS}, got {name!r}")
         self.name = name
         self.width = width
         self.int8 = Int8BlockwiseCodec(block_size) if name.endswith("int8") else None
-        self.subspace = (SubspaceCodec(width, min(rank, width), seed * 1_000_003 + boundary)
-                         if name.startswith("subspace") else None)
+        self.subspace = (
+            SubspaceCodec(width, min(rank, width), seed * 1_000_003 + boundary)
+            if name.startswith("subspace")
+            else None
+        )
         self.inner_width = self.subspace.rank if self.subspace is not None else width
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -70,23 +81,30 @@ class BoundaryCodec:
     def decode(self, payload: Sequence[torch.Tensor]) -> torch.Tensor:
         """The (B, T, d) float32 tensor back from its payload (validated)."""
         if len(payload) != payload_count(self.name):
-            raise ProtocolViolation(f"codec {self.name} needs {payload_count(self.name)} "
-                                    f"tensors, got {len(payload)}")
+            raise ProtocolViolation(
+                f"codec {self.name} needs {payload_count(self.name)} tensors, got {len(payload)}"
+            )
         first = payload[0]
         if first.dim() != 3 or first.shape[-1] != self.inner_width:
-            raise ProtocolViolation(f"boundary tensor of shape {list(first.shape)}, want "
-                                    f"(B, T, {self.inner_width})")
+            raise ProtocolViolation(
+                f"boundary tensor of shape {list(first.shape)}, want (B, T, {self.inner_width})"
+            )
         if first.shape[0] * first.shape[1] > MAX_TOKENS:
             raise ProtocolViolation(f"boundary tensor of {list(first.shape)} exceeds limits")
         if self.int8 is not None:
             q, scales = payload
             bs = self.int8.block_size
-            if q.dtype != torch.int8 or scales.dtype != torch.float32 \
-                    or scales.numel() != -(-q.numel() // bs):
+            if (
+                q.dtype != torch.int8
+                or scales.dtype != torch.float32
+                or scales.numel() != -(-q.numel() // bs)
+            ):
                 raise ProtocolViolation("malformed int8 boundary payload")
-            x = self.int8.decode(Encoded("int8", tuple(q.shape), (q.reshape(-1),
-                                                                  scales.reshape(-1)),
-                                         {"block_size": bs})).reshape(q.shape)
+            x = self.int8.decode(
+                Encoded(
+                    "int8", tuple(q.shape), (q.reshape(-1), scales.reshape(-1)), {"block_size": bs}
+                )
+            ).reshape(q.shape)
         else:
             if first.dtype != torch.float32:
                 raise ProtocolViolation(f"boundary tensor of dtype {first.dtype}, want float32")

@@ -80,18 +80,42 @@ class StageServerConfig:
     """Throughput announced before anything was measured (samples/s)."""
 
     def __post_init__(self) -> None:
-        _check(self, ("num_stages", "max_queue", "max_saved", "context_ttl_s", "applied_ttl_s",
-                      "max_budget_s", "lr", "accumulate", "announce_period_s",
-                      "announce_ttl_s", "average_timeout_s", "codec_rank", "codec_block_size",
-                      "throughput_window_s", "default_throughput"),
-               ("weight_decay", "average_period_s", "rebalance_period_s",
-                "rebalance_hysteresis", "min_dwell_s"))
+        _check(
+            self,
+            (
+                "num_stages",
+                "max_queue",
+                "max_saved",
+                "context_ttl_s",
+                "applied_ttl_s",
+                "max_budget_s",
+                "lr",
+                "accumulate",
+                "announce_period_s",
+                "announce_ttl_s",
+                "average_timeout_s",
+                "codec_rank",
+                "codec_block_size",
+                "throughput_window_s",
+                "default_throughput",
+            ),
+            (
+                "weight_decay",
+                "average_period_s",
+                "rebalance_period_s",
+                "rebalance_hysteresis",
+                "min_dwell_s",
+            ),
+        )
         if self.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"StageServerConfig.optimizer must be adamw or sgd, "
-                              f"got {self.optimizer!r}")
+            raise ConfigError(
+                f"StageServerConfig.optimizer must be adamw or sgd, got {self.optimizer!r}"
+            )
         if self.announce_ttl_s <= self.announce_period_s:
-            raise ConfigError(f"StageServerConfig.announce_ttl_s ({self.announce_ttl_s!r}) "
-                              f"must exceed announce_period_s ({self.announce_period_s!r})")
+            raise ConfigError(
+                f"StageServerConfig.announce_ttl_s ({self.announce_ttl_s!r}) "
+                f"must exceed announce_period_s ({self.announce_period_s!r})"
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -120,10 +144,22 @@ class TrainerConfig:
     """Weight of a new sample in the per-server latency average."""
 
     def __post_init__(self) -> None:
-        _check(self, ("num_stages", "max_inflight", "call_budget_s", "max_attempts",
-                      "busy_backoff_s", "refresh_period_s", "ban_s", "latency_alpha"))
+        _check(
+            self,
+            (
+                "num_stages",
+                "max_inflight",
+                "call_budget_s",
+                "max_attempts",
+                "busy_backoff_s",
+                "refresh_period_s",
+                "ban_s",
+                "latency_alpha",
+            ),
+        )
         if self.codec not in CODECS:
             raise ConfigError(f"TrainerConfig.codec must be one of {CODECS}, got {self.codec!r}")
         if self.latency_alpha > 1:
-            raise ConfigError(f"TrainerConfig.latency_alpha must be <= 1, "
-                              f"got {self.latency_alpha!r}")
+            raise ConfigError(
+                f"TrainerConfig.latency_alpha must be <= 1, got {self.latency_alpha!r}"
+            )

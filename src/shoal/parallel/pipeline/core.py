@@ -62,14 +62,23 @@ class StageCore:
     Methods named ``*_job`` run on the compute thread; the rest are called on the loop.
     """
 
-    def __init__(self, model_config: ModelConfig, config: StageServerConfig, stage: int,
-                 *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        config: StageServerConfig,
+        stage: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.model_config = model_config
         self.config = config
         self.clock = clock
         self.worker = ComputeWorker(f"shoal-stage-{os.getpid()}")
-        self.ledger = Ledger(max_saved=config.max_saved, ttl_s=config.context_ttl_s,
-                             applied_ttl_s=config.applied_ttl_s)
+        self.ledger = Ledger(
+            max_saved=config.max_saved,
+            ttl_s=config.context_ttl_s,
+            applied_ttl_s=config.applied_ttl_s,
+        )
         self.meter = ThroughputMeter(config.throughput_window_s, config.default_throughput)
         self.pending_forward = 0
         self.pending_backward = 0
@@ -95,7 +104,8 @@ class StageCore:
         params = [p for p in module.parameters() if p.requires_grad]
         if cfg.optimizer == "adamw":
             opt: torch.optim.Optimizer = torch.optim.AdamW(
-                params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                params, lr=cfg.lr, weight_decay=cfg.weight_decay
+            )
         else:
             opt = torch.optim.SGD(params, lr=cfg.lr)
         self.ledger.clear()
@@ -127,8 +137,13 @@ class StageCore:
         if codec is None:
             cfg = self.config
             codec = self._codecs[key] = BoundaryCodec(
-                name, self.model_config.d_model, boundary, rank=cfg.codec_rank,
-                block_size=cfg.codec_block_size, seed=cfg.seed)
+                name,
+                self.model_config.d_model,
+                boundary,
+                rank=cfg.codec_rank,
+                block_size=cfg.codec_block_size,
+                seed=cfg.seed,
+            )
         return codec
 
     def _input(self, codec: str, payload: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -144,15 +159,24 @@ class StageCore:
             raise ProtocolViolation(f"sequence of {x.shape[1]} exceeds max_seq_len")
         return x.detach().requires_grad_(True)
 
-    def _grads(self, root: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor
-               ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    def _grads(
+        self, root: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         params = list(self.module.parameters())
         wrt = params + ([x] if x.requires_grad else [])
         grads = torch.autograd.grad(root, wrt, grad, allow_unused=True)
         return list(grads[: len(params)]), (grads[-1] if x.requires_grad else None)
 
-    def _apply(self, rid: bytes, mb: int, grads: list[torch.Tensor | None], answer: Any,
-               samples: int, busy_s: float, deadline: float) -> bool:
+    def _apply(
+        self,
+        rid: bytes,
+        mb: int,
+        grads: list[torch.Tensor | None],
+        answer: Any,
+        samples: int,
+        busy_s: float,
+        deadline: float,
+    ) -> bool:
         """Accumulate ``grads`` unless the deadline passed; the one place gradients land."""
         if self.clock() > deadline:
             self.ledger.counters.late += 1
@@ -178,8 +202,13 @@ class StageCore:
         self.steps += 1
         self.accumulated = 0
 
-    def forward_job(self, req: pb.ForwardRequest, payload: Sequence[torch.Tensor],
-                    targets: torch.Tensor | None, deadline: float) -> Outcome:
+    def forward_job(
+        self,
+        req: pb.ForwardRequest,
+        payload: Sequence[torch.Tensor],
+        targets: torch.Tensor | None,
+        deadline: float,
+    ) -> Outcome:
         start = time.perf_counter()
         if self.clock() > deadline:
             self.ledger.counters.late += 1
@@ -207,21 +236,31 @@ class StageCore:
             grads, grad_in = self._grads(loss, None, x)
         tensors = () if grad_in is None else self.codec(req.codec, self.stage - 1).encode(grad_in)
         value = float(loss.detach())
-        if not self._apply(rid, req.micro_batch, grads, (tensors, value), x.shape[0],
-                           time.perf_counter() - start, deadline):
+        if not self._apply(
+            rid,
+            req.micro_batch,
+            grads,
+            (tensors, value),
+            x.shape[0],
+            time.perf_counter() - start,
+            deadline,
+        ):
             return _reply(pb.EXPIRED, "budget ran out before the gradient was applied"), ()
-        return _reply(pb.OK, payload_tensors=len(tensors), loss=value,
-                      optimizer_steps=self.steps), tensors
+        return _reply(
+            pb.OK, payload_tensors=len(tensors), loss=value, optimizer_steps=self.steps
+        ), tensors
 
-    def backward_job(self, req: pb.BackwardRequest, payload: Sequence[torch.Tensor],
-                     deadline: float) -> Outcome:
+    def backward_job(
+        self, req: pb.BackwardRequest, payload: Sequence[torch.Tensor], deadline: float
+    ) -> Outcome:
         start = time.perf_counter()
         rid, ledger = req.request_id, self.ledger
         if ledger.applied(rid):
             cached = ledger.answer(rid)
             if cached is None:
-                return _reply(pb.UNKNOWN_REQUEST, "applied long ago; answer no longer cached",
-                              duplicate=True), ()
+                return _reply(
+                    pb.UNKNOWN_REQUEST, "applied long ago; answer no longer cached", duplicate=True
+                ), ()
             ledger.counters.duplicates += 1
             tensors = cached[0]
             return _reply(pb.OK, payload_tensors=len(tensors), duplicate=True), tensors
@@ -241,16 +280,24 @@ class StageCore:
             out = self.module(x)  # (B, T, C), recomputed with the current weights
             grads, grad_in = self._grads(out, grad, x)
         tensors = () if grad_in is None else self.codec(req.codec, self.stage - 1).encode(grad_in)
-        if not self._apply(rid, req.micro_batch, grads, (tensors, 0.0), x.shape[0],
-                           time.perf_counter() - start, deadline):
+        if not self._apply(
+            rid,
+            req.micro_batch,
+            grads,
+            (tensors, 0.0),
+            x.shape[0],
+            time.perf_counter() - start,
+            deadline,
+        ):
             return _reply(pb.EXPIRED, "budget ran out before the gradient was applied"), ()
         return _reply(pb.OK, payload_tensors=len(tensors), optimizer_steps=self.steps), tensors
 
     # -- loop side ----------------------------------------------------------------------
     def budget(self, budget_s: float) -> float:
         if not 0 < budget_s <= self.config.max_budget_s:
-            raise ProtocolViolation(f"budget_s {budget_s!r} outside (0, "
-                                    f"{self.config.max_budget_s}]")
+            raise ProtocolViolation(
+                f"budget_s {budget_s!r} outside (0, {self.config.max_budget_s}]"
+            )
         return self.clock() + budget_s
 
     def busy(self, backward: bool) -> bool:
@@ -267,11 +314,14 @@ class StageCore:
 
     def info(self) -> pb.StageInfo:
         return pb.StageInfo(
-            stage=self.stage, num_stages=self.config.num_stages,
-            throughput=self.meter.throughput(self.clock()), queue_length=self.queue_length,
-            max_queue=self.config.max_queue, applied=self.ledger.counters.applied,
-            optimizer_steps=self.steps)
+            stage=self.stage,
+            num_stages=self.config.num_stages,
+            throughput=self.meter.throughput(self.clock()),
+            queue_length=self.queue_length,
+            max_queue=self.config.max_queue,
+            applied=self.ledger.counters.applied,
+            optimizer_steps=self.steps,
+        )
 
     def close(self) -> None:
         self.worker.close()
-

@@ -26,15 +26,14 @@ def stage_key(prefix: str, stage: int) -> bytes:
     return f"{prefix}/stage/{stage}".encode()
 
 
-async def announce(node: DHTNode, prefix: str, ann: pb.StageAnnouncement,
-                   expires_at: float) -> int:
+async def announce(node: DHTNode, prefix: str, ann: pb.StageAnnouncement, expires_at: float) -> int:
     """Store our announcement for ``ann.stage``; returns replicas that accepted."""
-    return await node.store(stage_key(prefix, ann.stage), ann.SerializeToString(), expires_at,
-                            subkey=b"")
+    return await node.store(
+        stage_key(prefix, ann.stage), ann.SerializeToString(), expires_at, subkey=b""
+    )
 
 
-def parse_announcements(value: object, stage: int, now: float,
-                        max_age_s: float) -> list[Candidate]:
+def parse_announcements(value: object, stage: int, now: float, max_age_s: float) -> list[Candidate]:
     """Valid, active, fresh candidates from a DHT value (``{subkey: bytes}``)."""
     if not isinstance(value, dict):
         return []
@@ -46,16 +45,23 @@ def parse_announcements(value: object, stage: int, now: float,
             ann = pb.StageAnnouncement.FromString(raw)
         except DecodeError:
             continue
-        if (not ann.active or ann.stage != stage or not 0 < len(ann.address) <= MAX_ADDRESS_CHARS
-                or not math.isfinite(ann.throughput) or not 0 <= ann.throughput <= MAX_THROUGHPUT
-                or not now - max_age_s <= ann.announced_at <= now + max_age_s):
+        if (
+            not ann.active
+            or ann.stage != stage
+            or not 0 < len(ann.address) <= MAX_ADDRESS_CHARS
+            or not math.isfinite(ann.throughput)
+            or not 0 <= ann.throughput <= MAX_THROUGHPUT
+            or not now - max_age_s <= ann.announced_at <= now + max_age_s
+        ):
             continue
-        out.append(Candidate(bytes(sub[:PEER_ID_BYTES]), ann.address, ann.throughput,
-                             ann.queue_length))
+        out.append(
+            Candidate(bytes(sub[:PEER_ID_BYTES]), ann.address, ann.throughput, ann.queue_length)
+        )
     return sorted(out, key=lambda c: c.peer)
 
 
-async def read_stage(node: DHTNode, prefix: str, stage: int, now: float,
-                     max_age_s: float) -> list[Candidate]:
+async def read_stage(
+    node: DHTNode, prefix: str, stage: int, now: float, max_age_s: float
+) -> list[Candidate]:
     """The servers of ``stage`` currently announced."""
     return parse_announcements(await node.get(stage_key(prefix, stage)), stage, now, max_age_s)

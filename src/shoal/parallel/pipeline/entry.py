@@ -49,12 +49,18 @@ def _peer(key_path: Path | None, net: NetConfig, join: Sequence[str]) -> tuple[N
     return runtime, dht
 
 
-def serve_stage(*, stage: int | str = "auto", model: str = "tiny",
-                model_overrides: dict[str, Any] | None = None, join: Sequence[str] = (),
-                net: NetConfig | None = None, key_path: Path | None = None,
-                config: StageServerConfig | None = None,
-                stop: threading.Event | None = None,
-                ready: Callable[[StageServer], None] | None = None) -> None:
+def serve_stage(
+    *,
+    stage: int | str = "auto",
+    model: str = "tiny",
+    model_overrides: dict[str, Any] | None = None,
+    join: Sequence[str] = (),
+    net: NetConfig | None = None,
+    key_path: Path | None = None,
+    config: StageServerConfig | None = None,
+    stop: threading.Event | None = None,
+    ready: Callable[[StageServer], None] | None = None,
+) -> None:
     """Serve one stage (``"auto"``: the least-served) until ``stop`` is set."""
     config = config or StageServerConfig()
     cfg = pipeline_model(model, config.num_stages, **(model_overrides or {}))
@@ -72,22 +78,34 @@ def serve_stage(*, stage: int | str = "auto", model: str = "tiny",
         runtime.close()
 
 
-def run_pipeline_trainer(*, join: Sequence[str], model: str = "tiny",
-                         model_overrides: dict[str, Any] | None = None,
-                         config: TrainerConfig | None = None, net: NetConfig | None = None,
-                         key_path: Path | None = None, micro_batches: int = 100,
-                         batch_size: int = 8, seq_len: int = 128, seed: int = 0,
-                         data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                         timeout_s: float = 3600.0) -> list[MicroBatchResult]:
+def run_pipeline_trainer(
+    *,
+    join: Sequence[str],
+    model: str = "tiny",
+    model_overrides: dict[str, Any] | None = None,
+    config: TrainerConfig | None = None,
+    net: NetConfig | None = None,
+    key_path: Path | None = None,
+    micro_batches: int = 100,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    seed: int = 0,
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    timeout_s: float = 3600.0,
+) -> list[MicroBatchResult]:
     """Train ``micro_batches`` micro-batches of the embedded corpus (or ``data``)."""
     config = config or TrainerConfig()
     cfg = pipeline_model(model, config.num_stages, **(model_overrides or {}))
     if data is None:
         from shoal.models.data import TrainWindows, load_corpus
-        windows = TrainWindows(load_corpus().train, seq_len=seq_len, batch_size=batch_size,
-                               seed=seed)
-        data = [tuple(t.to(torch.uint8) for t in windows.next_batch())  # type: ignore[misc]
-                for _ in range(micro_batches)]
+
+        windows = TrainWindows(
+            load_corpus().train, seq_len=seq_len, batch_size=batch_size, seed=seed
+        )
+        data = [
+            tuple(t.to(torch.uint8) for t in windows.next_batch())  # type: ignore[misc]
+            for _ in range(micro_batches)
+        ]
     runtime, dht = _peer(key_path, net or NetConfig(), join)
     try:
         trainer = PipelineTrainer(runtime, dht, cfg, config)

@@ -41,8 +41,9 @@ class LedgerCounters:
 class Ledger:
     """Saved forward contexts and applied request ids (see the module docstring)."""
 
-    def __init__(self, *, max_saved: int, ttl_s: float, applied_ttl_s: float,
-                 max_history: int = 1 << 20) -> None:
+    def __init__(
+        self, *, max_saved: int, ttl_s: float, applied_ttl_s: float, max_history: int = 1 << 20
+    ) -> None:
         self.max_saved, self.ttl_s, self.applied_ttl_s = max_saved, ttl_s, applied_ttl_s
         self.max_history = max_history
         self.counters = LedgerCounters()

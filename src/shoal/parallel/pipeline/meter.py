@@ -20,7 +20,8 @@ class ThroughputMeter:
         self.window_s = window_s
         self.default = default
         self._events: collections.deque[tuple[float, float, float]] = collections.deque(
-            maxlen=max_events)
+            maxlen=max_events
+        )
 
     def record(self, samples: float, busy_s: float, now: float) -> None:
         self._events.append((now, samples, max(busy_s, 1e-6)))

@@ -18,8 +18,9 @@ __all__ = ["build_stage", "build_stages", "stage_boundaries"]
 def stage_boundaries(n_layer: int, num_stages: int) -> list[int]:
     """Block indices where stages 1.. begin (``num_stages <= n_layer + 1``)."""
     if not 1 <= num_stages <= n_layer + 1:
-        raise ConfigError(f"num_stages must be in [1, {n_layer + 1}] for {n_layer} blocks, "
-                          f"got {num_stages}")
+        raise ConfigError(
+            f"num_stages must be in [1, {n_layer + 1}] for {n_layer} blocks, got {num_stages}"
+        )
     if num_stages <= n_layer:
         return [round(i * n_layer / num_stages) for i in range(1, num_stages)]
     return list(range(1, n_layer + 1))

@@ -71,8 +71,9 @@ def choose_move(
         return None
     empty = [s for s, n in enumerate(counts) if n == 0]
     if empty:
-        spare = max((s for s, n in enumerate(counts) if n > 1),
-                    key=lambda s: (counts[s], totals[s], -s))
+        spare = max(
+            (s for s, n in enumerate(counts) if n > 1), key=lambda s: (counts[s], totals[s], -s)
+        )
         if spare != current or rank >= min(counts[current] - 1, len(empty)):
             return None
         return empty[rank]

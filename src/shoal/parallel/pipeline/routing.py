@@ -85,8 +85,11 @@ def choose_server(
 
     Servers that answered BUSY recently are used only when no other server is left.
     """
-    usable = [c for c in candidates if c.peer not in exclude
-              and (c.peer not in stats or stats[c.peer].banned_until <= now)]
+    usable = [
+        c
+        for c in candidates
+        if c.peer not in exclude and (c.peer not in stats or stats[c.peer].banned_until <= now)
+    ]
     idle = [c for c in usable if c.peer not in stats or stats[c.peer].busy_until <= now]
     pool = idle or usable
     if not pool:

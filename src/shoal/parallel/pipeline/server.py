@@ -54,21 +54,32 @@ _MAX_PARAM_TENSORS = 4096
 class StageServer:
     """Serves one stage of the pipeline (see the module docstring)."""
 
-    def __init__(self, runtime: NetRuntime, dht: DHT, stage_index: int | str,
-                 model_config: ModelConfig, config: StageServerConfig | None = None, *,
-                 averaging_transport: Any = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        runtime: NetRuntime,
+        dht: DHT,
+        stage_index: int | str,
+        model_config: ModelConfig,
+        config: StageServerConfig | None = None,
+        *,
+        averaging_transport: Any = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.runtime, self.dht = runtime, dht
         self.config = config or StageServerConfig()
         self.model_config = model_config
         self.wall_clock = wall_clock
-        if stage_index != "auto" and not (isinstance(stage_index, int)
-                                          and 0 <= stage_index < self.config.num_stages):
-            raise ConfigError(f"stage_index must be 'auto' or in [0, {self.config.num_stages})"
-                              f", got {stage_index!r}")
+        if stage_index != "auto" and not (
+            isinstance(stage_index, int) and 0 <= stage_index < self.config.num_stages
+        ):
+            raise ConfigError(
+                f"stage_index must be 'auto' or in [0, {self.config.num_stages})"
+                f", got {stage_index!r}"
+            )
         self.requested = stage_index
-        self.core = StageCore(model_config, self.config,
-                              stage_index if isinstance(stage_index, int) else 0)
+        self.core = StageCore(
+            model_config, self.config, stage_index if isinstance(stage_index, int) else 0
+        )
         self.moves = 0
         self.moved = threading.Event()
         """Set after each move (for tests and supervisors on other threads)."""
@@ -100,15 +111,22 @@ class StageServer:
         self.runtime.roles.append("stage")
         await self._announce(active=True)
         cfg = self.config
-        self._tasks.append(self.runtime.spawn(self._every(cfg.announce_period_s, self._announce),
-                                              name="stage-announce"))
+        self._tasks.append(
+            self.runtime.spawn(
+                self._every(cfg.announce_period_s, self._announce), name="stage-announce"
+            )
+        )
         if cfg.average_period_s > 0:
             from shoal.parallel.pipeline.averaging import StageAveraging
+
             self.averaging = StageAveraging(self, self._averaging_transport)
             self._tasks.append(self.runtime.spawn(self.averaging.loop(), name="stage-average"))
         if cfg.rebalance_period_s > 0:
-            self._tasks.append(self.runtime.spawn(
-                self._every(cfg.rebalance_period_s, self.rebalance), name="stage-rebalance"))
+            self._tasks.append(
+                self.runtime.spawn(
+                    self._every(cfg.rebalance_period_s, self.rebalance), name="stage-rebalance"
+                )
+            )
 
     async def _every(self, period_s: float, fn: Callable[[], Any]) -> None:
         while True:
@@ -141,8 +159,9 @@ class StageServer:
         """None when admitted (call ``release`` later), else the BUSY reply."""
         core = self.core
         if core.busy(backward):
-            return pb.StageReply(status=pb.BUSY, reason="queue full: route elsewhere",
-                                 queue_length=core.queue_length)
+            return pb.StageReply(
+                status=pb.BUSY, reason="queue full: route elsewhere", queue_length=core.queue_length
+            )
         if backward:
             core.pending_backward += 1
         else:
@@ -155,16 +174,15 @@ class StageServer:
         else:
             self.core.pending_forward -= 1
 
-    async def forward(self, req: pb.ForwardRequest, payload: Sequence[torch.Tensor],
-                      targets: torch.Tensor | None) -> Outcome:
+    async def forward(
+        self, req: pb.ForwardRequest, payload: Sequence[torch.Tensor], targets: torch.Tensor | None
+    ) -> Outcome:
         core = self.core
         deadline = core.budget(req.budget_s)
-        fut = core.worker.submit(FORWARD, lambda: core.forward_job(req, payload, targets,
-                                                                   deadline))
+        fut = core.worker.submit(FORWARD, lambda: core.forward_job(req, payload, targets, deadline))
         return await self._wait(fut, req.budget_s)
 
-    async def backward(self, req: pb.BackwardRequest, payload: Sequence[torch.Tensor]
-                       ) -> Outcome:
+    async def backward(self, req: pb.BackwardRequest, payload: Sequence[torch.Tensor]) -> Outcome:
         core = self.core
         deadline = core.budget(req.budget_s)
         fut = core.worker.submit(BACKWARD, lambda: core.backward_job(req, payload, deadline))
@@ -190,14 +208,20 @@ class StageServer:
         cfg, core = self.config, self.core
         now = self.wall_clock()
         ann = pb.StageAnnouncement(
-            address=self.runtime.address, stage=core.stage if stage is None else stage,
-            num_stages=cfg.num_stages, throughput=core.meter.throughput(core.clock()),
-            queue_length=core.queue_length, active=active, announced_at=now)
+            address=self.runtime.address,
+            stage=core.stage if stage is None else stage,
+            num_stages=cfg.num_stages,
+            throughput=core.meter.throughput(core.clock()),
+            queue_length=core.queue_length,
+            active=active,
+            announced_at=now,
+        )
         await announce(self.dht.node, cfg.prefix, ann, now + cfg.announce_ttl_s)
 
     async def read(self, stage: int) -> list[Candidate]:
-        return await read_stage(self.dht.node, self.config.prefix, stage, self.wall_clock(),
-                                self.config.announce_ttl_s)
+        return await read_stage(
+            self.dht.node, self.config.prefix, stage, self.wall_clock(), self.config.announce_ttl_s
+        )
 
     async def _survey(self) -> tuple[list[int], list[float], list[list[Candidate]]]:
         n = self.config.num_stages
@@ -216,18 +240,20 @@ class StageServer:
                 state = await self.fetch_parameters(cand, stage)
                 break
             except (NetworkError, ConfigError, asyncio.TimeoutError) as exc:
-                log.warning("parameters of stage %d from %s failed: %s", stage, cand.address,
-                            exc)
+                log.warning("parameters of stage %d from %s failed: %s", stage, cand.address, exc)
         await self.core.worker.submit(CONTROL, lambda: self.core.install_job(stage, state))
         self.loaded_from = "peer" if state is not None else "seed"
 
-    async def fetch_parameters(self, cand: Candidate, stage: int,
-                               timeout_s: float = 60.0) -> dict[str, torch.Tensor]:
+    async def fetch_parameters(
+        self, cand: Candidate, stage: int, timeout_s: float = 60.0
+    ) -> dict[str, torch.Tensor]:
         from shoal.net.identity import PeerID
+
         stub = self.runtime.stub(rpc.StageStub, cand.address, PeerID(cand.peer))
         frames = stub.Parameters(pb.ParametersRequest(stage=stage), timeout_s=timeout_s)
-        info, state = await read_parameters(frames, self.runtime.config.tensor_limits,
-                                            _MAX_PARAM_TENSORS)
+        info, state = await read_parameters(
+            frames, self.runtime.config.tensor_limits, _MAX_PARAM_TENSORS
+        )
         if info.stage != stage:
             raise ConfigError(f"peer sent stage {info.stage}, asked for {stage}")
         return state
@@ -259,10 +285,16 @@ class StageServer:
             totals[cur] += mine
             lists[cur].append(Candidate(me, self.runtime.address, mine, 0))
         rank = sorted(c.peer for c in lists[cur]).index(me)
-        target = choose_move(cur, rank, mine, counts, totals,
-                             hysteresis=self.config.rebalance_hysteresis,
-                             since_move_s=time.monotonic() - self._moved_at,
-                             min_dwell_s=self.config.min_dwell_s)
+        target = choose_move(
+            cur,
+            rank,
+            mine,
+            counts,
+            totals,
+            hysteresis=self.config.rebalance_hysteresis,
+            since_move_s=time.monotonic() - self._moved_at,
+            min_dwell_s=self.config.min_dwell_s,
+        )
         if target is not None:
             await self.move_to(target)
         return target

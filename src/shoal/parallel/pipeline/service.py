@@ -48,8 +48,9 @@ class StageService(rpc.StageServicer):
         self.server = server
         self.limits = server.runtime.config.tensor_limits
 
-    async def Forward(self, request_iterator: AsyncIterator[Any], context: Any
-                      ) -> AsyncIterator[Any]:
+    async def Forward(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
         reader = TensorReader(request_iterator, self.limits)
         req = await reader.read_meta(pb.ForwardRequest)
         _check(req.request_id, req.codec, req.payload_tensors)
@@ -67,8 +68,9 @@ class StageService(rpc.StageServicer):
         for frame in reply_frames(reply, tensors):
             yield frame
 
-    async def Backward(self, request_iterator: AsyncIterator[Any], context: Any
-                       ) -> AsyncIterator[Any]:
+    async def Backward(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
         reader = TensorReader(request_iterator, self.limits)
         req = await reader.read_meta(pb.BackwardRequest)
         _check(req.request_id, req.codec, req.payload_tensors)
@@ -85,11 +87,9 @@ class StageService(rpc.StageServicer):
         for frame in reply_frames(reply, tensors):
             yield frame
 
-    async def Parameters(self, request: pb.ParametersRequest, context: Any
-                         ) -> AsyncIterator[Any]:
+    async def Parameters(self, request: pb.ParametersRequest, context: Any) -> AsyncIterator[Any]:
         stage, steps, state = await self.server.parameters(request.stage)
-        yield meta_frame(pb.ParametersInfo(stage=stage, tensors=len(state),
-                                           optimizer_steps=steps))
+        yield meta_frame(pb.ParametersInfo(stage=stage, tensors=len(state), optimizer_steps=steps))
         for name, tensor in state.items():
             for frame in tensor_frames(tensor, name=name):
                 yield frame
@@ -98,8 +98,9 @@ class StageService(rpc.StageServicer):
         return self.server.core.info()
 
 
-async def read_parameters(frames: AsyncIterator[Any], limits: Any, max_tensors: int
-                          ) -> tuple[pb.ParametersInfo, dict[str, torch.Tensor]]:
+async def read_parameters(
+    frames: AsyncIterator[Any], limits: Any, max_tensors: int
+) -> tuple[pb.ParametersInfo, dict[str, torch.Tensor]]:
     """The client side of ``Parameters``: info and named tensors (count bounded)."""
     reader = TensorReader(frames, limits)
     info = await reader.read_meta(pb.ParametersInfo)

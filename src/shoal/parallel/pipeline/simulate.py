@@ -42,13 +42,25 @@ def boundary(x: torch.Tensor, codec: BoundaryCodec) -> torch.Tensor:
     return out
 
 
-def train_and_evaluate(cfg: ModelConfig, num_stages: int, codec: str, train: Sequence[Batch],
-                       val: Sequence[Batch], *, lr: float, accumulate: int, seed: int,
-                       rank: int, block_size: int = 256) -> float:
+def train_and_evaluate(
+    cfg: ModelConfig,
+    num_stages: int,
+    codec: str,
+    train: Sequence[Batch],
+    val: Sequence[Batch],
+    *,
+    lr: float,
+    accumulate: int,
+    seed: int,
+    rank: int,
+    block_size: int = 256,
+) -> float:
     """Mean validation loss after training on ``train`` with ``codec`` at every boundary."""
     stages = build_stages(cfg, num_stages, seed)
-    codecs = [BoundaryCodec(codec, cfg.d_model, b, rank=rank, block_size=block_size, seed=seed)
-              for b in range(num_stages - 1)]
+    codecs = [
+        BoundaryCodec(codec, cfg.d_model, b, rank=rank, block_size=block_size, seed=seed)
+        for b in range(num_stages - 1)
+    ]
     params = [p for st in stages for p in st.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 

@@ -90,11 +90,18 @@ class TrainerCounters:
 class PipelineTrainer:
     """Client of the stage servers (see the module docstring)."""
 
-    def __init__(self, runtime: NetRuntime, dht: DHT, model_config: ModelConfig,
-                 config: TrainerConfig | None = None, *, rng: random.Random | None = None,
-                 address_map: Callable[[str], str] | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        runtime: NetRuntime,
+        dht: DHT,
+        model_config: ModelConfig,
+        config: TrainerConfig | None = None,
+        *,
+        rng: random.Random | None = None,
+        address_map: Callable[[str], str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.runtime, self.dht = runtime, dht
         self.model_config = model_config
         self.config = config or TrainerConfig()
@@ -116,9 +123,14 @@ class PipelineTrainer:
             if not force and self.clock() - self._refreshed_at < self.config.refresh_period_s:
                 return
             cfg = self.config
-            lists = await asyncio.gather(*(
-                read_stage(self.dht.node, cfg.prefix, k, self.wall_clock(), _MAX_ANNOUNCEMENT_AGE_S)
-                for k in range(cfg.num_stages)))
+            lists = await asyncio.gather(
+                *(
+                    read_stage(
+                        self.dht.node, cfg.prefix, k, self.wall_clock(), _MAX_ANNOUNCEMENT_AGE_S
+                    )
+                    for k in range(cfg.num_stages)
+                )
+            )
             self._candidates = list(lists)
             self._refreshed_at = self.clock()
 
@@ -130,11 +142,11 @@ class PipelineTrainer:
         force = False
         while True:
             await self.refresh(force)
-            cand = choose_server(self._candidates[stage], self.stats, self.rng, self.clock(),
-                                 exclude)
+            cand = choose_server(
+                self._candidates[stage], self.stats, self.rng, self.clock(), exclude
+            )
             if cand is None and exclude:
-                cand = choose_server(self._candidates[stage], self.stats, self.rng,
-                                     self.clock())
+                cand = choose_server(self._candidates[stage], self.stats, self.rng, self.clock())
             if cand is not None:
                 return cand
             if self.clock() > deadline:
@@ -148,23 +160,27 @@ class PipelineTrainer:
     def _failed(self, cand: Candidate, exc: Exception) -> None:
         self.counters.failures += 1
         until = self._stat(cand.peer).ban(self.clock(), self.config.ban_s)
-        log.info("server %s failed (%s); banned for %.1f s", cand.address, exc,
-                 until - self.clock())
+        log.info(
+            "server %s failed (%s); banned for %.1f s", cand.address, exc, until - self.clock()
+        )
 
     # -- one call -----------------------------------------------------------------------
-    async def _call(self, cand: Candidate, method: str, meta: Any,
-                    tensors: Sequence[torch.Tensor]) -> tuple[pb.StageReply, list[torch.Tensor]]:
+    async def _call(
+        self, cand: Candidate, method: str, meta: Any, tensors: Sequence[torch.Tensor]
+    ) -> tuple[pb.StageReply, list[torch.Tensor]]:
         key = (cand.address, cand.peer)
         stub = self._stubs.get(key)
         if stub is None:
             stub = self._stubs[key] = self.runtime.stub(
-                rpc.StageStub, self.address_map(cand.address), PeerID(cand.peer))
+                rpc.StageStub, self.address_map(cand.address), PeerID(cand.peer)
+            )
         budget = self.config.call_budget_s
         frames = itertools.chain([meta_frame(meta)], *(tensor_frames(t) for t in tensors))
         stat = self._stat(cand.peer)
         stat.inflight += 1
         self.counters.calls += 1
         start = self.clock()
+
         async def exchange() -> tuple[pb.StageReply, list[torch.Tensor]]:
             stream = getattr(stub, method)(frames, timeout_s=budget)
             reader = TensorReader(stream, self.runtime.config.tensor_limits)
@@ -184,14 +200,14 @@ class PipelineTrainer:
         try:
             reply, out = await asyncio.wait_for(exchange(), budget)
         except asyncio.TimeoutError:
-            raise PeerTimeout(f"Stage/{method} took more than {budget} s",
-                              peer=cand.address) from None
+            raise PeerTimeout(
+                f"Stage/{method} took more than {budget} s", peer=cand.address
+            ) from None
         finally:
             stat.inflight -= 1
         if reply.status == pb.OK:
             work_s = 1.0 / max(cand.throughput, 1e-3)
-            stat.observe_latency(max(0.0, self.clock() - start - work_s),
-                                 self.config.latency_alpha)
+            stat.observe_latency(max(0.0, self.clock() - start - work_s), self.config.latency_alpha)
         return reply, out
 
     def _count(self, tensors: Sequence[torch.Tensor], shape: Sequence[int]) -> None:
@@ -199,19 +215,29 @@ class PipelineTrainer:
         self.counters.fp32_bytes += 4 * math.prod(shape[:2]) * self.model_config.d_model
 
     # -- hops ---------------------------------------------------------------------------
-    async def _forward(self, stage: int, mb: int, payload: Sequence[torch.Tensor],
-                       targets: torch.Tensor | None, exclude: frozenset[bytes] = frozenset()
-                       ) -> tuple[Candidate, bytes, pb.StageReply, list[torch.Tensor]]:
+    async def _forward(
+        self,
+        stage: int,
+        mb: int,
+        payload: Sequence[torch.Tensor],
+        targets: torch.Tensor | None,
+        exclude: frozenset[bytes] = frozenset(),
+    ) -> tuple[Candidate, bytes, pb.StageReply, list[torch.Tensor]]:
         cfg = self.config
         attempts = busy = 0
         tensors = [*payload, *([] if targets is None else [targets])]
         while True:
             cand = await self._pick(stage, exclude)
             rid = os.urandom(16)
-            req = pb.ForwardRequest(request_id=rid, stage=stage, codec=cfg.codec,
-                                    payload_tensors=len(payload),
-                                    budget_s=cfg.call_budget_s * _SERVER_SHARE,
-                                    has_targets=targets is not None, micro_batch=mb)
+            req = pb.ForwardRequest(
+                request_id=rid,
+                stage=stage,
+                codec=cfg.codec,
+                payload_tensors=len(payload),
+                budget_s=cfg.call_budget_s * _SERVER_SHARE,
+                has_targets=targets is not None,
+                micro_batch=mb,
+            )
             try:
                 reply, out = await self._call(cand, "Forward", req, tensors)
             except NetworkError as exc:
@@ -236,17 +262,27 @@ class PipelineTrainer:
             if attempts >= cfg.max_attempts:
                 raise PeerUnavailable(f"stage {stage}: {reply.reason}", peer=cand.address)
 
-    async def _backward(self, stage: int, mb: int, held: tuple[Candidate, bytes],
-                        inputs: Sequence[torch.Tensor], grad: Sequence[torch.Tensor]
-                        ) -> tuple[tuple[Candidate, bytes], list[torch.Tensor]]:
+    async def _backward(
+        self,
+        stage: int,
+        mb: int,
+        held: tuple[Candidate, bytes],
+        inputs: Sequence[torch.Tensor],
+        grad: Sequence[torch.Tensor],
+    ) -> tuple[tuple[Candidate, bytes], list[torch.Tensor]]:
         cfg = self.config
         cand, rid = held
         attempts = busy = 0
         resent = False
         while True:
-            req = pb.BackwardRequest(request_id=rid, stage=stage, codec=cfg.codec,
-                                     payload_tensors=len(grad),
-                                     budget_s=cfg.call_budget_s * _SERVER_SHARE, micro_batch=mb)
+            req = pb.BackwardRequest(
+                request_id=rid,
+                stage=stage,
+                codec=cfg.codec,
+                payload_tensors=len(grad),
+                budget_s=cfg.call_budget_s * _SERVER_SHARE,
+                micro_batch=mb,
+            )
             lost = ""
             try:
                 reply, out = await self._call(cand, "Backward", req, grad)
@@ -274,13 +310,13 @@ class PipelineTrainer:
             if attempts >= cfg.max_attempts:
                 raise PeerUnavailable(f"backward at stage {stage} failed: {lost}")
             self.counters.reforwards += 1
-            cand, rid, _, _ = await self._forward(stage, mb, inputs, None,
-                                                  frozenset({cand.peer}))
+            cand, rid, _, _ = await self._forward(stage, mb, inputs, None, frozenset({cand.peer}))
             resent = False
 
     # -- micro-batches ------------------------------------------------------------------
-    async def run_micro_batch(self, mb: int, inputs: torch.Tensor, targets: torch.Tensor
-                              ) -> MicroBatchResult:
+    async def run_micro_batch(
+        self, mb: int, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> MicroBatchResult:
         """One micro-batch through every stage; raises NetworkError when retries run out."""
         n = self.config.num_stages
         start = self.clock()
@@ -292,7 +328,8 @@ class PipelineTrainer:
         for k in range(n):
             last = k == n - 1
             cand, rid, reply, out = await self._forward(
-                k, mb, stage_inputs[k], targets.to(torch.uint8).contiguous() if last else None)
+                k, mb, stage_inputs[k], targets.to(torch.uint8).contiguous() if last else None
+            )
             if last:
                 result.loss = reply.loss
                 result.acks[k] = (cand.peer, rid)
@@ -311,9 +348,11 @@ class PipelineTrainer:
         result.seconds = self.clock() - start
         return result
 
-    async def train(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                    on_result: Callable[[MicroBatchResult], None] | None = None
-                    ) -> list[MicroBatchResult]:
+    async def train(
+        self,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        on_result: Callable[[MicroBatchResult], None] | None = None,
+    ) -> list[MicroBatchResult]:
         """Run every micro-batch with up to ``max_inflight`` in flight; failures are recorded
         in their result (``error``), never raised, so one lost path does not stop the rest."""
         sem = asyncio.Semaphore(self.config.max_inflight)
@@ -342,7 +381,8 @@ class PipelineTrainer:
                 task.cancel()
         return sorted(results, key=lambda r: r.micro_batch)
 
-    def train_blocking(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                       timeout_s: float) -> list[MicroBatchResult]:
+    def train_blocking(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], timeout_s: float
+    ) -> list[MicroBatchResult]:
         """``train`` from a thread other than the network loop."""
         return self.runtime.run(self.train(batches), timeout_s=timeout_s)
