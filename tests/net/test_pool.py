@@ -48,8 +48,8 @@ def test_backoff_refuses_when_the_wait_exceeds_the_deadline(make_runtime):
         a.run(stub.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
     start = time.monotonic()
     with pytest.raises(PeerUnavailable, match="backing off"):
-        a.run(stub.Ping(peer_pb2.PingRequest(), timeout_s=1), 5)
-    assert time.monotonic() - start < 0.5
+        a.run(stub.Ping(peer_pb2.PingRequest(), timeout_s=4), 10)
+    assert time.monotonic() - start < 2.0  # refused at once, not after the 4 s deadline
 
 
 def test_concurrent_calls_share_one_session(make_runtime):

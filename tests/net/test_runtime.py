@@ -16,7 +16,7 @@ from shoal.net.config import NetConfig
 from shoal.net.identity import Identity
 from shoal.net.peer_service import PeerService
 from shoal.net.proto.v1 import peer_pb2, peer_pb2_grpc
-from shoal.net.runtime import NetRuntime, State
+from shoal.net.runtime import CLOSE_TIMEOUT_S, NetRuntime, State
 from shoal.net.server import current_caller
 from shoal.net.tensors import TensorReader, tensor_frames
 
@@ -168,7 +168,9 @@ def test_shutdown_is_fast_idempotent_and_cancels_tasks(make_runtime):
     start = time.perf_counter()
     a.close()
     a.close()
-    assert time.perf_counter() - start < 2.0
+    # close() bounds itself by CLOSE_TIMEOUT_S; the wall-clock check, loose for loaded
+    # machines, catches waiting on the hung task instead of cancelling it
+    assert time.perf_counter() - start < CLOSE_TIMEOUT_S + 3.0
     assert hung.cancelled()
     assert not a._thread.is_alive()
     with pytest.raises(RuntimeError):
@@ -207,7 +209,7 @@ def test_port_in_use_is_a_config_error(make_runtime):
     start = time.perf_counter()
     with pytest.raises(ConfigError, match="port"):
         b.start()
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < CLOSE_TIMEOUT_S + 3.0
     assert b.state is State.CLOSED and not b._thread.is_alive()
     b.close()  # still safe
 
@@ -262,6 +264,6 @@ def test_close_cancels_hung_handlers_in_time(make_runtime):
     assert _Hang.started.wait(10)
     start = time.perf_counter()
     b.close()
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < CLOSE_TIMEOUT_S + 3.0  # not the call's 30 s
     with pytest.raises(PeerUnavailable):
         pending.result(10)  # the caller learns at once, long before its 30 s deadline

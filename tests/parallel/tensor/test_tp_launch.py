@@ -66,7 +66,8 @@ def test_deadline_stops_every_rank(tmp_path: Path) -> None:
     start = time.monotonic()
     with pytest.raises(TPGroupError, match="missed the deadline"):
         launch_tp_group(2, rc.hang, (str(tmp_path),), config=cfg)
-    assert time.monotonic() - start < 1.5 + 4 * 1.0 + 2.0  # deadline + SIGTERM/SIGKILL grace
+    # deadline + SIGTERM/SIGKILL grace, plus room for a loaded machine to reap the ranks
+    assert time.monotonic() - start < 1.5 + 4 * 1.0 + 10.0
     assert _no_rank_children()
 
 
