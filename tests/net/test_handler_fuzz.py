@@ -12,7 +12,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from wire_fuzz import HIDDEN, OK_OR_REFUSED, RawCaller, ServerCrashes, requests, rss_mib
+from wire_fuzz import HIDDEN, OK_OR_REFUSED, RawCaller, ServerCrashes, requests
 
 from shoal.net.config import NetConfig
 from shoal.net.identity import Identity
@@ -81,8 +81,7 @@ def test_oversized_messages_are_refused_before_any_handler(pair) -> None:
 
 def test_server_still_serves_after_fuzzing_and_memory_stayed_bounded(pair) -> None:
     a, b, _ = pair
-    before = rss_mib()
     _still_serves(a, b)
     assert grpc.StatusCode.INVALID_ARGUMENT in SEEN  # the fuzzing really reached refusals
-    assert rss_mib() - before < 1.0  # the peak was not raised by serving a ping
-    assert rss_mib() < 2048, rss_mib()  # nothing above allocated anywhere near a wire size
+    # the largest request was 8 MiB: nothing allocated anywhere near a size it claimed
+    assert CRASHES.peak_growth_mib() < 512, CRASHES.peak_growth_mib()

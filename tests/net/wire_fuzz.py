@@ -13,9 +13,8 @@
   was still writing: gRPC's client then reports its own INTERNAL ("Internal error from
   Core") instead of the server's status. Such calls are judged by ``ServerCrashes`` alone.
 - ``ServerCrashes``: collects gRPC's log records of exceptions a handler let escape (the
-  server answered UNKNOWN), whatever the client saw.
-- ``rss_mib``: this process's peak resident memory, to check that fuzzing allocated nothing
-  unbounded.
+  server answered UNKNOWN), whatever the client saw; ``peak_growth_mib()`` is how far the
+  process's peak resident memory rose since it was entered (nothing sized by a request).
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ __all__ = [
     "ServerCrashes",
     "messages",
     "requests",
-    "rss_mib",
 ]
 
 HIDDEN = "hidden by a late client write"
@@ -144,8 +142,8 @@ def requests(cls: type[Message], depth: int = 2) -> st.SearchStrategy[bytes]:
     return st.one_of(whole, whole, cut, st.binary(max_size=200))
 
 
-def rss_mib() -> float:
-    """Peak resident memory of this process (MiB; Linux reports KiB)."""
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -155,6 +153,10 @@ class ServerCrashes(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.messages: list[str] = []
+        self._peak_at_start_mib = 0.0
+
+    def peak_growth_mib(self) -> float:
+        return _peak_rss_mib() - self._peak_at_start_mib
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
@@ -162,6 +164,7 @@ class ServerCrashes(logging.Handler):
             self.messages.append(message)
 
     def __enter__(self) -> ServerCrashes:
+        self._peak_at_start_mib = _peak_rss_mib()
         logging.getLogger(_GRPC_LOGGER).addHandler(self)
         return self
 

@@ -94,3 +94,4 @@ def test_stage_still_trains_after_fuzzing(bed) -> None:
     results = trainer.train_blocking(batches(2, 2, 8, seed=5), timeout_s=60)
     assert [r.error for r in results] == ["", ""]
     assert core.ledger.counters.applied == 2
+    assert CRASHES.peak_growth_mib() < 512, CRASHES.peak_growth_mib()
