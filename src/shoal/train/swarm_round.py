@@ -44,6 +44,10 @@ class RoundsConfig:
     """How long the first window waits for the expected peers."""
     window_cap_s: float = 60.0
     """Longest window."""
+    window_floor_s: float = 3.0
+    """Shortest window. The window learns how long peers take to gather; when everyone is
+    ready at once it would shrink to nothing, and a peer that falls a little behind (a
+    restart, a slow step) would then never meet the others again."""
     allreduce_timeout_s: float = 30.0
     """Budget of the all-reduce once the group is known."""
     min_group_size: int = 2
@@ -63,6 +67,8 @@ class RoundsConfig:
                 f"need 0 < window_initial_s <= window_cap_s, got "
                 f"{self.window_initial_s!r}, {self.window_cap_s!r}"
             )
+        if not self.window_floor_s > 0:
+            raise ConfigError(f"window_floor_s must be > 0, got {self.window_floor_s!r}")
         if not self.allreduce_timeout_s > 0:
             raise ConfigError(f"allreduce_timeout_s must be > 0, got {self.allreduce_timeout_s!r}")
         if not 1 <= self.min_group_size <= self.max_group_size:
@@ -99,7 +105,7 @@ class SwarmRounds:
     ) -> None:
         self.runtime = runtime
         self.config = cfg = config or RoundsConfig()
-        self.transport = GrpcTransport(runtime)
+        self.transport = GrpcTransport.for_runtime(runtime)
         self.averager = Averager(
             self.transport,
             wire_codec=cfg.wire_codec,
@@ -109,7 +115,7 @@ class SwarmRounds:
         self.estimator = FormationEstimator(
             FormationConfig(
                 initial_s=cfg.window_initial_s,
-                floor_s=min(1.0, cfg.window_initial_s),
+                floor_s=min(cfg.window_floor_s, cfg.window_initial_s),
                 cap_s=cfg.window_cap_s,
             )
         )

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from shoal.dht.virtual_loop import run_virtual
 from shoal.errors import ConfigError
 from shoal.parallel.data.matchmaking import (
     FormationConfig,
@@ -65,63 +66,89 @@ def test_lonely_peer_and_client_only_groups_skip_the_round():
     assert form_groups(b"r", _peers(3, clients=3), max_group_size=4) == []
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
-    def __call__(self) -> float:
-        return self.now
 
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
+async def _meet(board, peer, *, window_s, expected=4, start_at=0.0, confirm_s=5.0, est=None):
+    """One peer's matchmaking on the virtual clock, starting at ``start_at``."""
+    await asyncio.sleep(start_at)
+    return await find_group(
+        board,
+        b"k",
+        peer,
+        expected_peers=expected,
+        estimator=est or FormationEstimator(FormationConfig(initial_s=window_s)),
+        config=MatchConfig(max_group_size=8, poll_interval_s=0.25, confirm_timeout_s=confirm_s),
+        clock=_loop_time,
+    )
 
 
 def test_find_group_closes_early_when_everyone_is_ready_and_learns_the_time():
-    clock = FakeClock()
-    board = MemoryBoard(clock)
-    est = FormationEstimator(FormationConfig(initial_s=5.0))
     peers = _peers(4)
+    est = FormationEstimator(FormationConfig(initial_s=5.0))
 
     async def main():
-        for p in peers[1:]:
-            await board.announce(b"k", p, expires_at=100.0)
-        return await find_group(
-            board,
-            b"k",
-            peers[0],
-            expected_peers=4,
-            estimator=est,
-            config=MatchConfig(max_group_size=8),
-            clock=clock,
-            sleep=clock.sleep,
+        board = MemoryBoard(_loop_time)
+        groups = await asyncio.gather(
+            _meet(board, peers[0], window_s=5.0, est=est),
+            *(_meet(board, p, window_s=5.0) for p in peers[1:]),
         )
+        return groups, _loop_time()
 
-    group = asyncio.run(main())
-    assert group is not None and len(group.members) == 4
-    assert clock.now == 0.0 and est.mean_s == 0.0
+    groups, ended = run_virtual(main())
+    assert all(g is not None and len(g.members) == 4 for g in groups)
+    assert len({g.group_id for g in groups}) == 1
+    assert ended < 1.0  # nobody waited for the 5 s window
+    assert est.mean_s is not None and est.mean_s < 1.0
 
 
 def test_find_group_waits_the_window_then_goes_with_who_came():
-    clock = FakeClock()
-    board = MemoryBoard(clock)
-    est = FormationEstimator(FormationConfig(initial_s=2.0))
     peers = _peers(4)
 
     async def main():
-        await board.announce(b"k", peers[1], expires_at=100.0)
-        return await find_group(
-            board,
-            b"k",
-            peers[0],
-            expected_peers=4,
-            estimator=est,
-            config=MatchConfig(poll_interval_s=0.25),
-            clock=clock,
-            sleep=clock.sleep,
+        board = MemoryBoard(_loop_time)
+        groups = await asyncio.gather(*(_meet(board, p, window_s=2.0) for p in peers[:2]))
+        return groups, _loop_time()
+
+    groups, ended = run_virtual(main())
+    assert all(g is not None for g in groups)
+    assert {p.peer for p in groups[0].members} == {peers[0].peer, peers[1].peer}
+    assert groups[0].group_id == groups[1].group_id
+    assert 2.0 <= ended < 3.0
+
+
+def test_a_late_arrival_does_not_pull_a_peer_that_already_left_into_its_group():
+    a, b = _peers(2)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        # a waits 1 s alone and leaves; b arrives later, still sees a's entry on the board
+        return await asyncio.gather(
+            _meet(board, a, window_s=1.0, expected=2),
+            _meet(board, b, window_s=1.0, expected=3, start_at=1.5, confirm_s=2.0),
+        ), _loop_time()
+
+    (group_a, group_b), ended = run_virtual(main())
+    assert group_a is None
+    assert group_b is None  # without confirmation b would wait on a in an all-reduce
+    assert ended <= 1.5 + 1.0 + 2.0 + 0.5
+
+
+def test_members_that_derived_another_group_are_left_out_consistently():
+    a, b, c = _peers(3)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        await board.announce(b"k", c, expires_at=100.0)
+        await board.confirm(b"k", c.peer, b"x" * 16, expires_at=100.0)  # c saw another board
+        return await asyncio.gather(
+            _meet(board, a, window_s=1.0, expected=3), _meet(board, b, window_s=1.0, expected=3)
         )
 
-    group = asyncio.run(main())
-    assert group is not None and {p.peer for p in group.members} == {peers[0].peer, peers[1].peer}
-    assert clock.now == pytest.approx(2.0)
-    assert est.mean_s == pytest.approx(2.0)
+    group_a, group_b = run_virtual(main())
+    assert group_a is not None and group_b is not None
+    assert {p.peer for p in group_a.members} == {a.peer, b.peer}
+    assert group_a == group_b
+    unconfirmed = form_groups(b"k", [a, b, c], max_group_size=8)[0]
+    assert group_a.group_id != unconfirmed.group_id  # a different all-reduce session than c's

@@ -4,7 +4,8 @@ Every peer ready for a round stores a small record under ``prefix + round key`` 
 own subkey, so the DHT's rule "a subkey can only be written by its owner" authenticates the
 announcement: the peer id is read from the signed subkey, never from the value. The value
 is msgpack ``[version, weight, bandwidth_bps, client_mode, address]``; readers bound and
-type-check every field and skip records that do not parse.
+type-check every field and skip records that do not parse. Group confirmations live under
+``prefix + round key + b"/confirm"`` the same way, valued ``[version, group_id]``.
 
 ``expires_at`` is on the DHT's wall clock (Unix seconds): give :func:`find_group` the same
 clock (``time.time`` in a swarm, the simulator's wall clock in tests).
@@ -25,6 +26,8 @@ _VERSION = 1
 _PEER_ID_BYTES = 32
 _MAX_VALUE_BYTES = 512
 _MAX_ADDRESS_CHARS = 256
+_MAX_GROUP_ID_BYTES = 64
+_CONFIRM = b"/confirm"
 
 
 class RecordStore(Protocol):
@@ -60,6 +63,37 @@ class DhtBoard:
             if entry is not None:
                 out.append(entry)
         return out
+
+
+    async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
+        value = msgpack.packb([_VERSION, group_id])
+        await self.dht.store(self.prefix + key + _CONFIRM, value, expires_at, subkey=b"")
+
+    async def confirmations(self, key: bytes) -> dict[bytes, bytes]:
+        found = await self.dht.get(self.prefix + key + _CONFIRM)
+        if not isinstance(found, dict):
+            return {}
+        out = {}
+        for subkey, value in found.items():
+            group_id = _parse_confirmation(subkey, value)
+            if group_id is not None:
+                out[subkey] = group_id
+        return out
+
+
+def _parse_confirmation(subkey: bytes, value: bytes) -> bytes | None:
+    if len(subkey) != _PEER_ID_BYTES or len(value) > _MAX_VALUE_BYTES:
+        return None
+    try:
+        fields = msgpack.unpackb(value)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    if not isinstance(fields, list) or len(fields) != 2 or fields[0] != _VERSION:
+        return None
+    group_id = fields[1]
+    if not isinstance(group_id, bytes) or not 1 <= len(group_id) <= _MAX_GROUP_ID_BYTES:
+        return None
+    return group_id
 
 
 def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:

@@ -7,13 +7,25 @@ records with subkeys (key = round key, subkey = peer id) provide it in a swarm;
 
 ``find_group`` announces this peer, polls the board until the window closes (everyone
 expected is ready, or the window from :class:`FormationEstimator` ran out), then derives
-the groups with :func:`form_groups` and returns the one holding this peer (or ``None``).
-Polls are bounded in count and time.
+the groups with :func:`form_groups` from what it saw.
+
+Peers close their windows at different moments, so two members can see different boards
+(a late arrival seen by one and not the other) and derive different groups, which would
+send them into different all-reduce sessions and fail the round for both. So a second
+phase confirms the group: each peer posts the id of the group it derived, waits (bounded)
+until every member it expects has posted one, and keeps only the members that derived the
+*same* group. Everyone who derived group G keeps the same subset of G, so the confirmed
+group (whose id is derived from the subset) is identical at all its members, except when a
+confirmation reached one member and not another before the deadline; then the round fails
+for those two, quickly, instead of costing a whole all-reduce timeout. A peer that already
+left (it closed its window alone) never confirms and is dropped. Polls are bounded in count
+and time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,6 +49,14 @@ class RendezvousBoard(Protocol):
 
     async def entries(self, key: bytes) -> list[ReadyPeer]: ...
 
+    async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
+        """Post the id of the group ``peer`` derived for round ``key``."""
+        ...
+
+    async def confirmations(self, key: bytes) -> dict[bytes, bytes]:
+        """Peer -> group id posted for round ``key`` (unexpired)."""
+        ...
+
 
 class MemoryBoard:
     """In-process board with an injectable clock (tests, single-process swarms)."""
@@ -44,6 +64,7 @@ class MemoryBoard:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._entries: dict[bytes, dict[bytes, tuple[ReadyPeer, float]]] = {}
+        self._confirmed: dict[bytes, dict[bytes, tuple[bytes, float]]] = {}
 
     async def announce(self, key: bytes, entry: ReadyPeer, expires_at: float) -> None:
         self._entries.setdefault(key, {})[entry.peer] = (entry, expires_at)
@@ -51,6 +72,13 @@ class MemoryBoard:
     async def entries(self, key: bytes) -> list[ReadyPeer]:
         now = self._clock()
         return [e for e, exp in self._entries.get(key, {}).values() if exp > now]
+
+    async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
+        self._confirmed.setdefault(key, {})[peer] = (group_id, expires_at)
+
+    async def confirmations(self, key: bytes) -> dict[bytes, bytes]:
+        now = self._clock()
+        return {p: g for p, (g, exp) in self._confirmed.get(key, {}).items() if exp > now}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,7 +92,10 @@ class MatchConfig:
     poll_interval_s: float = 0.1
     """How often the board is read while the window is open."""
     max_polls: int = 10_000
-    """Hard bound on board reads per window."""
+    """Hard bound on board reads per window (and per confirmation phase)."""
+    confirm_timeout_s: float = 5.0
+    """Longest wait for the members' confirmations after the window closed; members that
+    have not confirmed by then are left out of the round."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_group_size <= self.max_group_size:
@@ -76,6 +107,8 @@ class MatchConfig:
             raise ConfigError(f"poll_interval_s must be > 0, got {self.poll_interval_s!r}")
         if self.max_polls < 1:
             raise ConfigError(f"max_polls must be >= 1, got {self.max_polls!r}")
+        if not self.confirm_timeout_s > 0:
+            raise ConfigError(f"confirm_timeout_s must be > 0, got {self.confirm_timeout_s!r}")
 
 
 async def find_group(
@@ -114,7 +147,41 @@ async def find_group(
         max_group_size=config.max_group_size,
         min_group_size=config.min_group_size,
     )
-    for group in groups:
-        if any(p.peer == me.peer for p in group.members):
-            return group
-    return None
+    mine = next((g for g in groups if any(p.peer == me.peer for p in g.members)), None)
+    if mine is None:
+        return None
+    return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
+
+
+async def _confirm(
+    board: RendezvousBoard,
+    round_key: bytes,
+    me: ReadyPeer,
+    group: Group,
+    *,
+    config: MatchConfig,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[None]],
+) -> Group | None:
+    """Keep the members of ``group`` that derived the same group (see the module docstring)."""
+    started = clock()
+    deadline = started + config.confirm_timeout_s
+    await board.confirm(round_key, me.peer, group.group_id, expires_at=deadline + 60.0)
+    want = {p.peer for p in group.members}
+    seen: dict[bytes, bytes] = {}
+    for _ in range(config.max_polls):
+        seen = await board.confirmations(round_key)
+        now = clock()
+        if want <= seen.keys() or now >= deadline:
+            break
+        await sleep(max(0.0, min(config.poll_interval_s, deadline - now)))
+    seen[me.peer] = group.group_id  # our own post may not be readable yet
+    agreed = tuple(p for p in group.members if seen.get(p.peer) == group.group_id)
+    if len(agreed) < config.min_group_size or all(p.client_mode for p in agreed):
+        return None
+    if len(agreed) == len(group.members):
+        return group
+    digest = hashlib.blake2b(group.group_id + b"/confirmed", digest_size=16)
+    for p in agreed:
+        digest.update(p.peer)
+    return Group(digest.digest(), agreed)
