@@ -163,7 +163,7 @@ class _Run:
             announce = self.links.add(port)
             peer_dir = self.run_dir / name
             self.peer_argv[name] = [
-                sys.executable, "-m", "shoal.cli._demo_peer", announce,
+                sys.executable, "-m", "shoal.cli.main", "peer", "--announce", announce,
                 "--mode", cfg.mode, "--json", "--swarm", _SWARM, "--join", self.bootstrap,
                 "--run-dir", str(peer_dir), "--port", str(port),
                 "--events", str(peer_dir / "events.jsonl"),

@@ -28,6 +28,9 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Option(Path("runs/peer"), "--run-dir", help="Key + checkpoints."),  # noqa: B008
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
         port: int = typer.Option(0, "--port", help="TCP port (0 = any)."),
+        announce: str = typer.Option(
+            None, "--announce", help="host:port to publish instead of the listener's (a proxy)."
+        ),
         metrics_port: int = typer.Option(None, "--metrics-port", help="Prometheus port."),
         events: Path = typer.Option(None, "--events", help="JSONL event log path."),  # noqa: B008
         swarm: str = typer.Option("default", "--swarm", help="Swarm name."),
@@ -96,6 +99,7 @@ def register(app: typer.Typer) -> None:
             data_dir=data_dir,
             host=host,
             port=port,
+            announce=announce,
             metrics_port=metrics_port,
             events=events,
             swarm=swarm,

@@ -110,6 +110,9 @@ class NetConfig:
     """Address the gRPC server binds on TCP."""
     port: int = 0
     """TCP port; 0 lets the OS choose (``runtime.port`` reports it)."""
+    announce: str | None = None
+    """``host:port`` other peers are told to dial when it is not the listener's own address
+    (a port forward, a proxy or a shaped link in front of this peer); None = the listener."""
     unix_socket: bool = True
     """Also listen on a unix socket (where relayed and punched links are bridged)."""
     unix_socket_dir: str | None = None
@@ -173,6 +176,10 @@ class NetConfig:
         _positive(self, "max_message_bytes", "chunk_bytes", "max_tracked_peers")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"NetConfig.port must be in [0, 65535], got {self.port!r}")
+        if self.announce is not None:
+            host, sep, port = self.announce.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ConfigError(f"NetConfig.announce must be host:port, got {self.announce!r}")
         if self.chunk_bytes > MiB:
             raise ConfigError(f"NetConfig.chunk_bytes must be <= 1 MiB, got {self.chunk_bytes!r}")
         if self.max_message_bytes < self.chunk_bytes + 1024:

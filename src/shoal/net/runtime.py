@@ -102,7 +102,9 @@ class NetRuntime:
 
     @property
     def address(self) -> str:
-        """``host:port`` of the TCP listener."""
+        """``host:port`` other peers dial: ``NetConfig.announce``, else the TCP listener's."""
+        if self.config.announce is not None:
+            return self.config.announce
         return f"{self.config.host}:{self.port}"
 
     def addresses(self) -> list[str]:

@@ -29,6 +29,8 @@ class PeerOptions:
     """Interface to listen on."""
     port: int = 0
     """TCP port (0 = any free port; the chosen one is printed)."""
+    announce: str | None = None
+    """``host:port`` published to the swarm instead of the listener's (a proxy in front)."""
     metrics_port: int | None = None
     """Prometheus ``/metrics`` port (None = off, 0 = any)."""
     events: Path | None = None

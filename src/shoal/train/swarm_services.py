@@ -68,7 +68,9 @@ class PeerServices:
         cls, opts: PeerOptions, identity: Identity, emit: Callable[..., None]
     ) -> PeerServices:
         runtime = NetRuntime(
-            identity, NetConfig(host=opts.host, port=opts.port, swarm_key=opts.swarm_key)
+            identity, NetConfig(
+                host=opts.host, port=opts.port, announce=opts.announce, swarm_key=opts.swarm_key
+            )
         ).start()
         try:
             dht = DHT(runtime)
