@@ -64,12 +64,18 @@ def run_stage(
     from shoal.net import NetConfig
     from shoal.parallel.pipeline.entry import serve_stage
 
-    if tp != 1:
-        sys.stderr.write(
-            "shoal peer: --tp with --role stage is served by `shoal peer` only "
-            "with --tp 1 here; use the tensor package's launcher for N > 1\n"
-        )
+    factory: Any = None
+    if tp < 1:
+        sys.stderr.write(f"shoal peer: --tp must be >= 1, got {tp}\n")
         return 2
+    if tp > 1:
+        # This process is rank 0 and speaks to the swarm; it spawns tp - 1 follower ranks
+        # (torch.distributed needs a process per rank) that die with it.
+        from functools import partial
+
+        from shoal.parallel.tensor.pipeline_server import TPStageServer
+
+        factory = partial(TPStageServer, tp=tp)
     stop = _stop_on_signals()
     printer = Printer(True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +91,9 @@ def run_stage(
             "listening",
             address=str(server.runtime.address),
             stage=str(getattr(server, "stage", which)),
+            tp=str(tp),
         ),
+        **({"server_factory": factory} if factory is not None else {}),
     )
     printer("stopped")
     return 0

@@ -60,14 +60,20 @@ def serve_stage(
     config: StageServerConfig | None = None,
     stop: threading.Event | None = None,
     ready: Callable[[StageServer], None] | None = None,
+    server_factory: Callable[..., StageServer] = StageServer,
 ) -> None:
-    """Serve one stage (``"auto"``: the least-served) until ``stop`` is set."""
+    """Serve one stage (``"auto"``: the least-served) until ``stop`` is set.
+
+    ``server_factory`` builds the server from ``(runtime, dht, stage, model_config, config)``;
+    e.g. a tensor-parallel stage server (``shoal.parallel.tensor``) with its ``tp`` bound.
+    It is called on this thread.
+    """
     config = config or StageServerConfig()
     cfg = pipeline_model(model, config.num_stages, **(model_overrides or {}))
     runtime, dht = _peer(key_path, net or NetConfig(), join)
     server: StageServer | None = None
     try:
-        server = StageServer(runtime, dht, stage, cfg, config).start()
+        server = server_factory(runtime, dht, stage, cfg, config).start()
         if ready is not None:
             ready(server)
         (stop or threading.Event()).wait()
