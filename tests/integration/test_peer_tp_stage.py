@@ -36,8 +36,22 @@ def _read_event(proc: subprocess.Popen[str], event: str, timeout_s: float) -> di
 def test_tp_stage_server_starts_its_ranks_and_stops_cleanly(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shoal.cli.main", "peer", "--role", "stage", "--stage", "0",
-         "--tp", "2", "--run-dir", str(tmp_path), "--port", "0"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "shoal.cli.main",
+            "peer",
+            "--role",
+            "stage",
+            "--stage",
+            "0",
+            "--tp",
+            "2",
+            "--run-dir",
+            str(tmp_path),
+            "--port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
