@@ -183,7 +183,7 @@ def test_throughput_never_exceeds_the_cap_and_reaches_it(
     Never exceeding the cap holds on every attempt (it cannot depend on load). Reaching it
     needs the CPU when the bucket refills: a late wake-up loses the tokens beyond the 10 ms
     bucket. Attempts stop at the first within 10 % of the cap (the usual case); under heavy
-    load with busy threads in this process (a full suite run) all three fell to ~0.75 of it,
+    load with busy threads in this process (a full suite run) all three stayed below 0.8,
     so the lower bound on the best is loose: it still catches a pump that sleeps twice as
     long as the bucket asks. The exact long-run rate of the bucket itself is checked with a
     fake clock above.
