@@ -98,8 +98,7 @@ class _ShaperThread:
 
 
 def _model(args: argparse.Namespace) -> ModelConfig:
-    return model_config("tiny", n_layer=args.stages, d_model=args.d_model,
-                        max_seq_len=args.seq_len)
+    return model_config("tiny", n_layer=args.stages, d_model=args.d_model, max_seq_len=args.seq_len)
 
 
 def _run(
@@ -209,8 +208,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     corpus = load_corpus()
-    windows = TrainWindows(corpus.train, seq_len=args.seq_len, batch_size=args.batch,
-                           seed=args.seed)
+    windows = TrainWindows(
+        corpus.train, seq_len=args.seq_len, batch_size=args.batch, seed=args.seed
+    )
     data = []
     for _ in range(args.warmup + args.micro_batches):
         x, y = windows.next_batch()
@@ -218,7 +218,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     plans = {"base": ("none", False), "shaped": (args.codec, True), "raw": ("none", True)}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plans}
     for rep in range(args.repeats):  # interleaved; the best of each resists the others' load
-        for name in (list(plans) if rep % 2 == 0 else list(reversed(plans))):
+        for name in list(plans) if rep % 2 == 0 else list(reversed(plans)):
             runs[name].append(_run(args, *plans[name], data))
     base, shaped, shaped_raw = (max(runs[n], key=lambda r: r["samples_s"]) for n in plans)
 
@@ -228,15 +228,24 @@ def main(argv: list[str]) -> dict[str, Any]:
     val_loss: dict[str, float] = {}
     for codec in dict.fromkeys(["none", args.codec, "subspace-int8"]):
         val_loss[codec] = train_and_evaluate(
-            cfg, args.stages, codec, sim_train, val, lr=args.lr, accumulate=args.accumulate,
-            seed=args.seed, rank=args.rank)
+            cfg,
+            args.stages,
+            codec,
+            sim_train,
+            val,
+            lr=args.lr,
+            accumulate=args.accumulate,
+            seed=args.seed,
+            rank=args.rank,
+        )
         _log(f"simulated {codec}: validation loss {val_loss[codec]:.4f}")
     sample = torch.randn(args.batch, args.seq_len, args.d_model)
     ratios = {}
     for codec in val_loss:
         payload = BoundaryCodec(codec, args.d_model, 0, rank=args.rank).encode(sample)
-        ratios[codec] = round(sum(t.numel() * t.element_size() for t in payload)
-                              / (sample.numel() * 4), 4)
+        ratios[codec] = round(
+            sum(t.numel() * t.element_size() for t in payload) / (sample.numel() * 4), 4
+        )
     return {
         "bench": "pipeline",
         "throughput_ratio": round(shaped["samples_s"] / base["samples_s"], 3),
@@ -245,9 +254,11 @@ def main(argv: list[str]) -> dict[str, Any]:
         "codec": args.codec,
         "stages": args.stages,
         "layout": "in-process: one NetRuntime + DHT node per server and trainer",
-        "samples_s": {"unconstrained_none": round(base["samples_s"], 1),
-                      f"shaped_{args.codec}": round(shaped["samples_s"], 1),
-                      "shaped_none": round(shaped_raw["samples_s"], 1)},
+        "samples_s": {
+            "unconstrained_none": round(base["samples_s"], 1),
+            f"shaped_{args.codec}": round(shaped["samples_s"], 1),
+            "shaped_none": round(shaped_raw["samples_s"], 1),
+        },
         "loss_gap_by_codec": {c: round(v - val_loss["none"], 4) for c, v in val_loss.items()},
         "compression_by_codec": ratios,
         "val_loss_none": round(val_loss["none"], 4),

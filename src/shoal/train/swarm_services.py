@@ -68,9 +68,10 @@ class PeerServices:
         cls, opts: PeerOptions, identity: Identity, emit: Callable[..., None]
     ) -> PeerServices:
         runtime = NetRuntime(
-            identity, NetConfig(
+            identity,
+            NetConfig(
                 host=opts.host, port=opts.port, announce=opts.announce, swarm_key=opts.swarm_key
-            )
+            ),
         ).start()
         try:
             dht = DHT(runtime)

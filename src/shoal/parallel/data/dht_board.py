@@ -64,7 +64,6 @@ class DhtBoard:
                 out.append(entry)
         return out
 
-
     async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
         value = msgpack.packb([_VERSION, group_id])
         await self.dht.store(self.prefix + key + _CONFIRM, value, expires_at, subkey=b"")
