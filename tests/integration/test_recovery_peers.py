@@ -1,4 +1,4 @@
-"""Training peers (``python -m shoal.state.demo_peer``) killed with SIGKILL and restarted.
+"""Training peers (``python -m shoal.train.recovery_peer``) killed with SIGKILL and restarted.
 
 Every wait is on a JSON line the peer prints (or a file), with a deadline; nothing sleeps.
 """
@@ -49,7 +49,7 @@ class Peer:
         if join:
             args += ["--join", join]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shoal.state.demo_peer", *args],
+            [sys.executable, "-m", "shoal.train.recovery_peer", *args],
             stdout=subprocess.PIPE,
             stderr=open(self.err_path, "w"),  # noqa: SIM115 - closed with the process
             text=True,

@@ -1,16 +1,14 @@
 """A training peer with background checkpoints, a State service and DHT announcements.
 
-    python -m shoal.state.demo_peer --run-dir runs/a [--join HOST:PORT] [--interval 20]
+    python -m shoal.train.recovery_peer --run-dir runs/a [--join HOST:PORT] [--interval 20]
 
-It stands in for ``shoal peer`` until that exists, and is what the recovery tests kill with
-``kill -9`` and restart. Startup: identity from ``<run-dir>/key`` (the same PeerID across
-restarts), network runtime, DHT (bootstrapped from ``--join``), the local ``Trainer`` on the
-tiny model, then ``recover`` (disk or swarm, whichever is fresher) and restore. Then it
-steps forever (or to ``--steps``), snapshotting every ``--interval`` steps in the
-background, serving the newest snapshot and announcing it.
-
-This module composes the ``train`` layer with ``state``; it is the one module of
-``shoal.state`` that imports upward and should move under ``shoal peer``.
+The recovery tests kill it with ``kill -9`` and restart it: a training peer reduced to the
+state machinery (no averaging), so recovery is tested on its own; ``shoal peer`` composes
+the same pieces with data parallelism. Startup: identity from ``<run-dir>/key`` (the same
+PeerID across restarts), network runtime, DHT (bootstrapped from ``--join``), the local
+``Trainer`` on the tiny model, then ``recover`` (disk or swarm, whichever is fresher) and
+restore. Then it steps forever (or to ``--steps``), snapshotting every ``--interval`` steps
+in the background, serving the newest snapshot and announcing it.
 
 Stdout carries one JSON object per line for whoever drives the process:
 ``listening``, ``recovered`` (source, step), ``ready``, ``checkpoint`` (step, path),
@@ -31,7 +29,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-log = logging.getLogger("shoal.state.demo_peer")
+log = logging.getLogger("shoal.train.recovery_peer")
 _emit_lock = threading.Lock()
 
 
@@ -41,7 +39,7 @@ def emit(event: str, **fields: Any) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shoal.state.demo_peer")
+    p = argparse.ArgumentParser(prog="python -m shoal.train.recovery_peer")
     p.add_argument("--run-dir", required=True, type=Path)
     p.add_argument("--join", action="append", default=[], help="DHT bootstrap HOST:PORT")
     p.add_argument("--port", type=int, default=0)
