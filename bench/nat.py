@@ -2,7 +2,7 @@
 
 Builds a testbed (needs root, iproute2, iptables, /dev/net/tun): a public relay, a public
 server, peers ``a`` and ``b`` behind two cone NATs and ``c`` behind a symmetric NAT, each a
-``shoal.net.nat.testpeer`` process. From ``a`` it measures, in the same run:
+``shoal.testbed.nat_peer`` process. From ``a`` it measures, in the same run:
 
 - ``setup_ms.direct``: first call to the public server (TCP connect, handshake, ping);
 - ``setup_ms.relayed``: first call to ``c`` through the relay (circuit, handshake, ping);
@@ -24,8 +24,8 @@ import sys
 from typing import Any
 
 from shoal.errors import ConfigError
-from shoal.net.nat.driver import PeerProcess
 from shoal.testbed import Nat, Public, Testbed, Topology
+from shoal.testbed.nat_driver import PeerProcess
 from shoal.testbed.netns import missing_tools
 
 PORT = 7700

@@ -1,6 +1,6 @@
 """A real peer process for network-namespace tests and ``bench/nat.py``.
 
-    python -m shoal.net.nat.testpeer --host 198.18.0.2 [--relay] [--dht-serve]
+    python -m shoal.testbed.nat_peer --host 198.18.0.2 [--relay] [--dht-serve]
         [--seeds A:P,B:P] [--reserve A:P,B:P] [--swarm NAME]
 
 Prints ``{"event": "ready", "id": <PeerID hex>, "address": ...}`` once serving, then reads
@@ -260,7 +260,7 @@ class Commands:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shoal.net.nat.testpeer")
+    p = argparse.ArgumentParser(prog="python -m shoal.testbed.nat_peer")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--relay", action="store_true")

@@ -1,4 +1,4 @@
-"""``PeerProcess``: drive a ``testpeer`` process through its stdin/stdout JSON lines.
+"""``PeerProcess``: drive a ``nat_peer`` process through its stdin/stdout JSON lines.
 
 Used by the network-namespace tests and ``bench/nat.py``: ``start`` waits (bounded) for the
 ready line; ``call(op, **args)`` sends one command and waits for its one-line answer within
@@ -26,7 +26,7 @@ class PeerProcess:
     def __init__(self, name: str, popen: Popen, args: Sequence[str]) -> None:
         self.name = name
         self.proc = popen(
-            [sys.executable, "-m", "shoal.net.nat.testpeer", *args],
+            [sys.executable, "-m", "shoal.testbed.nat_peer", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
