@@ -167,7 +167,7 @@ async def _confirm(
     started = clock()
     deadline = started + config.confirm_timeout_s
     await board.confirm(round_key, me.peer, group.group_id, expires_at=deadline + 60.0)
-    want = {p.peer for p in group.members}
+    want = {p.peer for p in group.members} - {me.peer}  # our own post may lag in reads
     seen: dict[bytes, bytes] = {}
     for _ in range(config.max_polls):
         seen = await board.confirmations(round_key)
@@ -175,7 +175,7 @@ async def _confirm(
         if want <= seen.keys() or now >= deadline:
             break
         await sleep(max(0.0, min(config.poll_interval_s, deadline - now)))
-    seen[me.peer] = group.group_id  # our own post may not be readable yet
+    seen[me.peer] = group.group_id
     agreed = tuple(p for p in group.members if seen.get(p.peer) == group.group_id)
     if len(agreed) < config.min_group_size or all(p.client_mode for p in agreed):
         return None
