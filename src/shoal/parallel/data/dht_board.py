@@ -14,7 +14,8 @@ clock (``time.time`` in a swarm, the simulator's wall clock in tests).
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 
@@ -28,6 +29,7 @@ _MAX_VALUE_BYTES = 512
 _MAX_ADDRESS_CHARS = 256
 _MAX_GROUP_ID_BYTES = 64
 _CONFIRM = b"/confirm"
+T = TypeVar("T")
 
 
 class RecordStore(Protocol):
@@ -54,40 +56,40 @@ class DhtBoard:
         await self.dht.store(self.prefix + key, value, expires_at, subkey=b"")
 
     async def entries(self, key: bytes) -> list[ReadyPeer]:
-        found = await self.dht.get(self.prefix + key)
-        if not isinstance(found, dict):
-            return []
-        out = []
-        for subkey, value in found.items():
-            entry = _parse(subkey, value)
-            if entry is not None:
-                out.append(entry)
-        return out
+        return list((await self._read(self.prefix + key, _parse)).values())
 
     async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
         value = msgpack.packb([_VERSION, group_id])
         await self.dht.store(self.prefix + key + _CONFIRM, value, expires_at, subkey=b"")
 
     async def confirmations(self, key: bytes) -> dict[bytes, bytes]:
-        found = await self.dht.get(self.prefix + key + _CONFIRM)
+        return await self._read(self.prefix + key + _CONFIRM, _parse_confirmation)
+
+    async def _read(self, key: bytes, parse: Callable[[bytes, bytes], T | None]) -> dict[bytes, T]:
+        """Subkey -> parsed value of every entry under ``key`` that parses."""
+        found = await self.dht.get(key)
         if not isinstance(found, dict):
             return {}
-        out = {}
-        for subkey, value in found.items():
-            group_id = _parse_confirmation(subkey, value)
-            if group_id is not None:
-                out[subkey] = group_id
-        return out
+        parsed = {subkey: parse(subkey, value) for subkey, value in found.items()}
+        return {subkey: v for subkey, v in parsed.items() if v is not None}
 
 
-def _parse_confirmation(subkey: bytes, value: bytes) -> bytes | None:
+def _fields(subkey: bytes, value: bytes, count: int) -> list[Any] | None:
+    """The ``count`` msgpack fields of a board value of this version, or None."""
     if len(subkey) != _PEER_ID_BYTES or len(value) > _MAX_VALUE_BYTES:
         return None
     try:
         fields = msgpack.unpackb(value)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         return None
-    if not isinstance(fields, list) or len(fields) != 2 or fields[0] != _VERSION:
+    if not isinstance(fields, list) or len(fields) != count or fields[0] != _VERSION:
+        return None
+    return fields
+
+
+def _parse_confirmation(subkey: bytes, value: bytes) -> bytes | None:
+    fields = _fields(subkey, value, 2)
+    if fields is None:
         return None
     group_id = fields[1]
     if not isinstance(group_id, bytes) or not 1 <= len(group_id) <= _MAX_GROUP_ID_BYTES:
@@ -96,13 +98,8 @@ def _parse_confirmation(subkey: bytes, value: bytes) -> bytes | None:
 
 
 def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
-    if len(subkey) != _PEER_ID_BYTES or len(value) > _MAX_VALUE_BYTES:
-        return None
-    try:
-        fields = msgpack.unpackb(value)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-        return None
-    if not isinstance(fields, list) or len(fields) != 5 or fields[0] != _VERSION:
+    fields = _fields(subkey, value, 5)
+    if fields is None:
         return None
     _, weight, bandwidth, client_mode, address = fields
     numbers_ok = all(
