@@ -17,6 +17,7 @@ Public API (all coroutines run on the network loop):
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -29,11 +30,11 @@ from shoal.dht.maintenance import maintain
 from shoal.dht.record import Record, sign_record, validate
 from shoal.dht.routing import RoutingTable
 from shoal.dht.storage import RecordStore
-from shoal.dht.tasks import TaskOwner
 from shoal.dht.transport import DHTTransport, FindValueAnswer, StoreAnswer
 from shoal.errors import ConfigError, NetworkError, PeerUnavailable
 from shoal.net.config import RetryPolicy
 from shoal.net.identity import PEER_ID_BYTES, Identity
+from shoal.net.tasks import TaskSet
 
 __all__ = ["DHTNode", "merge_records"]
 
@@ -80,7 +81,7 @@ class DHTNode:
         self.storage = RecordStore(self.config.limits)
         self.published: dict[tuple[bytes, bytes], tuple[Record, float]] = {}
         """Records this node wrote, with the loop time of their last publication."""
-        self.tasks = TaskOwner(f"dht {identity.peer_id.short()}")
+        self.tasks = TaskSet(f"dht {identity.peer_id.short()}", failure_log_level=logging.WARNING)
         self.started_at = 0.0
         self.seeds: tuple[str, ...] = ()
         """Bootstrap addresses of the last successful join; maintenance re-joins through them."""
@@ -231,6 +232,8 @@ class DHTNode:
 
     def start(self) -> None:
         """Start the maintenance task (expiry, republishing, bucket refresh)."""
+        if self.tasks.closed:
+            return
         self.started_at = asyncio.get_running_loop().time()
         self.tasks.spawn(maintain(self))
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from shoal.dht.record import Record
-from shoal.dht.tasks import TaskOwner
 from shoal.errors import NetworkError, ProtocolViolation
 from shoal.net.identity import Identity, PeerID
+from shoal.net.tasks import TaskSet
 from shoal.swarm.config import SwarmConfig
 from shoal.swarm.peerinfo import PeerInfo, decode_peer_info, encode_peer_info
 from shoal.swarm.view import Member, MembershipView
@@ -69,7 +69,7 @@ class Membership:
         self.wall_clock = wall_clock
         self.view = MembershipView(ttl_s=config.ttl_s, max_clock_skew_s=config.max_clock_skew_s)
         self._keys = swarm_keys(config)
-        self._tasks = TaskOwner("swarm membership")
+        self._tasks = TaskSet("swarm membership", failure_log_level=logging.WARNING)
         self._beating = True
 
     def peers(self) -> list[Member]:
@@ -113,7 +113,8 @@ class Membership:
 
     def start(self) -> None:
         """Start heartbeating and refreshing (on the network loop)."""
-        self._tasks.spawn(self._run())
+        if not self._tasks.closed:
+            self._tasks.spawn(self._run())
 
     def stop_heartbeats(self) -> None:
         """Keep watching but stop announcing (used before leaving, and by tests)."""

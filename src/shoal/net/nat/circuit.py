@@ -20,8 +20,8 @@ from typing import Any
 from shoal.errors import NetworkError, PeerTimeout, PeerUnavailable, ProtocolViolation
 from shoal.net.nat.bridge import Streams
 from shoal.net.nat.limits import MAX_FRAME_BYTES
-from shoal.net.nat.tasks import TaskSet
 from shoal.net.proto.v1 import relay_pb2
+from shoal.net.tasks import TaskSet
 
 __all__ = ["CircuitStats", "open_circuit", "socket_pair"]
 

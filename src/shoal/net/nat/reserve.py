@@ -21,9 +21,9 @@ from shoal.errors import ConfigError, NetworkError
 from shoal.net.identity import PeerID
 from shoal.net.nat.bridge import bridge_to_unix
 from shoal.net.nat.circuit import open_circuit
-from shoal.net.nat.tasks import TaskSet
 from shoal.net.proto.v1 import relay_pb2, relay_pb2_grpc
 from shoal.net.runtime import NetRuntime
+from shoal.net.tasks import TaskSet
 
 __all__ = ["RelayAddress", "Reserver", "ReserverConfig"]
 

@@ -39,9 +39,9 @@ from shoal.net.nat.relay import RelayCore
 from shoal.net.nat.reserve import RelayAddress, Reserver, ReserverConfig
 from shoal.net.nat.routing import Link, LinkKind, choose
 from shoal.net.nat.service import RelayService, parse_address
-from shoal.net.nat.tasks import TaskSet
 from shoal.net.proto.v1 import relay_pb2, relay_pb2_grpc
 from shoal.net.runtime import NetRuntime
+from shoal.net.tasks import TaskSet
 
 __all__ = ["Traversal", "TraversalConfig"]
 

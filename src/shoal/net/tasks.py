@@ -1,7 +1,9 @@
-"""``TaskSet``: the background tasks one NAT component owns, cancelled together on close.
+"""``TaskSet``: the background tasks one component owns, cancelled together on close.
 
-With ``spawner=runtime.spawn`` the runtime's supervisor owns them as well, so closing the
-runtime first still cancels them.
+For a component's independent side jobs (liveness pings, republishing, relay reservations):
+``asyncio.TaskGroup`` would cancel them all when one fails; this keeps references, logs
+failures and shuts down within a bounded time. With ``spawner=runtime.spawn`` the runtime's
+supervisor owns the tasks as well, so closing the runtime first still cancels them.
 """
 
 from __future__ import annotations
@@ -20,9 +22,16 @@ T = TypeVar("T")
 class TaskSet:
     """Spawn owned tasks on the running loop; ``close`` cancels and awaits them (bounded)."""
 
-    def __init__(self, name: str, spawner: Callable[..., asyncio.Task[Any]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        spawner: Callable[..., asyncio.Task[Any]] | None = None,
+        *,
+        failure_log_level: int = logging.INFO,
+    ) -> None:
         self.name = name
         self._spawner = spawner
+        self._failure_log_level = failure_log_level
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
 
@@ -44,7 +53,13 @@ class TaskSet:
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            _log.info("%s: task %s ended with %r", self.name, task.get_name(), task.exception())
+            _log.log(
+                self._failure_log_level,
+                "%s: task %s failed",
+                self.name,
+                task.get_name(),
+                exc_info=task.exception(),
+            )
 
     async def close(self, timeout_s: float = 2.0) -> None:
         """Cancel every task and wait for them up to ``timeout_s``; idempotent."""
