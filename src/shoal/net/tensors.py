@@ -16,7 +16,7 @@ plain protobuf either way.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -213,15 +213,21 @@ class TensorReader:
         return await self.read_body(frame.header)
 
     async def read_body(
-        self, header: tensor_pb2.TensorHeader
+        self,
+        header: tensor_pb2.TensorHeader,
+        alloc: Callable[[int], bytearray] = bytearray,
     ) -> tuple[tensor_pb2.TensorHeader, bytearray]:
-        """Payload chunks for ``header`` (already read), checked and verified."""
+        """Payload chunks for ``header`` (already read), checked and verified.
+
+        ``alloc(nbytes)`` supplies the destination once the header passed its checks (e.g. a
+        pool of reused buffers; its contents are overwritten).
+        """
         self._tensors += 1
         if self._tensors > self._limits.max_tensors:
             raise ProtocolViolation(f"more than {self._limits.max_tensors} tensors in a stream")
         check_header(header, self._limits)
         total = header.byte_length
-        buf = bytearray(total)
+        buf = alloc(total)
         view = memoryview(buf)
         hasher = xxhash.xxh3_64()
         pos = 0
@@ -239,6 +245,7 @@ class TensorReader:
             view[pos : pos + n] = data
             hasher.update(data)
             pos += n
+        view.release()
         if hasher.intdigest() != header.checksum:
             raise ProtocolViolation(f"tensor checksum mismatch ({total} bytes)")
         self.bytes_received += total
