@@ -15,7 +15,7 @@ from shoal.train.swarm_state import fetch_from_swarm
 from shoal.train.swarm_strategy import StepOutcome, blocking_round, round_key
 from shoal.train.trainer import Trainer
 
-__all__ = ["DiLoCoStrategy", "rounds_config"]
+__all__ = ["DiLoCoStrategy", "resync_from_swarm", "rounds_config"]
 
 
 def rounds_config(opts: PeerOptions) -> RoundsConfig:
@@ -98,12 +98,7 @@ class DiLoCoStrategy:
             self.lowrank.load_state_tensors(state.tensors)
 
     def _resync(self) -> ResyncState | None:
-        s = self.services
-        ckpt = fetch_from_swarm(s.runtime, s.dht, s.state_key, newer_than=self.applied_step)
-        if ckpt is None or ckpt.meta.get("mode") != self.mode:
-            return None
-        tensors = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
-        return ResyncState(int(ckpt.meta.get("round_index", 0)), tensors)
+        return resync_from_swarm(self.services, self.mode, newer_than=self.applied_step)
 
     def step(self) -> StepOutcome:
         with self.services.monitor.profiler.compute:
@@ -130,3 +125,14 @@ class DiLoCoStrategy:
 
     def close(self) -> None:
         return None
+
+
+def resync_from_swarm(services: PeerServices, mode: str, *, newer_than: int) -> ResyncState | None:
+    """The swarm's outer state (round index, ``outer.*`` tensors) if a donor of the same
+    ``mode`` holds a snapshot newer than step ``newer_than``; else None."""
+    s = services
+    ckpt = fetch_from_swarm(s.runtime, s.dht, s.state_key, newer_than=newer_than)
+    if ckpt is None or ckpt.meta.get("mode") != mode:
+        return None
+    tensors = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
+    return ResyncState(int(ckpt.meta.get("round_index", 0)), tensors)

@@ -8,12 +8,11 @@ import threading
 import torch
 
 from shoal.train.diloco import ResyncState
-from shoal.train.diloco_strategy import rounds_config
+from shoal.train.diloco_strategy import resync_from_swarm, rounds_config
 from shoal.train.diloco_streaming import StreamingDiLoCo
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_round import RoundOutcome, SwarmRounds
 from shoal.train.swarm_services import PeerServices
-from shoal.train.swarm_state import fetch_from_swarm
 from shoal.train.swarm_strategy import StepOutcome, round_key
 from shoal.train.trainer import Trainer
 
@@ -61,12 +60,7 @@ class StreamingStrategy:
         )
 
     def _resync(self) -> ResyncState | None:
-        s = self.services
-        ckpt = fetch_from_swarm(s.runtime, s.dht, s.state_key, newer_than=self.applied_step)
-        if ckpt is None or ckpt.meta.get("mode") != self.mode:
-            return None
-        tensors = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
-        return ResyncState(int(ckpt.meta.get("round_index", 0)), tensors)
+        return resync_from_swarm(self.services, self.mode, newer_than=self.applied_step)
 
     def step(self) -> StepOutcome:
         with self.services.monitor.profiler.compute:
