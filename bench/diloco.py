@@ -15,6 +15,12 @@ learning rate and schedule). Both are evaluated on the same validation windows.
 - ``comm_reduction = ddp_fp32_bytes / bytes_sent``; ``loss_gap = (val_bpb - baseline) /
   baseline``. Curves (per-round validation of the swarm, baseline every round) go to stderr
   and into the JSON line.
+
+``--in-process --settings 150:0.7:0.9,75:1:0,...`` runs the same replicas as threads of this
+process with an exact exchange instead of the network (``_diloco_inproc.py``), once per
+``H:outer_lr:outer_momentum`` setting, against one baseline, and prints the frontier:
+``loss_gap`` and the payload-only ``comm_reduction`` of every setting. It separates what
+the algorithm can reach from what the swarm adds, at a fraction of a swarm run's time.
 """
 
 from __future__ import annotations
@@ -115,10 +121,14 @@ def _peer_argv(args: argparse.Namespace, run_dir: Path, index: int, join: str | 
     return argv
 
 
-def _train_config(args: argparse.Namespace, batch_size: int, run_dir: Path) -> TrainConfig:
+def _train_config(
+    args: argparse.Namespace, batch_size: int, run_dir: Path, shard: int | None = None
+) -> TrainConfig:
+    shard_keys = {} if shard is None else {"data.shard_index": shard, "data.num_shards": args.peers}
     return with_overrides(
         TrainConfig(),
         {
+            **shard_keys,
             "model.name": args.model,
             "data.seq_len": args.seq_len,
             "data.batch_size": batch_size,
@@ -157,6 +167,78 @@ def _sum_services(results: list[dict[str, Any]]) -> dict[str, int]:
     return total
 
 
+def _ddp_fp32_bytes(args: argparse.Namespace, num_params: int) -> int:
+    n = args.peers
+    return int(args.steps * n * 2 * (n - 1) / n * 4 * num_params)
+
+
+def _in_process(args: argparse.Namespace) -> dict[str, Any]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "shoal_bench_diloco_inproc", Path(__file__).with_name("_diloco_inproc.py")
+    )
+    assert spec is not None and spec.loader is not None
+    inproc = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = inproc  # dataclasses look their module up by name
+    spec.loader.exec_module(inproc)
+    Setting, run_replicas = inproc.Setting, inproc.run_replicas
+
+    text = args.settings or f"{args.local_steps}:{args.outer_lr}:{args.outer_momentum}"
+    settings = [Setting.parse(s) for s in text.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-diloco-") as tmp:
+        root = Path(tmp)
+        t0 = time.monotonic()
+        baseline, base_curve = _baseline(args, root / "baseline")
+        base_s = time.monotonic() - t0
+        corpus = load_corpus(None, val_fraction=TrainConfig().data.val_fraction)
+        val = val_batches(
+            corpus.val, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=8
+        )
+        configs = [
+            _train_config(args, args.batch_size, root / f"p{i}", i) for i in range(args.peers)
+        ]
+        num_params = configs[0].model.build().num_params()
+        ddp = _ddp_fp32_bytes(args, num_params)
+        frontier = []
+        for setting in settings:
+            t1 = time.monotonic()
+            out = run_replicas(
+                configs, setting, args.codec, val=val, eval_every=args.eval_every, log=_log
+            )
+            curve = out["curve"]
+            val_bpb = curve[-1]["val_bpb"]
+            wire = int(out["wire_bytes"])
+            frontier.append(
+                {
+                    "local_steps": setting.local_steps,
+                    "outer_lr": setting.outer_lr,
+                    "outer_momentum": setting.outer_momentum,
+                    "rounds": out["rounds"],
+                    "val_bpb": val_bpb,
+                    "loss_gap": round((val_bpb - baseline) / baseline, 4),
+                    "payload_bytes": wire,
+                    "comm_reduction": round(ddp / max(1, wire), 1),
+                    "curve": curve,
+                    "seconds": round(time.monotonic() - t1, 1),
+                }
+            )
+            _log(f"setting {setting}: {frontier[-1]}")
+    return {
+        "bench": "diloco",
+        "mode": "in-process",
+        "baseline_val_bpb": round(baseline, 4),
+        "ddp_fp32_bytes": ddp,
+        "peers": args.peers,
+        "steps": args.steps,
+        "codec": args.codec,
+        "params": num_params,
+        "frontier": frontier,
+        "baseline_curve": base_curve,
+        "baseline_seconds": round(base_s, 1),
+    }
+
+
 def main(argv: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="shoal bench diloco")
     p.add_argument("--peers", type=int, default=4)
@@ -176,8 +258,21 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--timeout-s", type=float, default=1500.0)
     p.add_argument("--keep-logs", action="store_true", help="print the peers' logs to stderr")
     p.add_argument("--json", action="store_true", help="accepted; the result is always JSON")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="replicas as threads with an exact exchange (no network); see --settings",
+    )
+    p.add_argument(
+        "--settings",
+        default=None,
+        help="with --in-process: comma-separated H:outer_lr:outer_momentum points "
+        "(default: --local-steps:--outer-lr:--outer-momentum)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.in_process:
+        return _in_process(args)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shoal-bench-diloco-") as tmp:
         root = Path(tmp)
@@ -206,7 +301,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     bytes_sent = sum(int(r["bytes_sent"]) for r in results)
     n = args.peers
     num_params = _train_config(args, 1, Path(".")).model.build().num_params()
-    ddp = int(args.steps * n * 2 * (n - 1) / n * 4 * num_params)
+    ddp = _ddp_fp32_bytes(args, num_params)
     rounds = [e for e in peers[0].events if e.get("event") == "round"]
     evals = [e for e in peers[0].events if e.get("event") == "eval"]
     return {

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from shoal.compress import (
     ErrorFeedback,
     Fp16Codec,
+    Int4BlockwiseCodec,
     Int8BlockwiseCodec,
     PowerSGDCodec,
     PowerSGDState,
@@ -44,6 +45,46 @@ def test_int8_error_is_at_most_half_a_step_per_block(seed, n, block, scale):
     absmax = torch.nn.functional.pad(x.abs(), (0, pad)).view(-1, block).amax(dim=1)
     bound = (absmax / 254.0).repeat_interleave(block)[:n]
     assert torch.all(err <= bound * (1 + 1e-5) + 1e-30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 5000),
+    block=st.sampled_from([2, 8, 64, 256, 4096]),
+    scale=st.floats(1e-6, 1e6),
+)
+def test_int4_error_is_at_most_half_a_step_per_block(seed, n, block, scale):
+    x = _tensor(seed, n, scale)
+    codec = Int4BlockwiseCodec(block)
+    enc = codec.encode(x)
+    y = codec.decode(enc)
+    assert y.shape == x.shape
+    err = (x - y).abs()
+    pad = -n % block
+    absmax = torch.nn.functional.pad(x.abs(), (0, pad)).view(-1, block).amax(dim=1)
+    bound = (absmax / 14.0).repeat_interleave(block)[:n]
+    assert torch.all(err <= bound * (1 + 1e-5) + 1e-30)
+    assert enc.wire_bytes == -(-n // 2) + 4 * -(-n // block)
+
+
+def test_int4_uses_all_fifteen_levels_and_round_trips_them_exactly():
+    # Multiples of the step decode exactly: every level survives the nibble packing.
+    x = torch.arange(-7, 8, dtype=torch.float32) * 0.5  # odd count: the tail is padded
+    codec = Int4BlockwiseCodec(16)
+    enc = codec.encode(x)
+    assert enc.payload[0].dtype == torch.uint8 and enc.payload[0].numel() == 8
+    assert torch.equal(codec.decode(enc), x)
+
+
+def test_int4_zero_blocks_decode_exactly_and_ratio_matches_formula():
+    x = torch.zeros(10_000)
+    x[5000:] = torch.linspace(-3, 3, 5000)
+    codec = Int4BlockwiseCodec(1000)
+    enc = codec.encode(x)
+    assert torch.equal(codec.decode(enc)[:5000], torch.zeros(5000))
+    assert compression_ratio(enc) == pytest.approx(0.125 + 1 / 1000)
+    assert codec.decode(codec.encode(torch.randn(33, 17))).shape == (33, 17)
 
 
 def test_int8_zero_blocks_decode_exactly_and_ratio_matches_formula():
@@ -210,13 +251,15 @@ def test_powersgd_sends_vectors_dense():
 def test_registry_and_config_errors():
     assert codec_by_name("none") is None
     x = torch.randn(100)
-    for name in ("fp16", "int8"):
+    for name, atol in (("fp16", 0.01), ("int8", 0.05), ("int4", 0.5)):
         codec = codec_by_name(name)
-        assert torch.allclose(decode(codec.encode(x)), x, atol=0.05)
+        assert torch.allclose(decode(codec.encode(x)), x, atol=atol)
     with pytest.raises(ConfigError, match="zstd"):
         codec_by_name("zstd")
     with pytest.raises(ConfigError, match="block_size"):
         Int8BlockwiseCodec(0)
+    with pytest.raises(ConfigError, match="even"):
+        Int4BlockwiseCodec(7)
     with pytest.raises(ConfigError, match="fraction"):
         TopKCodec(fraction=1.5)
     with pytest.raises(ConfigError, match="rank"):

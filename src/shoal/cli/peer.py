@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         local_steps: int = typer.Option(50, "--local-steps", "-H", help="DiLoCo H."),
         outer_lr: float = typer.Option(0.7, "--outer-lr"),
         outer_momentum: float = typer.Option(0.9, "--outer-momentum"),
-        codec: str = typer.Option("int8", "--codec", help="Wire codec: none | fp16 | int8."),
+        codec: str = typer.Option("int8", "--codec", help="Wire codec: none | fp16 | int8 | int4."),
         rank: int = typer.Option(0, "--rank", help="DiLoCo low-rank averaging (0 = off)."),
         fragments: int = typer.Option(4, "--fragments", help="Streaming DiLoCo fragments."),
         overlap_steps: int = typer.Option(5, "--overlap-steps", help="Streaming overlap."),

@@ -5,6 +5,7 @@ Pure functions and small state objects on torch tensors; no I/O, no network.
 
 from shoal.compress.codec import Codec, Encoded, compression_ratio, fp32_bytes
 from shoal.compress.fp16 import Fp16Codec
+from shoal.compress.int4 import Int4BlockwiseCodec
 from shoal.compress.int8 import Int8BlockwiseCodec
 from shoal.compress.powersgd import PowerSGDCodec, PowerSGDState
 from shoal.compress.registry import codec_by_name
@@ -15,6 +16,7 @@ __all__ = [
     "Encoded",
     "ErrorFeedback",
     "Fp16Codec",
+    "Int4BlockwiseCodec",
     "Int8BlockwiseCodec",
     "PowerSGDCodec",
     "PowerSGDState",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError, NetworkError
 from shoal.net.identity import PeerID
 from shoal.net.runtime import NetRuntime
@@ -60,8 +61,10 @@ class RoundsConfig:
     """How often the board is read while a window is open (each read is a DHT lookup)."""
 
     def __post_init__(self) -> None:
-        if self.wire_codec not in ("none", "fp16", "int8"):
-            raise ConfigError(f"wire_codec must be none, fp16 or int8, got {self.wire_codec!r}")
+        if self.wire_codec not in STATELESS_CODECS:
+            raise ConfigError(
+                f"wire_codec must be one of {', '.join(STATELESS_CODECS)}, got {self.wire_codec!r}"
+            )
         if not 0 < self.window_initial_s <= self.window_cap_s:
             raise ConfigError(
                 f"need 0 < window_initial_s <= window_cap_s, got "

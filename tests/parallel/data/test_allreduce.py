@@ -119,7 +119,7 @@ def test_client_mode_member_contributes_without_reducing():
     _check_invariant(inputs, weights, results, outputs)
 
 
-@pytest.mark.parametrize("codec,atol", [("fp16", 2e-2), ("int8", 0.1)])
+@pytest.mark.parametrize("codec,atol", [("fp16", 2e-2), ("int8", 0.1), ("int4", 0.9)])
 def test_wire_codecs_give_identical_results_close_to_the_mean(codec, atol):
     members = ["a", "b", "c"]
     _, inputs, weights, results, outputs = asyncio.run(_round(members, codec=codec))

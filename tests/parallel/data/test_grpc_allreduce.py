@@ -55,7 +55,9 @@ def _run(runtimes, transports, round_id, inputs, codec, alive, timeout_s):
     return members, results, tensors
 
 
-@pytest.mark.parametrize("codec,atol", [("none", 1e-5), ("fp16", 2e-2), ("int8", 0.15)])
+@pytest.mark.parametrize(
+    "codec,atol", [("none", 1e-5), ("fp16", 2e-2), ("int8", 0.15), ("int4", 1.5)]
+)
 def test_grpc_round_gives_the_weighted_mean_of_the_reported_contributors(peers, codec, atol):
     runtimes, transports = peers
     inputs = _inputs(1)

@@ -33,7 +33,7 @@ _tensors = st.lists(
     part=st.integers(0, 2**32 - 1),
     weight=st.floats(allow_nan=True, allow_infinity=True),
     peers=st.lists(st.binary(max_size=40), max_size=4),
-    codec=st.sampled_from(["none", "fp16", "int8", "zstd", ""]),
+    codec=st.sampled_from(["none", "fp16", "int8", "int4", "zstd", ""]),
     numel=st.integers(0, 2**64 - 1),
     block_size=st.integers(0, 2**32 - 1),
     tensors=_tensors,
@@ -63,7 +63,7 @@ def test_parse_never_fails_otherwise(
         assert data.numel == numel if hasattr(data, "codec") else data.numel() == numel
 
 
-@pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "int4"])
 def test_frames_round_trip_through_parse(codec):
     from shoal.compress.registry import codec_by_name
     from shoal.net.tensors import as_tensor, decode_frame, encode_frame

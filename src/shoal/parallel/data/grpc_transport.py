@@ -145,13 +145,18 @@ def _check_payload(meta: pb.RoundMessage, tensors: list[torch.Tensor]) -> Encode
         if t.dtype != torch.float16 or t.numel() != n:
             raise ProtocolViolation(f"fp16 part must be {n} float16 values")
         return Encoded("fp16", (n,), (t.reshape(-1),))
+    # Blockwise codecs: quantised values + one fp32 scale per block.
     q, scales = tensors
     bs = meta.block_size
-    if bs < 1 or q.dtype != torch.int8 or q.numel() != n or scales.dtype != torch.float32:
-        raise ProtocolViolation("malformed int8 part")
+    codec = meta.codec
+    dtype, stored = (torch.int8, n) if codec == "int8" else (torch.uint8, -(-n // 2))
+    if bs < 1 or q.dtype != dtype or q.numel() != stored or scales.dtype != torch.float32:
+        raise ProtocolViolation(f"malformed {codec} part")
+    if codec == "int4" and bs % 2:
+        raise ProtocolViolation(f"int4 part with odd block size {bs}")
     if scales.numel() != -(-n // bs):
-        raise ProtocolViolation(f"int8 part with {scales.numel()} scales for {n} values")
-    return Encoded("int8", (n,), (q.reshape(-1), scales.reshape(-1)), {"block_size": bs})
+        raise ProtocolViolation(f"{codec} part with {scales.numel()} scales for {n} values")
+    return Encoded(codec, (n,), (q.reshape(-1), scales.reshape(-1)), {"block_size": bs})
 
 
 def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) -> Message:
@@ -172,7 +177,7 @@ def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) ->
         return Report(meta.round_id, sender, meta.part, peers, rejected)
     if meta.kind not in (pb.CONTRIBUTION, pb.REDUCED):
         raise ProtocolViolation(f"unknown round message kind {meta.kind}")
-    expected = {"none": 1, "fp16": 1, "int8": 2}.get(meta.codec)
+    expected = {"none": 1, "fp16": 1, "int8": 2, "int4": 2}.get(meta.codec)
     if expected is None or len(tensors) != expected:
         raise ProtocolViolation(f"codec {meta.codec!r} with {len(tensors)} tensors")
     data = _check_payload(meta, tensors)

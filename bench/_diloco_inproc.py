@@ -1,0 +1,158 @@
+"""In-process DiLoCo replicas for ``shoal bench diloco --in-process``.
+
+Runs ``peers`` replicas of the production :class:`~shoal.train.diloco.DiLoCo` loop in one
+process, one thread each (torch releases the GIL), with the network round replaced by an
+exact exchange: every replica's pseudo-gradient goes through the wire codec's encode and
+decode (as a reducer receives it), the weighted mean goes through it again (as the
+all-gather sends it), and every replica gets the same mean. No DHT, no transport, no
+failures: the result isolates the algorithm (H, outer optimizer, codec) from the system,
+and a sweep of settings costs minutes instead of a swarm run each.
+
+Bytes are the all-reduce payload only (``2 (N-1)/N`` of the encoded vector per replica
+per round), so ``comm_reduction`` here is an upper bound of the swarm's, which also pays
+for headers, the DHT and membership.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from shoal.compress import Codec
+from shoal.compress.registry import codec_by_name
+from shoal.models.data.windows import Batch
+from shoal.net.identity import PeerID
+from shoal.train.config import TrainConfig
+from shoal.train.diloco import DiLoCo, DiLoCoConfig
+from shoal.train.evaluate import evaluate_bpb
+from shoal.train.outer import OuterConfig
+from shoal.train.swarm_round import RoundOutcome
+from shoal.train.trainer import Trainer
+
+__all__ = ["Setting", "run_replicas"]
+
+_WAIT_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One point of a sweep: ``H:outer_lr:outer_momentum``."""
+
+    local_steps: int
+    outer_lr: float
+    outer_momentum: float
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        try:
+            h, lr, mom = text.split(":")
+            return cls(int(h), float(lr), float(mom))
+        except ValueError:
+            raise SystemExit(
+                f"bad setting {text!r}: expected H:outer_lr:momentum, e.g. 150:0.7:0.9"
+            ) from None
+
+
+class _Exchange:
+    """The round every replica joins: one barrier, one mean, through the codec twice."""
+
+    def __init__(self, peers: int, codec: Codec | None) -> None:
+        self.codec = codec
+        self.inputs: list[tuple[torch.Tensor, float] | None] = [None] * peers
+        self.mean = torch.empty(0)
+        self.total_weight = 0.0
+        self.wire_bytes = 0
+        self.reduced = threading.Barrier(peers, action=self._reduce, timeout=_WAIT_S)
+        self.copied = threading.Barrier(peers, timeout=_WAIT_S)
+        self.ids = frozenset(PeerID(bytes([i]) * 32) for i in range(peers))
+
+    def _roundtrip(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if self.codec is None:
+            return t, t.numel() * 4
+        enc = self.codec.encode(t)
+        return self.codec.decode(enc).reshape(-1), enc.wire_bytes
+
+    def _reduce(self) -> None:
+        inputs = [x for x in self.inputs if x is not None]
+        n = len(inputs)
+        total = sum(w for _, w in inputs)
+        acc = torch.zeros_like(inputs[0][0])
+        for vec, w in inputs:
+            decoded, nbytes = self._roundtrip(vec)
+            acc.add_(decoded, alpha=w / total)
+        self.mean, mean_bytes = self._roundtrip(acc)
+        # Butterfly: each replica sends (N-1)/N of its vector and of the reduced result.
+        self.wire_bytes += int(n * (n - 1) / n * (nbytes + mean_bytes))
+        self.total_weight = total
+
+    def average_fn(self, rank: int) -> Callable[[torch.Tensor, float, int], RoundOutcome]:
+        def average(vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
+            self.inputs[rank] = (vector, weight)
+            self.reduced.wait()  # the last arrival computes the mean
+            vector.copy_(self.mean)
+            self.copied.wait()  # nobody starts the next round before all copied
+            return RoundOutcome(True, self.ids, self.total_weight, len(self.ids), "", {})
+
+        return average
+
+
+def run_replicas(
+    configs: list[TrainConfig],
+    setting: Setting,
+    codec_name: str,
+    *,
+    val: list[Batch],
+    eval_every: int,
+    log: Callable[[str], None],
+) -> dict[str, object]:
+    """Train one replica per config to ``run.steps`` with DiLoCo; validate replica 0."""
+    codec = codec_by_name(codec_name) if codec_name != "none" else None
+    exchange = _Exchange(len(configs), codec)
+    trainers = [Trainer(cfg, show_progress=False, log_lines=False) for cfg in configs]
+    outer = OuterConfig(lr=setting.outer_lr, momentum=setting.outer_momentum)
+    loops = [
+        DiLoCo(
+            list(t.model.parameters()),
+            DiLoCoConfig(local_steps=setting.local_steps, outer=outer),
+            exchange.average_fn(rank),
+        )
+        for rank, t in enumerate(trainers)
+    ]
+    steps = configs[0].run.steps
+    curve: list[dict[str, float]] = []
+    rounds = [0] * len(trainers)
+    errors: list[BaseException] = []
+
+    def train(rank: int) -> None:
+        trainer, loop = trainers[rank], loops[rank]
+        try:
+            while trainer.step < steps:
+                trainer.train_step()
+                report = loop.after_local_step(trainer.cfg.data.batch_size)
+                if report is None:
+                    continue
+                rounds[rank] += 1
+                if rank == 0 and rounds[0] % eval_every == 0:
+                    bpb = evaluate_bpb(
+                        trainer.model, val, device=trainer.device, autocast=trainer.autocast
+                    )
+                    curve.append({"step": trainer.step, "val_bpb": round(bpb, 4)})
+                    log(
+                        f"H={setting.local_steps} step {trainer.step} val_bpb {curve[-1]['val_bpb']}"
+                    )
+        except BaseException as exc:  # surfaced below; a broken barrier frees the others
+            errors.append(exc)
+            exchange.reduced.abort()
+            exchange.copied.abort()
+
+    threads = [threading.Thread(target=train, args=(r,), daemon=True) for r in range(len(trainers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"a replica failed: {errors[0]!r}") from errors[0]
+    return {"rounds": rounds[0], "curve": curve, "wire_bytes": exchange.wire_bytes}
