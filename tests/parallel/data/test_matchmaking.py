@@ -70,7 +70,9 @@ def _loop_time() -> float:
     return asyncio.get_running_loop().time()
 
 
-async def _meet(board, peer, *, window_s, expected=4, start_at=0.0, confirm_s=5.0, est=None):
+async def _meet(
+    board, peer, *, window_s, expected=4, start_at=0.0, confirm_s=5.0, est=None, max_group=8
+):
     """One peer's matchmaking on the virtual clock, starting at ``start_at``."""
     await asyncio.sleep(start_at)
     return await find_group(
@@ -79,7 +81,9 @@ async def _meet(board, peer, *, window_s, expected=4, start_at=0.0, confirm_s=5.
         peer,
         expected_peers=expected,
         estimator=est or FormationEstimator(FormationConfig(initial_s=window_s)),
-        config=MatchConfig(max_group_size=8, poll_interval_s=0.25, confirm_timeout_s=confirm_s),
+        config=MatchConfig(
+            max_group_size=max_group, poll_interval_s=0.25, confirm_timeout_s=confirm_s
+        ),
         clock=_loop_time,
     )
 
@@ -152,3 +156,41 @@ def test_members_that_derived_another_group_are_left_out_consistently():
     assert group_a == group_b
     unconfirmed = form_groups(b"k", [a, b, c], max_group_size=8)[0]
     assert group_a.group_id != unconfirmed.group_id  # a different all-reduce session than c's
+
+
+def test_a_peer_with_a_stale_membership_view_waits_for_the_group_the_others_expect():
+    # The first peer believes it is one of 2 trainers (its view lags, as right after it
+    # started); three more arrive one by one, each seeing all 4. Closing as soon as a second
+    # peer shows up would put the first in a group nobody else derives and split the round.
+    peers = _peers(4)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        return await asyncio.gather(
+            _meet(board, peers[0], window_s=10.0, expected=2),
+            *(_meet(board, p, window_s=10.0, start_at=1.0 + i) for i, p in enumerate(peers[1:])),
+        ), _loop_time()
+
+    groups, ended = run_virtual(main())
+    assert all(g is not None and len(g.members) == 4 for g in groups)
+    assert len({g.group_id for g in groups}) == 1
+    assert ended < 4.0  # closed when the fourth arrived, not at the 10 s window
+
+
+def test_an_inflated_expectation_cannot_hold_a_full_group_past_its_size():
+    # A peer claiming 10,000 trainers can at most make others wait for a full group.
+    a, b = _peers(2)
+    greedy = ReadyPeer(b"\x09" * 32, 1.0, 1e8, expected=10_000)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        await board.announce(b"k", greedy, expires_at=100.0)
+        await board.confirm(b"k", greedy.peer, b"x" * 16, expires_at=100.0)
+        return await asyncio.gather(
+            *(_meet(board, p, window_s=10.0, expected=2, max_group=3) for p in (a, b))
+        ), _loop_time()
+
+    (group_a, group_b), ended = run_virtual(main())
+    assert ended < 1.0  # 3 ready = a full group of 3: no need to wait out the window
+    # the odd one out derived another group, so a and b go on without it
+    assert group_a == group_b and {p.peer for p in group_a.members} == {a.peer, b.peer}

@@ -3,8 +3,8 @@
 Every peer ready for a round stores a small record under ``prefix + round key`` with its
 own subkey, so the DHT's rule "a subkey can only be written by its owner" authenticates the
 announcement: the peer id is read from the signed subkey, never from the value. The value
-is msgpack ``[version, weight, bandwidth_bps, client_mode, address]``; readers bound and
-type-check every field and skip records that do not parse. Group confirmations live under
+is msgpack ``[version, weight, bandwidth_bps, client_mode, address, expected]``; readers
+bound and type-check every field and skip records that do not parse. Group confirmations live under
 ``prefix + round key + b"/confirm"`` the same way, valued ``[version, group_id]``.
 
 ``expires_at`` is on the DHT's wall clock (Unix seconds): give :func:`find_group` the same
@@ -23,11 +23,12 @@ from shoal.parallel.data.matchmaking import ReadyPeer
 
 __all__ = ["DhtBoard", "RecordStore"]
 
-_VERSION = 1
+_VERSION = 2
 _PEER_ID_BYTES = 32
 _MAX_VALUE_BYTES = 512
 _MAX_ADDRESS_CHARS = 256
 _MAX_GROUP_ID_BYTES = 64
+_MAX_EXPECTED = 1 << 16
 _CONFIRM = b"/confirm"
 T = TypeVar("T")
 
@@ -51,7 +52,14 @@ class DhtBoard:
 
     async def announce(self, key: bytes, entry: ReadyPeer, expires_at: float) -> None:
         value = msgpack.packb(
-            [_VERSION, entry.weight, entry.bandwidth_bps, entry.client_mode, entry.address]
+            [
+                _VERSION,
+                entry.weight,
+                entry.bandwidth_bps,
+                entry.client_mode,
+                entry.address,
+                entry.expected,
+            ]
         )
         await self.dht.store(self.prefix + key, value, expires_at, subkey=b"")
 
@@ -98,10 +106,10 @@ def _parse_confirmation(subkey: bytes, value: bytes) -> bytes | None:
 
 
 def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
-    fields = _fields(subkey, value, 5)
+    fields = _fields(subkey, value, 6)
     if fields is None:
         return None
-    _, weight, bandwidth, client_mode, address = fields
+    _, weight, bandwidth, client_mode, address, expected = fields
     numbers_ok = all(
         isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
         for x in (weight, bandwidth)
@@ -110,4 +118,6 @@ def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
         return None
     if not isinstance(address, str) or len(address) > _MAX_ADDRESS_CHARS:
         return None
-    return ReadyPeer(subkey, float(weight), float(bandwidth), client_mode, address)
+    if type(expected) is not int or not 0 <= expected <= _MAX_EXPECTED:
+        return None
+    return ReadyPeer(subkey, float(weight), float(bandwidth), client_mode, address, expected)

@@ -6,7 +6,10 @@ they announce on). Two decisions, both pure functions of (state, now):
 - **Window length** comes from history, not a constant: :class:`FormationEstimator` keeps an
   exponentially weighted mean and mean deviation of how long past windows took to fill
   (like TCP's RTO estimator) and proposes ``mean + deviation_factor * deviation``, clamped
-  to ``[floor_s, cap_s]``. A window closes early once ``expected_peers`` are ready.
+  to ``[floor_s, cap_s]``. A window closes early once as many peers are ready as the
+  most any ready peer expects: every announcement carries its peer's count of live
+  trainers, so a peer whose membership view lags (it just started) waits for the group the
+  others see instead of closing on the first two and splitting the round.
 - **Groups**: the ready peers, ordered by a hash of (round key, peer), are cut into
   ``ceil(n / max_group_size)`` groups of near-equal size; every group gets at least one
   peer that can reduce (not in client mode) or the peers left without one join the others.
@@ -108,6 +111,8 @@ class ReadyPeer:
     """True when it cannot accept connections or is too slow to reduce."""
     address: str = ""
     """Where its Averaging service is reached (``host:port``); empty for clients."""
+    expected: int = 0
+    """How many ready peers it waits for (its membership view); 0 = no opinion."""
 
 
 @dataclass(frozen=True, slots=True)

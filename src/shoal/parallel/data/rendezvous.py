@@ -7,7 +7,9 @@ records with subkeys (key = round key, subkey = peer id) provide it in a swarm;
 
 ``find_group`` announces this peer, polls the board until the window closes (everyone
 expected is ready, or the window from :class:`FormationEstimator` ran out), then derives
-the groups with :func:`form_groups` from what it saw.
+the groups with :func:`form_groups` from what it saw. "Everyone expected" is the largest
+count of live trainers among the entries read, this peer's own included, capped at the
+group size: one peer with a stale membership view cannot close the window early.
 
 Peers close their windows at different moments, so two members can see different boards
 (a late arrival seen by one and not the other) and derive different groups, which would
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from shoal.errors import ConfigError
@@ -125,17 +127,19 @@ async def find_group(
     """Announce, wait for the window to close, and return this peer's group (or None)."""
     opened_at = clock()
     window_s = estimator.window_s()
+    me = replace(me, expected=expected_peers)
     await board.announce(round_key, me, expires_at=opened_at + 2 * window_s + 1.0)
     ready: list[ReadyPeer] = []
     for _ in range(config.max_polls):
         ready = await board.entries(round_key)
         now = clock()
+        expect = min(config.max_group_size, max([expected_peers, *(p.expected for p in ready)]))
         if window_closed(
             now=now,
             opened_at=opened_at,
             window_s=window_s,
             n_ready=len(ready),
-            expected_peers=expected_peers,
+            expected_peers=expect,
         ):
             break
         wait = min(config.poll_interval_s, opened_at + window_s - now)
