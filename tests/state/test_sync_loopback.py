@@ -87,6 +87,28 @@ def test_three_donors_share_the_download_and_the_result_is_exact(runtimes):
     assert len(result.bytes_by_donor) == 3 and result.failed_donors == []
 
 
+def test_a_partial_download_fetches_and_returns_only_the_selected_tensors(runtimes):
+    snap = _snapshot()
+    served = prepare(snap, chunk_bytes=16 * 1024)
+    donors = runtimes(2)
+    for rt in donors:
+        StateServer(rt, lambda: served)
+    (joiner,) = runtimes(1)
+    wanted = {"model/b", "optimizer/state.0.exp_avg"}
+    result = joiner.run(
+        download(joiner, _choice(donors, served), CFG, only=lambda name: name in wanted),
+        timeout_s=60,
+    )
+    got = result.snapshot
+    assert {f"{stem}/{k}" for stem, ts in got.files.items() for k in ts} == wanted
+    assert torch.equal(got.files["model"]["b"], snap.files["model"]["b"])
+    exp_avg = snap.files["optimizer"]["state.0.exp_avg"]
+    assert torch.equal(got.files["optimizer"]["state.0.exp_avg"], exp_avg)
+    assert got.step == snap.step and got.meta == snap.meta
+    # only the selected bytes crossed the wire (the 600 KB model matrix stayed home)
+    assert sum(result.bytes_by_donor.values()) == 3 * 4 + exp_avg.numel() * 4
+
+
 def test_a_donor_sending_bad_bytes_is_dropped_and_others_finish(runtimes):
     snap = _snapshot()
     served = prepare(snap, chunk_bytes=16 * 1024)

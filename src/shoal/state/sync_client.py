@@ -106,13 +106,18 @@ class Piece:
         return out
 
 
-def plan_pieces(manifest: state_pb2.StateManifest, piece_bytes: int) -> list[Piece]:
-    """Every chunk of every tensor, grouped in order into pieces of about ``piece_bytes``."""
+def plan_pieces(
+    manifest: state_pb2.StateManifest, piece_bytes: int, tensors: list[int] | None = None
+) -> list[Piece]:
+    """Every chunk of every tensor (or of the ``tensors`` indices), grouped in order into
+    pieces of about ``piece_bytes``."""
     chunk = manifest.chunk_bytes
     pieces: list[Piece] = []
     current: list[tuple[int, int, int]] = []
     size = 0
-    for index, t in enumerate(manifest.tensors):
+    indices = range(len(manifest.tensors)) if tensors is None else tensors
+    for index in indices:
+        t = manifest.tensors[index]
         for pos in range(0, t.byte_length, chunk):
             n = min(chunk, t.byte_length - pos)
             current.append((index, pos, n))
@@ -189,9 +194,11 @@ class _Downloader:
         choice: DonorChoice,
         config: SyncConfig,
         on_chunk: Callable[[str, int], None] | None,
+        only: Callable[[str], bool] | None = None,
     ) -> None:
         self.runtime = runtime
         self.on_chunk = on_chunk
+        self.only = only
         self.choice = choice
         self.config = config
         self.candidates: deque[Announcement] = deque([*choice.donors, *choice.spares])
@@ -281,7 +288,11 @@ class _Downloader:
             donors.append(donor)
         if self.manifest is None:
             raise PeerUnavailable(f"no donor serves the snapshot of step {self.choice.step}")
-        transfer = _Transfer(self.manifest, plan_pieces(self.manifest, cfg.piece_bytes))
+        manifest = self.manifest
+        wanted = [
+            i for i, t in enumerate(manifest.tensors) if self.only is None or self.only(t.name)
+        ]
+        transfer = _Transfer(manifest, plan_pieces(manifest, cfg.piece_bytes, wanted))
         tasks: dict[asyncio.Task[bool], Announcement] = {}
 
         def launch(donor: Announcement) -> None:
@@ -308,8 +319,13 @@ class _Downloader:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=2.0)
+        if len(wanted) < len(manifest.tensors):  # the snapshot holds what was fetched
+            manifest = state_pb2.StateManifest()
+            manifest.CopyFrom(self.manifest)
+            del manifest.tensors[:]
+            manifest.tensors.extend(self.manifest.tensors[i] for i in wanted)
         return SyncResult(
-            snapshot=assemble(self.manifest, transfer.tensors),
+            snapshot=assemble(manifest, [transfer.tensors[i] for i in wanted]),
             manifest=self.manifest,
             bytes_by_donor=self.bytes_by_donor,
             failed_donors=self.failed,
@@ -323,10 +339,14 @@ async def download(
     config: SyncConfig | None = None,
     *,
     on_chunk: Callable[[str, int], None] | None = None,
+    only: Callable[[str], bool] | None = None,
 ) -> SyncResult:
     """Download the snapshot ``choice`` names (on the runtime's loop).
 
     ``on_chunk(donor, bytes_from_donor)`` runs on the loop after each verified chunk.
+    ``only(name)`` selects tensors by manifest name (``"<file stem>/<key>"``); the result
+    then holds only those (a DiLoCo peer catching up needs the outer state, not the model
+    and AdamW moments that make up most of a snapshot).
 
     Raises:
         PeerUnavailable: no donor could serve it to the end.
@@ -335,7 +355,7 @@ async def download(
     config = config or SyncConfig()
     try:
         return await asyncio.wait_for(
-            _Downloader(runtime, choice, config, on_chunk).run(), config.total_timeout_s
+            _Downloader(runtime, choice, config, on_chunk, only).run(), config.total_timeout_s
         )
     except asyncio.TimeoutError:
         raise PeerTimeout(f"state sync did not finish within {config.total_timeout_s} s") from None

@@ -11,7 +11,7 @@ from shoal.train.diloco_lowrank import LowRankAverager
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_round import RoundOutcome, RoundsConfig, SwarmRounds
 from shoal.train.swarm_services import PeerServices
-from shoal.train.swarm_state import fetch_from_swarm
+from shoal.train.swarm_state import fetch_snapshot_from_swarm
 from shoal.train.swarm_strategy import StepOutcome, blocking_round, round_key
 from shoal.train.trainer import Trainer
 
@@ -131,8 +131,16 @@ def resync_from_swarm(services: PeerServices, mode: str, *, newer_than: int) -> 
     """The swarm's outer state (round index, ``outer.*`` tensors) if a donor of the same
     ``mode`` holds a snapshot newer than step ``newer_than``; else None."""
     s = services
-    ckpt = fetch_from_swarm(s.runtime, s.dht, s.state_key, newer_than=newer_than)
-    if ckpt is None or ckpt.meta.get("mode") != mode:
+    # Only the outer state travels (the model and AdamW moments make up most of a
+    # snapshot, several rounds' worth of bytes): the local model is rebased onto it.
+    snapshot = fetch_snapshot_from_swarm(
+        s.runtime,
+        s.dht,
+        s.state_key,
+        newer_than=newer_than,
+        only=lambda name: name.startswith("extra/outer."),
+    )
+    if snapshot is None or snapshot.meta.get("mode") != mode:
         return None
-    tensors = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
-    return ResyncState(int(ckpt.meta.get("round_index", 0)), tensors)
+    tensors = {k: v for k, v in snapshot.files.get("extra", {}).items() if k.startswith("outer.")}
+    return ResyncState(int(snapshot.meta.get("round_index", 0)), tensors)

@@ -11,6 +11,7 @@ same shard also restores the data position).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,13 @@ from shoal.state.checkpoint import LoadedCheckpoint, Snapshot, take_snapshot
 from shoal.state.snapshot import as_checkpoint
 from shoal.state.sync_client import SyncConfig, download, find_donors
 
-__all__ = ["Restored", "fetch_from_swarm", "restore_peer", "snapshot_peer"]
+__all__ = [
+    "Restored",
+    "fetch_from_swarm",
+    "fetch_snapshot_from_swarm",
+    "restore_peer",
+    "snapshot_peer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +122,23 @@ def fetch_from_swarm(
 
     Blocking (compute thread). Network failures give None (logged), never an exception.
     """
+    snapshot = fetch_snapshot_from_swarm(
+        runtime, dht, key, newer_than=newer_than, timeout_s=timeout_s
+    )
+    return None if snapshot is None else as_checkpoint(snapshot, "swarm")
+
+
+def fetch_snapshot_from_swarm(
+    runtime: Any,
+    dht: Any,
+    key: bytes,
+    *,
+    newer_than: int,
+    timeout_s: float = 30.0,
+    only: Callable[[str], bool] | None = None,
+) -> Snapshot | None:
+    """:func:`fetch_from_swarm` as a raw snapshot, optionally of the ``only`` tensors
+    (selected by manifest name, ``"<file stem>/<key>"``)."""
     config = SyncConfig(dht_timeout_s=min(10.0, timeout_s), total_timeout_s=timeout_s)
     try:
         choice = runtime.run(
@@ -127,9 +151,16 @@ def fetch_from_swarm(
                 newer_than,
             )
             return None
-        result = runtime.run(download(runtime, choice, config), timeout_s=timeout_s + 5.0)
+        result = runtime.run(
+            download(runtime, choice, config, only=only), timeout_s=timeout_s + 5.0
+        )
     except (NetworkError, TimeoutError) as exc:
         log.warning("state sync from the swarm failed: %s", exc)
         return None
-    log.info("fetched the swarm's state of step %d", choice.step)
-    return as_checkpoint(result.snapshot, "swarm")
+    fetched = sum(
+        int(t.numel() * t.element_size())
+        for f in result.snapshot.files.values()
+        for t in f.values()
+    )
+    log.info("fetched the swarm's state of step %d (%d bytes)", choice.step, fetched)
+    return result.snapshot
