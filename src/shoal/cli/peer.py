@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
         outer_momentum: float = typer.Option(0.9, "--outer-momentum"),
         codec: str = typer.Option("int8", "--codec", help="Wire codec: none | fp16 | int8 | int4."),
         rank: int = typer.Option(0, "--rank", help="DiLoCo low-rank averaging (0 = off)."),
+        client_mode: bool = typer.Option(
+            False, "--client-mode", help="Average without reducing (a slow or relayed peer)."
+        ),
         fragments: int = typer.Option(4, "--fragments", help="Streaming DiLoCo fragments."),
         overlap_steps: int = typer.Option(5, "--overlap-steps", help="Streaming overlap."),
         target_batch: int = typer.Option(256, "--target-batch", help="Sync: global batch."),
@@ -117,6 +120,7 @@ def register(app: typer.Typer) -> None:
             local_steps=local_steps,
             outer=OuterConfig(lr=outer_lr, momentum=outer_momentum),
             wire_codec=codec,
+            client_mode=client_mode,
             rank=rank,
             fragments=fragments,
             overlap_steps=overlap_steps,

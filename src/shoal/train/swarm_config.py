@@ -62,6 +62,8 @@ class PeerOptions:
     """DiLoCo H."""
     outer: OuterConfig = field(default_factory=OuterConfig)
     wire_codec: str = "int8"
+    client_mode: bool = False
+    """Average without reducing: send parts, receive results (a slow or relayed peer)."""
     """Codec of pseudo-gradients / gradients on the wire."""
     rank: int = 0
     """DiLoCo: average pseudo-gradients through rank-``rank`` factors (0 = whole tensors)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -59,6 +60,10 @@ class RoundsConfig:
     """Largest all-reduce group."""
     poll_interval_s: float = 0.25
     """How often the board is read while a window is open (each read is a DHT lookup)."""
+    client_mode: bool = False
+    """Send parts and receive results, reduce nothing (a slow or relayed peer)."""
+    bandwidth_prior_bps: float = 100e6
+    """Bandwidth announced until a round has measured this peer's uplink."""
 
     def __post_init__(self) -> None:
         if self.wire_codec not in STATELESS_CODECS:
@@ -79,6 +84,15 @@ class RoundsConfig:
                 f"need 1 <= min_group_size <= max_group_size, got "
                 f"{self.min_group_size!r}, {self.max_group_size!r}"
             )
+        if not 0 < self.bandwidth_prior_bps < math.inf:
+            raise ConfigError(
+                f"bandwidth_prior_bps must be > 0 and finite, got {self.bandwidth_prior_bps!r}"
+            )
+
+
+def announced_bandwidth(bps: float) -> float:
+    """``bps`` rounded to a half-octave grid: shares stay put under measurement noise."""
+    return float(2.0 ** (round(2.0 * math.log2(max(bps, 1.0))) / 2.0))
 
 
 @dataclass(slots=True)
@@ -122,6 +136,8 @@ class SwarmRounds:
                 cap_s=cfg.window_cap_s,
             )
         )
+        self.uplink_bps: float | None = None
+        """This peer's measured uplink (moving average of each round's fastest send)."""
         self.last_group: GroupSpec | None = None
         """The contributors of the last successful round, as a group (for :meth:`again`)."""
         self.match = MatchConfig(
@@ -135,7 +151,15 @@ class SwarmRounds:
     ) -> RoundOutcome:
         """Average the flat fp32 ``vector`` in place with whoever meets under ``round_key``."""
         t0 = time.monotonic()
-        me = ReadyPeer(self.runtime.peer_id.raw, float(weight), 1.0, False, self.runtime.address)
+        cfg = self.config
+        bandwidth = announced_bandwidth(self.uplink_bps or cfg.bandwidth_prior_bps)
+        me = ReadyPeer(
+            self.runtime.peer_id.raw,
+            float(weight),
+            bandwidth,
+            cfg.client_mode,
+            self.runtime.address,
+        )
         try:
             group = await find_group(
                 self.board,
@@ -152,23 +176,26 @@ class SwarmRounds:
         seconds = {"matchmaking": t1 - t0}
         if group is None:
             return RoundOutcome(False, reason="no group formed", seconds=seconds)
-        members = [PeerID(p.peer) for p in group.members]
-        for peer, entry in zip(members, group.members, strict=True):
-            if peer != self.runtime.peer_id:
-                self.transport.set_address(peer, entry.address)
-        spec = GroupSpec.uniform(group.group_id, members)
+        spec = self.transport.join(group)  # shares follow the announced bandwidths
+        members = list(spec.members)
         self.averager.prepare(spec)
         result = await self.averager.average(
             [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
         )
         seconds["allreduce"] = time.monotonic() - t1
+        self._observe_uplink()
         if not result.ok:
             return RoundOutcome(
                 False, group_size=len(members), reason=result.reason, seconds=seconds
             )
         contributors = frozenset(p for p in result.contributors if isinstance(p, PeerID))
-        kept = [m for m in members if m in contributors]
-        self.last_group = GroupSpec.uniform(group.group_id, kept)
+        kept = [i for i, m in enumerate(members) if m in contributors]
+        self.last_group = GroupSpec(
+            group.group_id,
+            tuple(members[i] for i in kept),
+            tuple(spec.bandwidths_bps[i] for i in kept),
+            tuple(spec.client_mode[i] for i in kept),
+        )
         return RoundOutcome(
             True,
             contributors=contributors,
@@ -176,6 +203,12 @@ class SwarmRounds:
             group_size=len(members),
             seconds=seconds,
         )
+
+    def _observe_uplink(self) -> None:
+        sample = self.transport.uplink_sample()
+        if sample is not None:
+            prev = self.uplink_bps
+            self.uplink_bps = sample if prev is None else 0.5 * prev + 0.5 * sample
 
     async def again(self, vector: torch.Tensor, weight: float, *, tag: bytes) -> RoundOutcome:
         """A follow-up all-reduce with the last round's contributors, without matchmaking.
@@ -187,12 +220,15 @@ class SwarmRounds:
         last = self.last_group
         if last is None:
             return RoundOutcome(False, reason="no previous group")
-        spec = GroupSpec.uniform(last.round_id[:32] + tag[:16], last.members)
+        spec = GroupSpec(
+            last.round_id[:32] + tag[:16], last.members, last.bandwidths_bps, last.client_mode
+        )
         self.averager.prepare(spec)
         t0 = time.monotonic()
         result = await self.averager.average(
             [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
         )
+        self._observe_uplink()
         seconds = {"allreduce": time.monotonic() - t0}
         if not result.ok:
             return RoundOutcome(

@@ -12,6 +12,7 @@ for a member of the round are filtered by the protocol, which ignores non-member
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -41,9 +42,20 @@ from shoal.parallel.data.messages import Contribution, Member, Message, Reduced,
 from shoal.parallel.data.receive import BufferPool, read_tensor_into_pool
 from shoal.parallel.data.transport import Inbox
 
-__all__ = ["MAX_GROUP_SIZE", "AveragingService", "GrpcTransport", "parse"]
+__all__ = [
+    "MAX_BANDWIDTH_BPS",
+    "MAX_GROUP_SIZE",
+    "MIN_BANDWIDTH_BPS",
+    "AveragingService",
+    "GrpcTransport",
+    "parse",
+]
 
 MAX_GROUP_SIZE = 256
+MIN_BANDWIDTH_BPS = 1e3
+MAX_BANDWIDTH_BPS = 1e11
+_RATE_SAMPLE_MIN_BYTES = 256 * 1024
+"""Smaller sends measure latency, not bandwidth."""
 MAX_ROUND_ID_BYTES = 64
 MAX_REASON_CHARS = 200
 _KIND = {Contribution: pb.CONTRIBUTION, Report: pb.REPORT, Reduced: pb.REDUCED}
@@ -245,12 +257,27 @@ class GrpcTransport:
         self.addresses: dict[PeerID, str] = {}
         self._stubs: dict[PeerID, Any] = {}
         self._inflight: dict[int, list[Any]] = {}
+        self._send_rates: list[float] = []
         self.service = AveragingService(runtime, self.inbox)
         runtime.add_servicer(rpc.add_AveragingServicer_to_server, self.service)
         GrpcTransport._shared[runtime] = self
 
+    def uplink_sample(self) -> float | None:
+        """The fastest send (bytes/s) since the last call, or None; then forgets them.
+
+        A peer's best stream in a round is bounded by its own uplink, while a slow receiver
+        can only lower the others: the best one is the estimate of what it can send.
+        """
+        rates, self._send_rates = self._send_rates, []
+        return max(rates) if rates else None
+
     def join(self, group: Group) -> GroupSpec:
-        """The all-reduce group for a matchmaking ``Group``; learns members' addresses."""
+        """The all-reduce group for a matchmaking ``Group``; learns members' addresses.
+
+        Shares follow the bandwidths the members announced, clamped to
+        ``[MIN_BANDWIDTH_BPS, MAX_BANDWIDTH_BPS]`` (an announcement cannot claim the whole
+        vector or starve a reducer to nothing); client-mode members reduce nothing.
+        """
         members = []
         for entry in group.members:
             peer = _peer(entry.peer)
@@ -260,7 +287,10 @@ class GrpcTransport:
         return GroupSpec(
             group.group_id,
             tuple(members),
-            tuple(e.bandwidth_bps for e in group.members),
+            tuple(
+                min(MAX_BANDWIDTH_BPS, max(MIN_BANDWIDTH_BPS, e.bandwidth_bps))
+                for e in group.members
+            ),
             tuple(e.client_mode for e in group.members),
         )
 
@@ -280,8 +310,15 @@ class GrpcTransport:
         if entry is None or entry[0] is not message:
             entry = self._inflight[id(message)] = [message, _wire(message), 0]
         entry[2] += 1
+        wire: _Wire = entry[1]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            await stub.Deliver(entry[1].frames(), timeout_s=max(timeout_s, 1e-3))
+            await stub.Deliver(wire.frames(), timeout_s=max(timeout_s, 1e-3))
+            nbytes = sum(view.nbytes for _, view in wire.tensors)
+            took = loop.time() - started
+            if nbytes >= _RATE_SAMPLE_MIN_BYTES and took > 0:
+                self._send_rates.append(nbytes / took)
         finally:
             entry[2] -= 1
             if entry[2] == 0 and self._inflight.get(id(message)) is entry:

@@ -1,0 +1,85 @@
+"""``SwarmRounds`` over real runtimes and a DHT on loopback: shares, client mode, uplink."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from shoal.dht.peer import DHT
+from shoal.net import Identity, NetConfig, NetRuntime
+from shoal.train.swarm_round import RoundsConfig, SwarmRounds, announced_bandwidth
+
+NUMEL = 1_000_000
+
+
+def test_a_client_mode_peer_contributes_without_reducing_and_uplinks_are_measured():
+    runtimes = [NetRuntime(Identity.generate(), NetConfig(port=0)).start() for _ in range(3)]
+    dhts = [DHT(rt) for rt in runtimes]
+    try:
+        for dht in dhts[1:]:
+            dht.bootstrap([runtimes[0].address])
+        rounds = [
+            SwarmRounds(
+                rt,
+                dht.node,
+                swarm="t",
+                config=RoundsConfig(wire_codec="none", window_initial_s=20.0, client_mode=(i == 2)),
+            )
+            for i, (rt, dht) in enumerate(zip(runtimes, dhts, strict=True))
+        ]
+        g = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(NUMEL, generator=g) for _ in range(3)]
+        vectors = [x.clone() for x in inputs]
+        weights = [1.0, 2.0, 3.0]
+
+        def run_round(key: bytes) -> list:
+            def one(i: int):
+                coro = rounds[i].average(vectors[i], weights[i], round_key=key, expected_peers=3)
+                return runtimes[i].run(coro, timeout_s=60.0)
+
+            with ThreadPoolExecutor(3) as pool:
+                return list(pool.map(one, range(3)))
+
+        outcomes = run_round(b"r0")
+
+        ids = {rt.peer_id for rt in runtimes}
+        for outcome in outcomes:
+            assert outcome.ok, outcome.reason
+            assert outcome.contributors == ids and outcome.weight == sum(weights)
+        expect = sum(w * x.double() for w, x in zip(weights, inputs, strict=True)) / sum(weights)
+        for v in vectors:
+            assert torch.allclose(v.double(), expect, atol=1e-5, rtol=0)
+        # every member derived the same split: the client reduces nothing
+        for r in rounds:
+            spec = r.last_group
+            assert spec is not None
+            client = dict(zip(spec.members, spec.client_mode, strict=True))
+            assert client == {rt.peer_id: i == 2 for i, rt in enumerate(runtimes)}
+        sent = [
+            rt.traffic.snapshot()["services"]["shoal.v1.Averaging"]["bytes_out"] for rt in runtimes
+        ]
+        # the client sends its two parts (4 MB); a reducer also sends its result twice
+        assert sent[2] < 0.8 * min(sent[:2])
+        # round 0 splits by the prior; then each peer announces the uplink it measured
+        assert all(set(r.last_group.bandwidths_bps) == {announced_bandwidth(1e8)} for r in rounds)
+        measured = [r.uplink_bps for r in rounds]
+        assert all(m is not None and m > 0 for m in measured)
+        assert all(o.ok for o in run_round(b"r1"))
+        pairs = zip(runtimes, measured, strict=True)
+        announced = {rt.peer_id: announced_bandwidth(m) for rt, m in pairs}
+        for r in rounds:
+            spec = r.last_group
+            assert dict(zip(spec.members, spec.bandwidths_bps, strict=True)) == announced
+    finally:
+        for dht in dhts:
+            dht.close()
+        for rt in runtimes:
+            rt.close()
+
+
+def test_announced_bandwidth_sits_on_a_half_octave_grid():
+    assert announced_bandwidth(1e8) == announced_bandwidth(1.05e8)
+    assert announced_bandwidth(2e8) > announced_bandwidth(1e8)
+    assert announced_bandwidth(1e8) / announced_bandwidth(1e8 / 1.5) in (1.0, 2**0.5)
+    assert announced_bandwidth(0.0) == 1.0
