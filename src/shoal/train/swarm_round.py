@@ -220,6 +220,8 @@ class SwarmRounds:
         last = self.last_group
         if last is None:
             return RoundOutcome(False, reason="no previous group")
+        if all(last.client_mode):  # a reducer can contribute nothing itself (all screened out)
+            return RoundOutcome(False, reason="no reducer among the last round's contributors")
         spec = GroupSpec(
             last.round_id[:32] + tag[:16], last.members, last.bandwidths_bps, last.client_mode
         )
