@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import grpc
 
 from shoal.errors import ConfigError, PeerTimeout
+from shoal.net.allocator import keep_freed_memory
 from shoal.net.auth import SessionTable
 from shoal.net.client import Stub
 from shoal.net.config import NetConfig
@@ -120,6 +121,8 @@ class NetRuntime:
         if self.state is not State.NEW:
             raise RuntimeError(f"runtime is {self.state.value}, cannot start")
         self.state = State.RUNNING
+        if self.config.keep_freed_memory:
+            keep_freed_memory()
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._thread_main,
