@@ -155,4 +155,8 @@ def run_replicas(
         t.join()
     if errors:
         raise RuntimeError(f"a replica failed: {errors[0]!r}") from errors[0]
+    if not curve or curve[-1]["step"] != steps:  # local steps after the last round count too
+        t0 = trainers[0]
+        bpb = evaluate_bpb(t0.model, val, device=t0.device, autocast=t0.autocast)
+        curve.append({"step": steps, "val_bpb": round(bpb, 4)})
     return {"rounds": rounds[0], "curve": curve, "wire_bytes": exchange.wire_bytes}
