@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 from shoal.dht.peer import DHT
 from shoal.net import Identity, NetConfig, NetRuntime
+from shoal.net.shaper import LinkShaper, ShaperConfig
+from shoal.parallel.data.partition import shares_from_bandwidth
 from shoal.train.swarm_round import RoundsConfig, SwarmRounds, announced_bandwidth
 
 NUMEL = 1_000_000
@@ -83,3 +86,66 @@ def test_announced_bandwidth_sits_on_a_half_octave_grid():
     assert announced_bandwidth(2e8) > announced_bandwidth(1e8)
     assert announced_bandwidth(1e8) / announced_bandwidth(1e8 / 1.5) in (1.0, 2**0.5)
     assert announced_bandwidth(0.0) == 1.0
+
+
+@pytest.mark.slow
+def test_a_peer_behind_a_slow_uplink_is_given_a_smaller_share():
+    # Peer 2 reaches the others only through 20 Mbit/s shapers (its uplink); after one round
+    # it measures that, announces it, and every member gives it a smaller part to reduce.
+    runtimes = [NetRuntime(Identity.generate(), NetConfig(port=0)).start() for _ in range(3)]
+    dhts = [DHT(rt) for rt in runtimes]
+    slow = runtimes[2]
+    shapers: list[LinkShaper] = []
+    try:
+        for dht in dhts[1:]:
+            dht.bootstrap([runtimes[0].address])
+        for rt in runtimes[:2]:
+            host, port = rt.address.rsplit(":", 1)
+            cfg = ShaperConfig(target_host=host, target_port=int(port), up_rate_bit_s=20e6)
+            shaper = LinkShaper(cfg)
+            slow.run(shaper.start(), timeout_s=10.0)
+            shapers.append(shaper)
+        rounds = [
+            SwarmRounds(rt, dht.node, swarm="t", config=RoundsConfig(wire_codec="none"))
+            for rt, dht in zip(runtimes, dhts, strict=True)
+        ]
+        through = {
+            rt.peer_id: "{}:{}".format(*s.address)
+            for rt, s in zip(runtimes[:2], shapers, strict=True)
+        }
+        slow_transport = rounds[2].transport
+        join = slow_transport.join
+
+        def join_through_shapers(group):  # the slow peer dials the others via its uplink
+            spec = join(group)
+            for peer, address in through.items():
+                slow_transport.set_address(peer, address)
+            return spec
+
+        slow_transport.join = join_through_shapers
+        vectors = [torch.randn(NUMEL) for _ in range(3)]
+
+        def run_round(key: bytes) -> list:
+            def one(i: int):
+                coro = rounds[i].average(vectors[i], 1.0, round_key=key, expected_peers=3)
+                return runtimes[i].run(coro, timeout_s=60.0)
+
+            with ThreadPoolExecutor(3) as pool:
+                return list(pool.map(one, range(3)))
+
+        assert all(o.ok for o in run_round(b"r0"))
+        assert rounds[2].uplink_bps < 0.5 * min(r.uplink_bps for r in rounds[:2])
+        assert all(o.ok for o in run_round(b"r1"))
+        for r in rounds:
+            spec = r.last_group
+            shares = shares_from_bandwidth(spec.bandwidths_bps, spec.client_mode)
+            by_peer = dict(zip(spec.members, shares, strict=True))
+            assert by_peer[slow.peer_id] < 0.25  # an equal split would be 1/3
+        assert shapers[0].up.bytes > 0  # its traffic did cross the shaped links
+    finally:
+        for s in shapers:
+            slow.run(s.close(), timeout_s=10.0)
+        for dht in dhts:
+            dht.close()
+        for rt in runtimes:
+            rt.close()

@@ -63,7 +63,7 @@ class RoundsConfig:
     client_mode: bool = False
     """Send parts and receive results, reduce nothing (a slow or relayed peer)."""
     bandwidth_prior_bps: float = 100e6
-    """Bandwidth announced until a round has measured this peer's uplink."""
+    """Bandwidth (bits/s) announced until a round has measured this peer's uplink."""
 
     def __post_init__(self) -> None:
         if self.wire_codec not in STATELESS_CODECS:
@@ -137,7 +137,7 @@ class SwarmRounds:
             )
         )
         self.uplink_bps: float | None = None
-        """This peer's measured uplink (moving average of each round's fastest send)."""
+        """This peer's measured uplink, bits/s (moving average of each round's fastest send)."""
         self.last_group: GroupSpec | None = None
         """The contributors of the last successful round, as a group (for :meth:`again`)."""
         self.match = MatchConfig(

@@ -263,7 +263,7 @@ class GrpcTransport:
         GrpcTransport._shared[runtime] = self
 
     def uplink_sample(self) -> float | None:
-        """The fastest send (bytes/s) since the last call, or None; then forgets them.
+        """The fastest send (bits/s) since the last call, or None; then forgets them.
 
         A peer's best stream in a round is bounded by its own uplink, while a slow receiver
         can only lower the others: the best one is the estimate of what it can send.
@@ -318,7 +318,7 @@ class GrpcTransport:
             nbytes = sum(view.nbytes for _, view in wire.tensors)
             took = loop.time() - started
             if nbytes >= _RATE_SAMPLE_MIN_BYTES and took > 0:
-                self._send_rates.append(nbytes / took)
+                self._send_rates.append(8 * nbytes / took)
         finally:
             entry[2] -= 1
             if entry[2] == 0 and self._inflight.get(id(message)) is entry:
