@@ -52,11 +52,14 @@ def peers(bed: Testbed) -> Iterator[dict[str, PeerProcess]]:
         PeerProcess.stop_all(made.values())
 
 
-def _until(check, timeout_s: float, every_s: float = 0.25) -> float:
-    """Poll ``check`` (a bounded remote query) until it holds; seconds it took."""
+def _until(check, timeout_s: float, every_s: float = 0.25, trace: list | None = None) -> float:
+    """Poll ``check`` (a bounded remote query) until it holds; seconds it took.
+
+    ``trace`` (filled by ``check``) is shown when the deadline passes: where the time went.
+    """
     start = time.monotonic()
     while not check():
-        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s"
+        assert time.monotonic() - start < timeout_s, f"not within {timeout_s} s: {trace}"
         time.sleep(every_s)  # pacing between remote queries, each answered synchronously
     return time.monotonic() - start
 
@@ -147,11 +150,14 @@ def test_peers_move_to_another_relay_within_10_s(bed: Testbed, peers) -> None:
     peers[used].kill()
     killed = time.monotonic()
 
+    trace: list[tuple[float, dict]] = []
+
     def reached() -> bool:
         answer = a.call("ping", peer=c.id, timeout_s=3.0)
+        trace.append((round(time.monotonic() - killed, 2), answer))
         return bool(answer["ok"]) and answer["relay"] == peers[survivor].address
 
-    _until(reached, 10.0)
+    _until(reached, 10.0, trace=trace)
     assert time.monotonic() - killed < 10.0
     for name in ("a", "b", "c"):  # every reservation moved to the surviving relay
         held = peers[name].call("wait_held", count=1, timeout_s=5.0)["held"]
