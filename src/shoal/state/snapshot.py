@@ -183,9 +183,17 @@ def check_manifest(manifest: state_pb2.StateManifest, limits: ManifestLimits) ->
         raise ProtocolViolation("state manifest version does not match its content")
 
 
-def empty_tensors(manifest: state_pb2.StateManifest) -> list[torch.Tensor]:
-    """Preallocated destinations for every tensor of a checked manifest."""
-    return [torch.empty(tuple(t.shape), dtype=_ENUM_TO_TORCH[t.dtype]) for t in manifest.tensors]
+def empty_tensors(
+    manifest: state_pb2.StateManifest, only: set[int] | None = None
+) -> list[torch.Tensor]:
+    """Preallocated destinations for every tensor of a checked manifest (with ``only``,
+    for those indices; the others are empty tensors of their dtype)."""
+    return [
+        torch.empty(
+            tuple(t.shape) if only is None or i in only else (0,), dtype=_ENUM_TO_TORCH[t.dtype]
+        )
+        for i, t in enumerate(manifest.tensors)
+    ]
 
 
 def assemble(manifest: state_pb2.StateManifest, tensors: list[torch.Tensor]) -> Snapshot:

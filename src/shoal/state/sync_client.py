@@ -142,9 +142,11 @@ class SyncResult:
 class _Transfer:
     """The shared queue of pieces and where received bytes go."""
 
-    def __init__(self, manifest: state_pb2.StateManifest, pieces: list[Piece]) -> None:
+    def __init__(
+        self, manifest: state_pb2.StateManifest, pieces: list[Piece], wanted: list[int]
+    ) -> None:
         self.manifest = manifest
-        self.tensors = empty_tensors(manifest)
+        self.tensors = empty_tensors(manifest, only=set(wanted))  # none for unfetched ones
         self.views = [tensor_bytes(t) for t in self.tensors]
         self.sums = [list(t.chunk_checksums) for t in manifest.tensors]
         self.queue: deque[Piece] = deque(pieces)
@@ -292,7 +294,7 @@ class _Downloader:
         wanted = [
             i for i, t in enumerate(manifest.tensors) if self.only is None or self.only(t.name)
         ]
-        transfer = _Transfer(manifest, plan_pieces(manifest, cfg.piece_bytes, wanted))
+        transfer = _Transfer(manifest, plan_pieces(manifest, cfg.piece_bytes, wanted), wanted)
         tasks: dict[asyncio.Task[bool], Announcement] = {}
 
         def launch(donor: Announcement) -> None:
