@@ -68,6 +68,21 @@ def test_int4_error_is_at_most_half_a_step_per_block(seed, n, block, scale):
     assert enc.wire_bytes == -(-n // 2) + 4 * -(-n // block)
 
 
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 999, 1000, 1001])
+@pytest.mark.parametrize("block", [8, 16])
+def test_int4_in_pieces_equals_int4_in_one_go(monkeypatch, n, block):
+    # Large tensors are encoded ~1 Mi values at a time; the pieces must join seamlessly.
+    from shoal.compress import int4
+
+    x = _tensor(n, n, 3.0)
+    codec = Int4BlockwiseCodec(block)
+    whole = codec.encode(x)
+    monkeypatch.setattr(int4, "_CHUNK_ELEMENTS", 32)
+    pieces = codec.encode(x)
+    assert all(torch.equal(a, b) for a, b in zip(whole.payload, pieces.payload, strict=True))
+    assert torch.equal(codec.decode(pieces), codec.decode(whole))
+
+
 def test_int4_uses_all_fifteen_levels_and_round_trips_them_exactly():
     # Multiples of the step decode exactly: every level survives the nibble packing.
     x = torch.arange(-7, 8, dtype=torch.float32) * 0.5  # odd count: the tail is padded

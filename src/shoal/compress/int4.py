@@ -22,6 +22,9 @@ __all__ = ["Int4BlockwiseCodec"]
 
 _QMAX = 7.0
 _OFFSET = 8
+# Work on about 1 Mi elements at a time: temporaries stay small and in cache (a 1B-value
+# pseudo-gradient would otherwise need several full-size float copies).
+_CHUNK_ELEMENTS = 1 << 20
 
 
 class Int4BlockwiseCodec:
@@ -39,33 +42,52 @@ class Int4BlockwiseCodec:
             raise ConfigError(f"block_size must be an even int in [2, 2**24], got {block_size!r}")
         self.block_size = block_size
 
+    def _chunks(self, n: int) -> list[tuple[int, int, int, int]]:
+        """``(first block, end block, first value, end value)`` of each piece of work."""
+        bs = self.block_size
+        n_blocks = -(-n // bs)
+        step = max(1, _CHUNK_ELEMENTS // bs)
+        return [
+            (b0, min(n_blocks, b0 + step), b0 * bs, min(n, (b0 + step) * bs))
+            for b0 in range(0, n_blocks, step)
+        ]
+
     def encode(self, tensor: torch.Tensor, state: object | None = None) -> Encoded:
         flat = tensor.detach().reshape(-1)
         if flat.dtype != torch.float32:
             flat = flat.float()
         n = flat.numel()
         bs = self.block_size
-        n_blocks = -(-n // bs)
-        padded = torch.zeros(n_blocks * bs, dtype=torch.float32)
-        padded[:n] = flat
-        blocks = padded.view(n_blocks, bs)
-        absmax = blocks.abs().amax(dim=1)
-        scales = absmax / _QMAX
-        inv = torch.where(absmax > 0, _QMAX / absmax, torch.zeros_like(absmax))
-        scaled = (blocks * inv.unsqueeze(1)).round_().clamp_(-_QMAX, _QMAX).add_(_OFFSET)
-        # An even count of nibbles; an odd tail is padded with 8, which decodes to zero.
-        q = scaled.view(-1)[: n + (n % 2)].to(torch.uint8)
-        packed = q[0::2] | (q[1::2] << 4)
+        scales = torch.empty(-(-n // bs), dtype=torch.float32)
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+        for b0, b1, lo, hi in self._chunks(n):
+            piece = flat[lo:hi]
+            full = (b1 - b0) * bs
+            if hi - lo < full:  # the last block is partial: zeros (they decode to zero)
+                piece = torch.nn.functional.pad(piece, (0, full - (hi - lo)))
+            blocks = piece.view(b1 - b0, bs)
+            absmax = blocks.abs().amax(dim=1)
+            torch.div(absmax, _QMAX, out=scales[b0:b1])
+            inv = torch.where(absmax > 0, _QMAX / absmax, torch.zeros_like(absmax))
+            scaled = (blocks * inv.unsqueeze(1)).round_().clamp_(-_QMAX, _QMAX).add_(_OFFSET)
+            count = hi - lo
+            q = scaled.view(-1)[: count + count % 2].to(torch.uint8)  # lo is even: bs is
+            packed[lo // 2 : lo // 2 + q.numel() // 2] = q[0::2] | (q[1::2] << 4)
         return Encoded(self.name, tuple(tensor.shape), (packed, scales), {"block_size": bs})
 
     def decode(self, encoded: Encoded) -> torch.Tensor:
         packed, scales = encoded.payload
         bs = int(encoded.meta["block_size"])
         n = encoded.numel
-        out = torch.zeros(-(-n // bs) * bs, dtype=torch.float32)
-        body = out[: 2 * packed.numel()]
-        body[0::2] = packed & 0x0F
-        body[1::2] = packed >> 4
-        out[:n].sub_(_OFFSET)
-        out.view(-1, bs).mul_(scales.unsqueeze(1))
-        return out[:n].reshape(encoded.shape)
+        out = torch.empty(n, dtype=torch.float32)
+        codec = self if bs == self.block_size else Int4BlockwiseCodec(bs)
+        for b0, b1, lo, hi in codec._chunks(n):
+            nib = packed[lo // 2 : (hi + 1) // 2]
+            values = torch.zeros((b1 - b0) * bs, dtype=torch.float32)
+            body = values[: 2 * nib.numel()]
+            body[0::2] = nib & 0x0F
+            body[1::2] = nib >> 4
+            values[: hi - lo].sub_(_OFFSET)
+            values.view(b1 - b0, bs).mul_(scales[b0:b1].unsqueeze(1))
+            out[lo:hi] = values[: hi - lo]
+        return out.reshape(encoded.shape)
