@@ -19,12 +19,17 @@ import torch
 
 from shoal.errors import CheckpointError, NetworkError
 from shoal.train.collaborative import CollaborativeConfig, CollaborativeSync, ProgressRecord
-from shoal.train.diloco_strategy import rounds_config
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundOutcome, SwarmRounds
+from shoal.train.swarm_round import RoundOutcome
 from shoal.train.swarm_services import PeerServices
 from shoal.train.swarm_state import fetch_from_swarm, restore_peer
-from shoal.train.swarm_strategy import StepOutcome, blocking_round, round_key
+from shoal.train.swarm_strategy import (
+    StepOutcome,
+    blocking_round,
+    record_round_time,
+    round_key,
+    swarm_rounds,
+)
 from shoal.train.trainer import Trainer
 
 __all__ = ["SyncStrategy", "parse_progress"]
@@ -68,10 +73,7 @@ class SyncStrategy:
         self.services = services
         self.opts = opts
         self.stop = stop
-        self.rounds_cfg = rounds_config(opts)
-        self.rounds = SwarmRounds(
-            services.runtime, services.dht.node, swarm=opts.swarm, config=self.rounds_cfg
-        )
+        self.rounds = swarm_rounds(services, opts)
         self.key = f"shoal/v1/swarm/{opts.swarm}/progress".encode()
         self.ttl_s = 4 * 0.5 + 2.0
         me = services.runtime.peer_id.raw
@@ -112,7 +114,6 @@ class SyncStrategy:
         ]
 
     def _average(self, vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
-        cfg = self.rounds_cfg
         fp = _fingerprint(self.trainer.model)
         outcome = blocking_round(
             self.services.runtime,
@@ -123,11 +124,9 @@ class SyncStrategy:
                 expected_peers=self.services.trainers(),
             ),
             stop=self.stop,
-            timeout_s=cfg.window_cap_s + cfg.allreduce_timeout_s + 10.0,
+            timeout_s=self.rounds.config.round_deadline_s,
         )
-        prof = self.services.monitor.profiler
-        prof.add("waiting", outcome.seconds.get("matchmaking", 0.0))
-        prof.add("communication", outcome.seconds.get("allreduce", 0.0))
+        record_round_time(self.services, outcome)
         return outcome
 
     def _catch_up(self) -> bool:

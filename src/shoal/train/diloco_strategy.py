@@ -9,23 +9,19 @@ import torch
 from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
 from shoal.train.diloco_lowrank import LowRankAverager
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundOutcome, RoundsConfig, SwarmRounds
+from shoal.train.swarm_round import RoundOutcome
 from shoal.train.swarm_services import PeerServices
 from shoal.train.swarm_state import fetch_snapshot_from_swarm
-from shoal.train.swarm_strategy import StepOutcome, blocking_round, round_key
+from shoal.train.swarm_strategy import (
+    StepOutcome,
+    blocking_round,
+    record_round_time,
+    round_key,
+    swarm_rounds,
+)
 from shoal.train.trainer import Trainer
 
-__all__ = ["DiLoCoStrategy", "resync_from_swarm", "rounds_config"]
-
-
-def rounds_config(opts: PeerOptions) -> RoundsConfig:
-    return RoundsConfig(
-        wire_codec=opts.wire_codec,
-        window_initial_s=opts.window_s,
-        window_cap_s=max(opts.window_s, 60.0),
-        allreduce_timeout_s=opts.allreduce_timeout_s,
-        client_mode=opts.client_mode,
-    )
+__all__ = ["DiLoCoStrategy", "resync_from_swarm"]
 
 
 class DiLoCoStrategy:
@@ -44,10 +40,7 @@ class DiLoCoStrategy:
         self.services = services
         self.opts = opts
         self.stop = stop
-        self.rounds_cfg = rounds_config(opts)
-        self.rounds = SwarmRounds(
-            services.runtime, services.dht.node, swarm=opts.swarm, config=self.rounds_cfg
-        )
+        self.rounds = swarm_rounds(services, opts)
         self.applied_step = applied_step
         """Local step of the last applied outer step (resync only takes fresher state)."""
         params = list(trainer.model.parameters())
@@ -73,13 +66,10 @@ class DiLoCoStrategy:
             outcome = self.lowrank.average(vector, weight, index, self._raw)
         else:
             outcome = self._raw(vector, weight, index, 0)
-        prof = self.services.monitor.profiler
-        prof.add("waiting", outcome.seconds.get("matchmaking", 0.0))
-        prof.add("communication", outcome.seconds.get("allreduce", 0.0))
+        record_round_time(self.services, outcome)
         return outcome
 
     def _raw(self, vector: torch.Tensor, weight: float, index: int, stage: int) -> RoundOutcome:
-        cfg = self.rounds_cfg
         if stage == 0:
             key = round_key(self.mode, index, self.diloco.outer.fingerprint())
             coro = self.rounds.average(
@@ -91,7 +81,7 @@ class DiLoCoStrategy:
             self.services.runtime,
             coro,
             stop=self.stop,
-            timeout_s=cfg.window_cap_s + cfg.allreduce_timeout_s + 10.0,
+            timeout_s=self.rounds.config.round_deadline_s,
         )
 
     def _on_resync(self, state: ResyncState) -> None:

@@ -8,12 +8,12 @@ import threading
 import torch
 
 from shoal.train.diloco import ResyncState
-from shoal.train.diloco_strategy import resync_from_swarm, rounds_config
+from shoal.train.diloco_strategy import resync_from_swarm
 from shoal.train.diloco_streaming import StreamingDiLoCo
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundOutcome, SwarmRounds
+from shoal.train.swarm_round import RoundOutcome
 from shoal.train.swarm_services import PeerServices
-from shoal.train.swarm_strategy import StepOutcome, round_key
+from shoal.train.swarm_strategy import StepOutcome, round_key, swarm_rounds
 from shoal.train.trainer import Trainer
 
 __all__ = ["StreamingStrategy"]
@@ -29,8 +29,7 @@ class StreamingStrategy:
         self.services = services
         self.opts = opts
         self.stop = stop
-        self.rounds_cfg = cfg = rounds_config(opts)
-        self.rounds = SwarmRounds(services.runtime, services.dht.node, swarm=opts.swarm, config=cfg)
+        self.rounds = swarm_rounds(services, opts)
         self.applied_step = trainer.step
         self.streaming = StreamingDiLoCo(
             list(trainer.model.parameters()),
@@ -41,7 +40,7 @@ class StreamingStrategy:
             outer=opts.outer,
             launch=self._launch,
             resync=self._resync,
-            wait_timeout_s=cfg.window_cap_s + cfg.allreduce_timeout_s + 10.0,
+            wait_timeout_s=self.rounds.config.round_deadline_s,
         )
         self.streaming.step = trainer.step
 

@@ -89,6 +89,12 @@ class RoundsConfig:
                 f"bandwidth_prior_bps must be > 0 and finite, got {self.bandwidth_prior_bps!r}"
             )
 
+    @property
+    def round_deadline_s(self) -> float:
+        """Longest a whole round may take: the longest window, the all-reduce, and a margin
+        for the group confirmation."""
+        return self.window_cap_s + self.allreduce_timeout_s + 10.0
+
 
 def announced_bandwidth(bps: float) -> float:
     """``bps`` rounded to a half-octave grid: shares stay put under measurement noise."""

@@ -21,9 +21,19 @@ import torch
 
 from shoal.net.runtime import NetRuntime
 from shoal.train.diloco import RoundReport
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_config import PeerOptions
+from shoal.train.swarm_round import RoundOutcome, RoundsConfig, SwarmRounds
+from shoal.train.swarm_services import PeerServices
 
-__all__ = ["StepOutcome", "Strategy", "blocking_round", "round_key"]
+__all__ = [
+    "StepOutcome",
+    "Strategy",
+    "blocking_round",
+    "record_round_time",
+    "round_key",
+    "rounds_config",
+    "swarm_rounds",
+]
 
 _POLL_S = 0.1
 
@@ -84,3 +94,28 @@ def blocking_round(
             return RoundOutcome(False, reason="cancelled")
         except Exception as exc:  # a bug in a round must cost the round, not the peer
             return RoundOutcome(False, reason=f"round error: {type(exc).__name__}: {exc}")
+
+
+def rounds_config(opts: PeerOptions) -> RoundsConfig:
+    """How a peer's rounds form and how long they may take, from its options."""
+    return RoundsConfig(
+        wire_codec=opts.wire_codec,
+        window_initial_s=opts.window_s,
+        window_cap_s=max(opts.window_s, 60.0),
+        allreduce_timeout_s=opts.allreduce_timeout_s,
+        client_mode=opts.client_mode,
+    )
+
+
+def swarm_rounds(services: PeerServices, opts: PeerOptions) -> SwarmRounds:
+    """A strategy's rounds: rendezvous on this swarm's board, settings from ``opts``."""
+    return SwarmRounds(
+        services.runtime, services.dht.node, swarm=opts.swarm, config=rounds_config(opts)
+    )
+
+
+def record_round_time(services: PeerServices, outcome: RoundOutcome) -> None:
+    """Matchmaking counts as waiting, the all-reduce as communication (step profiler)."""
+    prof = services.monitor.profiler
+    prof.add("waiting", outcome.seconds.get("matchmaking", 0.0))
+    prof.add("communication", outcome.seconds.get("allreduce", 0.0))
