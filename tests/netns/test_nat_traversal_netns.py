@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -109,6 +110,34 @@ def test_symmetric_peer_is_reached_through_the_relay(peers) -> None:
     to_c = [x for x in circuits if x["target"] == c.id and x["open"]]
     assert len(to_c) == 1 and to_c[0]["bytes_to_target"] >= 4 * MIB, circuits
     assert _relay_bytes(peers) - before >= 4 * MIB
+
+
+def test_peers_behind_nats_average_in_client_mode(peers) -> None:
+    # a (cone NAT) and c (symmetric NAT) accept no connections: as clients they send their
+    # parts to the public reducers and pull the results over streams they open themselves.
+    names = ("relay", "server2", "a", "c")
+    # Everyone is told every address; the NATed ones cannot be dialed from outside.
+    members = [[peers[n].id, peers[n].address, n in ("a", "c")] for n in names]
+
+    def average(name: str) -> dict:
+        return peers[name].call(
+            "average",
+            timeout_s=40.0,
+            round_id="nat-avg",
+            members=members,
+            numel=300_000,
+            seed=7,
+            round_s=30.0,
+        )
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = dict(zip(names, pool.map(average, names), strict=True))
+    everyone = sorted(peers[n].id for n in names)
+    for name, answer in answers.items():
+        assert answer["ok"] and answer["round_ok"], (name, answer)
+        assert answer["contributors"] == everyone, (name, answer)
+        assert answer["max_error"] < 1e-5, (name, answer)
+    assert len({a["digest"] for a in answers.values()}) == 1  # the same values everywhere
 
 
 def test_partition_of_30_s_heals_within_30_s(bed: Testbed, peers) -> None:

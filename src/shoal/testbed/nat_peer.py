@@ -6,8 +6,8 @@
 Prints ``{"event": "ready", "id": <PeerID hex>, "address": ...}`` once serving, then reads
 one JSON command per line on stdin and answers one JSON line on stdout (``{"ok": false,
 "error": ...}`` on failure); each command runs with a deadline. Commands: ``dialback``,
-``connect``, ``upgrade``, ``send``, ``ping``, ``stats``, ``put``, ``get``, ``members``,
-``quit`` (see ``Commands``). A DHT client (or node, with ``--dht-serve``) joins through
+``connect``, ``upgrade``, ``send``, ``ping``, ``average``, ``stats``, ``put``, ``get``,
+``members``, ``quit`` (see ``Commands``). A DHT client (or node, with ``--dht-serve``) joins through
 ``--seeds`` and re-joins every ``--rejoin-s`` (so it heals after a partition); a peer with
 ``--reserve`` holds a relay reservation and advertises it under ``advert.relay_key``.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import sys
@@ -37,6 +38,8 @@ from shoal.net.nat.reserve import RelayAddress, ReserverConfig
 from shoal.net.nat.traversal import Traversal, TraversalConfig
 from shoal.net.proto.v1 import peer_pb2, peer_pb2_grpc
 from shoal.net.runtime import NetRuntime
+from shoal.parallel.data.averager import Averager, GroupSpec
+from shoal.parallel.data.grpc_transport import GrpcTransport
 from shoal.swarm.config import SwarmConfig
 from shoal.swarm.membership import Membership
 from shoal.swarm.peerinfo import PeerInfo, Reachability
@@ -211,6 +214,53 @@ class Commands:
         ack = await stub.Absorb(tensor_frames(payload), timeout_s=120.0)
         seconds = time.monotonic() - start
         return {"bytes": ack.byte_length, "seconds": seconds, "kind": self._kind(pid, address)}
+
+    async def cmd_average(
+        self,
+        round_id: str,
+        members: list[list[Any]],
+        numel: int,
+        seed: int,
+        round_s: float = 30.0,
+        codec: str = "none",
+    ) -> dict[str, Any]:
+        """One all-reduce round with ``members`` (``[id hex, address or "", client]``).
+
+        Member ``i`` averages ``randn(numel)`` from generator seed ``seed + i`` with weight
+        ``i + 1``, so every member can check its result against the exact weighted mean of
+        the contributors it is told: ``max_error`` is the largest difference of any element.
+        """
+        ids = [PeerID.from_bytes(bytes.fromhex(m[0])) for m in members]
+        transport = GrpcTransport.for_runtime(self.runtime)
+        for pid, (_, address, _) in zip(ids, members, strict=True):
+            if address and pid != self.runtime.peer_id:
+                transport.set_address(pid, address)
+        rank = ids.index(self.runtime.peer_id)
+
+        def vector(i: int) -> torch.Tensor:
+            return torch.randn(numel, generator=torch.Generator().manual_seed(seed + i))
+
+        group = GroupSpec(
+            round_id.encode(),
+            tuple(ids),
+            (1e8,) * len(ids),
+            tuple(bool(m[2]) for m in members),
+        )
+        averager = Averager(transport, wire_codec=codec)
+        averager.prepare(group)
+        result_vector = vector(rank)
+        result = await averager.average(
+            [result_vector], float(rank + 1), group=group, timeout_s=round_s
+        )
+        out: dict[str, Any] = {"round_ok": result.ok, "reason": result.reason}
+        if result.ok:
+            ranks = [i for i, pid in enumerate(ids) if pid in result.contributors]
+            total = sum(i + 1 for i in ranks)
+            expect = sum(vector(i).double() * (i + 1) for i in ranks) / total
+            out["contributors"] = sorted(ids[i].raw.hex() for i in ranks)
+            out["max_error"] = float((result_vector.double() - expect).abs().max())
+            out["digest"] = hashlib.sha256(result_vector.numpy().tobytes()).hexdigest()
+        return out
 
     async def cmd_stats(self) -> dict[str, Any]:
         core = self.nat.core.stats() if self.nat.core is not None else None

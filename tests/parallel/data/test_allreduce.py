@@ -233,6 +233,7 @@ class _Tampering:
 
     def __init__(self, inner, rewrite):
         self.inner, self.me, self.inbox, self.rewrite = inner, inner.me, inner.inbox, rewrite
+        self.begin, self.end = inner.begin, inner.end
 
     async def send(self, to, message, timeout_s):
         await self.inner.send(to, self.rewrite(to, message), timeout_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -67,3 +68,30 @@ def test_deliver_refuses_malformed_streams(served, stream: list[bytes]) -> None:
 
 def test_memory_stayed_bounded(served) -> None:
     assert CRASHES.peak_growth_mib() < 512, CRASHES.peak_growth_mib()
+
+
+PULL = "/shoal.v1.Averaging/Pull"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        averaging_pb2.PullRequest(round_id=b"").SerializeToString(),
+        averaging_pb2.PullRequest(round_id=b"r" * 65).SerializeToString(),
+        b"\xff\xff\xff",
+    ],
+    ids=["empty-round-id", "long-round-id", "garbage"],
+)
+def test_pull_refuses_bad_requests(served, body: bytes) -> None:
+    code = served.call(PULL, "unary_stream", body)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, code
+    assert CRASHES.messages == []
+
+
+def test_a_pull_with_nothing_for_the_caller_ends_at_its_deadline(served) -> None:
+    short = RawCaller(served.client, served.address, timeout_s=0.5)
+    body = averaging_pb2.PullRequest(round_id=b"nobody-sends").SerializeToString()
+    # The server ends it when the caller's deadline is up, or the caller gives up first.
+    code = short.call(PULL, "unary_stream", body)
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED), code
+    assert CRASHES.messages == []

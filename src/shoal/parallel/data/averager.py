@@ -87,18 +87,23 @@ class Averager:
         shares = shares_from_bandwidth(group.bandwidths_bps, group.client_mode)
         ranges = part_ranges(flat.numel, shares)
         deadline = asyncio.get_running_loop().time() + timeout_s
-        result, parts = await run_allreduce(
-            self.transport,
-            group.round_id,
-            group.members,
-            ranges,
-            flat.flat,
-            weight,
-            deadline,
-            codec=self.codec,
-            config=self.config,
-            buffers=self.buffers,
-        )
+        clients = {m for m, c in zip(group.members, group.client_mode, strict=True) if c}
+        self.transport.begin(group.round_id, group.members, clients, deadline)
+        try:
+            result, parts = await run_allreduce(
+                self.transport,
+                group.round_id,
+                group.members,
+                ranges,
+                flat.flat,
+                weight,
+                deadline,
+                codec=self.codec,
+                config=self.config,
+                buffers=self.buffers,
+            )
+        finally:
+            await self.transport.end(group.round_id)
         if result.ok and parts is not None:
             await asyncio.to_thread(flat.write_parts, ranges, parts)
         return result

@@ -6,22 +6,25 @@ meta frame (``RoundMessage``) and the part's tensors as raw chunks (memoryviews 
 part, no copy before gRPC). :class:`AveragingService` receives them: it checks every
 field against bounds before allocating, takes the sender from the authenticated caller
 (never from the message), reads the tensors into pooled buffers (``receive.py``), and puts
-the message into the inbox. Messages that are not
-for a member of the round are filtered by the protocol, which ignores non-members.
+the message into the inbox. Messages that are not for a member of the round are filtered
+by the protocol, which ignores non-members. Client-mode members are not dialed: they pull
+what is addressed to them with ``Averaging/Pull`` (see :class:`GrpcTransport`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence, Set
 from typing import Any, ClassVar
 
 import torch
 
 from shoal.compress import Encoded
-from shoal.errors import ProtocolViolation
+from shoal.errors import NetworkError, ProtocolViolation
+from shoal.net.config import TensorLimits
 from shoal.net.identity import PEER_ID_BYTES, PeerID
 from shoal.net.proto.v1 import averaging_pb2 as pb
 from shoal.net.proto.v1 import averaging_pb2_grpc as rpc
@@ -39,6 +42,7 @@ from shoal.net.tensors import (
 from shoal.parallel.data.averager import GroupSpec
 from shoal.parallel.data.matchmaking import Group
 from shoal.parallel.data.messages import Contribution, Member, Message, Reduced, Report
+from shoal.parallel.data.outbox import Outbox
 from shoal.parallel.data.receive import BufferPool, read_tensor_into_pool
 from shoal.parallel.data.transport import Inbox
 
@@ -57,7 +61,14 @@ MAX_BANDWIDTH_BPS = 1e11
 _RATE_SAMPLE_MIN_BYTES = 256 * 1024
 """Smaller sends measure latency, not bandwidth."""
 MAX_ROUND_ID_BYTES = 64
+MAX_PULL_S = 900.0
+"""The longest a pull stream stays open, whatever deadline the client asks for."""
+_PULL_ATTEMPTS = 5
+_PULL_BACKOFF_S = 0.5
+_MAX_PULLED_MESSAGES = 4 * MAX_GROUP_SIZE
+"""A reducer sends a client one report and at most a few results per round."""
 MAX_REASON_CHARS = 200
+_log = logging.getLogger(__name__)
 _KIND = {Contribution: pb.CONTRIBUTION, Report: pb.REPORT, Reduced: pb.REDUCED}
 
 
@@ -198,37 +209,67 @@ def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) ->
     return Reduced(meta.round_id, sender, meta.part, peers, meta.weight, data)
 
 
-class AveragingService(rpc.AveragingServicer):
-    """Receives round messages into ``inbox`` (one per process)."""
+async def receive_message(
+    frames: AsyncIterator[Any], sender: PeerID, limits: TensorLimits, pool: BufferPool
+) -> Message | None:
+    """The next round message of ``frames`` (meta frame, then its tensors), or None when
+    the stream ends before a meta frame. Raises ProtocolViolation on anything malformed."""
+    try:
+        first = await frames.__anext__()
+    except StopAsyncIteration:
+        return None
+    meta = pb.RoundMessage()
+    if isinstance(first, Chunk) or first.WhichOneof("frame") != "meta":
+        raise ProtocolViolation("a round message starts with a meta frame")
+    if not first.meta.Unpack(meta):
+        raise ProtocolViolation(f"meta frame is {first.meta.type_url}, not a RoundMessage")
+    if meta.payload_tensors > 2:
+        raise ProtocolViolation(f"{meta.payload_tensors} payload tensors (at most 2)")
+    tensors = [
+        await read_tensor_into_pool(frames, limits, pool) for _ in range(meta.payload_tensors)
+    ]
+    return parse(meta, sender, tensors)
 
-    def __init__(self, runtime: NetRuntime, inbox: Inbox) -> None:
+
+class AveragingService(rpc.AveragingServicer):
+    """Receives round messages into ``inbox`` and serves ``outbox`` to pulling clients."""
+
+    def __init__(self, runtime: NetRuntime, inbox: Inbox, outbox: Outbox[_Wire]) -> None:
         self._limits = runtime.config.tensor_limits
         self._inbox = inbox
-        self._pool = BufferPool()
+        self._outbox = outbox
+        self.pool = BufferPool()
 
     async def Deliver(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> tensor_pb2.TensorAck:
-        sender = current_caller()
-        frames = request_iterator.__aiter__()
-        try:
-            first = await frames.__anext__()
-        except StopAsyncIteration:
-            raise ProtocolViolation("empty round message stream") from None
-        meta = pb.RoundMessage()
-        if isinstance(first, Chunk) or first.WhichOneof("frame") != "meta":
-            raise ProtocolViolation("a round message starts with a meta frame")
-        if not first.meta.Unpack(meta):
-            raise ProtocolViolation(f"meta frame is {first.meta.type_url}, not a RoundMessage")
-        if meta.payload_tensors > 2:
-            raise ProtocolViolation(f"{meta.payload_tensors} payload tensors (at most 2)")
-        tensors = [
-            await read_tensor_into_pool(frames, self._limits, self._pool)
-            for _ in range(meta.payload_tensors)
-        ]
-        self._inbox.deliver(parse(meta, sender, tensors))
+        message = await receive_message(
+            request_iterator.__aiter__(), current_caller(), self._limits, self.pool
+        )
+        if message is None:
+            raise ProtocolViolation("empty round message stream")
+        self._inbox.deliver(message)
+        data = getattr(message, "data", None)
+        tensors = () if data is None else data.payload if isinstance(data, Encoded) else (data,)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         return tensor_pb2.TensorAck(byte_length=nbytes, tensors=len(tensors))
+
+    async def Pull(self, request: pb.PullRequest, context: Any) -> AsyncIterator[Any]:
+        if not 0 < len(request.round_id) <= MAX_ROUND_ID_BYTES:
+            raise ProtocolViolation(f"round id of {len(request.round_id)} bytes")
+        remaining = context.time_remaining()
+        lifetime = MAX_PULL_S if remaining is None else min(MAX_PULL_S, remaining)
+        async with self._outbox.pull(current_caller(), request.round_id, lifetime) as stream:
+            while (got := await stream.next()) is not None:
+                wire, taken = got
+                try:
+                    for frame in wire.frames():
+                        yield frame
+                except BaseException:
+                    stream.put_back(wire, taken)  # the next pull stream sends it
+                    raise
+                if not taken.done():
+                    taken.set_result(None)
 
 
 class GrpcTransport:
@@ -236,6 +277,11 @@ class GrpcTransport:
 
     A runtime serves one ``Averaging`` service: share one transport per runtime between
     its users (``GrpcTransport.for_runtime``); rounds are told apart by their ids.
+
+    Client-mode members are never dialed: between :meth:`begin` and :meth:`end` of a round,
+    messages for them wait in the outbox, and a client pulls its messages from every
+    reducer of the round over streams it opens itself (``Averaging/Pull``), so a peer that
+    cannot accept connections still averages.
     """
 
     _shared: ClassVar[weakref.WeakKeyDictionary[NetRuntime, GrpcTransport]] = (
@@ -258,7 +304,10 @@ class GrpcTransport:
         self._stubs: dict[PeerID, Any] = {}
         self._inflight: dict[int, list[Any]] = {}
         self._send_rates: list[float] = []
-        self.service = AveragingService(runtime, self.inbox)
+        self._outbox: Outbox[_Wire] = Outbox()
+        self._clients: dict[bytes, frozenset[Member]] = {}
+        self._pulls: dict[bytes, list[asyncio.Task[None]]] = {}
+        self.service = AveragingService(runtime, self.inbox, self._outbox)
         runtime.add_servicer(rpc.add_AveragingServicer_to_server, self.service)
         GrpcTransport._shared[runtime] = self
 
@@ -298,12 +347,74 @@ class GrpcTransport:
         self.addresses[peer] = address
         self._stubs.pop(peer, None)
 
-    async def send(self, to: Member, message: Message, timeout_s: float) -> None:
+    def _stub(self, to: Member) -> Any:
         if not isinstance(to, PeerID) or to not in self.addresses:
             raise ProtocolViolation(f"no address for member {to!r}")
         stub = self._stubs.get(to)
         if stub is None:
             stub = self._stubs[to] = self.runtime.stub(rpc.AveragingStub, self.addresses[to], to)
+        return stub
+
+    def begin(
+        self, round_id: bytes, members: Sequence[Member], clients: Set[Member], deadline: float
+    ) -> None:
+        """Start round ``round_id`` (on the loop, before any send): messages for
+        ``clients`` go to the outbox, and a client starts pulling from every other member
+        until :meth:`end` or ``deadline`` (loop clock)."""
+        self._clients[round_id] = frozenset(clients)
+        if self.me in clients and round_id not in self._pulls:
+            self._pulls[round_id] = [
+                asyncio.ensure_future(self._pull(m, round_id, deadline))
+                for m in members
+                if isinstance(m, PeerID) and m != self.me and m not in clients
+            ]
+
+    async def end(self, round_id: bytes) -> None:
+        """Stop round ``round_id``'s pull streams; later sends dial every member again."""
+        self._clients.pop(round_id, None)
+        tasks = self._pulls.pop(round_id, [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pull(self, reducer: PeerID, round_id: bytes, deadline: float) -> None:
+        """Receive ``reducer``'s messages for us in ``round_id`` into the inbox.
+
+        A broken stream is reopened (the reducer requeues what it could not write) up to
+        ``_PULL_ATTEMPTS`` times before ``deadline``; a reducer that sends anything
+        malformed is not asked again (the round then misses its part and fails cleanly).
+        """
+        loop = asyncio.get_running_loop()
+        limits = self.runtime.config.tensor_limits
+        for attempt in range(_PULL_ATTEMPTS):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                stub = self._stub(reducer)
+                frames = stub.Pull(pb.PullRequest(round_id=round_id), timeout_s=remaining)
+                stream = frames.__aiter__()
+                for _ in range(_MAX_PULLED_MESSAGES):
+                    message = await receive_message(stream, reducer, limits, self.service.pool)
+                    if message is None:
+                        return
+                    if message.round_id != round_id:
+                        raise ProtocolViolation("pulled a message of another round")
+                    self.inbox.deliver(message)
+                return
+            except ProtocolViolation as exc:
+                _log.warning("pull from %s: %s; not asking it again this round", reducer, exc)
+                return
+            except NetworkError as exc:
+                _log.debug("pull from %s (attempt %d): %s", reducer, attempt + 1, exc)
+                await asyncio.sleep(min(_PULL_BACKOFF_S, max(0.0, deadline - loop.time())))
+
+    async def send(self, to: Member, message: Message, timeout_s: float) -> None:
+        clients = self._clients.get(message.round_id)
+        pulled = clients is not None and to in clients
+        if not isinstance(to, PeerID):
+            raise ProtocolViolation(f"gRPC averaging members must be PeerIDs, got {to!r}")
+        stub = None if pulled else self._stub(to)
         # Concurrent sends of one message (a result to every member) share its encoding;
         # the entry lives only while such a send is in flight.
         entry = self._inflight.get(id(message))
@@ -314,6 +425,9 @@ class GrpcTransport:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
+            if stub is None:
+                await self._outbox.send(to, message.round_id, wire, timeout_s)
+                return  # the client's pace, not our uplink: no rate sample
             await stub.Deliver(wire.frames(), timeout_s=max(timeout_s, 1e-3))
             nbytes = sum(view.nbytes for _, view in wire.tensors)
             took = loop.time() - started

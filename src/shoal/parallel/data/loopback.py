@@ -65,6 +65,7 @@ class _Holding:
     def __init__(self, inner: GrpcTransport, hold_after: int) -> None:
         self.inner, self.me, self.inbox = inner, inner.me, inner.inbox
         self.hold_after, self.sent = hold_after, 0
+        self.begin, self.end = inner.begin, inner.end
 
     async def send(self, to: Member, message: Message, timeout_s: float) -> None:
         if isinstance(message, Contribution):

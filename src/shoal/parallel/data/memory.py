@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, replace
 
 import torch
@@ -95,6 +95,14 @@ class MemoryTransport:
         self.network = network
         self.me = me
         self.inbox = inbox
+
+    def begin(
+        self, round_id: bytes, members: Sequence[Member], clients: Set[Member], deadline: float
+    ) -> None:
+        """Nothing to set up: every member's inbox is reachable in memory."""
+
+    async def end(self, round_id: bytes) -> None:
+        pass
 
     async def send(self, to: Member, message: Message, timeout_s: float) -> None:
         try:

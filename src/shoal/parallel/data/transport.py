@@ -1,7 +1,8 @@
 """What the all-reduce needs from a network, and the per-peer inbox it reads.
 
 A :class:`RoundTransport` sends one message to one member within a timeout and raises
-:class:`~shoal.errors.NetworkError` subclasses on failure. Incoming messages land in the
+:class:`~shoal.errors.NetworkError` subclasses on failure; ``begin``/``end`` bracket each
+round, so a transport can serve members that cannot accept connections. Incoming messages land in the
 peer's :class:`Inbox`, keyed by round id: messages for a round that has not opened yet are
 held (a bounded number of rounds, oldest dropped) so a fast peer's contribution is not
 lost when it arrives before the slower peer has started the round.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence, Set
 from typing import Protocol
 
 import torch
@@ -33,6 +34,18 @@ class RoundTransport(Protocol):
 
     async def send(self, to: Member, message: Message, timeout_s: float) -> None:
         """Deliver ``message`` into ``to``'s inbox; raises NetworkError on failure."""
+        ...
+
+    def begin(
+        self, round_id: bytes, members: Sequence[Member], clients: Set[Member], deadline: float
+    ) -> None:
+        """A round among ``members`` starts; ``clients`` (client mode) may be unreachable,
+        so what is sent to them must travel over connections they open (``deadline`` is on
+        the loop clock)."""
+        ...
+
+    async def end(self, round_id: bytes) -> None:
+        """The round is over on this member (whatever its outcome)."""
         ...
 
 

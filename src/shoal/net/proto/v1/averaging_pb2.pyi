@@ -19,6 +19,12 @@ CONTRIBUTION: RoundMessageKind
 REPORT: RoundMessageKind
 REDUCED: RoundMessageKind
 
+class PullRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: bytes
+    def __init__(self, round_id: _Optional[bytes] = ...) -> None: ...
+
 class Rejection(_message.Message):
     __slots__ = ("peer_id", "reason")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]

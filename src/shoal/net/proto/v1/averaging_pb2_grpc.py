@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from shoal.net.proto.v1 import averaging_pb2 as shoal_dot_v1_dot_averaging__pb2
 from shoal.net.proto.v1 import tensor_pb2 as shoal_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -39,6 +40,11 @@ class AveragingStub:
                 request_serializer=shoal_dot_v1_dot_tensor__pb2.TensorFrame.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_tensor__pb2.TensorAck.FromString,
                 _registered_method=True)
+        self.Pull = channel.unary_stream(
+                '/shoal.v1.Averaging/Pull',
+                request_serializer=shoal_dot_v1_dot_averaging__pb2.PullRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_tensor__pb2.TensorFrame.FromString,
+                _registered_method=True)
 
 
 class AveragingServicer:
@@ -52,6 +58,16 @@ class AveragingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pull(self, request, context):
+        """The messages of round `round_id` addressed to the caller, a client-mode member that
+        cannot accept connections: each one a meta frame and its tensors, as in Deliver, in
+        the order the server produced them. The stream stays open until the caller cancels it
+        or its deadline passes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AveragingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +75,11 @@ def add_AveragingServicer_to_server(servicer, server):
                     servicer.Deliver,
                     request_deserializer=shoal_dot_v1_dot_tensor__pb2.TensorFrame.FromString,
                     response_serializer=shoal_dot_v1_dot_tensor__pb2.TensorAck.SerializeToString,
+            ),
+            'Pull': grpc.unary_stream_rpc_method_handler(
+                    servicer.Pull,
+                    request_deserializer=shoal_dot_v1_dot_averaging__pb2.PullRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_tensor__pb2.TensorFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +109,33 @@ class Averaging:
             '/shoal.v1.Averaging/Deliver',
             shoal_dot_v1_dot_tensor__pb2.TensorFrame.SerializeToString,
             shoal_dot_v1_dot_tensor__pb2.TensorAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Averaging/Pull',
+            shoal_dot_v1_dot_averaging__pb2.PullRequest.SerializeToString,
+            shoal_dot_v1_dot_tensor__pb2.TensorFrame.FromString,
             options,
             channel_credentials,
             insecure,

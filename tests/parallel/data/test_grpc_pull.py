@@ -1,0 +1,95 @@
+"""Client-mode members that cannot accept connections: they pull their messages.
+
+Four real runtimes in this process; the client's address is known to nobody, so any
+attempt to dial it fails ("no address for member"). Its results must arrive over the
+``Averaging/Pull`` streams it opens itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shoal.net.config import NetConfig
+from shoal.net.identity import Identity
+from shoal.net.runtime import NetRuntime
+from shoal.parallel.data.averager import Averager, GroupSpec
+from shoal.parallel.data.grpc_transport import GrpcTransport
+
+NUMEL = 50_003
+
+
+@pytest.fixture
+def swarm():
+    """Three reducers that know each other, and a client that knows the reducers."""
+    runtimes = [
+        NetRuntime(Identity.generate(), NetConfig(port=0, unix_socket=False)).start()
+        for _ in range(4)
+    ]
+    transports = [GrpcTransport(rt) for rt in runtimes]
+    for t in transports:
+        for rt in runtimes[:3]:
+            t.set_address(rt.peer_id, rt.address)
+    yield runtimes, transports
+    for rt in runtimes:
+        rt.close()
+
+
+def _round(runtimes, transports, round_id, alive, codec="none", timeout_s=20.0):
+    members = tuple(rt.peer_id for rt in runtimes)
+    group = GroupSpec(round_id, members, (1e8,) * 4, (False, False, False, True))
+    g = torch.Generator().manual_seed(len(round_id))
+    inputs = [torch.randn(NUMEL, generator=g) * (i + 1) for i in range(4)]
+    tensors = [x.clone() for x in inputs]
+    futures = {
+        i: runtimes[i].submit(
+            Averager(transports[i], wire_codec=codec).average(
+                [tensors[i]], float(i + 1), group=group, timeout_s=timeout_s
+            )
+        )
+        for i in alive
+    }
+    results = {i: f.result(timeout_s + 10) for i, f in futures.items()}
+    return members, inputs, tensors, results
+
+
+@pytest.mark.parametrize("codec,atol", [("none", 1e-5), ("int8", 0.2)])
+def test_an_unreachable_client_averages_by_pulling(swarm, codec, atol):
+    runtimes, transports = swarm
+    members, inputs, tensors, results = _round(runtimes, transports, b"pull-1", range(4), codec)
+    expect = sum(inputs[j].double() * (j + 1) for j in range(4)) / 10
+    for i, r in results.items():
+        assert r.ok, (i, r.reason)
+        assert r.contributors == frozenset(members)
+        assert torch.allclose(tensors[i].double(), expect, atol=atol, rtol=0)
+    assert all(torch.equal(tensors[0], t) for t in tensors[1:])  # identical everywhere
+    assert runtimes[3].peer_id not in transports[0].addresses  # it was never dialed
+    # Nothing is left queued or attached once the round is over.
+    assert all(len(t._outbox) == 0 and not t._pulls and not t._clients for t in transports)
+
+
+def test_a_client_still_averages_when_a_reducer_is_gone(swarm):
+    runtimes, transports = swarm
+    runtimes[1].close()  # its part is reassigned; the client pulls it from the substitute
+    members, inputs, tensors, results = _round(
+        runtimes, transports, b"pull-2", [0, 2, 3], timeout_s=4.0
+    )
+    live = [0, 2, 3]
+    expect = sum(inputs[j].double() * (j + 1) for j in live) / sum(j + 1 for j in live)
+    for i, r in results.items():
+        assert r.ok, (i, r.reason)
+        assert r.contributors == frozenset(members[j] for j in live)
+        assert torch.allclose(tensors[i].double(), expect, atol=1e-5, rtol=0)
+
+
+def test_a_client_that_never_pulls_fails_only_its_own_sends(swarm):
+    """The reducers' sends to a silent client time out; the client's own contributions
+    arrived, so it counts, but the reducers report the round as usual (they do not wait
+    for it beyond the deadline)."""
+    runtimes, transports = swarm
+    transports[3].begin = lambda *a: None  # a client that does not pull
+    *_, results = _round(runtimes, transports, b"pull-3", range(4), timeout_s=3.0)
+    assert not results[3].ok  # it never received the results
+    for i in range(3):
+        assert results[i].ok, results[i].reason
+    assert all(len(t._outbox) == 0 for t in transports)
