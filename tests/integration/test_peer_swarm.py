@@ -35,7 +35,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Peer:
     """One ``shoal peer`` process; its JSON lines arrive on a queue, stderr goes to a file."""
 
-    def __init__(self, run_dir: Path, data_dir: Path, join: str | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, data_dir: Path, join: str | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.err_path = run_dir / f"peer-{time.monotonic_ns()}.err"
         argv = [sys.executable, "-m", "shoal.cli.main", "peer", "--mode", "diloco", "--json"]
@@ -45,6 +47,7 @@ class Peer:
         argv += ["--report-every", "5", "--steps", "100000"]
         if join:
             argv += ["--join", join]
+        argv += list(extra)
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -142,6 +145,46 @@ def test_peers_train_together_survive_sigkill_and_stop_cleanly(
         for p in (a, b, c2):
             stopped = p.wait_for(lambda e: e.get("event") == "stopped", 30.0)
             assert stopped["step"] > 0
+            assert p.proc.wait(timeout=30.0) == 0
+    finally:
+        for p in peers:
+            p.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_client_nobody_can_dial_averages_with_the_swarm(tmp_path: Path, data_dir: Path) -> None:
+    # c announces an address where nothing listens (port 9, discard): every round it takes
+    # part in proves that nobody dialed it; it pulls its results from the reducers.
+    peers: list[Peer] = []
+    try:
+        a = Peer(tmp_path / "a", data_dir)
+        peers.append(a)
+        address = a.wait_for(lambda e: e.get("event") == "listening", START_TIMEOUT_S)["address"]
+        b = Peer(tmp_path / "b", data_dir, join=address)
+        c = Peer(
+            tmp_path / "c",
+            data_dir,
+            join=address,
+            extra=("--client-mode", "--announce", "127.0.0.1:9"),
+        )
+        peers += [b, c]
+        rounds = {p: p.wait_for(_ok_round(3), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers}
+        assert len({r["round"] for r in rounds.values()}) <= 2, rounds
+        target = max(r["round"] for r in rounds.values())
+        for p in peers:
+            p.wait_for(lambda e, t=target: _ok_round(3)(e) and e["round"] >= t, ROUND_TIMEOUT_S)
+        by_round: dict[int, list[str]] = {}
+        for p in peers:
+            for e in p.seen:
+                if e.get("event") == "round" and e["ok"] and e["contributors"] == 3:
+                    by_round.setdefault(e["round"], []).append(e["fingerprint"])
+        agreed = [r for r, fps in by_round.items() if len(fps) == 3 and len(set(fps)) == 1]
+        assert agreed, f"no round where all three hold the same parameters: {by_round}"
+        for p in peers:
+            p.proc.send_signal(signal.SIGTERM)
+        for p in peers:
+            assert p.wait_for(lambda e: e.get("event") == "stopped", 30.0)["step"] > 0
             assert p.proc.wait(timeout=30.0) == 0
     finally:
         for p in peers:

@@ -42,7 +42,9 @@ def register(app: typer.Typer) -> None:
         codec: str = typer.Option("int8", "--codec", help="Wire codec: none | fp16 | int8 | int4."),
         rank: int = typer.Option(0, "--rank", help="DiLoCo low-rank averaging (0 = off)."),
         client_mode: bool = typer.Option(
-            False, "--client-mode", help="Average without reducing (a slow or relayed peer)."
+            False,
+            "--client-mode",
+            help="Average without reducing or being dialed (a slow peer, or one behind a NAT).",
         ),
         fragments: int = typer.Option(4, "--fragments", help="Streaming DiLoCo fragments."),
         overlap_steps: int = typer.Option(5, "--overlap-steps", help="Streaming overlap."),

@@ -62,9 +62,11 @@ class PeerOptions:
     """DiLoCo H."""
     outer: OuterConfig = field(default_factory=OuterConfig)
     wire_codec: str = "int8"
-    client_mode: bool = False
-    """Average without reducing: send parts, receive results (a slow or relayed peer)."""
     """Codec of pseudo-gradients / gradients on the wire."""
+    client_mode: bool = False
+    """Average without reducing or being dialed: send parts, pull results (a slow peer, or
+    one that cannot accept connections). Such a peer runs a client-only DHT node and is no
+    state donor."""
     rank: int = 0
     """DiLoCo: average pseudo-gradients through rank-``rank`` factors (0 = whole tensors)."""
     fragments: int = 4

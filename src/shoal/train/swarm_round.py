@@ -61,7 +61,8 @@ class RoundsConfig:
     poll_interval_s: float = 0.25
     """How often the board is read while a window is open (each read is a DHT lookup)."""
     client_mode: bool = False
-    """Send parts and receive results, reduce nothing (a slow or relayed peer)."""
+    """Send parts and pull results, reduce nothing and announce no address (a slow peer, or
+    one that cannot accept connections)."""
     bandwidth_prior_bps: float = 100e6
     """Bandwidth (bits/s) announced until a round has measured this peer's uplink."""
 
@@ -164,7 +165,7 @@ class SwarmRounds:
             float(weight),
             bandwidth,
             cfg.client_mode,
-            self.runtime.address,
+            "" if cfg.client_mode else self.runtime.address,  # a client is never dialed
         )
         try:
             group = await find_group(

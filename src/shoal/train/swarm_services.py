@@ -74,7 +74,8 @@ class PeerServices:
             ),
         ).start()
         try:
-            dht = DHT(runtime)
+            # Others cannot count on reaching a client: it stays out of their routing tables.
+            dht = DHT(runtime, serve=not opts.client_mode)
         except BaseException:
             runtime.close()
             raise
@@ -95,6 +96,8 @@ class PeerServices:
         role = f"trainer:{opts.mode}"
 
         def info() -> PeerInfo:
+            if opts.client_mode:  # it dials out only; nobody should dial it
+                return PeerInfo(reachability=Reachability.UNKNOWN, roles=(role,))
             return PeerInfo(
                 addresses=(runtime.address,), reachability=Reachability.DIRECT, roles=(role,)
             )
@@ -131,7 +134,8 @@ class PeerServices:
         )
 
     def attach_state(self, root: Path, on_saved: Callable[[SavedCheckpoint], None]) -> None:
-        """Background checkpointer + State service + announcements."""
+        """Background checkpointer + State service + announcements (a client-mode peer
+        only checkpoints: joiners could not reach it, or only slowly)."""
 
         def saved(s: SavedCheckpoint) -> None:
             on_saved(s)
@@ -139,6 +143,8 @@ class PeerServices:
                 self.announcer.notify()
 
         self.ckpt = BackgroundCheckpointer(root, CheckpointerConfig(keep_last=3), on_saved=saved)
+        if self.opts.client_mode:
+            return
         self.server = StateServer(self.runtime, self.ckpt.latest_served)
         self.announcer = StateAnnouncer(
             self.dht,
