@@ -93,3 +93,40 @@ def test_a_client_that_never_pulls_fails_only_its_own_sends(swarm):
     for i in range(3):
         assert results[i].ok, results[i].reason
     assert all(len(t._outbox) == 0 for t in transports)
+
+
+def test_only_the_client_members_of_a_begun_round_may_pull_it(swarm):
+    from shoal.errors import NetworkError
+    from shoal.net.proto.v1 import averaging_pb2 as pb
+
+    runtimes, transports = swarm
+    members = [rt.peer_id for rt in runtimes]
+    loop_time = runtimes[0].run(_loop_time(), timeout_s=5.0)
+    runtimes[0].run(
+        _begin(transports[0], b"pull-4", members, {members[3]}, loop_time + 30.0), timeout_s=5.0
+    )
+
+    async def pull_once(t: GrpcTransport) -> str:
+        stream = t._stub(members[0]).Pull(pb.PullRequest(round_id=b"pull-4"), timeout_s=0.5)
+        try:
+            async for _ in stream:
+                return "message"
+        except NetworkError as exc:
+            return type(exc).__name__
+        return "ended"
+
+    # A reducer of the round may not read what is queued for the client ...
+    assert runtimes[1].run(pull_once(transports[1]), timeout_s=10.0) == "ProtocolViolation"
+    # ... the client may (nothing is queued: its stream ends at its deadline).
+    assert runtimes[3].run(pull_once(transports[3]), timeout_s=10.0) in ("PeerTimeout", "ended")
+    runtimes[0].run(transports[0].end(b"pull-4"), timeout_s=5.0)
+
+
+async def _loop_time() -> float:
+    import asyncio
+
+    return asyncio.get_running_loop().time()
+
+
+async def _begin(transport, round_id, members, clients, deadline) -> None:
+    transport.begin(round_id, members, clients, deadline)

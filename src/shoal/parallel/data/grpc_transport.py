@@ -234,10 +234,17 @@ async def receive_message(
 class AveragingService(rpc.AveragingServicer):
     """Receives round messages into ``inbox`` and serves ``outbox`` to pulling clients."""
 
-    def __init__(self, runtime: NetRuntime, inbox: Inbox, outbox: Outbox[_Wire]) -> None:
+    def __init__(
+        self,
+        runtime: NetRuntime,
+        inbox: Inbox,
+        outbox: Outbox[_Wire],
+        clients: dict[bytes, frozenset[Member]],
+    ) -> None:
         self._limits = runtime.config.tensor_limits
         self._inbox = inbox
         self._outbox = outbox
+        self._clients = clients  # the transport's: client members of the rounds under way
         self.pool = BufferPool()
 
     async def Deliver(
@@ -257,9 +264,15 @@ class AveragingService(rpc.AveragingServicer):
     async def Pull(self, request: pb.PullRequest, context: Any) -> AsyncIterator[Any]:
         if not 0 < len(request.round_id) <= MAX_ROUND_ID_BYTES:
             raise ProtocolViolation(f"round id of {len(request.round_id)} bytes")
+        caller = current_caller()
+        clients = self._clients.get(request.round_id)
+        # A round not begun here yet may be pulled (the client can be ahead of us); once it
+        # has begun, only its client members may.
+        if clients is not None and caller not in clients:
+            raise ProtocolViolation("the caller is not a client member of this round")
         remaining = context.time_remaining()
         lifetime = MAX_PULL_S if remaining is None else min(MAX_PULL_S, remaining)
-        async with self._outbox.pull(current_caller(), request.round_id, lifetime) as stream:
+        async with self._outbox.pull(caller, request.round_id, lifetime) as stream:
             while (got := await stream.next()) is not None:
                 wire, taken = got
                 try:
@@ -307,7 +320,7 @@ class GrpcTransport:
         self._outbox: Outbox[_Wire] = Outbox()
         self._clients: dict[bytes, frozenset[Member]] = {}
         self._pulls: dict[bytes, list[asyncio.Task[None]]] = {}
-        self.service = AveragingService(runtime, self.inbox, self._outbox)
+        self.service = AveragingService(runtime, self.inbox, self._outbox, self._clients)
         runtime.add_servicer(rpc.add_AveragingServicer_to_server, self.service)
         GrpcTransport._shared[runtime] = self
 
