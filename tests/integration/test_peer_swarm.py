@@ -169,8 +169,12 @@ def test_a_client_nobody_can_dial_averages_with_the_swarm(tmp_path: Path, data_d
             extra=("--client-mode", "--announce", "127.0.0.1:9"),
         )
         peers += [b, c]
+        # b checked that the swarm can dial it back (so it reduces); c was told not to.
+        checked = b.wait_for(lambda e: e.get("event") == "reachability", START_TIMEOUT_S)
+        assert checked["reached"] == 1 and not checked["client_mode"], checked
         rounds = {p: p.wait_for(_ok_round(3), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers}
         assert len({r["round"] for r in rounds.values()}) <= 2, rounds
+        assert not any(e.get("event") == "reachability" for e in c.seen)
         target = max(r["round"] for r in rounds.values())
         for p in peers:
             p.wait_for(lambda e, t=target: _ok_round(3)(e) and e["round"] >= t, ROUND_TIMEOUT_S)

@@ -67,6 +67,9 @@ class PeerOptions:
     """Average without reducing or being dialed: send parts, pull results (a slow peer, or
     one that cannot accept connections). Such a peer runs a client-only DHT node and is no
     state donor."""
+    check_reachability: bool = True
+    """With ``join``: first ask the join addresses to dial this peer back, and turn
+    ``client_mode`` on when some tried and none reached it (a peer behind a NAT)."""
     rank: int = 0
     """DiLoCo: average pseudo-gradients through rank-``rank`` factors (0 = whole tensors)."""
     fragments: int = 4

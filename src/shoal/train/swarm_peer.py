@@ -117,6 +117,7 @@ def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
     opts.run_dir.mkdir(parents=True, exist_ok=True)
     identity = Identity.load_or_create(opts.run_dir / "key")
     services = PeerServices.start(opts, identity, emit)
+    opts = services.opts  # the reachability check may have turned client mode on
     strategy: Strategy | None = None
     try:
         seed_for_data = data_seed(opts, services.runtime.peer_id.raw)

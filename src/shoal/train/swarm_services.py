@@ -1,7 +1,8 @@
 """The network side of a swarm peer: runtime, DHT, membership, monitor, state serving.
 
-``PeerServices.start(opts, identity, emit)`` brings them up in order (runtime → DHT and
-bootstrap → membership heartbeats → monitor and summary publisher); ``attach_state``
+``PeerServices.start(opts, identity, emit)`` brings them up in order (runtime and the
+``Relay`` service's dial-back → reachability check → DHT and bootstrap → membership
+heartbeats → monitor and summary publisher); ``attach_state``
 adds the background checkpointer, the State service and its DHT announcements once the
 peer knows its starting step. ``close()`` takes everything down in reverse order, is
 idempotent and bounded in time.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from shoal.monitor.config import EventLogConfig, MetricsConfig, MonitorConfig, S
 from shoal.monitor.traffic import net_traffic_provider
 from shoal.net import Identity, NetConfig, NetRuntime
 from shoal.net.config import RetryPolicy
+from shoal.net.nat.reserve import RelayAddress
+from shoal.net.nat.traversal import Traversal, TraversalConfig
 from shoal.state.announce import StateAnnouncer, state_key
 from shoal.state.background import BackgroundCheckpointer, CheckpointerConfig, SavedCheckpoint
 from shoal.state.sync_service import StateServer
@@ -35,6 +38,24 @@ __all__ = ["PeerServices", "bytes_by_service", "bytes_sent"]
 log = logging.getLogger(__name__)
 
 _JOIN_RETRY = RetryPolicy(initial_s=0.3, max_s=3.0, attempts=10, deadline_s=30.0)
+_MAX_DIAL_BACK_HELPERS = 4
+_PROBE_TIMEOUT_S = 5.0
+
+
+def _undialable(runtime: NetRuntime, nat: Traversal, join: tuple[str, ...]) -> dict[str, Any]:
+    """Ask the join addresses to dial us back; ``client_mode`` when some tried and none
+    reached us. One helper suffices here (unlike a public-address verdict): a lying one can
+    only make us a client, which costs the swarm one reducer, not correctness."""
+    helpers = [RelayAddress(a) for a in join[:_MAX_DIAL_BACK_HELPERS]]
+    verdict = runtime.run(
+        nat.check_reachability(helpers, [runtime.address]), timeout_s=_PROBE_TIMEOUT_S + 5.0
+    )
+    return {
+        "reached": verdict.reached,
+        "unreached": verdict.unreached,
+        "mapping": verdict.mapping,
+        "client_mode": verdict.unreached > 0 and verdict.reached == 0,
+    }
 
 
 def bytes_sent(runtime: NetRuntime) -> int:
@@ -58,6 +79,7 @@ class PeerServices:
     monitor: PeerMonitor
     publisher: SummaryPublisher
     state_key: bytes
+    nat: Traversal
     ckpt: BackgroundCheckpointer | None = None
     server: StateServer | None = None
     announcer: StateAnnouncer | None = None
@@ -74,6 +96,21 @@ class PeerServices:
             ),
         ).start()
         try:
+            # Every peer answers dial-backs (relaying stays off): joiners learn from them
+            # whether they can be reached.
+            nat = Traversal(runtime, TraversalConfig(probe_timeout_s=_PROBE_TIMEOUT_S))
+            runtime.run(nat.start(), timeout_s=5.0)
+            if opts.join and opts.check_reachability and not opts.client_mode:
+                try:
+                    found = _undialable(runtime, nat, opts.join)
+                except (ShoalError, TimeoutError) as exc:
+                    found = {"error": str(exc), "client_mode": False}
+                emit("reachability", **found)
+                if found["client_mode"]:
+                    log.warning(
+                        "nobody could dial %s back: averaging in client mode", runtime.address
+                    )
+                    opts = replace(opts, client_mode=True)
             # Others cannot count on reaching a client: it stays out of their routing tables.
             dht = DHT(runtime, serve=not opts.client_mode)
         except BaseException:
@@ -122,7 +159,7 @@ class PeerServices:
         store = DhtSummaryStore(dht.node, config=view_cfg)
         publisher = SummaryPublisher(monitor.snapshot, store.publish, view_cfg)
         runtime.run(publisher.astart(), timeout_s=5.0)
-        return cls(opts, runtime, dht, membership, monitor, publisher, state_key(opts.swarm))
+        return cls(opts, runtime, dht, membership, monitor, publisher, state_key(opts.swarm), nat)
 
     def trainers(self) -> int:
         """Live peers training in this mode (ourselves included), at least 1."""
@@ -171,6 +208,7 @@ class PeerServices:
             ("monitor", self.monitor.close),
             ("membership", lambda: self.runtime.run(self.membership.close(), timeout_s=3.0)),
             ("dht", self.dht.close),
+            ("dial-back", lambda: self.runtime.run(self.nat.close(), timeout_s=3.0)),
             ("runtime", self.runtime.close),
         ]
         for name, fn in steps:
