@@ -29,6 +29,9 @@ def test_peer_options_are_checked() -> None:
         PeerOptions(shard_index=4, num_shards=4)
     with pytest.raises(ConfigError, match="wire_codec"):
         RoundsConfig(wire_codec="topk")
+    with pytest.raises(ConfigError, match="--announce"):
+        PeerOptions(host="0.0.0.0")
+    PeerOptions(host="0.0.0.0", announce="198.18.0.7:31337")
 
 
 def test_round_keys_separate_modes_rounds_and_parameters() -> None:

@@ -109,6 +109,11 @@ class PeerOptions:
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port!r}")
+        if self.host in ("0.0.0.0", "::", "") and self.announce is None:
+            raise ConfigError(
+                f"listening on all interfaces ({self.host!r}) needs announce (--announce "
+                "HOST:PORT): the address other peers dial"
+            )
         if self.mode == "streaming" and self.fragments > self.local_steps:
             raise ConfigError(
                 f"fragments ({self.fragments}) must not exceed local_steps ({self.local_steps})"

@@ -273,16 +273,13 @@ class AveragingService(rpc.AveragingServicer):
         remaining = context.time_remaining()
         lifetime = MAX_PULL_S if remaining is None else min(MAX_PULL_S, remaining)
         async with self._outbox.pull(caller, request.round_id, lifetime) as stream:
-            while (got := await stream.next()) is not None:
-                wire, taken = got
+            while (wire := await stream.next()) is not None:
                 try:
                     for frame in wire.frames():
                         yield frame
                 except BaseException:
-                    stream.put_back(wire, taken)  # the next pull stream sends it
+                    stream.put_back()  # the next pull stream sends it
                     raise
-                if not taken.done():
-                    taken.set_result(None)
 
 
 class GrpcTransport:
@@ -292,7 +289,8 @@ class GrpcTransport:
     its users (``GrpcTransport.for_runtime``); rounds are told apart by their ids.
 
     Client-mode members are never dialed: between :meth:`begin` and :meth:`end` of a round,
-    messages for them wait in the outbox, and a client pulls its messages from every
+    messages for them are posted to the outbox (``send`` returns at once; they wait there
+    until the round's deadline at most), and a client pulls its messages from every
     reducer of the round over streams it opens itself (``Averaging/Pull``), so a peer that
     cannot accept connections still averages.
     """
@@ -438,9 +436,9 @@ class GrpcTransport:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            if stub is None:
-                await self._outbox.send(to, message.round_id, wire, timeout_s)
-                return  # the client's pace, not our uplink: no rate sample
+            if stub is None:  # the client takes it when it pulls; we do not wait for it
+                self._outbox.post(to, message.round_id, wire, timeout_s)
+                return
             await stub.Deliver(wire.frames(), timeout_s=max(timeout_s, 1e-3))
             nbytes = sum(view.nbytes for _, view in wire.tensors)
             took = loop.time() - started

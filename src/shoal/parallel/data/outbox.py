@@ -2,24 +2,24 @@
 
 A reducer cannot dial a client behind a NAT, so what it would send there (reports and
 results) waits here until the client's ``Averaging/Pull`` stream for the round takes it.
-The sender's ``send`` stays pending until its message has been written to that stream or
-its timeout passes, exactly as a pushed send waits for the receiver, so a round cannot end
-(and recycle the buffers a message views) while the message is still queued.
+Posting does not wait for the client: a client that is slow to pull, or dead, must not
+hold up the reducer's own round (clients reduce nothing, so nobody else needs what they
+receive). A posted message stays until a pull stream has written it or its time to live
+(the round's deadline) has passed; it keeps the buffers it views alive until then.
 
 Bounds: at most ``max_slots`` (member, round) slots exist at once and at most
-``max_pulls_per_member`` pull streams per member; a slot disappears when nobody waits on it
-and nothing is queued in it.
+``max_pulls_per_member`` pull streams per member; a slot disappears when nobody pulls from
+it and nothing is queued in it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from shoal.errors import PeerTimeout, RemoteError
+from shoal.errors import RemoteError
 from shoal.net.identity import PeerID
 
 __all__ = ["Outbox"]
@@ -30,14 +30,14 @@ _Key = tuple[PeerID, bytes]
 
 @dataclass(slots=True)
 class _Slot(Generic[T]):
-    queue: deque[tuple[T, asyncio.Future[None]]] = field(default_factory=deque)
-    senders: int = 0
+    queue: deque[tuple[T, float]] = field(default_factory=deque)
+    """Items with the loop time they expire at, oldest first."""
     pullers: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Outbox(Generic[T]):
-    """Per (member, round) queues between ``send`` and a member's pull streams."""
+    """Per (member, round) queues between a reducer's sends and a member's pull streams."""
 
     def __init__(self, *, max_slots: int = 256, max_pulls_per_member: int = 8) -> None:
         self._slots: dict[_Key, _Slot[T]] = {}
@@ -48,6 +48,10 @@ class Outbox(Generic[T]):
     def __len__(self) -> int:
         return len(self._slots)
 
+    def queued(self) -> int:
+        """Items waiting, over all slots."""
+        return sum(len(slot.queue) for slot in self._slots.values())
+
     def _slot(self, key: _Key) -> _Slot[T]:
         slot = self._slots.get(key)
         if slot is None:
@@ -57,36 +61,30 @@ class Outbox(Generic[T]):
         return slot
 
     def _release(self, key: _Key, slot: _Slot[T]) -> None:
-        if not slot.senders and not slot.pullers and not slot.queue:
-            self._slots.pop(key, None)
+        if not slot.pullers and not slot.queue and self._slots.get(key) is slot:
+            del self._slots[key]
 
-    async def send(self, to: PeerID, round_id: bytes, item: T, timeout_s: float) -> None:
-        """Queue ``item`` for ``to``; return once a pull stream has taken it.
+    def post(self, to: PeerID, round_id: bytes, item: T, ttl_s: float) -> None:
+        """Queue ``item`` for ``to``'s pull streams of ``round_id`` for ``ttl_s`` at most.
 
         Raises:
-            PeerTimeout: ``to`` did not pull it within ``timeout_s`` (it is withdrawn).
             RemoteError: too many member rounds are waiting already.
         """
         key = (to, round_id)
         slot = self._slot(key)
-        taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (item, taken)
-        slot.queue.append(entry)
-        slot.senders += 1
+        loop = asyncio.get_running_loop()
+        slot.queue.append((item, loop.time() + max(ttl_s, 0.0)))
         slot.ready.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(taken), max(timeout_s, 0.0))
-        except TimeoutError:
-            raise PeerTimeout(
-                f"the client did not pull the message within {timeout_s:.1f} s", peer=str(to)
-            ) from None
-        finally:
-            if not taken.done():
-                taken.cancel()  # withdrawn
-                with contextlib.suppress(ValueError):  # unless a pull holds it right now
-                    slot.queue.remove(entry)
-            slot.senders -= 1
-            self._release(key, slot)
+        loop.call_later(max(ttl_s, 0.0), self._expire, key)
+
+    def _expire(self, key: _Key) -> None:
+        slot = self._slots.get(key)
+        if slot is None:
+            return
+        now = asyncio.get_running_loop().time()
+        while slot.queue and slot.queue[0][1] <= now:
+            slot.queue.popleft()
+        self._release(key, slot)
 
     def pull(self, member: PeerID, round_id: bytes, timeout_s: float) -> _Pull[T]:
         """A pull stream of ``member`` for ``round_id``, open for ``timeout_s`` at most
@@ -122,6 +120,7 @@ class _Pull(Generic[T]):
         self._timeout_s = timeout_s
         self._slot: _Slot[T] | None = None
         self._deadline = 0.0
+        self._taken: tuple[T, float] | None = None
 
     async def __aenter__(self) -> _Pull[T]:
         self._slot = self._outbox._attach(self._key)
@@ -132,21 +131,21 @@ class _Pull(Generic[T]):
         assert self._slot is not None
         self._outbox._detach(self._key, self._slot)
 
-    async def next(self) -> tuple[T, asyncio.Future[None]] | None:
-        """The next item still wanted by its sender, or None when the stream's time is up.
+    async def next(self) -> T | None:
+        """The next unexpired item, or None when the stream's time is up.
 
-        The caller writes the item out, then resolves the future (``set_result(None)``) if
-        it is not done, which releases the sender; if the write fails, it gives the item
-        back (:meth:`put_back`) for the member's next pull stream.
+        If writing the item out fails, give it back (:meth:`put_back`) for the member's
+        next pull stream.
         """
         slot = self._slot
         assert slot is not None
         loop = asyncio.get_running_loop()
         while True:
             while slot.queue:
-                item, taken = slot.queue.popleft()
-                if not taken.done():
-                    return item, taken
+                entry = slot.queue.popleft()
+                if entry[1] > loop.time():
+                    self._taken = entry
+                    return entry[0]
             slot.ready.clear()
             remaining = self._deadline - loop.time()
             if remaining <= 0:
@@ -156,10 +155,10 @@ class _Pull(Generic[T]):
             except TimeoutError:
                 return None
 
-    def put_back(self, item: T, taken: asyncio.Future[None]) -> None:
-        """Return an item that could not be written, to the front of the queue."""
-        slot = self._slot
+    def put_back(self) -> None:
+        """Return the item last given by :meth:`next` to the front of the queue."""
+        slot, entry, self._taken = self._slot, self._taken, None
         assert slot is not None
-        if not taken.done():
-            slot.queue.appendleft((item, taken))
+        if entry is not None:
+            slot.queue.appendleft(entry)
             slot.ready.set()
