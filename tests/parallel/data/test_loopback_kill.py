@@ -65,3 +65,37 @@ def test_survivors_of_a_sigkill_mid_reduce_scatter_agree_on_an_exact_mean(tmp_pa
             _check(swarm, r, outs[i]["out"])
     finally:
         swarm.close()
+
+
+def test_a_client_killed_mid_round_does_not_hold_up_the_reducers(tmp_path):
+    # Peer 3 is a client: it reduces nothing and pulls its results. Killed after sending
+    # one of its three parts, it is missing at two reducers, so the agreed set leaves it
+    # out; the reducers neither wait for it to pull nor for its other parts past the
+    # collect phase.
+    swarm = LoopbackSwarm(4)
+    try:
+        swarm.configure(NUMEL, SEED, clients=(3,))
+        outs = {i: {"out": str(tmp_path / f"c0-{i}.pt")} for i in range(4)}
+        swarm.start_round(0, timeout_s=20.0, extra=outs)
+        replies = [swarm.read(i, 60.0) for i in range(4)]
+        assert all(r["ok"] for r in replies), replies
+        for i, r in enumerate(replies):  # the client pulled the same exact mean
+            assert len(r["contributors"]) == 4
+            _check(swarm, r, outs[i]["out"])
+
+        timeout_s = 6.0
+        outs = {i: {"out": str(tmp_path / f"c1-{i}.pt")} for i in range(4)}
+        outs[3]["hold_after"] = 1
+        start = time.monotonic()
+        swarm.start_round(1, timeout_s=timeout_s, extra=outs)
+        assert swarm.read(3, 30.0) == {"event": "held"}
+        swarm.kill(3)
+        reducers = [0, 1, 2]
+        replies = {i: swarm.read(i, timeout_s + 10.0) for i in reducers}
+        assert time.monotonic() - start < timeout_s + 2.0
+        for i, r in replies.items():
+            assert r["ok"], r
+            assert sorted(r["contributors"]) == sorted(swarm.peers[j][0] for j in reducers)
+            _check(swarm, r, outs[i]["out"])
+    finally:
+        swarm.close()

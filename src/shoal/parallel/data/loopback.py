@@ -4,9 +4,10 @@
 ``Averaging`` service, prints ``{"peer": hex, "address": ...}`` and then obeys JSON lines
 on stdin:
 
-- ``{"cmd": "group", "members": [[hex, address], ...], "numel": N, "seed": S, "codec": C}``:
-  its input vector is ``randn(N)`` from generator seed ``S + rank`` (weight ``rank + 1``), so
-  a parent can recompute every input exactly;
+- ``{"cmd": "group", "members": [[hex, address], ...], "numel": N, "seed": S, "codec": C,
+  "clients": [rank, ...]}``: its input vector is ``randn(N)`` from generator seed
+  ``S + rank`` (weight ``rank + 1``), so a parent can recompute every input exactly;
+  ``clients`` are the ranks in client mode (never dialed: they pull their results);
 - ``{"cmd": "round", "round": k, "timeout_s": T, "out": path|null, "hold_after": j|null}``:
   average a fresh copy of the input; print the result (and save it to ``out``). With
   ``hold_after`` the peer prints ``{"event": "held"}`` after sending ``j`` contributions and
@@ -103,10 +104,19 @@ def _peer_main() -> None:
                 work = data.clone()
                 codec = cmd.get("codec", "none")
                 averager = None
-                group = GroupSpec.uniform(b"", members)
+                clients = set(cmd.get("clients", ()))
+                n = len(members)
+                group = GroupSpec(
+                    b"", tuple(members), (1.0,) * n, tuple(i in clients for i in range(n))
+                )
                 _emit({"configured": rank})
             elif cmd["cmd"] == "round" and group is not None:
-                spec = GroupSpec.uniform(f"round-{cmd['round']}".encode(), group.members)
+                spec = GroupSpec(
+                    f"round-{cmd['round']}".encode(),
+                    group.members,
+                    group.bandwidths_bps,
+                    group.client_mode,
+                )
                 hold = cmd.get("hold_after")
                 if hold is not None:
                     averager = Averager(_Holding(transport, hold), wire_codec=codec)
@@ -181,13 +191,14 @@ class LoopbackSwarm:
         except queue.Empty:
             raise TimeoutError(f"peer {i} said nothing for {timeout_s} s") from None
 
-    def configure(self, numel: int, seed: int, codec: str = "none") -> None:
+    def configure(
+        self, numel: int, seed: int, codec: str = "none", clients: tuple[int, ...] = ()
+    ) -> None:
+        """Tell every peer the group (``clients``: ranks in client mode) and its input."""
         members = [list(p) for p in self.peers]
+        cmd = {"cmd": "group", "members": members, "numel": numel, "seed": seed, "codec": codec}
         for i in range(len(self.procs)):
-            self.send(
-                i,
-                {"cmd": "group", "members": members, "numel": numel, "seed": seed, "codec": codec},
-            )
+            self.send(i, {**cmd, "clients": list(clients)})
         for i in range(len(self.procs)):
             self.read(i, 60.0)
 
