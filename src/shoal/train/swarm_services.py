@@ -42,7 +42,7 @@ _MAX_DIAL_BACK_HELPERS = 4
 _PROBE_TIMEOUT_S = 5.0
 
 
-def _undialable(runtime: NetRuntime, nat: Traversal, join: tuple[str, ...]) -> dict[str, Any]:
+def _reachability(runtime: NetRuntime, nat: Traversal, join: tuple[str, ...]) -> dict[str, Any]:
     """Ask the join addresses to dial us back; ``client_mode`` when some tried and none
     reached us. One helper suffices here (unlike a public-address verdict): a lying one can
     only make us a client, which costs the swarm one reducer, not correctness."""
@@ -102,7 +102,7 @@ class PeerServices:
             runtime.run(nat.start(), timeout_s=5.0)
             if opts.join and opts.check_reachability and not opts.client_mode:
                 try:
-                    found = _undialable(runtime, nat, opts.join)
+                    found = _reachability(runtime, nat, opts.join)
                 except (ShoalError, TimeoutError) as exc:
                     found = {"error": str(exc), "client_mode": False}
                 emit("reachability", **found)
