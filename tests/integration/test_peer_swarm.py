@@ -6,18 +6,14 @@ Every wait is on a JSON line a peer prints, with a deadline; nothing sleeps.
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from peer_events import PeerEvents, ok_round, tiny_peer_argv, write_tiny_corpus
 
 START_TIMEOUT_S = 150.0
 ROUND_TIMEOUT_S = 120.0
@@ -25,76 +21,26 @@ ROUND_TIMEOUT_S = 120.0
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    for i in range(6):
-        lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(50)]
-        (folder / f"m{i}.py").write_text("".join(lines))
-    return folder
+    return write_tiny_corpus(tmp_path_factory.mktemp("data"))
 
 
-class Peer:
-    """One ``shoal peer`` process; its JSON lines arrive on a queue, stderr goes to a file."""
+class Peer(PeerEvents):
+    """One ``shoal peer`` process on 127.0.0.1; stderr goes to a file in its run dir."""
 
     def __init__(
         self, run_dir: Path, data_dir: Path, join: str | None = None, extra: tuple[str, ...] = ()
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.err_path = run_dir / f"peer-{time.monotonic_ns()}.err"
-        argv = [sys.executable, "-m", "shoal.cli.main", "peer", "--mode", "diloco", "--json"]
-        argv += ["--run-dir", str(run_dir), "--data-dir", str(data_dir), "--swarm", "itest"]
-        argv += ["--layers", "1", "--width", "32", "--seq-len", "32", "--batch-size", "4"]
-        argv += ["--local-steps", "5", "--window", "6", "--heartbeat", "1"]
-        argv += ["--report-every", "5", "--steps", "100000"]
-        if join:
-            argv += ["--join", join]
-        argv += list(extra)
-        self.proc = subprocess.Popen(
-            argv,
+        err_path = run_dir / f"peer-{time.monotonic_ns()}.err"
+        argv = tiny_peer_argv(run_dir, data_dir, "itest", *(["--join", join] if join else []))
+        proc = subprocess.Popen(
+            argv + list(extra),
             stdout=subprocess.PIPE,
-            stderr=open(self.err_path, "w"),  # noqa: SIM115 - closed with the process
+            stderr=open(err_path, "w"),  # noqa: SIM115 - closed with the process
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: list[dict[str, Any]] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.events.put(json.loads(line))
-            except ValueError:
-                continue
-
-    def wait_for(self, predicate: Any, timeout_s: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or (self.proc.poll() is not None and self.events.empty()):
-                tail = self.err_path.read_text()[-2000:]
-                raise AssertionError(f"no matching event; seen {self.seen[-5:]}; stderr {tail}")
-            try:
-                event = self.events.get(timeout=min(left, 1.0))
-            except queue.Empty:
-                continue
-            self.seen.append(event)
-            if predicate(event):
-                return event
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
-def _ok_round(min_contributors: int, after: int = -1) -> Any:
-    return lambda e: (
-        e.get("event") == "round"
-        and e["ok"]
-        and e["contributors"] >= min_contributors
-        and e["round"] > after
-    )
+        super().__init__(proc, err_path, run_dir.name)
 
 
 @pytest.mark.slow
@@ -111,32 +57,28 @@ def test_peers_train_together_survive_sigkill_and_stop_cleanly(
         c = Peer(tmp_path / "c", data_dir, join=address)
         peers += [b, c]
         # All three average in one round and agree on the outer parameters.
-        rounds = {p: p.wait_for(_ok_round(3), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers}
+        rounds = {p: p.wait_for(ok_round(3), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers}
         target = max(r["round"] for r in rounds.values())
         agreed = {
-            p: p.wait_for(lambda e, t=target: _ok_round(2)(e) and e["round"] >= t, ROUND_TIMEOUT_S)
+            p: p.wait_for(ok_round(2, after=target - 1), ROUND_TIMEOUT_S)
             for p in peers
         }
-        by_round: dict[int, set[str]] = {}
-        for p in peers:
-            for e in p.seen:
-                if e.get("event") == "round" and e["ok"] and e["contributors"] == 3:
-                    by_round.setdefault(e["round"], set()).add(e["fingerprint"])
-        common = [r for r, fps in by_round.items() if len(fps) == 1]
+        by_round = peers[0].agreed_rounds(*peers[1:], contributors=3)
+        common = [r for r, fps in by_round.items() if len(set(fps)) == 1]
         assert common, f"no round where all reported the same parameters: {by_round}"
         assert len({e["step"] for e in agreed.values()}) <= 2  # within one round of each other
 
         # SIGKILL c mid-run; a and b go on; c restarts from disk or the swarm and rejoins.
         killed_at = max(e["step"] for e in c.seen if "step" in e)
         c.kill()
-        step_a = a.wait_for(_ok_round(2), ROUND_TIMEOUT_S)["step"]
+        step_a = a.wait_for(ok_round(2), ROUND_TIMEOUT_S)["step"]
         c2 = Peer(tmp_path / "c", data_dir, join=address)
         peers.append(c2)
         recovered = c2.wait_for(lambda e: e.get("event") == "recovered", START_TIMEOUT_S)
         assert recovered["source"] in ("disk", "swarm") and recovered["step"] > 0
         assert recovered["step"] >= killed_at - 5  # loses at most the work since its last round
-        back = c2.wait_for(_ok_round(2), START_TIMEOUT_S + ROUND_TIMEOUT_S)
-        later = a.wait_for(_ok_round(2, after=back["round"] - 1), ROUND_TIMEOUT_S)
+        back = c2.wait_for(ok_round(2), START_TIMEOUT_S + ROUND_TIMEOUT_S)
+        later = a.wait_for(ok_round(2, after=back["round"] - 1), ROUND_TIMEOUT_S)
         assert later["step"] > step_a
 
         # SIGTERM: every peer stops within a few seconds and says so.
@@ -172,17 +114,13 @@ def test_a_client_nobody_can_dial_averages_with_the_swarm(tmp_path: Path, data_d
         # b checked that the swarm can dial it back (so it reduces); c was told not to.
         checked = b.wait_for(lambda e: e.get("event") == "reachability", START_TIMEOUT_S)
         assert checked["reached"] == 1 and not checked["client_mode"], checked
-        rounds = {p: p.wait_for(_ok_round(3), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers}
+        rounds = {p: p.wait_for(ok_round(3), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers}
         assert len({r["round"] for r in rounds.values()}) <= 2, rounds
         assert not any(e.get("event") == "reachability" for e in c.seen)
         target = max(r["round"] for r in rounds.values())
         for p in peers:
-            p.wait_for(lambda e, t=target: _ok_round(3)(e) and e["round"] >= t, ROUND_TIMEOUT_S)
-        by_round: dict[int, list[str]] = {}
-        for p in peers:
-            for e in p.seen:
-                if e.get("event") == "round" and e["ok"] and e["contributors"] == 3:
-                    by_round.setdefault(e["round"], []).append(e["fingerprint"])
+            p.wait_for(ok_round(3, after=target - 1), ROUND_TIMEOUT_S)
+        by_round = peers[0].agreed_rounds(*peers[1:], contributors=3)
         agreed = [r for r, fps in by_round.items() if len(fps) == 3 and len(set(fps)) == 1]
         assert agreed, f"no round where all three hold the same parameters: {by_round}"
         for p in peers:
