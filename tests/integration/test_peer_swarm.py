@@ -59,10 +59,7 @@ def test_peers_train_together_survive_sigkill_and_stop_cleanly(
         # All three average in one round and agree on the outer parameters.
         rounds = {p: p.wait_for(ok_round(3), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers}
         target = max(r["round"] for r in rounds.values())
-        agreed = {
-            p: p.wait_for(ok_round(2, after=target - 1), ROUND_TIMEOUT_S)
-            for p in peers
-        }
+        agreed = {p: p.wait_for(ok_round(2, after=target - 1), ROUND_TIMEOUT_S) for p in peers}
         by_round = peers[0].agreed_rounds(*peers[1:], contributors=3)
         common = [r for r, fps in by_round.items() if len(set(fps)) == 1]
         assert common, f"no round where all reported the same parameters: {by_round}"
