@@ -88,7 +88,10 @@ def _measure(
 ) -> dict[str, Any]:
     a, b, c, server = peers["a"], peers["b"], peers["c"], peers["server"]
     for name in ("b", "c"):
-        _check(peers[name].call("wait_held", count=1, timeout_s=10.0), f"reservation of {name}")
+        _check(
+            peers[name].call("wait_held", count=1, wait_s=8.0, timeout_s=10.0),
+            f"reservation of {name}",
+        )
     direct = _check(a.call("ping", peer=server.id, direct=[server.address]), "direct ping")
     relayed = _check(a.call("ping", peer=c.id, relays=[relay_at]), "relayed ping")
     _check(a.call("ping", peer=b.id, relays=[relay_at]), "relayed ping to b")

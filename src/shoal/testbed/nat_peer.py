@@ -272,12 +272,16 @@ class Commands:
             "punched_in": self.nat.punched_in,
         }
 
-    async def cmd_wait_held(self, count: int = 1, timeout_s: float = 10.0) -> dict[str, Any]:
-        """Wait until ``count`` reservations are held."""
+    async def cmd_wait_held(self, count: int = 1, wait_s: float = 5.0) -> dict[str, Any]:
+        """Wait up to ``wait_s`` until ``count`` reservations are held; the ones held then.
+
+        ``wait_s`` must stay below the command's deadline, or the answer is a timeout error
+        instead of the list.
+        """
         if self.nat.reserver is None:
             raise ValueError("this peer reserves at no relay")
         try:
-            held = await self.nat.reserver.wait_held(count, timeout_s)
+            held = await self.nat.reserver.wait_held(count, wait_s)
         except asyncio.TimeoutError:
             held = self.nat.reserver.held()
         return {"held": [r.address for r in held]}
