@@ -2,10 +2,10 @@
 
 A :class:`RoundTransport` sends one message to one member within a timeout and raises
 :class:`~shoal.errors.NetworkError` subclasses on failure; ``begin``/``end`` bracket each
-round, so a transport can serve members that cannot accept connections. Incoming messages land in the
-peer's :class:`Inbox`, keyed by round id: messages for a round that has not opened yet are
-held (a bounded number of rounds, oldest dropped) so a fast peer's contribution is not
-lost when it arrives before the slower peer has started the round.
+round, so a transport can serve members that cannot accept connections. Incoming messages
+land in the peer's :class:`Inbox`, keyed by round id: messages for a round that has not
+opened yet are held (a bounded number of rounds, oldest dropped) so a fast peer's
+contribution is not lost when it arrives before the slower peer has started the round.
 
 Implementations: :class:`~shoal.parallel.data.memory.MemoryNetwork` (tests, fault
 injection) and the gRPC ``Averaging`` service (``grpc_transport.py``).
