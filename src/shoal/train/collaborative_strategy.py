@@ -28,6 +28,7 @@ from shoal.train.swarm_strategy import (
     blocking_round,
     record_round_time,
     round_key,
+    swarm_average,
     swarm_rounds,
 )
 from shoal.train.trainer import Trainer
@@ -117,11 +118,8 @@ class SyncStrategy:
         fp = _fingerprint(self.trainer.model)
         outcome = blocking_round(
             self.services.runtime,
-            self.rounds.average(
-                vector,
-                weight,
-                round_key=round_key(self.mode, index, fp),
-                expected_peers=self.services.trainers(),
+            swarm_average(
+                self.services, self.rounds, vector, weight, round_key(self.mode, index, fp)
             ),
             stop=self.stop,
             timeout_s=self.rounds.config.round_deadline_s,

@@ -17,6 +17,7 @@ from shoal.train.swarm_strategy import (
     blocking_round,
     record_round_time,
     round_key,
+    swarm_average,
     swarm_rounds,
 )
 from shoal.train.trainer import Trainer
@@ -72,9 +73,7 @@ class DiLoCoStrategy:
     def _raw(self, vector: torch.Tensor, weight: float, index: int, stage: int) -> RoundOutcome:
         if stage == 0:
             key = round_key(self.mode, index, self.diloco.outer.fingerprint())
-            coro = self.rounds.average(
-                vector, weight, round_key=key, expected_peers=self.services.trainers()
-            )
+            coro = swarm_average(self.services, self.rounds, vector, weight, key)
         else:
             coro = self.rounds.again(vector, weight, tag=f"/{stage}".encode())
         return blocking_round(

@@ -13,7 +13,7 @@ from shoal.train.diloco_streaming import StreamingDiLoCo
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_round import RoundOutcome
 from shoal.train.swarm_services import PeerServices
-from shoal.train.swarm_strategy import StepOutcome, round_key, swarm_rounds
+from shoal.train.swarm_strategy import StepOutcome, round_key, swarm_average, swarm_rounds
 from shoal.train.trainer import Trainer
 
 __all__ = ["StreamingStrategy"]
@@ -53,9 +53,7 @@ class StreamingStrategy:
     ) -> concurrent.futures.Future[RoundOutcome]:
         key = round_key(self.mode, index, f"{fragment}/{fp}")
         return self.services.runtime.submit(
-            self.rounds.average(
-                vector, weight, round_key=key, expected_peers=self.services.trainers()
-            )
+            swarm_average(self.services, self.rounds, vector, weight, key)
         )
 
     def _resync(self) -> ResyncState | None:

@@ -10,6 +10,8 @@ idempotent and bounded in time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.dht.peer import DHT
-from shoal.errors import ShoalError
+from shoal.errors import NetworkError, ShoalError
 from shoal.monitor import DhtSummaryStore, PeerMonitor, SummaryPublisher
 from shoal.monitor.config import EventLogConfig, MetricsConfig, MonitorConfig, SwarmViewConfig
 from shoal.monitor.traffic import net_traffic_provider
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _JOIN_RETRY = RetryPolicy(initial_s=0.3, max_s=3.0, attempts=10, deadline_s=30.0)
 _MAX_DIAL_BACK_HELPERS = 4
+_FRESH_VIEW_TIMEOUT_S = 3.0
 _PROBE_TIMEOUT_S = 5.0
 
 
@@ -160,6 +163,15 @@ class PeerServices:
         publisher = SummaryPublisher(monitor.snapshot, store.publish, view_cfg)
         runtime.run(publisher.astart(), timeout_s=5.0)
         return cls(opts, runtime, dht, membership, monitor, publisher, state_key(opts.swarm), nat)
+
+    async def fresh_trainers(self) -> int:
+        """:meth:`trainers` from a view re-read just now (on the loop; bounded, falls back
+        to the cached view). A round's window closes early on the count its peers expect,
+        and a cached view may be a whole refresh interval behind the peers that just
+        joined: the first round would then close without them."""
+        with contextlib.suppress(NetworkError, TimeoutError):
+            await asyncio.wait_for(self.membership.refresh(), _FRESH_VIEW_TIMEOUT_S)
+        return self.trainers()
 
     def trainers(self) -> int:
         """Live peers training in this mode (ourselves included), at least 1."""

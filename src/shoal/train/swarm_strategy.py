@@ -114,6 +114,14 @@ def swarm_rounds(services: PeerServices, opts: PeerOptions) -> SwarmRounds:
     )
 
 
+async def swarm_average(
+    services: PeerServices, rounds: SwarmRounds, vector: torch.Tensor, weight: float, key: bytes
+) -> RoundOutcome:
+    """One round under ``key``, expecting the trainers of a freshly read membership view."""
+    expected = await services.fresh_trainers()
+    return await rounds.average(vector, weight, round_key=key, expected_peers=expected)
+
+
 def record_round_time(services: PeerServices, outcome: RoundOutcome) -> None:
     """Matchmaking counts as waiting, the all-reduce as communication (step profiler)."""
     prof = services.monitor.profiler

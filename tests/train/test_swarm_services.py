@@ -1,0 +1,38 @@
+"""``PeerServices`` on loopback: the trainer count a round expects comes from a fresh view."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shoal.net import Identity
+from shoal.train.swarm_config import PeerOptions
+from shoal.train.swarm_services import PeerServices
+
+
+def test_a_round_expects_the_peers_that_joined_since_the_last_refresh(tmp_path: Path) -> None:
+    events: list[tuple[str, dict]] = []
+
+    def emit(event: str, **fields: object) -> None:
+        events.append((event, fields))
+
+    first = PeerServices.start(PeerOptions(run_dir=tmp_path / "a"), Identity.generate(), emit)
+    second = None
+    try:
+        # Freeze the first peer's cached view: no background refresh from here on.
+        first.runtime.run(first.membership.close(), timeout_s=5.0)
+        first.runtime.run(first.membership.refresh(), timeout_s=10.0)
+        joiner = PeerOptions(run_dir=tmp_path / "b", join=(first.runtime.address,))
+        second = PeerServices.start(joiner, Identity.generate(), emit)
+        second.runtime.run(second.membership.heartbeat(), timeout_s=10.0)  # stored now
+        assert first.trainers() == 1  # the cached view predates the joiner
+        assert first.runtime.run(first.fresh_trainers(), timeout_s=10.0) == 2
+        # The joiner checked that it can be dialed back, so it reduces.
+        checks = [f for e, f in events if e == "reachability"]
+        assert checks == [
+            {"reached": 1, "unreached": 0, "mapping": "unknown", "client_mode": False}
+        ]
+        assert not second.opts.client_mode
+    finally:
+        if second is not None:
+            second.close()
+        first.close()
