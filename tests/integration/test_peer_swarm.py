@@ -43,6 +43,19 @@ class Peer(PeerEvents):
         super().__init__(proc, err_path, run_dir.name)
 
 
+def _start_three(
+    tmp_path: Path, data_dir: Path, peers: list[Peer], c_extra: tuple[str, ...] = ()
+) -> str:
+    """Start a, then b and c joining it (appended to ``peers`` as they start, for
+    cleanup); returns a's address."""
+    a = Peer(tmp_path / "a", data_dir)
+    peers.append(a)
+    address = a.wait_for(lambda e: e.get("event") == "listening", START_TIMEOUT_S)["address"]
+    peers.append(Peer(tmp_path / "b", data_dir, join=address))
+    peers.append(Peer(tmp_path / "c", data_dir, join=address, extra=c_extra))
+    return str(address)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_peers_train_together_survive_sigkill_and_stop_cleanly(
@@ -50,12 +63,8 @@ def test_peers_train_together_survive_sigkill_and_stop_cleanly(
 ) -> None:
     peers: list[Peer] = []
     try:
-        a = Peer(tmp_path / "a", data_dir)
-        peers.append(a)
-        address = a.wait_for(lambda e: e.get("event") == "listening", START_TIMEOUT_S)["address"]
-        b = Peer(tmp_path / "b", data_dir, join=address)
-        c = Peer(tmp_path / "c", data_dir, join=address)
-        peers += [b, c]
+        address = _start_three(tmp_path, data_dir, peers)
+        a, b, c = peers
         # All three average in one round and agree on the outer parameters.
         rounds = {p: p.wait_for(ok_round(3), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers}
         target = max(r["round"] for r in rounds.values())
@@ -97,17 +106,10 @@ def test_a_client_nobody_can_dial_averages_with_the_swarm(tmp_path: Path, data_d
     # part in proves that nobody dialed it; it pulls its results from the reducers.
     peers: list[Peer] = []
     try:
-        a = Peer(tmp_path / "a", data_dir)
-        peers.append(a)
-        address = a.wait_for(lambda e: e.get("event") == "listening", START_TIMEOUT_S)["address"]
-        b = Peer(tmp_path / "b", data_dir, join=address)
-        c = Peer(
-            tmp_path / "c",
-            data_dir,
-            join=address,
-            extra=("--client-mode", "--announce", "127.0.0.1:9"),
+        _start_three(
+            tmp_path, data_dir, peers, c_extra=("--client-mode", "--announce", "127.0.0.1:9")
         )
-        peers += [b, c]
+        _, b, c = peers
         # b checked that the swarm can dial it back (so it reduces); c was told not to.
         checked = b.wait_for(lambda e: e.get("event") == "reachability", START_TIMEOUT_S)
         assert checked["reached"] == 1 and not checked["client_mode"], checked
