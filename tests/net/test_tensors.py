@@ -117,6 +117,7 @@ def test_oversized_header_rejected_without_allocating():
         ({"byte_length": 5}, "needs"),
         ({"checksum_kind": 0}, "checksum kind"),
         ({"shape": [1 << 32, 1 << 32]}, "too large"),
+        ({"shape": [0, (1 << 64) - 1], "byte_length": 0}, "too large"),  # no elements, no tensor
     ],
 )
 def test_header_checks(change, match):

@@ -166,7 +166,8 @@ def check_header(header: tensor_pb2.TensorHeader, limits: TensorLimits) -> tuple
     numel = 1
     for dim in header.shape:
         numel *= dim
-        if numel > limits.max_bytes:
+        # Every dimension on its own too: [0, 2**64 - 1] has no elements but no tensor either.
+        if numel > limits.max_bytes or dim > limits.max_bytes:
             raise ProtocolViolation(f"tensor shape {list(header.shape)} too large")
     if header.codec == RAW:
         itemsize = torch.empty((), dtype=entry[1]).element_size()

@@ -295,3 +295,26 @@ def test_reports_with_an_out_of_range_part_are_ignored():
     for m in ("a", "c"):
         assert results[m].ok and results[m].contributors == frozenset({"a", "c"})
     _check_invariant(inputs, weights, results, outputs)
+
+
+def test_a_reducer_with_another_wire_codec_fails_the_round_instead_of_raising():
+    """An undecodable result part is a failed round with the reason, not an exception."""
+    net = MemoryNetwork()
+    members = ["a", "b"]
+    group = GroupSpec.uniform(b"r", members)
+    averagers = {
+        "a": Averager(net.transport("a"), wire_codec="none"),
+        "b": Averager(net.transport("b"), wire_codec="fp16"),
+    }
+    inputs = {m: torch.randn(1000) for m in members}
+    before = inputs["a"].clone()
+
+    async def main():
+        return await asyncio.gather(
+            *(averagers[m].average([inputs[m]], 1.0, group=group, timeout_s=5.0) for m in members)
+        )
+
+    a, _ = asyncio.run(main())
+    assert not a.ok
+    assert "cannot be decoded" in a.reason and "fp16" in a.reason
+    assert torch.equal(inputs["a"], before)  # a failed round leaves the tensors untouched

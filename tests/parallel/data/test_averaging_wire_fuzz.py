@@ -15,12 +15,21 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from net.wire_fuzz import HIDDEN, OK_OR_REFUSED, RawCaller, ServerCrashes, messages, requests
+from net.wire_fuzz import (
+    HIDDEN,
+    OK_OR_REFUSED,
+    REFUSALS,
+    RawCaller,
+    ServerCrashes,
+    messages,
+    requests,
+)
 
 from shoal.net import Identity, NetConfig, NetRuntime, meta_frame, tensor_frames
 from shoal.net.proto.v1 import averaging_pb2, tensor_pb2
 from shoal.net.tensors import encode_frame
 from shoal.parallel.data.grpc_transport import GrpcTransport
+from shoal.parallel.data.transport import Inbox
 
 DELIVER = "/shoal.v1.Averaging/Deliver"
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -95,3 +104,46 @@ def test_a_pull_with_nothing_for_the_caller_ends_at_its_deadline(served) -> None
     code = short.call(PULL, "unary_stream", body)
     assert code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED), code
     assert CRASHES.messages == []
+
+
+def _contribution_stream(round_id: bytes, values: torch.Tensor) -> list[bytes]:
+    meta = averaging_pb2.RoundMessage(
+        round_id=round_id,
+        kind=averaging_pb2.CONTRIBUTION,
+        part=0,
+        weight=1.0,
+        codec="none",
+        numel=values.numel(),
+        payload_tensors=1,
+    )
+    return _meta_then(meta, [encode_frame(f) for f in tensor_frames(values)])
+
+
+def test_deliver_refuses_before_allocating_what_the_inbox_would_not_keep() -> None:
+    """Refused before a buffer is taken: a part too big for the pending bound, one from a
+    peer outside the round, one of the wrong size; a fitting one is kept."""
+    server_rt = NetRuntime(Identity.generate(), NetConfig()).start()
+    client_rt = NetRuntime(Identity.generate(), NetConfig()).start()
+    inbox = Inbox(max_pending_bytes=1 << 20)
+    transport = GrpcTransport(server_rt, inbox)
+    caller = RawCaller(client_rt, server_rt.address)
+    try:
+        big = torch.zeros(1 << 19)  # 2 MiB for a round not open here: over the 1 MiB bound
+        assert caller.call(DELIVER, "stream_unary", _contribution_stream(b"early", big)) in REFUSALS
+        stranger = Identity.generate().peer_id
+        inbox.open(b"open", members={server_rt.peer_id, stranger}, part_sizes=[1000])
+        part = torch.arange(1000.0)
+        assert caller.call(DELIVER, "stream_unary", _contribution_stream(b"open", part)) in REFUSALS
+        inbox.open(b"sized", members={client_rt.peer_id}, part_sizes=[999])
+        assert (
+            caller.call(DELIVER, "stream_unary", _contribution_stream(b"sized", part)) in REFUSALS
+        )
+        assert transport.service.pool.pooled_bytes == 0 and inbox.messages(b"early") == []
+        inbox.open(b"fits", members={client_rt.peer_id}, part_sizes=[1000])
+        code = caller.call(DELIVER, "stream_unary", _contribution_stream(b"fits", part))
+        assert code == grpc.StatusCode.OK
+        (kept,) = inbox.messages(b"fits")
+        assert torch.equal(kept.data, part) and kept.sender == client_rt.peer_id
+    finally:
+        client_rt.close()
+        server_rt.close()

@@ -127,7 +127,7 @@ def test_stream_reader_never_fails_otherwise(frames):
 
     async def main():
         return await read_tensor_into_pool(
-            source().__aiter__(), TensorLimits(max_bytes=1 << 20), BufferPool()
+            source().__aiter__(), TensorLimits(max_bytes=1 << 20), BufferPool().take
         )
 
     try:
@@ -153,7 +153,7 @@ def test_stream_reader_accepts_a_real_stream_and_rejects_a_corrupted_one():
             for f in fs:
                 yield f
 
-        return await read_tensor_into_pool(source().__aiter__(), TensorLimits(), BufferPool())
+        return await read_tensor_into_pool(source().__aiter__(), TensorLimits(), BufferPool().take)
 
     assert torch.equal(asyncio.run(read(frames)), part)
     bad = bytearray(frames[1].data)

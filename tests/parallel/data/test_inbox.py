@@ -4,26 +4,66 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
+from shoal.errors import ProtocolViolation
 from shoal.parallel.data.messages import Contribution, Report
 from shoal.parallel.data.transport import Inbox
 
 
-def _part(rid: bytes, nbytes: int) -> Contribution:
-    return Contribution(rid, "a", 0, 1.0, torch.zeros(nbytes // 4))
+def _part(rid: bytes, nbytes: int, sender: str = "a", part: int = 0) -> Contribution:
+    return Contribution(rid, sender, part, 1.0, torch.zeros(nbytes // 4))
 
 
 def test_pending_rounds_and_bytes_are_bounded_and_opening_lifts_the_byte_bound():
     inbox = Inbox(max_pending_rounds=2, max_pending_bytes=1000)
     assert inbox.deliver(_part(b"r1", 400))
     assert inbox.deliver(_part(b"r2", 400))
-    assert not inbox.deliver(_part(b"r2", 400))  # over the byte bound
+    assert not inbox.deliver(_part(b"r2", 400, "b"))  # over the byte bound
     assert inbox.deliver(_part(b"r3", 100))  # third pending round evicts the oldest
     assert inbox.messages(b"r1") == [] and len(inbox.messages(b"r3")) == 1
     inbox.open(b"r2")
-    assert inbox.deliver(_part(b"r2", 4000))  # an open round is bounded by count only
+    assert inbox.deliver(_part(b"r2", 4000, "c"))  # an open round is bounded by count only
     assert inbox.dropped == 1
+
+
+def test_bytes_being_received_count_against_the_pending_bound():
+    inbox = Inbox(max_pending_bytes=1000)
+    assert inbox.deliver(_part(b"r1", 400))
+    inbox.reserve(500)
+    with pytest.raises(ProtocolViolation, match="no room"):
+        inbox.reserve(200)
+    assert not inbox.deliver(_part(b"r2", 200))
+    inbox.release(500)
+    assert inbox.deliver(_part(b"r2", 200))
+
+
+def test_an_open_round_keeps_one_message_per_kind_sender_and_part():
+    inbox = Inbox()
+    inbox.open(b"r")
+    first = _part(b"r", 40)
+    assert inbox.deliver(first)
+    assert inbox.check(b"r", Contribution, "a", 0, 10) is not None
+    assert not inbox.deliver(_part(b"r", 40))  # same sender and part: dropped
+    assert inbox.deliver(_part(b"r", 40, part=1))
+    assert inbox.deliver(Report(b"r", "a", 0, frozenset()))
+    assert inbox.messages(b"r")[0] is first and len(inbox.messages(b"r")) == 3
+
+
+def test_opening_with_members_and_part_sizes_drops_what_does_not_fit():
+    inbox = Inbox()
+    assert inbox.deliver(_part(b"r", 40, "stranger"))  # not open yet: held
+    assert inbox.deliver(_part(b"r", 40, "a"))
+    assert inbox.deliver(_part(b"r", 8, "b"))  # 2 values where part 0 has 10
+    inbox.open(b"r", members={"a", "b"}, part_sizes=[10, 5])
+    assert [m.sender for m in inbox.messages(b"r")] == ["a"]
+    assert not inbox.deliver(_part(b"r", 40, "stranger", part=1))
+    assert not inbox.deliver(_part(b"r", 40, "b", part=2))  # no part 2
+    assert inbox.check(b"r", Contribution, "b", 1, 6) == "part 1 with 6 values, not 5"
+    assert inbox.deliver(_part(b"r", 20, "b", part=1))
+    inbox.open(b"r")  # re-opening without a shape keeps the known one
+    assert inbox.check(b"r", Contribution, "stranger", 0, 10) is not None
 
 
 def test_late_messages_for_a_closed_round_are_dropped():
@@ -50,3 +90,34 @@ def test_wait_until_returns_on_delivery_or_at_the_deadline():
         assert loop.time() - start >= 0.05
 
     asyncio.run(main())
+
+
+def test_concurrent_waits_on_different_rounds_do_not_lose_a_wake_up():
+    """One round's wait cannot consume the wake-up of a message for another round."""
+
+    async def main():
+        inbox = Inbox()
+        for rid in (b"A", b"B", b"X"):
+            inbox.open(rid)
+        loop = asyncio.get_running_loop()
+        got_a = asyncio.ensure_future(
+            inbox.wait_until(lambda: len(inbox.messages(b"A")) == 1, loop.time() + 5)
+        )
+        await asyncio.sleep(0)
+        inbox.deliver(Report(b"X", "p", 0, frozenset()))  # wakes A's wait, not for A
+        for _ in range(3):  # A's wait re-arms in this gap
+            await asyncio.sleep(0)
+        inbox.deliver(Report(b"A", "p", 0, frozenset()))
+        # a wait for another round starts and ends in the same moment
+        assert not await inbox.wait_until(lambda: False, loop.time() + 0.001)
+        assert await asyncio.wait_for(got_a, 1.0) is True
+
+    asyncio.run(main())
+
+
+def test_open_rounds_are_bounded_by_closing_the_oldest():
+    inbox = Inbox(max_open_rounds=2)
+    for rid in (b"1", b"2", b"3"):
+        inbox.open(rid)
+    assert not inbox.is_open(b"1") and inbox.is_open(b"2") and inbox.is_open(b"3")
+    assert not inbox.deliver(Report(b"1", "a", 0, frozenset()))

@@ -86,14 +86,20 @@ def test_an_item_whose_write_failed_goes_to_the_next_pull():
 
 def test_slots_and_pull_streams_are_bounded():
     async def main():
-        box: Outbox[str] = Outbox(max_slots=2, max_pulls_per_member=1)
+        box: Outbox[str] = Outbox(max_slots=2, max_waiting_slots=2, max_pulls_per_member=1)
         async with box.pull(A, b"r1", 1.0):
             with pytest.raises(RemoteError, match="pull streams per member"):
                 async with box.pull(A, b"r2", 1.0):
                     pass
             async with box.pull(B, b"r1", 1.0):
+                with pytest.raises(RemoteError, match="pulls of empty rounds"):
+                    async with box.pull(PeerID(b"c" * 32), b"r1", 1.0):
+                        pass
+                # Pulls waiting on empty rounds crowd out no post: two more slots fit.
+                box.post(B, b"r3", "x", 1.0)
+                box.post(B, b"r4", "x", 1.0)
                 with pytest.raises(RemoteError, match="outbox full"):
-                    box.post(B, b"r3", "x", 1.0)
-        assert len(box) == 0
+                    box.post(B, b"r5", "x", 1.0)
+        assert len(box) == 2  # r3 and r4 hold their items until they expire
 
     asyncio.run(main())

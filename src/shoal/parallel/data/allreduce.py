@@ -125,7 +125,7 @@ async def run_allreduce(
     repair_at = start + config.repair_fraction * budget
     me = transport.me
     inbox = transport.inbox
-    inbox.open(round_id)
+    inbox.open(round_id, members, [b - a for a, b in ranges])
     live_parts = [j for j, (a, b) in enumerate(ranges) if b > a]
     my_part = members.index(me)
     seconds: dict[str, float] = {}
@@ -221,10 +221,12 @@ async def run_allreduce(
             contributions[j] = {p: got[p] for p in ok}
         seconds["repair"] = time.perf_counter() - t0 - sum(seconds.values())
 
-        # 4. All-gather: reduce each own part over exactly the common set.
+        # 4. All-gather: reduce each own part over exactly the common set; the results go
+        # out together, so a slow member holds none of them up behind another.
         order = [m for m in members if m in common]
         results: dict[int, torch.Tensor] = {}
         part_weight: dict[int, float] = {}
+        broadcasts: list[tuple[Member, object]] = []
         for j in ([my_part] if my_part in live_parts else []) + mine:
             have = contributions.get(j, {})
             if not all(p in have for p in order):
@@ -242,21 +244,36 @@ async def run_allreduce(
             wire = await _encode_off(codec, reduced)
             results[j] = _decode(codec, wire) if codec is not None else reduced
             message = Reduced(round_id, me, j, common, part_weight[j], wire)
-            await _send_all(transport, [(m, message) for m in members if m != me], deadline)
+            broadcasts += [(m, message) for m in members if m != me]
+        if broadcasts:
+            await _send_all(transport, broadcasts, deadline)
 
         # 5. Commit: every part must carry the same contributor set.
+        undecodable: dict[int, str] = {}
+
         def complete() -> bool:
             for r in msgs(Reduced):
                 if (
                     r.part not in results
+                    and r.part not in undecodable
                     and r.contributors == common
                     and r.sender in (members[r.part], reassigned.get(r.part))
                 ):
-                    results[r.part] = _decode(codec, r.data)
+                    try:
+                        results[r.part] = _decode(codec, r.data)
+                    except (ValueError, RuntimeError) as exc:
+                        undecodable[r.part] = f"{type(exc).__name__}: {exc}"
+                        continue
                     part_weight[r.part] = r.weight
-            return all(j in results for j in live_parts)
+            return bool(undecodable) or all(j in results for j in live_parts)
 
-        if not await inbox.wait_until(complete, deadline):
+        arrived = await inbox.wait_until(complete, deadline)
+        if undecodable:
+            j, why = min(undecodable.items())
+            return _failed(
+                f"part {j} from its reducer cannot be decoded: {why}", excluded, seconds
+            ), None
+        if not arrived:
             missing = sorted(j for j in live_parts if j not in results)
             return _failed(f"parts {missing} missing at the deadline", excluded, seconds), None
         for j in live_parts:

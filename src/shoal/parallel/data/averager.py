@@ -68,7 +68,7 @@ class Averager:
 
     def prepare(self, group: GroupSpec) -> None:
         """Start holding messages for ``group``'s round (call as soon as the group is known)."""
-        self.transport.inbox.open(group.round_id)
+        self.transport.inbox.open(group.round_id, group.members)
 
     async def average(
         self,

@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import logging
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence, Set
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence, Set
 from typing import Any, ClassVar
 
 import torch
@@ -40,10 +40,11 @@ from shoal.net.tensors import (
     tensor_bytes,
 )
 from shoal.parallel.data.averager import GroupSpec
+from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.matchmaking import Group
 from shoal.parallel.data.messages import Contribution, Member, Message, Reduced, Report
 from shoal.parallel.data.outbox import Outbox
-from shoal.parallel.data.receive import BufferPool, read_tensor_into_pool
+from shoal.parallel.data.receive import read_tensor_into_pool
 from shoal.parallel.data.transport import Inbox
 
 __all__ = [
@@ -70,6 +71,7 @@ _MAX_PULLED_MESSAGES = 4 * MAX_GROUP_SIZE
 MAX_REASON_CHARS = 200
 _log = logging.getLogger(__name__)
 _KIND = {Contribution: pb.CONTRIBUTION, Report: pb.REPORT, Reduced: pb.REDUCED}
+_TYPE = {kind: cls for cls, kind in _KIND.items()}
 
 
 class _Wire:
@@ -209,11 +211,54 @@ def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) ->
     return Reduced(meta.round_id, sender, meta.part, peers, meta.weight, data)
 
 
+class _Admission:
+    """What one incoming round message may allocate, decided from its meta frame.
+
+    The inbox must want the message (a member of the round, a part of the right size, not
+    a repeat, see ``Inbox.check``) before any of its tensors is read; no tensor may exceed
+    4 bytes per value of the part (fp32, the largest encoding); and bytes for a round not
+    open here count against the inbox's pending bound while they are received.
+    """
+
+    def __init__(self, inbox: Inbox, pool: BufferPool, sender: PeerID) -> None:
+        self._inbox = inbox
+        self._pool = pool
+        self._sender = sender
+        self.reserved = 0
+
+    def allocator(self, meta: pb.RoundMessage) -> Callable[[int], bytearray]:
+        kind = _TYPE.get(meta.kind)
+        if kind is None:
+            raise ProtocolViolation(f"unknown round message kind {meta.kind}")
+        numel = None if kind is Report else meta.numel
+        why = self._inbox.check(meta.round_id, kind, self._sender, meta.part, numel)
+        if why is not None:
+            raise ProtocolViolation(f"round message refused: {why}")
+        pending = not self._inbox.is_open(meta.round_id)
+        most = 4 * (numel or 0)
+
+        def take(nbytes: int) -> bytearray:
+            if nbytes > most:
+                raise ProtocolViolation(f"a tensor of {nbytes} bytes for a part of {numel} values")
+            if pending:
+                self._inbox.reserve(nbytes)
+                self.reserved += nbytes
+            return self._pool.take(nbytes)
+
+        return take
+
+    def release(self) -> None:
+        """Give the pending bytes back (just before the message goes into the inbox)."""
+        self._inbox.release(self.reserved)
+        self.reserved = 0
+
+
 async def receive_message(
-    frames: AsyncIterator[Any], sender: PeerID, limits: TensorLimits, pool: BufferPool
+    frames: AsyncIterator[Any], sender: PeerID, limits: TensorLimits, admission: _Admission
 ) -> Message | None:
     """The next round message of ``frames`` (meta frame, then its tensors), or None when
-    the stream ends before a meta frame. Raises ProtocolViolation on anything malformed."""
+    the stream ends before a meta frame. Raises ProtocolViolation on anything malformed or
+    refused by ``admission`` (checked before a tensor is allocated)."""
     try:
         first = await frames.__anext__()
     except StopAsyncIteration:
@@ -225,8 +270,9 @@ async def receive_message(
         raise ProtocolViolation(f"meta frame is {first.meta.type_url}, not a RoundMessage")
     if meta.payload_tensors > 2:
         raise ProtocolViolation(f"{meta.payload_tensors} payload tensors (at most 2)")
+    take = admission.allocator(meta)
     tensors = [
-        await read_tensor_into_pool(frames, limits, pool) for _ in range(meta.payload_tensors)
+        await read_tensor_into_pool(frames, limits, take) for _ in range(meta.payload_tensors)
     ]
     return parse(meta, sender, tensors)
 
@@ -250,9 +296,14 @@ class AveragingService(rpc.AveragingServicer):
     async def Deliver(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> tensor_pb2.TensorAck:
-        message = await receive_message(
-            request_iterator.__aiter__(), current_caller(), self._limits, self.pool
-        )
+        caller = current_caller()
+        admission = _Admission(self._inbox, self.pool, caller)
+        try:
+            message = await receive_message(
+                request_iterator.__aiter__(), caller, self._limits, admission
+            )
+        finally:
+            admission.release()
         if message is None:
             raise ProtocolViolation("empty round message stream")
         self._inbox.deliver(message)
@@ -406,7 +457,11 @@ class GrpcTransport:
                 frames = stub.Pull(pb.PullRequest(round_id=round_id), timeout_s=remaining)
                 stream = frames.__aiter__()
                 for _ in range(_MAX_PULLED_MESSAGES):
-                    message = await receive_message(stream, reducer, limits, self.service.pool)
+                    admission = _Admission(self.inbox, self.service.pool, reducer)
+                    try:
+                        message = await receive_message(stream, reducer, limits, admission)
+                    finally:
+                        admission.release()
                     if message is None:
                         return
                     if message.round_id != round_id:

@@ -7,9 +7,12 @@ hold up the reducer's own round (clients reduce nothing, so nobody else needs wh
 receive). A posted message stays until a pull stream has written it or its time to live
 (the round's deadline) has passed; it keeps the buffers it views alive until then.
 
-Bounds: at most ``max_slots`` (member, round) slots exist at once and at most
-``max_pulls_per_member`` pull streams per member; a slot disappears when nobody pulls from
-it and nothing is queued in it.
+Bounds: at most ``max_slots`` (member, round) slots hold messages at once, at most
+``max_waiting_slots`` more only have pull streams waiting, and at most
+``max_pulls_per_member`` pull streams exist per member; a slot disappears when nobody
+pulls from it and nothing is queued in it. Pulls waiting on empty slots never make a post
+fail: any peer may pull a round that has not begun here, so they must not crowd out the
+messages of real clients.
 """
 
 from __future__ import annotations
@@ -39,10 +42,17 @@ class _Slot(Generic[T]):
 class Outbox(Generic[T]):
     """Per (member, round) queues between a reducer's sends and a member's pull streams."""
 
-    def __init__(self, *, max_slots: int = 256, max_pulls_per_member: int = 8) -> None:
+    def __init__(
+        self,
+        *,
+        max_slots: int = 256,
+        max_waiting_slots: int | None = None,
+        max_pulls_per_member: int = 8,
+    ) -> None:
         self._slots: dict[_Key, _Slot[T]] = {}
         self._pulls: dict[PeerID, int] = {}
         self._max_slots = max_slots
+        self._max_waiting = 4 * max_slots if max_waiting_slots is None else max_waiting_slots
         self._max_pulls = max_pulls_per_member
 
     def __len__(self) -> int:
@@ -52,11 +62,14 @@ class Outbox(Generic[T]):
         """Items waiting, over all slots."""
         return sum(len(slot.queue) for slot in self._slots.values())
 
-    def _slot(self, key: _Key) -> _Slot[T]:
+    def _slot(self, key: _Key, *, for_post: bool) -> _Slot[T]:
         slot = self._slots.get(key)
         if slot is None:
-            if len(self._slots) >= self._max_slots:
+            holding = sum(1 for s in self._slots.values() if s.queue)
+            if for_post and holding >= self._max_slots:
                 raise RemoteError(f"outbox full ({self._max_slots} member rounds waiting)")
+            if not for_post and len(self._slots) - holding >= self._max_waiting:
+                raise RemoteError(f"{self._max_waiting} pulls of empty rounds are waiting already")
             slot = self._slots[key] = _Slot()
         return slot
 
@@ -71,7 +84,7 @@ class Outbox(Generic[T]):
             RemoteError: too many member rounds are waiting already.
         """
         key = (to, round_id)
-        slot = self._slot(key)
+        slot = self._slot(key, for_post=True)
         loop = asyncio.get_running_loop()
         slot.queue.append((item, loop.time() + max(ttl_s, 0.0)))
         slot.ready.set()
@@ -95,7 +108,7 @@ class Outbox(Generic[T]):
         member = key[0]
         if self._pulls.get(member, 0) >= self._max_pulls:
             raise RemoteError(f"at most {self._max_pulls} pull streams per member")
-        slot = self._slot(key)
+        slot = self._slot(key, for_post=False)
         slot.pullers += 1
         self._pulls[member] = self._pulls.get(member, 0) + 1
         return slot

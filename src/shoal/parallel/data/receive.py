@@ -7,7 +7,7 @@ bounded, xxHash3 verified), filling a pooled buffer instead of a new one.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
@@ -16,22 +16,22 @@ from shoal.errors import ProtocolViolation
 from shoal.net.config import TensorLimits
 from shoal.net.proto.v1 import tensor_pb2
 from shoal.net.tensors import RAW, Chunk, TensorReader, as_tensor
-from shoal.parallel.data.buffers import BufferPool
 
 __all__ = ["read_tensor_into_pool"]
 
 
 async def read_tensor_into_pool(
-    frames: AsyncIterator[Any], limits: TensorLimits, pool: BufferPool
+    frames: AsyncIterator[Any], limits: TensorLimits, take: Callable[[int], bytearray]
 ) -> torch.Tensor:
-    """The next raw tensor of ``frames`` (header, then chunks), in a pooled buffer."""
+    """The next raw tensor of ``frames`` (header, then chunks), in a buffer from ``take``
+    (e.g. ``BufferPool.take``; called once the header passed its checks)."""
     frame = await _next(frames)
     if isinstance(frame, Chunk) or frame.WhichOneof("frame") != "header":
         raise ProtocolViolation("expected a tensor header frame")
     header: tensor_pb2.TensorHeader = frame.header
     if header.codec != RAW:
         raise ProtocolViolation(f"expected a raw tensor, got codec {header.codec!r}")
-    _, buf = await TensorReader(frames, limits).read_body(header, alloc=pool.take)
+    _, buf = await TensorReader(frames, limits).read_body(header, alloc=take)
     return as_tensor(header, buf)
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Collection, Sequence, Set
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from shoal.compress import Encoded
+from shoal.errors import ProtocolViolation
 from shoal.parallel.data.messages import Member, Message
 
 __all__ = ["Inbox", "RoundTransport"]
@@ -58,12 +60,34 @@ def _nbytes(message: Message) -> int:
     return 0
 
 
+def _numel(message: Message) -> int | None:
+    data = getattr(message, "data", None)
+    if isinstance(data, torch.Tensor):
+        return data.numel()
+    if isinstance(data, Encoded):
+        return data.numel
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What an open round accepts: messages from ``members``, parts of ``part_sizes``."""
+
+    members: frozenset[Member] | None
+    part_sizes: tuple[int, ...] | None
+
+
 class Inbox:
     """Messages received by one peer, grouped by round, with waits on predicates.
 
     Bounds: at most ``max_pending_rounds`` rounds not yet opened (oldest dropped first),
-    ``max_pending_bytes`` of tensor data in them, ``max_messages_per_round`` per round;
-    messages for the last ``remember_closed`` closed rounds are dropped on arrival.
+    ``max_pending_bytes`` of tensor data in them (counting data still being received, see
+    :meth:`reserve`), ``max_messages_per_round`` per round, ``max_open_rounds`` open rounds
+    (the oldest is closed when a caller opens more and never closes them); messages for the
+    last ``remember_closed`` closed rounds are dropped on arrival. An open round keeps the
+    first message of each (kind, sender, part) only, and, once it knows them (``open``
+    with ``members`` / ``part_sizes``), only those from members with a part of the right
+    size.
     """
 
     def __init__(
@@ -72,36 +96,83 @@ class Inbox:
         max_pending_rounds: int = 8,
         max_pending_bytes: int = 1 << 30,
         max_messages_per_round: int = 4096,
+        max_open_rounds: int = 64,
         remember_closed: int = 64,
     ) -> None:
         self._rounds: OrderedDict[bytes, list[Message]] = OrderedDict()
         self._pending_bytes: dict[bytes, int] = {}
-        self._open: set[bytes] = set()
+        self._reserved = 0
+        self._open: OrderedDict[bytes, _Shape] = OrderedDict()
+        self._keys: dict[bytes, set[tuple[type, Member, int]]] = {}
         self._closed: OrderedDict[bytes, None] = OrderedDict()
         self._max_pending = max_pending_rounds
         self._max_pending_bytes = max_pending_bytes
         self._max_messages = max_messages_per_round
+        self._max_open = max_open_rounds
         self._remember_closed = remember_closed
-        self._changed = asyncio.Event()
+        self._waiters: set[asyncio.Future[None]] = set()
         self.dropped = 0
 
+    def is_open(self, round_id: bytes) -> bool:
+        return round_id in self._open
+
+    def check(
+        self, round_id: bytes, kind: type, sender: Member, part: int, numel: int | None
+    ) -> str | None:
+        """Why a message with these fields would be dropped now, or None if it is welcome.
+
+        Receivers call this before reading a message's tensors, so that what would be
+        dropped is never allocated.
+        """
+        if round_id in self._closed:
+            return "the round is over here"
+        shape = self._open.get(round_id)
+        if shape is not None:
+            if shape.members is not None and sender not in shape.members:
+                return "the sender is not a member of the round"
+            sizes = shape.part_sizes
+            if sizes is not None:
+                if not 0 <= part < len(sizes):
+                    return f"part {part} of a round with {len(sizes)} parts"
+                if numel is not None and numel != sizes[part]:
+                    return f"part {part} with {numel} values, not {sizes[part]}"
+        if (kind, sender, part) in self._keys.get(round_id, ()):
+            return "a second message of the same kind, sender and part"
+        return None
+
+    def reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` being received for a round not open yet against the pending
+        bound (give them back with :meth:`release` before delivering the message).
+
+        Raises:
+            ProtocolViolation: no room for that many pending bytes.
+        """
+        if self._reserved + sum(self._pending_bytes.values()) + nbytes > self._max_pending_bytes:
+            raise ProtocolViolation(
+                f"no room for {nbytes} more bytes of rounds not started here "
+                f"(at most {self._max_pending_bytes})"
+            )
+        self._reserved += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self._reserved -= nbytes
+
     def deliver(self, message: Message) -> bool:
-        """Store a message; False when it was dropped (closed round or over a bound)."""
+        """Store a message; False when it was dropped (see :meth:`check`, or a bound)."""
         rid = message.round_id
-        if rid in self._closed:
+        if self.check(rid, type(message), message.sender, message.part, _numel(message)):
             self.dropped += 1
             return False
         box = self._rounds.get(rid)
         if rid not in self._open:
             size = _nbytes(message)
-            if size + sum(self._pending_bytes.values()) > self._max_pending_bytes:
+            if size + self._reserved + sum(self._pending_bytes.values()) > self._max_pending_bytes:
                 self.dropped += 1
                 return False
             if box is None:
                 pending = [r for r in self._rounds if r not in self._open]
                 if len(pending) >= self._max_pending:
-                    del self._rounds[pending[0]]
-                    self._pending_bytes.pop(pending[0], None)
+                    self._forget(pending[0])
             self._pending_bytes[rid] = self._pending_bytes.get(rid, 0) + size
         if box is None:
             box = self._rounds[rid] = []
@@ -109,39 +180,72 @@ class Inbox:
             self.dropped += 1
             return False
         box.append(message)
-        self._changed.set()
+        self._keys.setdefault(rid, set()).add((type(message), message.sender, message.part))
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         return True
 
-    def open(self, round_id: bytes) -> None:
-        self._open.add(round_id)
+    def open(
+        self,
+        round_id: bytes,
+        members: Collection[Member] | None = None,
+        part_sizes: Sequence[int] | None = None,
+    ) -> None:
+        """Start keeping ``round_id``'s messages without the pending bounds; with
+        ``members`` / ``part_sizes``, drop (now and from then on) what does not fit them."""
+        shape = self._open.pop(round_id, None)
+        if members is None and shape is not None:
+            members = shape.members
+        if part_sizes is None and shape is not None:
+            part_sizes = shape.part_sizes
+        self._open[round_id] = _Shape(
+            None if members is None else frozenset(members),
+            None if part_sizes is None else tuple(part_sizes),
+        )
         self._pending_bytes.pop(round_id, None)
         self._closed.pop(round_id, None)
-        self._rounds.setdefault(round_id, [])
+        kept = self._rounds.pop(round_id, [])
+        self._rounds[round_id] = []
+        self._keys.pop(round_id, None)
+        for message in kept:
+            self.deliver(message)
+        while len(self._open) > self._max_open:
+            self.close(next(iter(self._open)))
 
     def close(self, round_id: bytes) -> None:
         """Forget a round; messages for it that arrive later are dropped."""
-        self._open.discard(round_id)
-        self._rounds.pop(round_id, None)
-        self._pending_bytes.pop(round_id, None)
+        self._open.pop(round_id, None)
+        self._forget(round_id)
         self._closed[round_id] = None
         while len(self._closed) > self._remember_closed:
             self._closed.popitem(last=False)
+
+    def _forget(self, round_id: bytes) -> None:
+        self._rounds.pop(round_id, None)
+        self._pending_bytes.pop(round_id, None)
+        self._keys.pop(round_id, None)
 
     def messages(self, round_id: bytes) -> list[Message]:
         return self._rounds.get(round_id, [])
 
     async def wait_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
-        """Wait until ``predicate()`` holds or the loop clock passes ``deadline``."""
+        """Wait until ``predicate()`` holds or the loop clock passes ``deadline``.
+
+        Each wait has its own future, set by every delivery: concurrent rounds sharing the
+        inbox cannot consume one another's wake-ups.
+        """
         loop = asyncio.get_running_loop()
         while not predicate():
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            self._changed.clear()
-            if predicate():
-                return True
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(waiter)
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
                 return predicate()
+            finally:
+                self._waiters.discard(waiter)
         return True
