@@ -172,3 +172,36 @@ def test_stale_peer_behind_the_swarm_skips_the_round_it_already_holds() -> None:
     assert report is not None and report.resynced and not report.ok
     assert calls == [0] and d.round_index == 5 and not d.stale
     assert all(torch.equal(a, b) for a, b in zip(d.outer.master, donor.master, strict=True))
+
+
+def test_a_resynced_peer_never_rewinds_to_the_snapshot_it_already_adopted(monkeypatch) -> None:
+    """After adopting a donor's state, a later failed round asks only for fresher state:
+    re-adopting the same snapshot would put the round index back behind the swarm."""
+    import shoal.train.diloco_strategy as ds
+
+    donor = OuterNesterov(_peer_params(1))
+    donor.step(torch.full((11,), 0.01))
+    asked: list[int] = []
+
+    def fetch(services, mode, *, newer_than):
+        asked.append(newer_than)
+        return ResyncState(3, donor.state_tensors(), step=40) if newer_than < 40 else None
+
+    monkeypatch.setattr(ds, "resync_from_swarm", fetch)
+    strategy = object.__new__(ds.DiLoCoStrategy)
+    strategy.services, strategy.lowrank, strategy.applied_step = None, None, 10
+
+    def failing(vector, weight, index):
+        return RoundOutcome(False, reason="no group")
+
+    params = [t.clone() for t in _peer_params(1)]
+    d = DiLoCo(params, DiLoCoConfig(local_steps=1), failing, strategy._resync, strategy._on_resync)
+    strategy.diloco = d
+    assert not d.after_local_step(4).ok  # type: ignore[union-attr]
+    report = d.after_local_step(4)  # stale: adopts the donor's round 3
+    assert report is not None and report.resynced and d.round_index == 3
+    assert strategy.applied_step == 40
+    assert not d.after_local_step(4).ok  # type: ignore[union-attr]  # round 3 fails
+    report = d.after_local_step(4)  # nothing fresher than step 40: round 4, no rewind
+    assert report is not None and not report.resynced and report.round_index == 4
+    assert asked == [10, 40] and d.round_index == 5

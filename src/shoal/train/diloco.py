@@ -62,6 +62,8 @@ class ResyncState:
     """Rounds attempted by the donor (the next round it joins)."""
     tensors: dict[str, torch.Tensor]
     """``OuterNesterov.state_tensors()`` of the donor."""
+    step: int = 0
+    """The donor snapshot's step: a later resync wants state fresher than this."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,9 @@ class DiLoCoStrategy:
         )
 
     def _on_resync(self, state: ResyncState) -> None:
+        # Adopted state counts as applied: a later failed round must not fetch (and rewind
+        # to) the same snapshot again, or this peer's round index falls behind for good.
+        self.applied_step = max(self.applied_step, state.step)
         if self.lowrank is not None:
             self.lowrank.load_state_tensors(state.tensors)
 
@@ -133,4 +136,4 @@ def resync_from_swarm(services: PeerServices, mode: str, *, newer_than: int) -> 
     if snapshot is None or snapshot.meta.get("mode") != mode:
         return None
     tensors = {k: v for k, v in snapshot.files.get("extra", {}).items() if k.startswith("outer.")}
-    return ResyncState(int(snapshot.meta.get("round_index", 0)), tensors)
+    return ResyncState(int(snapshot.meta.get("round_index", 0)), tensors, snapshot.step)

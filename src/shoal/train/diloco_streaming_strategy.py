@@ -57,7 +57,10 @@ class StreamingStrategy:
         )
 
     def _resync(self) -> ResyncState | None:
-        return resync_from_swarm(self.services, self.mode, newer_than=self.applied_step)
+        state = resync_from_swarm(self.services, self.mode, newer_than=self.applied_step)
+        if state is not None:  # taken as applied: the next resync wants fresher state
+            self.applied_step = max(self.applied_step, state.step)
+        return state
 
     def step(self) -> StepOutcome:
         with self.services.monitor.profiler.compute:
