@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,7 +12,7 @@ from shoal.dht.peer import DHT
 from shoal.net import Identity, NetConfig, NetRuntime
 from shoal.net.shaper import LinkShaper, ShaperConfig
 from shoal.parallel.data.partition import shares_from_bandwidth
-from shoal.train.swarm_round import RoundsConfig, SwarmRounds, announced_bandwidth
+from shoal.train.swarm_round import RoundsConfig, SwarmRounds, announced_bandwidth, retry_key
 
 NUMEL = 1_000_000
 
@@ -149,3 +150,53 @@ def test_a_peer_behind_a_slow_uplink_is_given_a_smaller_share():
             dht.close()
         for rt in runtimes:
             rt.close()
+
+
+def test_a_round_retried_under_the_same_key_after_a_failed_all_reduce_succeeds():
+    """Sync mode asks again for a step whose round failed, with the same key. The retry
+    meets under a key derived from the failed group: under the old key the same members
+    would form the same round id, which their inboxes remember as over."""
+    runtimes = [NetRuntime(Identity.generate(), NetConfig(port=0)).start() for _ in range(2)]
+    dhts = [DHT(rt) for rt in runtimes]
+    try:
+        dhts[1].bootstrap([runtimes[0].address])
+        config = RoundsConfig(wire_codec="none", window_initial_s=20.0, allreduce_timeout_s=3.0)
+        rounds = [
+            SwarmRounds(rt, dht.node, swarm="t", config=config)
+            for rt, dht in zip(runtimes, dhts, strict=True)
+        ]
+
+        def attempt(sizes: list[int], late_s: float = 0.0) -> list:
+            vectors = [torch.full((n,), float(i)) for i, n in enumerate(sizes)]
+
+            def one(i: int):
+                if i == 1:  # the second peer comes back later, as after a longer step
+                    time.sleep(late_s)
+                coro = rounds[i].average(vectors[i], 1.0, round_key=b"sync/7", expected_peers=2)
+                return runtimes[i].run(coro, timeout_s=60.0)
+
+            with ThreadPoolExecutor(2) as pool:
+                outcomes = list(pool.map(one, range(2)))
+            return [(o, v) for o, v in zip(outcomes, vectors, strict=True)]
+
+        # The peers disagree on the vector's length: every part is the wrong size somewhere.
+        assert all(not o.ok for o, _ in attempt([1000, 999]))
+        # Under the old key, the first peer back would meet the second's stale entry and
+        # send into a round the second still holds as over.
+        for outcome, vector in attempt([1000, 1000], late_s=1.0):
+            assert outcome.ok, outcome.reason
+            assert torch.equal(vector, torch.full((1000,), 0.5))
+    finally:
+        for dht in dhts:
+            dht.close()
+        for rt in runtimes:
+            rt.close()
+
+
+def test_retry_keys_are_shared_by_the_failed_group_and_stay_short():
+    key = b"sync/7/abc"
+    first = retry_key(key, b"g1")
+    assert first == retry_key(key, b"g1") and first != retry_key(key, b"g2")
+    assert first.startswith(key + b"/after-")
+    again = retry_key(first, b"g3")
+    assert again != first and len(again) == len(first)

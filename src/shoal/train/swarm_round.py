@@ -13,9 +13,11 @@ failed round: a lost round is an outcome, not an error.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +33,7 @@ from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator,
 from shoal.parallel.data.rendezvous import MatchConfig, find_group
 from shoal.parallel.data.round import AllReduceConfig
 
-__all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds"]
+__all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds", "retry_key"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,18 @@ def announced_bandwidth(bps: float) -> float:
     return float(2.0 ** (round(2.0 * math.log2(max(bps, 1.0))) / 2.0))
 
 
+_MAX_RETRY_KEYS = 64
+_RETRY = b"/after-"
+
+
+def retry_key(round_key: bytes, failed_group_id: bytes) -> bytes:
+    """The key a retry of ``round_key`` meets under after its all-reduce failed in the group
+    ``failed_group_id`` (the same for every member of that group; bounded in length)."""
+    base = round_key.split(_RETRY, 1)[0]
+    tail = hashlib.blake2b(round_key + b"\0" + failed_group_id, digest_size=8).hexdigest()
+    return base + _RETRY + tail.encode()
+
+
 @dataclass(slots=True)
 class RoundOutcome:
     """What one round gave this peer."""
@@ -147,6 +161,8 @@ class SwarmRounds:
         """This peer's measured uplink, bits/s (moving average of each round's fastest send)."""
         self.last_group: GroupSpec | None = None
         """The contributors of the last successful round, as a group (for :meth:`again`)."""
+        self._retry_keys: OrderedDict[bytes, bytes] = OrderedDict()
+        """Round key -> the key its retry uses, for keys whose all-reduce failed here."""
         self.match = MatchConfig(
             max_group_size=cfg.max_group_size,
             min_group_size=cfg.min_group_size,
@@ -156,7 +172,18 @@ class SwarmRounds:
     async def average(
         self, vector: torch.Tensor, weight: float, *, round_key: bytes, expected_peers: int
     ) -> RoundOutcome:
-        """Average the flat fp32 ``vector`` in place with whoever meets under ``round_key``."""
+        """Average the flat fp32 ``vector`` in place with whoever meets under ``round_key``.
+
+        A key whose all-reduce failed here is not met under again: its board entries and
+        confirmations are still live, and the same members would derive the same round id,
+        which their inboxes remember as over. A retry (sync mode asks again for a step
+        that failed) meets under a key derived from the failed group, which every member of
+        that group derives alike.
+        """
+        for _ in range(_MAX_RETRY_KEYS):
+            if round_key not in self._retry_keys:
+                break
+            round_key = self._retry_keys[round_key]
         t0 = time.monotonic()
         cfg = self.config
         bandwidth = announced_bandwidth(self.uplink_bps or cfg.bandwidth_prior_bps)
@@ -192,6 +219,9 @@ class SwarmRounds:
         seconds["allreduce"] = time.monotonic() - t1
         self._observe_uplink()
         if not result.ok:
+            self._retry_keys[round_key] = retry_key(round_key, group.group_id)
+            while len(self._retry_keys) > _MAX_RETRY_KEYS:
+                self._retry_keys.popitem(last=False)
             return RoundOutcome(
                 False, group_size=len(members), reason=result.reason, seconds=seconds
             )
