@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
+from shoal.errors import ConfigError
 from shoal.train.diloco_lowrank import LowRankAverager
 from shoal.train.swarm_round import RoundOutcome
 
@@ -98,3 +100,11 @@ def test_peers_end_with_the_same_result_the_projected_weighted_mean() -> None:
     p, _ = torch.linalg.qr(sent)
     assert torch.allclose(p[:, :3] @ p[:, :3].T @ mean[:768].view(32, 24), sent, atol=1e-4)
     assert all(torch.equal(peers[0].q[i], peers[1].q[i]) for i in peers[0].q)
+
+
+def test_a_rank_that_compresses_no_matrix_is_refused_with_the_limit() -> None:
+    with pytest.raises(ConfigError, match=r"rank 16 compresses none.*at most rank 15"):
+        LowRankAverager([torch.Size([64, 64]), torch.Size([64])], 16)
+    assert LowRankAverager([torch.Size([64, 64])], 15).matrices == [0]
+    with pytest.raises(ConfigError, match="it has none to compress"):
+        LowRankAverager([torch.Size([4, 4]), torch.Size([8])], 1)

@@ -50,6 +50,17 @@ class LowRankAverager:
                 n, m = s[0], s.numel() // s[0]
                 if rank * (n + m) < n * m // 2:  # worth compressing
                     self.matrices.append(i)
+        if not self.matrices:
+            useful = [
+                (s[0] * (s.numel() // s[0]) // 2 - 1) // (s[0] + s.numel() // s[0])
+                for s in self.shapes
+                if len(s) >= 2
+            ]
+            best = max(useful, default=0)
+            raise ConfigError(
+                f"rank {rank} compresses none of the model's matrices"
+                + (f" (at most rank {best} does)" if best >= 1 else " (it has none to compress)")
+            )
         self.dense = [i for i in range(len(self.shapes)) if i not in self.matrices]
         g = torch.Generator().manual_seed(seed)
         self.q: dict[int, torch.Tensor] = {}
