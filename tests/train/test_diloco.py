@@ -205,3 +205,30 @@ def test_a_resynced_peer_never_rewinds_to_the_snapshot_it_already_adopted(monkey
     report = d.after_local_step(4)  # nothing fresher than step 40: round 4, no rewind
     assert report is not None and not report.resynced and report.round_index == 4
     assert asked == [10, 40] and d.round_index == 5
+
+
+def test_a_peer_left_out_of_the_mean_takes_the_outer_step_and_keeps_its_progress() -> None:
+    """A late or screened-out member gets the others' mean: it steps with them (same
+    master everywhere) and carries its own local progress and samples to the next round."""
+    start = _peer_params(3)
+    others_mean = torch.full((11,), 0.02)
+
+    def left_out(vector, weight, index):
+        vector.copy_(others_mean)
+        return RoundOutcome(
+            True, group_size=3, reason="own contribution left out: late", included=False
+        )
+
+    ps = [t.clone() for t in start]
+    d = DiLoCo(ps, DiLoCoConfig(local_steps=1, outer=OuterConfig(lr=1.0, momentum=0.0)), left_out)
+    ps[0].add_(0.5)
+    progress = [p - s for p, s in zip(ps, start, strict=True)]
+    report = d.after_local_step(8)
+    assert report is not None and report.ok and not d.stale
+    expected_master = OuterNesterov(start, OuterConfig(lr=1.0, momentum=0.0))
+    expected_master.step(others_mean)
+    for m, e in zip(d.outer.master, expected_master.master, strict=True):
+        assert torch.allclose(m, e)
+    for p, m, lp in zip(ps, d.outer.master, progress, strict=True):
+        assert torch.allclose(p, m + lp, atol=1e-6)  # local progress rebased, not dropped
+    assert d.samples == 8  # counted again in the next round's weight

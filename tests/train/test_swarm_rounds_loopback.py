@@ -200,3 +200,37 @@ def test_retry_keys_are_shared_by_the_failed_group_and_stay_short():
     assert first.startswith(key + b"/after-")
     again = retry_key(first, b"g3")
     assert again != first and len(again) == len(first)
+
+
+def test_a_peer_screened_out_of_the_mean_is_told_so():
+    """A member whose contribution the reducers reject still gets the others' mean, with
+    ``included`` False and the reducers' reason, so DiLoCo keeps its local progress."""
+    runtimes = [NetRuntime(Identity.generate(), NetConfig(port=0)).start() for _ in range(3)]
+    dhts = [DHT(rt) for rt in runtimes]
+    try:
+        for dht in dhts[1:]:
+            dht.bootstrap([runtimes[0].address])
+        config = RoundsConfig(wire_codec="none", window_initial_s=20.0)
+        rounds = [
+            SwarmRounds(rt, dht.node, swarm="t", config=config)
+            for rt, dht in zip(runtimes, dhts, strict=True)
+        ]
+        vectors = [torch.full((1000,), 1.0), torch.full((1000,), 3.0), torch.full((1000,), 1.0)]
+        vectors[2][7] = float("nan")
+
+        def one(i: int):
+            coro = rounds[i].average(vectors[i], 1.0, round_key=b"screen", expected_peers=3)
+            return runtimes[i].run(coro, timeout_s=60.0)
+
+        with ThreadPoolExecutor(3) as pool:
+            outcomes = list(pool.map(one, range(3)))
+        for outcome, v in zip(outcomes, vectors, strict=True):
+            assert outcome.ok and len(outcome.contributors) == 2
+            assert torch.equal(v, torch.full((1000,), 2.0))
+        assert [o.included for o in outcomes] == [True, True, False]
+        assert "not finite" in outcomes[2].reason
+    finally:
+        for dht in dhts:
+            dht.close()
+        for rt in runtimes:
+            rt.close()

@@ -127,10 +127,21 @@ class DiLoCo:
         outcome = self.average(delta, float(self.samples), r)
         self.round_index += 1
         self.local_steps_done = 0
-        if outcome.ok:
+        if outcome.ok and outcome.included:
             self.outer.step(delta)
             self.outer.load_into(self.params)
             self.samples = 0
+            self.stale = False
+        elif outcome.ok:
+            # The swarm's mean left this peer's contribution out (late, or screened): take
+            # the outer step everyone takes, and keep the local progress and its samples
+            # on top of it for the next round instead of dropping them.
+            old = [m.clone() for m in self.outer.master]
+            self.outer.step(delta)
+            new = self.outer.master
+            self.outer.master = old
+            self.outer.rebase(self.params, new)
+            self.outer.master = new
             self.stale = False
         else:
             self.stale = True

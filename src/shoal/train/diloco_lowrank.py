@@ -91,6 +91,8 @@ class LowRankAverager:
         out1 = raw(first, weight, index, 0)
         if not out1.ok:
             return out1
+        if not out1.included:  # the second exchange runs among the contributors only
+            return RoundOutcome(False, group_size=out1.group_size, reason=out1.reason)
         p_hat: dict[int, torch.Tensor] = {}
         offset = 0
         for i in self.matrices:

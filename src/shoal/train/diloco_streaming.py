@@ -146,13 +146,21 @@ class StreamingDiLoCo:
             p.future.cancel()
             outcome = RoundOutcome(False, reason=f"fragment round did not finish: {exc!r}")
         self.round_index += 1
-        if outcome.ok:
+        if outcome.ok and outcome.included:
             outer = self.outers[p.fragment]
             outer.step(p.delta)
             a = self.mix_alpha
             for param, m in zip(self.fragment_params(p.fragment), outer.master, strict=True):
                 param.mul_(a).add_(m.to(param.device, param.dtype), alpha=1 - a)
             self.samples[p.fragment] = 0
+        elif outcome.ok:  # our contribution was left out: keep its progress and samples
+            outer = self.outers[p.fragment]
+            old = [m.clone() for m in outer.master]
+            outer.step(p.delta)
+            new = outer.master
+            outer.master = old
+            outer.rebase(self.fragment_params(p.fragment), new)
+            outer.master = new
         else:
             self.stale = True
         return RoundReport(

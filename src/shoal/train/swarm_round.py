@@ -128,6 +128,9 @@ class RoundOutcome:
     reason: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     """``matchmaking`` and ``allreduce`` wall seconds."""
+    included: bool = True
+    """This peer's own contribution is in the result (a late or screened-out member gets the
+    others' mean, ``ok``, without it: ``reason`` then says why)."""
 
 
 class SwarmRounds:
@@ -226,6 +229,8 @@ class SwarmRounds:
                 False, group_size=len(members), reason=result.reason, seconds=seconds
             )
         contributors = frozenset(p for p in result.contributors if isinstance(p, PeerID))
+        own = self.runtime.peer_id
+        left_out = "" if own in contributors else result.excluded.get(own, "left out")
         kept = [i for i, m in enumerate(members) if m in contributors]
         self.last_group = GroupSpec(
             group.group_id,
@@ -238,7 +243,9 @@ class SwarmRounds:
             contributors=contributors,
             weight=result.weight,
             group_size=len(members),
+            reason=f"own contribution left out: {left_out}" if left_out else "",
             seconds=seconds,
+            included=not left_out,
         )
 
     def _observe_uplink(self) -> None:
@@ -259,6 +266,8 @@ class SwarmRounds:
             return RoundOutcome(False, reason="no previous group")
         if all(last.client_mode):  # a reducer can contribute nothing itself (all screened out)
             return RoundOutcome(False, reason="no reducer among the last round's contributors")
+        if self.runtime.peer_id not in last.members:
+            return RoundOutcome(False, reason="this peer was left out of the last round")
         spec = GroupSpec(
             last.round_id[:32] + tag[:16], last.members, last.bandwidths_bps, last.client_mode
         )
@@ -280,4 +289,5 @@ class SwarmRounds:
             weight=result.weight,
             group_size=len(spec.members),
             seconds=seconds,
+            included=self.runtime.peer_id in contributors,
         )
