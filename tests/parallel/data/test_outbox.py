@@ -70,6 +70,22 @@ def test_an_expired_item_is_dropped_and_its_slot_released():
     asyncio.run(main())
 
 
+def test_an_item_expires_even_behind_one_that_lives_longer():
+    async def main():
+        box: Outbox[str] = Outbox()
+        loop = asyncio.get_running_loop()
+        box.post(A, b"r", "long", 60.0)
+        box.post(A, b"r", "short", 0.0)
+        limit = loop.time() + 5.0
+        while box.queued() > 1 and loop.time() < limit:  # until the expiry callback ran
+            await asyncio.sleep(0)
+        assert box.queued() == 1 and len(box) == 1
+        async with box.pull(A, b"r", 0.01) as stream:
+            assert await stream.next() == "long"
+
+    asyncio.run(main())
+
+
 def test_an_item_whose_write_failed_goes_to_the_next_pull():
     async def main():
         box: Outbox[str] = Outbox()

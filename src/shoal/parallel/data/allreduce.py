@@ -59,6 +59,10 @@ async def _encode_off(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
     return await _offload(tensor.numel(), codec.encode, tensor)
 
 
+def _numel(data: WireTensor) -> int:
+    return data.numel if isinstance(data, Encoded) else data.numel()
+
+
 def _decode(codec: Codec | None, data: WireTensor) -> torch.Tensor:
     if isinstance(data, Encoded):
         if codec is None:
@@ -249,33 +253,29 @@ async def run_allreduce(
             await _send_all(transport, broadcasts, deadline)
 
         # 5. Commit: every part must carry the same contributor set.
-        undecodable: dict[int, str] = {}
+        arrived: dict[int, Reduced] = {}
 
         def complete() -> bool:
             for r in msgs(Reduced):
                 if (
                     r.part not in results
-                    and r.part not in undecodable
+                    and r.part not in arrived
                     and r.contributors == common
                     and r.sender in (members[r.part], reassigned.get(r.part))
                 ):
-                    try:
-                        results[r.part] = _decode(codec, r.data)
-                    except (ValueError, RuntimeError) as exc:
-                        undecodable[r.part] = f"{type(exc).__name__}: {exc}"
-                        continue
-                    part_weight[r.part] = r.weight
-            return bool(undecodable) or all(j in results for j in live_parts)
+                    arrived[r.part] = r
+            return all(j in results or j in arrived for j in live_parts)
 
-        arrived = await inbox.wait_until(complete, deadline)
-        if undecodable:
-            j, why = min(undecodable.items())
-            return _failed(
-                f"part {j} from its reducer cannot be decoded: {why}", excluded, seconds
-            ), None
-        if not arrived:
-            missing = sorted(j for j in live_parts if j not in results)
+        if not await inbox.wait_until(complete, deadline):
+            missing = sorted(j for j in live_parts if j not in results and j not in arrived)
             return _failed(f"parts {missing} missing at the deadline", excluded, seconds), None
+        for j, r in sorted(arrived.items()):
+            try:  # big parts decode off the loop
+                results[j] = await _offload(_numel(r.data) if codec else 0, _decode, codec, r.data)
+            except (ValueError, RuntimeError) as exc:
+                why = f"part {j} from its reducer cannot be decoded: {type(exc).__name__}: {exc}"
+                return _failed(why, excluded, seconds), None
+            part_weight[j] = r.weight
         for j in live_parts:
             a, b = ranges[j]
             if results[j].numel() != b - a:

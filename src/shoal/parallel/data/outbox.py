@@ -95,8 +95,10 @@ class Outbox(Generic[T]):
         if slot is None:
             return
         now = asyncio.get_running_loop().time()
-        while slot.queue and slot.queue[0][1] <= now:
-            slot.queue.popleft()
+        # Not only from the front: an item put back (or posted with a longer time to live)
+        # may sit before ones that expire sooner.
+        if any(expires <= now for _, expires in slot.queue):
+            slot.queue = deque(entry for entry in slot.queue if entry[1] > now)
         self._release(key, slot)
 
     def pull(self, member: PeerID, round_id: bytes, timeout_s: float) -> _Pull[T]:
