@@ -275,3 +275,15 @@ def test_registry_and_config_errors():
         TopKCodec(fraction=1.5)
     with pytest.raises(ConfigError, match="rank"):
         PowerSGDCodec(0)
+
+
+@pytest.mark.parametrize("codec", [Int8BlockwiseCodec(4), Int4BlockwiseCodec(4)])
+def test_blocks_of_tiny_values_keep_their_bound_and_their_zeros(codec):
+    """The inverse of a tiny absmax overflows to inf (then 0 * inf = NaN); dividing by the
+    absmax keeps the half-step bound down to the smallest normal floats."""
+    levels = 127 if codec.name == "int8" else 7
+    for absmax in (3e-37, 1e-38, 2e-38):
+        x = torch.tensor([absmax, absmax / 5, 0.0, -absmax / 3])
+        y = codec.decode(codec.encode(x))
+        assert torch.isfinite(y).all() and y[2] == 0
+        assert (x - y).abs().max() <= absmax / (2 * levels) * (1 + 1e-5)

@@ -68,8 +68,10 @@ class Int4BlockwiseCodec:
             blocks = piece.view(b1 - b0, bs)
             absmax = blocks.abs().amax(dim=1)
             torch.div(absmax, _QMAX, out=scales[b0:b1])
-            inv = torch.where(absmax > 0, _QMAX / absmax, torch.zeros_like(absmax))
-            scaled = (blocks * inv.unsqueeze(1)).round_().clamp_(-_QMAX, _QMAX).add_(_OFFSET)
+            # Divide (see int8.py): _QMAX / absmax overflows for tiny blocks, 0 * inf = NaN.
+            divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+            scaled = (blocks / divisor.unsqueeze(1)).mul_(_QMAX)
+            scaled.round_().clamp_(-_QMAX, _QMAX).add_(_OFFSET)
             count = hi - lo
             q = scaled.view(-1)[: count + count % 2].to(torch.uint8)  # lo is even: bs is
             packed[lo // 2 : lo // 2 + q.numel() // 2] = q[0::2] | (q[1::2] << 4)

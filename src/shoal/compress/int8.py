@@ -60,8 +60,10 @@ class Int8BlockwiseCodec:
         lo, hi = torch.aminmax(blocks, dim=1)
         absmax = torch.maximum(hi, lo.neg_())
         torch.div(absmax, _QMAX, out=scales_out)
-        inv = torch.where(absmax > 0, _QMAX / absmax, torch.zeros_like(absmax))
-        scaled = blocks * inv.unsqueeze(1)
+        # Divide by absmax rather than multiply by _QMAX / absmax: that inverse overflows to
+        # inf for absmax below ~4e-37, and a zero times inf is NaN.
+        divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        scaled = (blocks / divisor.unsqueeze(1)).mul_(_QMAX)
         scaled.round_().clamp_(-_QMAX, _QMAX)
         q_out.copy_(scaled)
 

@@ -183,6 +183,9 @@ class SwarmRounds:
         that failed) meets under a key derived from the failed group, which every member of
         that group derives alike.
         """
+        # Peers with different wire codecs must not meet: int8 bytes read as int4 nibbles
+        # decode to finite garbage.
+        round_key = round_key + b"/" + self.config.wire_codec.encode()
         for _ in range(_MAX_RETRY_KEYS):
             if round_key not in self._retry_keys:
                 break

@@ -17,7 +17,7 @@ import torch
 from shoal.parallel.data.allreduce import AllReduceConfig, RoundStatus
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.memory import Fault, MemoryNetwork, PeerKilled
-from shoal.parallel.data.messages import Contribution, Report
+from shoal.parallel.data.messages import Contribution, Reduced, Report
 
 SIZE = 1001  # not divisible by the group size: parts differ in length
 
@@ -316,5 +316,35 @@ def test_a_reducer_with_another_wire_codec_fails_the_round_instead_of_raising():
 
     a, _ = asyncio.run(main())
     assert not a.ok
-    assert "cannot be decoded" in a.reason and "fp16" in a.reason
+    assert "unusable" in a.reason and "fp16" in a.reason
     assert torch.equal(inputs["a"], before)  # a failed round leaves the tensors untouched
+
+
+def test_a_reducer_sending_non_finite_results_fails_the_round_for_everyone_else():
+    """Contributions are screened; results are checked too: a reducer's NaN never reaches
+    another member's tensors."""
+    members = ["a", "b", "c"]
+    inputs = _inputs(members)
+    weights = {"a": 1.0, "b": 2.0, "c": 3.0}
+
+    def rewrite(dc, to, msg):
+        if isinstance(msg, Reduced):
+            data = msg.data.clone()
+            data[3] = float("nan")
+            return dc.replace(msg, data=data)
+        return msg
+
+    results, outputs = _tampered_round(members, "b", rewrite, inputs, weights)
+    for m in ("a", "c"):
+        assert not results[m].ok and "not finite" in results[m].reason
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def test_encoded_data_of_another_codec_is_refused_not_misread():
+    """int8 bytes read as int4 nibbles would decode to finite garbage of the right size."""
+    from shoal.compress import Int4BlockwiseCodec, Int8BlockwiseCodec
+    from shoal.parallel.data.allreduce import _decode
+
+    encoded = Int8BlockwiseCodec(256).encode(torch.randn(1000))
+    with pytest.raises(ValueError, match="'int8'-encoded data, this round uses 'int4'"):
+        _decode(Int4BlockwiseCodec(256), encoded)

@@ -182,3 +182,22 @@ def test_a_result_is_serialized_once_for_all_members():
     assert blob == part.numpy().tobytes()
     contribution = _wire(Contribution(b"r", SENDER, 0, 1.0, part))
     assert not any(isinstance(f, bytes) for f in contribution.frames())
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_a_huge_block_size_is_refused_before_any_decoding(codec):
+    """Two values with one scale but a block of 2**21 would make a decoder work (and
+    allocate) for the whole block."""
+    from shoal.errors import ProtocolViolation
+    from shoal.parallel.data.grpc_transport import MAX_BLOCK_SIZE
+
+    q = torch.zeros(
+        2 if codec == "int8" else 1, dtype=torch.int8 if codec == "int8" else torch.uint8
+    )
+    meta = pb.RoundMessage(
+        round_id=b"r", kind=pb.CONTRIBUTION, codec=codec, numel=2, block_size=2 * MAX_BLOCK_SIZE
+    )
+    with pytest.raises(ProtocolViolation, match="block size"):
+        parse(meta, SENDER, [q, torch.ones(1)])
+    meta.block_size = 256
+    assert parse(meta, SENDER, [q, torch.ones(1)]).data.meta["block_size"] == 256

@@ -28,6 +28,7 @@ copy of what it sent, so every member ends with identical values.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence, Set
 from typing import TypeVar
@@ -67,8 +68,21 @@ def _decode(codec: Codec | None, data: WireTensor) -> torch.Tensor:
     if isinstance(data, Encoded):
         if codec is None:
             raise ValueError(f"received {data.codec!r}-encoded data, but no codec is set")
+        if data.codec != codec.name:  # int8 bytes read as int4 nibbles decode to garbage
+            raise ValueError(
+                f"received {data.codec!r}-encoded data, this round uses {codec.name!r}"
+            )
         return codec.decode(data).reshape(-1)
     return data.reshape(-1)
+
+
+def _decode_result(codec: Codec | None, data: WireTensor) -> torch.Tensor:
+    """A reducer's result part, decoded; refused unless every value is finite (one pass:
+    a NaN or inf anywhere makes the sum non-finite)."""
+    part = _decode(codec, data)
+    if not math.isfinite(float(part.sum())):
+        raise ValueError("values are not finite")
+    return part
 
 
 async def _send_all(
@@ -271,9 +285,9 @@ async def run_allreduce(
             return _failed(f"parts {missing} missing at the deadline", excluded, seconds), None
         for j, r in sorted(arrived.items()):
             try:  # big parts decode off the loop
-                results[j] = await _offload(_numel(r.data) if codec else 0, _decode, codec, r.data)
+                results[j] = await _offload(_numel(r.data), _decode_result, codec, r.data)
             except (ValueError, RuntimeError) as exc:
-                why = f"part {j} from its reducer cannot be decoded: {type(exc).__name__}: {exc}"
+                why = f"part {j} from its reducer is unusable: {type(exc).__name__}: {exc}"
                 return _failed(why, excluded, seconds), None
             part_weight[j] = r.weight
         for j in live_parts:

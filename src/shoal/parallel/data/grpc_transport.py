@@ -62,6 +62,8 @@ MAX_BANDWIDTH_BPS = 1e11
 _RATE_SAMPLE_MIN_BYTES = 256 * 1024
 """Smaller sends measure latency, not bandwidth."""
 MAX_ROUND_ID_BYTES = 64
+MAX_BLOCK_SIZE = 1 << 20
+"""Largest block of a blockwise codec accepted from the wire (the defaults are 256 and 4096)."""
 MAX_PULL_S = 900.0
 """The longest a pull stream stays open, whatever deadline the client asks for."""
 _PULL_ATTEMPTS = 5
@@ -177,6 +179,8 @@ def _check_payload(meta: pb.RoundMessage, tensors: list[torch.Tensor]) -> Encode
     dtype, stored = (torch.int8, n) if codec == "int8" else (torch.uint8, -(-n // 2))
     if bs < 1 or q.dtype != dtype or q.numel() != stored or scales.dtype != torch.float32:
         raise ProtocolViolation(f"malformed {codec} part")
+    if bs > MAX_BLOCK_SIZE:  # a decoder works block by block: bound what one block costs
+        raise ProtocolViolation(f"{codec} part with block size {bs} (at most {MAX_BLOCK_SIZE})")
     if codec == "int4" and bs % 2:
         raise ProtocolViolation(f"int4 part with odd block size {bs}")
     if scales.numel() != -(-n // bs):
