@@ -80,6 +80,27 @@ def test_a_newer_snapshot_supersedes_a_queued_one(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000003"]
 
 
+def test_a_queued_disk_write_is_not_lost_to_a_newer_serve_only_snapshot(tmp_path):
+    """Every-N-rounds checkpoints: round 2's write must reach disk even when round 3's
+    serve-only snapshot replaces it in the queue (it goes out with round 3's state)."""
+    model, opt = _model()
+    entered, release = threading.Event(), threading.Event()
+
+    def block_first(saved):
+        if saved.step == 1:
+            entered.set()
+            assert release.wait(10)
+
+    ckpt = BackgroundCheckpointer(tmp_path, CheckpointerConfig(keep_last=5), on_saved=block_first)
+    ckpt.save(1, lambda: take_snapshot(1, model, opt))
+    assert entered.wait(10)
+    ckpt.save(2, lambda: take_snapshot(2, model, opt), write=True)
+    ckpt.save(3, lambda: take_snapshot(3, model, opt), write=False)
+    release.set()
+    assert ckpt.close(timeout_s=30)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000003"]
+
+
 def test_torn_newest_checkpoint_is_skipped_with_a_line_naming_the_file(tmp_path, caplog):
     model, opt = _model()
     ckpt = BackgroundCheckpointer(tmp_path, CheckpointerConfig(interval_steps=1, keep_last=3))

@@ -123,3 +123,20 @@ def test_parse_progress_skips_malformed_records() -> None:
     }
     assert parse_progress(found) == [(OTHER, 5, 64)]
     assert parse_progress(None) == [] and parse_progress(b"x") == []
+
+
+def test_a_round_failed_by_stopping_downloads_no_state(monkeypatch):
+    """SIGINT during a sync round makes it fail; the peer must then stop, not fetch (and
+    throw away) the swarm's whole state first."""
+    import threading
+
+    import shoal.train.collaborative_strategy as cs
+
+    def fetch(*args, **kwargs):
+        raise AssertionError("a stopping peer fetched state")
+
+    monkeypatch.setattr(cs, "fetch_from_swarm", fetch)
+    strategy = object.__new__(cs.SyncStrategy)
+    strategy.stop = threading.Event()
+    strategy.stop.set()
+    assert strategy._catch_up() is False

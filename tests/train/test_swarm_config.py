@@ -32,6 +32,17 @@ def test_peer_options_are_checked() -> None:
     with pytest.raises(ConfigError, match="--announce"):
         PeerOptions(host="0.0.0.0")
     PeerOptions(host="0.0.0.0", announce="198.18.0.7:31337")
+    for bad, match in [
+        ({"report_every": 0}, "report_every"),
+        ({"threads": 0}, "threads"),
+        ({"rank": -1}, "rank"),
+        ({"metrics_port": -5}, "metrics_port"),
+        ({"join": ("127.0.0.1",)}, "HOST:PORT"),
+        ({"join": ("127.0.0.1:notaport",)}, "HOST:PORT"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            PeerOptions(**bad)
+    PeerOptions(join=("127.0.0.1:31337", "peer.example:9"))
 
 
 def test_round_keys_separate_modes_rounds_and_parameters() -> None:

@@ -98,7 +98,9 @@ def register(app: typer.Typer) -> None:
         shard_index, num_shards = None, 1
         if shard:
             i, _, n = shard.partition("/")
-            shard_index, num_shards = int(i), int(n or "1")
+            if not i.isdigit() or not n.isdigit():
+                raise typer.BadParameter(f"--shard must be I/N (e.g. 0/4), got {shard!r}")
+            shard_index, num_shards = int(i), int(n)
         from shoal.train.outer import OuterConfig
         from shoal.train.swarm_config import PeerOptions
 

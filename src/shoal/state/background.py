@@ -140,6 +140,9 @@ class BackgroundCheckpointer:
                     self._pending[0].step,
                     snapshot.step,
                 )
+                # A disk write still owed goes with the newer snapshot: replacing a queued
+                # write by a serve-only snapshot lost the every-N-rounds checkpoint.
+                write = write or self._pending[1]
             self._pending = (snapshot, write)
             self._cond.notify_all()
 

@@ -128,6 +128,8 @@ class SyncStrategy:
         return outcome
 
     def _catch_up(self) -> bool:
+        if self.stop.is_set():  # the round failed because we are stopping: no download
+            return False
         s, t = self.services, self.trainer
         ckpt = fetch_from_swarm(s.runtime, s.dht, s.state_key, newer_than=t.step)
         if ckpt is None:

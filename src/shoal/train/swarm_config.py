@@ -130,3 +130,16 @@ class PeerOptions:
             raise ConfigError("window_s, heartbeat_s and allreduce_timeout_s must be > 0")
         if self.checkpoint_every_rounds < 0 or self.eval_every_rounds < 0:
             raise ConfigError("checkpoint_every_rounds and eval_every_rounds must be >= 0")
+        for name in ("report_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.rank < 0 or self.warmup_steps < 0:
+            raise ConfigError(
+                f"rank and warmup_steps must be >= 0, got {self.rank}, {self.warmup_steps}"
+            )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be in [0, 65535], got {self.metrics_port!r}")
+        for address in self.join:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ConfigError(f"join addresses must be HOST:PORT, got {address!r}")
