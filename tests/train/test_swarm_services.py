@@ -36,3 +36,35 @@ def test_a_round_expects_the_peers_that_joined_since_the_last_refresh(tmp_path: 
         if second is not None:
             second.close()
         first.close()
+
+
+def test_a_peer_announced_by_name_is_dialed_back_and_reduces(tmp_path: Path) -> None:
+    """A helper dials only the IP it saw us come from: the announced name is resolved
+    before asking, or a reachable peer would turn itself into a client."""
+    import socket
+
+    events: list[tuple[str, dict]] = []
+
+    def emit(event: str, **fields: object) -> None:
+        events.append((event, fields))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = PeerServices.start(PeerOptions(run_dir=tmp_path / "a"), Identity.generate(), emit)
+    second = None
+    try:
+        named = PeerOptions(
+            run_dir=tmp_path / "b",
+            port=port,
+            announce=f"localhost:{port}",
+            join=(first.runtime.address,),
+        )
+        second = PeerServices.start(named, Identity.generate(), emit)
+        (check,) = [f for e, f in events if e == "reachability"]
+        assert check["reached"] == 1 and check["client_mode"] is False
+        assert not second.opts.client_mode
+    finally:
+        if second is not None:
+            second.close()
+        first.close()

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -294,9 +296,13 @@ class Traversal:
     async def check_reachability(
         self, helpers: list[RelayAddress], advertised: list[str]
     ) -> Verdict:
-        """Ask ``helpers`` (concurrently, each bounded) to dial back ``advertised``."""
+        """Ask ``helpers`` (concurrently, each bounded) to dial back ``advertised``.
+
+        Names are resolved first: a helper dials only the IP it saw us come from, so an
+        address announced by name would never be tried and would read as unreachable.
+        """
         port = _free_port()
-        asked = tuple(advertised)
+        asked = tuple([await _resolved(a, self.config.probe_timeout_s) for a in advertised])
         results = await asyncio.gather(
             *(
                 probe(
@@ -321,3 +327,28 @@ class Traversal:
             reports.append(result.report(asked, now))
         self.verdict = assess(reports, now, self.config.reachability)
         return self.verdict
+
+
+async def _resolved(address: str, timeout_s: float) -> str:
+    """``address`` with its host name replaced by its first IP (unchanged when it already
+    is an IP, or when the name does not resolve within ``timeout_s``)."""
+    host, sep, port = address.rpartition(":")
+    bare = host.strip("[]")
+    if not sep or not port.isdigit():
+        return address
+    try:
+        ipaddress.ip_address(bare)
+        return address
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM), timeout_s
+        )
+    except (OSError, TimeoutError):
+        return address
+    ip = str(infos[0][4][0]) if infos else ""
+    if not ip:
+        return address
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
