@@ -68,3 +68,24 @@ def test_a_peer_announced_by_name_is_dialed_back_and_reduces(tmp_path: Path) -> 
         if second is not None:
             second.close()
         first.close()
+
+
+def test_a_failed_start_names_the_cause_and_leaves_nothing_running(tmp_path: Path) -> None:
+    """--metrics-port already taken: a clear error, and the runtime's thread is gone."""
+    import socket
+    import threading
+
+    import pytest
+
+    from shoal.errors import ConfigError
+
+    before = {t.name for t in threading.enumerate()}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        opts = PeerOptions(run_dir=tmp_path, metrics_port=port)
+        with pytest.raises(ConfigError, match=f"metrics on port {port}"):
+            PeerServices.start(opts, Identity.generate(), lambda *a, **k: None)
+    left = {t.name for t in threading.enumerate() if t.is_alive()} - before
+    assert not any(name.startswith("shoal-net") for name in left), left

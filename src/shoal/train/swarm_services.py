@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.dht.peer import DHT
-from shoal.errors import NetworkError, ShoalError
+from shoal.errors import ConfigError, NetworkError, ShoalError
 from shoal.monitor import DhtSummaryStore, PeerMonitor, SummaryPublisher
 from shoal.monitor.config import EventLogConfig, MetricsConfig, MonitorConfig, SwarmViewConfig
 from shoal.monitor.traffic import net_traffic_provider
@@ -98,11 +98,15 @@ class PeerServices:
                 host=opts.host, port=opts.port, announce=opts.announce, swarm_key=opts.swarm_key
             ),
         ).start()
+        # What has started so far, stopped in reverse if a later step fails: a failed start
+        # leaves no thread, server or heartbeat behind.
+        undo: list[tuple[str, Callable[[], Any]]] = [("runtime", runtime.close)]
         try:
             # Every peer answers dial-backs (relaying stays off): joiners learn from them
             # whether they can be reached.
             nat = Traversal(runtime, TraversalConfig(probe_timeout_s=_PROBE_TIMEOUT_S))
             runtime.run(nat.start(), timeout_s=5.0)
+            undo.append(("dial-back", lambda: runtime.run(nat.close(), timeout_s=3.0)))
             if opts.join and opts.check_reachability and not opts.client_mode:
                 try:
                     found = _reachability(runtime, nat, opts.join)
@@ -116,52 +120,64 @@ class PeerServices:
                     opts = replace(opts, client_mode=True)
             # Others cannot count on reaching a client: it stays out of their routing tables.
             dht = DHT(runtime, serve=not opts.client_mode)
-        except BaseException:
-            runtime.close()
-            raise
-        emit("listening", address=runtime.address, peer_id=runtime.peer_id.to_string())
-        if opts.join:
-            try:
-                dht.bootstrap(list(opts.join), _JOIN_RETRY)
-            except ShoalError as exc:  # alone for now; others may find us later
-                log.warning("could not join via %s: %s", ",".join(opts.join), exc)
-        hb = opts.heartbeat_s
-        swarm_cfg = SwarmConfig(
-            swarm=opts.swarm,
-            heartbeat_interval_s=hb,
-            refresh_interval_s=hb,
-            ttl_s=max(4 * hb, 12.0),
-            max_clock_skew_s=2.0,
-        )
-        role = f"trainer:{opts.mode}"
-
-        def info() -> PeerInfo:
-            if opts.client_mode:  # it dials out only; nobody should dial it
-                return PeerInfo(reachability=Reachability.UNKNOWN, roles=(role,))
-            return PeerInfo(
-                addresses=(runtime.address,), reachability=Reachability.DIRECT, roles=(role,)
+            undo.append(("dht", dht.close))
+            emit("listening", address=runtime.address, peer_id=runtime.peer_id.to_string())
+            if opts.join:
+                try:
+                    dht.bootstrap(list(opts.join), _JOIN_RETRY)
+                except ShoalError as exc:  # alone for now; others may find us later
+                    log.warning("could not join via %s: %s", ",".join(opts.join), exc)
+            hb = opts.heartbeat_s
+            swarm_cfg = SwarmConfig(
+                swarm=opts.swarm,
+                heartbeat_interval_s=hb,
+                refresh_interval_s=hb,
+                ttl_s=max(4 * hb, 12.0),
+                max_clock_skew_s=2.0,
             )
+            role = f"trainer:{opts.mode}"
+            client_mode = opts.client_mode
 
-        membership = Membership(dht.node, swarm_cfg, info)
-        runtime.run(_call(membership.start), timeout_s=5.0)
-        view_cfg = SwarmViewConfig(
-            swarm=opts.swarm, publish_interval_s=max(2.0, hb), record_ttl_s=max(30.0, 6 * hb)
-        )
-        monitor = PeerMonitor(
-            MonitorConfig(
-                metrics=MetricsConfig(port=opts.metrics_port),
-                events=EventLogConfig(path=opts.events),
-                swarm_view=view_cfg,
-            ),
-            peer=runtime.peer_id.to_string(),
-            traffic=net_traffic_provider(runtime.traffic),
-        )
-        metrics_port = monitor.start()
-        if metrics_port is not None:
-            emit("metrics", port=metrics_port)
-        store = DhtSummaryStore(dht.node, config=view_cfg)
-        publisher = SummaryPublisher(monitor.snapshot, store.publish, view_cfg)
-        runtime.run(publisher.astart(), timeout_s=5.0)
+            def info() -> PeerInfo:
+                if client_mode:  # it dials out only; nobody should dial it
+                    return PeerInfo(reachability=Reachability.UNKNOWN, roles=(role,))
+                return PeerInfo(
+                    addresses=(runtime.address,), reachability=Reachability.DIRECT, roles=(role,)
+                )
+
+            membership = Membership(dht.node, swarm_cfg, info)
+            runtime.run(_call(membership.start), timeout_s=5.0)
+            undo.append(("membership", lambda: runtime.run(membership.close(), timeout_s=3.0)))
+            view_cfg = SwarmViewConfig(
+                swarm=opts.swarm, publish_interval_s=max(2.0, hb), record_ttl_s=max(30.0, 6 * hb)
+            )
+            monitor = PeerMonitor(
+                MonitorConfig(
+                    metrics=MetricsConfig(port=opts.metrics_port),
+                    events=EventLogConfig(path=opts.events),
+                    swarm_view=view_cfg,
+                ),
+                peer=runtime.peer_id.to_string(),
+                traffic=net_traffic_provider(runtime.traffic),
+            )
+            undo.append(("monitor", monitor.close))
+            try:
+                metrics_port = monitor.start()
+            except OSError as exc:  # e.g. --metrics-port already taken
+                why = f"cannot serve metrics on port {opts.metrics_port}: {exc}"
+                raise ConfigError(why) from exc
+            if metrics_port is not None:
+                emit("metrics", port=metrics_port)
+            store = DhtSummaryStore(dht.node, config=view_cfg)
+            publisher = SummaryPublisher(monitor.snapshot, store.publish, view_cfg)
+            runtime.run(publisher.astart(), timeout_s=5.0)
+        except BaseException:
+            for name, fn in reversed(undo):
+                try:
+                    fn()
+                except Exception as exc:  # keep stopping the rest
+                    log.warning("stopping %s after a failed start: %s", name, exc)
+            raise
         return cls(opts, runtime, dht, membership, monitor, publisher, state_key(opts.swarm), nat)
 
     async def fresh_trainers(self) -> int:
