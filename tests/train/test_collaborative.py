@@ -140,3 +140,16 @@ def test_a_round_failed_by_stopping_downloads_no_state(monkeypatch):
     strategy.stop = threading.Event()
     strategy.stop.set()
     assert strategy._catch_up() is False
+
+
+def test_progress_records_outlive_a_round_in_progress():
+    """A peer publishes nothing while it waits in a round: its record must still count for
+    the others until the round's deadline, or they never reach the global batch with it."""
+    from shoal.train.collaborative_strategy import progress_ttl_s
+    from shoal.train.swarm_round import RoundsConfig
+
+    for cfg in (
+        RoundsConfig(),
+        RoundsConfig(window_initial_s=5.0, window_cap_s=5.0, allreduce_timeout_s=5.0),
+    ):
+        assert progress_ttl_s(cfg) >= cfg.round_deadline_s

@@ -20,7 +20,7 @@ import torch
 from shoal.errors import CheckpointError, NetworkError
 from shoal.train.collaborative import CollaborativeConfig, CollaborativeSync, ProgressRecord
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round import RoundOutcome, RoundsConfig
 from shoal.train.swarm_services import PeerServices
 from shoal.train.swarm_state import fetch_from_swarm, restore_peer
 from shoal.train.swarm_strategy import (
@@ -64,6 +64,18 @@ def parse_progress(found: Any) -> list[tuple[bytes, int, int]]:
     return out
 
 
+def progress_ttl_s(rounds: RoundsConfig) -> float:
+    """How long a peer's progress record counts for the others.
+
+    A peer publishes between micro-batches only, not while it waits in a round (up to the
+    round deadline) nor during a long step: a record that lapsed sooner made the others
+    stop counting a peer that was waiting for them, so every round shrank to one peer's
+    own target batch. A record of a peer that moved on (or died) is for an old step and
+    is ignored, or counts at most until this lapses.
+    """
+    return max(10.0, rounds.round_deadline_s)
+
+
 class SyncStrategy:
     mode = "sync"
 
@@ -76,7 +88,7 @@ class SyncStrategy:
         self.stop = stop
         self.rounds = swarm_rounds(services, opts)
         self.key = f"shoal/v1/swarm/{opts.swarm}/progress".encode()
-        self.ttl_s = 4 * 0.5 + 2.0
+        self.ttl_s = progress_ttl_s(self.rounds.config)
         me = services.runtime.peer_id.raw
         self.sync = CollaborativeSync(
             trainer.model,
