@@ -120,9 +120,13 @@ def test_a_failed_write_is_reported_and_the_worker_keeps_going(tmp_path):
     model, opt = _model()
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    ckpt = BackgroundCheckpointer(blocker, CheckpointerConfig(interval_steps=1))
+    errors = []
+    ckpt = BackgroundCheckpointer(
+        blocker, CheckpointerConfig(interval_steps=1), on_error=lambda s, e: errors.append((s, e))
+    )
     ckpt.save(1, lambda: take_snapshot(1, model, opt))
     assert ckpt.flush(30)
+    assert [s for s, _ in errors] == [1] and errors[0][1] is ckpt.last_error  # told, once
     assert ckpt.last_error is not None
     assert ckpt.latest_served() is not None and ckpt.latest_served().step == 1  # still servable
     ckpt.save(2, lambda: take_snapshot(2, model, opt))

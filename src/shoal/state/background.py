@@ -83,10 +83,13 @@ class BackgroundCheckpointer:
         config: CheckpointerConfig | None = None,
         *,
         on_saved: Callable[[SavedCheckpoint], None] | None = None,
+        on_error: Callable[[int, BaseException], None] | None = None,
     ) -> None:
         self.root = Path(root)
         self.config = config or CheckpointerConfig()
         self.on_saved = on_saved
+        self.on_error = on_error
+        """Called on the worker thread with the step and the error of a failed save."""
         self.superseded = 0
         self.pauses_s: list[float] = []
         self.last_saved: SavedCheckpoint | None = None
@@ -196,6 +199,8 @@ class BackgroundCheckpointer:
             except Exception as exc:  # a failed write must not kill the worker
                 self.last_error = exc
                 log.exception("background checkpoint of step %d failed", snapshot.step)
+                if self.on_error is not None:
+                    self.on_error(snapshot.step, exc)
             finally:
                 with self._cond:
                     self._busy = False

@@ -170,7 +170,10 @@ def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
             if path:
                 emit("checkpoint", step=saved.step, path=path)
 
-        services.attach_state(root, on_saved)
+        def on_error(step: int, exc: BaseException) -> None:  # e.g. the disk is full
+            emit("checkpoint_failed", step=step, error=f"{type(exc).__name__}: {exc}")
+
+        services.attach_state(root, on_saved, on_error)
         assert services.ckpt is not None  # attach_state sets it
         services.ckpt.save(trainer.step, provider, write=found.source is not Source.DISK)
         emit("ready", step=trainer.step, address=services.runtime.address)

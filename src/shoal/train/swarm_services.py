@@ -198,7 +198,12 @@ class PeerServices:
             1, len(live) + (0 if any(m.peer_id == self.runtime.peer_id for m in live) else 1)
         )
 
-    def attach_state(self, root: Path, on_saved: Callable[[SavedCheckpoint], None]) -> None:
+    def attach_state(
+        self,
+        root: Path,
+        on_saved: Callable[[SavedCheckpoint], None],
+        on_error: Callable[[int, BaseException], None] | None = None,
+    ) -> None:
         """Background checkpointer + State service + announcements (a client-mode peer
         only checkpoints: joiners could not reach it, or only slowly)."""
 
@@ -207,7 +212,9 @@ class PeerServices:
             if self.announcer is not None:
                 self.announcer.notify()
 
-        self.ckpt = BackgroundCheckpointer(root, CheckpointerConfig(keep_last=3), on_saved=saved)
+        self.ckpt = BackgroundCheckpointer(
+            root, CheckpointerConfig(keep_last=3), on_saved=saved, on_error=on_error
+        )
         if self.opts.client_mode:
             return
         self.server = StateServer(self.runtime, self.ckpt.latest_served)
