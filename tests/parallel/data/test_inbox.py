@@ -121,3 +121,15 @@ def test_open_rounds_are_bounded_by_closing_the_oldest():
         inbox.open(rid)
     assert not inbox.is_open(b"1") and inbox.is_open(b"2") and inbox.is_open(b"3")
     assert not inbox.deliver(Report(b"1", "a", 0, frozenset()))
+
+
+def test_a_message_being_received_refuses_its_parallel_repeats():
+    """Parallel streams of one (kind, sender, part) would each pass the repeat check while
+    none is delivered yet, and each take a part-sized buffer."""
+    inbox = Inbox()
+    inbox.open(b"r", members={"a"}, part_sizes=[10])
+    inbox.receiving(b"r", Contribution, "a", 0)
+    assert "being received" in inbox.check(b"r", Contribution, "a", 0, 10)
+    assert inbox.check(b"r", Report, "a", 0, None) is None  # another kind is fine
+    inbox.received(b"r", Contribution, "a", 0)
+    assert inbox.check(b"r", Contribution, "a", 0, 10) is None

@@ -229,6 +229,7 @@ class _Admission:
         self._pool = pool
         self._sender = sender
         self.reserved = 0
+        self._marked: tuple[bytes, type, PeerID, int] | None = None
 
     def allocator(self, meta: pb.RoundMessage) -> Callable[[int], bytearray]:
         kind = _TYPE.get(meta.kind)
@@ -238,6 +239,8 @@ class _Admission:
         why = self._inbox.check(meta.round_id, kind, self._sender, meta.part, numel)
         if why is not None:
             raise ProtocolViolation(f"round message refused: {why}")
+        self._marked = (meta.round_id, kind, self._sender, meta.part)
+        self._inbox.receiving(*self._marked)
         pending = not self._inbox.is_open(meta.round_id)
         most = 4 * (numel or 0)
 
@@ -252,9 +255,13 @@ class _Admission:
         return take
 
     def release(self) -> None:
-        """Give the pending bytes back (just before the message goes into the inbox)."""
+        """Give the pending bytes and the in-flight mark back (just before the message goes
+        into the inbox)."""
         self._inbox.release(self.reserved)
         self.reserved = 0
+        if self._marked is not None:
+            self._inbox.received(*self._marked)
+            self._marked = None
 
 
 async def receive_message(

@@ -104,6 +104,7 @@ class Inbox:
         self._reserved = 0
         self._open: OrderedDict[bytes, _Shape] = OrderedDict()
         self._keys: dict[bytes, set[tuple[type, Member, int]]] = {}
+        self._receiving: set[tuple[bytes, type, Member, int]] = set()
         self._closed: OrderedDict[bytes, None] = OrderedDict()
         self._max_pending = max_pending_rounds
         self._max_pending_bytes = max_pending_bytes
@@ -138,7 +139,17 @@ class Inbox:
                     return f"part {part} with {numel} values, not {sizes[part]}"
         if (kind, sender, part) in self._keys.get(round_id, ()):
             return "a second message of the same kind, sender and part"
+        if (round_id, kind, sender, part) in self._receiving:
+            return "the same kind, sender and part is being received already"
         return None
+
+    def receiving(self, round_id: bytes, kind: type, sender: Member, part: int) -> None:
+        """Mark a message as being received (its repeats are refused until :meth:`received`):
+        parallel streams of one message would otherwise each pass :meth:`check`."""
+        self._receiving.add((round_id, kind, sender, part))
+
+    def received(self, round_id: bytes, kind: type, sender: Member, part: int) -> None:
+        self._receiving.discard((round_id, kind, sender, part))
 
     def reserve(self, nbytes: int) -> None:
         """Count ``nbytes`` being received for a round not open yet against the pending
