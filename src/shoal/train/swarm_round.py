@@ -233,7 +233,8 @@ class SwarmRounds:
             )
         contributors = frozenset(p for p in result.contributors if isinstance(p, PeerID))
         own = self.runtime.peer_id
-        left_out = "" if own in contributors else result.excluded.get(own, "left out")
+        included = own in contributors
+        left_out = "" if included else result.excluded.get(own) or "left out"
         kept = [i for i, m in enumerate(members) if m in contributors]
         self.last_group = GroupSpec(
             group.group_id,
@@ -246,9 +247,9 @@ class SwarmRounds:
             contributors=contributors,
             weight=result.weight,
             group_size=len(members),
-            reason=f"own contribution left out: {left_out}" if left_out else "",
+            reason="" if included else f"own contribution left out: {left_out}",
             seconds=seconds,
-            included=not left_out,
+            included=included,
         )
 
     def _observe_uplink(self) -> None:
