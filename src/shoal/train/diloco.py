@@ -136,12 +136,7 @@ class DiLoCo:
             # The swarm's mean left this peer's contribution out (late, or screened): take
             # the outer step everyone takes, and keep the local progress and its samples
             # on top of it for the next round instead of dropping them.
-            old = [m.clone() for m in self.outer.master]
-            self.outer.step(delta)
-            new = self.outer.master
-            self.outer.master = old
-            self.outer.rebase(self.params, new)
-            self.outer.master = new
+            self.outer.keeping_progress(self.params, lambda: self.outer.step(delta))
             self.stale = False
         else:
             self.stale = True
@@ -162,12 +157,9 @@ class DiLoCo:
         state = self.resync()  # only state fresher than our last applied round
         if state is None:
             return False
-        old = [m.clone() for m in self.outer.master]
-        if not self.outer.load_state_tensors(state.tensors):
-            return False
-        self.outer.master, new = old, self.outer.master
-        self.outer.rebase(self.params, new)
-        self.outer.master = new
+        load = self.outer.load_state_tensors
+        if not self.outer.keeping_progress(self.params, lambda: load(state.tensors)):
+            return False  # nothing changed
         self.round_index = state.round_index
         self.stale = False
         if self.on_resync is not None:

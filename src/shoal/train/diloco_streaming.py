@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -155,12 +156,7 @@ class StreamingDiLoCo:
             self.samples[p.fragment] = 0
         elif outcome.ok:  # our contribution was left out: keep its progress and samples
             outer = self.outers[p.fragment]
-            old = [m.clone() for m in outer.master]
-            outer.step(p.delta)
-            new = outer.master
-            outer.master = old
-            outer.rebase(self.fragment_params(p.fragment), new)
-            outer.master = new
+            outer.keeping_progress(self.fragment_params(p.fragment), lambda: outer.step(p.delta))
         else:
             self.stale = True
         return RoundReport(
@@ -178,13 +174,9 @@ class StreamingDiLoCo:
         if state is None:
             return
         for f, outer in enumerate(self.outers):
-            old = [m.clone() for m in outer.master]
-            if not outer.load_state_tensors(state.tensors, prefix=f"outer.{f}"):
+            load = partial(outer.load_state_tensors, state.tensors, prefix=f"outer.{f}")
+            if not outer.keeping_progress(self.fragment_params(f), load):
                 return
-            new = outer.master
-            outer.master = old
-            outer.rebase(self.fragment_params(f), new)
-            outer.master = new
         self.stale = False
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

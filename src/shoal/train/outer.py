@@ -21,12 +21,15 @@ Pure tensor math, no I/O; the parameters can be any subset of a model (a fragmen
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from shoal.errors import ConfigError
+
+T = TypeVar("T")
 
 __all__ = ["OuterConfig", "OuterNesterov"]
 
@@ -96,11 +99,15 @@ class OuterNesterov:
             p.copy_(m.to(p.device, p.dtype))
 
     @torch.no_grad()
-    def rebase(self, params: Sequence[torch.Tensor], new_master: Sequence[torch.Tensor]) -> None:
-        """Move local progress onto a newer master: ``θ_local ← θ_new + (θ_local - θ_old)``."""
+    def keeping_progress(self, params: Sequence[torch.Tensor], change: Callable[[], T]) -> T:
+        """Run ``change`` (anything that moves the master: a step, a load) and move the local
+        ``params`` by as much: ``θ_local ← θ_new + (θ_local - θ_old)``; returns its result."""
         self._check(params)
-        for p, old, new in zip(params, self.master, new_master, strict=True):
-            p.add_((new - old).to(p.device, p.dtype))
+        old = [m.clone() for m in self.master]
+        result = change()
+        for p, before, after in zip(params, old, self.master, strict=True):
+            p.add_((after - before).to(p.device, p.dtype))
+        return result
 
     def state_tensors(self, prefix: str = "outer") -> dict[str, torch.Tensor]:
         """Master and momentum as named CPU tensors (for snapshots)."""
