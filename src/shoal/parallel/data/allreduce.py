@@ -39,7 +39,14 @@ from shoal.compress import Codec, Encoded
 from shoal.errors import NetworkError
 from shoal.parallel.data.aggregate import AggregationConfig, aggregate, screen
 from shoal.parallel.data.buffers import BufferPool
-from shoal.parallel.data.messages import Contribution, Member, Reduced, Report, WireTensor
+from shoal.parallel.data.messages import (
+    Contribution,
+    Member,
+    Reduced,
+    Report,
+    WireTensor,
+    wire_numel,
+)
 from shoal.parallel.data.round import AllReduceConfig, RoundResult, RoundStatus
 from shoal.parallel.data.transport import RoundTransport
 
@@ -58,10 +65,6 @@ async def _encode_off(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
     if codec is None:
         return tensor
     return await _offload(tensor.numel(), codec.encode, tensor)
-
-
-def _numel(data: WireTensor) -> int:
-    return data.numel if isinstance(data, Encoded) else data.numel()
 
 
 def _decode(codec: Codec | None, data: WireTensor) -> torch.Tensor:
@@ -285,7 +288,7 @@ async def run_allreduce(
             return _failed(f"parts {missing} missing at the deadline", excluded, seconds), None
         for j, r in sorted(arrived.items()):
             try:  # big parts decode off the loop
-                results[j] = await _offload(_numel(r.data), _decode_result, codec, r.data)
+                results[j] = await _offload(wire_numel(r.data), _decode_result, codec, r.data)
             except (ValueError, RuntimeError) as exc:
                 why = f"part {j} from its reducer is unusable: {type(exc).__name__}: {exc}"
                 return _failed(why, excluded, seconds), None

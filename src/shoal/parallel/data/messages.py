@@ -21,10 +21,15 @@ import torch
 
 from shoal.compress import Encoded
 
-__all__ = ["Contribution", "Member", "Message", "Reduced", "Report", "WireTensor"]
+__all__ = ["Contribution", "Member", "Message", "Reduced", "Report", "WireTensor", "wire_numel"]
 
 Member = Hashable
 WireTensor = torch.Tensor | Encoded
+
+
+def wire_numel(data: WireTensor) -> int:
+    """Values carried, encoded or not."""
+    return data.numel if isinstance(data, Encoded) else data.numel()
 
 
 @dataclass(frozen=True, slots=True)

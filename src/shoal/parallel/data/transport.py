@@ -23,7 +23,7 @@ import torch
 
 from shoal.compress import Encoded
 from shoal.errors import ProtocolViolation
-from shoal.parallel.data.messages import Member, Message
+from shoal.parallel.data.messages import Member, Message, wire_numel
 
 __all__ = ["Inbox", "RoundTransport"]
 
@@ -62,11 +62,7 @@ def _nbytes(message: Message) -> int:
 
 def _numel(message: Message) -> int | None:
     data = getattr(message, "data", None)
-    if isinstance(data, torch.Tensor):
-        return data.numel()
-    if isinstance(data, Encoded):
-        return data.numel
-    return None
+    return None if data is None else wire_numel(data)
 
 
 @dataclass(frozen=True, slots=True)
