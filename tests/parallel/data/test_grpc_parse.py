@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from shoal.errors import ProtocolViolation
 from shoal.net.identity import Identity
 from shoal.net.proto.v1 import averaging_pb2 as pb
-from shoal.parallel.data.grpc_transport import _frames, _wire, parse
 from shoal.parallel.data.messages import Contribution, Reduced, Report
+from shoal.parallel.data.wire import encode_message, message_frames, parse
 
 SENDER = Identity.generate().peer_id
 OTHER = Identity.generate().peer_id
@@ -73,7 +73,7 @@ def test_frames_round_trip_through_parse(codec):
     data = part if c is None else c.encode(part)
     message = Reduced(b"r", SENDER, 3, frozenset({SENDER, OTHER}), 7.0, data)
     # What the receiver sees: the frames as serialized for the wire, parsed back.
-    frames = [decode_frame(encode_frame(f)) for f in _frames(message)]
+    frames = [decode_frame(encode_frame(f)) for f in message_frames(message)]
     meta = pb.RoundMessage()
     assert frames[0].meta.Unpack(meta)
     headers = [f.header for f in frames[1:] if not hasattr(f, "data")]
@@ -168,7 +168,7 @@ def test_a_result_is_serialized_once_for_all_members():
     from shoal.net.tensors import decode_frame, encode_frame
 
     part = torch.randn(3 * MiB // 4 + 10)  # 3 MiB and a bit: four chunks
-    wire = _wire(Reduced(b"r", SENDER, 0, frozenset({SENDER}), 1.0, part))
+    wire = encode_message(Reduced(b"r", SENDER, 0, frozenset({SENDER}), 1.0, part))
     a, b = wire.frames(), wire.frames()
     first, second = [], []
     for x, y in zip(a, b, strict=True):  # two streams advancing together
@@ -180,7 +180,7 @@ def test_a_result_is_serialized_once_for_all_members():
     assert [len(c) for c in chunks] == [MiB, MiB, MiB, part.numel() * 4 - 3 * MiB]
     blob = b"".join(chunks)
     assert blob == part.numpy().tobytes()
-    contribution = _wire(Contribution(b"r", SENDER, 0, 1.0, part))
+    contribution = encode_message(Contribution(b"r", SENDER, 0, 1.0, part))
     assert not any(isinstance(f, bytes) for f in contribution.frames())
 
 
@@ -189,7 +189,7 @@ def test_a_huge_block_size_is_refused_before_any_decoding(codec):
     """Two values with one scale but a block of 2**21 would make a decoder work (and
     allocate) for the whole block."""
     from shoal.errors import ProtocolViolation
-    from shoal.parallel.data.grpc_transport import MAX_BLOCK_SIZE
+    from shoal.parallel.data.wire import MAX_BLOCK_SIZE
 
     q = torch.zeros(
         2 if codec == "int8" else 1, dtype=torch.int8 if codec == "int8" else torch.uint8
