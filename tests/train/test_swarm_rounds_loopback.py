@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,12 +19,24 @@ from shoal.train.swarm_round import RoundsConfig, SwarmRounds, announced_bandwid
 NUMEL = 1_000_000
 
 
-def test_a_client_mode_peer_contributes_without_reducing_and_uplinks_are_measured():
-    runtimes = [NetRuntime(Identity.generate(), NetConfig(port=0)).start() for _ in range(3)]
+@contextlib.contextmanager
+def _swarm(n: int) -> Iterator[tuple[list[NetRuntime], list[DHT]]]:
+    """``n`` runtimes with a DHT each, all joined through the first; closed afterwards."""
+    runtimes = [NetRuntime(Identity.generate(), NetConfig(port=0)).start() for _ in range(n)]
     dhts = [DHT(rt) for rt in runtimes]
     try:
         for dht in dhts[1:]:
             dht.bootstrap([runtimes[0].address])
+        yield runtimes, dhts
+    finally:
+        for dht in dhts:
+            dht.close()
+        for rt in runtimes:
+            rt.close()
+
+
+def test_a_client_mode_peer_contributes_without_reducing_and_uplinks_are_measured():
+    with _swarm(3) as (runtimes, dhts):
         rounds = [
             SwarmRounds(
                 rt,
@@ -75,11 +89,6 @@ def test_a_client_mode_peer_contributes_without_reducing_and_uplinks_are_measure
         for r in rounds:
             spec = r.last_group
             assert dict(zip(spec.members, spec.bandwidths_bps, strict=True)) == announced
-    finally:
-        for dht in dhts:
-            dht.close()
-        for rt in runtimes:
-            rt.close()
 
 
 def test_announced_bandwidth_sits_on_a_half_octave_grid():
@@ -156,10 +165,7 @@ def test_a_round_retried_under_the_same_key_after_a_failed_all_reduce_succeeds()
     """Sync mode asks again for a step whose round failed, with the same key. The retry
     meets under a key derived from the failed group: under the old key the same members
     would form the same round id, which their inboxes remember as over."""
-    runtimes = [NetRuntime(Identity.generate(), NetConfig(port=0)).start() for _ in range(2)]
-    dhts = [DHT(rt) for rt in runtimes]
-    try:
-        dhts[1].bootstrap([runtimes[0].address])
+    with _swarm(2) as (runtimes, dhts):
         config = RoundsConfig(wire_codec="none", window_initial_s=20.0, allreduce_timeout_s=3.0)
         rounds = [
             SwarmRounds(rt, dht.node, swarm="t", config=config)
@@ -186,11 +192,6 @@ def test_a_round_retried_under_the_same_key_after_a_failed_all_reduce_succeeds()
         for outcome, vector in attempt([1000, 1000], late_s=1.0):
             assert outcome.ok, outcome.reason
             assert torch.equal(vector, torch.full((1000,), 0.5))
-    finally:
-        for dht in dhts:
-            dht.close()
-        for rt in runtimes:
-            rt.close()
 
 
 def test_retry_keys_are_shared_by_the_failed_group_and_stay_short():
@@ -205,11 +206,7 @@ def test_retry_keys_are_shared_by_the_failed_group_and_stay_short():
 def test_a_peer_screened_out_of_the_mean_is_told_so():
     """A member whose contribution the reducers reject still gets the others' mean, with
     ``included`` False and the reducers' reason, so DiLoCo keeps its local progress."""
-    runtimes = [NetRuntime(Identity.generate(), NetConfig(port=0)).start() for _ in range(3)]
-    dhts = [DHT(rt) for rt in runtimes]
-    try:
-        for dht in dhts[1:]:
-            dht.bootstrap([runtimes[0].address])
+    with _swarm(3) as (runtimes, dhts):
         config = RoundsConfig(wire_codec="none", window_initial_s=20.0)
         rounds = [
             SwarmRounds(rt, dht.node, swarm="t", config=config)
@@ -229,8 +226,3 @@ def test_a_peer_screened_out_of_the_mean_is_told_so():
             assert torch.equal(v, torch.full((1000,), 2.0))
         assert [o.included for o in outcomes] == [True, True, False]
         assert "not finite" in outcomes[2].reason
-    finally:
-        for dht in dhts:
-            dht.close()
-        for rt in runtimes:
-            rt.close()

@@ -136,10 +136,9 @@ class PeerServices:
                 max_clock_skew_s=2.0,
             )
             role = f"trainer:{opts.mode}"
-            client_mode = opts.client_mode
 
             def info() -> PeerInfo:
-                if client_mode:  # it dials out only; nobody should dial it
+                if opts.client_mode:  # it dials out only; nobody should dial it
                     return PeerInfo(reachability=Reachability.UNKNOWN, roles=(role,))
                 return PeerInfo(
                     addresses=(runtime.address,), reachability=Reachability.DIRECT, roles=(role,)
