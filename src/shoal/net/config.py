@@ -14,6 +14,13 @@ from shoal.errors import ConfigError
 MiB = 1 << 20
 
 
+def is_host_port(text: str) -> bool:
+    """``text`` is ``host:port`` with a non-empty host and a port in 1..65535."""
+    host, sep, port = text.rpartition(":")
+    digits = port.isascii() and port.isdigit() and len(port) <= 5  # int() refuses "²"
+    return bool(sep and host and digits and 0 < int(port) <= 65535)
+
+
 def _positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -179,10 +186,8 @@ class NetConfig:
         _positive(self, "max_message_bytes", "chunk_bytes", "max_tracked_peers")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"NetConfig.port must be in [0, 65535], got {self.port!r}")
-        if self.announce is not None:
-            host, sep, port = self.announce.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-                raise ConfigError(f"NetConfig.announce must be host:port, got {self.announce!r}")
+        if self.announce is not None and not is_host_port(self.announce):
+            raise ConfigError(f"NetConfig.announce must be host:port, got {self.announce!r}")
         if self.chunk_bytes > MiB:
             raise ConfigError(f"NetConfig.chunk_bytes must be <= 1 MiB, got {self.chunk_bytes!r}")
         if self.max_message_bytes < self.chunk_bytes + 1024:
@@ -198,4 +203,4 @@ class NetConfig:
             raise ConfigError(f"NetConfig.replay_window must be <= 65536, got {self.replay_window}")
 
 
-__all__ = ["HealthConfig", "MiB", "NetConfig", "RetryPolicy", "TensorLimits"]
+__all__ = ["HealthConfig", "MiB", "NetConfig", "RetryPolicy", "TensorLimits", "is_host_port"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.errors import ConfigError
+from shoal.net.config import is_host_port
 from shoal.train.outer import OuterConfig
 
 __all__ = ["MODES", "PeerOptions"]
@@ -140,6 +141,5 @@ class PeerOptions:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in [0, 65535], got {self.metrics_port!r}")
         for address in self.join:
-            host, sep, port = address.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            if not is_host_port(address):
                 raise ConfigError(f"join addresses must be HOST:PORT, got {address!r}")
