@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.compress import (
+    Encoded,
     ErrorFeedback,
     Fp16Codec,
     Int4BlockwiseCodec,
@@ -86,6 +87,17 @@ def test_int4_uses_all_fifteen_levels_and_round_trips_them_exactly():
     enc = codec.encode(x)
     assert enc.payload[0].dtype == torch.uint8 and enc.payload[0].numel() == 8
     assert torch.equal(codec.decode(enc), x)
+
+
+@pytest.mark.parametrize("byte", [0x80, 0x08, 0x00])
+def test_int4_refuses_nibble_zero(byte):
+    codec = Int4BlockwiseCodec(4)
+    enc = codec.encode(torch.randn(8))
+    packed, scales = enc.payload
+    bad = packed.clone()
+    bad[2] = byte
+    with pytest.raises(ValueError, match="nibble 0"):
+        codec.decode(Encoded(enc.codec, enc.shape, (bad, scales), enc.meta))
 
 
 def test_int4_zero_blocks_decode_exactly_and_ratio_matches_formula():
@@ -223,10 +235,15 @@ def test_powersgd_is_exact_for_matrices_of_rank_at_most_r(seed, n, m, true_rank,
     x = torch.randn(n, true_rank, generator=g) @ torch.randn(true_rank, m, generator=g)
     codec = PowerSGDCodec(rank)
     state = PowerSGDState(seed=seed)
-    y = codec.decode(codec.encode(x, state))
+    enc = codec.encode(x, state)
+    y = codec.decode(enc)
     assert torch.allclose(y, x, atol=1e-4 * (1 + x.abs().max().item()))
-    assert state.residual is not None
-    assert state.residual.abs().max() <= 1e-4 * (1 + x.abs().max().item())
+    assert compression_ratio(enc) <= 1.0
+    if enc.meta["dense"]:  # factors would not have been smaller: nothing left behind
+        assert state.residual is None
+    else:
+        assert state.residual is not None
+        assert state.residual.abs().max() <= 1e-4 * (1 + x.abs().max().item())
 
 
 def test_powersgd_ratio_warm_start_and_error_feedback():
@@ -257,6 +274,18 @@ def test_powersgd_sends_vectors_dense():
     x = torch.randn(17)
     enc = codec.encode(x)
     assert torch.equal(codec.decode(enc), x)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (4, 4), (2, 200)])
+def test_powersgd_sends_matrices_dense_when_factors_would_not_be_smaller(shape):
+    # rank 2: 2 (4 + 4) = 4 x 4 and 2 (2 + 200) > 2 x 200; empty matrices cannot be factored.
+    codec = PowerSGDCodec(2)
+    state = PowerSGDState(residual=torch.full(shape, 0.25))
+    x = torch.randn(shape)
+    enc = codec.encode(x, state)
+    assert enc.meta["dense"] == 1 and compression_ratio(enc) <= 1.0
+    assert torch.equal(codec.decode(enc), x + 0.25)  # the residual goes out with it
+    assert state.residual is None
 
 
 def test_registry_and_config_errors():

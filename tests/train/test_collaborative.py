@@ -18,15 +18,14 @@ from shoal.train.swarm_round import RoundOutcome
 ME, OTHER, THIRD = b"a" * 32, b"b" * 32, b"c" * 32
 
 
-def test_global_samples_counts_fresh_records_of_this_step_only() -> None:
+def test_global_samples_counts_records_of_this_step_only() -> None:
     records = [
-        ProgressRecord(OTHER, 3, 40, expires_at=10.0),
-        ProgressRecord(OTHER, 3, 50, expires_at=10.0),  # newer count of the same peer
-        ProgressRecord(THIRD, 2, 99, expires_at=10.0),  # another step
-        ProgressRecord(b"d" * 32, 3, 70, expires_at=4.0),  # expired
-        ProgressRecord(ME, 3, 1000, expires_at=10.0),  # our own record: we know better
+        ProgressRecord(OTHER, 3, 40),
+        ProgressRecord(OTHER, 3, 50),  # newer count of the same peer
+        ProgressRecord(THIRD, 2, 99),  # another step
+        ProgressRecord(ME, 3, 1000),  # our own record: we know better
     ]
-    assert global_samples(records, step=3, me=ME, my_samples=8, now=5.0) == 58
+    assert global_samples(records, step=3, me=ME, my_samples=8) == 58
     assert should_step(64, 64, 8) and not should_step(63, 64, 8) and not should_step(99, 64, 0)
 
 
@@ -50,7 +49,7 @@ class Harness:
             me=ME,
             lr_at=lambda step: 1.0,
             publish=lambda step, samples: self.published.append((step, samples)),
-            fetch=lambda: [ProgressRecord(OTHER, self.sync.step, self.others, 1e9)],
+            fetch=lambda: [ProgressRecord(OTHER, self.sync.step, self.others)],
             average=self.average,
             catch_up=self.catch_up,
             clock=lambda: self.now,

@@ -1,8 +1,8 @@
 """Blockwise int4 codec: two values per byte, one fp32 scale per block.
 
 Per block ``b``: ``scale_b = absmax_b / 7``; each value is sent as ``round(x / scale_b)``
-in [-7, 7], stored offset by 8 in one nibble (low nibble first). Decoding multiplies
-back, so every element's error is at most ``absmax_b / 14`` (half a quantisation step),
+in [-7, 7], stored offset by 8 in one nibble (low nibble first; a payload with a nibble
+of 0 is refused, since no encoder writes one). Decoding multiplies back, so every element's error is at most ``absmax_b / 14`` (half a quantisation step),
 up to fp32 rounding. All-zero blocks get scale 0 and decode to exact zeros.
 
 Wire: ``ceil(n / 2)`` bytes + ``ceil(n / block_size)`` fp32 scales, a ratio of
@@ -85,10 +85,15 @@ class Int4BlockwiseCodec:
         codec = self if bs == self.block_size else Int4BlockwiseCodec(bs)
         for b0, b1, lo, hi in codec._chunks(n):
             nib = packed[lo // 2 : (hi + 1) // 2]
+            low, high = nib & 0x0F, nib >> 4
+            if nib.numel() and min(int(low.min()), int(high.min())) == 0:
+                # The encoder writes 1..15 (padding too): a 0 would decode to -8 steps, past
+                # the block's absmax.
+                raise ValueError("int4 payload holds nibble 0, which no encoder writes")
             values = torch.zeros((b1 - b0) * bs, dtype=torch.float32)
             body = values[: 2 * nib.numel()]
-            body[0::2] = nib & 0x0F
-            body[1::2] = nib >> 4
+            body[0::2] = low
+            body[1::2] = high
             values[: hi - lo].sub_(_OFFSET)
             values.view(b1 - b0, bs).mul_(scales[b0:b1].unsqueeze(1))
             out[lo:hi] = values[: hi - lo]

@@ -9,7 +9,9 @@ rest). One power-iteration step on ``M' = M + residual``:
 
 Only ``P`` and ``Q`` cross the wire: ``r (n + m)`` floats instead of ``n m``. A matrix of
 rank ``<= r`` is reproduced exactly (up to fp32 rounding). Zero- and one-dimensional
-tensors are too small to factor and are sent dense.
+tensors, empty matrices and matrices whose factors would not be smaller than the matrix
+(``r (n + m) >= n m``, e.g. a 4 x 4 at rank 2) are sent dense: exactly, with the residual
+folded in and cleared.
 """
 
 from __future__ import annotations
@@ -52,11 +54,17 @@ class PowerSGDCodec:
         if tensor.dim() < 2:
             dense = tensor.detach().reshape(-1).to(torch.float32).clone()
             return Encoded(self.name, shape, (dense,), {"dense": 1})
-        matrix = tensor.detach().reshape(shape[0], -1).to(torch.float32)
+        rest = 1
+        for size in shape[1:]:
+            rest *= size  # not reshape(n, -1): that is ambiguous when n is 0
+        matrix = tensor.detach().reshape(shape[0], rest).to(torch.float32)
         if state.residual is not None:
             matrix = matrix + state.residual.reshape(matrix.shape)
         n, m = matrix.shape
         r = min(self.rank, n, m)
+        if r * (n + m) >= n * m:  # includes n == 0 or m == 0: QR of an empty matrix fails
+            state.residual = None
+            return Encoded(self.name, shape, (matrix.reshape(-1).clone(),), {"dense": 1})
         q = state.q
         if q is None or tuple(q.shape) != (m, r):
             generator = torch.Generator().manual_seed(state.seed)

@@ -35,12 +35,12 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class ProgressRecord:
-    """One peer's accumulation toward a step, as published in the DHT."""
+    """One peer's accumulation toward a step, as published in the DHT (which returns
+    unexpired records only: a record lapses ``progress_ttl_s`` after its last publish)."""
 
     peer: bytes
     step: int
     samples: int
-    expires_at: float
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,12 +59,12 @@ class CollaborativeConfig:
 
 
 def global_samples(
-    records: Iterable[ProgressRecord], *, step: int, me: bytes, my_samples: int, now: float
+    records: Iterable[ProgressRecord], *, step: int, me: bytes, my_samples: int
 ) -> int:
-    """Samples the swarm accumulated toward ``step``: ours (exact) + others' fresh records."""
+    """Samples the swarm accumulated toward ``step``: ours (exact) + others' records."""
     others: dict[bytes, int] = {}
     for r in records:
-        if r.peer != me and r.step == step and r.expires_at > now:
+        if r.peer != me and r.step == step:
             others[r.peer] = max(others.get(r.peer, 0), r.samples)
     return my_samples + sum(others.values())
 
@@ -119,7 +119,7 @@ class CollaborativeSync:
             self._next_check = now + self.config.check_interval_s
             self.publish(self.step, self.samples)
             total = global_samples(
-                self.fetch(), step=self.step, me=self.me, my_samples=self.samples, now=now
+                self.fetch(), step=self.step, me=self.me, my_samples=self.samples
             )
             self._others = total - self.samples
         total = self._others + self.samples

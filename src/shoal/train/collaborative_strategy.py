@@ -119,12 +119,7 @@ class SyncStrategy:
             found = self.services.dht.get(self.key, timeout_s=5.0)
         except (NetworkError, TimeoutError):
             return []
-        # The DHT dropped expired records; the ttl bounds how stale an entry may be.
-        horizon = time.time() + self.ttl_s
-        return [
-            ProgressRecord(peer[:_PEER_ID_BYTES], step, samples, horizon)
-            for peer, step, samples in parse_progress(found)
-        ]
+        return [ProgressRecord(*fields) for fields in parse_progress(found)]
 
     def _average(self, vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
         fp = _fingerprint(self.trainer.model)
