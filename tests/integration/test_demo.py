@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from shoal.cli._demo_procs import pid_alive
+from shoal.testbed.procs import pid_alive
 
 pytestmark = pytest.mark.slow
 

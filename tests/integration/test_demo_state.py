@@ -6,9 +6,10 @@ import time
 
 import pytest
 
-from shoal.cli._demo_procs import Children, pid_alive
+from shoal.cli._demo_procs import Children
 from shoal.cli._demo_state import DemoConfig, SwarmState, fp32_allreduce_bytes
 from shoal.errors import ConfigError
+from shoal.testbed.procs import pid_alive
 
 
 def test_fold_kill_and_restart_keeps_bytes_and_times_the_first_round():

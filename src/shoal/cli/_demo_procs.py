@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-__all__ = ["Children", "Line", "pid_alive"]
+__all__ = ["Children", "Line"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,24 +34,6 @@ class Line:
     text: str | None
     at_s: float
     """``time.monotonic()`` when the line was read."""
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (Linux ``/proc``; ``kill 0`` elsewhere)."""
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        return fields[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 class Children:

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cli._demo_links import Links
-from shoal.cli._demo_procs import Children, Line, pid_alive
+from shoal.cli._demo_procs import Children, Line
 from shoal.cli._demo_state import DemoConfig, SwarmState, fp32_allreduce_bytes
 from shoal.errors import ShoalError
+from shoal.testbed.procs import pid_alive
 
 __all__ = ["DemoTimeout", "run_swarm_demo"]
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from shoal.errors import TestbedError
+from shoal.testbed.procs import pid_alive
 
 __all__ = [
     "TestbedError",
@@ -90,16 +91,6 @@ def netns_pids(netns: str) -> list[int]:
     return [int(tok) for tok in out.split() if tok.isdigit()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def delete_netns(netns: str, *, stop_timeout_s: float = 3.0) -> None:
     """Stop every process inside ``netns`` (TERM, then KILL after the deadline), delete it."""
     pids = netns_pids(netns)
@@ -110,7 +101,7 @@ def delete_netns(netns: str, *, stop_timeout_s: float = 3.0) -> None:
         deadline = time.monotonic() + stop_timeout_s
         while pids and time.monotonic() < deadline:
             _reap(pids)
-            pids = [pid for pid in pids if _alive(pid)]
+            pids = [pid for pid in pids if pid_alive(pid)]
             if pids:
                 time.sleep(0.02)
         if not pids:
