@@ -30,7 +30,7 @@ from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.dht_board import DhtBoard, RecordStore
 from shoal.parallel.data.grpc_transport import GrpcTransport
 from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, ReadyPeer
-from shoal.parallel.data.rendezvous import MatchConfig, find_group
+from shoal.parallel.data.rendezvous import MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
 
 __all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds", "retry_key"]
@@ -214,8 +214,8 @@ class SwarmRounds:
             return RoundOutcome(False, reason=f"matchmaking failed: {exc}")
         t1 = time.monotonic()
         seconds = {"matchmaking": t1 - t0}
-        if group is None:
-            return RoundOutcome(False, reason="no group formed", seconds=seconds)
+        if isinstance(group, NoGroup):
+            return RoundOutcome(False, reason=group.reason, seconds=seconds)
         spec = self.transport.join(group)  # shares follow the announced bandwidths
         members = list(spec.members)
         self.averager.prepare(spec)

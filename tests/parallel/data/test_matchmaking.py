@@ -11,11 +11,12 @@ from shoal.errors import ConfigError
 from shoal.parallel.data.matchmaking import (
     FormationConfig,
     FormationEstimator,
+    Group,
     ReadyPeer,
     form_groups,
     window_closed,
 )
-from shoal.parallel.data.rendezvous import MatchConfig, MemoryBoard, find_group
+from shoal.parallel.data.rendezvous import MatchConfig, MemoryBoard, NoGroup, find_group
 
 
 def test_window_follows_history_within_floor_and_cap():
@@ -66,6 +67,20 @@ def test_lonely_peer_and_client_only_groups_skip_the_round():
     assert form_groups(b"r", _peers(3, clients=3), max_group_size=4) == []
 
 
+def test_find_group_says_why_when_every_ready_peer_is_a_client():
+    peers = _peers(3, clients=3)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        return await asyncio.gather(*(_meet(board, p, window_s=1.0, expected=3) for p in peers))
+
+    outcomes = run_virtual(main())
+    assert all(
+        isinstance(o, NoGroup) and "all 3 ready peers are in client mode" in o.reason
+        for o in outcomes
+    ), outcomes
+
+
 def _loop_time() -> float:
     return asyncio.get_running_loop().time()
 
@@ -101,7 +116,7 @@ def test_find_group_closes_early_when_everyone_is_ready_and_learns_the_time():
         return groups, _loop_time()
 
     groups, ended = run_virtual(main())
-    assert all(g is not None and len(g.members) == 4 for g in groups)
+    assert all(isinstance(g, Group) and len(g.members) == 4 for g in groups)
     assert len({g.group_id for g in groups}) == 1
     assert ended < 1.0  # nobody waited for the 5 s window
     assert est.mean_s is not None and est.mean_s < 1.0
@@ -116,7 +131,7 @@ def test_find_group_waits_the_window_then_goes_with_who_came():
         return groups, _loop_time()
 
     groups, ended = run_virtual(main())
-    assert all(g is not None for g in groups)
+    assert all(isinstance(g, Group) for g in groups)
     assert {p.peer for p in groups[0].members} == {peers[0].peer, peers[1].peer}
     assert groups[0].group_id == groups[1].group_id
     assert 2.0 <= ended < 3.0
@@ -134,8 +149,9 @@ def test_a_late_arrival_does_not_pull_a_peer_that_already_left_into_its_group():
         ), _loop_time()
 
     (group_a, group_b), ended = run_virtual(main())
-    assert group_a is None
-    assert group_b is None  # without confirmation b would wait on a in an all-reduce
+    assert group_a == NoGroup("no group formed: no other peer was ready for this round")
+    # without confirmation b would wait on a in an all-reduce
+    assert group_b == NoGroup("no group formed: 1 of 2 members confirmed the group within 2 s")
     assert ended <= 1.5 + 1.0 + 2.0 + 0.5
 
 
@@ -172,7 +188,7 @@ def test_a_peer_with_a_stale_membership_view_waits_for_the_group_the_others_expe
         ), _loop_time()
 
     groups, ended = run_virtual(main())
-    assert all(g is not None and len(g.members) == 4 for g in groups)
+    assert all(isinstance(g, Group) and len(g.members) == 4 for g in groups)
     assert len({g.group_id for g in groups}) == 1
     assert ended < 4.0  # closed when the fourth arrived, not at the 10 s window
 

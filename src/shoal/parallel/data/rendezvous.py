@@ -41,7 +41,29 @@ from shoal.parallel.data.matchmaking import (
     window_closed,
 )
 
-__all__ = ["MatchConfig", "MemoryBoard", "RendezvousBoard", "find_group"]
+__all__ = ["MatchConfig", "MemoryBoard", "NoGroup", "RendezvousBoard", "find_group"]
+
+
+@dataclass(frozen=True, slots=True)
+class NoGroup:
+    """Why this peer has no group for the round (it skips it)."""
+
+    reason: str
+
+
+def _why_no_group(ready: list[ReadyPeer], me: ReadyPeer, min_group_size: int) -> NoGroup:
+    others = sum(1 for p in ready if p.peer != me.peer)
+    if others == 0:
+        return NoGroup("no group formed: no other peer was ready for this round")
+    if all(p.client_mode for p in ready):
+        return NoGroup(
+            f"no group formed: all {others + 1} ready peers are in client mode (none accepts "
+            "connections, e.g. all behind NATs); a group needs one peer that can be dialed"
+        )
+    return NoGroup(
+        f"no group formed: this peer's share of the {others + 1} ready peers fell below "
+        f"{min_group_size} or had no peer that accepts connections"
+    )
 
 
 class RendezvousBoard(Protocol):
@@ -123,8 +145,8 @@ async def find_group(
     config: MatchConfig,
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> Group | None:
-    """Announce, wait for the window to close, and return this peer's group (or None)."""
+) -> Group | NoGroup:
+    """Announce, wait for the window to close, and return this peer's group (or why not)."""
     opened_at = clock()
     window_s = estimator.window_s()
     me = replace(me, expected=expected_peers)
@@ -153,7 +175,7 @@ async def find_group(
     )
     mine = next((g for g in groups if any(p.peer == me.peer for p in g.members)), None)
     if mine is None:
-        return None
+        return _why_no_group(ready, me, config.min_group_size)
     return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
 
 
@@ -166,7 +188,7 @@ async def _confirm(
     config: MatchConfig,
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]],
-) -> Group | None:
+) -> Group | NoGroup:
     """Keep the members of ``group`` that derived the same group (see the module docstring)."""
     started = clock()
     deadline = started + config.confirm_timeout_s
@@ -182,7 +204,12 @@ async def _confirm(
     seen[me.peer] = group.group_id
     agreed = tuple(p for p in group.members if seen.get(p.peer) == group.group_id)
     if len(agreed) < config.min_group_size or all(p.client_mode for p in agreed):
-        return None
+        if len(agreed) < config.min_group_size:
+            return NoGroup(
+                f"no group formed: {len(agreed)} of {len(group.members)} members confirmed "
+                f"the group within {config.confirm_timeout_s:g} s"
+            )
+        return NoGroup("no group formed: the members that confirmed are all in client mode")
     if len(agreed) == len(group.members):
         return group
     digest = hashlib.blake2b(group.group_id + b"/confirmed", digest_size=16)
