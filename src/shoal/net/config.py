@@ -14,11 +14,22 @@ from shoal.errors import ConfigError
 MiB = 1 << 20
 
 
+def split_host_port(text: str, *, port_zero: bool = False) -> tuple[str, int] | None:
+    """``(host, port)`` from ``host:port`` (an IPv6 host's brackets stripped), or None unless
+    the host is non-empty and the port is in 1..65535 (0..65535 with ``port_zero``)."""
+    host, sep, port = text.rpartition(":")
+    # ASCII digits only, at most 5: isdigit() also takes e.g. "²", which int() refuses
+    if not (sep and host and port.isascii() and port.isdigit() and len(port) <= 5):
+        return None
+    number = int(port)
+    if not (0 if port_zero else 1) <= number <= 65535:
+        return None
+    return host.strip("[]"), number
+
+
 def is_host_port(text: str) -> bool:
     """``text`` is ``host:port`` with a non-empty host and a port in 1..65535."""
-    host, sep, port = text.rpartition(":")
-    digits = port.isascii() and port.isdigit() and len(port) <= 5  # int() refuses "²"
-    return bool(sep and host and digits and 0 < int(port) <= 65535)
+    return split_host_port(text) is not None
 
 
 def _positive(obj: object, *names: str) -> None:
@@ -203,4 +214,12 @@ class NetConfig:
             raise ConfigError(f"NetConfig.replay_window must be <= 65536, got {self.replay_window}")
 
 
-__all__ = ["HealthConfig", "MiB", "NetConfig", "RetryPolicy", "TensorLimits", "is_host_port"]
+__all__ = [
+    "HealthConfig",
+    "MiB",
+    "NetConfig",
+    "RetryPolicy",
+    "TensorLimits",
+    "is_host_port",
+    "split_host_port",
+]

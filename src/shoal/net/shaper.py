@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.errors import ConfigError
+from shoal.net.config import split_host_port
 
 __all__ = ["DirectionStats", "LinkShaper", "ShaperConfig", "TokenBucket", "main"]
 
@@ -340,10 +341,10 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
 
 
 def _host_port(text: str, flag: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"{flag} must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    parsed = split_host_port(text, port_zero=True)
+    if parsed is None:
+        raise ConfigError(f"{flag} must be HOST:PORT with a port in 0..65535, got {text!r}")
+    return parsed
 
 
 def _config_from_argv(argv: list[str]) -> ShaperConfig:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shoal.errors import ConfigError, ProtocolViolation
+from shoal.net.config import split_host_port
 from shoal.net.identity import Identity, PeerID
 from shoal.net.nat.advert import (
     advertise,
@@ -126,6 +127,11 @@ def test_addresses_from_grpc_peers_and_requests() -> None:
     for bad in ("198.18.0.1", ":4000", "198.18.0.1:0", "198.18.0.1:70000", "a:b"):
         with pytest.raises(ProtocolViolation):
             parse_address(bad)
+    # one parser behind parse_address, NetConfig.announce, --join and the shaper's flags
+    assert split_host_port("[::1]:4000") == ("::1", 4000)
+    assert split_host_port("[::1]:0") is None
+    assert split_host_port("[::1]:0", port_zero=True) == ("::1", 0)
+    assert split_host_port("h:65536", port_zero=True) is None
 
 
 class DictStore:

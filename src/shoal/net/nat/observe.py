@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from shoal.errors import PeerTimeout, PeerUnavailable
 from shoal.net.client import Stub
+from shoal.net.config import split_host_port
 from shoal.net.health import PeerHealth
 from shoal.net.identity import PeerID
 from shoal.net.nat.bridge import LocalEndpoint, Streams
@@ -47,12 +48,6 @@ class ProbeResult:
             local=self.local,
             dial_back_ok=bool(set(asked) & set(self.reached)) if asked else None,
         )
-
-
-def _split(text: str) -> tuple[str, int] | None:
-    host, sep, port = text.rpartition(":")
-    ok = sep and port.isascii() and port.isdigit() and len(port) <= 5  # int() refuses "²"
-    return (host, int(port)) if ok else None
 
 
 async def probe(
@@ -111,7 +106,7 @@ async def probe(
         return ProbeResult(
             helper=stub.peer_id,
             local=local[-1],
-            observed=_split(reply.observed),
+            observed=split_host_port(reply.observed),
             reached=tuple(reply.reached),
         )
     finally:

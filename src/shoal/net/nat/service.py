@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from shoal.errors import NetworkError, PeerUnavailable, ProtocolViolation
+from shoal.net.config import split_host_port
 from shoal.net.identity import PeerID
 from shoal.net.nat.relay import RelayCore, observed_address
 from shoal.net.pool import Connection
@@ -34,13 +35,10 @@ PunchResponder = Callable[[PeerID, relay_pb2.PunchRequest], Awaitable[relay_pb2.
 
 def parse_address(text: str) -> tuple[str, int]:
     """``(ip, port)`` from ``ip:port``; ProtocolViolation when malformed."""
-    host, sep, port = text.rpartition(":")
-    # ASCII digits only and at most 5 of them: str.isdigit() also accepts e.g. "²", which
-    # int() refuses, and int() refuses more than 4300 digits
-    digits = port.isascii() and port.isdigit() and len(port) <= 5
-    if not sep or not host or not digits or not 0 < int(port) < 65536:
+    parsed = split_host_port(text)
+    if parsed is None:
         raise ProtocolViolation(f"not an ip:port address: {text[:_MAX_ADDRESS_CHARS]!r}")
-    return host.strip("[]"), int(port)
+    return parsed
 
 
 class RelayService(relay_pb2_grpc.RelayServicer):
