@@ -170,6 +170,10 @@ def test_fp16_saturates_instead_of_overflowing_to_inf():
     y = codec.decode(codec.encode(torch.tensor([1e9, -1e9, 1.0])))
     assert torch.isfinite(y).all()
     assert y[0] == 65504.0 and y[1] == -65504.0
+    # ...but non-finite values stay non-finite, so the averager still screens them out
+    # (clamp made an inf a finite 65504 that passed screening).
+    y = codec.decode(codec.encode(torch.tensor([float("inf"), -float("inf"), 1e9, float("nan")])))
+    assert y[0] == float("inf") and y[1] == -float("inf") and y[2] == 65504.0 and y[3].isnan()
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,7 +1,9 @@
 """Half-precision codec: fp32 -> fp16 on the wire (ratio 0.5, relative error <= 2**-11).
 
-Values beyond the fp16 range (|x| > 65504) saturate to +-65504 instead of becoming inf, so
-one large coordinate cannot poison a whole average with inf/NaN.
+Finite values beyond the fp16 range (|x| > 65504) saturate to +-65504 instead of becoming
+inf, so one large coordinate cannot poison a whole average with inf/NaN. Non-finite values
+stay what they are (inf, NaN): a diverged sender must still be screened out, as it would be
+without a codec.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ class Fp16Codec:
         if flat.dtype != torch.float32:
             flat = flat.float()
         half = torch.clamp(flat, -FP16_MAX, FP16_MAX).to(torch.float16)
+        if not torch.isfinite(flat.sum()):  # rare: one cheap pass decides (NaN survives clamp)
+            infinite = flat.isinf()
+            half[infinite] = flat[infinite].to(torch.float16)
         return Encoded(self.name, tuple(tensor.shape), (half,))
 
     def decode(self, encoded: Encoded) -> torch.Tensor:

@@ -53,3 +53,38 @@ def test_config_checks_name_field_and_value():
         AggregationConfig(kind="median")
     with pytest.raises(ConfigError, match="trim_fraction"):
         AggregationConfig(trim_fraction=0.5)
+
+
+@pytest.mark.parametrize(
+    ("values", "expect"),
+    [
+        ((1.0, 2.0, 1000.0), 2.0),  # three peers: the median
+        ((1.0, 2.0, 3.0, 1000.0), 2.5),  # four: the middle two
+        ((1.0, 3.0), 2.0),  # two cannot be told apart: their mean
+    ],
+)
+def test_trimmed_mean_trims_small_groups_too(values, expect):
+    # int(n * 0.2) is 0 below five peers; one liar used to decide the mean of 3 or 4.
+    parts = [torch.full((3,), v) for v in values]
+    out = aggregate(parts, [1.0] * len(parts), AggregationConfig(kind="trimmed_mean"))
+    assert torch.equal(out, torch.full((3,), expect))
+
+
+def test_centered_clip_of_an_even_count_starts_at_the_middle_not_the_lower_value():
+    # torch.median's lower middle value started a pair at its minimum, where a liar
+    # sending -1e6 everywhere kept the result.
+    honest, liar = torch.full((4,), 1.0), torch.full((4,), -1e6)
+    config = AggregationConfig(kind="centered_clip", clip_radius=1.0, clip_iterations=3)
+    out = aggregate([honest, liar], [1.0, 1.0], config)
+    assert torch.allclose(out, (honest + liar) / 2)  # a pair gets its mean
+    parts = [torch.zeros(4), torch.zeros(4), torch.full((4,), 2.0), torch.full((4,), 1e6)]
+    out = aggregate(parts, [1.0] * 4, config)
+    # starts at 1.0 (the mean of 0 and 2); each iteration moves it by at most the radius
+    assert float((out - 1.0).norm()) <= 3 * 1.0 + 1e-6
+
+
+def test_screen_keeps_honest_peers_when_most_send_zeros():
+    # Untouched rows: the median norm is 0, and every peer that sent anything was rejected.
+    parts = {"a": torch.zeros(8), "b": torch.zeros(8), "c": torch.full((8,), 0.1)}
+    accepted, rejected = screen(parts, AggregationConfig())
+    assert accepted == {"a", "b", "c"} and rejected == {}

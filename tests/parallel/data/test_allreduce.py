@@ -203,6 +203,17 @@ def test_nan_and_huge_contributions_are_excluded_and_reported():
     _check_invariant(inputs, weights, results, outputs)
 
 
+def test_absurd_weights_are_excluded_and_reported():
+    # Two 1e308 weights overflowed the total to inf: an all-zero "mean" reported as ok.
+    members = ["a", "b", "c", "d"]
+    weights = {"a": 1.0, "b": 1e308, "c": 1e308, "d": 2.0}
+    _, inputs, weights, results, outputs = asyncio.run(_round(members, weights=weights))
+    for m in ("a", "d"):
+        assert results[m].ok and results[m].contributors == frozenset({"a", "d"})
+        assert results[m].excluded["b"] == "weight 1e+308 is not in (0, 2**53]"
+    _check_invariant(inputs, weights, results, outputs)
+
+
 FAULT_MENU = [
     Fault("b", "Contribution", 0),
     Fault("b", "Contribution", 1),

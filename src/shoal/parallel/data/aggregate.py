@@ -2,14 +2,20 @@
 
 ``screen`` rejects contributions that are not finite, whose root-mean-square value exceeds
 ``max_rms``, or whose norm is more than ``max_norm_ratio`` times the median norm (when at
-least three contribute). Rejected peers are excluded from the round and reported with a
-reason. ``aggregate`` then combines the accepted ones:
+least three contribute and the median is not zero: parts where most peers send zeros, such
+as untouched embedding rows, would otherwise reject every peer that sent anything).
+Rejected peers are excluded from the round and reported with a reason. ``aggregate`` then
+combines the accepted ones:
 
 - ``mean``: weighted mean ``sum(w_i x_i) / sum(w_i)`` (weights = samples contributed);
-- ``trimmed_mean``: coordinate-wise mean after dropping the ``trim_fraction`` largest and
-  smallest values of each coordinate (unweighted);
-- ``centered_clip``: start at the coordinate-wise median and move towards each contribution
-  by at most ``clip_radius`` (in L2), weighted, for ``clip_iterations`` steps.
+- ``trimmed_mean``: coordinate-wise mean after dropping the ``k`` largest and smallest
+  values of each coordinate (unweighted), ``k = ceil(n * trim_fraction)`` but at most
+  ``(n - 1) // 2``: three peers give the median, two cannot be trimmed;
+- ``centered_clip``: start at the coordinate-wise median (the mean of the two middle values
+  for an even count) and move towards each contribution by at most ``clip_radius`` (in L2),
+  weighted, for ``clip_iterations`` steps.
+
+No robust rule can tell which of two peers is wrong: a pair gets their mean.
 """
 
 from __future__ import annotations
@@ -78,9 +84,9 @@ def screen(
     if len(norms) >= 3:
         ordered = sorted(norms.values())
         median = ordered[len(ordered) // 2]
-        limit = config.max_norm_ratio * max(median, 1e-30)
+        limit = config.max_norm_ratio * median
         for peer, norm in norms.items():
-            if norm > limit:
+            if median > 0 and norm > limit:
                 rejected[peer] = f"norm {norm:.3g} > {config.max_norm_ratio:g} x median"
     return set(norms) - set(rejected), rejected
 
@@ -101,17 +107,29 @@ def weighted_mean(
 
 
 def _trimmed_mean(parts: Sequence[torch.Tensor], trim_fraction: float) -> torch.Tensor:
-    k = int(len(parts) * trim_fraction)
+    n = len(parts)
+    # Round up: int(n * 0.2) trims nothing below five peers, where one liar decides the mean.
+    k = min(math.ceil(n * trim_fraction), (n - 1) // 2)
     if k == 0:
         return torch.stack(list(parts)).mean(dim=0)
     ordered = torch.stack(list(parts)).sort(dim=0).values
-    return ordered[k : len(parts) - k].mean(dim=0)
+    return ordered[k : n - k].mean(dim=0)
+
+
+def _median(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Coordinate-wise median; for an even count the mean of the two middle values
+    (``torch.median`` takes the lower one, which would start a pair at its minimum)."""
+    n = len(parts)
+    if n % 2:
+        return torch.stack(list(parts)).median(dim=0).values
+    ordered = torch.stack(list(parts)).sort(dim=0).values
+    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
 def _centered_clip(
     parts: Sequence[torch.Tensor], weights: Sequence[float], radius: float, iterations: int
 ) -> torch.Tensor:
-    center = torch.stack(list(parts)).median(dim=0).values
+    center = _median(parts)
     total = float(sum(weights))
     for _ in range(iterations):
         step = torch.zeros_like(center)

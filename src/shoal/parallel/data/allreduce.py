@@ -54,6 +54,9 @@ __all__ = ["AllReduceConfig", "RoundResult", "RoundStatus", "run_allreduce"]
 
 T = TypeVar("T")
 _OFFLOAD_NUMEL = 1 << 20
+# A weight counts samples: beyond 2**53 a float no longer counts them exactly, and a few
+# 1e308 weights would overflow the sum to inf (every alpha 0: an all-zero "mean").
+MAX_WEIGHT = 2.0**53
 
 
 def _encode(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
@@ -349,9 +352,9 @@ def _screen(
     got: dict[Member, tuple[float, torch.Tensor]], config: AggregationConfig
 ) -> tuple[set[Member], dict[Member, str]]:
     bad_weight = {
-        p: f"weight {w!r} is not a positive finite number"
+        p: f"weight {w!r} is not in (0, 2**53]"
         for p, (w, _) in got.items()
-        if not (0 < w < float("inf"))
+        if not (0 < w <= MAX_WEIGHT)
     }
     accepted, rejected = screen({p: t for p, (w, t) in got.items() if p not in bad_weight}, config)
     rejected.update(bad_weight)
