@@ -94,9 +94,11 @@ class RoundsConfig:
 
     @property
     def round_deadline_s(self) -> float:
-        """Longest a whole round may take: the longest window, the all-reduce, and a margin
-        for the group confirmation."""
-        return self.window_cap_s + self.allreduce_timeout_s + 10.0
+        """Longest a whole round may take: the longest window, what matchmaking may take
+        beyond it (board calls and the group confirmation, each bounded), the all-reduce,
+        and a second of margin."""
+        match = MatchConfig(poll_interval_s=self.poll_interval_s)
+        return self.window_cap_s + match.overrun_s + self.allreduce_timeout_s + 1.0
 
 
 def announced_bandwidth(bps: float) -> float:
@@ -219,15 +221,19 @@ class SwarmRounds:
         spec = self.transport.join(group)  # shares follow the announced bandwidths
         members = list(spec.members)
         self.averager.prepare(spec)
-        result = await self.averager.average(
-            [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
-        )
+        result = None
+        try:
+            result = await self.averager.average(
+                [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
+            )
+        finally:
+            if result is None or not result.ok:  # failed, raised or cancelled mid-round
+                self._retry_keys[round_key] = retry_key(round_key, group.group_id)
+                while len(self._retry_keys) > _MAX_RETRY_KEYS:
+                    self._retry_keys.popitem(last=False)
         seconds["allreduce"] = time.monotonic() - t1
         self._observe_uplink()
         if not result.ok:
-            self._retry_keys[round_key] = retry_key(round_key, group.group_id)
-            while len(self._retry_keys) > _MAX_RETRY_KEYS:
-                self._retry_keys.popitem(last=False)
             return RoundOutcome(
                 False, group_size=len(members), reason=result.reason, seconds=seconds
             )

@@ -51,22 +51,24 @@ def test_peers_find_one_group_through_the_dht_and_ids_come_from_signed_subkeys()
 
 
 def test_malformed_board_records_are_skipped():
-    peer = b"p" * 32
-    good = msgpack.packb([2, 2.0, 1e8, False, "h:1", 4])
-    assert _parse(peer, good) == ReadyPeer(peer, 2.0, 1e8, False, "h:1", 4)
+    peer, n = b"p" * 32, b"n" * 8
+    good = msgpack.packb([3, 2.0, 1e8, False, "h:1", 4, n])
+    assert _parse(peer, good) == ReadyPeer(peer, 2.0, 1e8, False, "h:1", 4, n)
     for bad_subkey, bad_value in [
         (peer[:31], good),
         (peer, b"\xc1"),
-        (peer, msgpack.packb([1, 2.0, 1e8, False, "h:1"])),  # the version before `expected`
-        (peer, msgpack.packb([3, 2.0, 1e8, False, "h:1", 4])),
-        (peer, msgpack.packb([2, float("nan"), 1e8, False, "h:1", 4])),
-        (peer, msgpack.packb([2, -1.0, 1e8, False, "h:1", 4])),
-        (peer, msgpack.packb([2, 1.0, 1e8, 1, "h:1", 4])),
-        (peer, msgpack.packb([2, 1.0, 1e8, False, "x" * 300, 4])),
-        (peer, msgpack.packb([2, 1.0, 1e8, False, "h:1", -1])),
-        (peer, msgpack.packb([2, 1.0, 1e8, False, "h:1", 1 << 20])),
-        (peer, msgpack.packb([2, 1.0, 1e8, False, "h:1", True])),
-        (peer, msgpack.packb([2, 1.0, 1e8, False, "h:1", 4.0])),
+        (peer, msgpack.packb([2, 2.0, 1e8, False, "h:1", 4])),  # the version before nonces
+        (peer, msgpack.packb([4, 2.0, 1e8, False, "h:1", 4, n])),
+        (peer, msgpack.packb([3, float("nan"), 1e8, False, "h:1", 4, n])),
+        (peer, msgpack.packb([3, -1.0, 1e8, False, "h:1", 4, n])),
+        (peer, msgpack.packb([3, 1.0, 1e8, 1, "h:1", 4, n])),
+        (peer, msgpack.packb([3, 1.0, 1e8, False, "x" * 300, 4, n])),
+        (peer, msgpack.packb([3, 1.0, 1e8, False, "h:1", -1, n])),
+        (peer, msgpack.packb([3, 1.0, 1e8, False, "h:1", 1 << 20, n])),
+        (peer, msgpack.packb([3, 1.0, 1e8, False, "h:1", True, n])),
+        (peer, msgpack.packb([3, 1.0, 1e8, False, "h:1", 4.0, n])),
+        (peer, msgpack.packb([3, 1.0, 1e8, False, "h:1", 4, b"n" * 7])),
+        (peer, msgpack.packb([3, 1.0, 1e8, False, "h:1", 4, "n" * 8])),
         (peer, msgpack.packb({"weight": 1})),
         (peer, b"\x00" * 600),
     ]:

@@ -155,6 +155,96 @@ def test_a_late_arrival_does_not_pull_a_peer_that_already_left_into_its_group():
     assert ended <= 1.5 + 1.0 + 2.0 + 0.5
 
 
+def test_a_retry_under_the_same_key_ignores_the_last_attempts_posts():
+    # Sync mode asks again under the same key after "no group formed". Attempt 1 ends with
+    # a alone, b in {a, b} and c in {a, b, c}, all without a group; their confirmations
+    # (and withdrawals) are still on the board when attempt 2 starts.
+    a, b, c = _peers(3)
+
+    async def attempt(board, who, at):
+        await asyncio.sleep(at - _loop_time())
+        return await asyncio.gather(
+            *(
+                _meet(board, p, window_s=1.0, expected=3, start_at=i * 0.1, confirm_s=2.0)
+                for i, p in enumerate(who)
+            )
+        )
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        first = await asyncio.gather(
+            _meet(board, a, window_s=1.0, expected=3, confirm_s=2.0),
+            _meet(board, b, window_s=1.0, expected=3, start_at=1.5, confirm_s=2.0),
+            _meet(board, c, window_s=1.0, expected=3, start_at=2.6, confirm_s=2.0),
+        )
+        everyone = await attempt(board, (a, b, c), 6.0)
+        without_c = await attempt(board, (a, b), 12.0)  # c has left; its posts remain
+        return first, everyone, without_c
+
+    first, everyone, without_c = run_virtual(main())
+    assert all(isinstance(g, NoGroup) for g in first)
+    # Before nonces: a derived {a, c} from b's old post, b and c {a, b, c}; and with c
+    # gone, a and b still put c in their group (its old entry and confirmation matched).
+    assert all(isinstance(g, Group) for g in everyone + without_c)
+    assert len({g.group_id for g in everyone}) == 1 and len(everyone[0].members) == 3
+    assert without_c[0] == without_c[1]
+    assert {p.peer for p in without_c[0].members} == {a.peer, b.peer}
+
+
+def test_a_peer_that_gives_up_withdraws_so_a_later_window_does_not_pick_it():
+    # a's window is 5 s, b's 10 s: b closes after a gave up, still sees a's entry and,
+    # before withdrawals, a's confirmation, and started an all-reduce a never joined.
+    a, b = _peers(2)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        return await asyncio.gather(
+            _meet(board, a, window_s=5.0, expected=3),
+            _meet(board, b, window_s=10.0, expected=3, start_at=0.2),
+        ), _loop_time()
+
+    (group_a, group_b), ended = run_virtual(main())
+    assert isinstance(group_a, NoGroup) and isinstance(group_b, NoGroup)
+    assert "1 of 2 members confirmed" in group_b.reason
+    assert ended < 10.2 + 0.5  # b did not wait out its confirmation deadline either
+
+
+def test_a_slow_board_cannot_stretch_matchmaking_past_its_bound():
+    a, b = _peers(2)
+
+    class SlowBoard(MemoryBoard):
+        async def entries(self, key):
+            await asyncio.sleep(10.0)
+            return await super().entries(key)
+
+        async def confirm(self, key, peer, group_id, expires_at):
+            await asyncio.sleep(12.0)
+            await super().confirm(key, peer, group_id, expires_at)
+
+    async def main():
+        board = SlowBoard(_loop_time)
+        config = MatchConfig(poll_interval_s=0.25)
+        outcomes = await asyncio.gather(
+            *(
+                find_group(
+                    board,
+                    b"k",
+                    p,
+                    expected_peers=2,
+                    estimator=FormationEstimator(FormationConfig(initial_s=5.0)),
+                    config=config,
+                    clock=_loop_time,
+                )
+                for p in (a, b)
+            )
+        )
+        return outcomes, _loop_time(), config
+
+    outcomes, ended, config = run_virtual(main())
+    assert all(isinstance(o, NoGroup) for o in outcomes)
+    assert ended <= 5.0 + config.overrun_s + config.board_timeout_s  # + the withdrawal
+
+
 def test_members_that_derived_another_group_are_left_out_consistently():
     a, b, c = _peers(3)
 

@@ -3,7 +3,7 @@
 Every peer ready for a round stores a small record under ``prefix + round key`` with its
 own subkey, so the DHT's rule "a subkey can only be written by its owner" authenticates the
 announcement: the peer id is read from the signed subkey, never from the value. The value
-is msgpack ``[version, weight, bandwidth_bps, client_mode, address, expected]``; readers
+is msgpack ``[version, weight, bandwidth_bps, client_mode, address, expected, nonce]``; readers
 bound and type-check every field and skip records that do not parse. Group confirmations live under
 ``prefix + round key + b"/confirm"`` the same way, valued ``[version, group_id]``.
 
@@ -19,11 +19,11 @@ from typing import Any, Protocol, TypeVar
 
 import msgpack
 
-from shoal.parallel.data.matchmaking import ReadyPeer
+from shoal.parallel.data.matchmaking import NONCE_BYTES, ReadyPeer
 
 __all__ = ["DhtBoard", "RecordStore"]
 
-_VERSION = 2
+_VERSION = 3
 _PEER_ID_BYTES = 32
 _MAX_VALUE_BYTES = 512
 _MAX_ADDRESS_CHARS = 256
@@ -59,6 +59,7 @@ class DhtBoard:
                 entry.client_mode,
                 entry.address,
                 entry.expected,
+                entry.nonce,
             ]
         )
         await self.dht.store(self.prefix + key, value, expires_at, subkey=b"")
@@ -106,10 +107,10 @@ def _parse_confirmation(subkey: bytes, value: bytes) -> bytes | None:
 
 
 def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
-    fields = _fields(subkey, value, 6)
+    fields = _fields(subkey, value, 7)
     if fields is None:
         return None
-    _, weight, bandwidth, client_mode, address, expected = fields
+    _, weight, bandwidth, client_mode, address, expected, nonce = fields
     numbers_ok = all(
         isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
         for x in (weight, bandwidth)
@@ -120,4 +121,6 @@ def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
         return None
     if type(expected) is not int or not 0 <= expected <= _MAX_EXPECTED:
         return None
-    return ReadyPeer(subkey, float(weight), float(bandwidth), client_mode, address, expected)
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+        return None
+    return ReadyPeer(subkey, float(weight), float(bandwidth), client_mode, address, expected, nonce)

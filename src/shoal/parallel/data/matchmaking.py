@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,10 @@ def window_closed(
     return n_ready >= expected_peers or now >= opened_at + window_s
 
 
+NONCE_BYTES = 8
+"""Random bytes each matchmaking attempt announces (and hashes into its group ids)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ReadyPeer:
     """One announcement on the board."""
@@ -113,6 +118,9 @@ class ReadyPeer:
     """Where its Averaging service is reached (``host:port``); empty for clients."""
     expected: int = 0
     """How many ready peers it waits for (its membership view); 0 = no opinion."""
+    nonce: bytes = b""
+    """Random per matchmaking attempt (``NONCE_BYTES``): group ids hash it, so
+    entries and confirmations of an earlier attempt under the same key never match."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +133,17 @@ class Group:
 
 def _order_key(round_key: bytes, peer: bytes) -> bytes:
     return hashlib.blake2b(round_key + b"\0" + peer, digest_size=16).digest()
+
+
+def _group_id(round_key: bytes, members: Sequence[ReadyPeer]) -> bytes:
+    """Hash of everything members must agree on: who, which attempt (nonce), and what sets
+    the shares (bandwidth, client mode). Two views of one entry give two ids."""
+    digest = hashlib.blake2b(round_key, digest_size=16)
+    for p in members:
+        digest.update(p.peer)
+        digest.update(bytes([len(p.nonce)]) + p.nonce)
+        digest.update(struct.pack("<d?", p.bandwidth_bps, p.client_mode))
+    return digest.digest()
 
 
 def form_groups(
@@ -151,8 +170,5 @@ def form_groups(
         if len(bucket) < min_group_size or not any(not p.client_mode for p in bucket):
             continue
         members = tuple(sorted(bucket, key=lambda p: _order_key(round_key, p.peer)))
-        digest = hashlib.blake2b(round_key, digest_size=16)
-        for p in members:
-            digest.update(p.peer)
-        groups.append(Group(digest.digest(), members))
+        groups.append(Group(_group_id(round_key, members), members))
     return groups

@@ -20,20 +20,29 @@ until every member it expects has posted one, and keeps only the members that de
 group (whose id is derived from the subset) is identical at all its members, except when a
 confirmation reached one member and not another before the deadline; then the round fails
 for those two, quickly, instead of costing a whole all-reduce timeout. A peer that already
-left (it closed its window alone) never confirms and is dropped. Polls are bounded in count
-and time.
+left (it closed its window alone) never confirms and is dropped; one whose confirmation
+failed withdraws it, so a member whose window closes later does not pick it.
+
+A key can be met under more than once (sync mode retries a step whose round found no
+group). Each attempt announces a random nonce; group ids hash the members' nonces and
+confirmations start with the poster's, so entries, confirmations and withdrawals of an
+earlier attempt never count as agreement. Polls are bounded in count and time, and so is
+every board call (``board_timeout_s``; ``MatchConfig.overrun_s`` is the most matchmaking
+can take beyond its window).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from shoal.errors import ConfigError
 from shoal.parallel.data.matchmaking import (
+    NONCE_BYTES,
     FormationEstimator,
     Group,
     ReadyPeer,
@@ -42,6 +51,9 @@ from shoal.parallel.data.matchmaking import (
 )
 
 __all__ = ["MatchConfig", "MemoryBoard", "NoGroup", "RendezvousBoard", "find_group"]
+
+_WITHDRAWN = b"\0"  # a confirmation that matches no group id: this peer left the round
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +86,12 @@ class RendezvousBoard(Protocol):
     async def entries(self, key: bytes) -> list[ReadyPeer]: ...
 
     async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
-        """Post the id of the group ``peer`` derived for round ``key``."""
+        """Post the id of the group ``peer`` derived for round ``key`` (opaque bytes, at
+        most 64: :func:`find_group` prefixes its attempt nonce)."""
         ...
 
     async def confirmations(self, key: bytes) -> dict[bytes, bytes]:
-        """Peer -> group id posted for round ``key`` (unexpired)."""
+        """Peer -> bytes posted by :meth:`confirm` for round ``key`` (unexpired)."""
         ...
 
 
@@ -120,6 +133,16 @@ class MatchConfig:
     confirm_timeout_s: float = 5.0
     """Longest wait for the members' confirmations after the window closed; members that
     have not confirmed by then are left out of the round."""
+    board_timeout_s: float = 2.5
+    """Longest wait for one board write, or for a read past the end of its phase (a slow
+    lookup must not stretch matchmaking past the round's deadline)."""
+
+    @property
+    def overrun_s(self) -> float:
+        """Longest :func:`find_group` can take beyond its window: the own announcement,
+        the last read, the own confirmation, the confirmation phase and its last read (a
+        withdrawal after a failed confirmation adds one more write, but no round follows)."""
+        return 3 * self.board_timeout_s + self.confirm_timeout_s + self.poll_interval_s
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_group_size <= self.max_group_size:
@@ -133,6 +156,16 @@ class MatchConfig:
             raise ConfigError(f"max_polls must be >= 1, got {self.max_polls!r}")
         if not self.confirm_timeout_s > 0:
             raise ConfigError(f"confirm_timeout_s must be > 0, got {self.confirm_timeout_s!r}")
+        if not self.board_timeout_s > 0:
+            raise ConfigError(f"board_timeout_s must be > 0, got {self.board_timeout_s!r}")
+
+
+async def _bounded(call: Awaitable[T], timeout_s: float) -> T | None:
+    """``call``'s result, or None when it did not finish within ``timeout_s``."""
+    try:
+        return await asyncio.wait_for(call, max(timeout_s, 1e-3))
+    except asyncio.TimeoutError:
+        return None
 
 
 async def find_group(
@@ -146,14 +179,23 @@ async def find_group(
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Group | NoGroup:
-    """Announce, wait for the window to close, and return this peer's group (or why not)."""
+    """Announce, wait for the window to close, and return this peer's group (or why not).
+
+    Each attempt announces a fresh nonce, and group ids hash the members' nonces: a retry
+    under the same key (sync mode asks again for a step whose round found no group) never
+    mistakes the last attempt's confirmations, or a departed peer's entry, for agreement.
+    """
     opened_at = clock()
     window_s = estimator.window_s()
-    me = replace(me, expected=expected_peers)
-    await board.announce(round_key, me, expires_at=opened_at + 2 * window_s + 1.0)
+    closes_at = opened_at + window_s
+    me = replace(me, expected=expected_peers, nonce=os.urandom(NONCE_BYTES))
+    announce = board.announce(round_key, me, expires_at=closes_at + window_s + 1.0)
+    await _bounded(announce, config.board_timeout_s)
     ready: list[ReadyPeer] = []
     for _ in range(config.max_polls):
-        ready = await board.entries(round_key)
+        read_s = max(closes_at - clock(), 0.0) + config.board_timeout_s
+        read = await _bounded(board.entries(round_key), read_s)
+        ready = read if read is not None else ready  # a late read keeps the last one
         now = clock()
         expect = min(config.max_group_size, max([expected_peers, *(p.expected for p in ready)]))
         if window_closed(
@@ -190,13 +232,27 @@ async def _confirm(
     sleep: Callable[[float], Awaitable[None]],
 ) -> Group | NoGroup:
     """Keep the members of ``group`` that derived the same group (see the module docstring)."""
-    started = clock()
-    deadline = started + config.confirm_timeout_s
-    await board.confirm(round_key, me.peer, group.group_id, expires_at=deadline + 60.0)
-    want = {p.peer for p in group.members} - {me.peer}  # our own post may lag in reads
+    expires_at = clock() + config.board_timeout_s + config.confirm_timeout_s + 60.0
+    # A post is the poster's attempt nonce, then the group id it derived: posts of an
+    # earlier attempt under the same key (or their withdrawals) do not count as answers.
+    nonces = {p.peer: p.nonce for p in group.members}
+    await _bounded(
+        board.confirm(round_key, me.peer, me.nonce + group.group_id, expires_at=expires_at),
+        config.board_timeout_s,
+    )
+    deadline = clock() + config.confirm_timeout_s  # counted from our own post
+    want = set(nonces) - {me.peer}  # our own post may lag in reads
     seen: dict[bytes, bytes] = {}
     for _ in range(config.max_polls):
-        seen = await board.confirmations(round_key)
+        read = await _bounded(
+            board.confirmations(round_key), max(deadline - clock(), config.poll_interval_s)
+        )
+        if read is not None:
+            seen = {
+                peer: post[len(nonces[peer]) :]
+                for peer, post in read.items()
+                if peer in nonces and post.startswith(nonces[peer])
+            }
         now = clock()
         if want <= seen.keys() or now >= deadline:
             break
@@ -204,6 +260,12 @@ async def _confirm(
     seen[me.peer] = group.group_id
     agreed = tuple(p for p in group.members if seen.get(p.peer) == group.group_id)
     if len(agreed) < config.min_group_size or all(p.client_mode for p in agreed):
+        # Take back our confirmation: a member whose window closes later must not start an
+        # all-reduce with us (a later expiry, or the DHT keeps the older record).
+        await _bounded(
+            board.confirm(round_key, me.peer, me.nonce + _WITHDRAWN, expires_at=expires_at + 1),
+            config.board_timeout_s,
+        )
         if len(agreed) < config.min_group_size:
             return NoGroup(
                 f"no group formed: {len(agreed)} of {len(group.members)} members confirmed "
