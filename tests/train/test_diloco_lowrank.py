@@ -62,6 +62,33 @@ def test_failed_second_exchange_changes_nothing() -> None:
     assert all(e.abs().max() == 0 for e in avg.error.values())
 
 
+def test_left_out_of_the_second_exchange_is_reported_and_keeps_the_error_feedback() -> None:
+    # Late or screened out of exchange 2: the mean holds no R of ours. It used to report
+    # included=True (DiLoCo then dropped the local progress) and to set the error feedback
+    # as if our R had been sent.
+    avg = LowRankAverager(SHAPES, rank=2)
+    delta = torch.randn(sum(s.numel() for s in SHAPES))
+
+    def left_out_of_second(vector, weight, index, stage):
+        if stage == 1:
+            vector.mul_(0.5)  # stands for the others' mean
+            return RoundOutcome(
+                True,
+                contributors=frozenset({2}),
+                weight=1.0,
+                group_size=2,
+                included=False,
+                reason="own contribution left out: late",
+            )
+        return _ok(vector, weight, index, stage)
+
+    out = delta.clone()
+    result = avg.average(out, 1.0, 0, left_out_of_second)
+    assert result.ok and not result.included and "left out" in result.reason
+    assert all(e.abs().max() == 0 for e in avg.error.values())  # nothing kept twice
+    assert not torch.equal(out, delta)  # the others' mean, for the outer step all take
+
+
 def test_peers_end_with_the_same_result_the_projected_weighted_mean() -> None:
     n = 3
     weights = [1.0, 2.0, 5.0]

@@ -6,6 +6,7 @@ import concurrent.futures
 
 import torch
 
+from shoal.train.diloco import ResyncState
 from shoal.train.diloco_streaming import StreamingDiLoCo, fragment_offsets, split_fragments
 from shoal.train.outer import OuterConfig, OuterNesterov
 from shoal.train.swarm_round import RoundOutcome
@@ -92,3 +93,61 @@ def test_unfinished_round_is_waited_for_at_the_overlap_bound_and_failure_changes
     assert launch.futures[0].cancelled()
     assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
     assert [c[0] for c in launch.calls] == [0, 1]  # fragment 1 launched at its own offset
+
+
+def _streaming(params, launch, **kw) -> StreamingDiLoCo:
+    opts = dict(local_steps=4, fragments=2, overlap_steps=2, mix_alpha=0.5, outer=OuterConfig())
+    return StreamingDiLoCo(params, launch=launch, **{**opts, **kw})
+
+
+def test_an_error_in_a_fragment_round_costs_the_round_not_the_peer() -> None:
+    launch = Launcher()
+    s = _streaming(_model(), launch)
+    s.after_local_step(8)
+    s.after_local_step(8)  # fragment 0 launched at step 2
+    launch.futures[0].set_exception(ConnectionResetError("peer reset"))
+    reports = s.after_local_step(8)
+    assert len(reports) == 1 and not reports[0].ok and "ConnectionResetError" in reports[0].reason
+    assert s.stale and s.round_index == 1 and s.pending is None
+
+
+def test_no_overlap_applies_the_result_before_the_next_local_step() -> None:
+    launch = Launcher()
+
+    def landed(vector, weight, index, fragment, fp):
+        fut = launch(vector, weight, index, fragment, fp)
+        fut.set_result(RoundOutcome(True, contributors=frozenset({1}), weight=weight))
+        return fut
+
+    params = _model()
+    s = _streaming(params, landed, overlap_steps=0)
+    s.after_local_step(8)
+    params[0].add_(1.0)
+    reports = s.after_local_step(8)  # fragment 0 synced and applied at step 2 itself
+    assert [r.ok for r in reports] == [True] and s.pending is None
+    assert s.applied == [1, 0]
+
+
+def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None:
+    # A stale donor keeps applying other fragments' rounds, so its snapshots look fresh
+    # while the fragment it missed is behind: adopting that fragment rolled back a round
+    # this peer (and the swarm) had applied.
+    params = _model()
+    donor = _streaming([p.clone() for p in params], Launcher())
+    donor.applied = [3, 1]
+    donor.outers[0].master = [m + 1.0 for m in donor.outers[0].master]  # ahead on fragment 0
+    donor.outers[1].master = [m - 5.0 for m in donor.outers[1].master]  # behind on fragment 1
+    state = ResyncState(round_index=8, tensors=donor.state_tensors(), step=30)
+    s = _streaming(params, Launcher(), resync=lambda: state)
+    s.applied = [2, 2]
+    own_f1 = [m.clone() for m in s.outers[1].master]
+    s.stale = True
+    s._resync()
+    assert not s.stale and s.applied == [3, 2]
+    assert all(
+        torch.equal(a, b) for a, b in zip(s.outers[0].master, donor.outers[0].master, strict=True)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(s.outers[1].master, own_f1, strict=True))
+    # the counts travel with checkpoints too
+    restored = _streaming(_model(), Launcher())
+    assert restored.load_state(s.state_tensors()) and restored.applied == [3, 2]

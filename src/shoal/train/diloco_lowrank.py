@@ -117,8 +117,9 @@ class LowRankAverager:
             r_bar = second[offset : offset + cols * self.rank].view(cols, self.rank)
             offset += cols * self.rank
             views[i].copy_((p_hat[i] @ r_bar.T).reshape(-1))
-            self.error[i] = m[i] - p_hat[i] @ local_r[i].T
-            self.q[i] = r_bar.clone()
+            if out2.included:  # else our R was not in the mean: the caller keeps our progress
+                self.error[i] = m[i] - p_hat[i] @ local_r[i].T
+            self.q[i] = r_bar.clone()  # the same at every member: next round's warm start
         d_off = 0
         for i in self.dense:
             views[i].copy_(dense_mean[d_off : d_off + self.sizes[i]])
@@ -128,7 +129,9 @@ class LowRankAverager:
             contributors=out2.contributors,
             weight=out2.weight,
             group_size=out2.group_size,
+            reason=out2.reason,
             seconds=seconds,
+            included=out2.included,
         )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -17,9 +17,15 @@ needed). Applying at step ``t' ≥ t``:
 
 The outer parameters depend only on ``Δ̄_f``, never on when it landed, so they stay equal
 across contributors; the mix keeps part of the ``t' - t`` local steps taken meanwhile
-(α = 0 discards them, as plain DiLoCo would). A failed fragment round changes nothing
-(local progress kept) and marks the peer stale: before its next launch it asks
-``resync`` for the swarm's outer state and rebases onto it, as ``diloco.py`` does.
+(α = 0 discards them, as plain DiLoCo would). With ``τ = 0`` the result is awaited at
+step ``t`` itself: no overlap. A failed fragment round changes nothing (local progress
+kept) and marks the peer stale: before its next launch it asks ``resync`` for the swarm's
+outer state and rebases onto it, as ``diloco.py`` does.
+
+Each fragment counts the rounds it applied (``outer.<f>.applied`` in snapshots). A stale
+peer keeps applying the other fragments' rounds and its snapshots look fresh, while the
+fragment it missed is behind; so a resync adopts a fragment only from a donor that applied
+more of its rounds, never rolling back one the swarm already took.
 """
 
 from __future__ import annotations
@@ -103,6 +109,8 @@ class StreamingDiLoCo:
         self.stale = False
         self.round_index = 0
         """Fragment rounds finished (ok or not)."""
+        self.applied = [0] * len(self.groups)
+        """Rounds each fragment applied (or adopted from a donor that had applied them)."""
 
     def fragment_params(self, f: int) -> list[torch.Tensor]:
         return [self.params[i] for i in self.groups[f]]
@@ -121,6 +129,8 @@ class StreamingDiLoCo:
                 if self.pending is not None:  # never two fragments in flight
                     reports.append(self._finish())
                 self._launch(f)
+                if self.overlap_steps == 0:  # no overlap: apply before the next step
+                    reports.append(self._finish())
         return reports
 
     def drain(self) -> list[RoundReport]:
@@ -146,7 +156,11 @@ class StreamingDiLoCo:
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as exc:
             p.future.cancel()
             outcome = RoundOutcome(False, reason=f"fragment round did not finish: {exc!r}")
+        except Exception as exc:  # a bug or error in a round costs the round, not the peer
+            outcome = RoundOutcome(False, reason=f"fragment round failed: {exc!r}")
         self.round_index += 1
+        if outcome.ok:
+            self.applied[p.fragment] += 1
         if outcome.ok and outcome.included:
             outer = self.outers[p.fragment]
             outer.step(p.delta)
@@ -173,20 +187,38 @@ class StreamingDiLoCo:
         state = self.resync() if self.resync is not None else None
         if state is None:
             return
+        donor = _applied_counts(state.tensors, len(self.outers))
         for f, outer in enumerate(self.outers):
+            if donor[f] is not None and donor[f] <= self.applied[f]:
+                continue  # ours is as recent: adopting could undo a round we applied
             load = partial(outer.load_state_tensors, state.tensors, prefix=f"outer.{f}")
             if not outer.keeping_progress(self.fragment_params(f), load):
                 return
+            self.applied[f] = donor[f] or self.applied[f]
         self.stale = False
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for f, outer in enumerate(self.outers):
             out.update(outer.state_tensors(prefix=f"outer.{f}"))
+            out[f"outer.{f}.applied"] = torch.tensor(self.applied[f], dtype=torch.int64)
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> bool:
         ok = all(
             o.load_state_tensors(tensors, prefix=f"outer.{f}") for f, o in enumerate(self.outers)
         )
+        if ok:
+            self.applied = [n or 0 for n in _applied_counts(tensors, len(self.outers))]
         return ok
+
+
+def _applied_counts(tensors: dict[str, torch.Tensor], fragments: int) -> list[int | None]:
+    """Each fragment's ``outer.<f>.applied`` count in a snapshot; None where it has none
+    (or a malformed one): a snapshot from a donor that did not count."""
+    out: list[int | None] = []
+    for f in range(fragments):
+        t = tensors.get(f"outer.{f}.applied")
+        ok = t is not None and t.numel() == 1 and not t.is_floating_point() and int(t) >= 0
+        out.append(int(t) if ok and t is not None else None)
+    return out
