@@ -137,22 +137,33 @@ def test_find_group_waits_the_window_then_goes_with_who_came():
     assert 2.0 <= ended < 3.0
 
 
-def test_a_late_arrival_does_not_pull_a_peer_that_already_left_into_its_group():
+@pytest.mark.parametrize(
+    ("a_window", "b_window", "b_start", "b_ends_by", "why_a"),
+    [
+        # a waits 1 s alone and leaves; b arrives later, still sees a's entry on the board
+        (1.0, 1.0, 1.5, 1.5 + 1.0 + 2.0 + 0.5, "no other peer was ready for this round"),
+        # a's window is 5 s, b's 10 s: b closes after a gave up, still sees a's entry and,
+        # before withdrawals, a's confirmation, and started an all-reduce a never joined
+        (5.0, 10.0, 0.2, 10.2 + 0.5, "1 of 2 members confirmed the group within 2 s"),
+    ],
+)
+def test_a_peer_that_left_is_not_in_a_later_peers_group(
+    a_window, b_window, b_start, b_ends_by, why_a
+):
     a, b = _peers(2)
 
     async def main():
         board = MemoryBoard(_loop_time)
-        # a waits 1 s alone and leaves; b arrives later, still sees a's entry on the board
         return await asyncio.gather(
-            _meet(board, a, window_s=1.0, expected=2),
-            _meet(board, b, window_s=1.0, expected=3, start_at=1.5, confirm_s=2.0),
+            _meet(board, a, window_s=a_window, expected=3, confirm_s=2.0),
+            _meet(board, b, window_s=b_window, expected=3, start_at=b_start, confirm_s=2.0),
         ), _loop_time()
 
     (group_a, group_b), ended = run_virtual(main())
-    assert group_a == NoGroup("no group formed: no other peer was ready for this round")
-    # without confirmation b would wait on a in an all-reduce
+    assert group_a == NoGroup(f"no group formed: {why_a}")
+    # without confirmation (and withdrawal) b would wait on a in an all-reduce
     assert group_b == NoGroup("no group formed: 1 of 2 members confirmed the group within 2 s")
-    assert ended <= 1.5 + 1.0 + 2.0 + 0.5
+    assert ended <= b_ends_by
 
 
 def test_a_retry_under_the_same_key_ignores_the_last_attempts_posts():
@@ -189,24 +200,6 @@ def test_a_retry_under_the_same_key_ignores_the_last_attempts_posts():
     assert len({g.group_id for g in everyone}) == 1 and len(everyone[0].members) == 3
     assert without_c[0] == without_c[1]
     assert {p.peer for p in without_c[0].members} == {a.peer, b.peer}
-
-
-def test_a_peer_that_gives_up_withdraws_so_a_later_window_does_not_pick_it():
-    # a's window is 5 s, b's 10 s: b closes after a gave up, still sees a's entry and,
-    # before withdrawals, a's confirmation, and started an all-reduce a never joined.
-    a, b = _peers(2)
-
-    async def main():
-        board = MemoryBoard(_loop_time)
-        return await asyncio.gather(
-            _meet(board, a, window_s=5.0, expected=3),
-            _meet(board, b, window_s=10.0, expected=3, start_at=0.2),
-        ), _loop_time()
-
-    (group_a, group_b), ended = run_virtual(main())
-    assert isinstance(group_a, NoGroup) and isinstance(group_b, NoGroup)
-    assert "1 of 2 members confirmed" in group_b.reason
-    assert ended < 10.2 + 0.5  # b did not wait out its confirmation deadline either
 
 
 def test_a_slow_board_cannot_stretch_matchmaking_past_its_bound():
