@@ -174,6 +174,30 @@ def test_stale_peer_behind_the_swarm_skips_the_round_it_already_holds() -> None:
     assert all(torch.equal(a, b) for a, b in zip(d.outer.master, donor.master, strict=True))
 
 
+def test_a_resync_from_an_older_round_index_keeps_ours() -> None:
+    # The donor's snapshot is from its last applied round; it (like us) has counted failed
+    # rounds since. Taking the snapshot's index put us one round key behind for good.
+    start = _peer_params(5)
+    donor = OuterNesterov(start)
+    donor.step(torch.full((11,), 0.03))
+    calls: list[int] = []
+
+    def average(vector, weight, index):
+        calls.append(index)
+        return RoundOutcome(False, reason="no group")
+
+    ps = [t.clone() for t in start]
+    d = DiLoCo(
+        ps, DiLoCoConfig(local_steps=1), average, lambda: ResyncState(2, donor.state_tensors())
+    )
+    d.round_index = 7
+    d.stale = True
+    report = d.after_local_step(4)
+    assert report is not None and report.resynced
+    assert calls == [7] and d.round_index == 8  # it ran round 7, as the swarm does
+    assert all(torch.equal(a, b) for a, b in zip(d.outer.master, donor.master, strict=True))
+
+
 def test_a_resynced_peer_never_rewinds_to_the_snapshot_it_already_adopted(monkeypatch) -> None:
     """After adopting a donor's state, a later failed round asks only for fresher state:
     re-adopting the same snapshot would put the round index back behind the swarm."""

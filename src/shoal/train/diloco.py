@@ -160,7 +160,10 @@ class DiLoCo:
         load = self.outer.load_state_tensors
         if not self.outer.keeping_progress(self.params, lambda: load(state.tensors)):
             return False  # nothing changed
-        self.round_index = state.round_index
+        # Never lower it: a donor's snapshot comes from its last applied round, and the
+        # swarm (like us) has counted the failed ones since; taking the snapshot's index
+        # would put us on round keys one behind everyone else's for good.
+        self.round_index = max(self.round_index, state.round_index)
         self.stale = False
         if self.on_resync is not None:
             self.on_resync(state)
