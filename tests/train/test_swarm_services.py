@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shoal.net import Identity
+from shoal.state.announce import state_key
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_services import PeerServices
 
@@ -32,6 +33,9 @@ def test_a_round_expects_the_peers_that_joined_since_the_last_refresh(tmp_path: 
             {"reached": 1, "unreached": 0, "mapping": "unknown", "client_mode": False}
         ]
         assert not second.opts.client_mode
+        # Snapshots are announced per mode: a fresher sync-mode snapshot must not hide the
+        # diloco ones from a diloco peer's resync (it would be refused on mode).
+        assert first.state_key == state_key("default", scope="diloco") != state_key("default")
     finally:
         if second is not None:
             second.close()

@@ -42,9 +42,11 @@ _MAX_ADDRESS_CHARS = 256
 _MAX_VERSION_CHARS = 64
 
 
-def state_key(swarm: str) -> bytes:
-    """The DHT key donors of ``swarm`` announce under."""
-    return b"shoal.state/" + swarm.encode("utf-8")
+def state_key(swarm: str, scope: str = "") -> bytes:
+    """The DHT key donors of ``swarm`` announce under; a ``scope`` (e.g. a training mode)
+    keeps snapshots that cannot restore each other apart, so the freshest announcement a
+    joiner finds is one it can use."""
+    return b"shoal.state/" + swarm.encode("utf-8") + (b"/" + scope.encode() if scope else b"")
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,7 +177,10 @@ class PeerServices:
                 except Exception as exc:  # keep stopping the rest
                     log.warning("stopping %s after a failed start: %s", name, exc)
             raise
-        return cls(opts, runtime, dht, membership, monitor, publisher, state_key(opts.swarm), nat)
+        # Peers of every mode may share a swarm, but a snapshot restores only into its own
+        # mode: a fresher one of another mode would hide the usable ones from resync.
+        key = state_key(opts.swarm, scope=opts.mode)
+        return cls(opts, runtime, dht, membership, monitor, publisher, key, nat)
 
     async def fresh_trainers(self) -> int:
         """:meth:`trainers` from a view re-read just now (on the loop; bounded, falls back
