@@ -113,6 +113,22 @@ def test_manifest_round_trip_and_tampering_is_refused():
         check_manifest(served.manifest, ManifestLimits(max_total_bytes=100))
 
 
+def test_an_empty_tensor_with_a_huge_dimension_is_refused():
+    # numel stays 0 with a zero dimension, so only a bound per dimension catches
+    # [0, 2**63]; torch.empty raised TypeError on it and the joiner died.
+    served = prepare(_snap(), chunk_bytes=4096)
+    m = state_pb2.StateManifest()
+    m.CopyFrom(served.manifest)
+    m.tensors.append(
+        state_pb2.StateTensor(
+            name="extra/x", dtype=m.tensors[0].dtype, shape=[0, 2**63], byte_length=0
+        )
+    )
+    m.version = manifest_version(m)
+    with pytest.raises(ProtocolViolation, match="dimension"):
+        check_manifest(m, ManifestLimits())
+
+
 def test_version_cache_pins_used_versions_for_a_while():
     now = [0.0]
     cache = VersionCache(ServeConfig(pin_s=10.0, max_versions=2), clock=lambda: now[0])

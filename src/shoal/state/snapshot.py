@@ -169,6 +169,10 @@ def check_manifest(manifest: state_pb2.StateManifest, limits: ManifestLimits) ->
             raise ProtocolViolation(f"state tensor {t.name!r}: bad dtype or dims")
         numel = 1
         for dim in t.shape:
+            # Each dimension on its own too: a 0 keeps the product at 0, and torch.empty
+            # then raises on a [0, 2**63] shape instead of refusing it.
+            if dim > limits.max_total_bytes:
+                raise ProtocolViolation(f"state tensor {t.name!r}: dimension {dim} too large")
             numel *= dim
             if numel > limits.max_total_bytes:
                 raise ProtocolViolation(f"state tensor {t.name!r}: shape too large")
