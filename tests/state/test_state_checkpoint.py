@@ -74,6 +74,9 @@ def test_keeps_only_the_last_k(tmp_path):
         _write(tmp_path, step, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
     assert not list(tmp_path.glob(".tmp-*"))
+    # A write below the steps already there (another run's folders) is never rotated away.
+    path, _, _ = _write(tmp_path, 1, keep_last=2)
+    assert path.exists() and path in list_checkpoints(tmp_path)
 
 
 def test_corrupted_file_is_detected_and_named(tmp_path):

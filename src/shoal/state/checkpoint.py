@@ -156,7 +156,8 @@ def write_snapshot(snapshot: Snapshot, root: str | Path, *, keep_last: int = 3) 
     os.rename(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:  # older steps than a folder left by another run: keep ours
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -18,13 +18,14 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from shoal.errors import CheckpointError, NetworkError
+from shoal.errors import CheckpointError, ConfigError, NetworkError
 from shoal.models.data import TrainWindows
 from shoal.net import Identity
-from shoal.state.recovery import Source, recover
+from shoal.state.checkpoint import LoadedCheckpoint, load_latest_valid
+from shoal.state.recovery import Recovered, Source, recover
 from shoal.state.sync_client import SyncConfig, find_donors
 from shoal.train.config import TrainConfig, with_overrides
 from shoal.train.run_state import checkpoint_root
@@ -112,6 +113,42 @@ def _make_strategy(
     return SyncStrategy(trainer, services, opts, stop)
 
 
+def _restore(
+    found: Recovered, opts: PeerOptions, trainer: Trainer, shape: dict[str, Any], data_seed: int
+) -> tuple[Source, Restored | None]:
+    """Continue from what recovery found. A swarm snapshot that does not fit (another
+    model) falls back to our own checkpoint; our own checkpoint that does not fit stops the
+    peer with an error, since starting over in that run dir would rotate it away."""
+
+    def candidates() -> Iterator[tuple[Source, LoadedCheckpoint]]:
+        if found.checkpoint is not None:
+            yield found.source, found.checkpoint
+        if found.source is Source.SWARM:  # read from disk only if the swarm's did not fit
+            local = load_latest_valid(checkpoint_root(opts.run_dir))
+            if local is not None:
+                yield Source.DISK, local
+
+    for source, ckpt in candidates():
+        try:
+            return source, restore_peer(
+                ckpt,
+                trainer.model,
+                trainer.optimizer,
+                trainer.windows,
+                mode=opts.mode,
+                model_shape=shape,
+                data_seed=data_seed,
+            )
+        except CheckpointError as exc:
+            if source is Source.DISK:
+                raise ConfigError(
+                    f"{opts.run_dir} holds a checkpoint this peer cannot continue from "
+                    f"({exc}); give another --run-dir, or remove {ckpt.path}"
+                ) from exc
+            log.warning("cannot continue from the swarm's snapshot: %s", exc)
+    return Source.NONE, None
+
+
 def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
     """Run the peer until ``opts.steps`` or ``stop``; returns the process exit code."""
     opts.run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,27 +162,15 @@ def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         shape = trainer.model_cfg.to_dict()
         root = checkpoint_root(opts.run_dir)
         found = recover(root, services.runtime, _dht_if_ahead(services), services.state_key)
-        restored: Restored | None = None
-        if found.checkpoint is not None:
-            try:
-                restored = restore_peer(
-                    found.checkpoint,
-                    trainer.model,
-                    trainer.optimizer,
-                    trainer.windows,
-                    mode=opts.mode,
-                    model_shape=shape,
-                    data_seed=seed_for_data,
-                )
-                trainer.step = restored.step
-            except CheckpointError as exc:
-                log.warning("cannot continue from %s: %s", found.checkpoint.path, exc)
+        source, restored = _restore(found, opts, trainer, shape, seed_for_data)
+        if restored is not None:
+            trainer.step = restored.step
         strategy = _make_strategy(opts, trainer, services, stop)
         if restored is not None:
             strategy.load_state(restored.strategy, restored.round_index)
         emit(
             "recovered",
-            source=found.source.value if restored is not None else "none",
+            source=source.value,
             step=trainer.step,
             round=strategy.round_index,
         )
