@@ -39,7 +39,7 @@ def test_a_run_dir_of_another_mode_is_refused_not_silently_started_over(tmp_path
     diloco = PeerOptions(mode="diloco", run_dir=tmp_path)
     trainer = build_trainer(diloco, 7)
     found = Recovered(Source.DISK, own, 40, None)
-    with pytest.raises(ConfigError, match="cannot continue from .*mode 'sync'.*--run-dir"):
+    with pytest.raises(ConfigError, match=r"cannot continue from .*mode 'sync'.*--run-dir"):
         _restore(found, diloco, trainer, trainer.model_cfg.to_dict(), 7)
 
 
