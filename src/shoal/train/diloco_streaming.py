@@ -188,13 +188,13 @@ class StreamingDiLoCo:
         if state is None:
             return
         donor = _applied_counts(state.tensors, len(self.outers))
-        for f, outer in enumerate(self.outers):
-            if donor[f] is not None and donor[f] <= self.applied[f]:
+        for f, (outer, theirs) in enumerate(zip(self.outers, donor, strict=True)):
+            if theirs is not None and theirs <= self.applied[f]:
                 continue  # ours is as recent: adopting could undo a round we applied
             load = partial(outer.load_state_tensors, state.tensors, prefix=f"outer.{f}")
             if not outer.keeping_progress(self.fragment_params(f), load):
                 return
-            self.applied[f] = donor[f] or self.applied[f]
+            self.applied[f] = theirs if theirs is not None else self.applied[f]
         self.stale = False
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
