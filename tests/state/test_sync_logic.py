@@ -47,6 +47,11 @@ def test_choose_donors_prefers_freshest_step_then_most_held_version():
     choice = choose_donors(anns, max_donors=3, rng=random.Random(0))
     assert choice.step == 10 and choice.version == "c"
     assert {a.peer_id for a in choice.donors} == {IDS[2], IDS[3]} and choice.spares == []
+    # Then the other snapshots, freshest first: every peer's snapshot is its own version,
+    # so a dead donor must not leave a joiner with nothing while others serve.
+    assert [(f.step, f.version) for f in choice.fallbacks] == [(10, "b"), (9, "a"), (8, "v1")]
+    assert all(f.fallbacks == () for f in choice.fallbacks)
+    assert len(choose_donors(anns, max_fallbacks=1).fallbacks) == 1
 
 
 def test_choose_donors_excludes_self_and_keeps_spares():

@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -183,6 +184,23 @@ def test_announce_sync_and_recover_through_the_dht(runtimes, tmp_path):
     finally:
         donor_dht.close()
         joiner_dht.close()
+
+
+def test_a_joiner_whose_donor_is_gone_downloads_another_snapshot(runtimes):
+    # Each peer's snapshot is a version of its own: with its only donor gone, the chosen
+    # snapshot cannot be had, and recovery used to give up while another peer served.
+    joiner, live_rt, gone_rt = runtimes(3)
+    live, gone = _snapshot(step=12, seed=1), _snapshot(step=12, seed=2)
+    StateServer(live_rt, lambda: prepare(live))
+    live_ann = Announcement(live_rt.peer_id, 12, prepare(live).version, live_rt.address, 1)
+    gone_ann = Announcement(gone_rt.peer_id, 12, prepare(gone).version, gone_rt.address, 1)
+    gone_rt.close()
+    fallback = DonorChoice(12, live_ann.version, [live_ann], [])
+    choice = DonorChoice(12, gone_ann.version, [gone_ann], [], fallbacks=(fallback,))
+    result = joiner.run(download(joiner, choice, CFG), timeout_s=60)
+    _assert_same(result.snapshot, live)
+    with pytest.raises(PeerUnavailable, match="no announced snapshot could be downloaded"):
+        joiner.run(download(joiner, replace(choice, fallbacks=()), CFG), timeout_s=60)
 
 
 class _StallingService(StateService):

@@ -5,7 +5,8 @@ map ``{"s": step, "v": version, "a": address, "b": total_bytes}`` that expires a
 ``ttl_s`` and is refreshed every ``ttl_s / 3`` and whenever a newer snapshot is ready
 (``StateAnnouncer``). A joiner reads the dictionary, drops malformed entries
 (``parse_announcements``), and ``choose_donors`` picks the freshest step, the version most
-donors hold at that step, and up to ``max_donors`` of them; the others stay as spares.
+donors hold at that step, and up to ``max_donors`` of them; the others stay as spares, and
+the next snapshots in that order are fallbacks for when none of them can serve.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -104,6 +105,10 @@ class DonorChoice:
     """Up to ``max_donors`` donors, in the order to use them."""
     spares: list[Announcement]
     """Further donors of the same version, tried when the chosen ones fail."""
+    fallbacks: tuple[DonorChoice, ...] = ()
+    """Other snapshots (other versions, then older steps), tried in order when no donor of
+    this one can serve it: every peer's snapshot is its own version, so a dead donor
+    would otherwise leave a joiner with nothing while others serve the same step."""
 
 
 def choose_donors(
@@ -111,21 +116,25 @@ def choose_donors(
     *,
     exclude: PeerID | None = None,
     max_donors: int = 3,
+    max_fallbacks: int = 3,
     rng: random.Random | None = None,
 ) -> DonorChoice | None:
-    """Freshest step, then the version most donors hold (ties: smallest version string)."""
-    candidates = [a for a in announcements if exclude is None or a.peer_id != exclude]
-    if not candidates:
+    """Freshest step, then the version most donors hold (ties: smallest version string);
+    the next ``max_fallbacks`` snapshots in that order go in ``fallbacks``."""
+    by_snapshot: dict[tuple[int, str], list[Announcement]] = {}
+    for a in announcements:
+        if exclude is None or a.peer_id != exclude:
+            by_snapshot.setdefault((a.step, a.version), []).append(a)
+    if not by_snapshot:
         return None
-    step = max(a.step for a in candidates)
-    by_version: dict[str, list[Announcement]] = {}
-    for a in candidates:
-        if a.step == step:
-            by_version.setdefault(a.version, []).append(a)
-    version = min(by_version, key=lambda v: (-len(by_version[v]), v))
-    donors = sorted(by_version[version], key=lambda a: a.peer_id.raw)
-    (rng or random.Random()).shuffle(donors)
-    return DonorChoice(step, version, donors[:max_donors], donors[max_donors:])
+    ranked = sorted(by_snapshot, key=lambda sv: (-sv[0], -len(by_snapshot[sv]), sv[1]))
+    rng = rng or random.Random()
+    choices = []
+    for step, version in ranked[: 1 + max_fallbacks]:
+        donors = sorted(by_snapshot[step, version], key=lambda a: a.peer_id.raw)
+        rng.shuffle(donors)
+        choices.append(DonorChoice(step, version, donors[:max_donors], donors[max_donors:]))
+    return replace(choices[0], fallbacks=tuple(choices[1:]))
 
 
 class StateAnnouncer:

@@ -355,10 +355,21 @@ async def download(
         PeerTimeout: ``total_timeout_s`` passed.
     """
     config = config or SyncConfig()
-    try:
-        return await asyncio.wait_for(
-            _Downloader(runtime, choice, config, on_chunk, only).run(), config.total_timeout_s
+
+    async def first_that_serves() -> SyncResult:
+        failed: list[str] = []
+        for option in (choice, *choice.fallbacks):
+            try:
+                return await _Downloader(runtime, option, config, on_chunk, only).run()
+            except PeerUnavailable as exc:  # every donor of it failed: the next snapshot
+                log.warning("snapshot of step %d unavailable: %s", option.step, exc)
+                failed.append(f"step {option.step}: {exc}")
+        raise PeerUnavailable(
+            "no announced snapshot could be downloaded (" + "; ".join(failed) + ")"
         )
+
+    try:
+        return await asyncio.wait_for(first_that_serves(), config.total_timeout_s)
     except asyncio.TimeoutError:
         raise PeerTimeout(f"state sync did not finish within {config.total_timeout_s} s") from None
 

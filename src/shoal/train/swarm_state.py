@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -151,8 +151,10 @@ def fetch_snapshot_from_swarm(
                 newer_than,
             )
             return None
+        fresher = tuple(f for f in choice.fallbacks if f.step > newer_than)
         result = runtime.run(
-            download(runtime, choice, config, only=only), timeout_s=timeout_s + 5.0
+            download(runtime, replace(choice, fallbacks=fresher), config, only=only),
+            timeout_s=timeout_s + 5.0,
         )
     except (NetworkError, TimeoutError) as exc:
         log.warning("state sync from the swarm failed: %s", exc)
@@ -162,5 +164,5 @@ def fetch_snapshot_from_swarm(
         for f in result.snapshot.files.values()
         for t in f.values()
     )
-    log.info("fetched the swarm's state of step %d (%d bytes)", choice.step, fetched)
+    log.info("fetched the swarm's state of step %d (%d bytes)", result.snapshot.step, fetched)
     return result.snapshot
