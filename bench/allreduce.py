@@ -14,12 +14,15 @@ is told to start; the result is the median over ``--rounds`` rounds after one wa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -64,33 +67,40 @@ class _Gloo:
 
     def __init__(self, peers: int, numel: int) -> None:
         port = _free_port()
-        self.procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    __file__,
-                    "--gloo-worker",
-                    str(r),
-                    str(peers),
-                    str(port),
-                    str(numel),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for r in range(peers)
-        ]
-        for p in self.procs:
-            self._read(p)
+        self.procs: list[subprocess.Popen[str]] = []
+        self._lines: list[queue.Queue[dict | None]] = []
+        try:
+            for r in range(peers):
+                argv = [sys.executable, __file__, "--gloo-worker", str(r), str(peers), str(port)]
+                proc = subprocess.Popen(
+                    [*argv, str(numel)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                )
+                lines: queue.Queue[dict | None] = queue.Queue()
+                threading.Thread(target=self._pump, args=(proc, lines), daemon=True).start()
+                self.procs.append(proc)
+                self._lines.append(lines)
+            for i in range(peers):
+                self._read(i, 120.0)
+        except BaseException:
+            self.close()  # no rank outlives a failed start
+            raise
 
     @staticmethod
-    def _read(proc: subprocess.Popen[str]) -> dict:
+    def _pump(proc: subprocess.Popen[str], lines: queue.Queue[dict | None]) -> None:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"gloo worker exited with {proc.wait()}")
-        return json.loads(line)
+        for line in proc.stdout:
+            if line.startswith("{"):
+                lines.put(json.loads(line))
+        lines.put(None)
+
+    def _read(self, rank: int, timeout_s: float) -> dict:
+        try:
+            reply = self._lines[rank].get(timeout=timeout_s)
+        except queue.Empty:
+            raise RuntimeError(f"gloo rank {rank} gave no answer within {timeout_s} s") from None
+        if reply is None:
+            raise RuntimeError(f"gloo rank {rank} exited with {self.procs[rank].wait()}")
+        return reply
 
     def round(self) -> tuple[float, float]:
         """(seconds of the slowest rank, CPU seconds of all ranks together)."""
@@ -98,16 +108,21 @@ class _Gloo:
             assert p.stdin is not None
             p.stdin.write("go\n")
             p.stdin.flush()
-        replies = [self._read(p) for p in self.procs]
+        replies = [self._read(i, 120.0) for i in range(len(self.procs))]
         return max(r["seconds"] for r in replies), sum(r["cpu_s"] for r in replies)
 
     def close(self) -> None:
         for p in self.procs:
-            if p.stdin is not None:
-                p.stdin.write("quit\n")
-                p.stdin.close()
+            if p.poll() is None and p.stdin is not None:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    p.stdin.write("quit\n")
+                    p.stdin.close()
         for p in self.procs:
-            p.wait(30)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
 
 
 class _Shoal:
@@ -129,6 +144,9 @@ class _Shoal:
         self.k += 1
         if not all(r["ok"] for r in replies):
             raise RuntimeError(f"round failed: {[r['reason'] for r in replies]}")
+        # A round that left a late peer out would be faster than gloo's, which waits for all.
+        if any(len(r["contributors"]) != n for r in replies):
+            raise RuntimeError(f"round left peers out: {[r['contributors'] for r in replies]}")
         slowest = max(replies, key=lambda r: r["seconds"])
         self.phases.append({k: round(v, 3) for k, v in slowest["phases"].items()})
         return slowest["seconds"], sum(r["cpu_s"] for r in replies)
@@ -152,10 +170,14 @@ def main(argv: list[str]) -> dict:
     try:
         gloo = _Gloo(args.peers, args.params)
         try:
-            # Alternate the two so that load from elsewhere hits both alike; round 0 warms up.
+            # Alternate the two so that load from elsewhere hits both alike, and which goes
+            # first (ABBA: neither always runs in the other's wake); round 0 warms up.
             shoal_times, gloo_times, shoal_cpu, gloo_cpu = [], [], [], []
             for k in range(args.rounds + 1):
-                (s_t, s_cpu), (g_t, g_cpu) = shoal.round(), gloo.round()
+                if k % 2:
+                    (g_t, g_cpu), (s_t, s_cpu) = gloo.round(), shoal.round()
+                else:
+                    (s_t, s_cpu), (g_t, g_cpu) = shoal.round(), gloo.round()
                 if k:
                     shoal_times.append(s_t)
                     gloo_times.append(g_t)
@@ -177,6 +199,10 @@ def main(argv: list[str]) -> dict:
         "ratio": round(shoal_s / gloo_s, 2),
         "shoal_cpu_s": round(statistics.median(shoal_cpu), 3),
         "gloo_cpu_s": round(statistics.median(gloo_cpu), 3),
+        "peers": args.peers,
+        "params": args.params,
+        "rounds": args.rounds,
+        "codec": args.codec,  # gloo always averages fp32
     }
 
 

@@ -155,21 +155,25 @@ class LoopbackSwarm:
         self.procs: list[subprocess.Popen[str]] = []
         self._lines: list[queue.Queue[dict[str, Any]]] = []
         self.peers: list[tuple[str, str]] = []
-        for _ in range(n):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "shoal.parallel.data.loopback"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env={**os.environ, **(env or {})},
-            )
-            lines: queue.Queue[dict[str, Any]] = queue.Queue()
-            threading.Thread(target=self._pump, args=(proc, lines), daemon=True).start()
-            self.procs.append(proc)
-            self._lines.append(lines)
-        for i in range(n):
-            hello = self.read(i, 60.0)
-            self.peers.append((hello["peer"], hello["address"]))
+        try:
+            for _ in range(n):
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "shoal.parallel.data.loopback"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env={**os.environ, **(env or {})},
+                )
+                lines: queue.Queue[dict[str, Any]] = queue.Queue()
+                threading.Thread(target=self._pump, args=(proc, lines), daemon=True).start()
+                self.procs.append(proc)
+                self._lines.append(lines)
+            for i in range(n):
+                hello = self.read(i, 60.0)
+                self.peers.append((hello["peer"], hello["address"]))
+        except BaseException:
+            self.close()  # no peer outlives a failed start
+            raise
 
     @staticmethod
     def _pump(proc: subprocess.Popen[str], lines: queue.Queue[dict[str, Any]]) -> None:
