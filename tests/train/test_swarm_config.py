@@ -35,6 +35,7 @@ def test_peer_options_are_checked() -> None:
     for bad, match in [
         ({"report_every": 0}, "report_every"),
         ({"threads": 0}, "threads"),
+        ({"eval_batches": 0}, "eval_batches"),
         ({"rank": -1}, "rank"),
         ({"metrics_port": -5}, "metrics_port"),
         ({"join": ("127.0.0.1",)}, "HOST:PORT"),

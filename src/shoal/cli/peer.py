@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
         heartbeat_s: float = typer.Option(3.0, "--heartbeat", help="Membership period, s."),
         ckpt_rounds: int = typer.Option(1, "--checkpoint-every", help="Rounds per disk write."),
         eval_rounds: int = typer.Option(0, "--eval-every", help="Rounds per validation."),
+        eval_batches: int = typer.Option(8, "--eval-batches", help="Batches per validation."),
         report_every: int = typer.Option(10, "--report-every", help="Steps per step line."),
         role: str = typer.Option("trainer", "--role", help="trainer | stage"),
         stage: str = typer.Option("auto", "--stage", help="Pipeline stage K or auto."),
@@ -139,6 +140,7 @@ def register(app: typer.Typer) -> None:
             heartbeat_s=heartbeat_s,
             checkpoint_every_rounds=ckpt_rounds,
             eval_every_rounds=eval_rounds,
+            eval_batches=eval_batches,
             report_every=report_every,
             json=json_out,
         )

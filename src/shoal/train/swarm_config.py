@@ -90,6 +90,9 @@ class PeerOptions:
     """Write a checkpoint to disk every N applied rounds (a servable snapshot every round)."""
     eval_every_rounds: int = 0
     """Validate every N rounds (0 = only at the end)."""
+    eval_batches: int = 8
+    """Validation batches per evaluation (fixed, evenly spaced windows; more than the split
+    holds takes all of it)."""
     report_every: int = 10
     """Print a step line every N local steps."""
     json: bool = False
@@ -131,7 +134,7 @@ class PeerOptions:
             raise ConfigError("window_s, heartbeat_s and allreduce_timeout_s must be > 0")
         if self.checkpoint_every_rounds < 0 or self.eval_every_rounds < 0:
             raise ConfigError("checkpoint_every_rounds and eval_every_rounds must be >= 0")
-        for name in ("report_every", "threads"):
+        for name in ("report_every", "threads", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.rank < 0 or self.warmup_steps < 0:

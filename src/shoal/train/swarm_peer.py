@@ -55,6 +55,7 @@ def build_trainer(opts: PeerOptions, seed_for_data: int) -> Trainer:
         "data.dir": opts.data_dir,
         "data.seq_len": opts.seq_len,
         "data.batch_size": opts.batch_size,
+        "data.eval_batches": opts.eval_batches,
         "data.shard_index": opts.shard_index or 0,
         "data.num_shards": opts.num_shards if opts.shard_index is not None else 1,
         "optim.lr": opts.lr,
