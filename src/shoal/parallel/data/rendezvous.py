@@ -192,10 +192,12 @@ async def find_group(
     announce = board.announce(round_key, me, expires_at=closes_at + window_s + 1.0)
     await _bounded(announce, config.board_timeout_s)
     ready: list[ReadyPeer] = []
+    reads = 0
     for _ in range(config.max_polls):
         read_s = max(closes_at - clock(), 0.0) + config.board_timeout_s
         read = await _bounded(board.entries(round_key), read_s)
-        ready = read if read is not None else ready  # a late read keeps the last one
+        if read is not None:  # a late read keeps the last one
+            ready, reads = read, reads + 1
         now = clock()
         expect = min(config.max_group_size, max([expected_peers, *(p.expected for p in ready)]))
         if window_closed(
@@ -208,6 +210,11 @@ async def find_group(
             break
         wait = min(config.poll_interval_s, opened_at + window_s - now)
         await sleep(max(0.0, wait))
+    if reads == 0:  # a slow DHT, not an empty swarm: say so, and learn nothing from it
+        return NoGroup(
+            f"no group formed: no read of the board finished within the window "
+            f"({window_s:.3g} s) plus {config.board_timeout_s:g} s"
+        )
     estimator.observe(clock() - opened_at)
     groups = form_groups(
         round_key,
