@@ -132,7 +132,11 @@ class _Shoal:
         from shoal.parallel.data.loopback import LoopbackSwarm
 
         self.swarm = LoopbackSwarm(peers)
-        self.swarm.configure(numel, seed=0, codec=codec)
+        try:
+            self.swarm.configure(numel, seed=0, codec=codec)
+        except BaseException:
+            self.swarm.close()
+            raise
         self.k = 0
         self.phases: list[dict] = []
 

@@ -100,6 +100,15 @@ def test_int4_refuses_nibble_zero(byte):
         codec.decode(Encoded(enc.codec, enc.shape, (bad, scales), enc.meta))
 
 
+def test_int4_blocks_with_nan_or_inf_decode_to_nan_not_to_a_refusal():
+    # NaN cast to uint8 wrote nibble 0, which decode refuses: the sender was then reported
+    # missing instead of screened out as not finite.
+    codec = Int4BlockwiseCodec(4)
+    x = torch.tensor([1.0, float("inf"), 2.0, 3.0, 1.0, float("nan"), 0.5, 0.25, 1.0, 2.0])
+    y = codec.decode(codec.encode(x))
+    assert y[:8].isnan().all() and torch.isfinite(y[8:]).all()
+
+
 def test_int4_zero_blocks_decode_exactly_and_ratio_matches_formula():
     x = torch.zeros(10_000)
     x[5000:] = torch.linspace(-3, 3, 5000)

@@ -193,3 +193,34 @@ def test_manifest_from_arbitrary_bytes_is_refused_cleanly(data):
         return
     with pytest.raises(ProtocolViolation):
         check_manifest(manifest, ManifestLimits())  # random bytes never hash to their version
+
+
+def test_recovery_tries_no_fallback_older_than_its_own_checkpoint(tmp_path, monkeypatch):
+    # The swarm wins only when it is ahead of the disk; its older fallbacks would replace
+    # a newer local checkpoint (a dead donor at step 120 made a peer at 100 restart at 50).
+    from shoal.errors import PeerUnavailable
+    from shoal.state import recovery
+    from shoal.state.checkpoint import write_snapshot
+
+    write_snapshot(_snap(step=100), tmp_path)
+    anns = [_ann(0, 120, "a"), _ann(1, 110, "b"), _ann(2, 50, "c")]
+    tried = []
+
+    async def find(dht, key, config, exclude=None):
+        return choose_donors(anns)
+
+    async def download(runtime, choice, config):
+        tried.extend([choice.step, *(f.step for f in choice.fallbacks)])
+        raise PeerUnavailable("all gone")
+
+    class Runtime:
+        peer_id = None
+
+        def run(self, coro, timeout_s):
+            return asyncio.run(coro)
+
+    monkeypatch.setattr(recovery, "find_donors", find)
+    monkeypatch.setattr(recovery, "download", download)
+    found = recovery.recover(tmp_path, Runtime(), object(), b"k")
+    assert tried == [120, 110]  # never step 50
+    assert found.source is recovery.Source.DISK and found.step == 100

@@ -72,6 +72,9 @@ class Int4BlockwiseCodec:
             divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
             scaled = (blocks / divisor.unsqueeze(1)).mul_(_QMAX)
             scaled.round_().clamp_(-_QMAX, _QMAX).add_(_OFFSET)
+            # A block with a NaN or inf has a non-finite scale: write zeros (not the 0 a NaN
+            # casts to), so it decodes to NaN (0 x inf) and the sender is screened as such.
+            scaled.nan_to_num_(nan=_OFFSET)
             count = hi - lo
             q = scaled.view(-1)[: count + count % 2].to(torch.uint8)  # lo is even: bs is
             packed[lo // 2 : lo // 2 + q.numel() // 2] = q[0::2] | (q[1::2] << 4)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,12 @@ def recover(
         source.value,
     )
     if source is Source.SWARM and choice is not None:
+        # Fallback snapshots no fresher than our own disk copy are worth nothing here.
+        ahead = tuple(f for f in choice.fallbacks if local_step is None or f.step > local_step)
         try:
             result = runtime.run(
-                download(runtime, choice, config), timeout_s=config.total_timeout_s + 5.0
+                download(runtime, replace(choice, fallbacks=ahead), config),
+                timeout_s=config.total_timeout_s + 5.0,
             )
         except NetworkError as exc:
             log.warning("state sync from the swarm failed (%s); falling back to disk", exc)

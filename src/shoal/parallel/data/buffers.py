@@ -55,6 +55,8 @@ class BufferPool:
 
     def _make_room(self, nbytes: int) -> bool:
         """Drop idle buffers, least recently used sizes first, until ``nbytes`` more fit."""
+        if nbytes > self.max_bytes:  # would never fit: keep what is pooled
+            return False
         for size in list(self._buffers):
             if self.pooled_bytes + nbytes <= self.max_bytes:
                 break
