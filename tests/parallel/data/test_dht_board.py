@@ -73,3 +73,34 @@ def test_malformed_board_records_are_skipped():
         (peer, b"\x00" * 600),
     ]:
         assert _parse(bad_subkey, bad_value) is None
+
+
+def test_writes_under_one_key_get_increasing_expiries():
+    # The DHT keeps the record that expires last: a retry's shorter window (or a post right
+    # after a withdrawal) would be refused, leaving the earlier attempt's record up.
+    class Store:
+        def __init__(self):
+            self.writes = []
+
+        async def store(self, key, value, expires_at, subkey=None):
+            self.writes.append((key, expires_at))
+            return 1
+
+        async def get(self, key):
+            return None
+
+    async def main():
+        store = Store()
+        board = DhtBoard(store)
+        me = ReadyPeer(b"p" * 32, 1.0, 1e8, nonce=b"n" * 8)
+        await board.announce(b"k", me, expires_at=131.0)
+        await board.announce(b"k", me, expires_at=113.0)  # the retry's window is shorter
+        await board.confirm(b"k", me.peer, b"n" * 8 + b"g" * 16, expires_at=70.0)
+        await board.confirm(b"k", me.peer, b"n" * 8 + b"\0", expires_at=70.0)
+        await board.announce(b"other", me, expires_at=5.0)
+        return store.writes
+
+    (k1, e1), (k2, e2), (c1, f1), (c2, f2), (_, g) = asyncio.run(main())
+    assert k1 == k2 and e1 == 131.0 and e2 > e1
+    assert c1 == c2 and f2 > f1 == 70.0
+    assert g == 5.0  # another key starts afresh

@@ -202,6 +202,30 @@ def test_a_retry_under_the_same_key_ignores_the_last_attempts_posts():
     assert {p.peer for p in without_c[0].members} == {a.peer, b.peer}
 
 
+def test_a_refused_write_leaves_both_peers_without_a_group_not_one_waiting():
+    # The DHT refuses a write that expires before the record it would replace. If a peer's
+    # new confirmation is refused, the others read its earlier one and count it out; it
+    # must not count itself in and wait alone in an all-reduce.
+    a, b = _peers(2)
+
+    class RefusingBoard(MemoryBoard):
+        async def confirm(self, key, peer, group_id, expires_at):
+            old = self._confirmed.get(key, {}).get(peer)
+            if old is None or old[1] < expires_at:
+                await super().confirm(key, peer, group_id, expires_at)
+
+    async def main():
+        board = RefusingBoard(_loop_time)
+        await board.confirm(b"k", a.peer, b"o" * 8 + b"x" * 16, expires_at=1000.0)
+        return await asyncio.gather(
+            *(_meet(board, p, window_s=1.0, expected=2, confirm_s=1.0) for p in (a, b))
+        )
+
+    group_a, group_b = run_virtual(main())
+    assert group_a == NoGroup("no group formed: the board kept this peer's earlier confirmation")
+    assert isinstance(group_b, NoGroup)
+
+
 def test_a_slow_board_cannot_stretch_matchmaking_past_its_bound():
     a, b = _peers(2)
 

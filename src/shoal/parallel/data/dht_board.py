@@ -8,12 +8,16 @@ bound and type-check every field and skip records that do not parse. Group confi
 ``prefix + round key + b"/confirm"`` the same way, valued ``[version, group_id]``.
 
 ``expires_at`` is on the DHT's wall clock (Unix seconds): give :func:`find_group` the same
-clock (``time.time`` in a swarm, the simulator's wall clock in tests).
+clock (``time.time`` in a swarm, the simulator's wall clock in tests). The DHT keeps, per
+subkey, the record that expires last and refuses the other, so writes under one key get
+strictly increasing expiries here: a retry's shorter window (or a confirmation posted
+right after a withdrawal) would otherwise lose to the earlier attempt's record.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -30,6 +34,8 @@ _MAX_ADDRESS_CHARS = 256
 _MAX_GROUP_ID_BYTES = 64
 _MAX_EXPECTED = 1 << 16
 _CONFIRM = b"/confirm"
+_REMEMBERED_KEYS = 1024
+_EXPIRY_STEP_S = 1e-3
 T = TypeVar("T")
 
 
@@ -49,6 +55,17 @@ class DhtBoard:
     def __init__(self, dht: RecordStore, prefix: bytes = b"shoal/avg/") -> None:
         self.dht = dht
         self.prefix = prefix
+        self._last_expiry: OrderedDict[bytes, float] = OrderedDict()
+
+    async def _store(self, key: bytes, value: bytes, expires_at: float) -> None:
+        """Our record under ``key``, expiring after every one we wrote there before."""
+        last = self._last_expiry.pop(key, None)
+        if last is not None:
+            expires_at = max(expires_at, last + _EXPIRY_STEP_S)
+        self._last_expiry[key] = expires_at
+        while len(self._last_expiry) > _REMEMBERED_KEYS:
+            self._last_expiry.popitem(last=False)
+        await self.dht.store(key, value, expires_at, subkey=b"")
 
     async def announce(self, key: bytes, entry: ReadyPeer, expires_at: float) -> None:
         value = msgpack.packb(
@@ -62,14 +79,14 @@ class DhtBoard:
                 entry.nonce,
             ]
         )
-        await self.dht.store(self.prefix + key, value, expires_at, subkey=b"")
+        await self._store(self.prefix + key, value, expires_at)
 
     async def entries(self, key: bytes) -> list[ReadyPeer]:
         return list((await self._read(self.prefix + key, _parse)).values())
 
     async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
         value = msgpack.packb([_VERSION, group_id])
-        await self.dht.store(self.prefix + key + _CONFIRM, value, expires_at, subkey=b"")
+        await self._store(self.prefix + key + _CONFIRM, value, expires_at)
 
     async def confirmations(self, key: bytes) -> dict[bytes, bytes]:
         return await self._read(self.prefix + key + _CONFIRM, _parse_confirmation)

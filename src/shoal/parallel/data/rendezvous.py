@@ -216,6 +216,11 @@ async def find_group(
             f"({window_s:.3g} s) plus {config.board_timeout_s:g} s"
         )
     estimator.observe(clock() - opened_at)
+    own = next((p for p in ready if p.peer == me.peer), None)
+    if own is not None and own.nonce != me.nonce:
+        # The board kept our earlier announcement (the store was refused): every group id
+        # the others derive holds its nonce, and our confirmation could never match.
+        return NoGroup("no group formed: the board kept this peer's earlier announcement")
     groups = form_groups(
         round_key,
         ready,
@@ -250,11 +255,13 @@ async def _confirm(
     deadline = clock() + config.confirm_timeout_s  # counted from our own post
     want = set(nonces) - {me.peer}  # our own post may lag in reads
     seen: dict[bytes, bytes] = {}
+    own_post: bytes | None = None
     for _ in range(config.max_polls):
         read = await _bounded(
             board.confirmations(round_key), max(deadline - clock(), config.poll_interval_s)
         )
         if read is not None:
+            own_post = read.get(me.peer)
             seen = {
                 peer: post[len(nonces[peer]) :]
                 for peer, post in read.items()
@@ -264,6 +271,10 @@ async def _confirm(
         if want <= seen.keys() or now >= deadline:
             break
         await sleep(max(0.0, min(config.poll_interval_s, deadline - now)))
+    if own_post is not None and not own_post.startswith(me.nonce):
+        # The board kept an earlier post of ours (the store was refused): the others read
+        # that one, so they will not count us in. Neither do we.
+        return NoGroup("no group formed: the board kept this peer's earlier confirmation")
     seen[me.peer] = group.group_id
     agreed = tuple(p for p in group.members if seen.get(p.peer) == group.group_id)
     if len(agreed) < config.min_group_size or all(p.client_mode for p in agreed):
