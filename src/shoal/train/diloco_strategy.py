@@ -15,8 +15,8 @@ from shoal.train.swarm_state import fetch_snapshot_from_swarm
 from shoal.train.swarm_strategy import (
     StepOutcome,
     blocking_round,
+    outer_round_key,
     record_round_time,
-    round_key,
     swarm_average,
     swarm_rounds,
 )
@@ -72,7 +72,7 @@ class DiLoCoStrategy:
 
     def _raw(self, vector: torch.Tensor, weight: float, index: int, stage: int) -> RoundOutcome:
         if stage == 0:
-            key = round_key(self.mode, index, self.diloco.outer.fingerprint())
+            key = outer_round_key(self.mode, self.diloco.outer.fingerprint())
             coro = swarm_average(self.services, self.rounds, vector, weight, key)
         else:
             coro = self.rounds.again(vector, weight, tag=f"/{stage}".encode())

@@ -13,7 +13,7 @@ from shoal.train.diloco_streaming import StreamingDiLoCo
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_round import RoundOutcome
 from shoal.train.swarm_services import PeerServices
-from shoal.train.swarm_strategy import StepOutcome, round_key, swarm_average, swarm_rounds
+from shoal.train.swarm_strategy import StepOutcome, outer_round_key, swarm_average, swarm_rounds
 from shoal.train.trainer import Trainer
 
 __all__ = ["StreamingStrategy"]
@@ -51,7 +51,7 @@ class StreamingStrategy:
     def _launch(
         self, vector: torch.Tensor, weight: float, index: int, fragment: int, fp: str
     ) -> concurrent.futures.Future[RoundOutcome]:
-        key = round_key(self.mode, index, f"{fragment}/{fp}")
+        key = outer_round_key(self.mode, f"{fragment}/{fp}")
         return self.services.runtime.submit(
             swarm_average(self.services, self.rounds, vector, weight, key)
         )

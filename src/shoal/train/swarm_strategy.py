@@ -29,6 +29,7 @@ __all__ = [
     "StepOutcome",
     "Strategy",
     "blocking_round",
+    "outer_round_key",
     "record_round_time",
     "round_key",
     "rounds_config",
@@ -70,6 +71,15 @@ def round_key(mode: str, index: int, tag: object = None) -> bytes:
     """
     tail = f"/{tag}" if tag is not None else ""
     return f"{mode}/{index}{tail}".encode()
+
+
+def outer_round_key(mode: str, tag: str) -> bytes:
+    """The rendezvous key of a DiLoCo round: the outer parameters' fingerprint (``tag``),
+    not a count of rounds. Peers holding the same outer state meet whatever rounds each
+    counted: a peer restarted from its checkpoint has counted fewer than one that kept
+    failing alone meanwhile, and with the count in the key they never met again. Attempts
+    under one key are told apart by matchmaking's nonces and retry keys."""
+    return f"{mode}/outer/{tag}".encode()
 
 
 def blocking_round(
