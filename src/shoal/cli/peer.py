@@ -79,7 +79,14 @@ def register(app: typer.Typer) -> None:
         from shoal.cli.train import setup_logging
 
         setup_logging()
-        key = swarm_key_file.read_bytes().strip() if swarm_key_file is not None else b""
+        from shoal.errors import ConfigError
+
+        try:
+            key = swarm_key_file.read_bytes().strip() if swarm_key_file is not None else b""
+        except OSError as exc:
+            raise ConfigError(f"--swarm-key-file {swarm_key_file}: {exc.strerror}") from exc
+        if events is not None and events.is_dir():
+            raise ConfigError(f"--events {events}: is a directory; give a file path")
         if role == "stage":
             raise typer.Exit(
                 run_stage(

@@ -28,6 +28,7 @@ from shoal.state.checkpoint import LoadedCheckpoint, load_latest_valid
 from shoal.state.recovery import Recovered, Source, recover
 from shoal.state.sync_client import SyncConfig, find_donors
 from shoal.train.config import TrainConfig, with_overrides
+from shoal.train.run_dir import claim_run_dir
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_services import PeerServices, bytes_by_service, bytes_sent
@@ -152,7 +153,11 @@ def _restore(
 
 def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
     """Run the peer until ``opts.steps`` or ``stop``; returns the process exit code."""
-    opts.run_dir.mkdir(parents=True, exist_ok=True)
+    with claim_run_dir(opts.run_dir):  # one peer per run dir: it holds the identity key
+        return _run_claimed(opts, stop, emit)
+
+
+def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
     identity = Identity.load_or_create(opts.run_dir / "key")
     services = PeerServices.start(opts, identity, emit)
     opts = services.opts  # the reachability check may have turned client mode on
