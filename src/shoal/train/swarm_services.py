@@ -127,6 +127,8 @@ class PeerServices:
                     dht.bootstrap(list(opts.join), _JOIN_RETRY)
                 except ShoalError as exc:  # alone for now; others may find us later
                     log.warning("could not join via %s: %s", ",".join(opts.join), exc)
+                    # on the event stream too: a mistyped address must not look like a start
+                    emit("join_failed", join=list(opts.join), error=str(exc))
             hb = opts.heartbeat_s
             swarm_cfg = SwarmConfig(
                 swarm=opts.swarm,
