@@ -23,7 +23,7 @@ def test_peer_options_are_checked() -> None:
         PeerOptions(mode="async")
     with pytest.raises(ConfigError, match="fragments"):
         PeerOptions(mode="streaming", local_steps=5, fragments=8)
-    with pytest.raises(ConfigError, match="overlap_steps"):
+    with pytest.raises(ConfigError, match="--overlap-steps must be in \\[0, 2\\]"):
         PeerOptions(mode="streaming", local_steps=8, fragments=4, overlap_steps=3)
     with pytest.raises(ConfigError, match="shard_index"):
         PeerOptions(shard_index=4, num_shards=4)

@@ -52,7 +52,9 @@ def register(app: typer.Typer) -> None:
             help="Skip the dial-back check that turns client mode on behind a NAT.",
         ),
         fragments: int = typer.Option(4, "--fragments", help="Streaming DiLoCo fragments."),
-        overlap_steps: int = typer.Option(5, "--overlap-steps", help="Streaming overlap."),
+        overlap_steps: int = typer.Option(
+            None, "--overlap-steps", help="Streaming overlap (default: 5, at most H/fragments)."
+        ),
         target_batch: int = typer.Option(256, "--target-batch", help="Sync: global batch."),
         batch_size: int = typer.Option(8, "--batch-size"),
         seq_len: int = typer.Option(64, "--seq-len"),
@@ -141,7 +143,11 @@ def register(app: typer.Typer) -> None:
             check_reachability=not assume_reachable,
             rank=rank,
             fragments=fragments,
-            overlap_steps=overlap_steps,
+            overlap_steps=(
+                overlap_steps
+                if overlap_steps is not None
+                else min(5, local_steps // max(1, fragments))
+            ),
             target_batch=target_batch,
             window_s=window_s,
             heartbeat_s=heartbeat_s,

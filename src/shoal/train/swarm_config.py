@@ -126,7 +126,9 @@ class PeerOptions:
             0 <= self.overlap_steps <= self.local_steps // self.fragments
         ):
             raise ConfigError(
-                f"overlap_steps must be in [0, local_steps // fragments], got {self.overlap_steps!r}"
+                f"--overlap-steps must be in [0, {self.local_steps // self.fragments}] "
+                f"(-H {self.local_steps} // --fragments {self.fragments}), "
+                f"got {self.overlap_steps!r}"
             )
         if not 0 <= self.mix_alpha < 1:
             raise ConfigError(f"mix_alpha must be in [0, 1), got {self.mix_alpha!r}")
