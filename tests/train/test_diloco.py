@@ -152,7 +152,8 @@ def test_failed_round_keeps_samples_and_local_params() -> None:
     assert all(torch.equal(a, b) for a, b in zip(ps, snapshot, strict=True))
 
 
-def test_stale_peer_behind_the_swarm_skips_the_round_it_already_holds() -> None:
+def _failing_peer_and_donor(donor_round: int) -> tuple[DiLoCo, OuterNesterov, list[int]]:
+    """A peer whose rounds all fail, and a donor one outer step ahead at ``donor_round``."""
     start = _peer_params(4)
     donor = OuterNesterov(start)
     donor.step(torch.full((11,), 0.02))
@@ -164,8 +165,16 @@ def test_stale_peer_behind_the_swarm_skips_the_round_it_already_holds() -> None:
 
     ps = [t.clone() for t in start]
     d = DiLoCo(
-        ps, DiLoCoConfig(local_steps=1), average, lambda: ResyncState(5, donor.state_tensors())
+        ps,
+        DiLoCoConfig(local_steps=1),
+        average,
+        lambda: ResyncState(donor_round, donor.state_tensors()),
     )
+    return d, donor, calls
+
+
+def test_stale_peer_behind_the_swarm_skips_the_round_it_already_holds() -> None:
+    d, donor, calls = _failing_peer_and_donor(5)
     assert not d.after_local_step(4).ok  # type: ignore[union-attr]
     assert calls == [0] and d.stale and d.round_index == 1
     report = d.after_local_step(4)  # the swarm is at round 5 already
@@ -177,19 +186,7 @@ def test_stale_peer_behind_the_swarm_skips_the_round_it_already_holds() -> None:
 def test_a_resync_from_an_older_round_index_keeps_ours() -> None:
     # The donor's snapshot is from its last applied round; it (like us) has counted failed
     # rounds since. Taking the snapshot's index put us one round key behind for good.
-    start = _peer_params(5)
-    donor = OuterNesterov(start)
-    donor.step(torch.full((11,), 0.03))
-    calls: list[int] = []
-
-    def average(vector, weight, index):
-        calls.append(index)
-        return RoundOutcome(False, reason="no group")
-
-    ps = [t.clone() for t in start]
-    d = DiLoCo(
-        ps, DiLoCoConfig(local_steps=1), average, lambda: ResyncState(2, donor.state_tensors())
-    )
+    d, donor, calls = _failing_peer_and_donor(2)
     d.round_index = 7
     d.stale = True
     report = d.after_local_step(4)
