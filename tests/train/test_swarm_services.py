@@ -7,7 +7,7 @@ from pathlib import Path
 from shoal.net import Identity
 from shoal.state.announce import state_key
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_services import PeerServices
+from shoal.train.swarm_services import PeerServices, state_scope
 
 
 def test_a_round_expects_the_peers_that_joined_since_the_last_refresh(tmp_path: Path) -> None:
@@ -35,7 +35,12 @@ def test_a_round_expects_the_peers_that_joined_since_the_last_refresh(tmp_path: 
         assert not second.opts.client_mode
         # Snapshots are announced per mode: a fresher sync-mode snapshot must not hide the
         # diloco ones from a diloco peer's resync (it would be refused on mode).
-        assert first.state_key == state_key("default", scope="diloco") != state_key("default")
+        assert first.state_key == state_key("default", scope=state_scope(first.opts))
+        assert state_scope(first.opts).startswith("diloco/")
+        # ...and per model shape: a stale peer fetched outer state it could not load.
+        wider = PeerOptions(model_overrides={"d_model": 96})
+        assert state_scope(wider) != state_scope(first.opts)
+        assert state_scope(PeerOptions(mode="sync")) != state_scope(first.opts)
     finally:
         if second is not None:
             second.close()

@@ -98,6 +98,12 @@ class PeerOptions:
     json: bool = False
     """Progress as JSON lines on stdout."""
 
+    def model_config_overrides(self) -> dict[str, object]:
+        """``TrainConfig`` overrides that pick this peer's model (name and shape flags)."""
+        return {"model.name": self.model} | {
+            f"model.{name}": value for name, value in self.model_overrides.items()
+        }
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")

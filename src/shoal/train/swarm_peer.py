@@ -52,7 +52,7 @@ def data_seed(opts: PeerOptions, peer_raw: bytes) -> int:
 
 def build_trainer(opts: PeerOptions, seed_for_data: int) -> Trainer:
     overrides: dict[str, Any] = {
-        "model.name": opts.model,
+        **opts.model_config_overrides(),
         "data.dir": opts.data_dir,
         "data.seq_len": opts.seq_len,
         "data.batch_size": opts.batch_size,
@@ -68,8 +68,6 @@ def build_trainer(opts: PeerOptions, seed_for_data: int) -> Trainer:
         "run.device": "cpu",
         "checkpoint.every_steps": 0,
     }
-    for name, value in opts.model_overrides.items():
-        overrides[f"model.{name}"] = value
     cfg = with_overrides(TrainConfig(), overrides)
     trainer = Trainer(cfg, show_progress=False, log_lines=False)
     if seed_for_data != opts.seed:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -33,6 +35,7 @@ from shoal.state.sync_service import StateServer
 from shoal.swarm.config import SwarmConfig
 from shoal.swarm.membership import Membership
 from shoal.swarm.peerinfo import PeerInfo, Reachability
+from shoal.train.config import TrainConfig, with_overrides
 from shoal.train.swarm_config import PeerOptions
 
 __all__ = ["PeerServices", "bytes_by_service", "bytes_sent"]
@@ -59,6 +62,15 @@ def _reachability(runtime: NetRuntime, nat: Traversal, join: tuple[str, ...]) ->
         "mapping": verdict.mapping,
         "client_mode": verdict.unreached > 0 and verdict.reached == 0,
     }
+
+
+def state_scope(opts: PeerOptions) -> str:
+    """Mode and model shape. Peers of every mode and model may share a swarm, but a
+    snapshot restores only into a peer of both: a fresher one of another kind would hide
+    the usable ones (and a stale peer would fetch outer state it cannot load)."""
+    shape = with_overrides(TrainConfig(), opts.model_config_overrides()).model.build()
+    text = json.dumps(shape.to_dict(), sort_keys=True).encode()
+    return f"{opts.mode}/{hashlib.blake2b(text, digest_size=4).hexdigest()}"
 
 
 def bytes_sent(runtime: NetRuntime) -> int:
@@ -92,6 +104,7 @@ class PeerServices:
     def start(
         cls, opts: PeerOptions, identity: Identity, emit: Callable[..., None]
     ) -> PeerServices:
+        key = state_key(opts.swarm, scope=state_scope(opts))  # before anything starts
         runtime = NetRuntime(
             identity,
             NetConfig(
@@ -179,9 +192,6 @@ class PeerServices:
                 except Exception as exc:  # keep stopping the rest
                     log.warning("stopping %s after a failed start: %s", name, exc)
             raise
-        # Peers of every mode may share a swarm, but a snapshot restores only into its own
-        # mode: a fresher one of another mode would hide the usable ones from resync.
-        key = state_key(opts.swarm, scope=opts.mode)
         return cls(opts, runtime, dht, membership, monitor, publisher, key, nat)
 
     async def fresh_trainers(self) -> int:
