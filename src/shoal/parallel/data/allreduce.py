@@ -224,7 +224,13 @@ async def run_allreduce(
             excluded.setdefault(members[j], "no report from it as reducer (presumed dead)")
         seconds["report"] = time.perf_counter() - t0 - sum(seconds.values())
         if len(common) < config.min_contributors or not alive:
-            return _failed(f"only {len(common)} contributors agreed", excluded, seconds), None
+            why = (
+                "no reducer reported"
+                if not alive
+                else f"{len(common)} of {len(members)} contributions kept by every reducer, "
+                f"fewer than {config.min_contributors}"
+            )
+            return _failed(why + _left_out(excluded), excluded, seconds), None
         reassigned = {j: members[alive[k % len(alive)]] for k, j in enumerate(dead)}
 
         # 3. Repair: raw parts of dead reducers' parts go to their substitutes.
@@ -359,6 +365,15 @@ def _screen(
     accepted, rejected = screen({p: t for p, (w, t) in got.items() if p not in bad_weight}, config)
     rejected.update(bad_weight)
     return accepted, rejected
+
+
+def _left_out(excluded: dict[Member, str], shown: int = 3) -> str:
+    """``"; left out: a (why), b (why)"`` for a failed round's reason (a few, then a count)."""
+    if not excluded:
+        return ""
+    parts = [f"{str(m)[:12]} ({why})" for m, why in list(excluded.items())[:shown]]
+    more = f" and {len(excluded) - shown} more" if len(excluded) > shown else ""
+    return "; left out: " + ", ".join(parts) + more
 
 
 def _failed(reason: str, excluded: dict[Member, str], seconds: dict[str, float]) -> RoundResult:
