@@ -93,12 +93,20 @@ class RoundsConfig:
             )
 
     @property
+    def match(self) -> MatchConfig:
+        """The group formation settings these rounds use."""
+        return MatchConfig(
+            max_group_size=self.max_group_size,
+            min_group_size=self.min_group_size,
+            poll_interval_s=self.poll_interval_s,
+        )
+
+    @property
     def round_deadline_s(self) -> float:
         """Longest a whole round may take: the longest window, what matchmaking may take
         beyond it (board calls and the group confirmation, each bounded), the all-reduce,
         and a second of margin."""
-        match = MatchConfig(poll_interval_s=self.poll_interval_s)
-        return self.window_cap_s + match.overrun_s + self.allreduce_timeout_s + 1.0
+        return self.window_cap_s + self.match.overrun_s + self.allreduce_timeout_s + 1.0
 
 
 def announced_bandwidth(bps: float) -> float:
@@ -168,11 +176,7 @@ class SwarmRounds:
         """The contributors of the last successful round, as a group (for :meth:`again`)."""
         self._retry_keys: OrderedDict[bytes, bytes] = OrderedDict()
         """Round key -> the key its retry uses, for keys whose all-reduce failed here."""
-        self.match = MatchConfig(
-            max_group_size=cfg.max_group_size,
-            min_group_size=cfg.min_group_size,
-            poll_interval_s=cfg.poll_interval_s,
-        )
+        self.match = cfg.match  # the same settings round_deadline_s adds up
 
     async def average(
         self, vector: torch.Tensor, weight: float, *, round_key: bytes, expected_peers: int
