@@ -2,7 +2,8 @@
 
 Per block ``b``: ``scale_b = absmax_b / 7``; each value is sent as ``round(x / scale_b)``
 in [-7, 7], stored offset by 8 in one nibble (low nibble first; a payload with a nibble
-of 0 is refused, since no encoder writes one). Decoding multiplies back, so every element's error is at most ``absmax_b / 14`` (half a quantisation step),
+of 0 is refused, since no encoder writes one). Decoding multiplies back, so every
+element's error is at most ``absmax_b / 14`` (half a quantisation step),
 up to fp32 rounding. All-zero blocks get scale 0 and decode to exact zeros.
 
 Wire: ``ceil(n / 2)`` bytes + ``ceil(n / block_size)`` fp32 scales, a ratio of

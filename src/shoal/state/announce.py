@@ -110,6 +110,12 @@ class DonorChoice:
     this one can serve it: every peer's snapshot is its own version, so a dead donor
     would otherwise leave a joiner with nothing while others serve the same step."""
 
+    def newer_than(self, step: int | None) -> DonorChoice:
+        """This choice keeping only the fallbacks above ``step`` (all when None): a caller
+        that already holds ``step`` gains nothing from older snapshots."""
+        keep = tuple(f for f in self.fallbacks if step is None or f.step > step)
+        return replace(self, fallbacks=keep)
+
 
 def choose_donors(
     announcements: list[Announcement],

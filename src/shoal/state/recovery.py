@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +92,9 @@ def recover(
         source.value,
     )
     if source is Source.SWARM and choice is not None:
-        # Fallback snapshots no fresher than our own disk copy are worth nothing here.
-        ahead = tuple(f for f in choice.fallbacks if local_step is None or f.step > local_step)
         try:
             result = runtime.run(
-                download(runtime, replace(choice, fallbacks=ahead), config),
+                download(runtime, choice.newer_than(local_step), config),
                 timeout_s=config.total_timeout_s + 5.0,
             )
         except NetworkError as exc:

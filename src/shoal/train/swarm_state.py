@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -151,9 +151,8 @@ def fetch_snapshot_from_swarm(
                 newer_than,
             )
             return None
-        fresher = tuple(f for f in choice.fallbacks if f.step > newer_than)
         result = runtime.run(
-            download(runtime, replace(choice, fallbacks=fresher), config, only=only),
+            download(runtime, choice.newer_than(newer_than), config, only=only),
             timeout_s=timeout_s + 5.0,
         )
     except (NetworkError, TimeoutError) as exc:
