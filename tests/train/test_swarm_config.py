@@ -25,6 +25,9 @@ def test_peer_options_are_checked() -> None:
         PeerOptions(mode="streaming", local_steps=5, fragments=8)
     with pytest.raises(ConfigError, match="--overlap-steps must be in \\[0, 2\\]"):
         PeerOptions(mode="streaming", local_steps=8, fragments=4, overlap_steps=3)
+    # the default overlap fits small H (5 would be refused at -H 10 with 4 fragments)
+    assert PeerOptions(mode="streaming", local_steps=10).overlap == 2
+    assert PeerOptions(mode="streaming", local_steps=40).overlap == 5
     with pytest.raises(ConfigError, match="shard_index"):
         PeerOptions(shard_index=4, num_shards=4)
     with pytest.raises(ConfigError, match="wire_codec"):

@@ -143,11 +143,7 @@ def register(app: typer.Typer) -> None:
             check_reachability=not assume_reachable,
             rank=rank,
             fragments=fragments,
-            overlap_steps=(
-                overlap_steps
-                if overlap_steps is not None
-                else min(5, local_steps // max(1, fragments))
-            ),
+            overlap_steps=overlap_steps,
             target_batch=target_batch,
             window_s=window_s,
             heartbeat_s=heartbeat_s,

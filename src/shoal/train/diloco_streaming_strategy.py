@@ -35,7 +35,7 @@ class StreamingStrategy:
             list(trainer.model.parameters()),
             local_steps=opts.local_steps,
             fragments=opts.fragments,
-            overlap_steps=opts.overlap_steps,
+            overlap_steps=opts.overlap,
             mix_alpha=opts.mix_alpha,
             outer=opts.outer,
             launch=self._launch,

@@ -75,8 +75,9 @@ class PeerOptions:
     """DiLoCo: average pseudo-gradients through rank-``rank`` factors (0 = whole tensors)."""
     fragments: int = 4
     """Streaming DiLoCo: number of parameter fragments."""
-    overlap_steps: int = 5
-    """Streaming DiLoCo: local steps a fragment's all-reduce may overlap before it is waited for."""
+    overlap_steps: int | None = None
+    """Streaming DiLoCo: local steps a fragment's all-reduce may overlap before it is waited
+    for (None: 5, at most ``local_steps // fragments``; see :attr:`overlap`)."""
     mix_alpha: float = 0.5
     """Streaming DiLoCo: weight of the local fragment when merging in the new outer one."""
     target_batch: int = 256
@@ -97,6 +98,13 @@ class PeerOptions:
     """Print a step line every N local steps."""
     json: bool = False
     """Progress as JSON lines on stdout."""
+
+    @property
+    def overlap(self) -> int:
+        """``overlap_steps``, or its default: 5, capped so that small ``local_steps`` work."""
+        if self.overlap_steps is not None:
+            return self.overlap_steps
+        return min(5, self.local_steps // max(1, self.fragments))
 
     def model_config_overrides(self) -> dict[str, object]:
         """``TrainConfig`` overrides that pick this peer's model (name and shape flags)."""
@@ -129,12 +137,12 @@ class PeerOptions:
                 f"fragments ({self.fragments}) must not exceed local_steps ({self.local_steps})"
             )
         if self.mode == "streaming" and not (
-            0 <= self.overlap_steps <= self.local_steps // self.fragments
+            0 <= self.overlap <= self.local_steps // self.fragments
         ):
             raise ConfigError(
                 f"--overlap-steps must be in [0, {self.local_steps // self.fragments}] "
                 f"(-H {self.local_steps} // --fragments {self.fragments}), "
-                f"got {self.overlap_steps!r}"
+                f"got {self.overlap!r}"
             )
         if not 0 <= self.mix_alpha < 1:
             raise ConfigError(f"mix_alpha must be in [0, 1), got {self.mix_alpha!r}")
