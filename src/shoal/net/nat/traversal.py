@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from shoal.errors import ConfigError, NetworkError, PeerUnavailable
+from shoal.net.config import split_host_port
 from shoal.net.identity import PeerID
 from shoal.net.nat.bridge import Streams, bridge_to_unix
 from shoal.net.nat.circuit import open_circuit
@@ -332,10 +333,10 @@ class Traversal:
 async def _resolved(address: str, timeout_s: float) -> str:
     """``address`` with its host name replaced by its first IP (unchanged when it already
     is an IP, or when the name does not resolve within ``timeout_s``)."""
-    host, sep, port = address.rpartition(":")
-    bare = host.strip("[]")
-    if not sep or not port.isdigit():
+    parsed = split_host_port(address)
+    if parsed is None:
         return address
+    bare, port = parsed
     try:
         ipaddress.ip_address(bare)
         return address
@@ -344,7 +345,7 @@ async def _resolved(address: str, timeout_s: float) -> str:
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(
-            loop.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM), timeout_s
+            loop.getaddrinfo(bare, port, type=socket.SOCK_STREAM), timeout_s
         )
     except (OSError, TimeoutError):
         return address
