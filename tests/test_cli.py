@@ -1,4 +1,7 @@
+import pytest
+
 from shoal.cli.main import main
+from shoal.cli.peer import flag_names
 
 
 def test_help_exits_zero(capsys):
@@ -19,3 +22,28 @@ def test_usage_errors_exit_2_without_traceback(capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "No such command" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--codec", "int3"], "--codec must be one of none, fp16, int8, int4, got 'int3'"),
+        (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+        (["--seq-len", "100000"], "--seq-len=100000 exceeds model max_seq_len=1024"),
+        (["--width", "0"], "--width must be a positive integer, got 0"),
+        (["-H", "0"], "--local-steps must be a positive integer, got 0"),
+    ],
+)
+def test_peer_refuses_bad_flags_by_their_names_before_listening(tmp_path, capsys, args, message):
+    assert main(["peer", "--run-dir", str(tmp_path / "run"), *args]) == 2
+    out, err = capsys.readouterr()
+    assert f"shoal: error: {message}" in err
+    assert "listening" not in out  # refused before any port was opened
+
+
+def test_flag_names_translate_only_settings():
+    assert flag_names("optim.lr must be > 0") == "--lr must be > 0"
+    assert flag_names("NetConfig.port: cannot listen") == "--port: cannot listen"
+    assert flag_names("steps must be a positive integer") == "--steps must be a positive integer"
+    # plain words are left alone inside a sentence, and longer names are not split
+    assert flag_names("exceeds max_seq_len after 5 steps") == "exceeds max_seq_len after 5 steps"

@@ -28,7 +28,7 @@ def test_peer_options_are_checked() -> None:
     # the default overlap fits small H (5 would be refused at -H 10 with 4 fragments)
     assert PeerOptions(mode="streaming", local_steps=10).overlap == 2
     assert PeerOptions(mode="streaming", local_steps=40).overlap == 5
-    with pytest.raises(ConfigError, match="shard_index"):
+    with pytest.raises(ConfigError, match="shard 4/4"):
         PeerOptions(shard_index=4, num_shards=4)
     with pytest.raises(ConfigError, match="wire_codec"):
         RoundsConfig(wire_codec="topk")
@@ -40,6 +40,11 @@ def test_peer_options_are_checked() -> None:
         ({"threads": 0}, "threads"),
         ({"eval_batches": 0}, "eval_batches"),
         ({"rank": -1}, "rank"),
+        ({"wire_codec": "int3"}, "wire_codec must be one of none, fp16, int8, int4"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"lr": float("nan")}, "lr must be a positive number"),
+        ({"window_s": float("nan")}, "window_s must be > 0"),
+        ({"heartbeat_s": 0.0}, "heartbeat_s must be > 0"),
         ({"metrics_port": -5}, "metrics_port"),
         ({"join": ("127.0.0.1",)}, "HOST:PORT"),
         ({"join": ("127.0.0.1:notaport",)}, "HOST:PORT"),

@@ -10,13 +10,54 @@ see ``docs/peer.md``); logs go to stderr. SIGINT/SIGTERM stop the peer cleanly.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import typer
 
-__all__ = ["register"]
+__all__ = ["flag_names", "register"]
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The settings' names in the layers below, and the flags that set them: errors raised there
+# name their own fields, which a user of `shoal peer` never typed.
+_FLAGS = {
+    "NetConfig.port": "--port",
+    "optim.lr": "--lr",
+    "data.seq_len": "--seq-len",
+    "data.batch_size": "--batch-size",
+    "data.eval_batches": "--eval-batches",
+    "model.d_model": "--width",
+    "model.n_layer": "--layers",
+    "outer.lr": "--outer-lr",
+    "outer.momentum": "--outer-momentum",
+    "wire_codec": "--codec",
+    "local_steps": "--local-steps",
+    "seq_len": "--seq-len",
+    "batch_size": "--batch-size",
+    "target_batch": "--target-batch",
+    "overlap_steps": "--overlap-steps",
+    "metrics_port": "--metrics-port",
+    "window_s": "--window",
+    "heartbeat_s": "--heartbeat",
+    "checkpoint_every_rounds": "--checkpoint-every",
+    "eval_every_rounds": "--eval-every",
+    "eval_batches": "--eval-batches",
+    "report_every": "--report-every",
+    "join addresses": "--join addresses",
+}
+# Plain words are flags only where a message starts with them ("steps must be ...").
+_LEADING_FLAGS = ("steps", "fragments", "threads", "rank", "port", "lr", "announce", "mode")
+_NAMES = re.compile(
+    "|".join(rf"(?<![\w.-]){re.escape(name)}(?![\w])" for name in sorted(_FLAGS, key=len)[::-1])
+)
+_LEADING = re.compile(rf"^({'|'.join(_LEADING_FLAGS)})(?![\w])")
+
+
+def flag_names(message: str) -> str:
+    """``message`` with the settings it names spelled as ``shoal peer``'s flags."""
+    message = _NAMES.sub(lambda m: _FLAGS[m.group(0)], message)
+    return _LEADING.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 def register(app: typer.Typer) -> None:
@@ -114,43 +155,47 @@ def register(app: typer.Typer) -> None:
         from shoal.train.outer import OuterConfig
         from shoal.train.swarm_config import PeerOptions
 
-        opts = PeerOptions(
-            mode=mode,
-            join=tuple(join),
-            run_dir=run_dir,
-            data_dir=data_dir,
-            host=host,
-            port=port,
-            announce=announce,
-            metrics_port=metrics_port,
-            events=events,
-            swarm=swarm,
-            swarm_key=key,
-            model=model,
-            model_overrides=overrides,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            lr=lr,
-            steps=steps,
-            seed=seed,
-            shard_index=shard_index,
-            num_shards=num_shards,
-            threads=threads,
-            local_steps=local_steps,
-            outer=OuterConfig(lr=outer_lr, momentum=outer_momentum),
-            wire_codec=codec,
-            client_mode=client_mode,
-            check_reachability=not assume_reachable,
-            rank=rank,
-            fragments=fragments,
-            overlap_steps=overlap_steps,
-            target_batch=target_batch,
-            window_s=window_s,
-            heartbeat_s=heartbeat_s,
-            checkpoint_every_rounds=ckpt_rounds,
-            eval_every_rounds=eval_rounds,
-            eval_batches=eval_batches,
-            report_every=report_every,
-            json=json_out,
-        )
-        raise typer.Exit(run_trainer(opts))
+        try:
+            opts = PeerOptions(
+                mode=mode,
+                join=tuple(join),
+                run_dir=run_dir,
+                data_dir=data_dir,
+                host=host,
+                port=port,
+                announce=announce,
+                metrics_port=metrics_port,
+                events=events,
+                swarm=swarm,
+                swarm_key=key,
+                model=model,
+                model_overrides=overrides,
+                seq_len=seq_len,
+                batch_size=batch_size,
+                lr=lr,
+                steps=steps,
+                seed=seed,
+                shard_index=shard_index,
+                num_shards=num_shards,
+                threads=threads,
+                local_steps=local_steps,
+                outer=OuterConfig(lr=outer_lr, momentum=outer_momentum),
+                wire_codec=codec,
+                client_mode=client_mode,
+                check_reachability=not assume_reachable,
+                rank=rank,
+                fragments=fragments,
+                overlap_steps=overlap_steps,
+                target_batch=target_batch,
+                window_s=window_s,
+                heartbeat_s=heartbeat_s,
+                checkpoint_every_rounds=ckpt_rounds,
+                eval_every_rounds=eval_rounds,
+                eval_batches=eval_batches,
+                report_every=report_every,
+                json=json_out,
+            )
+            code = run_trainer(opts)
+        except ConfigError as exc:
+            raise ConfigError(flag_names(str(exc))) from exc
+        raise typer.Exit(code)

@@ -20,6 +20,7 @@ import enum
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -170,6 +171,8 @@ class NetRuntime:
         )
         server.add_generic_rpc_handlers((self.dispatcher,))
         self._server = server
+        if cfg.port:
+            _check_bindable(cfg.host, cfg.port)
         try:
             self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         except RuntimeError as exc:  # grpc's "Failed to bind"
@@ -305,3 +308,21 @@ class NetRuntime:
 
 
 __all__ = ["CLOSE_TIMEOUT_S", "NetRuntime", "State"]
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse a fixed port that is taken (or not ours to take) with the system's reason,
+    before gRPC tries it: gRPC's own failure logs a raw C++ line and says only "failed"."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"NetConfig.host: cannot resolve {host!r}: {exc.strerror}") from exc
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ConfigError(
+                    f"NetConfig.port: cannot listen on {host}:{port}: {exc.strerror}"
+                ) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError
 from shoal.net.config import is_host_port
 from shoal.train.outer import OuterConfig
@@ -119,11 +120,17 @@ class PeerOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.wire_codec not in STATELESS_CODECS:
+            raise ConfigError(
+                f"wire_codec must be one of {', '.join(STATELESS_CODECS)}, got {self.wire_codec!r}"
+            )
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.num_shards < 1 or (
             self.shard_index is not None and not 0 <= self.shard_index < self.num_shards
         ):
             raise ConfigError(
-                f"need 0 <= shard_index < num_shards, got {self.shard_index!r}, {self.num_shards!r}"
+                f"shard {self.shard_index!r}/{self.num_shards!r}: need 0 <= I < N for shard I/N"
             )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in [0, 65535], got {self.port!r}")
@@ -146,8 +153,9 @@ class PeerOptions:
             )
         if not 0 <= self.mix_alpha < 1:
             raise ConfigError(f"mix_alpha must be in [0, 1), got {self.mix_alpha!r}")
-        if not self.window_s > 0 or not self.heartbeat_s > 0 or not self.allreduce_timeout_s > 0:
-            raise ConfigError("window_s, heartbeat_s and allreduce_timeout_s must be > 0")
+        for name in ("window_s", "heartbeat_s", "allreduce_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.checkpoint_every_rounds < 0 or self.eval_every_rounds < 0:
             raise ConfigError("checkpoint_every_rounds and eval_every_rounds must be >= 0")
         for name in ("report_every", "threads", "eval_batches"):

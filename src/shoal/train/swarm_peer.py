@@ -50,7 +50,9 @@ def data_seed(opts: PeerOptions, peer_raw: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(peer_raw, digest_size=4).digest(), "little")
 
 
-def build_trainer(opts: PeerOptions, seed_for_data: int) -> Trainer:
+def train_config(opts: PeerOptions) -> TrainConfig:
+    """The local trainer's config; raises ``ConfigError`` on a bad model or data setting,
+    which ``run_peer`` checks before it opens any port."""
     overrides: dict[str, Any] = {
         **opts.model_config_overrides(),
         "data.dir": opts.data_dir,
@@ -68,8 +70,11 @@ def build_trainer(opts: PeerOptions, seed_for_data: int) -> Trainer:
         "run.device": "cpu",
         "checkpoint.every_steps": 0,
     }
-    cfg = with_overrides(TrainConfig(), overrides)
-    trainer = Trainer(cfg, show_progress=False, log_lines=False)
+    return with_overrides(TrainConfig(), overrides)
+
+
+def build_trainer(opts: PeerOptions, seed_for_data: int) -> Trainer:
+    trainer = Trainer(train_config(opts), show_progress=False, log_lines=False)
     if seed_for_data != opts.seed:
         w = trainer.windows
         trainer.windows = TrainWindows(
@@ -156,6 +161,7 @@ def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
 
 
 def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
+    train_config(opts)  # refuse a bad model or data setting before listening
     identity = Identity.load_or_create(opts.run_dir / "key")
     services = PeerServices.start(opts, identity, emit)
     opts = services.opts  # the reachability check may have turned client mode on
