@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ async def _round(
             return await averagers[m].average(
                 tensors[m], weights[m], group=group, timeout_s=timeout_s
             )
-        except PeerKilled:
+        except (PeerKilled, asyncio.CancelledError):  # killed, or stopped by a stop fault
             return None
 
     on_time = [m for m in members if m not in late]
@@ -152,6 +153,46 @@ def test_peer_dead_mid_reduce_scatter_is_left_out_everywhere():
     _check_invariant(inputs, weights, results, outputs)
 
 
+def test_a_member_stopping_mid_reduce_scatter_is_left_out_without_waiting_for_it():
+    # c stops (a clean shutdown) after its part reached a and b but not d: it says it
+    # leaves, so d closes its collection and everyone stops waiting for c's report at once
+    # instead of at the phase deadlines (collect at 0.55 x 30 s).
+    members = ["a", "b", "c", "d"]
+    fault = Fault("c", "Contribution", 2, stop=True)
+    start = time.monotonic()
+    net, inputs, weights, results, outputs = asyncio.run(
+        _round(members, faults=[fault], timeout_s=30.0)
+    )
+    took = time.monotonic() - start
+    assert net.fired == [fault] and results["c"] is None
+    assert net.sent[("c", "Leave")] == 3  # told every other member
+    assert _ok(results) == {"a", "b", "d"}
+    for m in ("a", "b", "d"):
+        assert results[m].contributors == frozenset({"a", "b", "d"})
+        assert results[m].excluded["c"] == "left the round"
+        assert results[m].reassigned == {2: "a"}
+    _check_invariant(inputs, weights, results, outputs)
+    assert took < 5.0, f"the others waited {took:.1f} s for a member that had left"
+
+
+def test_a_reducer_stopping_before_its_result_fails_the_round_at_once():
+    # c reported, then stopped before sending its reduced part: the others cannot complete
+    # (a reducer gone after its report) and fail on its leave, not at the 30 s deadline.
+    members = ["a", "b", "c", "d"]
+    fault = Fault("c", "Reduced", 0, stop=True)
+    start = time.monotonic()
+    net, inputs, weights, results, outputs = asyncio.run(
+        _round(members, faults=[fault], timeout_s=30.0)
+    )
+    took = time.monotonic() - start
+    assert net.fired == [fault]
+    for m in ("a", "b", "d"):
+        assert not results[m].ok
+        assert results[m].reason == "parts [2] missing: their reducer left the round"
+    _check_invariant(inputs, weights, results, outputs)
+    assert took < 5.0
+
+
 def test_reducer_dead_before_all_gather_fails_the_round_cleanly():
     members = ["a", "b", "c", "d"]
     fault = Fault("c", "Reduced", 0)
@@ -222,6 +263,10 @@ FAULT_MENU = [
     Fault("c", "Report", 2),
     Fault("d", "Reduced", 0),
     Fault("d", "Reduced", 2),
+    # clean stops, which send leave messages on the way out
+    Fault("b", "Report", 1, stop=True),
+    Fault("c", "Contribution", 1, stop=True),
+    Fault("d", "Reduced", 1, stop=True),
 ]
 
 

@@ -3,6 +3,9 @@ network loop): same invariant as the in-memory suite, plus wire codecs and a dea
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 import torch
 
@@ -13,6 +16,7 @@ from shoal.parallel.data.allreduce import AllReduceConfig
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.grpc_transport import GrpcTransport
+from shoal.parallel.data.messages import Contribution, Leave
 
 N = 3
 NUMEL = 70_001
@@ -115,3 +119,46 @@ def test_a_matchmaking_group_becomes_an_all_reduce_group(peers):
 def test_one_transport_per_runtime_is_shared(peers):
     runtimes, transports = peers
     assert GrpcTransport.for_runtime(runtimes[0]) is transports[0]
+
+
+def test_a_peer_stopping_mid_round_is_not_waited_for(peers):
+    # Peer 2 starts first, sends its contributions and is then stopped (its round task
+    # cancelled, as on SIGTERM): its leave message reaches the others over the wire, and
+    # their round goes on without it at once instead of at the collect deadline (16.5 s).
+    runtimes, transports = peers
+    members = tuple(rt.peer_id for rt in runtimes)
+    group = GroupSpec.uniform(b"g-leave", members)
+    inputs = _inputs(4)
+    tensors = [x.clone() for x in inputs]
+
+    def average(i):
+        return Averager(transports[i]).average(
+            [tensors[i]], float(i + 1), group=group, timeout_s=30.0
+        )
+
+    def holds(i, kind):
+        def predicate():
+            msgs = transports[i].inbox.messages(group.round_id)
+            return any(isinstance(m, kind) and m.sender == members[2] for m in msgs)
+
+        async def wait():
+            deadline = asyncio.get_running_loop().time() + 10.0
+            return await transports[i].inbox.wait_until(predicate, deadline)
+
+        return runtimes[i].run(wait(), timeout_s=15.0)
+
+    stopping = runtimes[2].submit(average(2))
+    assert holds(0, Contribution) and holds(1, Contribution)
+    stopping.cancel()
+    assert holds(0, Leave) and holds(1, Leave)
+    start = time.monotonic()
+    futures = [runtimes[i].submit(average(i)) for i in (0, 1)]
+    results = [f.result(35.0) for f in futures]
+    assert time.monotonic() - start < 8.0
+    expect = (inputs[0].double() + 2 * inputs[1].double()) / 3
+    for i, r in enumerate(results):
+        assert r.ok, r.reason
+        assert r.contributors == frozenset(members[:2])
+        assert r.excluded[members[2]] == "left the round"
+        assert torch.allclose(tensors[i].double(), expect, atol=1e-5, rtol=0)
+    assert torch.equal(tensors[2], inputs[2])  # the stopped peer's tensors are untouched

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from shoal.errors import ProtocolViolation
 from shoal.net.identity import Identity
 from shoal.net.proto.v1 import averaging_pb2 as pb
-from shoal.parallel.data.messages import Contribution, Reduced, Report
+from shoal.parallel.data.messages import Contribution, Leave, Reduced, Report
 from shoal.parallel.data.wire import encode_message, message_frames, parse
 
 SENDER = Identity.generate().peer_id
@@ -57,8 +57,10 @@ def test_parse_never_fails_otherwise(
     except ProtocolViolation:
         return
     assert message.sender == SENDER
-    assert isinstance(message, Contribution | Report | Reduced)
-    if not isinstance(message, Report):
+    assert isinstance(message, Contribution | Report | Reduced | Leave)
+    if isinstance(message, Leave):
+        assert not tensors and not peers
+    elif not isinstance(message, Report):
         data = message.data
         assert data.numel == numel if hasattr(data, "codec") else data.numel() == numel
 
@@ -89,6 +91,19 @@ def test_frames_round_trip_through_parse(codec):
     decoded = back.data if c is None else c.decode(back.data)
     expect = part if c is None else c.decode(data)
     assert torch.equal(decoded.reshape(-1), expect.reshape(-1))
+
+
+def test_a_leave_round_trips_and_carries_nothing_else():
+    (frame,) = list(message_frames(Leave(b"r", OTHER, 2)))  # one meta frame, no tensor
+    meta = pb.RoundMessage()
+    assert frame.meta.Unpack(meta)
+    back = parse(meta, SENDER, [])
+    assert back == Leave(b"r", SENDER, 2)  # the sender is the caller, not the payload's
+    with pytest.raises(ProtocolViolation, match="nothing but its part"):
+        parse(meta, SENDER, [torch.zeros(4)])
+    meta.peers.append(OTHER.raw)
+    with pytest.raises(ProtocolViolation, match="nothing but its part"):
+        parse(meta, SENDER, [])
 
 
 def _frames_strategy():

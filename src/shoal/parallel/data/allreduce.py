@@ -21,6 +21,12 @@ Member ``i`` of the group reduces part ``i`` of the flat vector (parts sized by
    different reports, too few contributors) is a failed round: the caller's tensors are left
    untouched. A silent mix of parts averaged over different sets cannot be returned.
 
+A member whose round is cancelled (its peer is stopping) sends every other member a
+``Leave`` before it goes. From then on nobody waits for it: reducers close their collection
+without its contribution, members stop waiting for its report (its part is reassigned like
+a dead reducer's), and a part it was to send fails the round at once. A leave only ends
+waits early; the commit rule above is what keeps results correct.
+
 With a wire codec, contributions and results travel encoded; a reducer keeps the decoded
 copy of what it sent, so every member ends with identical values.
 """
@@ -28,6 +34,7 @@ copy of what it sent, so every member ends with identical values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence, Set
@@ -41,6 +48,7 @@ from shoal.parallel.data.aggregate import AggregationConfig, aggregate, screen
 from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.messages import (
     Contribution,
+    Leave,
     Member,
     Reduced,
     Report,
@@ -57,6 +65,8 @@ _OFFLOAD_NUMEL = 1 << 20
 # A weight counts samples: beyond 2**53 a float no longer counts them exactly, and a few
 # 1e308 weights would overflow the sum to inf (every alpha 0: an all-zero "mean").
 MAX_WEIGHT = 2.0**53
+_LEAVE_TIMEOUT_S = 1.0
+"""How long a stopping member spends telling the others it leaves."""
 
 
 def _encode(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
@@ -169,6 +179,9 @@ async def run_allreduce(
         a, b = ranges[j]
         return flat[a:b]
 
+    def left() -> set[Member]:
+        return {m.sender for m in msgs(Leave) if members[m.part] == m.sender}
+
     try:
         # 1. Reduce-scatter: contributions out, own part's contributions in.
         sends = [
@@ -185,7 +198,7 @@ async def run_allreduce(
         try:
             if my_part in live_parts:
                 want = set(members)
-                await inbox.wait_until(_have_all(msgs, my_part, want), collect_at)
+                await inbox.wait_until(_have_all(msgs, my_part, want, left), collect_at)
                 numel = part_of(my_part).numel()
                 got = await _offload(
                     numel if codec else 0, _collect, msgs(Contribution, my_part), numel, codec
@@ -202,7 +215,9 @@ async def run_allreduce(
             await _send_all(transport, [(m, report) for m in members], report_at)
         await inbox.wait_until(
             lambda: (
-                {r.part for r in msgs(Report) if r.sender == members[r.part]} >= set(live_parts)
+                {r.part for r in msgs(Report) if r.sender == members[r.part]}
+                | {members.index(m) for m in left()}
+                >= set(live_parts)
             ),
             report_at,
         )
@@ -222,6 +237,9 @@ async def run_allreduce(
             if members[j] in common:
                 common -= {members[j]}
             excluded.setdefault(members[j], "no report from it as reducer (presumed dead)")
+        for m in left():
+            if m not in common:
+                excluded[m] = "left the round"
         seconds["report"] = time.perf_counter() - t0 - sum(seconds.values())
         if len(common) < config.min_contributors or not alive:
             why = (
@@ -245,7 +263,7 @@ async def run_allreduce(
             await _send_all(transport, repair, repair_at)
         mine = [j for j in dead if reassigned[j] == me]
         for j in mine:
-            await inbox.wait_until(_have_all(msgs, j, common), repair_at)
+            await inbox.wait_until(_have_all(msgs, j, common, left), repair_at)
             got = _collect(msgs(Contribution, j), part_of(j).numel(), codec)
             ok, _ = _screen({p: got[p] for p in common if p in got}, config.aggregation)
             contributions[j] = {p: got[p] for p in ok}
@@ -292,9 +310,20 @@ async def run_allreduce(
                     arrived[r.part] = r
             return all(j in results or j in arrived for j in live_parts)
 
-        if not await inbox.wait_until(complete, deadline):
+        def abandoned() -> list[int]:  # parts whose sender left before sending them
+            gone = left()
+            return [
+                j
+                for j in live_parts
+                if j not in results and j not in arrived and reassigned.get(j, members[j]) in gone
+            ]
+
+        if not await inbox.wait_until(lambda: complete() or bool(abandoned()), deadline):
             missing = sorted(j for j in live_parts if j not in results and j not in arrived)
             return _failed(f"parts {missing} missing at the deadline", excluded, seconds), None
+        if not complete():
+            why = f"parts {abandoned()} missing: their reducer left the round"
+            return _failed(why, excluded, seconds), None
         for j, r in sorted(arrived.items()):
             try:  # big parts decode off the loop
                 results[j] = await _offload(wire_numel(r.data), _decode_result, codec, r.data)
@@ -323,6 +352,13 @@ async def run_allreduce(
             seconds=seconds,
         )
         return result, {j: results[j] for j in live_parts}
+    except asyncio.CancelledError:
+        # Stopping mid-round: say so, or every other member waits for us until a deadline.
+        leave = Leave(round_id, me, my_part)
+        until = loop.time() + _LEAVE_TIMEOUT_S
+        with contextlib.suppress(Exception):  # the caller must see the cancellation
+            await _send_all(transport, [(m, leave) for m in members if m != me], until)
+        raise
     finally:
         inbox.close(round_id)
 
@@ -334,8 +370,11 @@ async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
     return fn(*args)
 
 
-def _have_all(msgs: Callable[..., list], part: int, who: Set[Member]) -> Callable[[], bool]:
-    return lambda: who <= {m.sender for m in msgs(Contribution, part)}
+def _have_all(
+    msgs: Callable[..., list], part: int, who: Set[Member], left: Callable[[], Set[Member]]
+) -> Callable[[], bool]:
+    """Every member of ``who`` that has not left sent its contribution to ``part``."""
+    return lambda: who - left() <= {m.sender for m in msgs(Contribution, part)}
 
 
 def _collect(

@@ -4,7 +4,9 @@ Each member gets a :class:`MemoryTransport` whose ``send`` puts the message (ten
 cloned, as if serialised) straight into the receiver's inbox. A :class:`Fault` kills a
 member at an exact point: when it is about to send its ``after``-th (0-based) message of a
 given kind. From then on its sends raise :class:`PeerKilled` (which ends its round task,
-like a SIGKILL would) and sends to it raise :class:`~shoal.errors.PeerUnavailable`.
+like a SIGKILL would) and sends to it raise :class:`~shoal.errors.PeerUnavailable`. A
+fault with ``stop`` instead cancels the member's round task at that point, as a peer that
+is shutting down does: the member stays reachable and may still say that it leaves.
 ``fired`` records which faults really happened, so tests can assert on them.
 """
 
@@ -37,6 +39,8 @@ class Fault:
     kind: str
     """``"Contribution"``, ``"Report"`` or ``"Reduced"``."""
     after: int = 0
+    stop: bool = False
+    """Cancel the member's round (a clean shutdown) instead of killing it."""
 
 
 def _clone(data: object) -> object:
@@ -57,6 +61,11 @@ class MemoryNetwork:
         self.sent: Counter[tuple[Member, str]] = Counter()
         self.inboxes: dict[Member, Inbox] = {}
         self.delivered = asyncio.Event()
+        self.rounds: dict[Member, asyncio.Task[object]] = {}
+        """Each member's task of its current round (a stop fault cancels it)."""
+        self.stopping: set[Member] = set()
+        """Members a stop fault hit: their sends under way are dropped, as cancelled sends
+        would be, except the leave messages they send on their way out."""
 
     def transport(self, member: Member) -> MemoryTransport:
         inbox = self.inboxes.setdefault(member, Inbox())
@@ -69,13 +78,20 @@ class MemoryNetwork:
         if sender in self.dead:
             raise PeerKilled(f"{sender!r} is dead")
         kind = type(message).__name__
+        if sender in self.stopping and kind != "Leave":
+            raise PeerTimeout(f"{sender!r} is stopping")
         for fault in self.faults:
             if (
                 fault.peer == sender
                 and fault.kind == kind
                 and fault.after == self.sent[(sender, kind)]
+                and fault not in self.fired
             ):
                 self.fired.append(fault)
+                if fault.stop:  # the message is not sent; the round task is told to stop
+                    self.stopping.add(sender)
+                    self.rounds[sender].cancel()
+                    raise PeerTimeout(f"{sender!r} stopping before {kind} #{fault.after}")
                 self.kill(sender)
                 raise PeerKilled(f"{sender!r} killed before {kind} #{fault.after}")
         self.sent[(sender, kind)] += 1
@@ -99,7 +115,11 @@ class MemoryTransport:
     def begin(
         self, round_id: bytes, members: Sequence[Member], clients: Set[Member], deadline: float
     ) -> None:
-        """Nothing to set up: every member's inbox is reachable in memory."""
+        """Nothing to set up (every member's inbox is reachable in memory); the round's
+        task is noted for stop faults."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.network.rounds[self.me] = task
 
     async def end(self, round_id: bytes) -> None:
         pass

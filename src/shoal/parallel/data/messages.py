@@ -1,4 +1,4 @@
-"""The three messages of one all-reduce round.
+"""The messages of one all-reduce round.
 
 - :class:`Contribution`: a member's slice ``part`` of its vector, with its weight, sent to
   the part's reducer (or, in repair, to the survivor that took over a dead reducer's part).
@@ -6,6 +6,10 @@
   received and accepted (and whom it rejected, with a reason).
 - :class:`Reduced`: the combined ``part`` over exactly ``contributors`` (with their total
   weight), sent to every member (all-gather).
+- :class:`Leave`: the sender stops mid-round (its peer is shutting down, or its caller gave
+  up): the others stop waiting for it instead of sitting out a phase deadline. It is only
+  a hint that ends waits early; what makes a result correct is unchanged (every part must
+  carry the same contributor set).
 
 ``data`` is a raw fp32 tensor or an :class:`~shoal.compress.Encoded` value when a wire
 codec is on. Members are identified by their id (``bytes`` in a swarm, anything hashable in
@@ -21,7 +25,16 @@ import torch
 
 from shoal.compress import Encoded
 
-__all__ = ["Contribution", "Member", "Message", "Reduced", "Report", "WireTensor", "wire_numel"]
+__all__ = [
+    "Contribution",
+    "Leave",
+    "Member",
+    "Message",
+    "Reduced",
+    "Report",
+    "WireTensor",
+    "wire_numel",
+]
 
 Member = Hashable
 WireTensor = torch.Tensor | Encoded
@@ -61,4 +74,12 @@ class Reduced:
     data: WireTensor
 
 
-Message = Contribution | Report | Reduced
+@dataclass(frozen=True, slots=True)
+class Leave:
+    round_id: bytes
+    sender: Member
+    part: int
+    """The sender's index in the group."""
+
+
+Message = Contribution | Report | Reduced | Leave

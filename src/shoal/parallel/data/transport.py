@@ -250,9 +250,11 @@ class Inbox:
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.add(waiter)
             try:
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                return predicate()
+                # Not wait_for: on Python 3.11 it drops a cancellation that arrives as the
+                # waiter completes, and a stopping peer's round would then run on.
+                await asyncio.wait((waiter,), timeout=remaining)
             finally:
                 self._waiters.discard(waiter)
+            if not waiter.done():
+                return predicate()
         return True

@@ -32,7 +32,7 @@ from shoal.net.tensors import (
     tensor_bytes,
 )
 from shoal.parallel.data.buffers import BufferPool
-from shoal.parallel.data.messages import Contribution, Member, Message, Reduced, Report
+from shoal.parallel.data.messages import Contribution, Leave, Member, Message, Reduced, Report
 from shoal.parallel.data.receive import read_tensor_into_pool
 from shoal.parallel.data.transport import Inbox
 
@@ -55,7 +55,7 @@ MAX_ROUND_ID_BYTES = 64
 MAX_REASON_CHARS = 200
 MAX_BLOCK_SIZE = 1 << 20
 """Largest block of a blockwise codec accepted from the wire (the defaults are 256 and 4096)."""
-_KIND = {Contribution: pb.CONTRIBUTION, Report: pb.REPORT, Reduced: pb.REDUCED}
+_KIND = {Contribution: pb.CONTRIBUTION, Report: pb.REPORT, Reduced: pb.REDUCED, Leave: pb.LEAVE}
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 
 
@@ -104,6 +104,8 @@ def encode_message(message: Message) -> Wire:
         meta.peers.extend(_raw(p) for p in sorted(message.accepted, key=_raw))
         for peer, reason in message.rejected.items():
             meta.rejected.add(peer_id=_raw(peer), reason=reason[:MAX_REASON_CHARS])
+    elif isinstance(message, Leave):
+        pass  # the kind and part say it all
     else:
         meta.weight = message.weight
         if isinstance(message, Reduced):
@@ -180,6 +182,10 @@ def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) ->
     if len(meta.rejected) > MAX_GROUP_SIZE:
         raise ProtocolViolation("rejection list exceeds the group size limit")
     peers = frozenset(peer_from_raw(p) for p in meta.peers)
+    if meta.kind == pb.LEAVE:
+        if tensors or peers or meta.rejected:
+            raise ProtocolViolation("a leave message carries nothing but its part")
+        return Leave(meta.round_id, sender, meta.part)
     if meta.kind == pb.REPORT:
         if tensors:
             raise ProtocolViolation("a report carries no tensors")
@@ -218,7 +224,7 @@ class Admission:
         kind = _TYPE.get(meta.kind)
         if kind is None:
             raise ProtocolViolation(f"unknown round message kind {meta.kind}")
-        numel = None if kind is Report else meta.numel
+        numel = None if kind in (Report, Leave) else meta.numel
         why = self._inbox.check(meta.round_id, kind, self._sender, meta.part, numel)
         if why is not None:
             raise ProtocolViolation(f"round message refused: {why}")

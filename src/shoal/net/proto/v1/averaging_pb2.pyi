@@ -14,10 +14,12 @@ class RoundMessageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTRIBUTION: _ClassVar[RoundMessageKind]
     REPORT: _ClassVar[RoundMessageKind]
     REDUCED: _ClassVar[RoundMessageKind]
+    LEAVE: _ClassVar[RoundMessageKind]
 ROUND_MESSAGE_KIND_UNSPECIFIED: RoundMessageKind
 CONTRIBUTION: RoundMessageKind
 REPORT: RoundMessageKind
 REDUCED: RoundMessageKind
+LEAVE: RoundMessageKind
 
 class PullRequest(_message.Message):
     __slots__ = ("round_id",)
