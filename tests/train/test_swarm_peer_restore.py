@@ -1,17 +1,21 @@
-"""Where a restarting shoal peer continues from when a checkpoint does not fit."""
+"""Where a restarting shoal peer continues from: a checkpoint that does not fit, and the
+local progress written at failed rounds and at the end."""
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from shoal.errors import ConfigError
+from shoal.state.background import BackgroundCheckpointer
 from shoal.state.checkpoint import load_latest_valid, write_snapshot
 from shoal.state.recovery import Recovered, Source
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_peer import _restore, build_trainer
+from shoal.train.swarm_peer import _restore, build_trainer, run_peer
 from shoal.train.swarm_state import snapshot_peer
 
 
@@ -52,3 +56,66 @@ def test_a_swarm_snapshot_that_does_not_fit_falls_back_to_our_own(tmp_path: Path
     found = Recovered(Source.SWARM, theirs, 20, 60)
     source, restored = _restore(found, opts, trainer, trainer.model_cfg.to_dict(), 7)
     assert source is Source.DISK and restored is not None and restored.step == 20
+
+
+def test_a_peer_keeps_its_unaveraged_progress_across_a_restart(tmp_path: Path) -> None:
+    # Alone, no round is applied: progress used to be checkpointed only after applied
+    # rounds, so a restart went back to step 0 (and a stop at step 110 restarted at 100).
+    events: list[tuple[str, dict]] = []
+
+    def emit(event: str, **fields: object) -> None:
+        events.append((event, fields))
+
+    opts = PeerOptions(
+        mode="diloco",
+        run_dir=tmp_path / "run",
+        steps=25,
+        local_steps=10,
+        window_s=0.3,
+        heartbeat_s=1.0,
+        eval_batches=1,
+        report_every=5,
+    )
+    assert run_peer(opts, threading.Event(), emit) == 0
+    rounds = [f for e, f in events if e == "round"]
+    assert [r["step"] for r in rounds] == [10, 20] and not any(r["ok"] for r in rounds)
+    # alone, a round is not even tried (no window is waited for), says why and is not
+    # counted: a peer alone for a while must not run ahead of the peers that join it
+    assert all(r["reason"].startswith("alone: no other live peer") for r in rounds)
+    assert all(r["round"] == 0 and r["seconds"] == {} for r in rounds)
+    # a round's line comes before the step line of the same step
+    order = [(e, f["step"]) for e, f in events if e in ("round", "step")]
+    assert order.index(("round", 10)) < order.index(("step", 10))
+    written = [f["step"] for e, f in events if e == "checkpoint"]
+    assert written[-1] == 25  # the steps after the last round too
+    events.clear()
+    assert run_peer(replace(opts, steps=26), threading.Event(), emit) == 0
+    recovered = next(f for e, f in events if e == "recovered")
+    assert recovered == {"source": "disk", "step": 25, "round": 0}
+
+
+def test_progress_written_but_not_served_stays_off_the_swarm(tmp_path: Path) -> None:
+    opts = PeerOptions(mode="diloco", run_dir=tmp_path)
+    trainer = build_trainer(opts, 7)
+
+    def provider(step: int):
+        return lambda: snapshot_peer(
+            step,
+            trainer.model,
+            trainer.optimizer,
+            trainer.windows,
+            strategy={},
+            round_index=1,
+            mode="diloco",
+            model_shape=trainer.model_cfg.to_dict(),
+            data_seed=7,
+        )
+
+    with BackgroundCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(10, provider(10), write=False)
+        ckpt.save(15, provider(15), write=True, serve=False)
+        assert ckpt.flush(10.0)
+        served = ckpt.latest_served()
+        assert served is not None and served.step == 10
+    newest = load_latest_valid(tmp_path / "ckpt")
+    assert newest is not None and newest.step == 15

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from shoal.net import Identity
 from shoal.state.announce import state_key
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_services import PeerServices, state_scope
+from shoal.train.swarm_services import PeerServices, round_scope, scope_difference, state_scope
 
 
 def test_a_round_expects_the_peers_that_joined_since_the_last_refresh(tmp_path: Path) -> None:
@@ -26,7 +27,8 @@ def test_a_round_expects_the_peers_that_joined_since_the_last_refresh(tmp_path: 
         second = PeerServices.start(joiner, Identity.generate(), emit)
         second.runtime.run(second.membership.heartbeat(), timeout_s=10.0)  # stored now
         assert first.trainers() == 1  # the cached view predates the joiner
-        assert first.runtime.run(first.fresh_trainers(), timeout_s=10.0) == 2
+        view = first.runtime.run(first.fresh_view(), timeout_s=10.0)
+        assert view.compatible == 2 and view.other_scopes == ()
         # The joiner checked that it can be dialed back, so it reduces.
         checks = [f for e, f in events if e == "reachability"]
         assert checks == [
@@ -45,6 +47,41 @@ def test_a_round_expects_the_peers_that_joined_since_the_last_refresh(tmp_path: 
         if second is not None:
             second.close()
         first.close()
+
+
+def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Path) -> None:
+    first = PeerServices.start(PeerOptions(run_dir=tmp_path / "a"), Identity.generate(), _quiet)
+    other = None
+    try:
+        join = (first.runtime.address,)
+        fp16 = PeerOptions(run_dir=tmp_path / "b", join=join, wire_codec="fp16")
+        other = PeerServices.start(fp16, Identity.generate(), _quiet)
+        other.runtime.run(other.membership.heartbeat(), timeout_s=10.0)
+        view = first.runtime.run(first.fresh_view(), timeout_s=10.0)
+        assert view.compatible == 1 and len(view.other_scopes) == 1
+        reason = view.alone_reason()
+        assert reason.startswith("alone: no other live peer trains with these settings; ")
+        assert (
+            "1 live diloco peer use other settings: codec=fp16 (here: diloco codec=int8" in reason
+        )
+        # the round scope holds every setting that changes what a round's vector is
+        base = PeerOptions(mode="streaming")
+        for changed in (
+            {"wire_codec": "int4"},
+            {"rank": 2},
+            {"fragments": 2},
+            {"model_overrides": {"d_model": 96}},
+        ):
+            assert round_scope(replace(base, **changed)) != round_scope(base), changed
+        assert scope_difference(round_scope(base), round_scope(replace(base, rank=2))) == "rank=2"
+    finally:
+        if other is not None:
+            other.close()
+        first.close()
+
+
+def _quiet(event: str, **fields: object) -> None:
+    pass
 
 
 def test_a_peer_announced_by_name_is_dialed_back_and_reduces(tmp_path: Path) -> None:

@@ -96,7 +96,8 @@ class BackgroundCheckpointer:
         self.last_error: BaseException | None = None
         self._latest_served: ServedSnapshot | None = None
         self._last_taken_step: int | None = None
-        self._pending: tuple[Snapshot, bool] | None = None
+        self._pending: tuple[Snapshot, bool, bool] | None = None
+        """The next snapshot to handle, whether to write it and whether to serve it."""
         self._busy = False
         self._closed = False
         self._cond = threading.Condition()
@@ -117,11 +118,19 @@ class BackgroundCheckpointer:
         return True
 
     def save(
-        self, step: int, state_provider: Callable[[], Snapshot], *, write: bool = True
+        self,
+        step: int,
+        state_provider: Callable[[], Snapshot],
+        *,
+        write: bool = True,
+        serve: bool = True,
     ) -> float:
         """Snapshot now (``state_provider`` runs here) and queue it; returns the pause in s.
 
-        ``write=False`` only makes it servable (e.g. the state just restored from disk).
+        ``write=False`` only makes it servable (e.g. the state just restored from disk);
+        ``serve=False`` only writes it (state the swarm has not agreed on, such as local
+        progress since the last applied round: a restart continues from it, a joiner
+        should not).
         """
         if self._closed:
             raise RuntimeError("checkpointer is closed")
@@ -130,10 +139,10 @@ class BackgroundCheckpointer:
         pause = time.perf_counter() - start
         self.pauses_s.append(pause)
         self._last_taken_step = step
-        self.submit(snapshot, write=write)
+        self.submit(snapshot, write=write, serve=serve)
         return pause
 
-    def submit(self, snapshot: Snapshot, *, write: bool = True) -> None:
+    def submit(self, snapshot: Snapshot, *, write: bool = True, serve: bool = True) -> None:
         """Queue an already taken snapshot (replaces one still waiting)."""
         with self._cond:
             if self._pending is not None:
@@ -146,7 +155,7 @@ class BackgroundCheckpointer:
                 # A disk write still owed goes with the newer snapshot: replacing a queued
                 # write by a serve-only snapshot lost the every-N-rounds checkpoint.
                 write = write or self._pending[1]
-            self._pending = (snapshot, write)
+            self._pending = (snapshot, write, serve)
             self._cond.notify_all()
 
     @property
@@ -192,10 +201,10 @@ class BackgroundCheckpointer:
                     self._cond.wait()
                 if self._pending is None:
                     return
-                (snapshot, write), self._pending = self._pending, None
+                (snapshot, write, serve), self._pending = self._pending, None
                 self._busy = True
             try:
-                self._handle(snapshot, write)
+                self._handle(snapshot, write, serve)
             except Exception as exc:  # a failed write must not kill the worker
                 self.last_error = exc
                 log.exception("background checkpoint of step %d failed", snapshot.step)
@@ -206,10 +215,10 @@ class BackgroundCheckpointer:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _handle(self, snapshot: Snapshot, write: bool) -> None:
+    def _handle(self, snapshot: Snapshot, write: bool, serve: bool) -> None:
         cfg = self.config
         start = time.perf_counter()
-        if cfg.serve:
+        if cfg.serve and serve:
             self._latest_served = prepare(snapshot, chunk_bytes=cfg.chunk_bytes)
         path = None
         if cfg.write_to_disk and write:

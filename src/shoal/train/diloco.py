@@ -20,6 +20,9 @@ The commit rule:
   The peer takes the swarm's round index too: when that round is one this peer has not
   reached yet (it was slower), it skips it (it already holds its result) and joins the
   next one; otherwise it runs the round now under the swarm's index.
+- **Skipped** (``outcome.skipped``: no other live peer could average with this one): as a
+  failed round, but no round is counted, so the index of a peer that was alone does not
+  run ahead of the peers that join it.
 
 The averaging call is injected (``average(vector, weight, round_index) -> RoundOutcome``)
 so the logic is tested without a network.
@@ -125,8 +128,10 @@ class DiLoCo:
         delta = self.outer.pseudo_gradient(self.params)
         r = self.round_index
         outcome = self.average(delta, float(self.samples), r)
-        self.round_index += 1
         self.local_steps_done = 0
+        if outcome.skipped:  # alone: no round was tried, and none is counted
+            return RoundReport(r, False, 0, 0, 0.0, outcome.reason, dict(outcome.seconds))
+        self.round_index += 1
         if outcome.ok and outcome.included:
             self.outer.step(delta)
             self.outer.load_into(self.params)

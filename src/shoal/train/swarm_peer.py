@@ -6,7 +6,11 @@ recovery — the newest valid checkpoint on disk or the freshest snapshot announ
 swarm, whichever is ahead — and the strategy (``sync``, ``diloco`` or ``streaming``). The
 loop trains until ``steps`` or a stop request; after every applied round it hands a
 snapshot to the background checkpointer (served to joiners every round, written to disk
-every ``checkpoint_every_rounds``). Shutdown closes everything in reverse order.
+every ``checkpoint_every_rounds``). Local progress the swarm has not averaged yet (steps
+since the last applied round) is written to disk, never served: after a failed round
+(``checkpoint_every_rounds`` apart too, so a peer alone keeps its work) and when the loop
+ends, so a restart continues from the step it stopped at. Shutdown closes everything in
+reverse order.
 
 Progress goes through ``emit(event, **fields)``: ``listening``, ``recovered``, ``ready``,
 ``step``, ``round``, ``eval``, ``checkpoint``, ``stopped`` (see ``docs/peer.md``).
@@ -28,6 +32,7 @@ from shoal.state.checkpoint import LoadedCheckpoint, load_latest_valid
 from shoal.state.recovery import Recovered, Source, recover
 from shoal.state.sync_client import SyncConfig, find_donors
 from shoal.train.config import TrainConfig, with_overrides
+from shoal.train.diloco import RoundReport
 from shoal.train.run_dir import claim_run_dir
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
@@ -242,30 +247,20 @@ def _loop(
     monitor = services.monitor
     ckpt = services.ckpt
     assert ckpt is not None
-    applied = calls = 0
+    applied = attempts = calls = 0
     losses: list[float] = []
-    while trainer.step < opts.steps and not stop.is_set():
-        monitor.begin_step(trainer.step)
-        out = strategy.step()
-        calls += 1
-        losses.append(out.loss)
-        monitor.end_step(loss=out.loss, samples=out.samples, tokens=out.samples * opts.seq_len)
-        if calls % opts.report_every == 0:
-            mean = sum(losses) / len(losses)
-            losses.clear()
-            emit(
-                "step",
-                step=trainer.step,
-                loss=round(mean, 5),
-                peers=services.trainers(),
-                round=strategy.round_index,
-            )
-        r = out.report
-        if r is None:
-            continue
-        total_s = sum(r.seconds.values())
+    every = opts.checkpoint_every_rounds
+
+    def keep_local_progress() -> None:
+        """Write (not serve) what the swarm has not averaged yet, if anything is new."""
+        if every and trainer.step != ckpt.last_taken_step:
+            ckpt.save(trainer.step, provider, write=True, serve=False)
+
+    def after_round(r: RoundReport) -> None:
+        nonlocal applied, attempts
+        attempts += 1
         if r.ok:
-            monitor.record_round(opts.mode, total_s, group_size=r.group_size)
+            monitor.record_round(opts.mode, sum(r.seconds.values()), group_size=r.group_size)
         else:
             monitor.record_failure(opts.mode, error=r.reason)
         emit(
@@ -283,12 +278,33 @@ def _loop(
             bytes_sent=bytes_sent(services.runtime),
         )
         if not r.ok:
-            continue
+            if every and attempts % every == 0:
+                keep_local_progress()
+            return
         applied += 1
-        every = opts.checkpoint_every_rounds
         ckpt.save(trainer.step, provider, write=bool(every) and applied % every == 0)
         if opts.eval_every_rounds and applied % opts.eval_every_rounds == 0:
             t0 = time.monotonic()
             val = trainer.evaluate()
             monitor.record_validation(trainer.step, val)
             emit("eval", step=trainer.step, val_bpb=round(val, 5), seconds=time.monotonic() - t0)
+
+    while trainer.step < opts.steps and not stop.is_set():
+        monitor.begin_step(trainer.step)
+        out = strategy.step()
+        calls += 1
+        losses.append(out.loss)
+        monitor.end_step(loss=out.loss, samples=out.samples, tokens=out.samples * opts.seq_len)
+        if out.report is not None:  # before the step line: that line shows the round's result
+            after_round(out.report)
+        if calls % opts.report_every == 0:
+            mean = sum(losses) / len(losses)
+            losses.clear()
+            emit(
+                "step",
+                step=trainer.step,
+                loss=round(mean, 5),
+                peers=services.trainers(),
+                round=strategy.round_index,
+            )
+    keep_local_progress()  # the steps since the last round, for a restart

@@ -141,6 +141,10 @@ class RoundOutcome:
     included: bool = True
     """This peer's own contribution is in the result (a late or screened-out member gets the
     others' mean, ``ok``, without it: ``reason`` then says why)."""
+    skipped: bool = False
+    """No round was tried: no other live peer can average with this one (``reason`` says
+    why). Round counts do not advance, so a peer that was alone for a while does not run
+    ahead of the peers that join it."""
 
 
 class SwarmRounds:

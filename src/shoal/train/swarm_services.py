@@ -38,7 +38,15 @@ from shoal.swarm.peerinfo import PeerInfo, Reachability
 from shoal.train.config import TrainConfig, with_overrides
 from shoal.train.swarm_config import PeerOptions
 
-__all__ = ["PeerServices", "bytes_by_service", "bytes_sent"]
+__all__ = [
+    "PeerServices",
+    "TrainersView",
+    "bytes_by_service",
+    "bytes_sent",
+    "round_scope",
+    "scope_difference",
+    "state_scope",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ _JOIN_RETRY = RetryPolicy(initial_s=0.3, max_s=3.0, attempts=10, deadline_s=30.0
 _MAX_DIAL_BACK_HELPERS = 4
 _FRESH_VIEW_TIMEOUT_S = 3.0
 _PROBE_TIMEOUT_S = 5.0
+_ROUNDS_ROLE = "rounds:"
 
 
 def _reachability(runtime: NetRuntime, nat: Traversal, join: tuple[str, ...]) -> dict[str, Any]:
@@ -64,13 +73,65 @@ def _reachability(runtime: NetRuntime, nat: Traversal, join: tuple[str, ...]) ->
     }
 
 
+def _model_tag(opts: PeerOptions) -> str:
+    shape = with_overrides(TrainConfig(), opts.model_config_overrides()).model.build()
+    text = json.dumps(shape.to_dict(), sort_keys=True).encode()
+    return hashlib.blake2b(text, digest_size=4).hexdigest()
+
+
 def state_scope(opts: PeerOptions) -> str:
     """Mode and model shape. Peers of every mode and model may share a swarm, but a
     snapshot restores only into a peer of both: a fresher one of another kind would hide
     the usable ones (and a stale peer would fetch outer state it cannot load)."""
-    shape = with_overrides(TrainConfig(), opts.model_config_overrides()).model.build()
-    text = json.dumps(shape.to_dict(), sort_keys=True).encode()
-    return f"{opts.mode}/{hashlib.blake2b(text, digest_size=4).hexdigest()}"
+    return f"{opts.mode}/{_model_tag(opts)}"
+
+
+def round_scope(opts: PeerOptions) -> str:
+    """What peers must share to average together, e.g. ``diloco codec=int8 rank=0
+    model=1a2b3c4d``: the mode, the wire codec, the low-rank factor rank and the streaming
+    fragments (both change what a round's vector is) and the model shape. It prefixes
+    every round key, and membership carries it (role ``rounds:<scope>``), so a peer can
+    count the peers it could average with, and say which settings keep the others apart."""
+    fields = {"codec": opts.wire_codec}
+    if opts.mode != "sync":
+        fields["rank"] = str(opts.rank)
+    if opts.mode == "streaming":
+        fields["frags"] = str(opts.fragments)
+    fields["model"] = _model_tag(opts)
+    return " ".join([opts.mode, *(f"{k}={v}" for k, v in fields.items())])
+
+
+def scope_difference(mine: str, theirs: str) -> str:
+    """The settings in which ``theirs`` differs from ``mine``, e.g. ``codec=fp16``."""
+    a = dict(t.partition("=")[::2] for t in mine.split(" ")[1:])
+    b = dict(t.partition("=")[::2] for t in theirs.split(" ")[1:])
+    return ", ".join(
+        f"{k}={b.get(k, '?')}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TrainersView:
+    """Live trainers of this peer's mode, from its membership view."""
+
+    scope: str
+    """This peer's :func:`round_scope`."""
+    compatible: int
+    """Peers that can average with this one, itself included (at least 1)."""
+    other_scopes: tuple[str, ...] = ()
+    """The scopes of the live peers of this mode that cannot (one entry per peer)."""
+
+    def alone_reason(self) -> str:
+        """Why no round can form, for a peer no other live peer can average with."""
+        why = "alone: no other live peer trains with these settings"
+        if not self.other_scopes:
+            return why
+        diffs = sorted({scope_difference(self.scope, s) or s for s in self.other_scopes})
+        n = len(self.other_scopes)
+        return (
+            f"{why}; {n} live {self.scope.split(' ')[0]} peer{'s' * (n > 1)} use other "
+            f"settings: {'; '.join(diffs)} (here: {self.scope})"
+        )
 
 
 def bytes_sent(runtime: NetRuntime) -> int:
@@ -95,6 +156,8 @@ class PeerServices:
     publisher: SummaryPublisher
     state_key: bytes
     nat: Traversal
+    scope: str
+    """:func:`round_scope` of this peer (every round key starts with it)."""
     ckpt: BackgroundCheckpointer | None = None
     server: StateServer | None = None
     announcer: StateAnnouncer | None = None
@@ -150,13 +213,13 @@ class PeerServices:
                 ttl_s=max(4 * hb, 12.0),
                 max_clock_skew_s=2.0,
             )
-            role = f"trainer:{opts.mode}"
+            roles = (f"trainer:{opts.mode}", _ROUNDS_ROLE + round_scope(opts))
 
             def info() -> PeerInfo:
                 if opts.client_mode:  # it dials out only; nobody should dial it
-                    return PeerInfo(reachability=Reachability.UNKNOWN, roles=(role,))
+                    return PeerInfo(reachability=Reachability.UNKNOWN, roles=roles)
                 return PeerInfo(
-                    addresses=(runtime.address,), reachability=Reachability.DIRECT, roles=(role,)
+                    addresses=(runtime.address,), reachability=Reachability.DIRECT, roles=roles
                 )
 
             membership = Membership(dht.node, swarm_cfg, info)
@@ -192,25 +255,39 @@ class PeerServices:
                 except Exception as exc:  # keep stopping the rest
                     log.warning("stopping %s after a failed start: %s", name, exc)
             raise
-        return cls(opts, runtime, dht, membership, monitor, publisher, key, nat)
+        return cls(opts, runtime, dht, membership, monitor, publisher, key, nat, round_scope(opts))
 
-    async def fresh_trainers(self) -> int:
-        """:meth:`trainers` from a view re-read just now (on the loop; bounded, falls back
+    async def fresh_view(self) -> TrainersView:
+        """:meth:`view` from membership re-read just now (on the loop; bounded, falls back
         to the cached view). A round's window closes early on the count its peers expect,
         and a cached view may be a whole refresh interval behind the peers that just
         joined: the first round would then close without them."""
         with contextlib.suppress(NetworkError, TimeoutError):
             await asyncio.wait_for(self.membership.refresh(), _FRESH_VIEW_TIMEOUT_S)
-        return self.trainers()
+        return self.view()
+
+    def view(self) -> TrainersView:
+        """Live peers of this mode, split by whether they can average with this one."""
+        role = f"trainer:{self.opts.mode}"
+        others = [
+            m
+            for m in self.membership.peers()
+            if role in m.info.roles and m.peer_id != self.runtime.peer_id
+        ]
+        self.monitor.observe_members(
+            [self.runtime.peer_id.to_string(), *(m.peer_id.to_string() for m in others)]
+        )
+        mine = _ROUNDS_ROLE + self.scope
+        apart = tuple(
+            next((r[len(_ROUNDS_ROLE) :] for r in m.info.roles if r.startswith(_ROUNDS_ROLE)), "?")
+            for m in others
+            if mine not in m.info.roles
+        )
+        return TrainersView(self.scope, 1 + len(others) - len(apart), apart)
 
     def trainers(self) -> int:
-        """Live peers training in this mode (ourselves included), at least 1."""
-        role = f"trainer:{self.opts.mode}"
-        live = [m for m in self.membership.peers() if role in m.info.roles]
-        self.monitor.observe_members(m.peer_id.to_string() for m in live)
-        return max(
-            1, len(live) + (0 if any(m.peer_id == self.runtime.peer_id for m in live) else 1)
-        )
+        """Live peers that can average with this one (itself included), at least 1."""
+        return self.view().compatible
 
     def attach_state(
         self,

@@ -127,9 +127,21 @@ def swarm_rounds(services: PeerServices, opts: PeerOptions) -> SwarmRounds:
 async def swarm_average(
     services: PeerServices, rounds: SwarmRounds, vector: torch.Tensor, weight: float, key: bytes
 ) -> RoundOutcome:
-    """One round under ``key``, expecting the trainers of a freshly read membership view."""
-    expected = await services.fresh_trainers()
-    return await rounds.average(vector, weight, round_key=key, expected_peers=expected)
+    """One round under ``key`` (within this peer's round scope), expecting the peers a
+    freshly read membership view says can average with this one.
+
+    With none, the round fails at once and says why: a peer alone used to wait out a
+    whole matchmaking window every round, and peers set apart by a setting (codec, model
+    width) each reported only that no other peer was ready.
+    """
+    view = await services.fresh_view()
+    if view.compatible <= 1:
+        return RoundOutcome(False, reason=view.alone_reason(), skipped=True)
+    scoped = services.scope.encode() + b"/" + key
+    outcome = await rounds.average(vector, weight, round_key=scoped, expected_peers=view.compatible)
+    if not outcome.ok and not outcome.group_size and view.other_scopes:
+        outcome.reason += f" ({view.alone_reason().partition('; ')[2]})"
+    return outcome
 
 
 def record_round_time(services: PeerServices, outcome: RoundOutcome) -> None:
