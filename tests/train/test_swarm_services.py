@@ -62,7 +62,7 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
         reason = view.alone_reason()
         assert reason.startswith("alone: no other live peer trains with these settings; ")
         assert (
-            "1 live diloco peer use other settings: codec=fp16 (here: diloco codec=int8" in reason
+            "1 live diloco peer uses other settings: codec=fp16 (here: diloco codec=int8" in reason
         )
         # the round scope holds every setting that changes what a round's vector is
         base = PeerOptions(mode="streaming")

@@ -129,8 +129,8 @@ class TrainersView:
         diffs = sorted({scope_difference(self.scope, s) or s for s in self.other_scopes})
         n = len(self.other_scopes)
         return (
-            f"{why}; {n} live {self.scope.split(' ')[0]} peer{'s' * (n > 1)} use other "
-            f"settings: {'; '.join(diffs)} (here: {self.scope})"
+            f"{why}; {n} live {self.scope.split(' ')[0]} peer{'s use' if n > 1 else ' uses'} "
+            f"other settings: {'; '.join(diffs)} (here: {self.scope})"
         )
 
 
