@@ -30,6 +30,7 @@ from shoal.errors import ConfigError
 from shoal.monitor.config import DashboardConfig, SwarmViewConfig
 from shoal.monitor.dashboard import Dashboard
 from shoal.monitor.sources import DashboardSource, EventLogSource
+from shoal.net.aio import within
 
 __all__ = ["register", "run_dashboard", "serve_joined"]
 
@@ -55,7 +56,7 @@ async def run_dashboard(
         sys.stdout.flush()
         print(f"shoal monitor: dashboard at {dash.url} ({source.name})", file=sys.stderr)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), duration_s)
+            await within(stop.wait(), duration_s)
 
 
 def serve_joined(

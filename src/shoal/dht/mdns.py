@@ -14,6 +14,7 @@ import ipaddress
 from typing import Any
 
 from shoal.errors import ConfigError
+from shoal.net.aio import within
 from shoal.net.identity import PeerID
 
 __all__ = ["SERVICE_TYPE", "MdnsAdvertiser", "discover"]
@@ -86,7 +87,7 @@ async def discover(timeout_s: float) -> list[str]:
     try:
         while (remaining := deadline - loop.time()) > 0 and len(found) < _MAX_FOUND:
             try:
-                name = await asyncio.wait_for(names.get(), remaining)
+                name = await within(names.get(), remaining)
             except asyncio.TimeoutError:
                 break
             info = zc.AsyncServiceInfo(SERVICE_TYPE, name)

@@ -25,6 +25,7 @@ from shoal.monitor.http import DashboardHTTPServer
 from shoal.monitor.sources import DashboardSource
 from shoal.monitor.summary import PeerSummary
 from shoal.monitor.view import SwarmView, build_view
+from shoal.net.aio import within
 
 __all__ = ["Dashboard"]
 
@@ -80,7 +81,7 @@ class Dashboard:
     async def poll_once(self) -> None:
         """Fetch from the source (under ``poll_timeout_s``) and recompute view and alerts."""
         try:
-            batch = await asyncio.wait_for(self._source.poll(), self._config.poll_timeout_s)
+            batch = await within(self._source.poll(), self._config.poll_timeout_s)
         except (NetworkError, OSError, asyncio.TimeoutError) as exc:
             self.poll_errors += 1
             log.warning("dashboard poll failed: %s", exc)
@@ -107,7 +108,7 @@ class Dashboard:
         self._first_poll.set()
 
     async def wait_first_poll(self, timeout_s: float) -> None:
-        await asyncio.wait_for(self._first_poll.wait(), timeout_s)
+        await within(self._first_poll.wait(), timeout_s)
 
     async def _run(self) -> None:
         while True:
@@ -128,7 +129,7 @@ class Dashboard:
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(task, 2.0)
+                await within(task, 2.0)
         await self._http.aclose()
 
     async def __aenter__(self) -> Dashboard:

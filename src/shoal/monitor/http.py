@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shoal.net.aio import within
+
 __all__ = ["STATIC_DIR", "DashboardHTTPServer"]
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -69,7 +71,7 @@ class DashboardHTTPServer:
         if server is not None:
             server.close()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+                await within(server.wait_closed(), 2.0)
 
     def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
@@ -106,12 +108,12 @@ class DashboardHTTPServer:
                     return
 
         with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
-            await asyncio.wait_for(drain_input(), 1.0)
+            await within(drain_input(), 1.0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                request = await asyncio.wait_for(self._read_request(reader), self._timeout_s)
+                request = await within(self._read_request(reader), self._timeout_s)
             except (
                 asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError,
@@ -132,7 +134,7 @@ class DashboardHTTPServer:
                 "Connection: close\r\n\r\n"
             ).encode()
             writer.write(head if method == "HEAD" else head + body)
-            await asyncio.wait_for(writer.drain(), self._timeout_s)
+            await within(writer.drain(), self._timeout_s)
             if request is None:
                 await self._linger(reader, writer)
         except (ConnectionError, asyncio.TimeoutError):
@@ -140,4 +142,4 @@ class DashboardHTTPServer:
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+                await within(writer.wait_closed(), 1.0)

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from shoal.errors import NetworkError, ProtocolViolation
 from shoal.monitor.config import SwarmViewConfig
 from shoal.monitor.summary import PeerSummary, decode_summary, encode_summary
+from shoal.net.aio import within
 from shoal.net.identity import PEER_ID_BYTES, PeerID
 
 __all__ = [
@@ -192,7 +193,7 @@ class SummaryPublisher:
         try:
             summary = await asyncio.to_thread(self._make)
             if self._publish is not None:
-                await asyncio.wait_for(self._publish(summary), self._config.publish_timeout_s)
+                await within(self._publish(summary), self._config.publish_timeout_s)
         except (NetworkError, asyncio.TimeoutError, OSError) as exc:
             self.failed += 1
             log.info("summary publish failed: %s", exc)
@@ -225,7 +226,7 @@ class SummaryPublisher:
             return
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-            await asyncio.wait_for(task, timeout_s)
+            await within(task, timeout_s)
 
     async def __aenter__(self) -> SummaryPublisher:
         self.start()

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from shoal.errors import AuthenticationError, NetworkError, PeerTimeout, PeerUnavailable
+from shoal.net.aio import within
 from shoal.net.auth import AUTH_METADATA_KEY, HANDSHAKE_METHOD, ClientHandshake, ClientSession
 from shoal.net.config import NetConfig
 from shoal.net.errmap import map_rpc_error
@@ -91,6 +92,7 @@ class Connection:
         self._traffic = traffic
         self._lock = asyncio.Lock()
         self._attempts = 0  # handshakes started on this connection
+        self._finished = 0  # handshakes that ended (a caller queued behind one shares it)
         self._last_error: NetworkError | None = None
         self._callables: dict[str, Any] = {}
         target = (
@@ -125,22 +127,25 @@ class Connection:
         if self._live():
             assert self.session is not None
             return self.session
-        attempts_seen = self._attempts
+        finished_seen = self._finished
         try:
-            await asyncio.wait_for(self._lock.acquire(), timeout_s)
+            await within(self._lock.acquire(), timeout_s)
         except asyncio.TimeoutError:
             raise PeerTimeout("handshake queue timed out", peer=self.label) from None
         try:
             if not self._live():
-                if self._attempts != attempts_seen and self._last_error is not None:
+                if self._finished != finished_seen and self._last_error is not None:
                     # a handshake failed while we queued: share its verdict, don't redial
                     raise _shared(self._last_error, self.label) from self._last_error
                 self._attempts += 1
                 try:
                     await self._handshake(timeout_s)
+                    self._last_error = None
                 except NetworkError as exc:
                     self._last_error = exc
                     raise
+                finally:
+                    self._finished += 1
             assert self.session is not None
             return self.session
         finally:

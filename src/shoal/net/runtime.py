@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import grpc
 
 from shoal.errors import ConfigError, PeerTimeout
+from shoal.net.aio import within
 from shoal.net.allocator import keep_freed_memory
 from shoal.net.auth import SessionTable
 from shoal.net.client import Stub
@@ -232,7 +233,7 @@ class NetRuntime:
         if self._server is not None:
             await self._server.stop(grace)
         await self.supervisor.close(budget_s / 3)
-        await asyncio.wait_for(self.pool.close(), budget_s / 3)
+        await within(self.pool.close(), budget_s / 3)
 
     def __enter__(self) -> NetRuntime:
         return self.start() if self.state is State.NEW else self

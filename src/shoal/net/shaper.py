@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.errors import ConfigError
+from shoal.net.aio import within
 from shoal.net.config import split_host_port
 
 __all__ = ["DirectionStats", "LinkShaper", "ShaperConfig", "TokenBucket", "main"]
@@ -236,7 +237,7 @@ class LinkShaper:
             await asyncio.wait(tasks, timeout=self.config.close_timeout_s)
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), self.config.close_timeout_s)
+                await within(self._server.wait_closed(), self.config.close_timeout_s)
 
     async def __aenter__(self) -> LinkShaper:
         await self.start()
@@ -259,7 +260,7 @@ class LinkShaper:
         writers = [c_writer]
         try:
             try:
-                t_reader, t_writer = await asyncio.wait_for(
+                t_reader, t_writer = await within(
                     asyncio.open_connection(cfg.target_host, cfg.target_port), cfg.connect_timeout_s
                 )
             except (OSError, asyncio.TimeoutError):

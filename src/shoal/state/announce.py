@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 
 from shoal.errors import ConfigError, ShoalError
+from shoal.net.aio import within
 from shoal.net.identity import PEER_ID_BYTES, PeerID
 from shoal.state.snapshot import ServedSnapshot
 
@@ -186,7 +187,7 @@ class StateAnnouncer:
         if served is None:
             return False
         value = encode_announcement(served.step, served.version, self.address, served.total_bytes)
-        await asyncio.wait_for(
+        await within(
             self.dht.node.store(self.key, value, time.time() + self.ttl_s, subkey=b""),
             self.store_timeout_s,
         )
@@ -204,7 +205,7 @@ class StateAnnouncer:
             except Exception:  # a bug must not silently end the announcements
                 log.exception("state announcement failed")
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), period)
+                await within(self._wake.wait(), period)
             self._wake.clear()
 
     def close(self) -> None:

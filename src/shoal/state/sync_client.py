@@ -35,6 +35,7 @@ from shoal.errors import (
     ProtocolViolation,
     RemoteError,
 )
+from shoal.net.aio import within
 from shoal.net.config import MiB
 from shoal.net.proto.v1 import state_pb2, state_pb2_grpc
 from shoal.net.tensors import Chunk, tensor_bytes
@@ -369,7 +370,7 @@ async def download(
         )
 
     try:
-        return await asyncio.wait_for(first_that_serves(), config.total_timeout_s)
+        return await within(first_that_serves(), config.total_timeout_s)
     except asyncio.TimeoutError:
         raise PeerTimeout(f"state sync did not finish within {config.total_timeout_s} s") from None
 
@@ -378,7 +379,7 @@ async def find_donors(
     dht: Any, key: bytes, config: SyncConfig, exclude: Any = None
 ) -> DonorChoice | None:
     """Read the announcements under ``key`` and choose donors (None when nobody announces)."""
-    value = await asyncio.wait_for(dht.node.get(key), config.dht_timeout_s)
+    value = await within(dht.node.get(key), config.dht_timeout_s)
     return choose_donors(parse_announcements(value), exclude=exclude, max_donors=config.max_donors)
 
 

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from shoal.dht.record import Record
 from shoal.errors import NetworkError, ProtocolViolation
+from shoal.net.aio import within
 from shoal.net.identity import Identity, PeerID
 from shoal.net.tasks import TaskSet
 from shoal.swarm.config import SwarmConfig
@@ -82,13 +83,13 @@ class Membership:
         key = self._keys[_shard_of(me, len(self._keys))]
         expires_at = self.wall_clock() + self.config.ttl_s
         value = encode_peer_info(self.info())
-        return await asyncio.wait_for(
+        return await within(
             self.dht.store(key, value, expires_at, subkey=b""), self.config.timeout_s
         )
 
     async def refresh(self) -> int:
         """Re-read every shard into the view; returns the number of live peers."""
-        answers = await asyncio.wait_for(
+        answers = await within(
             asyncio.gather(*(self.dht.get_records(k) for k in self._keys), return_exceptions=True),
             self.config.timeout_s,
         )

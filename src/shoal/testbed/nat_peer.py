@@ -30,6 +30,7 @@ from shoal.dht.config import DHTConfig
 from shoal.dht.peer import DHT
 from shoal.errors import NetworkError, ShoalError
 from shoal.net import tensor_frames
+from shoal.net.aio import within
 from shoal.net.config import NetConfig, RetryPolicy
 from shoal.net.identity import Identity, PeerID
 from shoal.net.nat import advert
@@ -132,7 +133,7 @@ class Commands:
             await asyncio.sleep(self.args.rejoin_s)
             rounds += 1
             with contextlib.suppress(NetworkError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.dht.node.bootstrap(seeds, _REJOIN), 8.0)
+                await within(self.dht.node.bootstrap(seeds, _REJOIN), 8.0)
             if rounds % 10 == 0:
                 await self._advertise()
 

@@ -10,7 +10,6 @@ idempotent and bounded in time.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -26,6 +25,7 @@ from shoal.monitor import DhtSummaryStore, PeerMonitor, SummaryPublisher
 from shoal.monitor.config import EventLogConfig, MetricsConfig, MonitorConfig, SwarmViewConfig
 from shoal.monitor.traffic import net_traffic_provider
 from shoal.net import Identity, NetConfig, NetRuntime
+from shoal.net.aio import within
 from shoal.net.config import RetryPolicy
 from shoal.net.nat.reserve import RelayAddress
 from shoal.net.nat.traversal import Traversal, TraversalConfig
@@ -263,7 +263,7 @@ class PeerServices:
         and a cached view may be a whole refresh interval behind the peers that just
         joined: the first round would then close without them."""
         with contextlib.suppress(NetworkError, TimeoutError):
-            await asyncio.wait_for(self.membership.refresh(), _FRESH_VIEW_TIMEOUT_S)
+            await within(self.membership.refresh(), _FRESH_VIEW_TIMEOUT_S)
         return self.view()
 
     def view(self) -> TrainersView:

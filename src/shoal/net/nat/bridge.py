@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from shoal.errors import ConfigError, NetworkError, PeerUnavailable
+from shoal.net.aio import within
 
 __all__ = ["LocalEndpoint", "SpliceStats", "Streams", "bridge_to_unix", "splice"]
 
@@ -87,7 +88,7 @@ async def bridge_to_unix(
         PeerUnavailable: the local server did not accept within ``connect_timeout_s``.
     """
     try:
-        local = await asyncio.wait_for(asyncio.open_unix_connection(unix_path), connect_timeout_s)
+        local = await within(asyncio.open_unix_connection(unix_path), connect_timeout_s)
     except (OSError, asyncio.TimeoutError) as exc:
         link[1].transport.abort()
         raise PeerUnavailable(f"local server at {unix_path} did not accept: {exc!r}") from exc
@@ -170,7 +171,7 @@ class LocalEndpoint:
     async def _serve(self, local: Streams) -> None:
         try:
             try:
-                remote = await asyncio.wait_for(self._open_remote(), self._open_timeout_s)
+                remote = await within(self._open_remote(), self._open_timeout_s)
             except (OSError, asyncio.TimeoutError, NetworkError):
                 self.failed_opens += 1
                 return

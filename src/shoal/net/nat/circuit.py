@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from shoal.errors import NetworkError, PeerTimeout, PeerUnavailable, ProtocolViolation
+from shoal.net.aio import within
 from shoal.net.nat.bridge import Streams
 from shoal.net.nat.limits import MAX_FRAME_BYTES
 from shoal.net.proto.v1 import relay_pb2
@@ -94,7 +95,7 @@ async def open_circuit(
     mine, theirs = await socket_pair()
     responses = method(_frames(first, theirs[0], stats), timeout_s=lifetime_s)
     try:
-        frame = await asyncio.wait_for(responses.__anext__(), open_timeout_s)
+        frame = await within(responses.__anext__(), open_timeout_s)
         if not frame.open:
             raise ProtocolViolation("relay answered a circuit without an open frame")
     except BaseException as exc:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from shoal.errors import PeerTimeout, PeerUnavailable
+from shoal.net.aio import within
 from shoal.net.client import Stub
 from shoal.net.config import split_host_port
 from shoal.net.health import PeerHealth
@@ -71,7 +72,7 @@ async def probe(
     async def open_remote() -> Streams:
         sock = reusable_socket("0.0.0.0", local_port)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, (host, int(port))), timeout_s)
+            await within(loop.sock_connect(sock, (host, int(port))), timeout_s)
         except BaseException:
             sock.close()
             raise

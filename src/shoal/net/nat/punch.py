@@ -21,6 +21,7 @@ import socket
 from dataclasses import dataclass
 
 from shoal.errors import ConfigError, PeerTimeout, PeerUnavailable
+from shoal.net.aio import within
 
 __all__ = ["PunchConfig", "PunchResult", "punch", "reusable_socket"]
 
@@ -101,7 +102,7 @@ async def punch(
         sock = reusable_socket(local_host, local_port)
         started = loop.time()
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, peer), min(cfg.attempt_timeout_s, left))
+            await within(loop.sock_connect(sock, peer), min(cfg.attempt_timeout_s, left))
         except (OSError, asyncio.TimeoutError) as exc:
             sock.close()
             last_error = exc

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.errors import PeerUnavailable, ProtocolViolation
+from shoal.net.aio import within
 from shoal.net.identity import PeerID
 from shoal.net.nat.limits import MAX_FRAME_BYTES, RelayConfig, TokenBucket
 from shoal.net.proto.v1 import relay_pb2
@@ -121,7 +122,7 @@ class RelayCore:
             yield relay_pb2.RelayEvent(circuit_id=0, observed=observed)
             while True:
                 try:
-                    event = await asyncio.wait_for(mine.events.get(), cfg.keepalive_s)
+                    event = await within(mine.events.get(), cfg.keepalive_s)
                 except asyncio.TimeoutError:
                     event = relay_pb2.RelayEvent(circuit_id=0)
                 if event is _END:
@@ -171,7 +172,7 @@ class RelayCore:
         )
         try:
             try:
-                await asyncio.wait_for(asyncio.shield(circuit.accepted), cfg.accept_timeout_s)
+                await within(asyncio.shield(circuit.accepted), cfg.accept_timeout_s)
             except asyncio.TimeoutError:
                 raise self._refuse("target did not accept the circuit in time") from None
             async for frame in self._carry(circuit, requests, toward_target=True):
@@ -207,7 +208,7 @@ class RelayCore:
             tick = min(1.0, self.config.idle_timeout_s)
             while not circuit.closed:
                 try:
-                    data = await asyncio.wait_for(inbox.get(), tick)
+                    data = await within(inbox.get(), tick)
                 except asyncio.TimeoutError:
                     if self._clock() - circuit.last_active_s > self.config.idle_timeout_s:
                         return
@@ -264,6 +265,6 @@ class RelayCore:
 
 async def _first(requests: AsyncIterator[Any], timeout_s: float) -> Any:
     try:
-        return await asyncio.wait_for(requests.__anext__(), timeout_s)
+        return await within(requests.__anext__(), timeout_s)
     except (StopAsyncIteration, asyncio.TimeoutError):
         raise ProtocolViolation("relay stream ended before its first frame") from None

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.errors import ConfigError, NetworkError
+from shoal.net.aio import within
 from shoal.net.identity import PeerID
 from shoal.net.nat.bridge import bridge_to_unix
 from shoal.net.nat.circuit import open_circuit
@@ -117,7 +118,7 @@ class Reserver:
             if left <= 0:
                 raise asyncio.TimeoutError(f"{len(self.held())} of {count} reservations held")
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), left)
+                await within(self.changed.wait(), left)
         return self.held()
 
     # -- the keeper loop ------------------------------------------------------------------
@@ -134,7 +135,7 @@ class Reserver:
                 slot.task = self._tasks.spawn(self._hold(slot), name=f"reserve-{relay.address}")
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.idle_check_s)
+                await within(self._wake.wait(), self.config.idle_check_s)
 
     async def _hold(self, slot: _Slot) -> None:
         cfg = self.config
@@ -145,7 +146,7 @@ class Reserver:
             first = True
             while True:
                 timeout = cfg.open_timeout_s if first else cfg.silence_s
-                event = await asyncio.wait_for(events.__anext__(), timeout)
+                event = await within(events.__anext__(), timeout)
                 if first:
                     first = False
                     if relay.peer_id is None and stub.peer_id is not None:

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from shoal.errors import ConfigError, NetworkError, PeerUnavailable
+from shoal.net.aio import within
 from shoal.net.config import split_host_port
 from shoal.net.identity import PeerID
 from shoal.net.nat.bridge import Streams, bridge_to_unix
@@ -344,9 +345,7 @@ async def _resolved(address: str, timeout_s: float) -> str:
         pass
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(bare, port, type=socket.SOCK_STREAM), timeout_s
-        )
+        infos = await within(loop.getaddrinfo(bare, port, type=socket.SOCK_STREAM), timeout_s)
     except (OSError, TimeoutError):
         return address
     ip = str(infos[0][4][0]) if infos else ""

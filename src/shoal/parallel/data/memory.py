@@ -21,6 +21,7 @@ import torch
 
 from shoal.compress import Encoded
 from shoal.errors import PeerTimeout, PeerUnavailable
+from shoal.net.aio import within
 from shoal.parallel.data.messages import Contribution, Member, Message, Reduced
 from shoal.parallel.data.transport import Inbox
 
@@ -126,6 +127,6 @@ class MemoryTransport:
 
     async def send(self, to: Member, message: Message, timeout_s: float) -> None:
         try:
-            await asyncio.wait_for(self.network._send(self.me, to, message), max(timeout_s, 0.0))
+            await within(self.network._send(self.me, to, message), max(timeout_s, 0.0))
         except TimeoutError:
             raise PeerTimeout("send timed out", peer=repr(to)) from None

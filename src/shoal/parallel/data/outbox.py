@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from shoal.errors import RemoteError
+from shoal.net.aio import within
 from shoal.net.identity import PeerID
 
 __all__ = ["Outbox"]
@@ -166,7 +167,7 @@ class _Pull(Generic[T]):
             if remaining <= 0:
                 return None
             try:
-                await asyncio.wait_for(slot.ready.wait(), remaining)
+                await within(slot.ready.wait(), remaining)
             except TimeoutError:
                 return None
 

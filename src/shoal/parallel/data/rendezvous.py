@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 from shoal.errors import ConfigError
+from shoal.net.aio import within
 from shoal.parallel.data.matchmaking import (
     NONCE_BYTES,
     FormationEstimator,
@@ -163,7 +164,7 @@ class MatchConfig:
 async def _bounded(call: Awaitable[T], timeout_s: float) -> T | None:
     """``call``'s result, or None when it did not finish within ``timeout_s``."""
     try:
-        return await asyncio.wait_for(call, max(timeout_s, 1e-3))
+        return await within(call, max(timeout_s, 1e-3))
     except asyncio.TimeoutError:
         return None
 

@@ -33,6 +33,7 @@ import torch
 from shoal.dht.peer import DHT
 from shoal.errors import ConfigError, NetworkError, PeerTimeout, ShoalError
 from shoal.models import ModelConfig
+from shoal.net.aio import within
 from shoal.net.proto.v1 import stage_pb2 as pb
 from shoal.net.proto.v1 import stage_pb2_grpc as rpc
 from shoal.net.runtime import NetRuntime
@@ -152,7 +153,7 @@ class StageServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(ShoalError, asyncio.TimeoutError):  # best effort: leave now
-            await asyncio.wait_for(self._announce(active=False), 1.0)
+            await within(self._announce(active=False), 1.0)
 
     # -- requests (called by the service on the loop) -----------------------------------
     def admit(self, *, backward: bool) -> pb.StageReply | None:
@@ -193,7 +194,7 @@ class StageServer:
         """The job's outcome; past the budget the job discards itself (it checks the deadline
         before applying anything), so giving up here cannot hide an applied gradient."""
         try:
-            return await asyncio.wait_for(fut, budget_s + 1.0)
+            return await within(fut, budget_s + 1.0)
         except asyncio.TimeoutError:
             raise PeerTimeout(f"stage compute did not finish within {budget_s:.1f} s") from None
 

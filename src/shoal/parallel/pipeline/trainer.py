@@ -48,6 +48,7 @@ import torch
 from shoal.dht.peer import DHT
 from shoal.errors import NetworkError, PeerTimeout, PeerUnavailable, ProtocolViolation
 from shoal.models import ModelConfig
+from shoal.net.aio import within
 from shoal.net.identity import PeerID
 from shoal.net.proto.v1 import stage_pb2 as pb
 from shoal.net.proto.v1 import stage_pb2_grpc as rpc
@@ -198,7 +199,7 @@ class PipelineTrainer:
             return reply, out
 
         try:
-            reply, out = await asyncio.wait_for(exchange(), budget)
+            reply, out = await within(exchange(), budget)
         except asyncio.TimeoutError:
             raise PeerTimeout(
                 f"Stage/{method} took more than {budget} s", peer=cand.address

@@ -1,0 +1,35 @@
+"""``within``: a timeout that never swallows a cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shoal.net.aio import within
+
+
+def test_a_cancellation_arriving_with_the_result_is_not_lost() -> None:
+    # asyncio.wait_for on Python 3.11 returns the result here and the task runs on.
+    async def main() -> None:
+        inner = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(within(inner, 10.0))
+        await asyncio.sleep(0)  # the task now waits on inner
+        inner.set_result("done")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def test_a_timeout_raises_and_cancels_what_it_waited_for() -> None:
+    async def main() -> None:
+        inner = asyncio.ensure_future(asyncio.sleep(60))
+        with pytest.raises(TimeoutError):
+            await within(inner, 0.01)
+        await asyncio.sleep(0)
+        assert inner.cancelled()
+        assert await within(asyncio.sleep(0, "value"), None) == "value"
+
+    asyncio.run(main())
