@@ -47,3 +47,6 @@ def test_flag_names_translate_only_settings():
     assert flag_names("steps must be a positive integer") == "--steps must be a positive integer"
     # plain words are left alone inside a sentence, and longer names are not split
     assert flag_names("exceeds max_seq_len after 5 steps") == "exceeds max_seq_len after 5 steps"
+    # nor are paths and quoted values the user gave
+    assert flag_names("run dir /data/seq_len/run") == "run dir /data/seq_len/run"
+    assert flag_names("model 'batch_size' unknown") == "model 'batch_size' unknown"

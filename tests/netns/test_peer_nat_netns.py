@@ -1,13 +1,18 @@
-"""``shoal peer`` behind a symmetric NAT trains with public peers (the session ``bed``).
+"""``shoal peer`` behind NATs (the session ``bed``).
 
-relay and server2 run public DiLoCo peers; c sits behind home3's symmetric NAT and joins
-with no flag: its dial-back check finds that nobody can reach it, so it averages in client
-mode (it pulls its results) and still contributes to every round.
+- relay and server2 run public DiLoCo peers; c sits behind home3's symmetric NAT and joins
+  with no flag: its dial-back check finds that nobody can reach it, so it averages in
+  client mode (it pulls its results) and still contributes to every round.
+- Every trainer behind a NAT (a behind home1's cone, c behind the symmetric one), with only
+  ``shoal dht serve --relay`` in public: both reserve a slot at that relay and reduce
+  through it. As clients only, they could not form a group at all.
 """
 
 from __future__ import annotations
 
+import select
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,7 @@ from shoal.testbed import Testbed
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 PORT = 7700
+RELAY_PORT = 7710
 START_TIMEOUT_S = 150.0
 ROUND_TIMEOUT_S = 120.0
 
@@ -25,11 +31,17 @@ ROUND_TIMEOUT_S = 120.0
 class _Peer(PeerEvents):
     """One ``shoal peer`` inside a testbed host, listening on the host's address."""
 
-    def __init__(self, bed: Testbed, host: str, run_dir: Path, data: Path, join: str = "") -> None:
+    def __init__(
+        self,
+        bed: Testbed,
+        host: str,
+        run_dir: Path,
+        data: Path,
+        join: str = "",
+        swarm: str = "nat-peers",
+    ) -> None:
         listen = ["--host", bed.hosts[host].address, "--port", str(PORT)]
-        argv = tiny_peer_argv(
-            run_dir, data, "nat-peers", *listen, *(["--join", join] if join else [])
-        )
+        argv = tiny_peer_argv(run_dir, data, swarm, *listen, *(["--join", join] if join else []))
         err_path = run_dir.with_suffix(".err")
         proc = bed.hosts[host].popen(
             argv,
@@ -72,3 +84,44 @@ def test_a_peer_behind_a_symmetric_nat_turns_client_and_trains(bed: Testbed, tmp
     finally:
         for peer in peers:
             peer.kill()
+
+
+def test_peers_all_behind_nats_average_through_a_public_relay(bed: Testbed, tmp_path: Path):
+    data = write_tiny_corpus(tmp_path / "data")
+    relay_address = f"{bed.hosts['relay'].address}:{RELAY_PORT}"
+    serve = ["shoal.cli.main", "dht", "serve", "--relay", "--swarm", "nat-relayed"]
+    listen = ["--host", bed.hosts["relay"].address, "--port", str(RELAY_PORT)]
+    relay = bed.hosts["relay"].popen(
+        [sys.executable, "-m", *serve, *listen],
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "relay.err", "w"),  # noqa: SIM115 - closed with the process
+        text=True,
+    )
+    peers: list[_Peer] = []
+    try:
+        assert relay.stdout is not None
+        started, _, _ = select.select([relay.stdout], [], [], START_TIMEOUT_S)
+        assert started, "the relay printed no address"
+        assert relay.stdout.readline().startswith(relay_address)  # serving
+        for host in ("a", "c"):
+            peers.append(
+                _Peer(bed, host, tmp_path / host, data, join=relay_address, swarm="nat-relayed")
+            )
+        for peer in peers:
+            found = peer.wait_for(lambda e: e.get("event") == "reachability", START_TIMEOUT_S)
+            assert found["unreached"] == 1 and not found["client_mode"], found
+            assert found["relay"] == relay_address, found
+        rounds = [p.wait_for(ok_round(2), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers]
+        # both reduce: neither is a client, so each one's part went through the relay
+        assert all(r["group"] == 2 and r["contributors"] == 2 for r in rounds), rounds
+        # every successful round holds both, so their first ones are the same round
+        assert len({r["fingerprint"] for r in rounds}) == 1, rounds
+        for peer in peers:
+            peer.proc.terminate()
+        for peer in peers:
+            assert peer.wait_for(lambda e: e.get("event") == "stopped", 30.0)["step"] > 0
+    finally:
+        for peer in peers:
+            peer.kill()
+        relay.terminate()
+        relay.wait(timeout=10)

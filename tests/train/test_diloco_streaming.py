@@ -111,6 +111,17 @@ def test_an_error_in_a_fragment_round_costs_the_round_not_the_peer() -> None:
     assert s.stale and s.round_index == 1 and s.pending is None
 
 
+def test_a_round_skipped_alone_is_not_counted_and_asks_no_resync() -> None:
+    launch = Launcher()
+    s = _streaming(_model(), launch)
+    s.after_local_step(8)
+    s.after_local_step(8)  # fragment 0 launched at step 2
+    launch.futures[0].set_result(RoundOutcome(False, reason="alone: ...", skipped=True))
+    reports = s.after_local_step(8)
+    assert len(reports) == 1 and not reports[0].ok and reports[0].reason == "alone: ..."
+    assert not s.stale and s.round_index == 0 and s.applied == [0, 0]
+
+
 def test_no_overlap_applies_the_result_before_the_next_local_step() -> None:
     launch = Launcher()
 

@@ -40,6 +40,7 @@ def test_peer_options_are_checked() -> None:
         ({"threads": 0}, "threads"),
         ({"eval_batches": 0}, "eval_batches"),
         ({"rank": -1}, "rank"),
+        ({"rank": 2, "mode": "streaming"}, "rank \\(low-rank averaging\\) is for mode diloco"),
         ({"wire_codec": "int3"}, "wire_codec must be one of none, fp16, int8, int4"),
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"lr": float("nan")}, "lr must be a positive number"),

@@ -16,7 +16,7 @@ from shoal.state.recovery import Recovered, Source
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_peer import _restore, build_trainer, run_peer
-from shoal.train.swarm_state import snapshot_peer
+from shoal.train.swarm_state import restore_peer, snapshot_peer
 
 
 def _checkpoint(opts: PeerOptions, step: int, root: Path):
@@ -98,7 +98,7 @@ def test_progress_written_but_not_served_stays_off_the_swarm(tmp_path: Path) -> 
     opts = PeerOptions(mode="diloco", run_dir=tmp_path)
     trainer = build_trainer(opts, 7)
 
-    def provider(step: int):
+    def provider(step: int, averaged: bool = True):
         return lambda: snapshot_peer(
             step,
             trainer.model,
@@ -109,13 +109,25 @@ def test_progress_written_but_not_served_stays_off_the_swarm(tmp_path: Path) -> 
             mode="diloco",
             model_shape=trainer.model_cfg.to_dict(),
             data_seed=7,
+            averaged=averaged,
         )
 
     with BackgroundCheckpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(10, provider(10), write=False)
-        ckpt.save(15, provider(15), write=True, serve=False)
+        ckpt.save(15, provider(15, averaged=False), write=True, serve=False)
         assert ckpt.flush(10.0)
         served = ckpt.latest_served()
         assert served is not None and served.step == 10
     newest = load_latest_valid(tmp_path / "ckpt")
     assert newest is not None and newest.step == 15
+    # ...and a restart from it knows not to serve it either (see run_peer's startup save)
+    restored = restore_peer(
+        newest,
+        trainer.model,
+        trainer.optimizer,
+        trainer.windows,
+        mode="diloco",
+        model_shape=trainer.model_cfg.to_dict(),
+        data_seed=7,
+    )
+    assert restored.step == 15 and not restored.averaged

@@ -65,15 +65,19 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
             "1 live diloco peer uses other settings: codec=fp16 (here: diloco codec=int8" in reason
         )
         # the round scope holds every setting that changes what a round's vector is
-        base = PeerOptions(mode="streaming")
-        for changed in (
-            {"wire_codec": "int4"},
-            {"rank": 2},
-            {"fragments": 2},
-            {"model_overrides": {"d_model": 96}},
+        diloco, streaming = PeerOptions(mode="diloco"), PeerOptions(mode="streaming")
+        for base, changed in (
+            (diloco, {"wire_codec": "int4"}),
+            (diloco, {"rank": 2}),
+            (streaming, {"fragments": 2}),
+            (diloco, {"model_overrides": {"d_model": 96}}),
         ):
             assert round_scope(replace(base, **changed)) != round_scope(base), changed
-        assert scope_difference(round_scope(base), round_scope(replace(base, rank=2))) == "rank=2"
+        assert (
+            scope_difference(round_scope(diloco), round_scope(replace(diloco, rank=2))) == "rank=2"
+        )
+        # only settings a mode uses set peers apart
+        assert round_scope(replace(streaming, overlap_steps=1)) == round_scope(streaming)
     finally:
         if other is not None:
             other.close()

@@ -2,6 +2,8 @@
 
 * ``shoal dht serve``: a DHT node (and swarm member with role ``dht``); prints
   ``ADDRESS PEER_ID`` as its first stdout line, then runs until interrupted or ``--duration``.
+  It answers the dial-back checks of joining peers, and with ``--relay`` holds relay
+  reservations for peers behind NATs (a public bootstrap that lets them reduce).
 * ``shoal dht put KEY VALUE --join ADDR``: store a UTF-8 value (prints replicas that took it).
 * ``shoal dht get KEY --join ADDR``: print the freshest value, or ``SUBKEY_OWNER VALUE`` lines
   for a dictionary key; exits 1 when nobody holds the key.
@@ -73,12 +75,19 @@ def _serve(
     swarm: str,
     mdns: bool,
     duration_s: float | None,
+    relay: bool = False,
 ) -> None:
     from shoal import __version__ as version
     from shoal.dht.peer import DHT
+    from shoal.net.nat.limits import RelayConfig
+    from shoal.net.nat.traversal import Traversal, TraversalConfig
     from shoal.swarm import Membership, PeerInfo, Reachability, SwarmConfig
 
     runtime = _runtime(host, port, key_file)
+    # Joiners ask bootstrap peers to dial them back: without an answer, a peer behind a NAT
+    # would take itself for reachable.
+    nat = Traversal(runtime, TraversalConfig(relay=RelayConfig() if relay else None))
+    runtime.run(nat.start(), timeout_s=5.0)
     dht = DHT(runtime)
     advertiser = None
     membership: Membership | None = None
@@ -97,7 +106,7 @@ def _serve(
             reachability=Reachability.DIRECT
             if host not in ("127.0.0.1", "::1")
             else Reachability.UNKNOWN,
-            roles=("dht",),
+            roles=("dht", "relay") if relay else ("dht",),
             version=version,
         )
         membership = Membership(dht.node, SwarmConfig(swarm=swarm), lambda: info)
@@ -118,6 +127,7 @@ def _serve(
         if advertiser is not None:
             runtime.run(advertiser.close(), timeout_s=3.0)
         dht.close()
+        runtime.run(nat.close(), timeout_s=3.0)
         runtime.close()
 
 
@@ -138,9 +148,12 @@ def register(app: typer.Typer) -> None:
         swarm: str = typer.Option("default", "--swarm", help="Swarm name for membership."),
         mdns: bool = typer.Option(False, "--mdns", help="Advertise/discover on the LAN (opt-in)."),
         duration_s: float = typer.Option(None, "--duration", help="Stop after this many seconds."),
+        relay: bool = typer.Option(
+            False, "--relay", help="Relay for peers behind NATs (needs a public address)."
+        ),
     ) -> None:
         """Run a DHT node; prints 'ADDRESS PEER_ID' first."""
-        _serve(host, port, list(join or []), key_file, swarm, mdns, duration_s)
+        _serve(host, port, list(join or []), key_file, swarm, mdns, duration_s, relay)
 
     @group.command("put")
     def put(

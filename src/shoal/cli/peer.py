@@ -49,7 +49,9 @@ _FLAGS = {
 # Plain words are flags only where a message starts with them ("steps must be ...").
 _LEADING_FLAGS = ("steps", "fragments", "threads", "rank", "port", "lr", "announce", "mode")
 _NAMES = re.compile(
-    "|".join(rf"(?<![\w.-]){re.escape(name)}(?![\w])" for name in sorted(_FLAGS, key=len)[::-1])
+    "|".join(
+        rf"(?<![\w./'\"-]){re.escape(name)}(?![\w/'\"])" for name in sorted(_FLAGS, key=len)[::-1]
+    )
 )
 _LEADING = re.compile(rf"^({'|'.join(_LEADING_FLAGS)})(?![\w])")
 
@@ -91,6 +93,9 @@ def register(app: typer.Typer) -> None:
             False,
             "--assume-reachable",
             help="Skip the dial-back check that turns client mode on behind a NAT.",
+        ),
+        relay: bool = typer.Option(
+            False, "--relay", help="Relay for peers behind NATs (needs a public address)."
         ),
         fragments: int = typer.Option(4, "--fragments", help="Streaming DiLoCo fragments."),
         overlap_steps: int = typer.Option(
@@ -183,6 +188,7 @@ def register(app: typer.Typer) -> None:
                 wire_codec=codec,
                 client_mode=client_mode,
                 check_reachability=not assume_reachable,
+                relay=relay,
                 rank=rank,
                 fragments=fragments,
                 overlap_steps=overlap_steps,

@@ -138,6 +138,7 @@ class Connection:
                     # a handshake failed while we queued: share its verdict, don't redial
                     raise _shared(self._last_error, self.label) from self._last_error
                 self._attempts += 1
+                self._last_error = None  # a cancelled handshake leaves no verdict to share
                 try:
                     await self._handshake(timeout_s)
                     self._last_error = None

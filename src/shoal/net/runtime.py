@@ -313,17 +313,23 @@ __all__ = ["CLOSE_TIMEOUT_S", "NetRuntime", "State"]
 
 def _check_bindable(host: str, port: int) -> None:
     """Refuse a fixed port that is taken (or not ours to take) with the system's reason,
-    before gRPC tries it: gRPC's own failure logs a raw C++ line and says only "failed"."""
+    before gRPC tries it: gRPC's own failure logs a raw C++ line and says only "failed".
+    Like gRPC, it is enough that one of the addresses ``host`` resolves to binds; a name
+    that does not resolve is left for gRPC to report."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # IPv6
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"NetConfig.host: cannot resolve {host!r}: {exc.strerror}") from exc
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return
+    errors: list[OSError] = []
     for family, kind, proto, _, address in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
-            try:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
                 probe.bind(address)
-            except OSError as exc:
-                raise ConfigError(
-                    f"NetConfig.port: cannot listen on {host}:{port}: {exc.strerror}"
-                ) from exc
+                return
+        except OSError as exc:
+            errors.append(exc)
+    if errors:
+        why = errors[0].strerror or str(errors[0])
+        raise ConfigError(f"NetConfig.port: cannot listen on {host}:{port}: {why}")

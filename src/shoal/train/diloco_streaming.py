@@ -158,7 +158,8 @@ class StreamingDiLoCo:
             outcome = RoundOutcome(False, reason=f"fragment round did not finish: {exc!r}")
         except Exception as exc:  # a bug or error in a round costs the round, not the peer
             outcome = RoundOutcome(False, reason=f"fragment round failed: {exc!r}")
-        self.round_index += 1
+        if not outcome.skipped:  # alone: no round was tried, nothing to count or resync
+            self.round_index += 1
         if outcome.ok:
             self.applied[p.fragment] += 1
         if outcome.ok and outcome.included:
@@ -171,7 +172,7 @@ class StreamingDiLoCo:
         elif outcome.ok:  # our contribution was left out: keep its progress and samples
             outer = self.outers[p.fragment]
             outer.keeping_progress(self.fragment_params(p.fragment), lambda: outer.step(p.delta))
-        else:
+        elif not outcome.skipped:
             self.stale = True
         return RoundReport(
             p.index * len(self.groups) + p.fragment,

@@ -70,8 +70,11 @@ class PeerOptions:
     one that cannot accept connections). Such a peer runs a client-only DHT node and is no
     state donor."""
     check_reachability: bool = True
-    """With ``join``: first ask the join addresses to dial this peer back, and turn
-    ``client_mode`` on when some tried and none reached it (a peer behind a NAT)."""
+    """With ``join``: first ask the join addresses to dial this peer back. When some tried
+    and none reached it (a peer behind a NAT), it reserves a slot at a join peer that
+    relays and reduces through it, or else turns ``client_mode`` on."""
+    relay: bool = False
+    """Hold relay reservations for peers behind NATs (a peer others can reach)."""
     rank: int = 0
     """DiLoCo: average pseudo-gradients through rank-``rank`` factors (0 = whole tensors)."""
     fragments: int = 4
@@ -161,10 +164,12 @@ class PeerOptions:
         for name in ("report_every", "threads", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.rank < 0 or self.warmup_steps < 0:
-            raise ConfigError(
-                f"rank and warmup_steps must be >= 0, got {self.rank}, {self.warmup_steps}"
-            )
+        if self.rank < 0:
+            raise ConfigError(f"rank must be >= 0, got {self.rank}")
+        if self.rank and self.mode != "diloco":
+            raise ConfigError(f"rank (low-rank averaging) is for mode diloco, not {self.mode}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in [0, 65535], got {self.metrics_port!r}")
         for address in self.join:

@@ -191,7 +191,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         )
         s = strategy
 
-        def provider() -> Any:
+        def provider(averaged: bool = True) -> Any:
             return snapshot_peer(
                 trainer.step,
                 trainer.model,
@@ -202,6 +202,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                 mode=opts.mode,
                 model_shape=shape,
                 data_seed=seed_for_data,
+                averaged=averaged,
             )
 
         def on_saved(saved: Any) -> None:
@@ -215,7 +216,8 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
 
         services.attach_state(root, on_saved, on_error)
         assert services.ckpt is not None  # attach_state sets it
-        services.ckpt.save(trainer.step, provider, write=found.source is not Source.DISK)
+        if restored is None or restored.averaged:  # local progress is not for others
+            services.ckpt.save(trainer.step, provider, write=found.source is not Source.DISK)
         emit("ready", step=trainer.step, address=services.runtime.address)
         _loop(opts, trainer, strategy, services, stop, emit, provider)
         val = trainer.evaluate()
@@ -242,7 +244,7 @@ def _loop(
     services: PeerServices,
     stop: threading.Event,
     emit: Emit,
-    provider: Callable[[], Any],
+    provider: Callable[..., Any],
 ) -> None:
     monitor = services.monitor
     ckpt = services.ckpt
@@ -254,7 +256,7 @@ def _loop(
     def keep_local_progress() -> None:
         """Write (not serve) what the swarm has not averaged yet, if anything is new."""
         if every and trainer.step != ckpt.last_taken_step:
-            ckpt.save(trainer.step, provider, write=True, serve=False)
+            ckpt.save(trainer.step, lambda: provider(False), write=True, serve=False)
 
     def after_round(r: RoundReport) -> None:
         nonlocal applied, attempts

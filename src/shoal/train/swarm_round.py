@@ -18,7 +18,8 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,7 +31,7 @@ from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.dht_board import DhtBoard, RecordStore
 from shoal.parallel.data.grpc_transport import GrpcTransport
 from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, ReadyPeer
-from shoal.parallel.data.rendezvous import MatchConfig, NoGroup, find_group
+from shoal.parallel.data.rendezvous import Group, MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
 
 __all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds", "retry_key"]
@@ -157,9 +158,17 @@ class SwarmRounds:
         *,
         swarm: str,
         config: RoundsConfig | None = None,
+        own_address: Callable[[], str | None] | None = None,
+        dial_address: Callable[[PeerID, str], Awaitable[str]] | None = None,
     ) -> None:
+        """``own_address`` says where members dial this peer in the next round (None: it
+        takes part as a client); ``dial_address`` turns a member's announced address into
+        one to dial (e.g. through the member's relay). Defaults: the runtime's address, and
+        addresses as announced."""
         self.runtime = runtime
         self.config = cfg = config or RoundsConfig()
+        self.own_address = own_address or (lambda: None if cfg.client_mode else runtime.address)
+        self.dial_address = dial_address
         self.transport = GrpcTransport.for_runtime(runtime)
         self.averager = Averager(
             self.transport,
@@ -203,12 +212,13 @@ class SwarmRounds:
         t0 = time.monotonic()
         cfg = self.config
         bandwidth = announced_bandwidth(self.uplink_bps or cfg.bandwidth_prior_bps)
+        address = None if cfg.client_mode else self.own_address()
         me = ReadyPeer(
             self.runtime.peer_id.raw,
             float(weight),
             bandwidth,
-            cfg.client_mode,
-            "" if cfg.client_mode else self.runtime.address,  # a client is never dialed
+            address is None,
+            address or "",  # a client is never dialed
         )
         try:
             group = await find_group(
@@ -226,6 +236,7 @@ class SwarmRounds:
         seconds = {"matchmaking": t1 - t0}
         if isinstance(group, NoGroup):
             return RoundOutcome(False, reason=group.reason, seconds=seconds)
+        group = await self._dialable(group)
         spec = self.transport.join(group)  # shares follow the announced bandwidths
         members = list(spec.members)
         self.averager.prepare(spec)
@@ -265,6 +276,23 @@ class SwarmRounds:
             seconds=seconds,
             included=included,
         )
+
+    async def _dialable(self, group: Group) -> Group:
+        """``group`` with every member's address as this peer dials it (a member that cannot
+        be resolved keeps no address: sends to it fail, and the round goes on without it)."""
+        if self.dial_address is None:
+            return group
+        members = []
+        for entry in group.members:
+            address = entry.address
+            if address and entry.peer != self.runtime.peer_id.raw:
+                try:
+                    address = await self.dial_address(PeerID(entry.peer), address)
+                except (NetworkError, TimeoutError) as exc:
+                    log.info("cannot reach round member %s: %s", address, exc)
+                    address = ""
+            members.append(replace(entry, address=address))
+        return replace(group, members=tuple(members))
 
     def _observe_uplink(self) -> None:
         sample = self.transport.uplink_sample()

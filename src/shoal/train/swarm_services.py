@@ -27,6 +27,8 @@ from shoal.monitor.traffic import net_traffic_provider
 from shoal.net import Identity, NetConfig, NetRuntime
 from shoal.net.aio import within
 from shoal.net.config import RetryPolicy
+from shoal.net.identity import PeerID
+from shoal.net.nat.limits import RelayConfig
 from shoal.net.nat.reserve import RelayAddress
 from shoal.net.nat.traversal import Traversal, TraversalConfig
 from shoal.state.announce import StateAnnouncer, state_key
@@ -55,6 +57,30 @@ _MAX_DIAL_BACK_HELPERS = 4
 _FRESH_VIEW_TIMEOUT_S = 3.0
 _PROBE_TIMEOUT_S = 5.0
 _ROUNDS_ROLE = "rounds:"
+_RESERVE_TIMEOUT_S = 10.0
+RELAYED = "relay:"
+"""Board addresses of peers reached through a relay: ``relay:<relay host:port>``."""
+
+
+def _reserve_relay(runtime: NetRuntime, nat: Traversal, join: tuple[str, ...]) -> str | None:
+    """A relay reservation at one of the join peers (those started with ``--relay``), or
+    None (the reservation attempts stop) when none grants one in time."""
+
+    async def reserve() -> str | None:
+        reserver = nat.reserve([RelayAddress(a) for a in join[:_MAX_DIAL_BACK_HELPERS]])
+        try:
+            held = await reserver.wait_held(1, _RESERVE_TIMEOUT_S)
+        except TimeoutError:
+            await reserver.close()
+            nat.reserver = None
+            return None
+        return held[0].address
+
+    try:
+        return runtime.run(reserve(), timeout_s=_RESERVE_TIMEOUT_S + 5.0)
+    except (ShoalError, TimeoutError) as exc:
+        log.warning("no relay reservation: %s", exc)
+        return None
 
 
 def _reachability(runtime: NetRuntime, nat: Traversal, join: tuple[str, ...]) -> dict[str, Any]:
@@ -93,7 +119,7 @@ def round_scope(opts: PeerOptions) -> str:
     every round key, and membership carries it (role ``rounds:<scope>``), so a peer can
     count the peers it could average with, and say which settings keep the others apart."""
     fields = {"codec": opts.wire_codec}
-    if opts.mode != "sync":
+    if opts.mode == "diloco":
         fields["rank"] = str(opts.rank)
     if opts.mode == "streaming":
         fields["frags"] = str(opts.fragments)
@@ -180,7 +206,10 @@ class PeerServices:
         try:
             # Every peer answers dial-backs (relaying stays off): joiners learn from them
             # whether they can be reached.
-            nat = Traversal(runtime, TraversalConfig(probe_timeout_s=_PROBE_TIMEOUT_S))
+            relay_cfg = RelayConfig() if opts.relay else None
+            nat = Traversal(
+                runtime, TraversalConfig(probe_timeout_s=_PROBE_TIMEOUT_S, relay=relay_cfg)
+            )
             runtime.run(nat.start(), timeout_s=5.0)
             undo.append(("dial-back", lambda: runtime.run(nat.close(), timeout_s=3.0)))
             if opts.join and opts.check_reachability and not opts.client_mode:
@@ -188,14 +217,19 @@ class PeerServices:
                     found = _reachability(runtime, nat, opts.join)
                 except (ShoalError, TimeoutError) as exc:
                     found = {"error": str(exc), "client_mode": False}
+                if found["client_mode"]:  # behind a NAT: reduce through a relay if one helps
+                    relay = _reserve_relay(runtime, nat, opts.join)
+                    if relay is not None:
+                        found.update(client_mode=False, relay=relay)
                 emit("reachability", **found)
                 if found["client_mode"]:
                     log.warning(
                         "nobody could dial %s back: averaging in client mode", runtime.address
                     )
                     opts = replace(opts, client_mode=True)
-            # Others cannot count on reaching a client: it stays out of their routing tables.
-            dht = DHT(runtime, serve=not opts.client_mode)
+            # Others cannot count on reaching a client (nor a relayed peer, which only its
+            # relay's circuits reach): it stays out of their routing tables.
+            dht = DHT(runtime, serve=not opts.client_mode and nat.reserver is None)
             undo.append(("dht", dht.close))
             emit("listening", address=runtime.address, peer_id=runtime.peer_id.to_string())
             if opts.join:
@@ -216,6 +250,15 @@ class PeerServices:
             roles = (f"trainer:{opts.mode}", _ROUNDS_ROLE + round_scope(opts))
 
             def info() -> PeerInfo:
+                if nat.reserver is not None:
+                    held = nat.reserver.held()
+                    if held and held[0].peer_id is not None:
+                        return PeerInfo(
+                            reachability=Reachability.RELAYED,
+                            relay=held[0].peer_id.raw,
+                            roles=roles,
+                        )
+                    return PeerInfo(reachability=Reachability.UNKNOWN, roles=roles)
                 if opts.client_mode:  # it dials out only; nobody should dial it
                     return PeerInfo(reachability=Reachability.UNKNOWN, roles=roles)
                 return PeerInfo(
@@ -257,6 +300,26 @@ class PeerServices:
             raise
         return cls(opts, runtime, dht, membership, monitor, publisher, key, nat, round_scope(opts))
 
+    def round_address(self) -> str | None:
+        """Where the members of a round dial this peer, or None: a client this round (it
+        pulls its results). A peer behind a NAT is reached through its relay while it holds
+        a reservation there."""
+        if self.opts.client_mode:
+            return None
+        reserver = self.nat.reserver
+        if reserver is None:
+            return self.runtime.address
+        held = reserver.held()
+        return RELAYED + held[0].address if held else None
+
+    async def dial_address(self, peer: PeerID, address: str) -> str:
+        """What to dial for a member announced at ``address`` (a relayed peer: a local
+        endpoint whose connections become circuits through its relay)."""
+        if not address.startswith(RELAYED):
+            return address
+        relay = RelayAddress(address[len(RELAYED) :])
+        return await self.nat.address_for(peer, direct=[], relays=[relay])
+
     async def fresh_view(self) -> TrainersView:
         """:meth:`view` from membership re-read just now (on the loop; bounded, falls back
         to the cached view). A round's window closes early on the count its peers expect,
@@ -295,8 +358,8 @@ class PeerServices:
         on_saved: Callable[[SavedCheckpoint], None],
         on_error: Callable[[int, BaseException], None] | None = None,
     ) -> None:
-        """Background checkpointer + State service + announcements (a client-mode peer
-        only checkpoints: joiners could not reach it, or only slowly)."""
+        """Background checkpointer + State service + announcements (a client-mode or
+        relayed peer only checkpoints: joiners could not reach it, or only slowly)."""
 
         def saved(s: SavedCheckpoint) -> None:
             on_saved(s)
@@ -306,7 +369,7 @@ class PeerServices:
         self.ckpt = BackgroundCheckpointer(
             root, CheckpointerConfig(keep_last=3), on_saved=saved, on_error=on_error
         )
-        if self.opts.client_mode:
+        if self.opts.client_mode or self.nat.reserver is not None:
             return
         self.server = StateServer(self.runtime, self.ckpt.latest_served)
         self.announcer = StateAnnouncer(

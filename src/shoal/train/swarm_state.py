@@ -40,6 +40,9 @@ class Restored:
     round_index: int
     strategy: dict[str, torch.Tensor]
     """The ``extra`` tensors of the strategy (prefix ``outer.``)."""
+    averaged: bool = True
+    """The state is what the swarm agreed on (taken after an applied round), not local
+    progress since: only such state may be served to other peers."""
 
 
 def snapshot_peer(
@@ -53,8 +56,10 @@ def snapshot_peer(
     mode: str,
     model_shape: dict[str, Any],
     data_seed: int,
+    averaged: bool = True,
 ) -> Snapshot:
-    """CPU snapshot of a swarm peer (compute thread)."""
+    """CPU snapshot of a swarm peer (compute thread); ``averaged=False`` marks local
+    progress the swarm has not averaged (see :attr:`Restored.averaged`)."""
     data = windows.state_dict()
     extra = {"rng.torch_cpu": torch.get_rng_state(), "data.generator": data["generator"]}
     extra.update(strategy)
@@ -62,6 +67,7 @@ def snapshot_peer(
         "config": {"model_shape": model_shape},
         "mode": mode,
         "round_index": round_index,
+        "averaged": averaged,
         "data": {
             "batches_drawn": data["batches_drawn"],
             "shard_index": windows.shard_index,
@@ -112,7 +118,8 @@ def restore_peer(
             }
         )
     strategy = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
-    return Restored(ckpt.step, int(ckpt.meta.get("round_index", 0)), strategy)
+    averaged = ckpt.meta.get("averaged", True) is not False
+    return Restored(ckpt.step, int(ckpt.meta.get("round_index", 0)), strategy, averaged)
 
 
 def fetch_from_swarm(

@@ -120,7 +120,12 @@ def rounds_config(opts: PeerOptions) -> RoundsConfig:
 def swarm_rounds(services: PeerServices, opts: PeerOptions) -> SwarmRounds:
     """A strategy's rounds: rendezvous on this swarm's board, settings from ``opts``."""
     return SwarmRounds(
-        services.runtime, services.dht.node, swarm=opts.swarm, config=rounds_config(opts)
+        services.runtime,
+        services.dht.node,
+        swarm=opts.swarm,
+        config=rounds_config(opts),
+        own_address=services.round_address,
+        dial_address=services.dial_address,
     )
 
 

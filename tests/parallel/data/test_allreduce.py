@@ -18,7 +18,7 @@ import torch
 from shoal.parallel.data.allreduce import AllReduceConfig, RoundStatus
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.memory import Fault, MemoryNetwork, PeerKilled
-from shoal.parallel.data.messages import Contribution, Reduced, Report
+from shoal.parallel.data.messages import Contribution, Leave, Reduced, Report
 
 SIZE = 1001  # not divisible by the group size: parts differ in length
 
@@ -404,3 +404,49 @@ def test_encoded_data_of_another_codec_is_refused_not_misread():
     encoded = Int8BlockwiseCodec(256).encode(torch.randn(1000))
     with pytest.raises(ValueError, match="'int8'-encoded data, this round uses 'int4'"):
         _decode(Int4BlockwiseCodec(256), encoded)
+
+
+def test_a_member_stopping_during_its_own_slow_upload_leaves_at_once():
+    # c's upload to d crawls (a slow link, 4 s), and so does b's to c, so c is still
+    # collecting when it stops: it must drop its upload and say it leaves at once, not
+    # finish uploading first (which may take up to the collect deadline).
+    from shoal.parallel.data.memory import MemoryTransport
+    from shoal.parallel.data.transport import Inbox
+
+    uploading = asyncio.Event()
+    left_at: dict[str, float] = {}
+
+    class SlowLink(MemoryTransport):
+        async def send(self, to, message, timeout_s):
+            if isinstance(message, Contribution) and (self.me, to) in (("c", "d"), ("b", "c")):
+                if self.me == "c":
+                    uploading.set()
+                await asyncio.sleep(min(4.0, timeout_s))  # the link's speed, not a wait
+            if isinstance(message, Leave):
+                left_at.setdefault(self.me, time.monotonic())
+            await super().send(to, message, timeout_s)
+
+    async def main():
+        members = ["a", "b", "c", "d"]
+        net = MemoryNetwork()
+        group = GroupSpec.uniform(b"round-slow", members)
+        averagers = {}
+        for m in members:
+            inbox = net.inboxes.setdefault(m, Inbox())
+            averagers[m] = Averager(SlowLink(net, m, inbox))
+        tasks = {
+            m: asyncio.ensure_future(
+                averagers[m].average([torch.randn(SIZE)], 1.0, group=group, timeout_s=30.0)
+            )
+            for m in members
+        }
+        await asyncio.wait_for(uploading.wait(), 10.0)
+        stopped_at = time.monotonic()
+        tasks["c"].cancel()
+        others = await asyncio.gather(*(tasks[m] for m in ("a", "b", "d")))
+        return stopped_at, others
+
+    stopped_at, others = asyncio.run(main())
+    assert left_at["c"] - stopped_at < 2.0, "the leave waited for the slow upload"
+    for result in others:
+        assert result.ok and result.contributors == frozenset({"a", "b", "d"})

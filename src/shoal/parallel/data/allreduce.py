@@ -205,8 +205,11 @@ async def run_allreduce(
                 )
                 accepted, rejected = await _offload(numel, _screen, got, config.aggregation)
                 contributions[my_part] = {p: got[p] for p in accepted}
-        finally:
-            unreachable = await send_task
+        except BaseException:  # e.g. cancelled: stop uploading now, not at collect_at
+            send_task.cancel()
+            await asyncio.wait((send_task,))
+            raise
+        unreachable = await send_task
         seconds["reduce_scatter"] = time.perf_counter() - t0
 
         # 2. Reports: agree on one contributor set.
