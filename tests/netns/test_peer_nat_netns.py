@@ -52,6 +52,14 @@ class _Peer(PeerEvents):
         super().__init__(proc, err_path, host)
 
 
+def _stop(peers: list[_Peer]) -> None:
+    """SIGTERM every peer; each must say it stopped, after some training."""
+    for peer in peers:
+        peer.proc.terminate()
+    for peer in peers:
+        assert peer.wait_for(lambda e: e.get("event") == "stopped", 30.0)["step"] > 0
+
+
 def test_a_peer_behind_a_symmetric_nat_turns_client_and_trains(bed: Testbed, tmp_path: Path):
     data = write_tiny_corpus(tmp_path / "data")
     first = f"{bed.hosts['relay'].address}:{PORT}"
@@ -77,10 +85,7 @@ def test_a_peer_behind_a_symmetric_nat_turns_client_and_trains(bed: Testbed, tmp
         by_round = peers[0].agreed_rounds(*peers[1:], contributors=3)
         agreed = [r for r, fps in by_round.items() if len(fps) == 3 and len(set(fps)) == 1]
         assert agreed, f"no round where all three hold the same parameters: {by_round}"
-        for peer in peers:
-            peer.proc.terminate()
-        for peer in peers:
-            assert peer.wait_for(lambda e: e.get("event") == "stopped", 30.0)["step"] > 0
+        _stop(peers)
     finally:
         for peer in peers:
             peer.kill()
@@ -112,14 +117,11 @@ def test_peers_all_behind_nats_average_through_a_public_relay(bed: Testbed, tmp_
             assert found["unreached"] == 1 and not found["client_mode"], found
             assert found["relay"] == relay_address, found
         rounds = [p.wait_for(ok_round(2), START_TIMEOUT_S + ROUND_TIMEOUT_S) for p in peers]
-        # both reduce: neither is a client, so each one's part went through the relay
+        # Two clients form no group: an ok round means they reduced through the relay.
         assert all(r["group"] == 2 and r["contributors"] == 2 for r in rounds), rounds
         # every successful round holds both, so their first ones are the same round
         assert len({r["fingerprint"] for r in rounds}) == 1, rounds
-        for peer in peers:
-            peer.proc.terminate()
-        for peer in peers:
-            assert peer.wait_for(lambda e: e.get("event") == "stopped", 30.0)["step"] > 0
+        _stop(peers)
     finally:
         for peer in peers:
             peer.kill()
