@@ -56,7 +56,8 @@ _JOIN_RETRY = RetryPolicy(initial_s=0.3, max_s=3.0, attempts=10, deadline_s=30.0
 _MAX_DIAL_BACK_HELPERS = 4
 _FRESH_VIEW_TIMEOUT_S = 3.0
 _PROBE_TIMEOUT_S = 5.0
-_ROUNDS_ROLE = "rounds:"
+_TRAINER_ROLE = "trainer:"
+"""Membership role of a trainer: ``trainer:<round scope>`` (the scope starts with the mode)."""
 _RESERVE_TIMEOUT_S = 10.0
 RELAYED = "relay:"
 """Board addresses of peers reached through a relay: ``relay:<relay host:port>``."""
@@ -116,7 +117,7 @@ def round_scope(opts: PeerOptions) -> str:
     """What peers must share to average together, e.g. ``diloco codec=int8 rank=0
     model=1a2b3c4d``: the mode, the wire codec, the low-rank factor rank and the streaming
     fragments (both change what a round's vector is) and the model shape. It prefixes
-    every round key, and membership carries it (role ``rounds:<scope>``), so a peer can
+    every round key (hashed), and membership carries it (role ``trainer:<scope>``), so a peer can
     count the peers it could average with, and say which settings keep the others apart."""
     fields = {"codec": opts.wire_codec}
     if opts.mode == "diloco":
@@ -247,7 +248,7 @@ class PeerServices:
                 ttl_s=max(4 * hb, 12.0),
                 max_clock_skew_s=2.0,
             )
-            roles = (f"trainer:{opts.mode}", _ROUNDS_ROLE + round_scope(opts))
+            roles = (_TRAINER_ROLE + round_scope(opts),)
 
             def info() -> PeerInfo:
                 if nat.reserver is not None:
@@ -331,21 +332,23 @@ class PeerServices:
 
     def view(self) -> TrainersView:
         """Live peers of this mode, split by whether they can average with this one."""
-        role = f"trainer:{self.opts.mode}"
+        mode = _TRAINER_ROLE + self.opts.mode
+
+        def scope_of(roles: tuple[str, ...]) -> str | None:  # its scope, if of our mode
+            return next(
+                (r[len(_TRAINER_ROLE) :] for r in roles if r == mode or r.startswith(mode + " ")),
+                None,
+            )
+
         others = [
-            m
+            (m, scope)
             for m in self.membership.peers()
-            if role in m.info.roles and m.peer_id != self.runtime.peer_id
+            if m.peer_id != self.runtime.peer_id and (scope := scope_of(m.info.roles)) is not None
         ]
         self.monitor.observe_members(
-            [self.runtime.peer_id.to_string(), *(m.peer_id.to_string() for m in others)]
+            [self.runtime.peer_id.to_string(), *(m.peer_id.to_string() for m, _ in others)]
         )
-        mine = _ROUNDS_ROLE + self.scope
-        apart = tuple(
-            next((r[len(_ROUNDS_ROLE) :] for r in m.info.roles if r.startswith(_ROUNDS_ROLE)), "?")
-            for m in others
-            if mine not in m.info.roles
-        )
+        apart = tuple(scope for _, scope in others if scope != self.scope)
         return TrainersView(self.scope, 1 + len(others) - len(apart), apart)
 
     def trainers(self) -> int:

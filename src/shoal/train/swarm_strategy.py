@@ -11,6 +11,7 @@ applied).
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import threading
 import time
 from collections.abc import Coroutine
@@ -142,7 +143,9 @@ async def swarm_average(
     view = await services.fresh_view()
     if view.compatible <= 1:
         return RoundOutcome(False, reason=view.alone_reason(), skipped=True)
-    scoped = services.scope.encode() + b"/" + key
+    # The board's keys travel in every matchmaking call: the scope goes in as a short hash.
+    scope_tag = hashlib.blake2b(services.scope.encode(), digest_size=6).hexdigest()
+    scoped = scope_tag.encode() + b"/" + key
     outcome = await rounds.average(vector, weight, round_key=scoped, expected_peers=view.compatible)
     if not outcome.ok and not outcome.group_size and view.other_scopes:
         outcome.reason += f" ({view.alone_reason().partition('; ')[2]})"
