@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from shoal.errors import ProtocolViolation
 from shoal.net import Identity
 from shoal.state.announce import state_key
 from shoal.train.swarm_config import PeerOptions
@@ -78,6 +81,13 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
         )
         # only settings a mode uses set peers apart
         assert round_scope(replace(streaming, overlap_steps=1)) == round_scope(streaming)
+        # a board entry's address is dialed only if it is host:port (or relay:host:port)
+        them = other.runtime.peer_id
+        dial = first.dial_address
+        assert first.runtime.run(dial(them, "198.18.0.9:7700"), timeout_s=5.0) == "198.18.0.9:7700"
+        for bad in ("unix:/tmp/peer.sock", "relay:unix:/x", "relay:", "dns:///x:1"):
+            with pytest.raises(ProtocolViolation):
+                first.runtime.run(dial(them, bad), timeout_s=5.0)
     finally:
         if other is not None:
             other.close()

@@ -16,10 +16,18 @@ MiB = 1 << 20
 
 def split_host_port(text: str, *, port_zero: bool = False) -> tuple[str, int] | None:
     """``(host, port)`` from ``host:port`` (an IPv6 host's brackets stripped), or None unless
-    the host is non-empty and the port is in 1..65535 (0..65535 with ``port_zero``)."""
+    the host is non-empty and the port is in 1..65535 (0..65535 with ``port_zero``).
+
+    The host is a name or an address: no ``/``, whitespace or other gRPC target syntax
+    (``unix:/path``, ``dns:///name``), and a colon only inside an IPv6 host's brackets.
+    """
     host, sep, port = text.rpartition(":")
     # ASCII digits only, at most 5: isdigit() also takes e.g. "²", which int() refuses
     if not (sep and host and port.isascii() and port.isdigit() and len(port) <= 5):
+        return None
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    bare = host[1:-1] if bracketed else host
+    if not bare.isprintable() or any(c in bare for c in "/[]@ ") or (":" in bare) != bracketed:
         return None
     number = int(port)
     if not (0 if port_zero else 1) <= number <= 65535:

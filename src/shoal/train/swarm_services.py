@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from shoal.dht.peer import DHT
-from shoal.errors import ConfigError, NetworkError, ShoalError
+from shoal.errors import ConfigError, NetworkError, ProtocolViolation, ShoalError
 from shoal.monitor import DhtSummaryStore, PeerMonitor, SummaryPublisher
 from shoal.monitor.config import EventLogConfig, MetricsConfig, MonitorConfig, SwarmViewConfig
 from shoal.monitor.traffic import net_traffic_provider
 from shoal.net import Identity, NetConfig, NetRuntime
 from shoal.net.aio import within
-from shoal.net.config import RetryPolicy
+from shoal.net.config import RetryPolicy, is_host_port
 from shoal.net.identity import PeerID
 from shoal.net.nat.limits import RelayConfig
 from shoal.net.nat.reserve import RelayAddress
@@ -184,7 +184,7 @@ class PeerServices:
     state_key: bytes
     nat: Traversal
     scope: str
-    """:func:`round_scope` of this peer (every round key starts with it)."""
+    """:func:`round_scope` of this peer (every round key starts with its hash)."""
     ckpt: BackgroundCheckpointer | None = None
     server: StateServer | None = None
     announcer: StateAnnouncer | None = None
@@ -205,8 +205,8 @@ class PeerServices:
         # leaves no thread, server or heartbeat behind.
         undo: list[tuple[str, Callable[[], Any]]] = [("runtime", runtime.close)]
         try:
-            # Every peer answers dial-backs (relaying stays off): joiners learn from them
-            # whether they can be reached.
+            # Every peer answers dial-backs: joiners learn from them whether they can be
+            # reached. With --relay it also holds reservations for peers behind NATs.
             relay_cfg = RelayConfig() if opts.relay else None
             nat = Traversal(
                 runtime, TraversalConfig(probe_timeout_s=_PROBE_TIMEOUT_S, relay=relay_cfg)
@@ -315,11 +315,19 @@ class PeerServices:
 
     async def dial_address(self, peer: PeerID, address: str) -> str:
         """What to dial for a member announced at ``address`` (a relayed peer: a local
-        endpoint whose connections become circuits through its relay)."""
-        if not address.startswith(RELAYED):
+        endpoint whose connections become circuits through its relay).
+
+        Raises:
+            ProtocolViolation: not ``host:port`` nor ``relay:host:port`` (a board entry
+                could otherwise point this peer's dials at any target gRPC accepts).
+        """
+        relayed = address.startswith(RELAYED)
+        target = address[len(RELAYED) :] if relayed else address
+        if not is_host_port(target):
+            raise ProtocolViolation(f"round member announced {address[:80]!r}")
+        if not relayed:
             return address
-        relay = RelayAddress(address[len(RELAYED) :])
-        return await self.nat.address_for(peer, direct=[], relays=[relay])
+        return await self.nat.address_for(peer, direct=[], relays=[RelayAddress(target)])
 
     async def fresh_view(self) -> TrainersView:
         """:meth:`view` from membership re-read just now (on the loop; bounded, falls back

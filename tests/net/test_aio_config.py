@@ -1,4 +1,4 @@
-"""``within``: a timeout that never swallows a cancellation."""
+"""`within` (a timeout that never swallows a cancellation) and the `host:port` parser."""
 
 from __future__ import annotations
 
@@ -33,3 +33,12 @@ def test_a_timeout_raises_and_cancels_what_it_waited_for() -> None:
         assert await within(asyncio.sleep(0, "value"), None) == "value"
 
     asyncio.run(main())
+
+
+def test_host_port_refuses_other_grpc_targets() -> None:
+    from shoal.net.config import split_host_port
+
+    assert split_host_port("peer.example:9") == ("peer.example", 9)
+    assert split_host_port("[::1]:5") == ("::1", 5)
+    for bad in ("unix:/tmp/peer.sock", "dns:///x:1", "::1:5", "[]:5", "a b:3", "x@y:3"):
+        assert split_host_port(bad) is None, bad
