@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+import time
 
 import torch
 
@@ -109,6 +111,20 @@ def test_an_error_in_a_fragment_round_costs_the_round_not_the_peer() -> None:
     reports = s.after_local_step(8)
     assert len(reports) == 1 and not reports[0].ok and "ConnectionResetError" in reports[0].reason
     assert s.stale and s.round_index == 1 and s.pending is None
+
+
+def test_a_stop_abandons_the_round_in_flight_instead_of_waiting_for_it() -> None:
+    # Waiting for it (up to the round deadline) kept a stopping peer alive for 40 s.
+    launch = Launcher()
+    stop = threading.Event()
+    s = _streaming(_model(), launch, stop=stop, wait_timeout_s=60.0)
+    s.after_local_step(8)
+    s.after_local_step(8)  # fragment 0 launched at step 2, never answered
+    stop.set()
+    start = time.monotonic()
+    reports = s.drain()
+    assert time.monotonic() - start < 5.0
+    assert launch.futures[0].cancelled() and len(reports) == 1 and not reports[0].ok
 
 
 def test_a_round_skipped_alone_is_not_counted_and_asks_no_resync() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import Iterator
@@ -226,3 +228,47 @@ def test_a_peer_screened_out_of_the_mean_is_told_so():
             assert torch.equal(v, torch.full((1000,), 2.0))
         assert [o.included for o in outcomes] == [True, True, False]
         assert "not finite" in outcomes[2].reason
+
+
+def test_a_peer_stopped_right_after_confirming_its_group_is_not_waited_for():
+    # The others start the all-reduce as soon as they read its confirmation; it was
+    # stopped before its all-reduce began, so only the leave it sends on the way out keeps
+    # them from waiting out the collect deadline (0.55 x 30 s).
+    with _swarm(3) as (runtimes, dhts):
+        rounds = [
+            SwarmRounds(
+                rt,
+                dht.node,
+                swarm="t",
+                config=RoundsConfig(wire_codec="none", window_initial_s=20.0),
+            )
+            for rt, dht in zip(runtimes, dhts, strict=True)
+        ]
+        stopping = rounds[2]
+        real_confirm = stopping.board.confirm
+
+        async def confirm_then_stop(*args, **kwargs):
+            await real_confirm(*args, **kwargs)
+            raise asyncio.CancelledError  # SIGTERM lands right after the confirmation
+
+        stopping.board.confirm = confirm_then_stop  # type: ignore[method-assign]
+        vectors = [torch.full((NUMEL,), float(i)) for i in range(3)]
+
+        def one(i: int):
+            coro = rounds[i].average(vectors[i], 1.0, round_key=b"r-stop", expected_peers=3)
+            try:
+                return runtimes[i].run(coro, timeout_s=60.0)
+            except (asyncio.CancelledError, concurrent.futures.CancelledError):
+                return None
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(3) as pool:
+            outcomes = list(pool.map(one, range(3)))
+        took = time.monotonic() - start
+        assert outcomes[2] is None
+        both = {runtimes[0].peer_id, runtimes[1].peer_id}
+        for outcome in outcomes[:2]:
+            assert outcome.ok and outcome.contributors == both, outcome.reason
+            assert outcome.seconds["allreduce"] < 8.0, outcome.seconds
+        assert torch.allclose(vectors[0], torch.full((NUMEL,), 0.5))
+        assert took < 40.0

@@ -31,6 +31,8 @@ more of its rounds, never rolling back one the swarm already took.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +44,8 @@ from shoal.train.outer import OuterConfig, OuterNesterov
 from shoal.train.swarm_round import RoundOutcome
 
 __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
+
+_STOP_POLL_S = 0.1
 
 LaunchFn = Callable[[torch.Tensor, float, int, int, str], "concurrent.futures.Future[RoundOutcome]"]
 
@@ -91,8 +95,12 @@ class StreamingDiLoCo:
         launch: LaunchFn,
         resync: Callable[[], ResyncState | None] | None = None,
         wait_timeout_s: float = 120.0,
+        stop: threading.Event | None = None,
     ) -> None:
+        """``stop``: once set, a round waited for is abandoned (cancelled, counted failed)
+        instead of being waited for up to ``wait_timeout_s``."""
         self.params = list(params)
+        self.stop = stop
         self.local_steps = local_steps
         self.overlap_steps = overlap_steps
         self.mix_alpha = mix_alpha
@@ -152,7 +160,7 @@ class StreamingDiLoCo:
         assert p is not None
         self.pending = None
         try:
-            outcome = p.future.result(timeout=self.wait_timeout_s)
+            outcome = self._result(p.future)
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as exc:
             p.future.cancel()
             outcome = RoundOutcome(False, reason=f"fragment round did not finish: {exc!r}")
@@ -183,6 +191,20 @@ class StreamingDiLoCo:
             outcome.reason,
             dict(outcome.seconds),
         )
+
+    def _result(self, future: concurrent.futures.Future[RoundOutcome]) -> RoundOutcome:
+        """The round's outcome, waited for in slices so that a stop abandons it at once."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        while True:
+            if self.stop is not None and self.stop.is_set():
+                future.cancel()  # the round sends its leave on the way out
+            try:
+                return future.result(
+                    timeout=min(_STOP_POLL_S, max(0.0, deadline - time.monotonic()))
+                )
+            except concurrent.futures.TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise
 
     def _resync(self) -> None:
         state = self.resync() if self.resync is not None else None

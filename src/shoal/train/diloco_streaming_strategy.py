@@ -41,6 +41,7 @@ class StreamingStrategy:
             launch=self._launch,
             resync=self._resync,
             wait_timeout_s=self.rounds.config.round_deadline_s,
+            stop=stop,
         )
         self.streaming.step = trainer.step
 

@@ -13,6 +13,7 @@ failed round: a lost round is an outcome, not an error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -25,18 +26,21 @@ import torch
 
 from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError, NetworkError
+from shoal.net.aio import within
 from shoal.net.identity import PeerID
 from shoal.net.runtime import NetRuntime
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.dht_board import DhtBoard, RecordStore
 from shoal.parallel.data.grpc_transport import GrpcTransport
 from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, ReadyPeer
+from shoal.parallel.data.messages import Leave
 from shoal.parallel.data.rendezvous import Group, MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
 
 __all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds", "retry_key"]
 
 log = logging.getLogger(__name__)
+_LEAVE_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -220,6 +224,7 @@ class SwarmRounds:
             address is None,
             address or "",  # a client is never dialed
         )
+        confirmed: list[Group] = []
         try:
             group = await find_group(
                 self.board,
@@ -229,14 +234,22 @@ class SwarmRounds:
                 estimator=self.estimator,
                 config=self.match,
                 clock=time.time,
+                on_confirm=confirmed.append,
             )
+            if isinstance(group, Group):
+                group = await self._dialable(group)
         except (NetworkError, asyncio.TimeoutError) as exc:
             return RoundOutcome(False, reason=f"matchmaking failed: {exc}")
+        except asyncio.CancelledError:
+            # Stopped between confirming a group and its all-reduce (where the averager
+            # says it leaves): the others may already count on us.
+            if confirmed:
+                await self._leave(confirmed[-1])
+            raise
         t1 = time.monotonic()
         seconds = {"matchmaking": t1 - t0}
         if isinstance(group, NoGroup):
             return RoundOutcome(False, reason=group.reason, seconds=seconds)
-        group = await self._dialable(group)
         spec = self.transport.join(group)  # shares follow the announced bandwidths
         members = list(spec.members)
         self.averager.prepare(spec)
@@ -276,6 +289,16 @@ class SwarmRounds:
             seconds=seconds,
             included=included,
         )
+
+    async def _leave(self, group: Group) -> None:
+        """Tell ``group``'s members that this peer leaves its round (bounded, best effort;
+        a subset of the group that agreed without us runs under another id and ignores it)."""
+        with contextlib.suppress(Exception):  # the caller must see its cancellation
+            spec = self.transport.join(group)
+            me = self.runtime.peer_id
+            leave = Leave(group.group_id, me, spec.members.index(me))
+            sends = [self.transport.send(m, leave, _LEAVE_S) for m in spec.members if m != me]
+            await within(asyncio.gather(*sends, return_exceptions=True), _LEAVE_S)
 
     async def _dialable(self, group: Group) -> Group:
         """``group`` with every member's address as this peer dials it (a member that cannot

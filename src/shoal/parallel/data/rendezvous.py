@@ -179,8 +179,13 @@ async def find_group(
     config: MatchConfig,
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    on_confirm: Callable[[Group], None] | None = None,
 ) -> Group | NoGroup:
     """Announce, wait for the window to close, and return this peer's group (or why not).
+
+    ``on_confirm(group)`` is called just before this peer confirms ``group``: from then on
+    the others may start its all-reduce counting on this peer, so a caller that gives up
+    (is cancelled) should tell them it leaves.
 
     Each attempt announces a fresh nonce, and group ids hash the members' nonces: a retry
     under the same key (sync mode asks again for a step whose round found no group) never
@@ -231,6 +236,8 @@ async def find_group(
     mine = next((g for g in groups if any(p.peer == me.peer for p in g.members)), None)
     if mine is None:
         return _why_no_group(ready, me, config.min_group_size)
+    if on_confirm is not None:
+        on_confirm(mine)
     return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
 
 
