@@ -32,6 +32,9 @@ def test_usage_errors_exit_2_without_traceback(capsys):
         (["--seq-len", "100000"], "--seq-len=100000 exceeds model max_seq_len=1024"),
         (["--width", "0"], "--width must be a positive integer, got 0"),
         (["-H", "0"], "--local-steps must be a positive integer, got 0"),
+        (["--swarm", ""], "--swarm must be 1..64 printable characters, got ''"),
+        (["--data-dir", "/nonexistent"], "--data-dir '/nonexistent' is not a directory"),
+        (["--shard", "3/2"], "--shard 3/2: need 0 <= I < N for shard I/N"),
     ],
 )
 def test_peer_refuses_bad_flags_by_their_names_before_listening(tmp_path, capsys, args, message):

@@ -41,6 +41,7 @@ class Harness:
         self.published: list[tuple[int, int]] = []
         self.rounds: list[tuple[torch.Tensor, float, int]] = []
         self.ok = True
+        self.alone = False
         self.caught_up = 0
         self.sync = CollaborativeSync(
             self.model,
@@ -57,6 +58,8 @@ class Harness:
 
     def average(self, vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
         self.rounds.append((vector.clone(), weight, index))
+        if self.alone:
+            return RoundOutcome(False, reason="alone: ...", skipped=True)
         if not self.ok:
             return RoundOutcome(False, reason="peer died")
         vector.mul_(0.5)  # pretend the other peer contributed zeros with equal weight
@@ -108,6 +111,25 @@ def test_failed_round_discards_gradients_and_catches_up() -> None:
     assert h.caught_up == 1 and h.sync.step == 0
     assert torch.equal(h.model.weight, w0)
     assert all(p.grad is None for p in h.model.parameters())
+
+
+def test_a_peer_alone_keeps_accumulating_and_retries_only_now_and_then() -> None:
+    # It used to drop its gradients, ask the swarm for state and try again at every
+    # micro-batch: 48 round lines in 7 s, and no progress kept for when a peer joins.
+    h = Harness(others=0)
+    h.alone = True
+    reports = [h.micro_step() for _ in range(4)]  # 32 of our own: the first try, at 2 s
+    assert [r is not None for r in reports] == [False, False, False, True]
+    assert not reports[-1].ok and reports[-1].reason == "alone: ..."
+    assert h.caught_up == 0 and h.sync.samples == 32 and h.sync.step == 0
+    grad = h.model.weight.grad.clone()
+    quiet = [h.micro_step() for _ in range(9)]  # 4.5 s more: still within the 5 s hold-off
+    assert all(r is None for r in quiet) and len(h.rounds) == 1
+    assert torch.allclose(h.model.weight.grad, grad * 13 / 4)  # still accumulating
+    h.alone = False  # a peer joined: the next try averages everything accumulated
+    report = h.micro_step()
+    assert report is not None and report.ok and h.sync.step == 1
+    assert h.rounds[-1][1] == 8.0 * 14
 
 
 def test_parse_progress_skips_malformed_records() -> None:

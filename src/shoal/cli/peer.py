@@ -23,6 +23,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # name their own fields, which a user of `shoal peer` never typed.
 _FLAGS = {
     "NetConfig.port": "--port",
+    "NetConfig.host": "--host",
+    "NetConfig.announce": "--announce",
+    "data_dir": "--data-dir",
     "optim.lr": "--lr",
     "data.seq_len": "--seq-len",
     "data.batch_size": "--batch-size",
@@ -47,7 +50,18 @@ _FLAGS = {
     "join addresses": "--join addresses",
 }
 # Plain words are flags only where a message starts with them ("steps must be ...").
-_LEADING_FLAGS = ("steps", "fragments", "threads", "rank", "port", "lr", "announce", "mode")
+_LEADING_FLAGS = (
+    "steps",
+    "fragments",
+    "threads",
+    "rank",
+    "port",
+    "lr",
+    "announce",
+    "mode",
+    "swarm",
+    "shard",
+)
 _NAMES = re.compile(
     "|".join(
         rf"(?<![\w./'\"-]){re.escape(name)}(?![\w/'\"])" for name in sorted(_FLAGS, key=len)[::-1]

@@ -172,8 +172,7 @@ class NetRuntime:
         )
         server.add_generic_rpc_handlers((self.dispatcher,))
         self._server = server
-        if cfg.port:
-            _check_bindable(cfg.host, cfg.port)
+        _check_bindable(cfg.host, cfg.port)
         try:
             self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         except RuntimeError as exc:  # grpc's "Failed to bind"
@@ -314,13 +313,13 @@ __all__ = ["CLOSE_TIMEOUT_S", "NetRuntime", "State"]
 def _check_bindable(host: str, port: int) -> None:
     """Refuse a fixed port that is taken (or not ours to take) with the system's reason,
     before gRPC tries it: gRPC's own failure logs a raw C++ line and says only "failed".
-    Like gRPC, it is enough that one of the addresses ``host`` resolves to binds; a name
-    that does not resolve is left for gRPC to report."""
+    Like gRPC, it is enough that one of the addresses ``host`` resolves to binds."""
     name = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # IPv6
     try:
         infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError):
-        return
+    except (socket.gaierror, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise ConfigError(f"NetConfig.host: cannot resolve {host!r}: {why}") from exc
     errors: list[OSError] = []
     for family, kind, proto, _, address in infos:
         try:

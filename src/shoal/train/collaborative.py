@@ -49,6 +49,9 @@ class CollaborativeConfig:
     """Global samples per optimizer step."""
     check_interval_s: float = 0.5
     """How often progress is published and read."""
+    alone_retry_s: float = 5.0
+    """After a round skipped for want of peers, how long to keep accumulating before the
+    next try (the gradients and samples are kept: the next round carries them)."""
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
@@ -107,6 +110,7 @@ class CollaborativeSync:
         self.micro_batches = 0
         self._others = 0
         self._next_check = 0.0
+        self._retry_at = 0.0
         self.attempts = 0
         """Rounds attempted (the strategy's round index)."""
 
@@ -123,7 +127,7 @@ class CollaborativeSync:
             )
             self._others = total - self.samples
         total = self._others + self.samples
-        if not should_step(total, self.config.target_batch, self.samples):
+        if not should_step(total, self.config.target_batch, self.samples) or now < self._retry_at:
             return None
         return self._round()
 
@@ -132,6 +136,9 @@ class CollaborativeSync:
         flat = torch.cat([g.detach().reshape(-1).float() for g in grads]) / self.micro_batches
         index = self.step
         outcome = self.average(flat, float(self.samples), index)
+        if outcome.skipped:  # alone: keep accumulating, and say so only now and then
+            self._retry_at = self.clock() + self.config.alone_retry_s
+            return RoundReport(index, False, 0, 0, 0.0, outcome.reason, dict(outcome.seconds))
         self.attempts += 1
         resynced = False
         if outcome.ok:

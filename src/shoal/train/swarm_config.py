@@ -123,6 +123,10 @@ class PeerOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not self.swarm or len(self.swarm) > 64 or not self.swarm.isprintable():
+            raise ConfigError(f"swarm must be 1..64 printable characters, got {self.swarm!r}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ConfigError(f"data_dir {self.data_dir!r} is not a directory")
         if self.wire_codec not in STATELESS_CODECS:
             raise ConfigError(
                 f"wire_codec must be one of {', '.join(STATELESS_CODECS)}, got {self.wire_codec!r}"

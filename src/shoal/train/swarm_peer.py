@@ -222,6 +222,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         _loop(opts, trainer, strategy, services, stop, emit, provider)
         val = trainer.evaluate()
         services.monitor.record_validation(trainer.step, val)
+        services.ckpt.flush(timeout_s=30.0)  # its `checkpoint` line before `stopped`
         emit(
             "stopped",
             step=trainer.step,

@@ -132,8 +132,11 @@ def scope_difference(mine: str, theirs: str) -> str:
     """The settings in which ``theirs`` differs from ``mine``, e.g. ``codec=fp16``."""
     a = dict(t.partition("=")[::2] for t in mine.split(" ")[1:])
     b = dict(t.partition("=")[::2] for t in theirs.split(" ")[1:])
+    named = {"model": " (another model shape: --model, --layers or --width)"}
     return ", ".join(
-        f"{k}={b.get(k, '?')}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
+        f"{k}={b.get(k, '?')}{named.get(k, '')}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
     )
 
 
@@ -213,6 +216,7 @@ class PeerServices:
             )
             runtime.run(nat.start(), timeout_s=5.0)
             undo.append(("dial-back", lambda: runtime.run(nat.close(), timeout_s=3.0)))
+            emit("listening", address=runtime.address, peer_id=runtime.peer_id.to_string())
             if opts.join and opts.check_reachability and not opts.client_mode:
                 try:
                     found = _reachability(runtime, nat, opts.join)
@@ -232,7 +236,6 @@ class PeerServices:
             # relay's circuits reach): it stays out of their routing tables.
             dht = DHT(runtime, serve=not opts.client_mode and nat.reserver is None)
             undo.append(("dht", dht.close))
-            emit("listening", address=runtime.address, peer_id=runtime.peer_id.to_string())
             if opts.join:
                 try:
                     dht.bootstrap(list(opts.join), _JOIN_RETRY)
