@@ -237,6 +237,7 @@ class SwarmRounds:
                 on_confirm=confirmed.append,
             )
             if isinstance(group, Group):
+                confirmed.append(group)  # the agreed group: perhaps a subset of the one confirmed
                 group = await self._dialable(group)
         except (NetworkError, asyncio.TimeoutError) as exc:
             return RoundOutcome(False, reason=f"matchmaking failed: {exc}")
