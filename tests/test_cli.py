@@ -53,3 +53,16 @@ def test_flag_names_translate_only_settings():
     # nor are paths and quoted values the user gave
     assert flag_names("run dir /data/seq_len/run") == "run dir /data/seq_len/run"
     assert flag_names("model 'batch_size' unknown") == "model 'batch_size' unknown"
+
+
+def test_a_taken_metrics_port_is_refused_before_listening(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["peer", "--run-dir", str(tmp_path / "run"), "--metrics-port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert f"--metrics-port: cannot listen on 127.0.0.1:{port}: Address already in use" in err
+    assert "listening" not in out

@@ -172,7 +172,7 @@ class NetRuntime:
         )
         server.add_generic_rpc_handlers((self.dispatcher,))
         self._server = server
-        _check_bindable(cfg.host, cfg.port)
+        check_bindable(cfg.host, cfg.port)
         try:
             self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         except RuntimeError as exc:  # grpc's "Failed to bind"
@@ -310,10 +310,11 @@ class NetRuntime:
 __all__ = ["CLOSE_TIMEOUT_S", "NetRuntime", "State"]
 
 
-def _check_bindable(host: str, port: int) -> None:
+def check_bindable(host: str, port: int, setting: str = "NetConfig.port") -> None:
     """Refuse a fixed port that is taken (or not ours to take) with the system's reason,
-    before gRPC tries it: gRPC's own failure logs a raw C++ line and says only "failed".
-    Like gRPC, it is enough that one of the addresses ``host`` resolves to binds."""
+    naming ``setting``, before a server tries it: gRPC's own failure logs a raw C++ line
+    and says only "failed". Like gRPC, it is enough that one of the addresses ``host``
+    resolves to binds."""
     name = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # IPv6
     try:
         infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -331,4 +332,4 @@ def _check_bindable(host: str, port: int) -> None:
             errors.append(exc)
     if errors:
         why = errors[0].strerror or str(errors[0])
-        raise ConfigError(f"NetConfig.port: cannot listen on {host}:{port}: {why}")
+        raise ConfigError(f"{setting}: cannot listen on {host}:{port}: {why}")

@@ -27,7 +27,9 @@ from typing import Any
 
 from shoal.errors import CheckpointError, ConfigError, NetworkError
 from shoal.models.data import TrainWindows
+from shoal.monitor.config import MetricsConfig
 from shoal.net import Identity
+from shoal.net.runtime import check_bindable
 from shoal.state.checkpoint import LoadedCheckpoint, load_latest_valid
 from shoal.state.recovery import Recovered, Source, recover
 from shoal.state.sync_client import SyncConfig, find_donors
@@ -167,6 +169,8 @@ def run_peer(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
 
 def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
     train_config(opts)  # refuse a bad model or data setting before listening
+    if opts.metrics_port:  # and a metrics port that is taken
+        check_bindable(MetricsConfig().host, opts.metrics_port, setting="metrics_port")
     identity = Identity.load_or_create(opts.run_dir / "key")
     services = PeerServices.start(opts, identity, emit)
     opts = services.opts  # the reachability check may have turned client mode on
