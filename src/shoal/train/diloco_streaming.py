@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -41,11 +40,10 @@ import torch
 
 from shoal.train.diloco import ResyncState, RoundReport
 from shoal.train.outer import OuterConfig, OuterNesterov
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round import RoundOutcome, wait_outcome
 
 __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
 
-_STOP_POLL_S = 0.1
 
 LaunchFn = Callable[[torch.Tensor, float, int, int, str], "concurrent.futures.Future[RoundOutcome]"]
 
@@ -159,13 +157,7 @@ class StreamingDiLoCo:
         p = self.pending
         assert p is not None
         self.pending = None
-        try:
-            outcome = self._result(p.future)
-        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError) as exc:
-            p.future.cancel()
-            outcome = RoundOutcome(False, reason=f"fragment round did not finish: {exc!r}")
-        except Exception as exc:  # a bug or error in a round costs the round, not the peer
-            outcome = RoundOutcome(False, reason=f"fragment round failed: {exc!r}")
+        outcome = wait_outcome(p.future, stop=self.stop, timeout_s=self.wait_timeout_s)
         if not outcome.skipped:  # alone: no round was tried, nothing to count or resync
             self.round_index += 1
         if outcome.ok:
@@ -191,20 +183,6 @@ class StreamingDiLoCo:
             outcome.reason,
             dict(outcome.seconds),
         )
-
-    def _result(self, future: concurrent.futures.Future[RoundOutcome]) -> RoundOutcome:
-        """The round's outcome, waited for in slices so that a stop abandons it at once."""
-        deadline = time.monotonic() + self.wait_timeout_s
-        while True:
-            if self.stop is not None and self.stop.is_set():
-                future.cancel()  # the round sends its leave on the way out
-            try:
-                return future.result(
-                    timeout=min(_STOP_POLL_S, max(0.0, deadline - time.monotonic()))
-                )
-            except concurrent.futures.TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise
 
     def _resync(self) -> None:
         state = self.resync() if self.resync is not None else None

@@ -13,10 +13,12 @@ failed round: a lost round is an outcome, not an error.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -37,10 +39,11 @@ from shoal.parallel.data.messages import Leave
 from shoal.parallel.data.rendezvous import Group, MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
 
-__all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds", "retry_key"]
+__all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds", "retry_key", "wait_outcome"]
 
 log = logging.getLogger(__name__)
 _LEAVE_S = 1.0
+_POLL_S = 0.1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -150,6 +153,32 @@ class RoundOutcome:
     """No round was tried: no other live peer can average with this one (``reason`` says
     why). Round counts do not advance, so a peer that was alone for a while does not run
     ahead of the peers that join it."""
+
+
+def wait_outcome(
+    future: concurrent.futures.Future[RoundOutcome],
+    *,
+    stop: threading.Event | None,
+    timeout_s: float,
+) -> RoundOutcome:
+    """The outcome of a round running on the network loop, waited for from the compute
+    thread. It is given up (cancelled, so it says it leaves, and counted failed) at
+    ``timeout_s`` or as soon as ``stop`` is set; an error in it costs the round, not the
+    peer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return future.result(timeout=_POLL_S)
+        except concurrent.futures.TimeoutError:
+            stopping = stop is not None and stop.is_set()
+            if stopping or time.monotonic() > deadline:
+                future.cancel()
+                why = "stopping" if stopping else f"no result within {timeout_s:.0f} s"
+                return RoundOutcome(False, reason=why)
+        except concurrent.futures.CancelledError:
+            return RoundOutcome(False, reason="cancelled")
+        except Exception as exc:  # a bug in a round must cost the round, not the peer
+            return RoundOutcome(False, reason=f"round error: {type(exc).__name__}: {exc}")
 
 
 class SwarmRounds:

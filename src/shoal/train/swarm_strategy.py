@@ -10,10 +10,8 @@ applied).
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import threading
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,7 +21,7 @@ import torch
 from shoal.net.runtime import NetRuntime
 from shoal.train.diloco import RoundReport
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundOutcome, RoundsConfig, SwarmRounds
+from shoal.train.swarm_round import RoundOutcome, RoundsConfig, SwarmRounds, wait_outcome
 from shoal.train.swarm_services import PeerServices
 
 __all__ = [
@@ -36,8 +34,6 @@ __all__ = [
     "rounds_config",
     "swarm_rounds",
 ]
-
-_POLL_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,20 +87,7 @@ def blocking_round(
     timeout_s: float,
 ) -> RoundOutcome:
     """Run ``coro`` on the loop and wait for it from the compute thread (see module doc)."""
-    future = runtime.submit(coro)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return future.result(timeout=_POLL_S)
-        except concurrent.futures.TimeoutError:
-            if stop.is_set() or time.monotonic() > deadline:
-                future.cancel()
-                why = "stopping" if stop.is_set() else f"no result within {timeout_s:.0f} s"
-                return RoundOutcome(False, reason=why)
-        except concurrent.futures.CancelledError:
-            return RoundOutcome(False, reason="cancelled")
-        except Exception as exc:  # a bug in a round must cost the round, not the peer
-            return RoundOutcome(False, reason=f"round error: {type(exc).__name__}: {exc}")
+    return wait_outcome(runtime.submit(coro), stop=stop, timeout_s=timeout_s)
 
 
 def rounds_config(opts: PeerOptions) -> RoundsConfig:
