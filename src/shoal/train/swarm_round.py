@@ -28,21 +28,19 @@ import torch
 
 from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError, NetworkError
-from shoal.net.aio import within
 from shoal.net.identity import PeerID
 from shoal.net.runtime import NetRuntime
+from shoal.parallel.data.allreduce import send_leave
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.dht_board import DhtBoard, RecordStore
 from shoal.parallel.data.grpc_transport import GrpcTransport
 from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, ReadyPeer
-from shoal.parallel.data.messages import Leave
 from shoal.parallel.data.rendezvous import Group, MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
 
 __all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds", "retry_key", "wait_outcome"]
 
 log = logging.getLogger(__name__)
-_LEAVE_S = 1.0
 _POLL_S = 0.1
 
 
@@ -321,14 +319,11 @@ class SwarmRounds:
         )
 
     async def _leave(self, group: Group) -> None:
-        """Tell ``group``'s members that this peer leaves its round (bounded, best effort;
-        a subset of the group that agreed without us runs under another id and ignores it)."""
+        """Tell ``group``'s members that this peer leaves its round (a subset of the group
+        that agreed without us runs under another id and ignores it)."""
         with contextlib.suppress(Exception):  # the caller must see its cancellation
-            spec = self.transport.join(group)
-            me = self.runtime.peer_id
-            leave = Leave(group.group_id, me, spec.members.index(me))
-            sends = [self.transport.send(m, leave, _LEAVE_S) for m in spec.members if m != me]
-            await within(asyncio.gather(*sends, return_exceptions=True), _LEAVE_S)
+            spec = self.transport.join(group)  # their addresses
+            await send_leave(self.transport, group.group_id, spec.members)
 
     async def _dialable(self, group: Group) -> Group:
         """``group`` with every member's address as this peer dials it (a member that cannot

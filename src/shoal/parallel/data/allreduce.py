@@ -58,7 +58,7 @@ from shoal.parallel.data.messages import (
 from shoal.parallel.data.round import AllReduceConfig, RoundResult, RoundStatus
 from shoal.parallel.data.transport import RoundTransport
 
-__all__ = ["AllReduceConfig", "RoundResult", "RoundStatus", "run_allreduce"]
+__all__ = ["AllReduceConfig", "RoundResult", "RoundStatus", "run_allreduce", "send_leave"]
 
 T = TypeVar("T")
 _OFFLOAD_NUMEL = 1 << 20
@@ -357,13 +357,20 @@ async def run_allreduce(
         return result, {j: results[j] for j in live_parts}
     except asyncio.CancelledError:
         # Stopping mid-round: say so, or every other member waits for us until a deadline.
-        leave = Leave(round_id, me, my_part)
-        until = loop.time() + _LEAVE_TIMEOUT_S
-        with contextlib.suppress(Exception):  # the caller must see the cancellation
-            await _send_all(transport, [(m, leave) for m in members if m != me], until)
+        await send_leave(transport, round_id, members)
         raise
     finally:
         inbox.close(round_id)
+
+
+async def send_leave(transport: RoundTransport, round_id: bytes, members: Sequence[Member]) -> None:
+    """Tell the other ``members`` that this one leaves round ``round_id`` (best effort,
+    within ``_LEAVE_TIMEOUT_S``; it never raises, so a cancelled caller stays cancelled)."""
+    me = transport.me
+    leave = Leave(round_id, me, list(members).index(me))
+    until = asyncio.get_running_loop().time() + _LEAVE_TIMEOUT_S
+    with contextlib.suppress(Exception):
+        await _send_all(transport, [(m, leave) for m in members if m != me], until)
 
 
 async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
