@@ -198,7 +198,7 @@ class SwarmRounds:
         addresses as announced."""
         self.runtime = runtime
         self.config = cfg = config or RoundsConfig()
-        self.own_address = own_address or (lambda: None if cfg.client_mode else runtime.address)
+        self.own_address = own_address or (lambda: runtime.address)  # clients: see average
         self.dial_address = dial_address
         self.transport = GrpcTransport.for_runtime(runtime)
         self.averager = Averager(
