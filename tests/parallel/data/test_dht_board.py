@@ -11,7 +11,7 @@ from shoal.dht.memory import MemoryNetwork, SimConfig
 from shoal.dht.sim import SimCluster
 from shoal.dht.virtual_loop import run_virtual
 from shoal.parallel.data.dht_board import DhtBoard, _parse
-from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, ReadyPeer
+from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, Group, ReadyPeer
 from shoal.parallel.data.rendezvous import MatchConfig, find_group
 
 
@@ -86,8 +86,8 @@ def test_writes_under_one_key_get_increasing_expiries():
             self.writes.append((key, expires_at))
             return 1
 
-        async def get(self, key):
-            return None
+        async def get_records(self, key):
+            return []
 
     async def main():
         store = Store()
@@ -104,3 +104,47 @@ def test_writes_under_one_key_get_increasing_expiries():
     assert k1 == k2 and e1 == 131.0 and e2 > e1
     assert c1 == c2 and f2 > f1 == 70.0
     assert g == 5.0  # another key starts afresh
+
+
+def test_a_restarted_peer_outlives_its_earlier_runs_records_and_meets_the_others():
+    # A peer restarted from its checkpoint meets under the key its earlier run last used,
+    # with the same subkey: the DHT keeps that run's records (they expire later) and
+    # refused the new ones, so the restarted peer never joined a group again.
+    async def scenario():
+        cluster = SimCluster(
+            MemoryNetwork(SimConfig(), seed=2), DHTConfig(k=8, rpc_timeout_s=1.0), seed=2
+        )
+        for _ in range(6):
+            await cluster.add_node()
+        a, b = cluster.nodes[:2]
+        ids = [n.identity.peer_id.raw for n in (a, b)]
+        earlier = DhtBoard(a)  # the run before the restart: same identity, its own memory
+        now = cluster.wall_clock()
+        old = ReadyPeer(ids[0], 1.0, 1e8, False, "10.0.0.0:1", 2, b"o" * 8)
+        await earlier.announce(b"round-3", old, expires_at=now + 100.0)
+        await earlier.confirm(b"round-3", ids[0], b"o" * 8 + b"g" * 16, expires_at=now + 200.0)
+
+        boards = [DhtBoard(a), DhtBoard(b)]  # each peer keeps its board across rounds
+
+        async def one(i):
+            me = ReadyPeer(ids[i], 1.0, 1e8, False, f"10.0.0.{i}:1")
+            return await find_group(
+                boards[i],
+                b"round-3",
+                me,
+                expected_peers=2,
+                estimator=FormationEstimator(FormationConfig(initial_s=5.0)),
+                config=MatchConfig(poll_interval_s=0.5),
+                clock=cluster.wall_clock,
+            )
+
+        # b may close its first window on the earlier run's entry, which a replaces; the
+        # attempt then fails for both, and the next one under the same key must succeed.
+        first = await asyncio.gather(one(0), one(1))
+        second = await asyncio.gather(one(0), one(1))
+        await cluster.close()
+        return ids, first, second
+
+    ids, first, second = run_virtual(scenario())
+    assert all(isinstance(g, Group) for g in second), (first, second)
+    assert second[0] == second[1] and {m.peer for m in second[0].members} == set(ids)

@@ -319,3 +319,61 @@ def test_an_inflated_expectation_cannot_hold_a_full_group_past_its_size():
     assert ended < 1.0  # 3 ready = a full group of 3: no need to wait out the window
     # the odd one out derived another group, so a and b go on without it
     assert group_a == group_b and {p.peer for p in group_a.members} == {a.peer, b.peer}
+
+
+def test_a_peer_cancelled_inside_its_window_withdraws_and_the_others_go_on_at_once():
+    # c stops (SIGTERM) while its window is open. a and b still see its entry and put it in
+    # their group; its withdrawal tells them at their first confirmation read. Before, they
+    # waited out the whole confirmation timeout (5 s) for a post that never came.
+    a, b, c = _peers(3)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        leaver = asyncio.ensure_future(_meet(board, c, window_s=2.0, confirm_s=5.0))
+        stays = asyncio.gather(*(_meet(board, p, window_s=2.0, confirm_s=5.0) for p in (a, b)))
+        await asyncio.sleep(1.0)
+        leaver.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaver
+        return await stays, _loop_time()
+
+    (group_a, group_b), ended = run_virtual(main())
+    assert isinstance(group_a, Group) and group_a == group_b
+    assert {p.peer for p in group_a.members} == {a.peer, b.peer}
+    assert ended < 3.0  # the 2 s window and a few polls, not + 5 s of confirmation wait
+
+
+def test_a_peer_cancelled_after_confirming_leaves_the_word_to_its_caller():
+    # Once its confirmation may have been read, a withdrawal would split the others' views
+    # of the group (the caller sends its all-reduce Leave instead): nothing more is posted.
+    a, b = _peers(2)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        confirmed = asyncio.Event()
+
+        async def confirming_then_cancelled():
+            return await find_group(
+                board,
+                b"k",
+                a,
+                expected_peers=3,
+                estimator=FormationEstimator(FormationConfig(initial_s=1.0)),
+                config=MatchConfig(poll_interval_s=0.25, confirm_timeout_s=5.0),
+                clock=_loop_time,
+                on_confirm=lambda group: confirmed.set(),
+            )
+
+        task = asyncio.ensure_future(confirming_then_cancelled())
+        other = asyncio.ensure_future(_meet(board, b, window_s=1.0, expected=3))
+        await confirmed.wait()
+        await asyncio.sleep(0.1)  # its confirmation is on the board
+        posted = dict(await board.confirmations(b"k"))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await other
+        return posted, await board.confirmations(b"k")
+
+    before, after = run_virtual(main())
+    assert before[a.peer] == after[a.peer] and not after[a.peer].endswith(b"\0")

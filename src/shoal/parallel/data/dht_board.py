@@ -11,7 +11,9 @@ bound and type-check every field and skip records that do not parse. Group confi
 clock (``time.time`` in a swarm, the simulator's wall clock in tests). The DHT keeps, per
 subkey, the record that expires last and refuses the other, so writes under one key get
 strictly increasing expiries here: a retry's shorter window (or a confirmation posted
-right after a withdrawal) would otherwise lose to the earlier attempt's record.
+right after a withdrawal) would otherwise lose to the earlier attempt's record. A restarted
+peer has the same subkey and no memory of its earlier writes, so reads note the expiry of
+this peer's own records too: a write after such a read outlives what it must replace.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgpack
 
 from shoal.parallel.data.matchmaking import NONCE_BYTES, ReadyPeer
+
+if TYPE_CHECKING:
+    from shoal.dht.record import Record
 
 __all__ = ["DhtBoard", "RecordStore"]
 
@@ -46,7 +51,7 @@ class RecordStore(Protocol):
         self, key: bytes, value: bytes, expires_at: float, subkey: bytes | None = None
     ) -> int: ...
 
-    async def get(self, key: bytes) -> bytes | dict[bytes, bytes] | None: ...
+    async def get_records(self, key: bytes) -> list[Record]: ...
 
 
 class DhtBoard:
@@ -56,16 +61,20 @@ class DhtBoard:
         self.dht = dht
         self.prefix = prefix
         self._last_expiry: OrderedDict[bytes, float] = OrderedDict()
+        self._own: bytes | None = None  # our subkey (peer id), known from our first write
 
     async def _store(self, key: bytes, value: bytes, expires_at: float) -> None:
-        """Our record under ``key``, expiring after every one we wrote there before."""
-        last = self._last_expiry.pop(key, None)
+        """Our record under ``key``, expiring after every one of ours there we know of."""
+        last = self._last_expiry.get(key)
         if last is not None:
             expires_at = max(expires_at, last + _EXPIRY_STEP_S)
-        self._last_expiry[key] = expires_at
+        self._remember(key, expires_at)
+        await self.dht.store(key, value, expires_at, subkey=b"")
+
+    def _remember(self, key: bytes, expires_at: float) -> None:
+        self._last_expiry[key] = max(expires_at, self._last_expiry.pop(key, expires_at))
         while len(self._last_expiry) > _REMEMBERED_KEYS:
             self._last_expiry.popitem(last=False)
-        await self.dht.store(key, value, expires_at, subkey=b"")
 
     async def announce(self, key: bytes, entry: ReadyPeer, expires_at: float) -> None:
         value = msgpack.packb(
@@ -79,6 +88,7 @@ class DhtBoard:
                 entry.nonce,
             ]
         )
+        self._own = entry.peer
         await self._store(self.prefix + key, value, expires_at)
 
     async def entries(self, key: bytes) -> list[ReadyPeer]:
@@ -86,17 +96,28 @@ class DhtBoard:
 
     async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
         value = msgpack.packb([_VERSION, group_id])
+        self._own = peer
         await self._store(self.prefix + key + _CONFIRM, value, expires_at)
 
     async def confirmations(self, key: bytes) -> dict[bytes, bytes]:
         return await self._read(self.prefix + key + _CONFIRM, _parse_confirmation)
 
     async def _read(self, key: bytes, parse: Callable[[bytes, bytes], T | None]) -> dict[bytes, T]:
-        """Subkey -> parsed value of every entry under ``key`` that parses."""
-        found = await self.dht.get(key)
-        if not isinstance(found, dict):
-            return {}
-        parsed = {subkey: parse(subkey, value) for subkey, value in found.items()}
+        """Subkey -> parsed value of every entry under ``key`` that parses (per subkey, the
+        record the DHT keeps: the one that expires last)."""
+        freshest: dict[bytes, Record] = {}
+        for record in await self.dht.get_records(key):
+            old = freshest.get(record.subkey)
+            newer = old is None or (record.expires_at, record.signature) > (
+                old.expires_at,
+                old.signature,
+            )
+            if record.subkey and newer:
+                freshest[record.subkey] = record
+        own = freshest.get(self._own) if self._own is not None else None
+        if own is not None:  # perhaps written by an earlier run of this peer
+            self._remember(key, own.expires_at)
+        parsed = {subkey: parse(subkey, r.value) for subkey, r in freshest.items()}
         return {subkey: v for subkey, v in parsed.items() if v is not None}
 
 

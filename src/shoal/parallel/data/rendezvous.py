@@ -21,7 +21,15 @@ group (whose id is derived from the subset) is identical at all its members, exc
 confirmation reached one member and not another before the deadline; then the round fails
 for those two, quickly, instead of costing a whole all-reduce timeout. A peer that already
 left (it closed its window alone) never confirms and is dropped; one whose confirmation
-failed withdraws it, so a member whose window closes later does not pick it.
+failed withdraws it, so a member whose window closes later does not pick it. A peer
+cancelled before confirming (it is stopping) posts a withdrawal too, which the others
+count as its answer: they go on without it at their next read instead of waiting out
+the confirmation timeout.
+
+A restarted peer meets under the key its earlier run was last announced on, with the same
+subkey, and the DHT keeps the earlier run's records (they expire later). When a read shows
+such an entry or confirmation of ours, it is posted once more (the board then writes past
+what it read); peers that already read the earlier entry may still fail that attempt.
 
 A key can be met under more than once (sync mode retries a step whose round found no
 group). Each attempt announces a random nonce; group ids hash the members' nonces and
@@ -193,17 +201,71 @@ async def find_group(
     """
     opened_at = clock()
     window_s = estimator.window_s()
-    closes_at = opened_at + window_s
     me = replace(me, expected=expected_peers, nonce=os.urandom(NONCE_BYTES))
-    announce = board.announce(round_key, me, expires_at=closes_at + window_s + 1.0)
-    await _bounded(announce, config.board_timeout_s)
+    confirming: list[Group] = []  # from then on, the caller's leave speaks for us
+
+    def confirm_hook(group: Group) -> None:
+        confirming.append(group)
+        if on_confirm is not None:
+            on_confirm(group)
+
+    try:
+        return await _find_group(
+            board,
+            round_key,
+            me,
+            opened_at=opened_at,
+            window_s=window_s,
+            expected_peers=expected_peers,
+            estimator=estimator,
+            config=config,
+            clock=clock,
+            sleep=sleep,
+            on_confirm=confirm_hook,
+        )
+    except asyncio.CancelledError:
+        # Gone before confirming: post a withdrawal, so members that put us in their group
+        # count us out at their next read instead of after the whole confirmation timeout.
+        if not confirming:
+            withdraw = board.confirm(
+                round_key, me.peer, me.nonce + _WITHDRAWN, expires_at=clock() + 60.0
+            )
+            await _bounded(withdraw, config.board_timeout_s)
+        raise
+
+
+async def _find_group(
+    board: RendezvousBoard,
+    round_key: bytes,
+    me: ReadyPeer,
+    *,
+    opened_at: float,
+    window_s: float,
+    expected_peers: int,
+    estimator: FormationEstimator,
+    config: MatchConfig,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[None]],
+    on_confirm: Callable[[Group], None],
+) -> Group | NoGroup:
+    closes_at = opened_at + window_s
+    expires_at = closes_at + window_s + 1.0
+    await _bounded(board.announce(round_key, me, expires_at=expires_at), config.board_timeout_s)
     ready: list[ReadyPeer] = []
     reads = 0
+    announcements = 1
     for _ in range(config.max_polls):
         read_s = max(closes_at - clock(), 0.0) + config.board_timeout_s
         read = await _bounded(board.entries(round_key), read_s)
         if read is not None:  # a late read keeps the last one
             ready, reads = read, reads + 1
+            if announcements == 1 and _stale(ready, me):
+                # The board kept an earlier announcement of ours (a run of this peer
+                # before a restart): announce once more, past what the board holds.
+                announcements += 1
+                announce = board.announce(round_key, me, expires_at=expires_at)
+                await _bounded(announce, config.board_timeout_s)
+                continue  # and read again before the window may close on the stale read
         now = clock()
         expect = min(config.max_group_size, max([expected_peers, *(p.expected for p in ready)]))
         if window_closed(
@@ -222,8 +284,7 @@ async def find_group(
             f"({window_s:.3g} s) plus {config.board_timeout_s:g} s"
         )
     estimator.observe(clock() - opened_at)
-    own = next((p for p in ready if p.peer == me.peer), None)
-    if own is not None and own.nonce != me.nonce:
+    if _stale(ready, me):
         # The board kept our earlier announcement (the store was refused): every group id
         # the others derive holds its nonce, and our confirmation could never match.
         return NoGroup("no group formed: the board kept this peer's earlier announcement")
@@ -236,9 +297,13 @@ async def find_group(
     mine = next((g for g in groups if any(p.peer == me.peer for p in g.members)), None)
     if mine is None:
         return _why_no_group(ready, me, config.min_group_size)
-    if on_confirm is not None:
-        on_confirm(mine)
+    on_confirm(mine)
     return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
+
+
+def _stale(ready: list[ReadyPeer], me: ReadyPeer) -> bool:
+    """Whether the board shows an announcement of ours other than this attempt's."""
+    return any(p.peer == me.peer and p.nonce != me.nonce for p in ready)
 
 
 async def _confirm(
@@ -263,23 +328,30 @@ async def _confirm(
     deadline = clock() + config.confirm_timeout_s  # counted from our own post
     want = set(nonces) - {me.peer}  # our own post may lag in reads
     seen: dict[bytes, bytes] = {}
-    own_post: bytes | None = None
+    stale = reposted = False
     for _ in range(config.max_polls):
         read = await _bounded(
             board.confirmations(round_key), max(deadline - clock(), config.poll_interval_s)
         )
         if read is not None:
             own_post = read.get(me.peer)
+            stale = own_post is not None and not own_post.startswith(me.nonce)
             seen = {
                 peer: post[len(nonces[peer]) :]
                 for peer, post in read.items()
                 if peer in nonces and post.startswith(nonces[peer])
             }
+            if stale and not reposted:  # an earlier run's post: once more, past it
+                reposted = True
+                await _bounded(
+                    board.confirm(round_key, me.peer, me.nonce + group.group_id, expires_at),
+                    config.board_timeout_s,
+                )
         now = clock()
-        if want <= seen.keys() or now >= deadline:
+        if (want <= seen.keys() and not stale) or now >= deadline:
             break
         await sleep(max(0.0, min(config.poll_interval_s, deadline - now)))
-    if own_post is not None and not own_post.startswith(me.nonce):
+    if stale:
         # The board kept an earlier post of ours (the store was refused): the others read
         # that one, so they will not count us in. Neither do we.
         return NoGroup("no group formed: the board kept this peer's earlier confirmation")
