@@ -122,3 +122,25 @@ def test_concurrent_calls_to_a_dead_peer_dial_once(make_runtime):
     assert time.monotonic() - start < 3
     conn = next(iter(a.pool._retired), None)
     assert conn is not None and conn._attempts == 1
+
+
+def test_a_peer_restarted_at_another_address_is_not_refused_for_its_old_ones_failures(
+    make_runtime,
+):
+    # A peer stopped and restarted on another port keeps its PeerID. While it was down,
+    # calls to its old address failed and banned it; the ban must not follow it to its
+    # new address (averaging rounds with it failed for the ban's whole length).
+    a = make_runtime(
+        health=HealthConfig(ban_threshold=2, ban_base_s=600, score_half_life_s=1e6),
+        reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
+    )
+    b = make_runtime()
+    gone = a.stub(peer_pb2_grpc.PeerStub, DEAD, peer_id=b.peer_id)
+    for _ in range(3):
+        with pytest.raises(PeerUnavailable):
+            a.run(gone.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+    with pytest.raises(PeerUnavailable, match="banned"):  # its old address stays refused
+        a.run(gone.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+    here = a.stub(peer_pb2_grpc.PeerStub, b.address, peer_id=b.peer_id)
+    assert a.run(here.Ping(peer_pb2.PingRequest(payload=b"back")), 5).payload == b"back"
+    assert not a.is_banned(b.peer_id)

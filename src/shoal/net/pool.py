@@ -111,8 +111,15 @@ class Connection:
 
     @property
     def label(self) -> str:
-        """The peer's PeerID string when known, else its address (health/traffic key)."""
+        """The peer's PeerID string when known, else its address (traffic key)."""
         return self._label
+
+    @property
+    def reach_key(self) -> str:
+        """Health key of failed dials and calls: the peer *at this address*. A peer that
+        restarts on another port (or behind another relay) is reachable again there, and
+        the failures its old address piled up while it was down must not ban it."""
+        return self._label if self.expected is None else f"{self._label}@{self.address}"
 
     def _live(self) -> bool:
         session = self.session
@@ -257,8 +264,8 @@ class ConnectionPool:
             conn = self._conns[key] = Connection(
                 address, peer_id, self._config, self._identity, self._traffic
             )
-        label = conn.label
-        if self.health.is_banned(label, now):
+        label = conn.label  # misbehaviour bans (NetRuntime.penalize) hold a peer anywhere
+        if self.health.is_banned(label, now) or self.health.is_banned(conn.reach_key, now):
             raise PeerUnavailable("peer is temporarily banned", peer=label)
         if conn._live():
             return conn
@@ -285,11 +292,11 @@ class ConnectionPool:
         return conn
 
     def succeeded(self, conn: Connection) -> None:
-        self.health.success(conn.label, self._clock())
+        self.health.success(conn.reach_key, self._clock())
 
     def failed(self, conn: Connection, exc: NetworkError) -> None:
         """Feed a failure to health; a transport failure retires the connection."""
-        self.health.failure(conn.label, self._clock())
+        self.health.failure(conn.reach_key, self._clock())
         if isinstance(exc, (PeerUnavailable, AuthenticationError)):
             self.retire(conn)
 
