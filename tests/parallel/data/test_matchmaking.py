@@ -138,17 +138,26 @@ def test_find_group_waits_the_window_then_goes_with_who_came():
 
 
 @pytest.mark.parametrize(
-    ("a_window", "b_window", "b_start", "b_ends_by", "why_a"),
+    ("a_window", "b_window", "b_start", "b_ends_by", "why_a", "why_b"),
     [
         # a waits 1 s alone and leaves; b arrives later, still sees a's entry on the board
-        (1.0, 1.0, 1.5, 1.5 + 1.0 + 2.0 + 0.5, "no other peer was ready for this round"),
+        # and waits the confirmation out (a posted nothing)
+        (1.0, 1.0, 1.5, 1.5 + 1.0 + 2.0 + 0.5, "no other peer was ready for this round", ""),
         # a's window is 5 s, b's 10 s: b closes after a gave up, still sees a's entry and,
-        # before withdrawals, a's confirmation, and started an all-reduce a never joined
-        (5.0, 10.0, 0.2, 10.2 + 0.5, "1 of 2 members confirmed the group within 2 s"),
+        # before withdrawals, a's confirmation, and started an all-reduce a never joined;
+        # a's withdrawal answers at once
+        (
+            5.0,
+            10.0,
+            0.2,
+            10.2 + 0.5,
+            "1 of 2 members confirmed the group within 2 s",
+            " (1 left or derived another group)",
+        ),
     ],
 )
 def test_a_peer_that_left_is_not_in_a_later_peers_group(
-    a_window, b_window, b_start, b_ends_by, why_a
+    a_window, b_window, b_start, b_ends_by, why_a, why_b
 ):
     a, b = _peers(2)
 
@@ -162,7 +171,9 @@ def test_a_peer_that_left_is_not_in_a_later_peers_group(
     (group_a, group_b), ended = run_virtual(main())
     assert group_a == NoGroup(f"no group formed: {why_a}")
     # without confirmation (and withdrawal) b would wait on a in an all-reduce
-    assert group_b == NoGroup("no group formed: 1 of 2 members confirmed the group within 2 s")
+    assert group_b == NoGroup(
+        f"no group formed: 1 of 2 members confirmed the group within 2 s{why_b}"
+    )
     assert ended <= b_ends_by
 
 

@@ -365,9 +365,13 @@ async def _confirm(
             config.board_timeout_s,
         )
         if len(agreed) < config.min_group_size:
+            other = sum(
+                1 for p in group.members if seen.get(p.peer, group.group_id) != group.group_id
+            )
             return NoGroup(
                 f"no group formed: {len(agreed)} of {len(group.members)} members confirmed "
                 f"the group within {config.confirm_timeout_s:g} s"
+                + (f" ({other} left or derived another group)" if other else "")
             )
         return NoGroup("no group formed: the members that confirmed are all in client mode")
     if len(agreed) == len(group.members):
