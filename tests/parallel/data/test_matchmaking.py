@@ -62,6 +62,35 @@ def test_groups_are_bounded_balanced_and_identical_for_every_view_order():
     assert form_groups(b"round-2", peers, max_group_size=4) != groups
 
 
+def test_groups_stay_within_their_size_when_few_peers_can_reduce():
+    # One peer accepts connections, twenty are clients: one group of at most 8, not 21.
+    peers = _peers(21, clients=20)
+    (group,) = form_groups(b"round-1", peers, max_group_size=8)
+    assert len(group.members) == 8 and peers[20] in group.members
+    seated = {p.peer for p in group.members}
+    (later,) = form_groups(b"round-2", peers, max_group_size=8)
+    assert {p.peer for p in later.members} != seated  # other clients get the next seats
+
+
+def test_a_client_left_without_a_seat_is_told_why():
+    peers = _peers(12, clients=11)
+    (group,) = form_groups(b"k", peers, max_group_size=4)
+    unseated = next(p for p in peers if p not in group.members)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        for p in peers:
+            if p is not unseated:
+                await board.announce(b"k", p, expires_at=100.0)
+        return await _meet(board, unseated, window_s=2.0, expected=12, max_group=4)
+
+    outcome = run_virtual(main())
+    assert outcome == NoGroup(
+        "no group formed: 12 peers were ready and only 1 accept connections, which seats "
+        "at most 4 in groups of 4; this client waits for a later round"
+    )
+
+
 def test_lonely_peer_and_client_only_groups_skip_the_round():
     assert form_groups(b"r", _peers(1), max_group_size=4) == []
     assert form_groups(b"r", _peers(3, clients=3), max_group_size=4) == []

@@ -12,8 +12,9 @@ they announce on). Two decisions, both pure functions of (state, now):
   others see instead of closing on the first two and splitting the round.
 - **Groups**: the ready peers, ordered by a hash of (round key, peer), are cut into
   ``ceil(n / max_group_size)`` groups of near-equal size; every group gets at least one
-  peer that can reduce (not in client mode) or the peers left without one join the others.
-  Every peer that sees the same announcements computes the same groups.
+  peer that can reduce (not in client mode) or the peers left without one join the others,
+  as long as that keeps groups within ``max_group_size``; the clients that do not fit skip
+  the round. Every peer that sees the same announcements computes the same groups.
 """
 
 from __future__ import annotations
@@ -162,8 +163,11 @@ def form_groups(
     servers = [p for p in ordered if not p.client_mode]
     clients = [p for p in ordered if p.client_mode]
     n_groups = max(1, min(n_groups, len(servers))) if servers else 1
+    # Groups stay within max_group_size even when few peers can reduce: the clients that
+    # do not fit (last in this round's order, so others next round) skip the round.
+    seated = (servers + clients)[: n_groups * max_group_size]
     buckets: list[list[ReadyPeer]] = [[] for _ in range(n_groups)]
-    for i, p in enumerate(servers + clients):
+    for i, p in enumerate(seated):
         buckets[i % n_groups].append(p)
     groups = []
     for bucket in buckets:

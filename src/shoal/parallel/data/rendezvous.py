@@ -72,7 +72,9 @@ class NoGroup:
     reason: str
 
 
-def _why_no_group(ready: list[ReadyPeer], me: ReadyPeer, min_group_size: int) -> NoGroup:
+def _why_no_group(
+    ready: list[ReadyPeer], me: ReadyPeer, min_group_size: int, max_group_size: int
+) -> NoGroup:
     others = sum(1 for p in ready if p.peer != me.peer)
     if others == 0:
         return NoGroup("no group formed: no other peer was ready for this round")
@@ -80,6 +82,13 @@ def _why_no_group(ready: list[ReadyPeer], me: ReadyPeer, min_group_size: int) ->
         return NoGroup(
             f"no group formed: all {others + 1} ready peers are in client mode (none accepts "
             "connections, e.g. all behind NATs); a group needs one peer that can be dialed"
+        )
+    servers = sum(1 for p in ready if not p.client_mode)
+    if me.client_mode and len(ready) > servers * max_group_size:
+        return NoGroup(
+            f"no group formed: {len(ready)} peers were ready and only {servers} accept "
+            f"connections, which seats at most {servers * max_group_size} in groups of "
+            f"{max_group_size}; this client waits for a later round"
         )
     return NoGroup(
         f"no group formed: this peer's share of the {others + 1} ready peers fell below "
@@ -296,7 +305,7 @@ async def _find_group(
     )
     mine = next((g for g in groups if any(p.peer == me.peer for p in g.members)), None)
     if mine is None:
-        return _why_no_group(ready, me, config.min_group_size)
+        return _why_no_group(ready, me, config.min_group_size, config.max_group_size)
     on_confirm(mine)
     return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
 
