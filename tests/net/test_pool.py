@@ -9,6 +9,7 @@ import pytest
 
 from shoal.errors import PeerUnavailable, ProtocolViolation
 from shoal.net.config import HealthConfig, RetryPolicy
+from shoal.net.errmap import concise
 from shoal.net.proto.v1 import peer_pb2, peer_pb2_grpc
 
 DEAD = "127.0.0.1:1"  # nothing listens on port 1
@@ -144,3 +145,24 @@ def test_a_peer_restarted_at_another_address_is_not_refused_for_its_old_ones_fai
     here = a.stub(peer_pb2_grpc.PeerStub, b.address, peer_id=b.peer_id)
     assert a.run(here.Ping(peer_pb2.PingRequest(payload=b"back")), 5).payload == b"back"
     assert not a.is_banned(b.peer_id)
+
+
+def test_a_refused_connection_reads_as_the_systems_reason(make_runtime):
+    a = make_runtime(reconnect=RetryPolicy(initial_s=0.01, max_s=0.02))
+    stub = a.stub(peer_pb2_grpc.PeerStub, DEAD)
+    with pytest.raises(PeerUnavailable) as caught:
+        a.run(stub.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+    message = str(caught.value)
+    assert "cannot connect: connection refused" in message, message
+    assert "failed to connect to all addresses" not in message
+
+
+def test_concise_keeps_what_is_not_a_connect_failure():
+    assert concise("round message too large") == "round message too large"
+    assert (
+        concise(
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:198.18.0.2:7: "
+            "Failed to connect to remote host: No route to host"
+        )
+        == "cannot connect: no route to host"
+    )

@@ -163,13 +163,13 @@ def register(app: typer.Typer) -> None:
                 )
             )
         if role != "trainer":
-            raise typer.BadParameter(f"--role must be trainer or stage, got {role!r}")
+            raise ConfigError(f"--role must be trainer or stage, got {role!r}")
         overrides = {k: v for k, v in (("n_layer", layers), ("d_model", width)) if v is not None}
         shard_index, num_shards = None, 1
         if shard:
             i, _, n = shard.partition("/")
             if not i.isdigit() or not n.isdigit():
-                raise typer.BadParameter(f"--shard must be I/N (e.g. 0/4), got {shard!r}")
+                raise ConfigError(f"--shard must be I/N (e.g. 0/4), got {shard!r}")
             shard_index, num_shards = int(i), int(n)
         from shoal.train.outer import OuterConfig
         from shoal.train.swarm_config import PeerOptions

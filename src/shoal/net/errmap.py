@@ -33,10 +33,24 @@ _BY_CODE: dict[grpc.StatusCode, type[NetworkError]] = {
 }
 
 
+_CONNECT_FAILED = "failed to connect to all addresses; last error: "
+
+
+def concise(details: str) -> str:
+    """gRPC core's connect failure text cut to the system's reason: ``failed to connect to
+    all addresses; last error: UNKNOWN: ipv4:10.0.0.1:5: Failed to connect to remote host:
+    Connection refused`` becomes ``cannot connect: connection refused``. Other details
+    (a handler's own message) are kept whole."""
+    if not details.startswith(_CONNECT_FAILED):
+        return details
+    reason = details.rsplit(": ", 1)[-1].strip()
+    return f"cannot connect: {reason[:1].lower()}{reason[1:]}" if reason else "cannot connect"
+
+
 def map_rpc_error(exc: grpc.RpcError, *, peer: str | None, method: str) -> NetworkError:
     """The Shoal error for a failed call (raise it ``from exc``)."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
+    details = concise(exc.details() if hasattr(exc, "details") else str(exc))
     cls = _BY_CODE.get(code, RemoteError)
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     return cls(f"{method}: {name}: {details}", peer=peer)
@@ -53,4 +67,4 @@ def status_of(exc: ShoalError) -> grpc.StatusCode:
     return grpc.StatusCode.FAILED_PRECONDITION
 
 
-__all__ = ["map_rpc_error", "status_of"]
+__all__ = ["concise", "map_rpc_error", "status_of"]
