@@ -58,6 +58,11 @@ class RoundsConfig:
     """Shortest window. The window learns how long peers take to gather; when everyone is
     ready at once it would shrink to nothing, and a peer that falls a little behind (a
     restart, a slow step) would then never meet the others again."""
+    window_period_fraction: float = 0.25
+    """The window is also at least this fraction of the time between this peer's last two
+    rounds. Peers that arrive together close it at once, so the wait is paid only while
+    an expected peer is missing; a peer that misses a round loses its whole period of
+    local work (it resyncs), and on a loaded machine arrival spreads grow with the period."""
     allreduce_timeout_s: float = 30.0
     """Budget of the all-reduce once the group is known."""
     min_group_size: int = 2
@@ -86,6 +91,10 @@ class RoundsConfig:
             )
         if not self.window_floor_s > 0:
             raise ConfigError(f"window_floor_s must be > 0, got {self.window_floor_s!r}")
+        if not 0 <= self.window_period_fraction <= 1:
+            raise ConfigError(
+                f"window_period_fraction must be in [0, 1], got {self.window_period_fraction!r}"
+            )
         if not self.allreduce_timeout_s > 0:
             raise ConfigError(f"allreduce_timeout_s must be > 0, got {self.allreduce_timeout_s!r}")
         if not 1 <= self.min_group_size <= self.max_group_size:
@@ -220,6 +229,8 @@ class SwarmRounds:
         """The contributors of the last successful round, as a group (for :meth:`again`)."""
         self._retry_keys: OrderedDict[bytes, bytes] = OrderedDict()
         """Round key -> the key its retry uses, for keys whose all-reduce failed here."""
+        self._last_start: float | None = None
+        """When the last :meth:`average` began (monotonic): the round period."""
         self.match = cfg.match  # the same settings round_deadline_s adds up
 
     async def average(
@@ -242,6 +253,8 @@ class SwarmRounds:
             round_key = self._retry_keys[round_key]
         t0 = time.monotonic()
         cfg = self.config
+        period_s = 0.0 if self._last_start is None else t0 - self._last_start
+        self._last_start = t0
         bandwidth = announced_bandwidth(self.uplink_bps or cfg.bandwidth_prior_bps)
         address = None if cfg.client_mode else self.own_address()
         me = ReadyPeer(
@@ -262,6 +275,7 @@ class SwarmRounds:
                 config=self.match,
                 clock=time.time,
                 on_confirm=confirmed.append,
+                min_window_s=cfg.window_period_fraction * period_s,
             )
             if isinstance(group, Group):
                 confirmed.append(group)  # the agreed group: perhaps a subset of the one confirmed

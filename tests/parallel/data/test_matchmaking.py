@@ -28,9 +28,11 @@ def test_window_follows_history_within_floor_and_cap():
     for _ in range(50):
         est.observe(0.01)
     assert est.window_s() == 0.5
+    assert est.window_s(at_least_s=4.0) == 4.0  # e.g. a share of the round period
     for _ in range(50):
         est.observe(100.0)
     assert est.window_s() == 30.0
+    assert est.window_s(at_least_s=45.0) == 30.0  # the cap still holds
     jittery = FormationEstimator(FormationConfig(cap_s=60.0))
     for i in range(50):
         jittery.observe(1.0 if i % 2 else 3.0)
@@ -417,3 +419,38 @@ def test_a_peer_cancelled_after_confirming_leaves_the_word_to_its_caller():
 
     before, after = run_virtual(main())
     assert before[a.peer] == after[a.peer] and not after[a.peer].endswith(b"\0")
+
+
+def test_a_window_learned_from_fast_fills_still_waits_its_minimum_for_a_late_peer():
+    # Peers used to arrive together, so the estimator shrank the window to its floor; a
+    # peer slowed by load arrives 3 s late. The caller's minimum (a share of the round
+    # period) keeps the window open for it instead of splitting the round.
+    a, b, late = _peers(3)
+
+    async def main(min_window_s):
+        board = MemoryBoard(_loop_time)
+
+        async def meet(p, start_at=0.0):
+            await asyncio.sleep(start_at)
+            est = FormationEstimator(FormationConfig(initial_s=1.0, floor_s=1.0))
+            for _ in range(20):
+                est.observe(0.05)
+            return await find_group(
+                board,
+                b"k",
+                p,
+                expected_peers=3,
+                estimator=est,
+                config=MatchConfig(poll_interval_s=0.25, confirm_timeout_s=2.0),
+                clock=_loop_time,
+                min_window_s=min_window_s,
+            )
+
+        return await asyncio.gather(meet(a), meet(b), meet(late, start_at=3.0))
+
+    without = run_virtual(main(0.0))
+    assert isinstance(without[0], Group) and len(without[0].members) == 2
+    assert isinstance(without[2], NoGroup)
+    with_minimum = run_virtual(main(5.0))
+    assert all(isinstance(g, Group) and len(g.members) == 3 for g in with_minimum)
+    assert len({g.group_id for g in with_minimum}) == 1

@@ -83,13 +83,14 @@ class FormationEstimator:
         self.deviation_s = (1 - a) * self.deviation_s + a * abs(fill_time_s - self.mean_s)
         self.mean_s = (1 - a) * self.mean_s + a * fill_time_s
 
-    def window_s(self) -> float:
-        """How long the next window stays open at most."""
+    def window_s(self, at_least_s: float = 0.0) -> float:
+        """How long the next window stays open at most; ``at_least_s`` raises the floor
+        for this window (still within the cap)."""
         c = self.config
-        if self.mean_s is None:
-            return c.initial_s
-        proposed = self.mean_s + c.deviation_factor * self.deviation_s
-        return min(c.cap_s, max(c.floor_s, proposed))
+        proposed = c.initial_s
+        if self.mean_s is not None:
+            proposed = self.mean_s + c.deviation_factor * self.deviation_s
+        return min(c.cap_s, max(c.floor_s, at_least_s, proposed))
 
 
 def window_closed(

@@ -197,8 +197,11 @@ async def find_group(
     clock: Callable[[], float],
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     on_confirm: Callable[[Group], None] | None = None,
+    min_window_s: float = 0.0,
 ) -> Group | NoGroup:
     """Announce, wait for the window to close, and return this peer's group (or why not).
+
+    The window is ``estimator``'s, but at least ``min_window_s`` (within its cap).
 
     ``on_confirm(group)`` is called just before this peer confirms ``group``: from then on
     the others may start its all-reduce counting on this peer, so a caller that gives up
@@ -209,7 +212,7 @@ async def find_group(
     mistakes the last attempt's confirmations, or a departed peer's entry, for agreement.
     """
     opened_at = clock()
-    window_s = estimator.window_s()
+    window_s = estimator.window_s(at_least_s=min_window_s)
     me = replace(me, expected=expected_peers, nonce=os.urandom(NONCE_BYTES))
     confirming: list[Group] = []  # from then on, the caller's leave speaks for us
 
