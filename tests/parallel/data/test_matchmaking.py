@@ -171,9 +171,16 @@ def test_find_group_waits_the_window_then_goes_with_who_came():
 @pytest.mark.parametrize(
     ("a_window", "b_window", "b_start", "b_ends_by", "why_a", "why_b"),
     [
-        # a waits 1 s alone and leaves; b arrives later, still sees a's entry on the board
-        # and waits the confirmation out (a posted nothing)
-        (1.0, 1.0, 1.5, 1.5 + 1.0 + 2.0 + 0.5, "no other peer was ready for this round", ""),
+        # a waits 1 s alone and leaves; b arrives later, still sees a's entry on the board,
+        # and a's withdrawal answers for it: b does not wait out the 2 s confirmation
+        (
+            1.0,
+            1.0,
+            1.5,
+            1.5 + 1.0 + 0.5,
+            "no other peer was ready for this round",
+            " (1 left or derived another group)",
+        ),
         # a's window is 5 s, b's 10 s: b closes after a gave up, still sees a's entry and,
         # before withdrawals, a's confirmation, and started an all-reduce a never joined;
         # a's withdrawal answers at once

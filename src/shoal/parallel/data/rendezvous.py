@@ -19,12 +19,11 @@ until every member it expects has posted one, and keeps only the members that de
 *same* group. Everyone who derived group G keeps the same subset of G, so the confirmed
 group (whose id is derived from the subset) is identical at all its members, except when a
 confirmation reached one member and not another before the deadline; then the round fails
-for those two, quickly, instead of costing a whole all-reduce timeout. A peer that already
-left (it closed its window alone) never confirms and is dropped; one whose confirmation
-failed withdraws it, so a member whose window closes later does not pick it. A peer
-cancelled before confirming (it is stopping) posts a withdrawal too, which the others
-count as its answer: they go on without it at their next read instead of waiting out
-the confirmation timeout.
+for those two, quickly, instead of costing a whole all-reduce timeout. A peer whose
+confirmation failed withdraws it, so a member whose window closes later does not pick it.
+A peer that leaves before confirming (it closed its window alone, or it is stopping) posts
+a withdrawal too, which the others count as its answer: they go on without it at their
+next read instead of waiting out the confirmation timeout.
 
 A restarted peer meets under the key its earlier run was last announced on, with the same
 subkey, and the DHT keeps the earlier run's records (they expire later). When a read shows
@@ -42,6 +41,7 @@ can take beyond its window).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
@@ -222,7 +222,7 @@ async def find_group(
             on_confirm(group)
 
     try:
-        return await _find_group(
+        found = await _find_group(
             board,
             round_key,
             me,
@@ -239,11 +239,27 @@ async def find_group(
         # Gone before confirming: post a withdrawal, so members that put us in their group
         # count us out at their next read instead of after the whole confirmation timeout.
         if not confirming:
-            withdraw = board.confirm(
-                round_key, me.peer, me.nonce + _WITHDRAWN, expires_at=clock() + 60.0
-            )
-            await _bounded(withdraw, config.board_timeout_s)
+            with contextlib.suppress(Exception):  # best effort: the cancellation goes on
+                await _withdraw(board, round_key, me, config=config, clock=clock)
         raise
+    if isinstance(found, NoGroup) and not confirming:
+        # Leaving without a group (e.g. alone when the window closed): a peer that arrives
+        # later still sees our entry, and must not wait for our confirmation.
+        await _withdraw(board, round_key, me, config=config, clock=clock)
+    return found
+
+
+async def _withdraw(
+    board: RendezvousBoard,
+    round_key: bytes,
+    me: ReadyPeer,
+    *,
+    config: MatchConfig,
+    clock: Callable[[], float],
+) -> None:
+    """Post that this attempt takes part in no group under ``round_key`` (bounded)."""
+    post = board.confirm(round_key, me.peer, me.nonce + _WITHDRAWN, expires_at=clock() + 60.0)
+    await _bounded(post, config.board_timeout_s)
 
 
 async def _find_group(
