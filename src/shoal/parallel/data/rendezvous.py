@@ -157,10 +157,11 @@ class MatchConfig:
 
     @property
     def overrun_s(self) -> float:
-        """Longest :func:`find_group` can take beyond its window: the own announcement,
-        the last read, the own confirmation, the confirmation phase and its last read (a
-        withdrawal after a failed confirmation adds one more write, but no round follows)."""
-        return 3 * self.board_timeout_s + self.confirm_timeout_s + self.poll_interval_s
+        """Longest :func:`find_group` can take beyond its window: the own announcement and
+        its one re-post over an earlier run's, the last read, the own confirmation and its
+        one re-post, the confirmation phase and its last read (a withdrawal when no group
+        formed adds one more write, but no round follows)."""
+        return 5 * self.board_timeout_s + self.confirm_timeout_s + self.poll_interval_s
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_group_size <= self.max_group_size:
