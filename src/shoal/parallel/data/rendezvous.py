@@ -157,11 +157,11 @@ class MatchConfig:
 
     @property
     def overrun_s(self) -> float:
-        """Longest :func:`find_group` can take beyond its window: the own announcement and
-        its one re-post over an earlier run's, the last read, the own confirmation and its
-        one re-post, the confirmation phase and its last read (a withdrawal when no group
-        formed adds one more write, but no round follows)."""
-        return 5 * self.board_timeout_s + self.confirm_timeout_s + self.poll_interval_s
+        """Longest :func:`find_group` can take beyond its window: the own announcement, its
+        one re-post over an earlier run's and the read after it, the last read, the own
+        confirmation and its one re-post, the confirmation phase and its last read (a
+        withdrawal when no group formed adds one more write, but no round follows)."""
+        return 6 * self.board_timeout_s + self.confirm_timeout_s + self.poll_interval_s
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_group_size <= self.max_group_size:
@@ -214,6 +214,9 @@ async def find_group(
     """
     opened_at = clock()
     window_s = estimator.window_s(at_least_s=min_window_s)
+    # The entry lives until the next window would close (a slow closer still sees it), and
+    # a withdrawal must outlive the entry it answers for.
+    entry_expires_at = opened_at + 2 * window_s + 1.0
     me = replace(me, expected=expected_peers, nonce=os.urandom(NONCE_BYTES))
     confirming: list[Group] = []  # from then on, the caller's leave speaks for us
 
@@ -229,6 +232,7 @@ async def find_group(
             me,
             opened_at=opened_at,
             window_s=window_s,
+            expires_at=entry_expires_at,
             expected_peers=expected_peers,
             estimator=estimator,
             config=config,
@@ -241,25 +245,21 @@ async def find_group(
         # count us out at their next read instead of after the whole confirmation timeout.
         if not confirming:
             with contextlib.suppress(Exception):  # best effort: the cancellation goes on
-                await _withdraw(board, round_key, me, config=config, clock=clock)
+                await _withdraw(board, round_key, me, max(entry_expires_at, clock() + 60.0), config)
         raise
     if isinstance(found, NoGroup) and not confirming:
         # Leaving without a group (e.g. alone when the window closed): a peer that arrives
         # later still sees our entry, and must not wait for our confirmation.
-        await _withdraw(board, round_key, me, config=config, clock=clock)
+        with contextlib.suppress(Exception):  # best effort: the reason stays the real one
+            await _withdraw(board, round_key, me, max(entry_expires_at, clock() + 60.0), config)
     return found
 
 
 async def _withdraw(
-    board: RendezvousBoard,
-    round_key: bytes,
-    me: ReadyPeer,
-    *,
-    config: MatchConfig,
-    clock: Callable[[], float],
+    board: RendezvousBoard, round_key: bytes, me: ReadyPeer, expires_at: float, config: MatchConfig
 ) -> None:
     """Post that this attempt takes part in no group under ``round_key`` (bounded)."""
-    post = board.confirm(round_key, me.peer, me.nonce + _WITHDRAWN, expires_at=clock() + 60.0)
+    post = board.confirm(round_key, me.peer, me.nonce + _WITHDRAWN, expires_at=expires_at)
     await _bounded(post, config.board_timeout_s)
 
 
@@ -270,6 +270,7 @@ async def _find_group(
     *,
     opened_at: float,
     window_s: float,
+    expires_at: float,
     expected_peers: int,
     estimator: FormationEstimator,
     config: MatchConfig,
@@ -278,7 +279,6 @@ async def _find_group(
     on_confirm: Callable[[Group], None],
 ) -> Group | NoGroup:
     closes_at = opened_at + window_s
-    expires_at = closes_at + window_s + 1.0
     await _bounded(board.announce(round_key, me, expires_at=expires_at), config.board_timeout_s)
     ready: list[ReadyPeer] = []
     reads = 0
@@ -370,29 +370,34 @@ async def _confirm(
                 for peer, post in read.items()
                 if peer in nonces and post.startswith(nonces[peer])
             }
-            if stale and not reposted:  # an earlier run's post: once more, past it
+            if stale and reposted:
+                break  # our re-post was refused too: the others cannot count us in
+            if stale:  # an earlier run's post: once more, past it (then like the first)
                 reposted = True
                 await _bounded(
                     board.confirm(round_key, me.peer, me.nonce + group.group_id, expires_at),
                     config.board_timeout_s,
                 )
+                # Counted as posted until a read says otherwise: should the re-post land
+                # unread, the others count us in and so must we.
+                stale = False
+                continue
         now = clock()
-        if (want <= seen.keys() and not stale) or now >= deadline:
+        if want <= seen.keys() or now >= deadline:
             break
         await sleep(max(0.0, min(config.poll_interval_s, deadline - now)))
     if stale:
         # The board kept an earlier post of ours (the store was refused): the others read
-        # that one, so they will not count us in. Neither do we.
+        # that one, so they will not count us in. Neither do we; and should our re-post
+        # land after all, a withdrawal expiring later follows it.
+        await _withdraw(board, round_key, me, expires_at + 1.0, config)
         return NoGroup("no group formed: the board kept this peer's earlier confirmation")
     seen[me.peer] = group.group_id
     agreed = tuple(p for p in group.members if seen.get(p.peer) == group.group_id)
     if len(agreed) < config.min_group_size or all(p.client_mode for p in agreed):
         # Take back our confirmation: a member whose window closes later must not start an
         # all-reduce with us (a later expiry, or the DHT keeps the older record).
-        await _bounded(
-            board.confirm(round_key, me.peer, me.nonce + _WITHDRAWN, expires_at=expires_at + 1),
-            config.board_timeout_s,
-        )
+        await _withdraw(board, round_key, me, expires_at + 1.0, config)
         if len(agreed) < config.min_group_size:
             other = sum(
                 1 for p in group.members if seen.get(p.peer, group.group_id) != group.group_id
