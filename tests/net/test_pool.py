@@ -153,7 +153,7 @@ def test_a_refused_connection_reads_as_the_systems_reason(make_runtime):
     with pytest.raises(PeerUnavailable) as caught:
         a.run(stub.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
     message = str(caught.value)
-    assert "cannot connect: connection refused" in message, message
+    assert f"cannot connect to {DEAD}: connection refused" in message, message
     assert "failed to connect to all addresses" not in message
 
 
@@ -164,5 +164,24 @@ def test_concise_keeps_what_is_not_a_connect_failure():
             "failed to connect to all addresses; last error: UNKNOWN: ipv4:198.18.0.2:7: "
             "Failed to connect to remote host: No route to host"
         )
-        == "cannot connect: no route to host"
+        == "cannot connect to 198.18.0.2:7: no route to host"
     )
+
+
+def test_what_a_peer_answers_counts_against_it_wherever_it_is(make_runtime):
+    # Failed dials ban an address, but errors and garbage a peer answers with must not be
+    # shed by announcing another port.
+    a = make_runtime(health=HealthConfig(ban_threshold=2, ban_base_s=600, score_half_life_s=1e6))
+    b = make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address, peer_id=b.peer_id)
+    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
+    conn = a.pool._conns[(b.address, b.peer_id.raw)]
+
+    async def fail(exc):
+        for _ in range(2):
+            a.pool.failed(conn, exc)
+
+    a.run(fail(PeerUnavailable("connection reset")), 5)
+    assert not a.is_banned(b.peer_id)  # only its address is refused
+    a.run(fail(ProtocolViolation("malformed reply")), 5)
+    assert a.is_banned(b.peer_id)

@@ -34,17 +34,22 @@ _BY_CODE: dict[grpc.StatusCode, type[NetworkError]] = {
 
 
 _CONNECT_FAILED = "failed to connect to all addresses; last error: "
+_TARGET_SCHEMES = ("ipv4:", "ipv6:", "unix:")
 
 
 def concise(details: str) -> str:
     """gRPC core's connect failure text cut to the system's reason: ``failed to connect to
     all addresses; last error: UNKNOWN: ipv4:10.0.0.1:5: Failed to connect to remote host:
-    Connection refused`` becomes ``cannot connect: connection refused``. Other details
+    Connection refused`` becomes ``cannot connect to 10.0.0.1:5: connection refused``
+    (the address tells an old port from a new one). Other details
     (a handler's own message) are kept whole."""
     if not details.startswith(_CONNECT_FAILED):
         return details
-    reason = details.rsplit(": ", 1)[-1].strip()
-    return f"cannot connect: {reason[:1].lower()}{reason[1:]}" if reason else "cannot connect"
+    parts = details[len(_CONNECT_FAILED) :].split(": ")
+    target = next((p.split(":", 1)[1] for p in parts if p.startswith(_TARGET_SCHEMES)), "")
+    reason = parts[-1].strip()
+    head = f"cannot connect to {target}" if target else "cannot connect"
+    return f"{head}: {reason[:1].lower()}{reason[1:]}" if reason else head
 
 
 def map_rpc_error(exc: grpc.RpcError, *, peer: str | None, method: str) -> NetworkError:

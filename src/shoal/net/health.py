@@ -4,7 +4,8 @@ Each failed call adds ``failure_weight`` to the peer's score; the score halves e
 ``score_half_life_s``. A score reaching ``ban_threshold`` bans the peer for
 ``ban_base_s * 2**(n-1)`` (capped at ``ban_max_s``) where n counts its bans within
 ``ban_memory_s``; the score restarts at zero. A success halves the score. Routing (the
-pool, and layers above via ``is_banned``) skips banned peers.
+pool, and layers above via ``is_banned``) skips banned peers. Keys are labels: the pool
+scores failed dials under ``peer@address`` and what a peer answered under its PeerID.
 """
 
 from __future__ import annotations

@@ -264,9 +264,11 @@ class ConnectionPool:
             conn = self._conns[key] = Connection(
                 address, peer_id, self._config, self._identity, self._traffic
             )
-        label = conn.label  # misbehaviour bans (NetRuntime.penalize) hold a peer anywhere
-        if self.health.is_banned(label, now) or self.health.is_banned(conn.reach_key, now):
+        label = conn.label  # misbehaviour bans hold a peer anywhere
+        if self.health.is_banned(label, now):
             raise PeerUnavailable("peer is temporarily banned", peer=label)
+        if self.health.is_banned(conn.reach_key, now):
+            raise PeerUnavailable(f"peer is temporarily banned at {address}", peer=label)
         if conn._live():
             return conn
         backoff = self._backoff.get(address)
@@ -295,8 +297,15 @@ class ConnectionPool:
         self.health.success(conn.reach_key, self._clock())
 
     def failed(self, conn: Connection, exc: NetworkError) -> None:
-        """Feed a failure to health; a transport failure retires the connection."""
-        self.health.failure(conn.reach_key, self._clock())
+        """Feed a failure to health; a transport failure retires the connection.
+
+        Unreachable, silent or someone else answering (``PeerUnavailable``,
+        ``PeerTimeout``, ``AuthenticationError``) counts against the peer at this address;
+        what the peer itself answered (an error status, a malformed reply) counts against
+        it wherever it is, so another port evades nothing.
+        """
+        unreachable = isinstance(exc, (PeerUnavailable, PeerTimeout, AuthenticationError))
+        self.health.failure(conn.reach_key if unreachable else conn.label, self._clock())
         if isinstance(exc, (PeerUnavailable, AuthenticationError)):
             self.retire(conn)
 

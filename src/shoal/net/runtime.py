@@ -272,7 +272,8 @@ class NetRuntime:
         return self.health.failure(peer.to_string(), time.monotonic(), weight)
 
     def is_banned(self, peer: PeerID) -> bool:
-        """Whether calls to ``peer`` are currently refused."""
+        """Whether ``peer`` is banned wherever it is (misbehaviour, see :meth:`penalize`,
+        and errors it answered with). Failed dials ban only the address they went to."""
         return self.health.is_banned(peer.to_string(), time.monotonic())
 
     def spawn(self, coro: Coroutine[Any, Any, T], *, name: str | None = None) -> asyncio.Task[T]:
