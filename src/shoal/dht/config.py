@@ -85,6 +85,11 @@ class DHTConfig:
     """The bootstrap addresses are pinged again this often (one attempt) and our own ID looked
     up through those that answer, so a node that dropped every contact on the far side of a
     partition finds them again once it heals. 0 disables it."""
+    seed_check_s: float = 10.0
+    """While a bootstrap address's peer is missing from the routing table (it restarted
+    with an empty table, or it failed and was dropped), or no bootstrap address ever
+    answered, the bootstrap addresses are pinged this often (one attempt, no lookup). 0
+    leaves it to ``rejoin_interval_s``."""
     limits: RecordLimits = field(default_factory=RecordLimits)
 
     def __post_init__(self) -> None:
@@ -102,10 +107,11 @@ class DHTConfig:
             "refresh_interval_s",
             "maintenance_period_s",
         )
-        if self.rejoin_interval_s < 0:
-            raise ConfigError(
-                f"DHTConfig.rejoin_interval_s must be >= 0 (0 disables), got {self.rejoin_interval_s!r}"
-            )
+        for name in ("rejoin_interval_s", "seed_check_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"DHTConfig.{name} must be >= 0 (0 disables), got {getattr(self, name)!r}"
+                )
         if self.alpha > self.k:
             raise ConfigError(f"DHTConfig.alpha must be <= k ({self.k}), got {self.alpha}")
         if self.slow_rpc_s > self.rpc_timeout_s:

@@ -17,6 +17,11 @@ out) the node:
    failed during a partition were dropped from the table and nothing else would re-learn
    them, so without this the two sides of a healed partition stay strangers.
 
+Between rounds, every ``seed_check_s``, a node whose bootstrap peers are missing from its
+table pings the bootstrap addresses again: a seed peer that restarted (it joined through
+nobody, so its table is empty) is otherwise cut off until the next re-join, and every peer
+that knows it only through the seed with it.
+
 Failures of one step are logged by the task owner and never stop the loop.
 """
 
@@ -36,17 +41,25 @@ _MAX_REFRESH_PER_ROUND = 2
 
 
 async def maintain(node: DHTNode) -> None:
-    """Run maintenance rounds until cancelled."""
-    period = node.config.maintenance_period_s
-    await asyncio.sleep(node.rng.uniform(0, period))
+    """Run maintenance rounds, and seed checks between them, until cancelled."""
+    cfg = node.config
+    loop = asyncio.get_running_loop()
+    period, check = cfg.maintenance_period_s, cfg.seed_check_s
+    tick = min(period, check) if check > 0 else period
+    next_round = loop.time() + node.rng.uniform(0, period)
     while True:
+        await asyncio.sleep(max(0.0, min(next_round, loop.time() + tick) - loop.time()))
         try:
-            await maintenance_round(node)
+            now = loop.time()
+            if now >= next_round:
+                next_round = now + period * node.rng.uniform(0.9, 1.1)
+                await maintenance_round(node)
+            elif check > 0 and now - node.joined_at >= check and node.seeds_missing():
+                await node.rejoin(lookup=False)
         except asyncio.CancelledError:
             raise
         except Exception:
             _log.exception("dht maintenance round failed")
-        await asyncio.sleep(period * node.rng.uniform(0.9, 1.1))
 
 
 async def maintenance_round(node: DHTNode) -> None:

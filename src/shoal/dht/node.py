@@ -33,7 +33,7 @@ from shoal.dht.storage import RecordStore
 from shoal.dht.transport import DHTTransport, FindValueAnswer, StoreAnswer
 from shoal.errors import ConfigError, NetworkError, PeerUnavailable
 from shoal.net.config import RetryPolicy
-from shoal.net.identity import PEER_ID_BYTES, Identity
+from shoal.net.identity import PEER_ID_BYTES, Identity, PeerID
 from shoal.net.tasks import TaskSet
 
 __all__ = ["DHTNode", "merge_records"]
@@ -83,11 +83,15 @@ class DHTNode:
         """Records this node wrote, with the loop time of their last publication."""
         self.tasks = TaskSet(f"dht {identity.peer_id.short()}", failure_log_level=logging.WARNING)
         self.started_at = 0.0
+        """Loop time of ``start`` (buckets never looked up count as refreshed then)."""
         self.seeds: tuple[str, ...] = ()
-        """Bootstrap addresses of the last successful join; maintenance re-joins through them."""
+        """Bootstrap addresses of the last join (even a failed one); maintenance re-joins
+        through them."""
+        self.seed_peers: set[PeerID] = set()
+        """Peers that answered at ``seeds``: while one is missing from the routing table
+        (it restarted, or failed and was dropped), maintenance pings the seeds sooner."""
         self.joined_at = 0.0
         """Loop time of the last join attempt through ``seeds``."""
-        """Loop time of ``start`` (buckets never looked up count as refreshed then)."""
         self._closed = False
 
     # ----------------------------------------------------------------- handlers
@@ -117,17 +121,19 @@ class DHTNode:
 
     # ---------------------------------------------------------------- public API
     async def bootstrap(self, addresses: Sequence[str], policy: RetryPolicy | None = None) -> int:
-        """Join via any answering address, then look up our own ID; returns table size."""
-        contacts = await join(self, addresses, policy or BOOTSTRAP_RETRY)
+        """Join via any answering address, then look up our own ID; returns table size.
+
+        The addresses are kept even when none answers: maintenance keeps trying them."""
         self.seeds = tuple(addresses)
         self.joined_at = asyncio.get_running_loop().time()
-        for contact in contacts:
-            self._observe(contact)
+        contacts = await join(self, addresses, policy or BOOTSTRAP_RETRY)
+        self._met_seeds(contacts)
         await self.lookup(self.table.own_id)
         return len(self.table)
 
-    async def rejoin(self) -> bool:
-        """One quick join through ``seeds`` (see ``DHTConfig.rejoin_interval_s``).
+    async def rejoin(self, *, lookup: bool = True) -> bool:
+        """One quick join through ``seeds`` (see ``DHTConfig.rejoin_interval_s``), then a
+        lookup of our own ID unless ``lookup`` is False.
 
         Returns whether any seed answered; never raises for unreachable seeds.
         """
@@ -138,10 +144,24 @@ class DHTNode:
             contacts = await join(self, self.seeds, REJOIN_RETRY)
         except PeerUnavailable:
             return False
+        self._met_seeds(contacts)
+        if lookup:
+            await self.lookup(self.table.own_id)
+        return True
+
+    def seeds_missing(self) -> bool:
+        """Whether a seed never answered, or a peer that answered at one is not in the
+        routing table now. A seed peer restarted with an empty table (it joined through
+        nobody) learns of the swarm only from the peers that joined through it."""
+        if not self.seeds:
+            return False
+        known = {c.peer_id for c in self.table.contacts()}
+        return not self.seed_peers or not self.seed_peers <= known
+
+    def _met_seeds(self, contacts: Sequence[Contact]) -> None:
         for contact in contacts:
             self._observe(contact)
-        await self.lookup(self.table.own_id)
-        return True
+        self.seed_peers = {c.peer_id for c in contacts}
 
     async def store(
         self, key: bytes, value: bytes, expires_at: float, subkey: bytes | None = None
