@@ -88,6 +88,11 @@ def test_a_peer_keeps_its_unaveraged_progress_across_a_restart(tmp_path: Path) -
     assert order.index(("round", 10)) < order.index(("step", 10))
     written = [f["step"] for e, f in events if e == "checkpoint"]
     assert written[-1] == 25  # the steps after the last round too
+    # ...and it says that no round was applied: after a restart, swarm state of any step
+    # above that is taken (it used to count as fresh as step 25, so a peer that had trained
+    # alone for long kept its stale outer state and never met the swarm again)
+    saved = load_latest_valid(checkpoint_root(opts.run_dir))
+    assert saved is not None and saved.step == 25 and saved.meta["applied_step"] == 0
     events.clear()
     assert run_peer(replace(opts, steps=26), threading.Event(), emit) == 0
     recovered = next(f for e, f in events if e == "recovered")
@@ -131,3 +136,4 @@ def test_progress_written_but_not_served_stays_off_the_swarm(tmp_path: Path) -> 
         data_seed=7,
     )
     assert restored.step == 15 and not restored.averaged
+    assert restored.applied_step == 15  # by default, the snapshot's own step

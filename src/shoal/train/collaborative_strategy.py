@@ -174,7 +174,13 @@ class SyncStrategy:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
+    @property
+    def applied_step(self) -> int:
+        return self.trainer.step  # a sync step is a round: nothing runs ahead of the swarm
+
+    def load_state(
+        self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
+    ) -> bool:
         self.sync.step = self.trainer.step
         return True
 

@@ -110,8 +110,10 @@ class DiLoCoStrategy:
         extra = self.lowrank.state_tensors() if self.lowrank is not None else {}
         return {**self.diloco.state_tensors(), **extra}
 
-    def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
-        self.applied_step = self.trainer.step
+    def load_state(
+        self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
+    ) -> bool:
+        self.applied_step = applied_step  # steps trained alone since make nothing fresher
         if self.lowrank is not None:
             self.lowrank.load_state_tensors(tensors)
         return self.diloco.load_state(tensors, round_index)

@@ -83,10 +83,12 @@ class StreamingStrategy:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.streaming.state_tensors()
 
-    def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
+    def load_state(
+        self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
+    ) -> bool:
         self.streaming.step = self.trainer.step
         self.streaming.round_index = round_index
-        self.applied_step = self.trainer.step
+        self.applied_step = applied_step
         return self.streaming.load_state(tensors)
 
     def close(self) -> None:

@@ -186,7 +186,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
             trainer.step = restored.step
         strategy = _make_strategy(opts, trainer, services, stop)
         if restored is not None:
-            strategy.load_state(restored.strategy, restored.round_index)
+            strategy.load_state(restored.strategy, restored.round_index, restored.applied_step)
         emit(
             "recovered",
             source=source.value,
@@ -207,6 +207,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                 model_shape=shape,
                 data_seed=seed_for_data,
                 averaged=averaged,
+                applied_step=s.applied_step,
             )
 
         def on_saved(saved: Any) -> None:

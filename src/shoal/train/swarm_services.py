@@ -153,7 +153,7 @@ class TrainersView:
 
     def alone_reason(self) -> str:
         """Why no round can form, for a peer no other live peer can average with."""
-        why = "alone: no other live peer trains with these settings"
+        why = "alone: no other live peer found that trains with these settings"
         if not self.other_scopes:
             return why
         diffs = sorted({scope_difference(self.scope, s) or s for s in self.other_scopes})

@@ -43,6 +43,10 @@ class Restored:
     averaged: bool = True
     """The state is what the swarm agreed on (taken after an applied round), not local
     progress since: only such state may be served to other peers."""
+    applied_step: int = 0
+    """Step of the last round applied (``step`` for averaged state): a peer restarted from
+    local progress takes swarm state fresher than this, not than ``step``; steps trained
+    alone do not make its outer state any fresher."""
 
 
 def snapshot_peer(
@@ -57,6 +61,7 @@ def snapshot_peer(
     model_shape: dict[str, Any],
     data_seed: int,
     averaged: bool = True,
+    applied_step: int | None = None,
 ) -> Snapshot:
     """CPU snapshot of a swarm peer (compute thread); ``averaged=False`` marks local
     progress the swarm has not averaged (see :attr:`Restored.averaged`)."""
@@ -68,6 +73,7 @@ def snapshot_peer(
         "mode": mode,
         "round_index": round_index,
         "averaged": averaged,
+        "applied_step": step if applied_step is None else applied_step,
         "data": {
             "batches_drawn": data["batches_drawn"],
             "shard_index": windows.shard_index,
@@ -119,7 +125,10 @@ def restore_peer(
         )
     strategy = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
     averaged = ckpt.meta.get("averaged", True) is not False
-    return Restored(ckpt.step, int(ckpt.meta.get("round_index", 0)), strategy, averaged)
+    applied = ckpt.meta.get("applied_step", ckpt.step)
+    if type(applied) is not int or not 0 <= applied <= ckpt.step:
+        applied = ckpt.step
+    return Restored(ckpt.step, int(ckpt.meta.get("round_index", 0)), strategy, averaged, applied)
 
 
 def fetch_from_swarm(
