@@ -63,7 +63,9 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
         view = first.runtime.run(first.fresh_view(), timeout_s=10.0)
         assert view.compatible == 1 and len(view.other_scopes) == 1
         reason = view.alone_reason()
-        assert reason.startswith("alone: no other live peer found that trains with these settings; ")
+        assert reason.startswith(
+            "alone: no other live peer found that trains with these settings; "
+        )
         assert (
             "1 live diloco peer uses other settings: codec=fp16 (here: diloco codec=int8" in reason
         )
