@@ -36,18 +36,24 @@ from shoal.net.config import RetryPolicy
 from shoal.net.identity import PEER_ID_BYTES, Identity, PeerID
 from shoal.net.tasks import TaskSet
 
-__all__ = ["DHTNode", "merge_records"]
+__all__ = ["DHTNode", "freshest_by_subkey", "merge_records"]
+
+
+def freshest_by_subkey(records: Sequence[Record]) -> dict[bytes, Record]:
+    """Per subkey, the record the DHT keeps: the one that expires last (ties: signature)."""
+    best: dict[bytes, Record] = {}
+    for rec in records:
+        old = best.get(rec.subkey)
+        if old is None or (rec.expires_at, rec.signature) > (old.expires_at, old.signature):
+            best[rec.subkey] = rec
+    return best
 
 
 def merge_records(records: Sequence[Record]) -> bytes | dict[bytes, bytes] | None:
     """Freshest value per slot: plain key -> bytes, dictionary key -> {subkey: value}."""
     if not records:
         return None
-    best: dict[bytes, Record] = {}
-    for rec in records:
-        old = best.get(rec.subkey)
-        if old is None or (rec.expires_at, rec.signature) > (old.expires_at, old.signature):
-            best[rec.subkey] = rec
+    best = freshest_by_subkey(records)
     if b"" in best and len(best) == 1:
         return best[b""].value
     return {sub: rec.value for sub, rec in best.items() if sub}

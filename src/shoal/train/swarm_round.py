@@ -332,6 +332,11 @@ class SwarmRounds:
             included=included,
         )
 
+    def skipped(self) -> None:
+        """A round was not tried (no peer to average with): the round period restarts now,
+        so the first window after a lonely spell is not stretched by its length."""
+        self._last_start = time.monotonic()
+
     async def _leave(self, group: Group) -> None:
         """Tell ``group``'s members that this peer leaves its round (a subset of the group
         that agreed without us runs under another id and ignores it)."""

@@ -132,6 +132,7 @@ async def swarm_average(
     """
     view = await services.fresh_view()
     if view.compatible <= 1:
+        rounds.skipped()
         return RoundOutcome(False, reason=view.alone_reason(), skipped=True)
     # The board's keys travel in every matchmaking call: the scope goes in as a short hash.
     scope_tag = hashlib.blake2b(services.scope.encode(), digest_size=6).hexdigest()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgpack
 
+from shoal.dht.node import freshest_by_subkey
 from shoal.parallel.data.matchmaking import NONCE_BYTES, ReadyPeer
 
 if TYPE_CHECKING:
@@ -105,15 +106,8 @@ class DhtBoard:
     async def _read(self, key: bytes, parse: Callable[[bytes, bytes], T | None]) -> dict[bytes, T]:
         """Subkey -> parsed value of every entry under ``key`` that parses (per subkey, the
         record the DHT keeps: the one that expires last)."""
-        freshest: dict[bytes, Record] = {}
-        for record in await self.dht.get_records(key):
-            old = freshest.get(record.subkey)
-            newer = old is None or (record.expires_at, record.signature) > (
-                old.expires_at,
-                old.signature,
-            )
-            if record.subkey and newer:
-                freshest[record.subkey] = record
+        freshest = freshest_by_subkey(await self.dht.get_records(key))
+        freshest.pop(b"", None)  # a plain value is no board entry
         own = freshest.get(self._own) if self._own is not None else None
         if own is not None:  # perhaps written by an earlier run of this peer
             self._remember(key, own.expires_at)

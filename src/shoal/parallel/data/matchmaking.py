@@ -165,7 +165,7 @@ def form_groups(
     clients = [p for p in ordered if p.client_mode]
     n_groups = max(1, min(n_groups, len(servers))) if servers else 1
     # Groups stay within max_group_size even when few peers can reduce: the clients that
-    # do not fit (last in this round's order, so others next round) skip the round.
+    # do not fit (last in this key's order; the next round's key orders them anew) skip.
     seated = (servers + clients)[: n_groups * max_group_size]
     buckets: list[list[ReadyPeer]] = [[] for _ in range(n_groups)]
     for i, p in enumerate(seated):
