@@ -272,3 +272,28 @@ def test_a_peer_stopped_right_after_confirming_its_group_is_not_waited_for():
             assert outcome.seconds["allreduce"] < 8.0, outcome.seconds
         assert torch.allclose(vectors[0], torch.full((NUMEL,), 0.5))
         assert took < 40.0
+
+
+def test_the_window_is_at_least_a_share_of_the_round_period():
+    # Peers that used to arrive together shrink the learned window to its floor; under
+    # load a late peer then misses the round and loses its local work. The window is at
+    # least a quarter of the time between this peer's rounds (here nobody comes, so the
+    # round shows how long the window stayed open).
+    with _swarm(1) as (runtimes, dhts):
+        cfg = RoundsConfig(wire_codec="none", window_initial_s=0.5, window_floor_s=0.5)
+        rounds = SwarmRounds(runtimes[0], dhts[0].node, swarm="t", config=cfg)
+        vector = torch.zeros(8)
+
+        def window_of(key: bytes) -> float:
+            outcome = runtimes[0].run(
+                rounds.average(vector, 1.0, round_key=key, expected_peers=2), timeout_s=30.0
+            )
+            assert not outcome.ok
+            return outcome.seconds["matchmaking"]
+
+        assert window_of(b"r0") < 1.5
+        rounds._last_start = time.monotonic() - 8.0  # the last round began 8 s ago
+        assert window_of(b"r1") >= 2.0  # a quarter of 8 s
+        rounds._last_start = time.monotonic() - 8.0
+        rounds.skipped()  # a round skipped just now restarts the period
+        assert window_of(b"r2") < 1.5
