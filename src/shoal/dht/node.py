@@ -167,7 +167,9 @@ class DHTNode:
     def _met_seeds(self, contacts: Sequence[Contact]) -> None:
         for contact in contacts:
             self._observe(contact)
-        self.seed_peers = {c.peer_id for c in contacts}
+        # Kept across joins: a seed peer that did not answer this time (it is restarting)
+        # is still one to look for.
+        self.seed_peers |= {c.peer_id for c in contacts}
 
     async def store(
         self, key: bytes, value: bytes, expires_at: float, subkey: bytes | None = None
