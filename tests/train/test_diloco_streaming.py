@@ -171,6 +171,8 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     s.stale = True
     s._resync()
     assert not s.stale and s.applied == [3, 2]
+    # the next round line says so (it used to read resynced=False whatever was adopted)
+    assert s._take_resynced() and not s._take_resynced()
     assert all(
         torch.equal(a, b) for a, b in zip(s.outers[0].master, donor.outers[0].master, strict=True)
     )

@@ -113,6 +113,8 @@ class StreamingDiLoCo:
         self.samples = [0] * len(self.groups)
         self.pending: _Pending | None = None
         self.stale = False
+        self.resynced = False
+        """A resync adopted swarm state since the last report (the next one says so)."""
         self.round_index = 0
         """Fragment rounds finished (ok or not)."""
         self.applied = [0] * len(self.groups)
@@ -182,7 +184,12 @@ class StreamingDiLoCo:
             outcome.weight,
             outcome.reason,
             dict(outcome.seconds),
+            resynced=self._take_resynced(),
         )
+
+    def _take_resynced(self) -> bool:
+        resynced, self.resynced = self.resynced, False
+        return resynced
 
     def _resync(self) -> None:
         state = self.resync() if self.resync is not None else None
@@ -196,6 +203,7 @@ class StreamingDiLoCo:
             if not outer.keeping_progress(self.fragment_params(f), load):
                 return
             self.applied[f] = theirs if theirs is not None else self.applied[f]
+            self.resynced = True
         self.stale = False
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
