@@ -7,8 +7,7 @@ records with subkeys (key = round key, subkey = peer id) provide it in a swarm;
 
 ``find_group`` announces this peer, polls the board until the window closes (everyone
 expected is ready, or the window from :class:`FormationEstimator` ran out), then derives
-the groups with :func:`form_groups` from what it saw. The window learns when the last
-peer that came arrived, not how long it stayed open. "Everyone expected" is the largest
+the groups with :func:`form_groups` from what it saw. "Everyone expected" is the largest
 count of live trainers among the entries read, this peer's own included, capped at the
 group size: one peer with a stale membership view cannot close the window early.
 
@@ -284,18 +283,11 @@ async def _find_group(
     ready: list[ReadyPeer] = []
     reads = 0
     announcements = 1
-    # When the last peer that came arrived: what the estimator learns. A window that runs
-    # out waiting for a peer that never comes (dead, or on another key) says nothing about
-    # how long peers take to gather, and learning its full length grew every next window
-    # (3, 4.5, 8, 14 s ... up to the cap) for as long as that peer stayed in the views.
-    filled_at, most = opened_at, 0
     for _ in range(config.max_polls):
         read_s = max(closes_at - clock(), 0.0) + config.board_timeout_s
         read = await _bounded(board.entries(round_key), read_s)
         if read is not None:  # a late read keeps the last one
             ready, reads = read, reads + 1
-            if len(ready) > most:
-                filled_at, most = clock(), len(ready)
             if announcements == 1 and _stale(ready, me):
                 # The board kept an earlier announcement of ours (a run of this peer
                 # before a restart): announce once more, past what the board holds.
@@ -320,7 +312,7 @@ async def _find_group(
             f"no group formed: no read of the board finished within the window "
             f"({window_s:.3g} s) plus {config.board_timeout_s:g} s"
         )
-    estimator.observe(filled_at - opened_at)
+    estimator.observe(clock() - opened_at)
     if _stale(ready, me):
         # The board kept our earlier announcement (the store was refused): every group id
         # the others derive holds its nonce, and our confirmation could never match.
