@@ -282,16 +282,16 @@ async def _find_group(
     await _bounded(board.announce(round_key, me, expires_at=expires_at), config.board_timeout_s)
     ready: list[ReadyPeer] = []
     reads = 0
-    announcements = 1
+    reannounced = False
     for _ in range(config.max_polls):
         read_s = max(closes_at - clock(), 0.0) + config.board_timeout_s
         read = await _bounded(board.entries(round_key), read_s)
         if read is not None:  # a late read keeps the last one
             ready, reads = read, reads + 1
-            if announcements == 1 and _stale(ready, me):
+            if not reannounced and _stale(ready, me):
                 # The board kept an earlier announcement of ours (a run of this peer
                 # before a restart): announce once more, past what the board holds.
-                announcements += 1
+                reannounced = True
                 announce = board.announce(round_key, me, expires_at=expires_at)
                 await _bounded(announce, config.board_timeout_s)
                 continue  # and read again before the window may close on the stale read
