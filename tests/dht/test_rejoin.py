@@ -1,6 +1,7 @@
 """Maintenance re-joins through the bootstrap addresses, so a healed partition reconnects."""
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -110,3 +111,72 @@ def test_a_failed_first_join_is_tried_again():
         return found
 
     assert run_virtual(scenario())
+
+
+def _count_pings(node) -> list[float]:
+    """Loop times at which ``node`` pinged a bootstrap address."""
+    times: list[float] = []
+    ping = node.transport.ping_address
+
+    async def counted(address, *, timeout_s):
+        times.append(asyncio.get_running_loop().time())
+        return await ping(address, timeout_s=timeout_s)
+
+    node.transport.ping_address = counted
+    return times
+
+
+def test_a_seed_gone_for_good_is_pinged_ever_less_often():
+    # It used to be pinged every seed_check_s (10 s) for as long as the node ran.
+    async def scenario():
+        cl = make_cluster(maintenance=True, seed_check_s=10.0, rejoin_interval_s=60.0)
+        seed = await cl.add_node()
+        joiner = await cl.add_node(join_via=1)
+        await cl.add_node(join_via=2)  # someone else to know
+        pings = _count_pings(joiner)
+        await cl.kill(seed)
+        for _ in range(cl.config.max_failures):
+            joiner.table.failed(seed.contact)
+        assert joiner.seeds_missing()
+        await asyncio.sleep(600.0)  # virtual time
+        await cl.close()
+        await joiner.close()
+        return pings
+
+    pings = run_virtual(scenario())
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    # a few checks sooner, then about one per re-join (60 s); a join's retry within a
+    # second of its first try is the same attempt
+    spaced = [g for g in gaps if g > 2.0]
+    assert 1 <= len([g for g in spaced if g < 50.0]) <= 3, gaps
+    assert len(spaced) <= 14 and all(g > 5.0 for g in spaced), gaps
+
+
+def test_a_seed_back_under_a_new_identity_counts_as_found():
+    # Its old identity was looked for forever: the seed check never stopped.
+    async def scenario():
+        cl = make_cluster(maintenance=True, seed_check_s=10.0)
+        seed = await cl.add_node()
+        joiner = await cl.add_node(join_via=1)
+        address = seed.contact.address
+        await cl.kill(seed)
+        for _ in range(cl.config.max_failures):
+            joiner.table.failed(seed.contact)
+        other = cl.make_node(serve=False)  # a new identity...
+        reborn = DHTNode(
+            other.identity,
+            cl.network.transport(None),
+            address=address,  # ...at the old address
+            config=cl.config,
+            wall_clock=cl.wall_clock,
+        )
+        reborn.transport = cl.network.transport(reborn.contact)
+        cl.network.listen(reborn.contact, reborn)
+        reborn.start()
+        await asyncio.sleep(25.0)
+        result = joiner.seeds_missing(), reborn.contact in joiner.table
+        await reborn.close()
+        await cl.close()
+        return result
+
+    assert run_virtual(scenario()) == (False, True)

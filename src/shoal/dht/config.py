@@ -88,8 +88,9 @@ class DHTConfig:
     seed_check_s: float = 10.0
     """While a bootstrap address's peer is missing from the routing table (it restarted
     with an empty table, or it failed and was dropped), or no bootstrap address ever
-    answered, the bootstrap addresses are pinged this often (one attempt, no lookup). 0
-    leaves it to ``rejoin_interval_s``."""
+    answered, the bootstrap addresses are pinged this often (one attempt, no lookup); each
+    check that does not bring the seed back doubles the wait, up to ``rejoin_interval_s``.
+    0 leaves it to ``rejoin_interval_s``."""
     limits: RecordLimits = field(default_factory=RecordLimits)
 
     def __post_init__(self) -> None:

@@ -20,7 +20,10 @@ out) the node:
 Between rounds, every ``seed_check_s``, a node whose bootstrap peers are missing from its
 table pings the bootstrap addresses again: a seed peer that restarted (it joined through
 nobody, so its table is empty) is otherwise cut off until the next re-join, and every peer
-that knows it only through the seed with it.
+that knows it only through the seed with it. A seed that stays missing (gone for good, or
+left out of a full bucket) is pinged half as often after each check that did not bring it
+back, down to once per ``rejoin_interval_s`` (or 5 minutes); once none is missing, checks start over at
+``seed_check_s``.
 
 Failures of one step are logged by the task owner and never stop the loop.
 """
@@ -47,6 +50,8 @@ async def maintain(node: DHTNode) -> None:
     period, check = cfg.maintenance_period_s, cfg.seed_check_s
     tick = min(period, check) if check > 0 else period
     next_round = loop.time() + node.rng.uniform(0, period)
+    # A seed that stays missing is checked ever less often, down to the re-join's pace.
+    seed_wait_s, slowest_s = check, max(check, cfg.rejoin_interval_s or 300.0)
     while True:
         await asyncio.sleep(max(0.0, min(next_round, loop.time() + tick) - loop.time()))
         try:
@@ -54,8 +59,11 @@ async def maintain(node: DHTNode) -> None:
             if now >= next_round:
                 next_round = now + period * node.rng.uniform(0.9, 1.1)
                 await maintenance_round(node)
-            elif check > 0 and now - node.joined_at >= check and node.seeds_missing():
+            elif check > 0 and not node.seeds_missing():
+                seed_wait_s = check
+            elif check > 0 and now - node.joined_at >= seed_wait_s:
                 await node.rejoin(lookup=False)
+                seed_wait_s = min(2.0 * seed_wait_s, slowest_s)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -93,9 +93,10 @@ class DHTNode:
         self.seeds: tuple[str, ...] = ()
         """Bootstrap addresses of the last join (even a failed one); maintenance re-joins
         through them."""
-        self.seed_peers: set[PeerID] = set()
-        """Peers that answered at ``seeds``: while one is missing from the routing table
-        (it restarted, or failed and was dropped), maintenance pings the seeds sooner."""
+        self.seed_peers: dict[str, PeerID] = {}
+        """Seed address -> the peer that last answered there: while one is missing from
+        the routing table (it restarted, or failed and was dropped), maintenance pings the
+        seeds sooner. A seed restarted under a new identity replaces its old one."""
         self.joined_at = 0.0
         """Loop time of the last join attempt through ``seeds``."""
         self._closed = False
@@ -162,14 +163,14 @@ class DHTNode:
         if not self.seeds:
             return False
         known = {c.peer_id for c in self.table.contacts()}
-        return not self.seed_peers or not self.seed_peers <= known
+        return not self.seed_peers or not set(self.seed_peers.values()) <= known
 
     def _met_seeds(self, contacts: Sequence[Contact]) -> None:
         for contact in contacts:
             self._observe(contact)
         # Kept across joins: a seed peer that did not answer this time (it is restarting)
         # is still one to look for.
-        self.seed_peers |= {c.peer_id for c in contacts}
+        self.seed_peers.update({c.address: c.peer_id for c in contacts})
 
     async def store(
         self, key: bytes, value: bytes, expires_at: float, subkey: bytes | None = None
