@@ -164,13 +164,16 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     donor.applied = [3, 1]
     donor.outers[0].master = [m + 1.0 for m in donor.outers[0].master]  # ahead on fragment 0
     donor.outers[1].master = [m - 5.0 for m in donor.outers[1].master]  # behind on fragment 1
-    state = ResyncState(round_index=8, tensors=donor.state_tensors(), step=30)
-    s = _streaming(params, Launcher(), resync=lambda: state)
+    tensors = donor.state_tensors()
+    tensors["outer.in_flight"] = torch.tensor([0, 25])  # its round of fragment 0 in flight
+    state = ResyncState(round_index=8, tensors=tensors, step=30)
+    s = _streaming(params, Launcher(), resync=lambda _: state)
     s.applied = [2, 2]
     own_f1 = [m.clone() for m in s.outers[1].master]
     s.stale = True
     s._resync()
     assert not s.stale and s.applied == [3, 2]
+    assert s.unsettled == {0: 25}  # taken while in flight: asked for again at its launch
     # the next round line says so (it used to read resynced=False whatever was adopted)
     assert s._take_resynced() and not s._take_resynced()
     assert all(
@@ -180,3 +183,55 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     # the counts travel with checkpoints too
     restored = _streaming(_model(), Launcher())
     assert restored.load_state(s.state_tensors()) and restored.applied == [3, 2]
+
+
+def test_a_peer_restored_mid_round_resyncs_before_it_launches_the_fragment_that_was_in_flight() -> (
+    None
+):
+    # Snapshots are taken right after a round applies, when the next fragment's round has
+    # just been launched. A joiner restored from one met the swarm on that fragment's old
+    # round key (only the members' stale entries stood there) and failed its first round.
+    donor_launch = Launcher()
+    donor = _streaming(_model(), donor_launch)
+    donor.after_local_step(8)
+    donor.after_local_step(8)  # fragment 0 launched at step 2, still in flight
+    snapshot = donor.state_tensors()
+    donor_launch.futures[0].set_result(RoundOutcome(True, group_size=2, weight=16.0))
+    donor.after_local_step(8)  # the swarm applies it after the snapshot was taken
+    assert donor.applied == [1, 0]
+    swarm = ResyncState(round_index=1, tensors=donor.state_tensors(), step=3)
+
+    asked: list[tuple[int, int | None]] = []
+
+    def resync(newer_than: int | None) -> ResyncState:
+        asked.append((joiner.step, newer_than))
+        return swarm
+
+    def alone(vector, weight, index, fragment, fp):  # rounds that change nothing
+        fut: concurrent.futures.Future[RoundOutcome] = concurrent.futures.Future()
+        fut.set_result(RoundOutcome(False, reason="alone", skipped=True))
+        return fut
+
+    joiner = _streaming(_model(), alone, resync=resync)
+    assert joiner.load_state(snapshot) and joiner.unsettled == {0: 2} and joiner.applied == [0, 0]
+    joiner.step = 2
+    joiner.after_local_step(8)
+    joiner.after_local_step(8)  # step 4: fragment 1 launched; it was not in flight
+    assert asked == []
+    for _ in range(2):
+        joiner.after_local_step(8)  # step 6: fragment 0 -> resync first
+    # newer than the step the donor launched it at: the joiner's own step counts for
+    # nothing (its rounds of other fragments make its state look fresh)
+    assert asked == [(6, 2)] and joiner.applied[0] == 1 and joiner.unsettled == {}
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(joiner.outers[0].master, donor.outers[0].master, strict=True)
+    )
+    for _ in range(4):
+        joiner.after_local_step(8)  # settled: the next launch of fragment 0 asks nothing
+    assert asked == [(6, 2)]
+    # snapshots without the mark (older ones, or none in flight) ask for nothing
+    assert _streaming(_model(), Launcher()).load_state(donor.state_tensors())
+    legacy = {k: v for k, v in snapshot.items() if k != "outer.in_flight"}
+    restored = _streaming(_model(), Launcher())
+    assert restored.load_state(legacy) and restored.unsettled == {}

@@ -26,6 +26,14 @@ Each fragment counts the rounds it applied (``outer.<f>.applied`` in snapshots).
 peer keeps applying the other fragments' rounds and its snapshots look fresh, while the
 fragment it missed is behind; so a resync adopts a fragment only from a donor that applied
 more of its rounds, never rolling back one the swarm already took.
+
+A snapshot is taken right after a round is applied, often just as the next fragment's
+round is launched: the swarm then applies that round moments after the snapshot. So a
+snapshot names the fragment in flight and the step it was launched at
+(``outer.in_flight``). A peer that takes that fragment from it (a restore, or a resync that
+adopts it) asks again before it launches the fragment itself, for a snapshot newer than
+that step. Without this, a joiner met the members on that fragment's previous round key,
+where only their old entries stood, and failed its first round of it.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from shoal.train.swarm_round import RoundOutcome, wait_outcome
 __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
 
 
+_IN_FLIGHT = "outer.in_flight"
 LaunchFn = Callable[[torch.Tensor, float, int, int, str], "concurrent.futures.Future[RoundOutcome]"]
 
 
@@ -91,11 +100,13 @@ class StreamingDiLoCo:
         mix_alpha: float,
         outer: OuterConfig,
         launch: LaunchFn,
-        resync: Callable[[], ResyncState | None] | None = None,
+        resync: Callable[[int | None], ResyncState | None] | None = None,
         wait_timeout_s: float = 120.0,
         stop: threading.Event | None = None,
     ) -> None:
-        """``stop``: once set, a round waited for is abandoned (cancelled, counted failed)
+        """``resync(newer_than)``: the swarm's outer state if a donor holds a snapshot newer
+        than step ``newer_than`` (None: newer than the last round this peer applied).
+        ``stop``: once set, a round waited for is abandoned (cancelled, counted failed)
         instead of being waited for up to ``wait_timeout_s``."""
         self.params = list(params)
         self.stop = stop
@@ -119,6 +130,10 @@ class StreamingDiLoCo:
         """Fragment rounds finished (ok or not)."""
         self.applied = [0] * len(self.groups)
         """Rounds each fragment applied (or adopted from a donor that had applied them)."""
+        self.unsettled: dict[int, int] = {}
+        """Fragment -> step: this peer took the fragment from a snapshot whose round of it
+        was in flight since that step (the swarm has most likely applied it since). Before
+        the fragment's next launch, a snapshot newer than that step is asked for."""
 
     def fragment_params(self, f: int) -> list[torch.Tensor]:
         return [self.params[i] for i in self.groups[f]]
@@ -146,8 +161,9 @@ class StreamingDiLoCo:
         return [self._finish()] if self.pending is not None else []
 
     def _launch(self, f: int) -> None:
-        if self.stale:
-            self._resync()
+        since = self.unsettled.pop(f, None)
+        if self.stale or since is not None:
+            self._resync(since)
         outer = self.outers[f]
         delta = outer.pseudo_gradient(self.fragment_params(f))
         index = (self.step - self.offsets[f]) // self.local_steps
@@ -191,11 +207,12 @@ class StreamingDiLoCo:
         resynced, self.resynced = self.resynced, False
         return resynced
 
-    def _resync(self) -> None:
-        state = self.resync() if self.resync is not None else None
+    def _resync(self, newer_than: int | None = None) -> None:
+        state = self.resync(newer_than) if self.resync is not None else None
         if state is None:
             return
         donor = _applied_counts(state.tensors, len(self.outers))
+        in_flight = _in_flight(state.tensors, len(self.outers))
         for f, (outer, theirs) in enumerate(zip(self.outers, donor, strict=True)):
             if theirs is not None and theirs <= self.applied[f]:
                 continue  # ours is as recent: adopting could undo a round we applied
@@ -204,6 +221,8 @@ class StreamingDiLoCo:
                 return
             self.applied[f] = theirs if theirs is not None else self.applied[f]
             self.resynced = True
+            if in_flight is not None and in_flight[0] == f:
+                self.unsettled[f] = in_flight[1]
         self.stale = False
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -211,6 +230,9 @@ class StreamingDiLoCo:
         for f, outer in enumerate(self.outers):
             out.update(outer.state_tensors(prefix=f"outer.{f}"))
             out[f"outer.{f}.applied"] = torch.tensor(self.applied[f], dtype=torch.int64)
+        p = self.pending
+        in_flight = [p.fragment, p.launched_at] if p is not None else [-1, 0]
+        out[_IN_FLIGHT] = torch.tensor(in_flight, dtype=torch.int64)
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> bool:
@@ -219,7 +241,19 @@ class StreamingDiLoCo:
         )
         if ok:
             self.applied = [n or 0 for n in _applied_counts(tensors, len(self.outers))]
+            in_flight = _in_flight(tensors, len(self.outers))
+            self.unsettled = dict([in_flight]) if in_flight is not None else {}
         return ok
+
+
+def _in_flight(tensors: dict[str, torch.Tensor], fragments: int) -> tuple[int, int] | None:
+    """The fragment a snapshot says was in flight when it was taken, and the step it was
+    launched at (None: none, or no valid mark, e.g. a snapshot from before the mark)."""
+    t = tensors.get(_IN_FLIGHT)
+    if t is None or t.shape != (2,) or t.is_floating_point():
+        return None
+    f, since = (int(v) for v in t)
+    return (f, since) if 0 <= f < fragments and since >= 0 else None
 
 
 def _applied_counts(tensors: dict[str, torch.Tensor], fragments: int) -> list[int | None]:

@@ -57,8 +57,9 @@ class StreamingStrategy:
             swarm_average(self.services, self.rounds, vector, weight, key)
         )
 
-    def _resync(self) -> ResyncState | None:
-        state = resync_from_swarm(self.services, self.mode, newer_than=self.applied_step)
+    def _resync(self, newer_than: int | None) -> ResyncState | None:
+        since = self.applied_step if newer_than is None else newer_than
+        state = resync_from_swarm(self.services, self.mode, newer_than=since)
         if state is not None:  # taken as applied: the next resync wants fresher state
             self.applied_step = max(self.applied_step, state.step)
         return state
