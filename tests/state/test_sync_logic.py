@@ -10,7 +10,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.errors import ProtocolViolation, RemoteError
+from shoal.errors import ConfigError, ProtocolViolation, RemoteError
 from shoal.net.identity import Identity
 from shoal.net.proto.v1 import state_pb2
 from shoal.state.announce import (
@@ -74,6 +74,42 @@ def test_parse_announcements_drops_malformed_entries():
     found = parse_announcements(value)
     assert [(a.peer_id, a.step, a.version) for a in found] == [(IDS[0], 7, "abc")]
     assert parse_announcements(None) == [] and parse_announcements(b"plain") == []
+
+
+def test_choose_donors_ahead_of_progress_counts_ignores_steps():
+    # Steps are each peer's own count: the peer that applied a round the others missed
+    # had the lowest step of all, and a resync asking by step never found it.
+    ann = [
+        Announcement(IDS[0], 900, "a", "h:1", 1, (5, 7, 5)),  # as far as the caller
+        Announcement(IDS[1], 640, "b", "h:2", 1, (5, 8, 5)),  # one round of fragment 1 more
+        Announcement(IDS[2], 950, "c", "h:3", 1, (6, 9, 4)),  # two more, one fewer
+        Announcement(IDS[3], 999, "d", "h:4", 1, None),  # counts nothing
+        Announcement(IDS[4], 999, "e", "h:5", 1, (9, 9)),  # another shape
+    ]
+    choice = choose_donors(ann, ahead_of=[5, 7, 5], rng=random.Random(0))
+    assert (choice.step, choice.version) == (950, "c")
+    assert [(f.step, f.version) for f in choice.fallbacks] == [(640, "b")]
+    assert choose_donors(ann, ahead_of=[6, 9, 5]) is None  # nobody is ahead
+    assert choose_donors(ann).version == "d"  # without counts: freshest step
+
+
+def test_progress_counts_travel_in_announcements_and_bad_ones_are_refused():
+    value = {
+        IDS[0].raw: encode_announcement(7, "abc", "h:1", 10, progress=[3, 0, 2]),
+        IDS[1].raw: msgpack.packb({"s": 1, "v": "x", "a": "h:1", "b": 1, "p": [1, -1]}),
+        IDS[2].raw: msgpack.packb({"s": 1, "v": "x", "a": "h:1", "b": 1, "p": [1.5]}),
+        IDS[3].raw: msgpack.packb({"s": 1, "v": "x", "a": "h:1", "b": 1, "p": list(range(65))}),
+        IDS[4].raw: msgpack.packb({"s": 1, "v": "x", "a": "h:1", "b": 1, "p": "3"}),
+        IDS[5].raw: encode_announcement(8, "def", "h:2", 10),
+    }
+    found = parse_announcements(value)
+    assert [(a.peer_id, a.progress) for a in found] == [(IDS[0], (3, 0, 2)), (IDS[5], None)]
+    with pytest.raises(ConfigError, match="progress"):
+        encode_announcement(1, "x", "h:1", 1, progress=[True])
+    # a snapshot's meta carries them to the announcement
+    snap = _snap()
+    snap.meta["progress"] = [4, 4]
+    assert prepare(snap).progress == (4, 4) and prepare(_snap()).progress is None
 
 
 @given(st.lists(st.integers(0, 5000), min_size=1, max_size=6), st.integers(1, 9000))

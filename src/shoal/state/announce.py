@@ -1,12 +1,17 @@
 """Donor announcements in the DHT, and the pure choice of donors a joiner downloads from.
 
 Every donor stores, under ``state_key(swarm)`` with its own PeerID as subkey, a small msgpack
-map ``{"s": step, "v": version, "a": address, "b": total_bytes}`` that expires after
+map ``{"s": step, "v": version, "a": address, "b": total_bytes}`` (plus ``"p"``, the
+snapshot's progress counts, when its strategy keeps them) that expires after
 ``ttl_s`` and is refreshed every ``ttl_s / 3`` and whenever a newer snapshot is ready
 (``StateAnnouncer``). A joiner reads the dictionary, drops malformed entries
 (``parse_announcements``), and ``choose_donors`` picks the freshest step, the version most
 donors hold at that step, and up to ``max_donors`` of them; the others stay as spares, and
 the next snapshots in that order are fallbacks for when none of them can serve.
+
+Steps are each peer's own count and drift apart between peers; progress counts (e.g. the
+rounds each streaming fragment applied) compare across peers. A peer that may have missed
+a round asks ``choose_donors(ahead_of=its counts)`` for a snapshot ahead of it somewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,7 +31,7 @@ import msgpack
 from shoal.errors import ConfigError, ShoalError
 from shoal.net.aio import within
 from shoal.net.identity import PEER_ID_BYTES, PeerID
-from shoal.state.snapshot import ServedSnapshot
+from shoal.state.snapshot import MAX_PROGRESS, ServedSnapshot, valid_progress
 
 __all__ = [
     "Announcement",
@@ -60,12 +65,23 @@ class Announcement:
     version: str
     address: str
     total_bytes: int
+    progress: tuple[int, ...] | None = None
+    """The snapshot's progress counts (None: its strategy keeps none)."""
 
 
-def encode_announcement(step: int, version: str, address: str, total_bytes: int) -> bytes:
-    value: bytes = msgpack.packb(
-        {"s": step, "v": version, "a": address, "b": total_bytes}, use_bin_type=True
-    )
+def encode_announcement(
+    step: int,
+    version: str,
+    address: str,
+    total_bytes: int,
+    progress: Sequence[int] | None = None,
+) -> bytes:
+    doc: dict[str, Any] = {"s": step, "v": version, "a": address, "b": total_bytes}
+    if progress is not None:
+        if not valid_progress(progress):
+            raise ConfigError(f"progress must be 1 to {MAX_PROGRESS} ints in [0, 2**53]")
+        doc["p"] = list(progress)
+    value: bytes = msgpack.packb(doc, use_bin_type=True)
     return value
 
 
@@ -73,9 +89,18 @@ def _parse_one(subkey: bytes, value: bytes) -> Announcement | None:
     if len(subkey) < PEER_ID_BYTES or not isinstance(value, bytes) or len(value) > _MAX_VALUE_BYTES:
         return None
     try:
-        doc = msgpack.unpackb(value, raw=False, max_str_len=_MAX_ADDRESS_CHARS, max_map_len=8)
+        doc = msgpack.unpackb(
+            value,
+            raw=False,
+            max_str_len=_MAX_ADDRESS_CHARS,
+            max_map_len=8,
+            max_array_len=MAX_PROGRESS,
+        )
         step, version, address, total = doc["s"], doc["v"], doc["a"], doc["b"]
-    except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+        progress = doc.get("p")
+    except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException):
+        return None
+    if progress is not None and not valid_progress(progress):
         return None
     if not (isinstance(step, int) and step >= 0 and isinstance(total, int) and total >= 0):
         return None
@@ -87,7 +112,8 @@ def _parse_one(subkey: bytes, value: bytes) -> Announcement | None:
         peer_id = PeerID.from_bytes(subkey[:PEER_ID_BYTES])
     except Exception:  # not a valid public key
         return None
-    return Announcement(peer_id, step, version, address, total)
+    counts = tuple(progress) if progress is not None else None
+    return Announcement(peer_id, step, version, address, total, counts)
 
 
 def parse_announcements(value: bytes | Mapping[bytes, bytes] | None) -> list[Announcement]:
@@ -125,16 +151,30 @@ def choose_donors(
     max_donors: int = 3,
     max_fallbacks: int = 3,
     rng: random.Random | None = None,
+    ahead_of: Sequence[int] | None = None,
 ) -> DonorChoice | None:
     """Freshest step, then the version most donors hold (ties: smallest version string);
-    the next ``max_fallbacks`` snapshots in that order go in ``fallbacks``."""
+    the next ``max_fallbacks`` snapshots in that order go in ``fallbacks``.
+
+    With ``ahead_of`` (the caller's progress counts), only snapshots whose counts are
+    ahead of those somewhere are candidates, most rounds gained first, then by step."""
     by_snapshot: dict[tuple[int, str], list[Announcement]] = {}
+    gain: dict[tuple[int, str], int] = {}
     for a in announcements:
-        if exclude is None or a.peer_id != exclude:
-            by_snapshot.setdefault((a.step, a.version), []).append(a)
+        if exclude is not None and a.peer_id == exclude:
+            continue
+        if ahead_of is not None:
+            ahead = _rounds_ahead(a.progress, ahead_of)
+            if ahead <= 0:
+                continue
+            gain[a.step, a.version] = ahead
+        by_snapshot.setdefault((a.step, a.version), []).append(a)
     if not by_snapshot:
         return None
-    ranked = sorted(by_snapshot, key=lambda sv: (-sv[0], -len(by_snapshot[sv]), sv[1]))
+    ranked = sorted(
+        by_snapshot,
+        key=lambda sv: (-gain.get(sv, 0), -sv[0], -len(by_snapshot[sv]), sv[1]),
+    )
     rng = rng or random.Random()
     choices = []
     for step, version in ranked[: 1 + max_fallbacks]:
@@ -142,6 +182,14 @@ def choose_donors(
         rng.shuffle(donors)
         choices.append(DonorChoice(step, version, donors[:max_donors], donors[max_donors:]))
     return replace(choices[0], fallbacks=tuple(choices[1:]))
+
+
+def _rounds_ahead(theirs: tuple[int, ...] | None, ours: Sequence[int]) -> int:
+    """Rounds a snapshot with counts ``theirs`` holds that ``ours`` lacks (0: none, or
+    counts of another shape)."""
+    if theirs is None or len(theirs) != len(ours):
+        return 0
+    return sum(max(0, t - o) for t, o in zip(theirs, ours, strict=True))
 
 
 class StateAnnouncer:
@@ -186,7 +234,9 @@ class StateAnnouncer:
         served = self.provider()
         if served is None:
             return False
-        value = encode_announcement(served.step, served.version, self.address, served.total_bytes)
+        value = encode_announcement(
+            served.step, served.version, self.address, served.total_bytes, served.progress
+        )
         await within(
             self.dht.node.store(self.key, value, time.time() + self.ttl_s, subkey=b""),
             self.store_timeout_s,

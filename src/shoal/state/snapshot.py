@@ -67,6 +67,19 @@ class ManifestLimits:
                 raise ConfigError(f"ManifestLimits.{name} must be a positive int, got {value!r}")
 
 
+MAX_PROGRESS = 64
+"""Most progress counts a snapshot announces (e.g. one per streaming fragment)."""
+
+
+def valid_progress(counts: Any) -> bool:
+    """Whether ``counts`` can be announced: a list of 1 to 64 ints in [0, 2**53]."""
+    return (
+        isinstance(counts, (list, tuple))
+        and 0 < len(counts) <= MAX_PROGRESS
+        and all(type(c) is int and 0 <= c <= 2**53 for c in counts)
+    )
+
+
 def chunk_count(byte_length: int, chunk_bytes: int) -> int:
     return -(-byte_length // chunk_bytes)
 
@@ -78,6 +91,9 @@ class ServedSnapshot:
     manifest: state_pb2.StateManifest
     tensors: tuple[torch.Tensor, ...]
     views: tuple[memoryview, ...]
+    progress: tuple[int, ...] | None = None
+    """The snapshot's progress counts (``meta["progress"]``), announced with it: they
+    compare across peers where steps do not (see ``shoal.state.announce``)."""
 
     @property
     def step(self) -> int:
@@ -139,7 +155,13 @@ def prepare(snapshot: Snapshot, *, chunk_bytes: int = MiB) -> ServedSnapshot:
         sort_keys=True,
     )
     manifest.version = manifest_version(manifest)
-    return ServedSnapshot(manifest=manifest, tensors=tuple(tensors), views=tuple(views))
+    counts: Any = snapshot.meta.get("progress")
+    return ServedSnapshot(
+        manifest=manifest,
+        tensors=tuple(tensors),
+        views=tuple(views),
+        progress=tuple(counts) if valid_progress(counts) else None,
+    )
 
 
 def check_manifest(manifest: state_pb2.StateManifest, limits: ManifestLimits) -> None:

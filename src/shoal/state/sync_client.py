@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -376,11 +376,21 @@ async def download(
 
 
 async def find_donors(
-    dht: Any, key: bytes, config: SyncConfig, exclude: Any = None
+    dht: Any,
+    key: bytes,
+    config: SyncConfig,
+    exclude: Any = None,
+    ahead_of: Sequence[int] | None = None,
 ) -> DonorChoice | None:
-    """Read the announcements under ``key`` and choose donors (None when nobody announces)."""
+    """Read the announcements under ``key`` and choose donors (None when nobody announces,
+    or, with ``ahead_of``, when no snapshot is ahead of those progress counts)."""
     value = await within(dht.node.get(key), config.dht_timeout_s)
-    return choose_donors(parse_announcements(value), exclude=exclude, max_donors=config.max_donors)
+    return choose_donors(
+        parse_announcements(value),
+        exclude=exclude,
+        max_donors=config.max_donors,
+        ahead_of=ahead_of,
+    )
 
 
 async def sync_from_swarm(

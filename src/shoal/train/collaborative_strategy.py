@@ -178,6 +178,10 @@ class SyncStrategy:
     def applied_step(self) -> int:
         return self.trainer.step  # a sync step is a round: nothing runs ahead of the swarm
 
+    @property
+    def progress(self) -> list[int] | None:
+        return None
+
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
     ) -> bool:

@@ -110,6 +110,10 @@ class DiLoCoStrategy:
         extra = self.lowrank.state_tensors() if self.lowrank is not None else {}
         return {**self.diloco.state_tensors(), **extra}
 
+    @property
+    def progress(self) -> list[int] | None:
+        return None
+
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
     ) -> bool:
@@ -122,9 +126,12 @@ class DiLoCoStrategy:
         return None
 
 
-def resync_from_swarm(services: PeerServices, mode: str, *, newer_than: int) -> ResyncState | None:
+def resync_from_swarm(
+    services: PeerServices, mode: str, *, newer_than: int, ahead_of: list[int] | None = None
+) -> ResyncState | None:
     """The swarm's outer state (round index, ``outer.*`` tensors) if a donor of the same
-    ``mode`` holds a snapshot newer than step ``newer_than``; else None."""
+    ``mode`` holds a snapshot newer than step ``newer_than`` (or, with ``ahead_of``, one
+    whose progress counts are ahead of those somewhere); else None."""
     s = services
     # Only the outer state travels (the model and AdamW moments make up most of a
     # snapshot, several rounds' worth of bytes): the local model is rebased onto it.
@@ -134,6 +141,7 @@ def resync_from_swarm(services: PeerServices, mode: str, *, newer_than: int) -> 
         s.state_key,
         newer_than=newer_than,
         only=lambda name: name.startswith("extra/outer."),
+        ahead_of=ahead_of,
     )
     if snapshot is None or snapshot.meta.get("mode") != mode:
         return None

@@ -27,13 +27,19 @@ peer keeps applying the other fragments' rounds and its snapshots look fresh, wh
 fragment it missed is behind; so a resync adopts a fragment only from a donor that applied
 more of its rounds, never rolling back one the swarm already took.
 
+Steps are each peer's own count and drift apart between peers, so a resync asks the swarm
+for a snapshot whose counts are ahead of this peer's somewhere (``resync(ahead_of)``; the
+counts are announced with snapshots), not for a higher step. Asking by step, the members
+that failed a round whose other members applied it (a reducer that left after sending
+some of its results) never found those members' state: the fragment stayed split, and
+every round of it failed from then on.
+
 A snapshot is taken right after a round is applied, often just as the next fragment's
 round is launched: the swarm then applies that round moments after the snapshot. So a
-snapshot names the fragment in flight and the step it was launched at
-(``outer.in_flight``). A peer that takes that fragment from it (a restore, or a resync that
-adopts it) asks again before it launches the fragment itself, for a snapshot newer than
-that step. Without this, a joiner met the members on that fragment's previous round key,
-where only their old entries stood, and failed its first round of it.
+snapshot names the fragment in flight (``outer.in_flight``), and a peer that takes that
+fragment from it (a restore, or a resync that adopts it) asks again before it launches the
+fragment itself. Without this, a joiner met the members on that fragment's previous round
+key, where only their old entries stood, and failed its first round of it.
 """
 
 from __future__ import annotations
@@ -100,12 +106,12 @@ class StreamingDiLoCo:
         mix_alpha: float,
         outer: OuterConfig,
         launch: LaunchFn,
-        resync: Callable[[int | None], ResyncState | None] | None = None,
+        resync: Callable[[list[int]], ResyncState | None] | None = None,
         wait_timeout_s: float = 120.0,
         stop: threading.Event | None = None,
     ) -> None:
-        """``resync(newer_than)``: the swarm's outer state if a donor holds a snapshot newer
-        than step ``newer_than`` (None: newer than the last round this peer applied).
+        """``resync(ahead_of)``: the swarm's outer state if a donor holds a snapshot whose
+        fragment counts are ahead of ``ahead_of`` (this peer's) somewhere, else None.
         ``stop``: once set, a round waited for is abandoned (cancelled, counted failed)
         instead of being waited for up to ``wait_timeout_s``."""
         self.params = list(params)
@@ -130,10 +136,9 @@ class StreamingDiLoCo:
         """Fragment rounds finished (ok or not)."""
         self.applied = [0] * len(self.groups)
         """Rounds each fragment applied (or adopted from a donor that had applied them)."""
-        self.unsettled: dict[int, int] = {}
-        """Fragment -> step: this peer took the fragment from a snapshot whose round of it
-        was in flight since that step (the swarm has most likely applied it since). Before
-        the fragment's next launch, a snapshot newer than that step is asked for."""
+        self.unsettled: set[int] = set()
+        """Fragments this peer took from a snapshot whose round of them was in flight (the
+        swarm has most likely applied it since): asked for again before their launch."""
 
     def fragment_params(self, f: int) -> list[torch.Tensor]:
         return [self.params[i] for i in self.groups[f]]
@@ -161,9 +166,10 @@ class StreamingDiLoCo:
         return [self._finish()] if self.pending is not None else []
 
     def _launch(self, f: int) -> None:
-        since = self.unsettled.pop(f, None)
-        if self.stale or since is not None:
-            self._resync(since)
+        settle = f in self.unsettled
+        self.unsettled.discard(f)
+        if self.stale or settle:
+            self._resync()
         outer = self.outers[f]
         delta = outer.pseudo_gradient(self.fragment_params(f))
         index = (self.step - self.offsets[f]) // self.local_steps
@@ -207,8 +213,11 @@ class StreamingDiLoCo:
         resynced, self.resynced = self.resynced, False
         return resynced
 
-    def _resync(self, newer_than: int | None = None) -> None:
-        state = self.resync(newer_than) if self.resync is not None else None
+    def _resync(self) -> None:
+        # Asked once per failure: no snapshot ahead of ours means the swarm applied no
+        # round this peer lacks (or the read failed: a round that fails again asks again).
+        self.stale = False
+        state = self.resync(list(self.applied)) if self.resync is not None else None
         if state is None:
             return
         donor = _applied_counts(state.tensors, len(self.outers))
@@ -221,17 +230,15 @@ class StreamingDiLoCo:
                 return
             self.applied[f] = theirs if theirs is not None else self.applied[f]
             self.resynced = True
-            if in_flight is not None and in_flight[0] == f:
-                self.unsettled[f] = in_flight[1]
-        self.stale = False
+            if f == in_flight:
+                self.unsettled.add(f)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for f, outer in enumerate(self.outers):
             out.update(outer.state_tensors(prefix=f"outer.{f}"))
             out[f"outer.{f}.applied"] = torch.tensor(self.applied[f], dtype=torch.int64)
-        p = self.pending
-        in_flight = [p.fragment, p.launched_at] if p is not None else [-1, 0]
+        in_flight = self.pending.fragment if self.pending is not None else -1
         out[_IN_FLIGHT] = torch.tensor(in_flight, dtype=torch.int64)
         return out
 
@@ -242,18 +249,18 @@ class StreamingDiLoCo:
         if ok:
             self.applied = [n or 0 for n in _applied_counts(tensors, len(self.outers))]
             in_flight = _in_flight(tensors, len(self.outers))
-            self.unsettled = dict([in_flight]) if in_flight is not None else {}
+            self.unsettled = {in_flight} if in_flight is not None else set()
         return ok
 
 
-def _in_flight(tensors: dict[str, torch.Tensor], fragments: int) -> tuple[int, int] | None:
-    """The fragment a snapshot says was in flight when it was taken, and the step it was
-    launched at (None: none, or no valid mark, e.g. a snapshot from before the mark)."""
+def _in_flight(tensors: dict[str, torch.Tensor], fragments: int) -> int | None:
+    """The fragment a snapshot says was in flight when it was taken (None: none, or no
+    valid mark, e.g. a snapshot from before the mark existed)."""
     t = tensors.get(_IN_FLIGHT)
-    if t is None or t.shape != (2,) or t.is_floating_point():
+    if t is None or t.numel() != 1 or t.is_floating_point():
         return None
-    f, since = (int(v) for v in t)
-    return (f, since) if 0 <= f < fragments and since >= 0 else None
+    f = int(t)
+    return f if 0 <= f < fragments else None
 
 
 def _applied_counts(tensors: dict[str, torch.Tensor], fragments: int) -> list[int | None]:

@@ -57,9 +57,14 @@ class StreamingStrategy:
             swarm_average(self.services, self.rounds, vector, weight, key)
         )
 
-    def _resync(self, newer_than: int | None) -> ResyncState | None:
-        since = self.applied_step if newer_than is None else newer_than
-        state = resync_from_swarm(self.services, self.mode, newer_than=since)
+    @property
+    def progress(self) -> list[int] | None:
+        return list(self.streaming.applied)
+
+    def _resync(self, ahead_of: list[int]) -> ResyncState | None:
+        state = resync_from_swarm(
+            self.services, self.mode, newer_than=self.applied_step, ahead_of=ahead_of
+        )
         if state is not None:  # taken as applied: the next resync wants fresher state
             self.applied_step = max(self.applied_step, state.step)
         return state
@@ -90,7 +95,11 @@ class StreamingStrategy:
         self.streaming.step = self.trainer.step
         self.streaming.round_index = round_index
         self.applied_step = applied_step
-        return self.streaming.load_state(tensors)
+        loaded = self.streaming.load_state(tensors)
+        # Trained alone since its last applied round (a restart from its own progress):
+        # the swarm may have applied rounds without it, so it asks before its first launch.
+        self.streaming.stale = loaded and applied_step < self.trainer.step
+        return loaded
 
     def close(self) -> None:
         p = self.streaming.pending

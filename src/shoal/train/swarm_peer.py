@@ -208,6 +208,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                 data_seed=seed_for_data,
                 averaged=averaged,
                 applied_step=s.applied_step,
+                progress=s.progress,
             )
 
         def on_saved(saved: Any) -> None:

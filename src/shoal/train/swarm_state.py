@@ -62,6 +62,7 @@ def snapshot_peer(
     data_seed: int,
     averaged: bool = True,
     applied_step: int | None = None,
+    progress: list[int] | None = None,
 ) -> Snapshot:
     """CPU snapshot of a swarm peer (compute thread); ``averaged=False`` marks local
     progress the swarm has not averaged (see :attr:`Restored.averaged`)."""
@@ -81,6 +82,8 @@ def snapshot_peer(
             "seed": data_seed,
         },
     }
+    if progress is not None:
+        meta["progress"] = list(progress)
     return take_snapshot(step, model, optimizer, extra=extra, meta=meta)
 
 
@@ -152,23 +155,33 @@ def fetch_snapshot_from_swarm(
     newer_than: int,
     timeout_s: float = 30.0,
     only: Callable[[str], bool] | None = None,
+    ahead_of: list[int] | None = None,
 ) -> Snapshot | None:
     """:func:`fetch_from_swarm` as a raw snapshot, optionally of the ``only`` tensors
-    (selected by manifest name, ``"<file stem>/<key>"``)."""
+    (selected by manifest name, ``"<file stem>/<key>"``). With ``ahead_of`` (progress
+    counts), a snapshot counts as fresher when its counts are ahead of those somewhere,
+    whatever its step: steps drift apart between peers."""
     config = SyncConfig(dht_timeout_s=min(10.0, timeout_s), total_timeout_s=timeout_s)
     try:
         choice = runtime.run(
-            find_donors(dht, key, config, exclude=runtime.peer_id), timeout_s=timeout_s
+            find_donors(dht, key, config, exclude=runtime.peer_id, ahead_of=ahead_of),
+            timeout_s=timeout_s,
         )
-        if choice is None or choice.step <= newer_than:
+        if ahead_of is not None:
+            if choice is None:
+                log.info("no state in the swarm ahead of this peer's rounds %s", ahead_of)
+                return None
+        elif choice is None or choice.step <= newer_than:
             log.info(
                 "no fresher state in the swarm (freshest %s, have %d)",
                 None if choice is None else choice.step,
                 newer_than,
             )
             return None
+        else:
+            choice = choice.newer_than(newer_than)
         result = runtime.run(
-            download(runtime, choice.newer_than(newer_than), config, only=only),
+            download(runtime, choice, config, only=only),
             timeout_s=timeout_s + 5.0,
         )
     except (NetworkError, TimeoutError) as exc:
