@@ -3,7 +3,8 @@
 Every peer ready for a round stores a small record under ``prefix + round key`` with its
 own subkey, so the DHT's rule "a subkey can only be written by its owner" authenticates the
 announcement: the peer id is read from the signed subkey, never from the value. The value
-is msgpack ``[version, weight, bandwidth_bps, client_mode, address, expected, nonce]``; readers
+is msgpack ``[version, weight, bandwidth_bps, client_mode, address, expected, nonce,
+closed]``; readers
 bound and type-check every field and skip records that do not parse. Group confirmations live under
 ``prefix + round key + b"/confirm"`` the same way, valued ``[version, group_id]``.
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DhtBoard", "RecordStore"]
 
-_VERSION = 3
+_VERSION = 4
 _PEER_ID_BYTES = 32
 _MAX_VALUE_BYTES = 512
 _MAX_ADDRESS_CHARS = 256
@@ -87,6 +88,7 @@ class DhtBoard:
                 entry.address,
                 entry.expected,
                 entry.nonce,
+                entry.closed,
             ]
         )
         self._own = entry.peer
@@ -139,15 +141,15 @@ def _parse_confirmation(subkey: bytes, value: bytes) -> bytes | None:
 
 
 def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
-    fields = _fields(subkey, value, 7)
+    fields = _fields(subkey, value, 8)
     if fields is None:
         return None
-    _, weight, bandwidth, client_mode, address, expected, nonce = fields
+    _, weight, bandwidth, client_mode, address, expected, nonce, closed = fields
     numbers_ok = all(
         isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
         for x in (weight, bandwidth)
     )
-    if not numbers_ok or not isinstance(client_mode, bool):
+    if not numbers_ok or not isinstance(client_mode, bool) or not isinstance(closed, bool):
         return None
     if not isinstance(address, str) or len(address) > _MAX_ADDRESS_CHARS:
         return None
@@ -155,4 +157,6 @@ def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
         return None
     if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
         return None
-    return ReadyPeer(subkey, float(weight), float(bandwidth), client_mode, address, expected, nonce)
+    return ReadyPeer(
+        subkey, float(weight), float(bandwidth), client_mode, address, expected, nonce, closed
+    )

@@ -23,7 +23,7 @@ import hashlib
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shoal.errors import ConfigError
 
@@ -123,6 +123,9 @@ class ReadyPeer:
     nonce: bytes = b""
     """Random per matchmaking attempt (``NONCE_BYTES``): group ids hash it, so
     entries and confirmations of an earlier attempt under the same key never match."""
+    closed: bool = field(default=False, compare=False)
+    """Its window ran out and it goes with who came: peers still waiting close theirs at
+    their next read (not part of group ids, nor of what makes two entries equal)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,12 @@ the groups with :func:`form_groups` from what it saw. "Everyone expected" is the
 count of live trainers among the entries read, this peer's own included, capped at the
 group size: one peer with a stale membership view cannot close the window early.
 
+A peer whose window runs out (someone expected never came) posts its entry once more,
+marked closed, before it confirms; peers still inside their windows close them at their
+next read. Windows are learned per peer and open at each peer's own arrival, so without
+this a pair waiting for a third peer that was elsewhere closed seconds apart, and the
+later closer confirmed after the earlier one had given up on it.
+
 Peers close their windows at different moments, so two members can see different boards
 (a late arrival seen by one and not the other) and derive different groups, which would
 send them into different all-reduce sessions and fail the round for both. So a second
@@ -158,10 +164,11 @@ class MatchConfig:
     @property
     def overrun_s(self) -> float:
         """Longest :func:`find_group` can take beyond its window: the own announcement, its
-        one re-post over an earlier run's and the read after it, the last read, the own
-        confirmation and its one re-post, the confirmation phase and its last read (a
-        withdrawal when no group formed adds one more write, but no round follows)."""
-        return 6 * self.board_timeout_s + self.confirm_timeout_s + self.poll_interval_s
+        one re-post over an earlier run's and the read after it, the last read, the closed
+        mark, the own confirmation and its one re-post, the confirmation phase and its last
+        read (a withdrawal when no group formed adds one more write, but no round
+        follows)."""
+        return 7 * self.board_timeout_s + self.confirm_timeout_s + self.poll_interval_s
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_group_size <= self.max_group_size:
@@ -281,7 +288,7 @@ async def _find_group(
     closes_at = opened_at + window_s
     await _bounded(board.announce(round_key, me, expires_at=expires_at), config.board_timeout_s)
     ready: list[ReadyPeer] = []
-    reads = 0
+    reads = expect = 0
     reannounced = False
     for _ in range(config.max_polls):
         read_s = max(closes_at - clock(), 0.0) + config.board_timeout_s
@@ -303,7 +310,7 @@ async def _find_group(
             window_s=window_s,
             n_ready=len(ready),
             expected_peers=expect,
-        ):
+        ) or _closed_by_another(ready, me):
             break
         wait = min(config.poll_interval_s, opened_at + window_s - now)
         await sleep(max(0.0, wait))
@@ -326,8 +333,18 @@ async def _find_group(
     mine = next((g for g in groups if any(p.peer == me.peer for p in g.members)), None)
     if mine is None:
         return _why_no_group(ready, me, config.min_group_size, config.max_group_size)
+    if len(ready) < expect and not _closed_by_another(ready, me):
+        # Our window ran out: say so, and members still waiting close theirs now rather
+        # than seconds later, when our confirmation phase may be over.
+        closed = board.announce(round_key, replace(me, closed=True), expires_at=expires_at)
+        await _bounded(closed, config.board_timeout_s)
     on_confirm(mine)
     return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
+
+
+def _closed_by_another(ready: list[ReadyPeer], me: ReadyPeer) -> bool:
+    """Whether another peer on the board says its window ran out."""
+    return any(p.closed and p.peer != me.peer for p in ready)
 
 
 def _stale(ready: list[ReadyPeer], me: ReadyPeer) -> bool:
