@@ -66,3 +66,32 @@ def test_a_stale_peer_fetches_the_outer_state_and_nothing_else(mode):
         joiner_dht.close()
         donor.close()
         joiner.close()
+
+
+def test_a_streaming_peer_resyncs_from_a_donor_ahead_of_its_counts_whatever_its_step():
+    # The donor that applied a round the others failed had the lowest step of the swarm
+    # (steps are each peer's own): asking for a higher step never found it.
+    joiner = NetRuntime(Identity.generate(), NetConfig(port=0)).start()
+    donor = NetRuntime(Identity.generate(), NetConfig(port=0)).start()
+    joiner_dht, donor_dht = DHT(joiner), DHT(donor)
+    key = state_key("resync-streaming")
+    try:
+        donor_dht.bootstrap([joiner.address])
+        snap = _donor_snapshot(40, "streaming")
+        snap.meta["progress"] = [3, 5]
+        served = prepare(snap)
+        StateServer(donor, lambda: served)
+        announcer = StateAnnouncer(donor_dht, key, lambda: served, address=donor.address)
+        assert donor.run(announcer.announce_once(), timeout_s=20)
+        services = SimpleNamespace(runtime=joiner, dht=joiner_dht, state_key=key)
+
+        assert resync_from_swarm(services, "streaming", ahead_of=[3, 5]) is None  # as far
+        assert resync_from_swarm(services, "streaming", ahead_of=[9, 9]) is None  # behind
+        state = resync_from_swarm(services, "streaming", newer_than=900, ahead_of=[3, 4])
+        assert state is not None and state.step == 40
+        assert set(state.tensors) == {"outer.master.0", "outer.momentum.0"}
+    finally:
+        donor_dht.close()
+        joiner_dht.close()
+        donor.close()
+        joiner.close()

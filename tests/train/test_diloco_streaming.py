@@ -186,6 +186,10 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     # the counts travel with checkpoints too
     restored = _streaming(_model(), Launcher())
     assert restored.load_state(s.state_tensors()) and restored.applied == [3, 2]
+    tensors["outer.in_flight"] = torch.tensor(-1)
+    tensors["outer.0.applied"] = torch.tensor(4)
+    s._resync()  # fragment 0 adopted again, settled this time: nothing left to ask
+    assert s.applied == [4, 2] and s.unsettled == set()
 
 
 def test_a_peer_restored_mid_round_resyncs_before_it_launches_the_fragment_that_was_in_flight() -> (
@@ -238,3 +242,20 @@ def test_a_peer_restored_mid_round_resyncs_before_it_launches_the_fragment_that_
     legacy = {k: v for k, v in snapshot.items() if k != "outer.in_flight"}
     restored = _streaming(_model(), Launcher())
     assert restored.load_state(legacy) and restored.unsettled == set()
+
+
+def test_a_failed_round_asks_the_swarm_at_the_next_two_launches_at_most():
+    # Asked once, a member that failed a round others applied asked before they had
+    # announced their snapshot, found nobody ahead, and failed that fragment's next round.
+    asked: list[list[int]] = []
+    outcomes = iter([RoundOutcome(False, reason="reducer left")])
+
+    def launch(vector, weight, index, fragment, fp):
+        fut: concurrent.futures.Future[RoundOutcome] = concurrent.futures.Future()
+        fut.set_result(next(outcomes, RoundOutcome(False, reason="alone", skipped=True)))
+        return fut
+
+    s = _streaming(_model(), launch, resync=lambda counts: asked.append(counts))
+    for _ in range(12):  # launches at steps 2, 4, 6, 8, 10, 12; the first round fails
+        s.after_local_step(8)
+    assert asked == [[0, 0], [0, 0]] and not s.stale

@@ -23,6 +23,8 @@ def test_peer_options_are_checked() -> None:
         PeerOptions(mode="async")
     with pytest.raises(ConfigError, match="fragments"):
         PeerOptions(mode="streaming", local_steps=5, fragments=8)
+    with pytest.raises(ConfigError, match="fragments must be at most 64"):  # counts announced
+        PeerOptions(mode="streaming", local_steps=200, fragments=65)
     with pytest.raises(ConfigError, match="--overlap-steps must be in \\[0, 2\\]"):
         PeerOptions(mode="streaming", local_steps=8, fragments=4, overlap_steps=3)
     # the default overlap fits small H (5 would be refused at -H 10 with 4 fragments)

@@ -180,3 +180,21 @@ def test_progress_written_but_not_served_stays_off_the_swarm(tmp_path: Path) -> 
     )
     assert restored.step == 15 and not restored.averaged
     assert restored.applied_step == 15  # by default, the snapshot's own step
+
+
+def test_a_streaming_peer_s_snapshots_carry_its_fragment_counts(tmp_path: Path) -> None:
+    # They are announced with the snapshot: resyncs choose donors by them, not by step.
+    opts = PeerOptions(
+        mode="streaming",
+        run_dir=tmp_path / "run",
+        steps=8,
+        local_steps=4,
+        fragments=2,
+        window_s=0.3,
+        heartbeat_s=1.0,
+        eval_batches=1,
+        report_every=4,
+    )
+    assert run_peer(opts, threading.Event(), lambda event, **fields: None) == 0
+    saved = load_latest_valid(checkpoint_root(opts.run_dir))
+    assert saved is not None and saved.step == 8 and saved.meta["progress"] == [0, 0]

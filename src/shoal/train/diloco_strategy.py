@@ -127,11 +127,11 @@ class DiLoCoStrategy:
 
 
 def resync_from_swarm(
-    services: PeerServices, mode: str, *, newer_than: int, ahead_of: list[int] | None = None
+    services: PeerServices, mode: str, *, newer_than: int = -1, ahead_of: list[int] | None = None
 ) -> ResyncState | None:
     """The swarm's outer state (round index, ``outer.*`` tensors) if a donor of the same
-    ``mode`` holds a snapshot newer than step ``newer_than`` (or, with ``ahead_of``, one
-    whose progress counts are ahead of those somewhere); else None."""
+    ``mode`` holds a snapshot newer than step ``newer_than`` (with ``ahead_of``, one whose
+    progress counts are ahead of those somewhere, whatever its step); else None."""
     s = services
     # Only the outer state travels (the model and AdamW moments make up most of a
     # snapshot, several rounds' worth of bytes): the local model is rebased onto it.

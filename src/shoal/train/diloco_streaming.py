@@ -130,6 +130,8 @@ class StreamingDiLoCo:
         self.samples = [0] * len(self.groups)
         self.pending: _Pending | None = None
         self.stale = False
+        self._asks_left = 0
+        """Resyncs a failed round still asks for (see :meth:`mark_stale`)."""
         self.resynced = False
         """A resync adopted swarm state since the last report (the next one says so)."""
         self.round_index = 0
@@ -197,7 +199,7 @@ class StreamingDiLoCo:
             outer = self.outers[p.fragment]
             outer.keeping_progress(self.fragment_params(p.fragment), lambda: outer.step(p.delta))
         elif not outcome.skipped:
-            self.stale = True
+            self.mark_stale()
         return RoundReport(
             p.index * len(self.groups) + p.fragment,
             outcome.ok,
@@ -213,11 +215,17 @@ class StreamingDiLoCo:
         resynced, self.resynced = self.resynced, False
         return resynced
 
+    def mark_stale(self) -> None:
+        """The swarm may have applied a round this peer did not: ask before the next two
+        launches at most (members that applied a round this one failed may not have
+        announced their snapshot yet at the first). No snapshot ahead of ours then means
+        the swarm applied no round this peer lacks; a round that fails again asks again."""
+        self.stale, self._asks_left = True, 2
+
     def _resync(self) -> None:
-        # Asked once per failure: no snapshot ahead of ours means the swarm applied no
-        # round this peer lacks (or the read failed: a round that fails again asks again).
-        self.stale = False
+        self._asks_left = max(0, self._asks_left - 1)
         state = self.resync(list(self.applied)) if self.resync is not None else None
+        self.stale = state is None and self._asks_left > 0
         if state is None:
             return
         donor = _applied_counts(state.tensors, len(self.outers))
@@ -232,6 +240,8 @@ class StreamingDiLoCo:
             self.resynced = True
             if f == in_flight:
                 self.unsettled.add(f)
+            else:
+                self.unsettled.discard(f)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -62,11 +62,9 @@ class StreamingStrategy:
         return list(self.streaming.applied)
 
     def _resync(self, ahead_of: list[int]) -> ResyncState | None:
-        state = resync_from_swarm(
-            self.services, self.mode, newer_than=self.applied_step, ahead_of=ahead_of
-        )
-        if state is not None:  # taken as applied: the next resync wants fresher state
-            self.applied_step = max(self.applied_step, state.step)
+        state = resync_from_swarm(self.services, self.mode, ahead_of=ahead_of)
+        if state is not None:  # adopted: what trained since is rebased onto the swarm's
+            self.applied_step = self.trainer.step  # own steps: a donor's are not ours
         return state
 
     def step(self) -> StepOutcome:
@@ -98,7 +96,8 @@ class StreamingStrategy:
         loaded = self.streaming.load_state(tensors)
         # Trained alone since its last applied round (a restart from its own progress):
         # the swarm may have applied rounds without it, so it asks before its first launch.
-        self.streaming.stale = loaded and applied_step < self.trainer.step
+        if loaded and applied_step < self.trainer.step:
+            self.streaming.mark_stale()
         return loaded
 
     def close(self) -> None:

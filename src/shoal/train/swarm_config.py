@@ -8,6 +8,7 @@ from pathlib import Path
 from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError
 from shoal.net.config import is_host_port
+from shoal.state.snapshot import MAX_PROGRESS
 from shoal.train.outer import OuterConfig
 
 __all__ = ["MODES", "PeerOptions"]
@@ -150,6 +151,9 @@ class PeerOptions:
             raise ConfigError(
                 f"fragments ({self.fragments}) must not exceed local_steps ({self.local_steps})"
             )
+        if self.mode == "streaming" and self.fragments > MAX_PROGRESS:
+            # each fragment's count of applied rounds is announced with snapshots
+            raise ConfigError(f"fragments must be at most {MAX_PROGRESS}, got {self.fragments}")
         if self.mode == "streaming" and not (
             0 <= self.overlap <= self.local_steps // self.fragments
         ):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -470,3 +471,22 @@ def test_a_window_that_runs_out_closes_the_windows_still_open():
     assert isinstance(group_a, Group) and isinstance(group_b, Group)
     assert group_a.group_id == group_b.group_id and len(group_a.members) == 2
     assert ended < 5.0 + 1.0  # b closed at its next read after a's window ran out
+
+
+def test_a_closed_mark_of_an_earlier_attempt_does_not_close_the_next_window():
+    # b's entry from an earlier attempt under the same key, closed, is still on the board:
+    # a closed its window at its first read on that nonce, and nobody confirmed with it.
+    a, b = _peers(2)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        old = replace(b, expected=3, nonce=b"o" * 8, closed=True)
+        await board.announce(b"k", old, expires_at=30.0)
+        return await asyncio.gather(
+            _meet(board, a, window_s=2.0, expected=3, confirm_s=2.0),
+            _meet(board, b, window_s=2.0, expected=3, start_at=0.5, confirm_s=2.0),
+        )
+
+    group_a, group_b = run_virtual(main())
+    assert isinstance(group_a, Group) and isinstance(group_b, Group)
+    assert group_a.group_id == group_b.group_id

@@ -290,11 +290,16 @@ async def _find_group(
     ready: list[ReadyPeer] = []
     reads = expect = 0
     reannounced = False
+    # Entries seen open in this attempt: only their closed marks count. A closed entry of
+    # an earlier attempt under the same key (a retry, or a fragment's key met again) would
+    # close this window at once on a nonce nobody answers to any more.
+    seen_open: set[tuple[bytes, bytes]] = set()
     for _ in range(config.max_polls):
         read_s = max(closes_at - clock(), 0.0) + config.board_timeout_s
         read = await _bounded(board.entries(round_key), read_s)
         if read is not None:  # a late read keeps the last one
             ready, reads = read, reads + 1
+            seen_open.update((p.peer, p.nonce) for p in ready if not p.closed)
             if not reannounced and _stale(ready, me):
                 # The board kept an earlier announcement of ours (a run of this peer
                 # before a restart): announce once more, past what the board holds.
@@ -310,7 +315,7 @@ async def _find_group(
             window_s=window_s,
             n_ready=len(ready),
             expected_peers=expect,
-        ) or _closed_by_another(ready, me):
+        ) or _closed_by_another(ready, me, seen_open):
             break
         wait = min(config.poll_interval_s, opened_at + window_s - now)
         await sleep(max(0.0, wait))
@@ -333,7 +338,7 @@ async def _find_group(
     mine = next((g for g in groups if any(p.peer == me.peer for p in g.members)), None)
     if mine is None:
         return _why_no_group(ready, me, config.min_group_size, config.max_group_size)
-    if len(ready) < expect and not _closed_by_another(ready, me):
+    if len(ready) < expect and not _closed_by_another(ready, me, seen_open):
         # Our window ran out: say so, and members still waiting close theirs now rather
         # than seconds later, when our confirmation phase may be over.
         closed = board.announce(round_key, replace(me, closed=True), expires_at=expires_at)
@@ -342,9 +347,11 @@ async def _find_group(
     return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
 
 
-def _closed_by_another(ready: list[ReadyPeer], me: ReadyPeer) -> bool:
-    """Whether another peer on the board says its window ran out."""
-    return any(p.closed and p.peer != me.peer for p in ready)
+def _closed_by_another(
+    ready: list[ReadyPeer], me: ReadyPeer, seen_open: set[tuple[bytes, bytes]]
+) -> bool:
+    """Whether another peer, seen open in this attempt, says its window ran out."""
+    return any(p.closed and p.peer != me.peer and (p.peer, p.nonce) in seen_open for p in ready)
 
 
 def _stale(ready: list[ReadyPeer], me: ReadyPeer) -> bool:
