@@ -7,7 +7,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,15 +16,10 @@ import pytest
 
 from shoal.monitor.events import read_events
 from shoal.state.checkpoint import list_checkpoints
+from shoal.testbed.procs import spare_port
 
 START_TIMEOUT_S = 150.0
 STEP_TIMEOUT_S = 90.0
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +95,7 @@ def _newest_steps(run_dir):
 
 @pytest.mark.slow
 def test_killed_peer_rejoins_and_a_whole_swarm_restart_continues(tmp_path, data_dir):
-    port_a = _free_port()
+    port_a = spare_port()
     join = f"127.0.0.1:{port_a}"
     a = Peer(tmp_path / "a", data_dir, port=port_a)
     b = Peer(tmp_path / "b", data_dir, join=join)

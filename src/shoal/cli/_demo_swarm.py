@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import queue
-import socket
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from shoal.cli._demo_links import Links
 from shoal.cli._demo_procs import Children, Line
 from shoal.cli._demo_state import DemoConfig, SwarmState, fp32_allreduce_bytes
 from shoal.errors import ShoalError
-from shoal.testbed.procs import pid_alive
+from shoal.testbed.procs import pid_alive, spare_port
 
 __all__ = ["DemoTimeout", "run_swarm_demo"]
 
@@ -40,12 +39,6 @@ _SWARM = "demo"
 
 class DemoTimeout(ShoalError):
     """A step of the demo did not happen before its deadline."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _baseline(cfg: DemoConfig, out: dict[str, Any]) -> None:
@@ -160,7 +153,7 @@ class _Run:
         cfg = self.cfg
         for i in range(cfg.peers):
             name = f"peer{i}"
-            port = _free_port()
+            port = spare_port()
             announce = self.links.add(port)
             peer_dir = self.run_dir / name
             self.peer_argv[name] = [
