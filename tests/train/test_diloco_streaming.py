@@ -259,3 +259,48 @@ def test_a_failed_round_asks_the_swarm_at_the_next_two_launches_at_most():
     for _ in range(12):  # launches at steps 2, 4, 6, 8, 10, 12; the first round fails
         s.after_local_step(8)
     assert asked == [[0, 0], [0, 0]] and not s.stale
+
+
+def test_after_rounds_alone_the_next_launch_is_the_fragment_with_fewest_rounds():
+    # A peer that trained alone before two others came launched fragment f one slot away
+    # from them, round after round: each side waited out its window for the other.
+    skipped = RoundOutcome(False, reason="alone", skipped=True)
+    state = {"alone": True}
+    launched: list[int] = []
+
+    def launch(vector, weight, index, fragment, fp):
+        launched.append(fragment)
+        fut: concurrent.futures.Future[RoundOutcome] = concurrent.futures.Future()
+        fut.set_result(skipped if state["alone"] else RoundOutcome(True, group_size=2))
+        return fut
+
+    s = StreamingDiLoCo(
+        _model(),
+        local_steps=8,
+        fragments=4,
+        overlap_steps=2,
+        mix_alpha=0.5,
+        outer=OuterConfig(),
+        launch=launch,
+    )
+    s.applied = [3, 2, 2, 2]
+    for _ in range(5):  # slots at steps 2 and 4: alone, and then fragment 1 (fewest)
+        s.after_local_step(8)
+    assert launched == [0, 1]
+    state["alone"] = False
+    for _ in range(8):  # steps 6, 8, 10, 12: from fragment 1 again, then in turn
+        s.after_local_step(8)
+    assert launched == [0, 1, 1, 2, 3, 0]
+    assert s.rotation == 3 and s.applied == [4, 3, 3, 3]
+    # the schedule travels with snapshots: a peer restored from one (it takes the step
+    # too) launches what the donor launches
+    restored = StreamingDiLoCo(
+        _model(),
+        local_steps=8,
+        fragments=4,
+        overlap_steps=2,
+        mix_alpha=0.5,
+        outer=OuterConfig(),
+        launch=launch,
+    )
+    assert restored.load_state(s.state_tensors()) and restored.rotation == 3

@@ -34,6 +34,15 @@ that failed a round whose other members applied it (a reducer that left after se
 some of its results) never found those members' state: the fragment stayed split, and
 every round of it failed from then on.
 
+Which fragment a slot launches follows the peer's own step count, and step counts differ
+between peers by whatever each trained alone. A peer that trained alone before two others
+came launched fragment ``f`` one slot away from them, round after round: each side waited
+out its window for the other, the windows grew to 40 s and training all but stopped. So
+after a round skipped alone, the next slot launches the fragment with the fewest applied
+rounds (the lowest index among equals), and the schedule goes on from there
+(``rotation``): peers that start together, or meet after being alone, start from the same
+fragment.
+
 A snapshot is taken right after a round is applied, often just as the next fragment's
 round is launched: the swarm then applies that round moments after the snapshot. So a
 snapshot names the fragment in flight (``outer.in_flight``), and a peer that takes that
@@ -60,6 +69,7 @@ __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
 
 
 _IN_FLIGHT = "outer.in_flight"
+_ROTATION = "outer.rotation"
 LaunchFn = Callable[[torch.Tensor, float, int, int, str], "concurrent.futures.Future[RoundOutcome]"]
 
 
@@ -141,6 +151,11 @@ class StreamingDiLoCo:
         self.unsettled: set[int] = set()
         """Fragments this peer took from a snapshot whose round of them was in flight (the
         swarm has most likely applied it since): asked for again before their launch."""
+        self.rotation = 0
+        """Slot ``k`` of the cycle launches fragment ``(k + rotation) % F``."""
+        self._realign = False
+        """The last round was skipped alone: the next slot starts from the fragment with
+        the fewest applied rounds."""
 
     def fragment_params(self, f: int) -> list[torch.Tensor]:
         return [self.params[i] for i in self.groups[f]]
@@ -154,11 +169,15 @@ class StreamingDiLoCo:
         if p is not None and (p.future.done() or self.step >= p.launched_at + self.overlap_steps):
             reports.append(self._finish())
         phase = self.step % self.local_steps or self.local_steps
-        for f, offset in enumerate(self.offsets):
+        for slot, offset in enumerate(self.offsets):
             if phase == offset:
                 if self.pending is not None:  # never two fragments in flight
                     reports.append(self._finish())
-                self._launch(f)
+                n = len(self.groups)
+                if self._realign:
+                    first = min(range(n), key=lambda f: (self.applied[f], f))
+                    self.rotation, self._realign = (first - slot) % n, False
+                self._launch((slot + self.rotation) % n, slot)
                 if self.overlap_steps == 0:  # no overlap: apply before the next step
                     reports.append(self._finish())
         return reports
@@ -167,14 +186,14 @@ class StreamingDiLoCo:
         """Finish the round in flight, if any (before a snapshot or at the end)."""
         return [self._finish()] if self.pending is not None else []
 
-    def _launch(self, f: int) -> None:
+    def _launch(self, f: int, slot: int) -> None:
         settle = f in self.unsettled
         self.unsettled.discard(f)
         if self.stale or settle:
             self._resync()
         outer = self.outers[f]
         delta = outer.pseudo_gradient(self.fragment_params(f))
-        index = (self.step - self.offsets[f]) // self.local_steps
+        index = (self.step - self.offsets[slot]) // self.local_steps
         future = self.launch(delta, float(self.samples[f]), index, f, outer.fingerprint())
         self.pending = _Pending(f, index, delta, future, self.step)
 
@@ -186,6 +205,7 @@ class StreamingDiLoCo:
         outcome = wait_outcome(p.future, stop=self.stop, timeout_s=self.wait_timeout_s)
         if not outcome.skipped:  # alone: no round was tried, nothing to count or resync
             self.round_index += 1
+        self._realign = outcome.skipped
         if outcome.ok:
             self.applied[p.fragment] += 1
         if outcome.ok and outcome.included:
@@ -250,6 +270,8 @@ class StreamingDiLoCo:
             out[f"outer.{f}.applied"] = torch.tensor(self.applied[f], dtype=torch.int64)
         in_flight = self.pending.fragment if self.pending is not None else -1
         out[_IN_FLIGHT] = torch.tensor(in_flight, dtype=torch.int64)
+        # with the step it belongs to: a peer restored from it keeps the donor's schedule
+        out[_ROTATION] = torch.tensor(self.rotation, dtype=torch.int64)
         return out
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> bool:
@@ -260,13 +282,18 @@ class StreamingDiLoCo:
             self.applied = [n or 0 for n in _applied_counts(tensors, len(self.outers))]
             in_flight = _in_flight(tensors, len(self.outers))
             self.unsettled = {in_flight} if in_flight is not None else set()
+            self.rotation = _fragment_index(tensors.get(_ROTATION), len(self.outers)) or 0
         return ok
 
 
 def _in_flight(tensors: dict[str, torch.Tensor], fragments: int) -> int | None:
     """The fragment a snapshot says was in flight when it was taken (None: none, or no
     valid mark, e.g. a snapshot from before the mark existed)."""
-    t = tensors.get(_IN_FLIGHT)
+    return _fragment_index(tensors.get(_IN_FLIGHT), fragments)
+
+
+def _fragment_index(t: torch.Tensor | None, fragments: int) -> int | None:
+    """A fragment index held in a scalar integer tensor; None if absent or invalid."""
     if t is None or t.numel() != 1 or t.is_floating_point():
         return None
     f = int(t)
