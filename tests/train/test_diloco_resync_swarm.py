@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -34,21 +35,31 @@ def _donor_snapshot(step: int, mode: str) -> Snapshot:
     )
 
 
-@pytest.mark.parametrize("mode", ["diloco", "sync"])
-def test_a_stale_peer_fetches_the_outer_state_and_nothing_else(mode):
+@contextlib.contextmanager
+def _serving(snap: Snapshot, swarm: str):
+    """A donor that serves and announces ``snap``, and a joiner's services to resync with."""
     joiner = NetRuntime(Identity.generate(), NetConfig(port=0)).start()
     donor = NetRuntime(Identity.generate(), NetConfig(port=0)).start()
     joiner_dht, donor_dht = DHT(joiner), DHT(donor)
-    key = state_key("resync")
+    key = state_key(swarm)
     try:
         donor_dht.bootstrap([joiner.address])
-        snap = _donor_snapshot(40, mode)
         served = prepare(snap)
         StateServer(donor, lambda: served)
         announcer = StateAnnouncer(donor_dht, key, lambda: served, address=donor.address)
         assert donor.run(announcer.announce_once(), timeout_s=20)
-        services = SimpleNamespace(runtime=joiner, dht=joiner_dht, state_key=key)
+        yield SimpleNamespace(runtime=joiner, dht=joiner_dht, state_key=key), donor
+    finally:
+        donor_dht.close()
+        joiner_dht.close()
+        donor.close()
+        joiner.close()
 
+
+@pytest.mark.parametrize("mode", ["diloco", "sync"])
+def test_a_stale_peer_fetches_the_outer_state_and_nothing_else(mode):
+    snap = _donor_snapshot(40, mode)
+    with _serving(snap, "resync") as (services, donor):
         assert resync_from_swarm(services, "diloco", newer_than=40) is None  # not fresher
         state = resync_from_swarm(services, "diloco", newer_than=10)
         if mode != "diloco":
@@ -61,37 +72,16 @@ def test_a_stale_peer_fetches_the_outer_state_and_nothing_else(mode):
         sent = donor.traffic.snapshot()["services"]["shoal.v1.State"]["bytes_out"]
         outer_bytes = 2 * 400 * 500 * 4
         assert outer_bytes <= sent < outer_bytes * 1.05  # not the model, not AdamW
-    finally:
-        donor_dht.close()
-        joiner_dht.close()
-        donor.close()
-        joiner.close()
 
 
 def test_a_streaming_peer_resyncs_from_a_donor_ahead_of_its_counts_whatever_its_step():
     # The donor that applied a round the others failed had the lowest step of the swarm
     # (steps are each peer's own): asking for a higher step never found it.
-    joiner = NetRuntime(Identity.generate(), NetConfig(port=0)).start()
-    donor = NetRuntime(Identity.generate(), NetConfig(port=0)).start()
-    joiner_dht, donor_dht = DHT(joiner), DHT(donor)
-    key = state_key("resync-streaming")
-    try:
-        donor_dht.bootstrap([joiner.address])
-        snap = _donor_snapshot(40, "streaming")
-        snap.meta["progress"] = [3, 5]
-        served = prepare(snap)
-        StateServer(donor, lambda: served)
-        announcer = StateAnnouncer(donor_dht, key, lambda: served, address=donor.address)
-        assert donor.run(announcer.announce_once(), timeout_s=20)
-        services = SimpleNamespace(runtime=joiner, dht=joiner_dht, state_key=key)
-
+    snap = _donor_snapshot(40, "streaming")
+    snap.meta["progress"] = [3, 5]
+    with _serving(snap, "resync-streaming") as (services, _):
         assert resync_from_swarm(services, "streaming", ahead_of=[3, 5]) is None  # as far
         assert resync_from_swarm(services, "streaming", ahead_of=[9, 9]) is None  # behind
         state = resync_from_swarm(services, "streaming", newer_than=900, ahead_of=[3, 4])
         assert state is not None and state.step == 40
         assert set(state.tensors) == {"outer.master.0", "outer.momentum.0"}
-    finally:
-        donor_dht.close()
-        joiner_dht.close()
-        donor.close()
-        joiner.close()

@@ -274,15 +274,7 @@ def test_after_rounds_alone_the_next_launch_is_the_fragment_with_fewest_rounds()
         fut.set_result(skipped if state["alone"] else RoundOutcome(True, group_size=2))
         return fut
 
-    s = StreamingDiLoCo(
-        _model(),
-        local_steps=8,
-        fragments=4,
-        overlap_steps=2,
-        mix_alpha=0.5,
-        outer=OuterConfig(),
-        launch=launch,
-    )
+    s = _streaming(_model(), launch, local_steps=8, fragments=4)
     s.applied = [3, 2, 2, 2]
     for _ in range(5):  # slots at steps 2 and 4: alone, and then fragment 1 (fewest)
         s.after_local_step(8)
@@ -294,13 +286,5 @@ def test_after_rounds_alone_the_next_launch_is_the_fragment_with_fewest_rounds()
     assert s.rotation == 3 and s.applied == [4, 3, 3, 3]
     # the schedule travels with snapshots: a peer restored from one (it takes the step
     # too) launches what the donor launches
-    restored = StreamingDiLoCo(
-        _model(),
-        local_steps=8,
-        fragments=4,
-        overlap_steps=2,
-        mix_alpha=0.5,
-        outer=OuterConfig(),
-        launch=launch,
-    )
+    restored = _streaming(_model(), launch, local_steps=8, fragments=4)
     assert restored.load_state(s.state_tensors()) and restored.rotation == 3

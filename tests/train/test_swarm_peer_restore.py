@@ -39,12 +39,8 @@ def _checkpoint(opts: PeerOptions, step: int, root: Path, strategy=None):
     return load_latest_valid(root)
 
 
-def test_every_tensor_of_the_streaming_state_survives_a_snapshot(tmp_path: Path) -> None:
-    # Restores pass on the ``outer.*`` tensors only: the mark of the fragment in flight was
-    # once named otherwise, and dropped.
-    opts = PeerOptions(mode="streaming", run_dir=tmp_path)
-    trainer = build_trainer(opts, 7)
-    streaming = StreamingDiLoCo(
+def _streaming(trainer) -> StreamingDiLoCo:
+    return StreamingDiLoCo(
         list(trainer.model.parameters()),
         local_steps=4,
         fragments=2,
@@ -53,6 +49,14 @@ def test_every_tensor_of_the_streaming_state_survives_a_snapshot(tmp_path: Path)
         outer=OuterConfig(),
         launch=lambda *_: concurrent.futures.Future(),
     )
+
+
+def test_every_tensor_of_the_streaming_state_survives_a_snapshot(tmp_path: Path) -> None:
+    # Restores pass on the ``outer.*`` tensors only: the mark of the fragment in flight was
+    # once named otherwise, and dropped.
+    opts = PeerOptions(mode="streaming", run_dir=tmp_path)
+    trainer = build_trainer(opts, 7)
+    streaming = _streaming(trainer)
     streaming.after_local_step(8)
     streaming.after_local_step(8)  # fragment 0 in flight
     tensors = streaming.state_tensors()
@@ -67,15 +71,7 @@ def test_every_tensor_of_the_streaming_state_survives_a_snapshot(tmp_path: Path)
         data_seed=7,
     )
     assert restored.strategy.keys() == tensors.keys()
-    again = StreamingDiLoCo(
-        list(trainer.model.parameters()),
-        local_steps=4,
-        fragments=2,
-        overlap_steps=2,
-        mix_alpha=0.5,
-        outer=OuterConfig(),
-        launch=lambda *_: concurrent.futures.Future(),
-    )
+    again = _streaming(trainer)
     assert again.load_state(restored.strategy) and again.unsettled == {0}
 
 
@@ -101,6 +97,13 @@ def test_a_swarm_snapshot_that_does_not_fit_falls_back_to_our_own(tmp_path: Path
     assert source is Source.DISK and restored is not None and restored.step == 20
 
 
+def _lone_peer(tmp_path: Path, **settings: object) -> PeerOptions:
+    """A peer that runs a few steps alone, quickly."""
+    return PeerOptions(
+        run_dir=tmp_path / "run", window_s=0.3, heartbeat_s=1.0, eval_batches=1, **settings
+    )
+
+
 def test_a_peer_keeps_its_unaveraged_progress_across_a_restart(tmp_path: Path) -> None:
     # Alone, no round is applied: progress used to be checkpointed only after applied
     # rounds, so a restart went back to step 0 (and a stop at step 110 restarted at 100).
@@ -109,16 +112,7 @@ def test_a_peer_keeps_its_unaveraged_progress_across_a_restart(tmp_path: Path) -
     def emit(event: str, **fields: object) -> None:
         events.append((event, fields))
 
-    opts = PeerOptions(
-        mode="diloco",
-        run_dir=tmp_path / "run",
-        steps=25,
-        local_steps=10,
-        window_s=0.3,
-        heartbeat_s=1.0,
-        eval_batches=1,
-        report_every=5,
-    )
+    opts = _lone_peer(tmp_path, mode="diloco", steps=25, local_steps=10, report_every=5)
     assert run_peer(opts, threading.Event(), emit) == 0
     rounds = [f for e, f in events if e == "round"]
     assert [r["step"] for r in rounds] == [10, 20] and not any(r["ok"] for r in rounds)
@@ -184,16 +178,8 @@ def test_progress_written_but_not_served_stays_off_the_swarm(tmp_path: Path) -> 
 
 def test_a_streaming_peer_s_snapshots_carry_its_fragment_counts(tmp_path: Path) -> None:
     # They are announced with the snapshot: resyncs choose donors by them, not by step.
-    opts = PeerOptions(
-        mode="streaming",
-        run_dir=tmp_path / "run",
-        steps=8,
-        local_steps=4,
-        fragments=2,
-        window_s=0.3,
-        heartbeat_s=1.0,
-        eval_batches=1,
-        report_every=4,
+    opts = _lone_peer(
+        tmp_path, mode="streaming", steps=8, local_steps=4, fragments=2, report_every=4
     )
     assert run_peer(opts, threading.Event(), lambda event, **fields: None) == 0
     saved = load_latest_valid(checkpoint_root(opts.run_dir))
