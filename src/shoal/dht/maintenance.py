@@ -20,10 +20,10 @@ out) the node:
 Between rounds, every ``seed_check_s``, a node whose bootstrap peers are missing from its
 table pings the bootstrap addresses again: a seed peer that restarted (it joined through
 nobody, so its table is empty) is otherwise cut off until the next re-join, and every peer
-that knows it only through the seed with it. A seed that stays missing (gone for good, or
-left out of a full bucket) is pinged half as often after each check that did not bring it
-back, down to once per ``rejoin_interval_s`` (or 5 minutes); once none is missing, checks start over at
-``seed_check_s``.
+that knows it only through the seed with it. A seed that stays missing (gone for good,
+left out of a full bucket, or not up yet) is pinged half as often after each check that did
+not bring it back, down to once per ``rejoin_interval_s`` (or 5 minutes); once none is
+missing, checks start over at ``seed_check_s``.
 
 Failures of one step are logged by the task owner and never stop the loop.
 """

@@ -97,7 +97,8 @@ def fragment_offsets(fragments: int, local_steps: int) -> list[int]:
 @dataclass(slots=True)
 class _Pending:
     fragment: int
-    index: int
+    round_label: int
+    """The round's number in reports: cycles times fragments plus the slot."""
     delta: torch.Tensor
     future: concurrent.futures.Future[RoundOutcome]
     launched_at: int
@@ -195,7 +196,7 @@ class StreamingDiLoCo:
         delta = outer.pseudo_gradient(self.fragment_params(f))
         index = (self.step - self.offsets[slot]) // self.local_steps
         future = self.launch(delta, float(self.samples[f]), index, f, outer.fingerprint())
-        self.pending = _Pending(f, index, delta, future, self.step)
+        self.pending = _Pending(f, index * len(self.groups) + slot, delta, future, self.step)
 
     @torch.no_grad()
     def _finish(self) -> RoundReport:
@@ -221,7 +222,7 @@ class StreamingDiLoCo:
         elif not outcome.skipped:
             self.mark_stale()
         return RoundReport(
-            p.index * len(self.groups) + p.fragment,
+            p.round_label,
             outcome.ok,
             len(outcome.contributors),
             outcome.group_size,
