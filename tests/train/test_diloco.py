@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -196,21 +198,23 @@ def test_a_resync_from_an_older_round_index_keeps_ours() -> None:
 
 
 def test_a_resynced_peer_never_rewinds_to_the_snapshot_it_already_adopted(monkeypatch) -> None:
-    """After adopting a donor's state, a later failed round asks only for fresher state:
-    re-adopting the same snapshot would put the round index back behind the swarm."""
+    """After adopting a donor's state, a later failed round asks only for state with more
+    outer steps applied: re-adopting the same snapshot would put the round index back."""
     import shoal.train.diloco_strategy as ds
 
     donor = OuterNesterov(_peer_params(1))
     donor.step(torch.full((11,), 0.01))
-    asked: list[int] = []
+    tensors = {**donor.state_tensors(), "outer.applied": torch.tensor(1)}
+    asked: list[list[int]] = []
 
-    def fetch(services, mode, *, newer_than):
-        asked.append(newer_than)
-        return ResyncState(3, donor.state_tensors(), step=40) if newer_than < 40 else None
+    def fetch(services, mode, *, ahead_of):
+        asked.append(ahead_of)
+        return ResyncState(3, tensors, step=40) if ahead_of[0] < 1 else None
 
     monkeypatch.setattr(ds, "resync_from_swarm", fetch)
     strategy = object.__new__(ds.DiLoCoStrategy)
     strategy.services, strategy.lowrank, strategy.applied_step = None, None, 10
+    strategy.trainer = SimpleNamespace(step=12)
 
     def failing(vector, weight, index):
         return RoundOutcome(False, reason="no group")
@@ -220,12 +224,29 @@ def test_a_resynced_peer_never_rewinds_to_the_snapshot_it_already_adopted(monkey
     strategy.diloco = d
     assert not d.after_local_step(4).ok  # type: ignore[union-attr]
     report = d.after_local_step(4)  # stale: adopts the donor's round 3
-    assert report is not None and report.resynced and d.round_index == 3
-    assert strategy.applied_step == 40
+    assert report is not None and report.resynced and d.round_index == 3 and d.applied == 1
+    assert strategy.applied_step == 12  # its own step, not the donor's 40
     assert not d.after_local_step(4).ok  # type: ignore[union-attr]  # round 3 fails
-    report = d.after_local_step(4)  # nothing fresher than step 40: round 4, no rewind
+    report = d.after_local_step(4)  # nobody ahead of 1 applied round: round 4, no rewind
     assert report is not None and not report.resynced and report.round_index == 4
-    assert asked == [10, 40] and d.round_index == 5
+    assert asked == [[0], [1]] and d.round_index == 5
+
+
+def test_a_donor_with_fewer_outer_steps_is_never_adopted_whatever_its_step() -> None:
+    # A peer that trained alone first is hundreds of steps ahead; when it had missed a
+    # round, a failed member that adopted its snapshot rolled back the round it applied.
+    d, donor, _ = _failing_peer_and_donor(5)
+    d.applied = 3
+    own = [m.clone() for m in d.outer.master]
+    behind = {**donor.state_tensors(), "outer.applied": torch.tensor(2)}
+    d.resync = lambda: ResyncState(5, behind, step=10_000)
+    d.mark_stale()
+    report = d.after_local_step(4)
+    assert report is not None and not report.resynced and d.applied == 3
+    assert all(torch.equal(a, b) for a, b in zip(d.outer.master, own, strict=True))
+    # the count travels with snapshots
+    again, _, _ = _failing_peer_and_donor(5)
+    assert again.load_state(d.state_tensors(), 7) and again.applied == 3
 
 
 def test_a_peer_left_out_of_the_mean_takes_the_outer_step_and_keeps_its_progress() -> None:

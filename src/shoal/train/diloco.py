@@ -19,7 +19,11 @@ The commit rule:
   momentum and moves its local progress onto it (``θ_local ← θ_new + θ_local - θ_old``).
   The peer takes the swarm's round index too: when that round is one this peer has not
   reached yet (it was slower), it skips it (it already holds its result) and joins the
-  next one; otherwise it runs the round now under the swarm's index.
+  next one; otherwise it runs the round now under the swarm's index. Fresher means more
+  outer steps applied (``applied``, ``outer.applied`` in snapshots), never a higher step:
+  steps are each peer's own count (a peer that trained alone before others came is far
+  ahead), and a step-ahead donor that had missed a round rolled back the round a failed
+  member had applied. A failed round asks at the next two rounds at most.
 - **Skipped** (``outcome.skipped``: no other live peer could average with this one): as a
   failed round, but no round is counted, so the index of a peer that was alone does not
   run ahead of the peers that join it.
@@ -40,6 +44,8 @@ from shoal.train.outer import OuterConfig, OuterNesterov
 from shoal.train.swarm_round import RoundOutcome
 
 __all__ = ["DiLoCo", "DiLoCoConfig", "ResyncState", "RoundReport"]
+
+_APPLIED = "outer.applied"
 
 AverageFn = Callable[[torch.Tensor, float, int], RoundOutcome]
 
@@ -105,7 +111,10 @@ class DiLoCo:
         self.local_steps_done = 0
         self.samples = 0
         """Samples trained since the last applied outer step."""
+        self.applied = 0
+        """Outer steps applied (or adopted from a donor that had applied more)."""
         self.stale = False
+        self._asks_left = 0
 
     def after_local_step(self, samples: int) -> RoundReport | None:
         """Count one inner step; every H-th runs a round and returns its report."""
@@ -132,6 +141,8 @@ class DiLoCo:
         if outcome.skipped:  # alone: no round was tried, and none is counted
             return RoundReport(r, False, 0, 0, 0.0, outcome.reason, dict(outcome.seconds))
         self.round_index += 1
+        if outcome.ok:
+            self.applied += 1
         if outcome.ok and outcome.included:
             self.outer.step(delta)
             self.outer.load_into(self.params)
@@ -144,7 +155,7 @@ class DiLoCo:
             self.outer.keeping_progress(self.params, lambda: self.outer.step(delta))
             self.stale = False
         else:
-            self.stale = True
+            self.mark_stale()
         return RoundReport(
             r,
             outcome.ok,
@@ -156,12 +167,22 @@ class DiLoCo:
             resynced,
         )
 
+    def mark_stale(self) -> None:
+        """The swarm may have applied a round this peer did not: ask before the next two
+        rounds at most (the members that applied it may not have announced it yet)."""
+        self.stale, self._asks_left = True, 2
+
     def _maybe_resync(self) -> bool:
         if not self.stale or self.resync is None:
             return False
-        state = self.resync()  # only state fresher than our last applied round
+        self._asks_left = max(0, self._asks_left - 1)
+        self.stale = self._asks_left > 0
+        state = self.resync()  # only state with more outer steps applied than ours
         if state is None:
             return False
+        theirs = _applied_count(state.tensors)
+        if theirs is not None and theirs <= self.applied:
+            return False  # not ahead: adopting it could undo a round we applied
         load = self.outer.load_state_tensors
         if not self.outer.keeping_progress(self.params, lambda: load(state.tensors)):
             return False  # nothing changed
@@ -169,19 +190,31 @@ class DiLoCo:
         # swarm (like us) has counted the failed ones since; taking the snapshot's index
         # would put us on round keys one behind everyone else's for good.
         self.round_index = max(self.round_index, state.round_index)
+        self.applied = theirs if theirs is not None else self.applied
         self.stale = False
         if self.on_resync is not None:
             self.on_resync(state)
         return True
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.outer.state_tensors()
+        applied = torch.tensor(self.applied, dtype=torch.int64)
+        return {**self.outer.state_tensors(), _APPLIED: applied}
 
     def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
         """Adopt restored outer state (startup recovery); the caller restored the model."""
         if not self.outer.load_state_tensors(tensors):
             return False
+        self.applied = _applied_count(tensors) or 0
         self.round_index = round_index
         self.local_steps_done = 0
         self.samples = 0
         return True
+
+
+def _applied_count(tensors: dict[str, torch.Tensor]) -> int | None:
+    """The ``outer.applied`` count of a snapshot; None when it has none (or a malformed
+    one): a snapshot from before the count."""
+    t = tensors.get(_APPLIED)
+    if t is None or t.numel() != 1 or t.is_floating_point() or int(t) < 0:
+        return None
+    return int(t)

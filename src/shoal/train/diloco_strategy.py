@@ -84,14 +84,14 @@ class DiLoCoStrategy:
         )
 
     def _on_resync(self, state: ResyncState) -> None:
-        # Adopted state counts as applied: a later failed round must not fetch (and rewind
-        # to) the same snapshot again, or this peer's round index falls behind for good.
-        self.applied_step = max(self.applied_step, state.step)
+        # Adopted state counts as applied (with this peer's own step: a donor's steps are
+        # not ours); later resyncs ask for more outer steps than it holds.
+        self.applied_step = self.trainer.step
         if self.lowrank is not None:
             self.lowrank.load_state_tensors(state.tensors)
 
     def _resync(self) -> ResyncState | None:
-        return resync_from_swarm(self.services, self.mode, newer_than=self.applied_step)
+        return resync_from_swarm(self.services, self.mode, ahead_of=[self.diloco.applied])
 
     def step(self) -> StepOutcome:
         with self.services.monitor.profiler.compute:
@@ -112,7 +112,7 @@ class DiLoCoStrategy:
 
     @property
     def progress(self) -> list[int] | None:
-        return None
+        return [self.diloco.applied]
 
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
@@ -120,7 +120,10 @@ class DiLoCoStrategy:
         self.applied_step = applied_step  # steps trained alone since make nothing fresher
         if self.lowrank is not None:
             self.lowrank.load_state_tensors(tensors)
-        return self.diloco.load_state(tensors, round_index)
+        loaded = self.diloco.load_state(tensors, round_index)
+        if loaded and applied_step < self.trainer.step:
+            self.diloco.mark_stale()  # the swarm may have applied rounds without it
+        return loaded
 
     def close(self) -> None:
         return None
