@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shoal.errors import ConfigError
-from shoal.train.outer import OuterConfig, OuterNesterov
+from shoal.train.outer import OuterConfig, OuterNesterov, saved_count
 from shoal.train.swarm_round import RoundOutcome
 
 __all__ = ["DiLoCo", "DiLoCoConfig", "ResyncState", "RoundReport"]
@@ -180,7 +180,7 @@ class DiLoCo:
         state = self.resync()  # only state with more outer steps applied than ours
         if state is None:
             return False
-        theirs = _applied_count(state.tensors)
+        theirs = saved_count(state.tensors, _APPLIED)
         if theirs is not None and theirs <= self.applied:
             return False  # not ahead: adopting it could undo a round we applied
         load = self.outer.load_state_tensors
@@ -204,17 +204,8 @@ class DiLoCo:
         """Adopt restored outer state (startup recovery); the caller restored the model."""
         if not self.outer.load_state_tensors(tensors):
             return False
-        self.applied = _applied_count(tensors) or 0
+        self.applied = saved_count(tensors, _APPLIED) or 0
         self.round_index = round_index
         self.local_steps_done = 0
         self.samples = 0
         return True
-
-
-def _applied_count(tensors: dict[str, torch.Tensor]) -> int | None:
-    """The ``outer.applied`` count of a snapshot; None when it has none (or a malformed
-    one): a snapshot from before the count."""
-    t = tensors.get(_APPLIED)
-    if t is None or t.numel() != 1 or t.is_floating_point() or int(t) < 0:
-        return None
-    return int(t)

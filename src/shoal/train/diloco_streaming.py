@@ -62,7 +62,7 @@ from functools import partial
 import torch
 
 from shoal.train.diloco import ResyncState, RoundReport
-from shoal.train.outer import OuterConfig, OuterNesterov
+from shoal.train.outer import OuterConfig, OuterNesterov, saved_count
 from shoal.train.swarm_round import RoundOutcome, wait_outcome
 
 __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
@@ -283,30 +283,23 @@ class StreamingDiLoCo:
             self.applied = [n or 0 for n in _applied_counts(tensors, len(self.outers))]
             in_flight = _in_flight(tensors, len(self.outers))
             self.unsettled = {in_flight} if in_flight is not None else set()
-            self.rotation = _fragment_index(tensors.get(_ROTATION), len(self.outers)) or 0
+            self.rotation = _fragment_index(tensors, _ROTATION, len(self.outers)) or 0
         return ok
 
 
 def _in_flight(tensors: dict[str, torch.Tensor], fragments: int) -> int | None:
     """The fragment a snapshot says was in flight when it was taken (None: none, or no
     valid mark, e.g. a snapshot from before the mark existed)."""
-    return _fragment_index(tensors.get(_IN_FLIGHT), fragments)
+    return _fragment_index(tensors, _IN_FLIGHT, fragments)
 
 
-def _fragment_index(t: torch.Tensor | None, fragments: int) -> int | None:
-    """A fragment index held in a scalar integer tensor; None if absent or invalid."""
-    if t is None or t.numel() != 1 or t.is_floating_point():
-        return None
-    f = int(t)
-    return f if 0 <= f < fragments else None
+def _fragment_index(tensors: dict[str, torch.Tensor], key: str, fragments: int) -> int | None:
+    """A fragment index a snapshot holds under ``key``; None if absent or invalid."""
+    f = saved_count(tensors, key)
+    return f if f is not None and f < fragments else None
 
 
 def _applied_counts(tensors: dict[str, torch.Tensor], fragments: int) -> list[int | None]:
     """Each fragment's ``outer.<f>.applied`` count in a snapshot; None where it has none
     (or a malformed one): a snapshot from a donor that did not count."""
-    out: list[int | None] = []
-    for f in range(fragments):
-        t = tensors.get(f"outer.{f}.applied")
-        ok = t is not None and t.numel() == 1 and not t.is_floating_point() and int(t) >= 0
-        out.append(int(t) if ok and t is not None else None)
-    return out
+    return [saved_count(tensors, f"outer.{f}.applied") for f in range(fragments)]

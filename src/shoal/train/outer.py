@@ -31,7 +31,7 @@ from shoal.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["OuterConfig", "OuterNesterov"]
+__all__ = ["OuterConfig", "OuterNesterov", "saved_count"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -132,3 +132,13 @@ class OuterNesterov:
     def _check(self, params: Sequence[torch.Tensor]) -> None:
         if len(params) != len(self.master):
             raise ConfigError(f"expected {len(self.master)} parameters, got {len(params)}")
+
+
+def saved_count(tensors: dict[str, torch.Tensor], key: str) -> int | None:
+    """The non-negative integer a snapshot holds in the scalar tensor ``key`` (a count of
+    applied rounds, a fragment index); None when it is absent or malformed, e.g. in a
+    snapshot from before the key existed."""
+    t = tensors.get(key)
+    if t is None or t.numel() != 1 or t.is_floating_point() or int(t) < 0:
+        return None
+    return int(t)
