@@ -39,6 +39,19 @@ def _checkpoint(opts: PeerOptions, step: int, root: Path, strategy=None):
     return load_latest_valid(root)
 
 
+def _restore_into(trainer, ckpt, mode: str):
+    """``ckpt`` loaded into ``trainer``'s objects, as a peer of ``mode`` built with seed 7."""
+    return restore_peer(
+        ckpt,
+        trainer.model,
+        trainer.optimizer,
+        trainer.windows,
+        mode=mode,
+        model_shape=trainer.model_cfg.to_dict(),
+        data_seed=7,
+    )
+
+
 def _streaming(trainer) -> StreamingDiLoCo:
     return StreamingDiLoCo(
         list(trainer.model.parameters()),
@@ -61,15 +74,7 @@ def test_every_tensor_of_the_streaming_state_survives_a_snapshot(tmp_path: Path)
     streaming.after_local_step(8)  # fragment 0 in flight
     tensors = streaming.state_tensors()
     ckpt = _checkpoint(opts, 40, checkpoint_root(tmp_path), strategy=tensors)
-    restored = restore_peer(
-        ckpt,
-        trainer.model,
-        trainer.optimizer,
-        trainer.windows,
-        mode="streaming",
-        model_shape=trainer.model_cfg.to_dict(),
-        data_seed=7,
-    )
+    restored = _restore_into(trainer, ckpt, "streaming")
     assert restored.strategy.keys() == tensors.keys()
     again = _streaming(trainer)
     assert again.load_state(restored.strategy) and again.unsettled == {0}
@@ -163,15 +168,7 @@ def test_progress_written_but_not_served_stays_off_the_swarm(tmp_path: Path) -> 
     newest = load_latest_valid(tmp_path / "ckpt")
     assert newest is not None and newest.step == 15
     # ...and a restart from it knows not to serve it either (see run_peer's startup save)
-    restored = restore_peer(
-        newest,
-        trainer.model,
-        trainer.optimizer,
-        trainer.windows,
-        mode="diloco",
-        model_shape=trainer.model_cfg.to_dict(),
-        data_seed=7,
-    )
+    restored = _restore_into(trainer, newest, "diloco")
     assert restored.step == 15 and not restored.averaged
     assert restored.applied_step == 15  # by default, the snapshot's own step
 
