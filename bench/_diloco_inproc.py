@@ -27,6 +27,7 @@ from shoal.models.data.windows import Batch
 from shoal.net.identity import PeerID
 from shoal.train.config import TrainConfig
 from shoal.train.diloco import DiLoCo, DiLoCoConfig
+from shoal.train.diloco_topk import WIRE_CODEC, TopKAverager
 from shoal.train.evaluate import evaluate_bpb
 from shoal.train.outer import OuterConfig
 from shoal.train.swarm_round import RoundOutcome
@@ -39,20 +40,25 @@ _WAIT_S = 600.0
 
 @dataclass(frozen=True, slots=True)
 class Setting:
-    """One point of a sweep: ``H:outer_lr:outer_momentum``."""
+    """One point of a sweep: ``H:outer_lr:outer_momentum[:topk]``."""
 
     local_steps: int
     outer_lr: float
     outer_momentum: float
+    topk: float = 0.0
+    """Fraction of each pseudo-gradient sent (top-k with error feedback); 0 = all of it."""
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         try:
-            h, lr, mom = text.split(":")
-            return cls(int(h), float(lr), float(mom))
+            h, lr, mom, *rest = text.split(":")
+            if len(rest) > 1:
+                raise ValueError(text)
+            return cls(int(h), float(lr), float(mom), float(rest[0]) if rest else 0.0)
         except ValueError:
             raise SystemExit(
-                f"bad setting {text!r}: expected H:outer_lr:momentum, e.g. 150:0.7:0.9"
+                f"bad setting {text!r}: expected H:outer_lr:momentum[:topk], e.g. 150:0.7:0.9 "
+                "or 30:1:0:0.02"
             ) from None
 
 
@@ -80,12 +86,15 @@ class _Exchange:
         n = len(inputs)
         total = sum(w for _, w in inputs)
         acc = torch.zeros_like(inputs[0][0])
+        sent = 0
         for vec, w in inputs:
             decoded, nbytes = self._roundtrip(vec)
             acc.add_(decoded, alpha=w / total)
+            sent += nbytes
         self.mean, mean_bytes = self._roundtrip(acc)
-        # Butterfly: each replica sends (N-1)/N of its vector and of the reduced result.
-        self.wire_bytes += int(n * (n - 1) / n * (nbytes + mean_bytes))
+        # Butterfly: each replica sends (N-1)/N of its vector, and each of the N results
+        # goes to the N-1 others.
+        self.wire_bytes += int((n - 1) / n * sent + (n - 1) * mean_bytes)
         self.total_weight = total
 
     def average_fn(self, rank: int) -> Callable[[torch.Tensor, float, int], RoundOutcome]:
@@ -99,6 +108,18 @@ class _Exchange:
         return average
 
 
+def _sparsified(
+    average: Callable[[torch.Tensor, float, int], RoundOutcome], topk: float
+) -> Callable[[torch.Tensor, float, int], RoundOutcome]:
+    """``average`` behind the production top-k averager (one per replica), or as it is."""
+    if not topk:
+        return average
+    averager = TopKAverager(topk)
+    return lambda vector, weight, index: averager.average(
+        vector, weight, index, lambda v, w, i, _stage: average(v, w, i)
+    )
+
+
 def run_replicas(
     configs: list[TrainConfig],
     setting: Setting,
@@ -109,6 +130,8 @@ def run_replicas(
     log: Callable[[str], None],
 ) -> dict[str, object]:
     """Train one replica per config to ``run.steps`` with DiLoCo; validate replica 0."""
+    if setting.topk:
+        codec_name = WIRE_CODEC
     codec = codec_by_name(codec_name) if codec_name != "none" else None
     exchange = _Exchange(len(configs), codec)
     trainers = [Trainer(cfg, show_progress=False, log_lines=False) for cfg in configs]
@@ -117,7 +140,7 @@ def run_replicas(
         DiLoCo(
             list(t.model.parameters()),
             DiLoCoConfig(local_steps=setting.local_steps, outer=outer),
-            exchange.average_fn(rank),
+            _sparsified(exchange.average_fn(rank), setting.topk),
         )
         for rank, t in enumerate(trainers)
     ]

@@ -127,6 +127,8 @@ def _peer_argv(args: argparse.Namespace, run_dir: Path, index: int, join: str | 
     argv += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     argv += ["--lr", str(args.lr), "--model", args.model, "--codec", args.codec]
     argv += ["--rank", str(args.rank), "--outer-lr", str(args.outer_lr)]
+    if args.topk:
+        argv += ["--topk", str(args.topk)]
     argv += ["--outer-momentum", str(args.outer_momentum)]
     argv += ["--window", str(args.window_s), "--heartbeat", str(args.heartbeat_s)]
     argv += ["--checkpoint-every", "0", "--eval-every", str(args.eval_every)]
@@ -202,7 +204,9 @@ def _in_process(args: argparse.Namespace) -> dict[str, Any]:
     spec.loader.exec_module(inproc)
     Setting, run_replicas = inproc.Setting, inproc.run_replicas
 
-    text = args.settings or f"{args.local_steps}:{args.outer_lr}:{args.outer_momentum}"
+    text = args.settings or (
+        f"{args.local_steps}:{args.outer_lr}:{args.outer_momentum}:{args.topk}"
+    )
     settings = [Setting.parse(s) for s in text.split(",") if s.strip()]
     with tempfile.TemporaryDirectory(prefix="shoal-bench-diloco-") as tmp:
         root = Path(tmp)
@@ -235,6 +239,7 @@ def _in_process(args: argparse.Namespace) -> dict[str, Any]:
                     "local_steps": setting.local_steps,
                     "outer_lr": setting.outer_lr,
                     "outer_momentum": setting.outer_momentum,
+                    "topk": setting.topk,
                     "rounds": out["rounds"],
                     "val_bpb": val_bpb,
                     "loss_gap": round((val_bpb - baseline) / baseline, 4),
@@ -271,6 +276,13 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--model", default="tiny")
     p.add_argument("--codec", default="int4")
     p.add_argument("--rank", type=int, default=0, help="low-rank averaging (0 = whole tensors)")
+    p.add_argument(
+        "--topk",
+        type=float,
+        default=0.0,
+        help="send this fraction of each pseudo-gradient (top-k, error feedback; 0 = all); "
+        "the wire codec is then sparse",
+    )
     p.add_argument("--outer-lr", type=float, default=1.5)
     p.add_argument("--outer-momentum", type=float, default=0.0)
     p.add_argument("--window-s", type=float, default=30.0)
@@ -293,10 +305,12 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument(
         "--settings",
         default=None,
-        help="with --in-process: comma-separated H:outer_lr:outer_momentum points "
-        "(default: --local-steps:--outer-lr:--outer-momentum)",
+        help="with --in-process: comma-separated H:outer_lr:outer_momentum[:topk] points "
+        "(default: --local-steps:--outer-lr:--outer-momentum:--topk)",
     )
     args = p.parse_args(argv)
+    if args.topk:
+        args.codec = "sparse"  # what top-k vectors travel in
     torch.set_num_threads(1)
     if args.in_process:
         return _in_process(args)
@@ -347,6 +361,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         "local_steps": args.local_steps,
         "codec": args.codec,
         "rank": args.rank,
+        "topk": args.topk,
         "outer_lr": args.outer_lr,
         "outer_momentum": args.outer_momentum,
         "params": num_params,

@@ -27,7 +27,10 @@ def test_usage_errors_exit_2_without_traceback(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--codec", "int3"], "--codec must be one of none, fp16, int8, int4, got 'int3'"),
+        (["--codec", "int3"], "--codec must be one of none, fp16, int8, int4, sparse, got 'int3'"),
+        (["--topk", "0.01", "--codec", "int8"], "--topk sends (position, value) pairs"),
+        (["--topk", "0.01", "--mode", "sync"], "--topk (sparse averaging) is for mode diloco"),
+        (["--topk", "2"], "--topk must be a fraction in [0, 1), got 2.0"),
         (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
         (["--seq-len", "100000"], "--seq-len=100000 exceeds model max_seq_len=1024"),
         (["--width", "0"], "--width must be a positive integer, got 0"),

@@ -17,10 +17,12 @@ from shoal.compress import (
     Int8BlockwiseCodec,
     PowerSGDCodec,
     PowerSGDState,
+    SparseCodec,
     TopKCodec,
     compression_ratio,
 )
 from shoal.compress.registry import codec_by_name, decode
+from shoal.compress.sparse import check_sparse
 from shoal.errors import ConfigError
 
 
@@ -301,10 +303,60 @@ def test_powersgd_sends_matrices_dense_when_factors_would_not_be_smaller(shape):
     assert state.residual is None
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 3000), density=st.floats(0.0, 1.0))
+def test_sparse_is_exact_and_never_costs_more_than_fp32(seed, n, density):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * (torch.rand(n, generator=g) < density)
+    enc = SparseCodec().encode(x.view(1, n))
+    nnz = int((x != 0).sum())
+    assert torch.equal(SparseCodec().decode(enc), x.view(1, n))
+    if 2 * nnz >= n:  # dense layout: all values, no positions
+        assert len(enc.payload) == 1 and compression_ratio(enc) == 1.0
+    else:  # 8 bytes per non-zero: an int32 position and an fp32 value
+        indices, values = enc.payload
+        assert indices.dtype == torch.int32 and values.numel() == nnz
+        assert compression_ratio(enc) == pytest.approx(2 * nnz / n)
+        assert compression_ratio(enc) < 1.0
+
+
+def test_sparse_carries_nan_and_inf_as_they_are():
+    x = torch.zeros(100)
+    x[[3, 50, 99]] = torch.tensor([float("nan"), float("inf"), -2.0])
+    y = SparseCodec().decode(SparseCodec().encode(x))
+    assert y[3].isnan() and y[50] == float("inf") and y[99] == -2.0
+    assert int((y == 0).sum()) == 97
+
+
+@pytest.mark.parametrize(
+    "indices,values,why",
+    [
+        ([1, 1], [1.0, 2.0], "strictly increasing"),
+        ([2, 1], [1.0, 2.0], "strictly increasing"),
+        ([-1], [1.0], "outside"),
+        ([10], [1.0], "outside"),
+        ([1, 2], [1.0], "positions for"),
+    ],
+)
+def test_sparse_decode_refuses_payloads_it_cannot_place(indices, values, why):
+    payload = (torch.tensor(indices, dtype=torch.int32), torch.tensor(values))
+    with pytest.raises(ValueError, match=why):
+        SparseCodec().decode(Encoded("sparse", (10,), payload))
+    with pytest.raises(ValueError, match="int32"):
+        check_sparse(10, torch.tensor([1], dtype=torch.int64), torch.tensor([1.0]))
+
+
+def test_topk_then_sparse_sends_eight_bytes_per_kept_value():
+    x = torch.randn(10_000)
+    kept = TopKCodec(fraction=0.01).decode(TopKCodec(fraction=0.01).encode(x))
+    enc = SparseCodec().encode(kept)
+    assert enc.wire_bytes == 100 * 8 and torch.equal(SparseCodec().decode(enc), kept)
+
+
 def test_registry_and_config_errors():
     assert codec_by_name("none") is None
     x = torch.randn(100)
-    for name, atol in (("fp16", 0.01), ("int8", 0.05), ("int4", 0.5)):
+    for name, atol in (("fp16", 0.01), ("int8", 0.05), ("int4", 0.5), ("sparse", 0.0)):
         codec = codec_by_name(name)
         assert torch.allclose(decode(codec.encode(x)), x, atol=atol)
     with pytest.raises(ConfigError, match="zstd"):

@@ -44,6 +44,10 @@ def test_peer_options_are_checked() -> None:
         ({"rank": -1}, "rank"),
         ({"rank": 2, "mode": "streaming"}, "rank \\(low-rank averaging\\) is for mode diloco"),
         ({"wire_codec": "int3"}, "wire_codec must be one of none, fp16, int8, int4"),
+        ({"topk": 1.0, "wire_codec": "sparse"}, "topk must be a fraction in \\[0, 1\\)"),
+        ({"topk": 0.1, "mode": "sync", "wire_codec": "sparse"}, "is for mode diloco"),
+        ({"topk": 0.1, "rank": 2, "wire_codec": "sparse"}, "choose one"),
+        ({"topk": 0.1}, "needs wire_codec sparse, not int8"),
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"lr": float("nan")}, "lr must be a positive number"),
         ({"window_s": float("nan")}, "window_s must be > 0"),
@@ -55,6 +59,7 @@ def test_peer_options_are_checked() -> None:
         with pytest.raises(ConfigError, match=match):
             PeerOptions(**bad)
     PeerOptions(join=("127.0.0.1:31337", "peer.example:9"))
+    PeerOptions(topk=0.01, wire_codec="sparse")
 
 
 def test_round_keys_separate_modes_rounds_and_parameters() -> None:

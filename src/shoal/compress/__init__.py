@@ -9,6 +9,7 @@ from shoal.compress.int4 import Int4BlockwiseCodec
 from shoal.compress.int8 import Int8BlockwiseCodec
 from shoal.compress.powersgd import PowerSGDCodec, PowerSGDState
 from shoal.compress.registry import codec_by_name
+from shoal.compress.sparse import SparseCodec
 from shoal.compress.topk import ErrorFeedback, TopKCodec
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Int8BlockwiseCodec",
     "PowerSGDCodec",
     "PowerSGDState",
+    "SparseCodec",
     "TopKCodec",
     "codec_by_name",
     "compression_ratio",

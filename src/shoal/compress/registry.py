@@ -9,12 +9,13 @@ from shoal.compress.fp16 import Fp16Codec
 from shoal.compress.int4 import Int4BlockwiseCodec
 from shoal.compress.int8 import Int8BlockwiseCodec
 from shoal.compress.powersgd import PowerSGDCodec
+from shoal.compress.sparse import SparseCodec
 from shoal.compress.topk import TopKCodec
 from shoal.errors import ConfigError
 
 __all__ = ["STATELESS_CODECS", "codec_by_name", "decode"]
 
-STATELESS_CODECS = ("none", "fp16", "int8", "int4")
+STATELESS_CODECS = ("none", "fp16", "int8", "int4", "sparse")
 
 
 def codec_by_name(
@@ -29,6 +30,8 @@ def codec_by_name(
         return Int8BlockwiseCodec(int8_block_size)
     if name == "int4":
         return Int4BlockwiseCodec(int4_block_size)
+    if name == "sparse":
+        return SparseCodec()
     raise ConfigError(f"unknown wire codec {name!r}; choose one of {STATELESS_CODECS}")
 
 
@@ -38,6 +41,7 @@ def decode(encoded: Encoded) -> torch.Tensor:
         "fp16": Fp16Codec(),
         "int8": Int8BlockwiseCodec(int(encoded.meta.get("block_size", 4096))),
         "int4": Int4BlockwiseCodec(int(encoded.meta.get("block_size", 256))),
+        "sparse": SparseCodec(),
         "topk": TopKCodec(k=1),
         "powersgd": PowerSGDCodec(1),
     }

@@ -8,6 +8,7 @@ import torch
 
 from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
 from shoal.train.diloco_lowrank import LowRankAverager
+from shoal.train.diloco_topk import TopKAverager
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_round import RoundOutcome
 from shoal.train.swarm_services import PeerServices
@@ -50,6 +51,7 @@ class DiLoCoStrategy:
             if opts.rank > 0
             else None
         )
+        self.topk = TopKAverager(opts.topk) if opts.topk > 0 else None
         self.diloco = DiLoCo(
             params,
             DiLoCoConfig(local_steps=opts.local_steps, outer=opts.outer),
@@ -65,6 +67,8 @@ class DiLoCoStrategy:
     def _average(self, vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
         if self.lowrank is not None:
             outcome = self.lowrank.average(vector, weight, index, self._raw)
+        elif self.topk is not None:
+            outcome = self.topk.average(vector, weight, index, self._raw)
         else:
             outcome = self._raw(vector, weight, index, 0)
         record_round_time(self.services, outcome)

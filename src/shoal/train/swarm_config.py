@@ -78,6 +78,9 @@ class PeerOptions:
     """Hold relay reservations for peers behind NATs (a peer others can reach)."""
     rank: int = 0
     """DiLoCo: average pseudo-gradients through rank-``rank`` factors (0 = whole tensors)."""
+    topk: float = 0.0
+    """DiLoCo: send only this fraction of each pseudo-gradient, its largest values, with
+    error feedback (0 = whole tensors); they travel in the ``sparse`` wire codec."""
     fragments: int = 4
     """Streaming DiLoCo: number of parameter fragments."""
     overlap_steps: int | None = None
@@ -176,6 +179,17 @@ class PeerOptions:
             raise ConfigError(f"rank must be >= 0, got {self.rank}")
         if self.rank and self.mode != "diloco":
             raise ConfigError(f"rank (low-rank averaging) is for mode diloco, not {self.mode}")
+        if not 0 <= self.topk < 1:
+            raise ConfigError(f"topk must be a fraction in [0, 1), got {self.topk!r}")
+        if self.topk and self.mode != "diloco":
+            raise ConfigError(f"topk (sparse averaging) is for mode diloco, not {self.mode}")
+        if self.topk and self.rank:
+            raise ConfigError("topk and rank are two ways to compress: choose one")
+        if self.topk and self.wire_codec != "sparse":
+            raise ConfigError(
+                f"topk sends (position, value) pairs: it needs wire_codec sparse, "
+                f"not {self.wire_codec}"
+            )
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

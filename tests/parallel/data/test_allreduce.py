@@ -129,6 +129,20 @@ def test_wire_codecs_give_identical_results_close_to_the_mean(codec, atol):
     assert all(torch.equal(outputs["a"], outputs[m]) for m in members)
 
 
+def test_sparse_wire_codec_averages_sparse_inputs_exactly():
+    members = ["a", "b", "c"]
+    inputs = _inputs(members)
+    for i, m in enumerate(members):  # different supports: the means fill up part by part
+        inputs[m][torch.arange(inputs[m].numel()) % 5 != i] = 0.0
+    _, inputs, weights, results, outputs = asyncio.run(
+        _round(members, inputs=inputs, codec="sparse")
+    )
+    assert _ok(results) == set(members)
+    _check_invariant(inputs, weights, results, outputs)
+    assert all(torch.equal(outputs["a"], outputs[m]) for m in members)
+    assert int((outputs["a"] == 0).sum()) >= outputs["a"].numel() * 2 // 5 - 1
+
+
 def test_peer_dead_before_sending_is_left_out_and_its_part_is_reassigned():
     members = ["a", "b", "c", "d"]
     fault = Fault("c", "Contribution", 0)

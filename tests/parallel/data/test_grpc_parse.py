@@ -19,7 +19,7 @@ OTHER = Identity.generate().peer_id
 
 _tensors = st.lists(
     st.tuples(
-        st.sampled_from([torch.float32, torch.float16, torch.int8, torch.int64]),
+        st.sampled_from([torch.float32, torch.float16, torch.int8, torch.int32, torch.int64]),
         st.integers(0, 40),
     ).map(lambda t: torch.zeros(t[1], dtype=t[0])),
     max_size=3,
@@ -33,7 +33,7 @@ _tensors = st.lists(
     part=st.integers(0, 2**32 - 1),
     weight=st.floats(allow_nan=True, allow_infinity=True),
     peers=st.lists(st.binary(max_size=40), max_size=4),
-    codec=st.sampled_from(["none", "fp16", "int8", "int4", "zstd", ""]),
+    codec=st.sampled_from(["none", "fp16", "int8", "int4", "sparse", "zstd", ""]),
     numel=st.integers(0, 2**64 - 1),
     block_size=st.integers(0, 2**32 - 1),
     tensors=_tensors,
@@ -65,12 +65,14 @@ def test_parse_never_fails_otherwise(
         assert data.numel == numel if hasattr(data, "codec") else data.numel() == numel
 
 
-@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "int4", "sparse"])
 def test_frames_round_trip_through_parse(codec):
     from shoal.compress.registry import codec_by_name
     from shoal.net.tensors import as_tensor, decode_frame, encode_frame
 
     part = torch.randn(5000)
+    if codec == "sparse":  # mostly zeros: the (position, value) layout
+        part[torch.arange(5000) % 7 != 0] = 0.0
     c = codec_by_name(codec)
     data = part if c is None else c.encode(part)
     message = Reduced(b"r", SENDER, 3, frozenset({SENDER, OTHER}), 7.0, data)
@@ -91,6 +93,20 @@ def test_frames_round_trip_through_parse(codec):
     decoded = back.data if c is None else c.decode(back.data)
     expect = part if c is None else c.decode(data)
     assert torch.equal(decoded.reshape(-1), expect.reshape(-1))
+
+
+def test_sparse_parts_are_checked_before_they_are_decoded():
+    meta = pb.RoundMessage(
+        round_id=b"r", kind=pb.CONTRIBUTION, codec="sparse", numel=10, payload_tensors=2
+    )
+    values = torch.tensor([1.0, 2.0])
+    for indices, why in (([4, 4], "strictly increasing"), ([3, 10], "outside")):
+        with pytest.raises(ProtocolViolation, match=why):
+            parse(meta, SENDER, [torch.tensor(indices, dtype=torch.int32), values])
+    with pytest.raises(ProtocolViolation, match="10 float32"):
+        parse(meta, SENDER, [torch.zeros(9)])  # the dense layout holds every value
+    good = parse(meta, SENDER, [torch.tensor([0, 9], dtype=torch.int32), values])
+    assert good.data.payload[0].tolist() == [0, 9]
 
 
 def test_a_leave_round_trips_and_carries_nothing_else():

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from shoal.compress import Encoded
+from shoal.compress.sparse import check_sparse
 from shoal.errors import ProtocolViolation
 from shoal.net.config import TensorLimits
 from shoal.net.identity import PEER_ID_BYTES, PeerID
@@ -157,6 +158,17 @@ def _check_payload(meta: pb.RoundMessage, tensors: list[torch.Tensor]) -> Encode
         if t.dtype != torch.float16 or t.numel() != n:
             raise ProtocolViolation(f"fp16 part must be {n} float16 values")
         return Encoded("fp16", (n,), (t.reshape(-1),))
+    if meta.codec == "sparse":
+        try:
+            if len(tensors) == 1:  # the dense layout
+                (t,) = tensors
+                if t.dtype != torch.float32 or t.numel() != n:
+                    raise ValueError(f"dense layout must be {n} float32 values")
+            else:
+                check_sparse(n, tensors[0].reshape(-1), tensors[1].reshape(-1))
+        except ValueError as exc:
+            raise ProtocolViolation(f"malformed sparse part: {exc}") from None
+        return Encoded("sparse", (n,), tuple(t.reshape(-1) for t in tensors))
     # Blockwise codecs: quantised values + one fp32 scale per block.
     q, scales = tensors
     bs = meta.block_size
@@ -195,8 +207,8 @@ def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) ->
         return Report(meta.round_id, sender, meta.part, peers, rejected)
     if meta.kind not in (pb.CONTRIBUTION, pb.REDUCED):
         raise ProtocolViolation(f"unknown round message kind {meta.kind}")
-    expected = {"none": 1, "fp16": 1, "int8": 2, "int4": 2}.get(meta.codec)
-    if expected is None or len(tensors) != expected:
+    expected = {"none": (1,), "fp16": (1,), "int8": (2,), "int4": (2,), "sparse": (1, 2)}
+    if len(tensors) not in expected.get(meta.codec, ()):
         raise ProtocolViolation(f"codec {meta.codec!r} with {len(tensors)} tensors")
     data = _check_payload(meta, tensors)
     if meta.kind == pb.CONTRIBUTION:
