@@ -207,6 +207,28 @@ def test_a_reducer_stopping_before_its_result_fails_the_round_at_once():
     assert took < 5.0
 
 
+def test_a_member_stopping_during_the_repair_fails_the_round_at_once():
+    # c stops before reporting (its part goes to a), then the client d stops before
+    # sending a its raw part of c's part: a cannot reduce that part over the agreed set
+    # {a, b, d}. It says so by leaving, and b fails at once; it waited out the 30 s round
+    # for a part nobody could send (d has no part of its own whose absence would tell).
+    members = ["a", "b", "c", "d"]
+    group = GroupSpec(b"r", tuple(members), (1e8,) * 4, (False, False, False, True))
+    dead = Fault("c", "Report", 0, stop=True)
+    stop = Fault("d", "Contribution", 3, stop=True)  # 0-2 went to a, b and c
+    start = time.monotonic()
+    net, inputs, weights, results, outputs = asyncio.run(
+        _round(members, faults=[dead, stop], group=group, timeout_s=30.0)
+    )
+    took = time.monotonic() - start
+    assert net.fired == [dead, stop] and results["c"] is None and results["d"] is None
+    assert not results["a"].ok and "part 2 lacks the raw parts of 1" in results["a"].reason
+    assert not results["b"].ok and "their reducer left the round" in results["b"].reason
+    assert net.sent[("a", "Leave")] == 3
+    _check_invariant(inputs, weights, results, outputs)
+    assert took < 5.0, f"the others waited {took:.1f} s for a part nobody could reduce"
+
+
 def test_reducer_dead_before_all_gather_fails_the_round_cleanly():
     members = ["a", "b", "c", "d"]
     fault = Fault("c", "Reduced", 0)

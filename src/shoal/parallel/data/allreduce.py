@@ -13,6 +13,8 @@ Member ``i`` of the group reduces part ``i`` of the flat vector (parts sized by
    received, minus the presumed dead.
 3. **Repair.** Each member of ``C`` sends its raw part of each reassigned part to the
    survivor now in charge of it (every member keeps its raw vector until the round ends).
+   A survivor missing one of them (that member left or died meanwhile) cannot reduce the
+   part over ``C``: it fails the round and leaves, so the others fail at once too.
 4. **All-gather.** Each reducer combines its part(s) over exactly ``C`` and sends the
    result, tagged with ``C``, to every member.
 5. **Commit.** A member succeeds only when every part arrived tagged with its own ``C``;
@@ -281,7 +283,13 @@ async def run_allreduce(
         for j in ([my_part] if my_part in live_parts else []) + mine:
             have = contributions.get(j, {})
             if not all(p in have for p in order):
-                continue  # cannot reduce over the agreed set: peers will time out and fail
+                # A reassigned part whose raw part from an agreed contributor never came
+                # (it left or died during the repair): no one can reduce this part over
+                # the agreed set. Leave, so the others fail now instead of at the deadline.
+                await send_leave(transport, round_id, members)
+                lacking = sum(1 for p in order if p not in have)
+                why = f"part {j} lacks the raw parts of {lacking} agreed contributor(s)"
+                return _failed(why + _left_out(excluded), excluded, seconds), None
             numel = part_of(j).numel()
             reduced = await _offload(
                 numel,
