@@ -57,6 +57,7 @@ import torch
 
 from shoal.models.data import load_corpus, val_batches
 from shoal.train.config import TrainConfig, with_overrides
+from shoal.train.diloco_topk import WIRE_CODEC
 from shoal.train.evaluate import evaluate_bpb
 from shoal.train.trainer import Trainer
 
@@ -309,8 +310,8 @@ def main(argv: list[str]) -> dict[str, Any]:
         "(default: --local-steps:--outer-lr:--outer-momentum:--topk)",
     )
     args = p.parse_args(argv)
-    if args.topk:
-        args.codec = "sparse"  # what top-k vectors travel in
+    if args.topk and not args.in_process:  # in process, each setting picks its codec
+        args.codec = WIRE_CODEC  # what top-k vectors travel in
     torch.set_num_threads(1)
     if args.in_process:
         return _in_process(args)

@@ -336,14 +336,25 @@ def test_sparse_carries_nan_and_inf_as_they_are():
         ([-1], [1.0], "outside"),
         ([10], [1.0], "outside"),
         ([1, 2], [1.0], "positions for"),
+        ([0, 1, 2, 3, 4], [1.0] * 5, "5 positions for a tensor of 10"),  # half: dense layout
     ],
 )
 def test_sparse_decode_refuses_payloads_it_cannot_place(indices, values, why):
     payload = (torch.tensor(indices, dtype=torch.int32), torch.tensor(values))
     with pytest.raises(ValueError, match=why):
         SparseCodec().decode(Encoded("sparse", (10,), payload))
+
+
+def test_sparse_payload_checks_layouts_and_types():
     with pytest.raises(ValueError, match="int32"):
-        check_sparse(10, torch.tensor([1], dtype=torch.int64), torch.tensor([1.0]))
+        check_sparse(10, (torch.tensor([1], dtype=torch.int64), torch.tensor([1.0])))
+    with pytest.raises(ValueError, match="dense layout must be 10 float32"):
+        check_sparse(10, (torch.zeros(9),))
+    with pytest.raises(ValueError, match="1 or 2 tensors"):
+        check_sparse(10, ())
+    # a huge claimed size with a tiny payload is refused before anything is allocated
+    with pytest.raises(ValueError, match="dense layout"):
+        SparseCodec().decode(Encoded("sparse", (2**40,), (torch.zeros(3),)))
 
 
 def test_topk_then_sparse_sends_eight_bytes_per_kept_value():
@@ -356,9 +367,11 @@ def test_topk_then_sparse_sends_eight_bytes_per_kept_value():
 def test_registry_and_config_errors():
     assert codec_by_name("none") is None
     x = torch.randn(100)
-    for name, atol in (("fp16", 0.01), ("int8", 0.05), ("int4", 0.5), ("sparse", 0.0)):
+    for name, atol in (("fp16", 0.01), ("int8", 0.05), ("int4", 0.5)):
         codec = codec_by_name(name)
         assert torch.allclose(decode(codec.encode(x)), x, atol=atol)
+    x[::3] = 0.0
+    assert torch.equal(decode(codec_by_name("sparse").encode(x)), x)
     with pytest.raises(ConfigError, match="zstd"):
         codec_by_name("zstd")
     with pytest.raises(ConfigError, match="block_size"):

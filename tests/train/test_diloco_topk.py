@@ -26,7 +26,7 @@ def _failed(vector: torch.Tensor, weight: float, index: int, stage: int) -> Roun
 
 
 def _left_out(vector: torch.Tensor, weight: float, index: int, stage: int) -> RoundOutcome:
-    vector.mul_(0.5)  # stands for the others' mean
+    vector.copy_(torch.arange(vector.numel(), dtype=torch.float32))  # the others' mean
     return RoundOutcome(True, contributors=frozenset({2}), weight=1.0, group_size=2, included=False)
 
 
@@ -79,7 +79,7 @@ def test_a_round_that_did_not_apply_our_values_keeps_the_error_feedback(round_fn
     result = avg.average(out, 1.0, 1, round_fn)
     assert torch.equal(avg.feedback.residual, residual)  # nothing was sent: nothing owed less
     if result.ok:  # left out: the others' mean, for the outer step every member takes
-        assert not torch.equal(out, delta)
+        assert torch.equal(out, torch.arange(N, dtype=torch.float32))
     else:  # failed: the pseudo-gradient is as it was
         assert torch.equal(out, delta)
 

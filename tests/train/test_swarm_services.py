@@ -74,6 +74,7 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
         for base, changed in (
             (diloco, {"wire_codec": "int4"}),
             (diloco, {"rank": 2}),
+            (replace(diloco, wire_codec="sparse"), {"topk": 0.01}),
             (streaming, {"fragments": 2}),
             (diloco, {"model_overrides": {"d_model": 96}}),
         ):
@@ -81,6 +82,11 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
         assert (
             scope_difference(round_scope(diloco), round_scope(replace(diloco, rank=2))) == "rank=2"
         )
+        sparse = replace(diloco, wire_codec="sparse")
+        assert (
+            round_scope(sparse)
+            == "diloco codec=sparse rank=0 model=" + round_scope(diloco).rpartition("model=")[2]
+        )  # no top-k, no field: dense peers' keys stay as they were
         # only settings a mode uses set peers apart
         assert round_scope(replace(streaming, overlap_steps=1)) == round_scope(streaming)
         # a board entry's address is dialed only if it is host:port (or relay:host:port)

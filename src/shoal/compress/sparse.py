@@ -2,7 +2,7 @@
 
 For vectors that are mostly zeros, such as top-k pseudo-gradients (``topk.py`` picks the
 values, this codec carries them) and their averages. Lossless: a tensor decodes to exactly
-what was encoded. Two layouts, chosen per tensor by size:
+what was encoded (-0.0 comes back as 0.0). Two layouts, chosen per tensor by size:
 
 - *sparse*: ``(indices, values)``: strictly increasing int32 positions in the flattened
   tensor and their fp32 values, 8 bytes per non-zero;
@@ -11,8 +11,9 @@ what was encoded. Two layouts, chosen per tensor by size:
   fp32.
 
 NaN and inf count as non-zero and travel as they are, so a diverged sender is still
-screened out downstream. A decoder checks that positions are in range and strictly
-increasing (``check_sparse``) before it writes anything.
+screened out downstream. A decoder checks the layout, that positions are in range and
+strictly increasing, and that the sparse layout holds fewer than half the values
+(``check_sparse``) before it allocates anything.
 """
 
 from __future__ import annotations
@@ -27,16 +28,25 @@ MAX_SPARSE_NUMEL = 2**31 - 1
 """Positions are int32."""
 
 
-def check_sparse(numel: int, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """Raise ValueError unless ``(indices, values)`` is a valid sparse payload of ``numel``
-    values: int32 positions in ``[0, numel)``, strictly increasing, one fp32 value each."""
+def check_sparse(numel: int, payload: tuple[torch.Tensor, ...]) -> None:
+    """Raise ValueError unless ``payload`` is one of the two layouts for ``numel`` values:
+    ``(values,)`` with all of them in fp32, or ``(indices, values)`` with fewer than half of
+    them (what the encoder sends): int32 positions in ``[0, numel)``, strictly increasing,
+    one fp32 value each. Nothing is allocated before it passes."""
+    if len(payload) == 1:
+        if payload[0].dtype != torch.float32 or payload[0].numel() != numel:
+            raise ValueError(f"the dense layout must be {numel} float32 values")
+        return
+    if len(payload) != 2:
+        raise ValueError(f"a sparse payload holds 1 or 2 tensors, not {len(payload)}")
+    indices, values = payload
     if indices.dtype != torch.int32 or values.dtype != torch.float32:
         raise ValueError(
             f"sparse payload must be int32 + float32, got {indices.dtype}, {values.dtype}"
         )
     if indices.dim() != 1 or values.dim() != 1 or indices.numel() != values.numel():
         raise ValueError(f"{indices.numel()} positions for {values.numel()} values")
-    if indices.numel() > numel:
+    if 2 * indices.numel() >= max(numel, 1):
         raise ValueError(f"{indices.numel()} positions for a tensor of {numel} values")
     if indices.numel() == 0:
         return
@@ -66,13 +76,10 @@ class SparseCodec:
 
     def decode(self, encoded: Encoded) -> torch.Tensor:
         n = encoded.numel
+        check_sparse(n, encoded.payload)
         if len(encoded.payload) == 1:
-            (values,) = encoded.payload
-            if values.dtype != torch.float32 or values.numel() != n:
-                raise ValueError(f"dense sparse-codec payload must be {n} float32 values")
-            return values.reshape(encoded.shape)
+            return encoded.payload[0].reshape(encoded.shape)
         indices, values = encoded.payload
-        check_sparse(n, indices, values)
         out = torch.zeros(n, dtype=torch.float32)
         out[indices.long()] = values
         return out.reshape(encoded.shape)

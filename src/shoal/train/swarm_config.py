@@ -184,7 +184,7 @@ class PeerOptions:
         if self.topk and self.mode != "diloco":
             raise ConfigError(f"topk (sparse averaging) is for mode diloco, not {self.mode}")
         if self.topk and self.rank:
-            raise ConfigError("topk and rank are two ways to compress: choose one")
+            raise ConfigError("rank and topk are two ways to compress: choose one")
         if self.topk and self.wire_codec != "sparse":
             raise ConfigError(
                 f"topk sends (position, value) pairs: it needs wire_codec sparse, "

@@ -115,13 +115,16 @@ def state_scope(opts: PeerOptions) -> str:
 
 def round_scope(opts: PeerOptions) -> str:
     """What peers must share to average together, e.g. ``diloco codec=int8 rank=0
-    model=1a2b3c4d``: the mode, the wire codec, the low-rank factor rank and the streaming
-    fragments (both change what a round's vector is) and the model shape. It prefixes
+    model=1a2b3c4d``: the mode, the wire codec, the low-rank factor rank, the top-k
+    fraction and the streaming fragments (they change what a round's vector is) and the
+    model shape. It prefixes
     every round key (hashed), and membership carries it (role ``trainer:<scope>``), so a peer can
     count the peers it could average with, and say which settings keep the others apart."""
     fields = {"codec": opts.wire_codec}
     if opts.mode == "diloco":
         fields["rank"] = str(opts.rank)
+        if opts.topk:  # absent at 0, so the keys of dense peers stay as they were
+            fields["topk"] = f"{opts.topk:g}"
     if opts.mode == "streaming":
         fields["frags"] = str(opts.fragments)
     fields["model"] = _model_tag(opts)

@@ -129,18 +129,32 @@ def test_wire_codecs_give_identical_results_close_to_the_mean(codec, atol):
     assert all(torch.equal(outputs["a"], outputs[m]) for m in members)
 
 
-def test_sparse_wire_codec_averages_sparse_inputs_exactly():
+@pytest.mark.parametrize("stride", [5, 8])  # the means fill 3/5 (dense) or 3/8 (sparse)
+def test_sparse_wire_codec_gives_the_mean_of_sparse_inputs(stride, monkeypatch):
+    from shoal.compress.sparse import SparseCodec
+
+    layouts: list[tuple[str, int]] = []
+    encode = SparseCodec.encode
+
+    def recording(self, tensor, state=None):
+        encoded = encode(self, tensor, state)
+        layouts.append(("dense" if len(encoded.payload) == 1 else "sparse", tensor.numel()))
+        return encoded
+
+    monkeypatch.setattr(SparseCodec, "encode", recording)
     members = ["a", "b", "c"]
     inputs = _inputs(members)
-    for i, m in enumerate(members):  # different supports: the means fill up part by part
-        inputs[m][torch.arange(inputs[m].numel()) % 5 != i] = 0.0
+    for i, m in enumerate(members):  # different supports: the means hold their union
+        inputs[m][torch.arange(inputs[m].numel()) % stride != i] = 0.0
     _, inputs, weights, results, outputs = asyncio.run(
         _round(members, inputs=inputs, codec="sparse")
     )
     assert _ok(results) == set(members)
     _check_invariant(inputs, weights, results, outputs)
     assert all(torch.equal(outputs["a"], outputs[m]) for m in members)
-    assert int((outputs["a"] == 0).sum()) >= outputs["a"].numel() * 2 // 5 - 1
+    # 9 contributions (3 parts each), sparse; 3 results, as full as the union of supports
+    kinds = sorted(kind for kind, _ in layouts)
+    assert kinds == (["dense"] * 3 + ["sparse"] * 9 if stride == 5 else ["sparse"] * 12)
 
 
 def test_peer_dead_before_sending_is_left_out_and_its_part_is_reassigned():
@@ -227,6 +241,19 @@ def test_a_member_stopping_during_the_repair_fails_the_round_at_once():
     assert net.sent[("a", "Leave")] == 3
     _check_invariant(inputs, weights, results, outputs)
     assert took < 5.0, f"the others waited {took:.1f} s for a part nobody could reduce"
+
+
+def test_a_member_cancelled_while_it_leaves_does_not_leave_twice():
+    members = ["a", "b", "c", "d"]
+    group = GroupSpec(b"r", tuple(members), (1e8,) * 4, (False, False, False, True))
+    faults = [
+        Fault("c", "Report", 0, stop=True),
+        Fault("d", "Contribution", 3, stop=True),  # a cannot reduce c's part: it leaves
+        Fault("a", "Leave", 1, stop=True),  # and is cancelled while it says so
+    ]
+    net, *_ = asyncio.run(_round(members, faults=faults, group=group, timeout_s=30.0))
+    assert net.fired == faults
+    assert net.sent[("a", "Leave")] <= 3  # one per other member, not a second round of them
 
 
 def test_reducer_dead_before_all_gather_fails_the_round_cleanly():

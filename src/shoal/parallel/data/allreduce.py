@@ -13,8 +13,9 @@ Member ``i`` of the group reduces part ``i`` of the flat vector (parts sized by
    received, minus the presumed dead.
 3. **Repair.** Each member of ``C`` sends its raw part of each reassigned part to the
    survivor now in charge of it (every member keeps its raw vector until the round ends).
-   A survivor missing one of them (that member left or died meanwhile) cannot reduce the
-   part over ``C``: it fails the round and leaves, so the others fail at once too.
+   A survivor missing one of them (that member left or died meanwhile, or its part was
+   refused) cannot reduce the part over ``C``: it fails the round and leaves, so the
+   others fail at once too.
 4. **All-gather.** Each reducer combines its part(s) over exactly ``C`` and sends the
    result, tagged with ``C``, to every member.
 5. **Commit.** A member succeeds only when every part arrived tagged with its own ``C``;
@@ -166,6 +167,7 @@ async def run_allreduce(
     my_part = members.index(me)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    left_round = False
 
     def msgs(kind: type, part: int | None = None) -> list:
         return [
@@ -280,16 +282,19 @@ async def run_allreduce(
         results: dict[int, torch.Tensor] = {}
         part_weight: dict[int, float] = {}
         broadcasts: list[tuple[Member, object]] = []
-        for j in ([my_part] if my_part in live_parts else []) + mine:
-            have = contributions.get(j, {})
-            if not all(p in have for p in order):
-                # A reassigned part whose raw part from an agreed contributor never came
-                # (it left or died during the repair): no one can reduce this part over
-                # the agreed set. Leave, so the others fail now instead of at the deadline.
+        own = ([my_part] if my_part in live_parts else []) + mine
+        for j in own:
+            lacking = sum(1 for p in order if p not in contributions.get(j, {}))
+            if lacking:
+                # A reassigned part without the raw part of an agreed contributor (it left
+                # or died during the repair, or its part was refused): no one can reduce
+                # it over the agreed set. Leave, so the others fail now, not at the deadline.
+                left_round = True
                 await send_leave(transport, round_id, members)
-                lacking = sum(1 for p in order if p not in have)
                 why = f"part {j} lacks the raw parts of {lacking} agreed contributor(s)"
                 return _failed(why + _left_out(excluded), excluded, seconds), None
+        for j in own:
+            have = contributions[j]
             numel = part_of(j).numel()
             reduced = await _offload(
                 numel,
@@ -336,6 +341,8 @@ async def run_allreduce(
             why = f"parts {abandoned()} missing: their reducer left the round"
             return _failed(why, excluded, seconds), None
         for j, r in sorted(arrived.items()):
+            if wire_numel(r.data) != part_of(j).numel():  # before decoding allocates it
+                return _failed(f"part {j} has the wrong size", excluded, seconds), None
             try:  # big parts decode off the loop
                 results[j] = await _offload(wire_numel(r.data), _decode_result, codec, r.data)
             except (ValueError, RuntimeError) as exc:
@@ -364,8 +371,10 @@ async def run_allreduce(
         )
         return result, {j: results[j] for j in live_parts}
     except asyncio.CancelledError:
-        # Stopping mid-round: say so, or every other member waits for us until a deadline.
-        await send_leave(transport, round_id, members)
+        # Stopping mid-round: say so, or every other member waits for us until a deadline
+        # (once: a leave already under way when the cancellation came has said it).
+        if not left_round:
+            await send_leave(transport, round_id, members)
         raise
     finally:
         inbox.close(round_id)
@@ -400,7 +409,7 @@ def _collect(
 ) -> dict[Member, tuple[float, torch.Tensor]]:
     got: dict[Member, tuple[float, torch.Tensor]] = {}
     for c in received:
-        if c.sender in got:
+        if c.sender in got or wire_numel(c.data) != numel:  # sized before decoding
             continue
         try:
             tensor = _decode(codec, c.data)

@@ -159,16 +159,12 @@ def _check_payload(meta: pb.RoundMessage, tensors: list[torch.Tensor]) -> Encode
             raise ProtocolViolation(f"fp16 part must be {n} float16 values")
         return Encoded("fp16", (n,), (t.reshape(-1),))
     if meta.codec == "sparse":
+        payload = tuple(t.reshape(-1) for t in tensors)
         try:
-            if len(tensors) == 1:  # the dense layout
-                (t,) = tensors
-                if t.dtype != torch.float32 or t.numel() != n:
-                    raise ValueError(f"dense layout must be {n} float32 values")
-            else:
-                check_sparse(n, tensors[0].reshape(-1), tensors[1].reshape(-1))
+            check_sparse(n, payload)
         except ValueError as exc:
             raise ProtocolViolation(f"malformed sparse part: {exc}") from None
-        return Encoded("sparse", (n,), tuple(t.reshape(-1) for t in tensors))
+        return Encoded("sparse", (n,), payload)
     # Blockwise codecs: quantised values + one fp32 scale per block.
     q, scales = tensors
     bs = meta.block_size
