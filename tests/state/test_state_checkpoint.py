@@ -54,6 +54,23 @@ def test_round_trip_restores_model_optimizer_and_extra(tmp_path):
     assert torch.equal(ck.extra["rng"], torch.get_rng_state())
 
 
+def test_a_peer_s_local_tensors_are_written_and_read_but_never_served(tmp_path):
+    from shoal.state.snapshot import as_checkpoint, prepare
+
+    model, opt = _trained()
+    feedback = {"local.topk.residual": torch.randn(7)}
+    snap = take_snapshot(3, model, opt, extra={"outer.x": torch.ones(2)}, local=feedback)
+    ck = read_checkpoint(write_snapshot(snap, tmp_path))
+    assert torch.equal(ck.local["local.topk.residual"], feedback["local.topk.residual"])
+    served = prepare(snap)
+    names = [t.name for t in served.manifest.tensors]
+    assert "extra/outer.x" in names and not any(n.startswith("local/") for n in names)
+    assert "local" not in json.loads(served.manifest.meta_json)["stems"]
+    # a donor that serves one anyway is not believed: a download never fills ``local``
+    assert as_checkpoint(snap, "donor").local == {}
+    assert read_checkpoint(write_snapshot(take_snapshot(4, model, opt), tmp_path)).local == {}
+
+
 def test_no_pickle_files_and_manifest_lists_hashes(tmp_path):
     path, _, _ = _write(tmp_path, 1)
     names = sorted(p.name for p in path.iterdir())

@@ -109,3 +109,19 @@ def test_bad_fractions_are_refused() -> None:
     for fraction in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ConfigError, match="topk fraction"):
             TopKAverager(fraction)
+
+
+def test_error_feedback_from_a_checkpoint_must_fit() -> None:
+    avg = TopKAverager(0.1)
+    assert avg.local_state() == {}  # nothing owed before the first round
+    assert avg.average(torch.randn(N), 1.0, 0, _ok).ok
+    saved = avg.local_state()
+    again = TopKAverager(0.1)
+    assert again.load_local_state(saved, N)
+    assert torch.equal(again.feedback.residual, avg.feedback.residual)
+    for wrong in (
+        {},
+        {k: v[:-1] for k, v in saved.items()},
+        {k: v.double() for k, v in saved.items()},
+    ):
+        assert not again.load_local_state(wrong, N) and again.feedback.residual is None

@@ -7,8 +7,10 @@ import concurrent.futures
 import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from shoal.errors import ConfigError
 from shoal.state.background import BackgroundCheckpointer
@@ -78,6 +80,45 @@ def test_every_tensor_of_the_streaming_state_survives_a_snapshot(tmp_path: Path)
     assert restored.strategy.keys() == tensors.keys()
     again = _streaming(trainer)
     assert again.load_state(restored.strategy) and again.unsettled == {0}
+
+
+@pytest.mark.parametrize("compression", [{"topk": 0.1, "wire_codec": "sparse"}, {"rank": 2}])
+def test_the_error_feedback_survives_a_restart_from_our_own_disk_only(
+    tmp_path: Path, compression: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It is this peer's progress the swarm has not seen: a restart once dropped it.
+    import shoal.train.diloco_strategy as ds
+    from shoal.train.diloco_strategy import DiLoCoStrategy
+
+    monkeypatch.setattr(ds, "swarm_rounds", lambda services, opts: None)  # no network here
+    opts = PeerOptions(mode="diloco", run_dir=tmp_path, **compression)
+    trainer = build_trainer(opts, 7)
+    services = SimpleNamespace(monitor=None)
+    first = DiLoCoStrategy(trainer, services, opts, threading.Event())  # type: ignore[arg-type]
+    numel = sum(p.numel() for p in trainer.model.parameters())
+    residual = torch.randn(numel)
+    if first.topk is not None:
+        first.topk.feedback.residual = residual
+    else:
+        first.lowrank.error = {i: torch.randn_like(e) for i, e in first.lowrank.error.items()}
+    tensors = first.state_tensors()
+    local = {k for k in tensors if k.startswith("local.")}
+    assert local
+    ckpt = _checkpoint(opts, 30, checkpoint_root(tmp_path), strategy=tensors)
+    assert set(ckpt.local) == local and not local & set(ckpt.extra)  # written, not served
+    restored = _restore_into(trainer, ckpt, "diloco")
+    again = DiLoCoStrategy(trainer, services, opts, threading.Event())  # type: ignore[arg-type]
+    assert again.load_state(restored.strategy, restored.round_index, restored.applied_step)
+    for name in local:
+        assert torch.equal(again.state_tensors()[name], tensors[name])
+    # from a donor's snapshot (no local file), a peer starts without any
+    fresh = DiLoCoStrategy(trainer, services, opts, threading.Event())  # type: ignore[arg-type]
+    outer_only = {k: v for k, v in restored.strategy.items() if not k.startswith("local.")}
+    fresh.load_state(outer_only, restored.round_index, restored.applied_step)
+    if fresh.topk is not None:
+        assert fresh.topk.feedback.residual is None
+    else:
+        assert all(e.abs().max() == 0 for e in fresh.lowrank.error.values())
 
 
 def test_a_run_dir_of_another_mode_is_refused_not_silently_started_over(tmp_path: Path) -> None:

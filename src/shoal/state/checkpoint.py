@@ -5,6 +5,7 @@ Layout of a run's checkpoint folder::
     <root>/step-00000100/model.safetensors      model state dict
                          optimizer.safetensors  optimizer tensors (JSON part in its metadata)
                          extra.safetensors      other tensors (RNG states, data generator)
+                         local.safetensors      this peer's own state (optional; never served)
                          manifest.json          step, meta, size + sha256 of every file above
 
 Two phases, so writing can move off the training thread later: ``take_snapshot`` copies
@@ -51,13 +52,19 @@ _DIR_RE = re.compile(r"^step-(\d{8,})$")
 _OPTIM_META_KEY = "shoal.optimizer"
 
 
+LOCAL_STEM = "local"
+"""The file of a peer's own state that no other peer should take (such as the error
+feedback of compressed averaging: progress the swarm has not seen): written to disk, never
+served, and never read from a donor's snapshot."""
+
+
 @dataclass(kw_only=True, slots=True)
 class Snapshot:
     """A checkpoint held in memory: CPU tensors and JSON metadata, nothing shared with training."""
 
     step: int
     files: dict[str, dict[str, torch.Tensor]]
-    """File stem -> tensors (``model``, ``optimizer``, ``extra``)."""
+    """File stem -> tensors (``model``, ``optimizer``, ``extra``, and ``local``)."""
     file_meta: dict[str, dict[str, str]] = field(default_factory=dict)
     """File stem -> safetensors string metadata."""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -73,6 +80,8 @@ class LoadedCheckpoint:
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any] | None
     extra: dict[str, torch.Tensor]
+    local: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The ``local`` file's tensors (``LOCAL_STEM``): from this peer's own disk only."""
     meta: dict[str, Any]
 
 
@@ -86,9 +95,11 @@ def take_snapshot(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     extra: dict[str, torch.Tensor] | None = None,
+    local: dict[str, torch.Tensor] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Snapshot:
-    """Copy model, optimizer and ``extra`` tensors to fresh CPU tensors."""
+    """Copy model, optimizer, ``extra`` and ``local`` tensors (see ``LOCAL_STEM``) to fresh
+    CPU tensors."""
     files = {"model": _cpu_copy(model.state_dict())}
     file_meta: dict[str, dict[str, str]] = {}
     if optimizer is not None:
@@ -96,6 +107,8 @@ def take_snapshot(
         files["optimizer"] = _cpu_copy(tensors)
         file_meta["optimizer"] = {_OPTIM_META_KEY: json.dumps(optim_meta)}
     files["extra"] = _cpu_copy(extra or {})
+    if local:
+        files[LOCAL_STEM] = _cpu_copy(local)
     return Snapshot(step=step, files=files, file_meta=file_meta, meta=dict(meta or {}))
 
 
@@ -217,6 +230,7 @@ def read_checkpoint(folder: str | Path) -> LoadedCheckpoint:
         model=parsed["model.safetensors"][0],
         optimizer=optimizer,
         extra=parsed.get("extra.safetensors", ({}, {}))[0],
+        local=parsed.get(f"{LOCAL_STEM}.safetensors", ({}, {}))[0],
         meta=manifest.meta,
     )
 

@@ -25,7 +25,7 @@ from shoal.errors import CheckpointError, ConfigError, ProtocolViolation
 from shoal.net.config import MiB
 from shoal.net.proto.v1 import state_pb2
 from shoal.net.tensors import DTYPES, tensor_bytes
-from shoal.state.checkpoint import LoadedCheckpoint, Snapshot
+from shoal.state.checkpoint import LOCAL_STEM, LoadedCheckpoint, Snapshot
 from shoal.state.tensor_dicts import unflatten_optimizer_state
 
 __all__ = [
@@ -127,7 +127,7 @@ def prepare(snapshot: Snapshot, *, chunk_bytes: int = MiB) -> ServedSnapshot:
     tensors: list[torch.Tensor] = []
     views: list[memoryview] = []
     total = 0
-    for stem in sorted(snapshot.files):
+    for stem in sorted(snapshot.files.keys() - {LOCAL_STEM}):  # a peer's own: not served
         for key in sorted(snapshot.files[stem]):
             tensor = snapshot.files[stem][key].detach().contiguous()
             if tensor.device.type != "cpu" or tensor.dtype not in _TORCH_TO_ENUM:
@@ -151,7 +151,11 @@ def prepare(snapshot: Snapshot, *, chunk_bytes: int = MiB) -> ServedSnapshot:
             total += view.nbytes
     manifest.total_bytes = total
     manifest.meta_json = json.dumps(
-        {"meta": snapshot.meta, "file_meta": snapshot.file_meta, "stems": sorted(snapshot.files)},
+        {
+            "meta": snapshot.meta,
+            "file_meta": snapshot.file_meta,
+            "stems": sorted(snapshot.files.keys() - {LOCAL_STEM}),
+        },
         sort_keys=True,
     )
     manifest.version = manifest_version(manifest)

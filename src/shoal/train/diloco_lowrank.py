@@ -12,7 +12,8 @@ peer's error feedback; tensors with more than two dims are viewed as ``(shape[0]
 Vectors (biases, norms) and small matrices travel dense in the first all-reduce. ``Q`` is
 derived from the averaged ``R̄``, so it is the same on every contributor; it is part of the
 outer state (``state_tensors``, prefix ``outer.lowrank.``) so a peer that resyncs from the
-swarm adopts it too. The first ``Q`` is a seeded random orthonormal matrix (same seed on
+swarm adopts it too. The error feedback is this peer's own: checkpoints write it to its
+disk (``local_state``, prefix ``local.``), never to other peers. The first ``Q`` is a seeded random orthonormal matrix (same seed on
 every peer). One power iteration per round, warm-started, as in PowerSGD.
 
 Commit rule: the result is written only when both all-reduces succeed; otherwise the
@@ -142,4 +143,17 @@ class LowRankAverager:
         if any(t is None or t.shape != self.q[i].shape for i, t in found.items()):
             return False
         self.q = {i: t.to(torch.float32).clone() for i, t in found.items() if t is not None}
+        return True
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """The error feedback, for this peer's own checkpoints (never served)."""
+        return {f"local.lowrank.error.{i}": e for i, e in self.error.items()}
+
+    def load_local_state(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Take the error feedback back from a checkpoint of this peer; False (nothing
+        changed) when any matrix's is missing or misshapen."""
+        found = {i: tensors.get(f"local.lowrank.error.{i}") for i in self.error}
+        if any(t is None or t.shape != self.error[i].shape for i, t in found.items()):
+            return False
+        self.error = {i: t.to(torch.float32).clone() for i, t in found.items() if t is not None}
         return True

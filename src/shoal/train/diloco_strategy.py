@@ -111,7 +111,11 @@ class DiLoCoStrategy:
         return self.diloco.outer.fingerprint()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        extra = self.lowrank.state_tensors() if self.lowrank is not None else {}
+        extra: dict[str, torch.Tensor] = {}
+        if self.lowrank is not None:
+            extra = {**self.lowrank.state_tensors(), **self.lowrank.local_state()}
+        if self.topk is not None:
+            extra = self.topk.local_state()
         return {**self.diloco.state_tensors(), **extra}
 
     @property
@@ -124,6 +128,10 @@ class DiLoCoStrategy:
         self.applied_step = applied_step  # steps trained alone since make nothing fresher
         if self.lowrank is not None:
             self.lowrank.load_state_tensors(tensors)
+            self.lowrank.load_local_state(tensors)  # from this peer's own disk only
+        if self.topk is not None:
+            numel = sum(p.numel() for p in self.trainer.model.parameters())
+            self.topk.load_local_state(tensors, numel)
         loaded = self.diloco.load_state(tensors, round_index)
         if loaded and applied_step < self.trainer.step:
             self.diloco.mark_stale()  # the swarm may have applied rounds without it

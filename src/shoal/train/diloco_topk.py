@@ -11,9 +11,9 @@ non-zero, so no part costs more than fp32.
 Commit rule, as for the low-rank averager: ``e`` becomes ``M - sent`` only when this peer's
 values are in the mean (round ok and this peer included). Otherwise nothing of it was
 applied: the local progress stays in the model for the next round's ``Δ`` and ``e`` is
-kept as it was. ``e`` belongs to this peer alone: it is neither served to joiners nor
-replaced by a resync (it holds this peer's own progress that the swarm has not seen), and
-a restart starts with none.
+kept as it was. ``e`` belongs to this peer alone (it holds this peer's own progress that the swarm has
+not seen): a resync keeps it, checkpoints write it to the peer's own disk
+(``local_state``, never served), and a restart from that disk resumes with it.
 
 Bytes per round: about ``8 k`` per contribution against ``4 n`` for fp32, and the mean's
 union of positions on the way back (dense when that is smaller).
@@ -32,6 +32,7 @@ __all__ = ["TopKAverager"]
 
 WIRE_CODEC = "sparse"
 """The wire codec top-k vectors travel in."""
+_RESIDUAL = "local.topk.residual"
 
 
 class TopKAverager:
@@ -59,3 +60,16 @@ class TopKAverager:
         if outcome.included:
             self.feedback.residual = residual_if_sent
         return outcome
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """The error feedback, for this peer's own checkpoints (none before a round)."""
+        r = self.feedback.residual
+        return {} if r is None else {_RESIDUAL: r}
+
+    def load_local_state(self, tensors: dict[str, torch.Tensor], numel: int) -> bool:
+        """Take the error feedback back from a checkpoint of this peer; False (and none
+        kept) when it is missing or not ``numel`` fp32 values."""
+        r = tensors.get(_RESIDUAL)
+        ok = r is not None and r.dtype == torch.float32 and r.numel() == numel
+        self.feedback.residual = r.reshape(-1).clone() if ok and r is not None else None
+        return ok

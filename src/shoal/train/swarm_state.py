@@ -2,7 +2,8 @@
 
 A snapshot (``shoal.state`` format) holds the model, the inner AdamW state, the strategy's
 own tensors in ``extra`` (DiLoCo: outer master parameters and momentum, named
-``outer.*``), the data generator and RNG, and in the manifest meta: the model shape, the
+``outer.*``; its own state, such as error feedback, ``local.*`` goes to the ``local`` file,
+which is never served), the data generator and RNG, and in the manifest meta: the model shape, the
 data shard, the mode and the strategy's round index. A donor's snapshot belongs to another
 peer's data shard: restoring it keeps this peer's own data stream (only a snapshot of the
 same shard also restores the data position).
@@ -24,6 +25,7 @@ from shoal.state.snapshot import as_checkpoint
 from shoal.state.sync_client import SyncConfig, download, find_donors
 
 __all__ = [
+    "LOCAL_PREFIX",
     "Restored",
     "fetch_from_swarm",
     "fetch_snapshot_from_swarm",
@@ -33,13 +35,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+LOCAL_PREFIX = "local."
+"""Strategy tensors under this prefix are the peer's own (e.g. error feedback): they go to
+the snapshot's ``local`` file, written to disk and never served (``state.checkpoint``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Restored:
     step: int
     round_index: int
     strategy: dict[str, torch.Tensor]
-    """The ``extra`` tensors of the strategy (prefix ``outer.``)."""
+    """The strategy's tensors: ``outer.*`` (swarm state, from ``extra``) and, restored from
+    this peer's own disk only, ``local.*`` (its own state, see ``LOCAL_PREFIX``)."""
     averaged: bool = True
     """The state is what the swarm agreed on (taken after an applied round), not local
     progress since: only such state may be served to other peers."""
@@ -68,7 +75,8 @@ def snapshot_peer(
     progress the swarm has not averaged (see :attr:`Restored.averaged`)."""
     data = windows.state_dict()
     extra = {"rng.torch_cpu": torch.get_rng_state(), "data.generator": data["generator"]}
-    extra.update(strategy)
+    extra.update({k: v for k, v in strategy.items() if not k.startswith(LOCAL_PREFIX)})
+    local = {k: v for k, v in strategy.items() if k.startswith(LOCAL_PREFIX)}
     meta = {
         "config": {"model_shape": model_shape},
         "mode": mode,
@@ -84,7 +92,7 @@ def snapshot_peer(
     }
     if progress is not None:
         meta["progress"] = list(progress)
-    return take_snapshot(step, model, optimizer, extra=extra, meta=meta)
+    return take_snapshot(step, model, optimizer, extra=extra, local=local, meta=meta)
 
 
 def restore_peer(
@@ -127,6 +135,7 @@ def restore_peer(
             }
         )
     strategy = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
+    strategy.update({k: v for k, v in ckpt.local.items() if k.startswith(LOCAL_PREFIX)})
     averaged = ckpt.meta.get("averaged", True) is not False
     applied = ckpt.meta.get("applied_step", ckpt.step)
     if type(applied) is not int or not 0 <= applied <= ckpt.step:
