@@ -15,13 +15,14 @@ import torch
 from shoal.errors import ConfigError
 from shoal.state.background import BackgroundCheckpointer
 from shoal.state.checkpoint import load_latest_valid, write_snapshot
-from shoal.state.recovery import Recovered, Source
+from shoal.state.recovery import Recovered, Source, recover
+from shoal.state.snapshot import as_checkpoint
 from shoal.train.diloco_streaming import StreamingDiLoCo
 from shoal.train.outer import OuterConfig
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_peer import _restore, build_trainer, run_peer
-from shoal.train.swarm_state import restore_peer, snapshot_peer
+from shoal.train.swarm_state import keep_own_local, restore_peer, snapshot_peer
 
 
 def _checkpoint(opts: PeerOptions, step: int, root: Path, strategy=None):
@@ -111,14 +112,29 @@ def test_the_error_feedback_survives_a_restart_from_our_own_disk_only(
     assert again.load_state(restored.strategy, restored.round_index, restored.applied_step)
     for name in local:
         assert torch.equal(again.state_tensors()[name], tensors[name])
-    # from a donor's snapshot (no local file), a peer starts without any
-    fresh = DiLoCoStrategy(trainer, services, opts, threading.Event())  # type: ignore[arg-type]
-    outer_only = {k: v for k, v in restored.strategy.items() if not k.startswith("local.")}
-    fresh.load_state(outer_only, restored.round_index, restored.applied_step)
-    if fresh.topk is not None:
-        assert fresh.topk.feedback.residual is None
-    else:
-        assert all(e.abs().max() == 0 for e in fresh.lowrank.error.values())
+    # A donor's snapshot has no local file: a peer restoring from one takes its own back
+    # from its disk (recovery reads it whatever the source), and without one has none.
+    from_donor = _restore_into(trainer, as_checkpoint(_snapshot_of(ckpt), "donor"), "diloco")
+    assert not any(k.startswith("local.") for k in from_donor.strategy)
+    own = recover(checkpoint_root(tmp_path), None, None, b"key").own_local
+    for source, want in ((from_donor, False), (keep_own_local(from_donor, own), True)):
+        fresh = DiLoCoStrategy(trainer, services, opts, threading.Event())  # type: ignore[arg-type]
+        fresh.load_state(source.strategy, source.round_index, source.applied_step)
+        got = fresh.state_tensors()
+        if want:
+            assert all(torch.equal(got[name], tensors[name]) for name in local)
+        elif fresh.topk is not None:
+            assert fresh.topk.feedback.residual is None
+        else:
+            assert all(e.abs().max() == 0 for e in fresh.lowrank.error.values())
+
+
+def _snapshot_of(ckpt):
+    """A loaded checkpoint as the snapshot a donor would serve (every file but ``local``)."""
+    from shoal.state.checkpoint import Snapshot
+
+    files = {"model": ckpt.model, "extra": ckpt.extra, "local": ckpt.local}
+    return Snapshot(step=ckpt.step, files=files, meta=ckpt.meta)
 
 
 def test_a_run_dir_of_another_mode_is_refused_not_silently_started_over(tmp_path: Path) -> None:

@@ -9,13 +9,15 @@ log line naming the file) and the freshest step donors announce in the DHT;
 ``choose_source`` (pure) picks the swarm only when it is strictly ahead. A failed swarm
 download falls back to the disk copy. A whole swarm restarted from nothing announces
 nothing, so every peer continues from its own disk: the swarm resumes at its last step.
+The newest disk checkpoint's ``local`` file (the peer's own state) comes back whatever
+the source: no donor serves it.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,9 @@ class Recovered:
     """Step of the newest valid checkpoint on disk, if any."""
     swarm_step: int | None
     """Freshest step announced by other peers, if any."""
+    own_local: dict[str, Any] = field(default_factory=dict)
+    """The ``local`` file of the newest valid checkpoint on disk (this peer's own state,
+    such as error feedback), whichever source the rest comes from: no donor has it."""
 
     @property
     def step(self) -> int:
@@ -74,6 +79,7 @@ def recover(
     config = config or SyncConfig()
     local = load_latest_valid(checkpoint_dir)
     local_step = local.step if local is not None else None
+    own_local = dict(local.local) if local is not None else {}
     choice: DonorChoice | None = None
     if dht is not None:
         try:
@@ -109,6 +115,7 @@ def recover(
                 result.seconds,
                 donors,
             )
-            return Recovered(Source.SWARM, ckpt, local_step, swarm_step)
+            return Recovered(Source.SWARM, ckpt, local_step, swarm_step, own_local)
         source = choose_source(local_step, None)
-    return Recovered(source, local if source is Source.DISK else None, local_step, swarm_step)
+    disk = local if source is Source.DISK else None
+    return Recovered(source, disk, local_step, swarm_step, own_local)

@@ -39,7 +39,7 @@ from shoal.train.run_dir import claim_run_dir
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_services import PeerServices, bytes_by_service, bytes_sent
-from shoal.train.swarm_state import Restored, restore_peer, snapshot_peer
+from shoal.train.swarm_state import Restored, keep_own_local, restore_peer, snapshot_peer
 from shoal.train.swarm_strategy import Strategy
 from shoal.train.trainer import Trainer
 
@@ -184,6 +184,8 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         source, restored = _restore(found, opts, trainer, shape, seed_for_data)
         if restored is not None:
             trainer.step = restored.step
+            if source is Source.SWARM:  # our own state stays ours (see keep_own_local)
+                restored = keep_own_local(restored, found.own_local)
         strategy = _make_strategy(opts, trainer, services, stop)
         if restored is not None:
             strategy.load_state(restored.strategy, restored.round_index, restored.applied_step)

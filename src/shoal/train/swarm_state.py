@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "Restored",
     "fetch_from_swarm",
     "fetch_snapshot_from_swarm",
+    "keep_own_local",
     "restore_peer",
     "snapshot_peer",
 ]
@@ -45,8 +46,9 @@ class Restored:
     step: int
     round_index: int
     strategy: dict[str, torch.Tensor]
-    """The strategy's tensors: ``outer.*`` (swarm state, from ``extra``) and, restored from
-    this peer's own disk only, ``local.*`` (its own state, see ``LOCAL_PREFIX``)."""
+    """The strategy's tensors: ``outer.*`` (swarm state, from ``extra``) and ``local.*``
+    (this peer's own state, see ``LOCAL_PREFIX``: from its own disk only, also when the
+    rest comes from a donor, see :func:`keep_own_local`)."""
     averaged: bool = True
     """The state is what the swarm agreed on (taken after an applied round), not local
     progress since: only such state may be served to other peers."""
@@ -141,6 +143,15 @@ def restore_peer(
     if type(applied) is not int or not 0 <= applied <= ckpt.step:
         applied = ckpt.step
     return Restored(ckpt.step, int(ckpt.meta.get("round_index", 0)), strategy, averaged, applied)
+
+
+def keep_own_local(restored: Restored, own_local: dict[str, torch.Tensor]) -> Restored:
+    """``restored`` (a donor's state) with this peer's own ``local.*`` tensors from its disk:
+    error feedback is progress the swarm has not seen, whichever state a restart takes, and
+    error feedback carries over rounds that moved the swarm anyway. The strategy checks
+    that they fit."""
+    own = {k: v for k, v in own_local.items() if k.startswith(LOCAL_PREFIX)}
+    return replace(restored, strategy={**restored.strategy, **own}) if own else restored
 
 
 def fetch_from_swarm(
