@@ -168,10 +168,16 @@ def test_announce_sync_and_recover_through_the_dht(runtimes, tmp_path):
         _assert_same(result.snapshot, snap)
 
         # recovery: an older disk copy loses to the swarm, a newer one wins
-        write_snapshot(_snapshot(step=5, seed=3), tmp_path / "a")
+        older = _snapshot(step=5, seed=3)
+        older.files["local"] = {"local.topk.residual": torch.arange(4.0)}
+        write_snapshot(older, tmp_path / "a")
         found = recover(tmp_path / "a", joiner, joiner_dht, key, CFG)
         assert found.source is Source.SWARM and found.step == 12
         assert torch.equal(found.checkpoint.model["w"], snap.files["model"]["w"])
+        # this peer's own state comes from its disk whatever the source: no donor has it
+        assert found.checkpoint.local == {}
+        assert torch.equal(found.own_local["local.topk.residual"], torch.arange(4.0))
+        assert found.own_meta == older.meta
         write_snapshot(_snapshot(step=20, seed=3), tmp_path / "b")
         found = recover(tmp_path / "b", joiner, joiner_dht, key, CFG)
         assert found.source is Source.DISK and found.step == 20 and found.swarm_step == 12

@@ -135,3 +135,19 @@ def test_a_rank_that_compresses_no_matrix_is_refused_with_the_limit() -> None:
     assert LowRankAverager([torch.Size([64, 64])], 15).matrices == [0]
     with pytest.raises(ConfigError, match="it has none to compress"):
         LowRankAverager([torch.Size([4, 4]), torch.Size([8])], 1)
+
+
+def test_error_feedback_from_a_checkpoint_must_fit_every_matrix() -> None:
+    avg = LowRankAverager(SHAPES, rank=2)
+    saved = {k: torch.randn_like(v) for k, v in avg.local_state().items()}
+    assert sorted(saved) == ["local.lowrank.error.0", "local.lowrank.error.2"]
+    again = LowRankAverager(SHAPES, rank=2)
+    for wrong in (
+        {"local.lowrank.error.0": saved["local.lowrank.error.0"]},  # one missing
+        {**saved, "local.lowrank.error.0": torch.zeros(3, 3)},  # misshapen
+        {k: v.to(torch.int32) for k, v in saved.items()},  # not floating point
+    ):
+        assert not again.load_local_state(wrong)
+        assert all(e.abs().max() == 0 for e in again.error.values())  # nothing changed
+    assert again.load_local_state(saved)
+    assert all(torch.equal(again.error[i], saved[f"local.lowrank.error.{i}"]) for i in (0, 2))

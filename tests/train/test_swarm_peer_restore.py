@@ -116,8 +116,20 @@ def test_the_error_feedback_survives_a_restart_from_our_own_disk_only(
     # from its disk (recovery reads it whatever the source), and without one has none.
     from_donor = _restore_into(trainer, as_checkpoint(_snapshot_of(ckpt), "donor"), "diloco")
     assert not any(k.startswith("local.") for k in from_donor.strategy)
-    own = recover(checkpoint_root(tmp_path), None, None, b"key").own_local
-    for source, want in ((from_donor, False), (keep_own_local(from_donor, own), True)):
+    found = recover(checkpoint_root(tmp_path), None, None, b"key")
+    shape = trainer.model_cfg.to_dict()
+
+    def keep(mode="diloco", model_shape=shape, every=1):
+        own, meta = found.own_local, found.own_meta
+        kept = keep_own_local(
+            from_donor, own, meta, mode=mode, model_shape=model_shape, checkpoint_every_rounds=every
+        )
+        return kept, kept is not from_donor
+
+    # not from a checkpoint of another mode or model, nor one that may be rounds old
+    assert not keep(mode="streaming")[1] and not keep(model_shape={**shape, "n_layer": 9})[1]
+    assert not keep(every=2)[1]
+    for source, want in ((from_donor, False), (keep()[0], True)):
         fresh = DiLoCoStrategy(trainer, services, opts, threading.Event())  # type: ignore[arg-type]
         fresh.load_state(source.strategy, source.round_index, source.applied_step)
         got = fresh.state_tensors()
@@ -130,7 +142,8 @@ def test_the_error_feedback_survives_a_restart_from_our_own_disk_only(
 
 
 def _snapshot_of(ckpt):
-    """A loaded checkpoint as the snapshot a donor would serve (every file but ``local``)."""
+    """A loaded checkpoint as a snapshot a donor sends, ``local`` file included (a donor
+    that sends one anyway: it must not be read)."""
     from shoal.state.checkpoint import Snapshot
 
     files = {"model": ckpt.model, "extra": ckpt.extra, "local": ckpt.local}

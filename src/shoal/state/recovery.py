@@ -52,6 +52,8 @@ class Recovered:
     own_local: dict[str, Any] = field(default_factory=dict)
     """The ``local`` file of the newest valid checkpoint on disk (this peer's own state,
     such as error feedback), whichever source the rest comes from: no donor has it."""
+    own_meta: dict[str, Any] = field(default_factory=dict)
+    """That checkpoint's meta (what it was written by: mode, model, ...)."""
 
     @property
     def step(self) -> int:
@@ -79,7 +81,7 @@ def recover(
     config = config or SyncConfig()
     local = load_latest_valid(checkpoint_dir)
     local_step = local.step if local is not None else None
-    own_local = dict(local.local) if local is not None else {}
+    own_local, own_meta = (dict(local.local), dict(local.meta)) if local is not None else ({}, {})
     choice: DonorChoice | None = None
     if dht is not None:
         try:
@@ -115,7 +117,7 @@ def recover(
                 result.seconds,
                 donors,
             )
-            return Recovered(Source.SWARM, ckpt, local_step, swarm_step, own_local)
+            return Recovered(Source.SWARM, ckpt, local_step, swarm_step, own_local, own_meta)
         source = choose_source(local_step, None)
     disk = local if source is Source.DISK else None
-    return Recovered(source, disk, local_step, swarm_step, own_local)
+    return Recovered(source, disk, local_step, swarm_step, own_local, own_meta)

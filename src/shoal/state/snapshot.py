@@ -1,7 +1,8 @@
 """A snapshot prepared for serving: flat named tensors, per-chunk checksums, a content version.
 
 ``prepare(snapshot)`` turns a ``checkpoint.Snapshot`` (CPU tensors, taken between steps) into
-a ``ServedSnapshot``: every tensor under the name ``"<file stem>/<key>"`` with its raw byte
+a ``ServedSnapshot``: every tensor (but those of the peer's own ``local`` file) under the
+name ``"<file stem>/<key>"`` with its raw byte
 view and the xxHash3-64 of every ``chunk_bytes`` slice, plus a ``shoal.v1.StateManifest``.
 The manifest's ``version`` is a hash of everything else in it, so two donors holding the
 same snapshot announce the same version and a joiner can recompute it to check a manifest.
@@ -127,7 +128,8 @@ def prepare(snapshot: Snapshot, *, chunk_bytes: int = MiB) -> ServedSnapshot:
     tensors: list[torch.Tensor] = []
     views: list[memoryview] = []
     total = 0
-    for stem in sorted(snapshot.files.keys() - {LOCAL_STEM}):  # a peer's own: not served
+    stems = sorted(snapshot.files.keys() - {LOCAL_STEM})  # a peer's own file is not served
+    for stem in stems:
         for key in sorted(snapshot.files[stem]):
             tensor = snapshot.files[stem][key].detach().contiguous()
             if tensor.device.type != "cpu" or tensor.dtype not in _TORCH_TO_ENUM:
@@ -154,7 +156,7 @@ def prepare(snapshot: Snapshot, *, chunk_bytes: int = MiB) -> ServedSnapshot:
         {
             "meta": snapshot.meta,
             "file_meta": snapshot.file_meta,
-            "stems": sorted(snapshot.files.keys() - {LOCAL_STEM}),
+            "stems": stems,
         },
         sort_keys=True,
     )

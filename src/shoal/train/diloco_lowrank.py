@@ -139,10 +139,10 @@ class LowRankAverager:
         return {f"outer.lowrank.q.{i}": q for i, q in self.q.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> bool:
-        found = {i: tensors.get(f"outer.lowrank.q.{i}") for i in self.q}
-        if any(t is None or t.shape != self.q[i].shape for i, t in found.items()):
+        loaded = _matching(tensors, "outer.lowrank.q.", self.q)
+        if loaded is None:
             return False
-        self.q = {i: t.to(torch.float32).clone() for i, t in found.items() if t is not None}
+        self.q = loaded
         return True
 
     def local_state(self) -> dict[str, torch.Tensor]:
@@ -152,8 +152,21 @@ class LowRankAverager:
     def load_local_state(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Take the error feedback back from a checkpoint of this peer; False (nothing
         changed) when any matrix's is missing or misshapen."""
-        found = {i: tensors.get(f"local.lowrank.error.{i}") for i in self.error}
-        if any(t is None or t.shape != self.error[i].shape for i, t in found.items()):
+        loaded = _matching(tensors, "local.lowrank.error.", self.error)
+        if loaded is None:
             return False
-        self.error = {i: t.to(torch.float32).clone() for i, t in found.items() if t is not None}
+        self.error = loaded
         return True
+
+
+def _matching(
+    tensors: dict[str, torch.Tensor], prefix: str, like: dict[int, torch.Tensor]
+) -> dict[int, torch.Tensor] | None:
+    """``tensors[prefix + i]`` for every ``i`` of ``like`` as fp32 copies, or None when one
+    is missing, misshapen or not floating point."""
+    found = {i: tensors.get(f"{prefix}{i}") for i in like}
+    if any(
+        t is None or t.shape != like[i].shape or not t.is_floating_point() for i, t in found.items()
+    ):
+        return None
+    return {i: t.to(torch.float32).clone() for i, t in found.items() if t is not None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
@@ -12,7 +13,7 @@ from shoal.train.diloco_topk import TopKAverager
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_round import RoundOutcome
 from shoal.train.swarm_services import PeerServices
-from shoal.train.swarm_state import fetch_snapshot_from_swarm
+from shoal.train.swarm_state import LOCAL_PREFIX, fetch_snapshot_from_swarm
 from shoal.train.swarm_strategy import (
     StepOutcome,
     blocking_round,
@@ -24,6 +25,8 @@ from shoal.train.swarm_strategy import (
 from shoal.train.trainer import Trainer
 
 __all__ = ["DiLoCoStrategy", "resync_from_swarm"]
+
+log = logging.getLogger(__name__)
 
 
 class DiLoCoStrategy:
@@ -114,7 +117,7 @@ class DiLoCoStrategy:
         extra: dict[str, torch.Tensor] = {}
         if self.lowrank is not None:
             extra = {**self.lowrank.state_tensors(), **self.lowrank.local_state()}
-        if self.topk is not None:
+        elif self.topk is not None:
             extra = self.topk.local_state()
         return {**self.diloco.state_tensors(), **extra}
 
@@ -126,12 +129,14 @@ class DiLoCoStrategy:
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
     ) -> bool:
         self.applied_step = applied_step  # steps trained alone since make nothing fresher
+        own = False  # this peer's own state (error feedback) came back from its disk
         if self.lowrank is not None:
             self.lowrank.load_state_tensors(tensors)
-            self.lowrank.load_local_state(tensors)  # from this peer's own disk only
-        if self.topk is not None:
-            numel = sum(p.numel() for p in self.trainer.model.parameters())
-            self.topk.load_local_state(tensors, numel)
+            own = self.lowrank.load_local_state(tensors)
+        elif self.topk is not None:
+            own = self.topk.load_local_state(tensors, self.diloco.outer.numel)
+        if not own and any(k.startswith(LOCAL_PREFIX) for k in tensors):
+            log.warning("own state in the checkpoint does not fit these settings: not restored")
         loaded = self.diloco.load_state(tensors, round_index)
         if loaded and applied_step < self.trainer.step:
             self.diloco.mark_stale()  # the swarm may have applied rounds without it

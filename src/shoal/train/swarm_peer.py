@@ -185,7 +185,14 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         if restored is not None:
             trainer.step = restored.step
             if source is Source.SWARM:  # our own state stays ours (see keep_own_local)
-                restored = keep_own_local(restored, found.own_local)
+                restored = keep_own_local(
+                    restored,
+                    found.own_local,
+                    found.own_meta,
+                    mode=opts.mode,
+                    model_shape=shape,
+                    checkpoint_every_rounds=opts.checkpoint_every_rounds,
+                )
         strategy = _make_strategy(opts, trainer, services, stop)
         if restored is not None:
             strategy.load_state(restored.strategy, restored.round_index, restored.applied_step)

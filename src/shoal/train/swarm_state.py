@@ -77,8 +77,9 @@ def snapshot_peer(
     progress the swarm has not averaged (see :attr:`Restored.averaged`)."""
     data = windows.state_dict()
     extra = {"rng.torch_cpu": torch.get_rng_state(), "data.generator": data["generator"]}
-    extra.update({k: v for k, v in strategy.items() if not k.startswith(LOCAL_PREFIX)})
-    local = {k: v for k, v in strategy.items() if k.startswith(LOCAL_PREFIX)}
+    local: dict[str, torch.Tensor] = {}
+    for name, tensor in strategy.items():
+        (local if name.startswith(LOCAL_PREFIX) else extra)[name] = tensor
     meta = {
         "config": {"model_shape": model_shape},
         "mode": mode,
@@ -145,13 +146,39 @@ def restore_peer(
     return Restored(ckpt.step, int(ckpt.meta.get("round_index", 0)), strategy, averaged, applied)
 
 
-def keep_own_local(restored: Restored, own_local: dict[str, torch.Tensor]) -> Restored:
+def keep_own_local(
+    restored: Restored,
+    own_local: dict[str, torch.Tensor],
+    own_meta: dict[str, Any],
+    *,
+    mode: str,
+    model_shape: dict[str, Any],
+    checkpoint_every_rounds: int,
+) -> Restored:
     """``restored`` (a donor's state) with this peer's own ``local.*`` tensors from its disk:
     error feedback is progress the swarm has not seen, whichever state a restart takes, and
-    error feedback carries over rounds that moved the swarm anyway. The strategy checks
-    that they fit."""
+    it carries over rounds that moved the swarm anyway.
+
+    Only from a checkpoint of the same mode and model, written at every applied round
+    (``checkpoint_every_rounds == 1``): error feedback changes at every round this peer's
+    values go into, and one from several rounds back would send again what those rounds
+    sent. The strategy checks that the tensors fit.
+    """
     own = {k: v for k, v in own_local.items() if k.startswith(LOCAL_PREFIX)}
-    return replace(restored, strategy={**restored.strategy, **own}) if own else restored
+    if not own:
+        return restored
+    written_by = (own_meta.get("mode"), own_meta.get("config", {}).get("model_shape"))
+    if written_by != (mode, model_shape):
+        log.warning("own state on disk is of another mode or model: not taken back")
+        return restored
+    if checkpoint_every_rounds != 1:
+        log.warning(
+            "own state on disk (error feedback) may be rounds old with a checkpoint every "
+            "%d rounds: not taken back",
+            checkpoint_every_rounds,
+        )
+        return restored
+    return replace(restored, strategy={**restored.strategy, **own})
 
 
 def fetch_from_swarm(
