@@ -14,7 +14,7 @@ applied: the local progress stays in the model for the next round's ``Δ`` and `
 kept as it was. ``e`` belongs to this peer alone (it holds this peer's own progress that the swarm has
 not seen): a resync keeps it, checkpoints write it to the peer's own disk
 (``local_state``, never served), and a restart takes it back from there, even when the
-rest of its state comes from a donor.
+rest of its state comes from a donor (``swarm_state.keep_own_local`` says when).
 
 Bytes per round: about ``8 k`` per contribution against ``4 n`` for fp32, and the mean's
 union of positions on the way back (dense when that is smaller).
