@@ -13,8 +13,9 @@ Vectors (biases, norms) and small matrices travel dense in the first all-reduce.
 derived from the averaged ``R̄``, so it is the same on every contributor; it is part of the
 outer state (``state_tensors``, prefix ``outer.lowrank.``) so a peer that resyncs from the
 swarm adopts it too. The error feedback is this peer's own: checkpoints write it to its
-disk (``local_state``, prefix ``local.``), never to other peers. The first ``Q`` is a seeded random orthonormal matrix (same seed on
-every peer). One power iteration per round, warm-started, as in PowerSGD.
+disk (``local_state``, prefix ``local.``), never to other peers. The first ``Q`` is a
+seeded random orthonormal matrix (same seed on every peer). One power iteration per round,
+warm-started, as in PowerSGD.
 
 Commit rule: the result is written only when both all-reduces succeed; otherwise the
 pseudo-gradient, ``Q`` and the error feedback are untouched and the round fails.

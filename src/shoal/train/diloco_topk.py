@@ -11,10 +11,10 @@ non-zero, so no part costs more than fp32.
 Commit rule, as for the low-rank averager: ``e`` becomes ``M - sent`` only when this peer's
 values are in the mean (round ok and this peer included). Otherwise nothing of it was
 applied: the local progress stays in the model for the next round's ``Δ`` and ``e`` is
-kept as it was. ``e`` belongs to this peer alone (it holds this peer's own progress that the swarm has
-not seen): a resync keeps it, checkpoints write it to the peer's own disk
-(``local_state``, never served), and a restart takes it back from there, even when the
-rest of its state comes from a donor (``swarm_state.keep_own_local`` says when).
+kept as it was. ``e`` belongs to this peer alone (its own progress that the swarm has not
+seen): a resync keeps it, checkpoints write it to the peer's own disk (``local_state``,
+never served), and a restart takes it back from there, even when the rest of its state
+comes from a donor (``swarm_state.keep_own_local`` says when).
 
 Bytes per round: about ``8 k`` per contribution against ``4 n`` for fp32, and the mean's
 union of positions on the way back (dense when that is smaller).

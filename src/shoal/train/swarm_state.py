@@ -2,11 +2,11 @@
 
 A snapshot (``shoal.state`` format) holds the model, the inner AdamW state, the strategy's
 own tensors in ``extra`` (DiLoCo: outer master parameters and momentum, named
-``outer.*``; its own state, such as error feedback, ``local.*`` goes to the ``local`` file,
-which is never served), the data generator and RNG, and in the manifest meta: the model shape, the
-data shard, the mode and the strategy's round index. A donor's snapshot belongs to another
-peer's data shard: restoring it keeps this peer's own data stream (only a snapshot of the
-same shard also restores the data position).
+``outer.*``; its own state, such as error feedback, ``local.*`` goes to the ``local``
+file, which is never served), the data generator and RNG, and in the manifest meta: the
+model shape, the data shard, the mode and the strategy's round index. A donor's snapshot
+belongs to another peer's data shard: restoring it keeps this peer's own data stream (only
+a snapshot of the same shard also restores the data position).
 """
 
 from __future__ import annotations
