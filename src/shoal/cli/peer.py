@@ -100,7 +100,8 @@ def register(app: typer.Typer) -> None:
         codec: str = typer.Option(
             None,
             "--codec",
-            help="Wire codec: none | fp16 | int8 | int4 | sparse (default: int8; sparse with --topk).",
+            help="Wire codec: none | fp16 | int8 | int4 | sparse "
+            "(default: int8; sparse with --topk).",
         ),
         rank: int = typer.Option(0, "--rank", help="DiLoCo low-rank averaging (0 = off)."),
         topk: float = typer.Option(
