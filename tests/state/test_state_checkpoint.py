@@ -55,7 +55,15 @@ def test_round_trip_restores_model_optimizer_and_extra(tmp_path):
 
 
 def test_a_peer_s_local_tensors_are_written_and_read_but_never_served(tmp_path):
-    from shoal.state.snapshot import as_checkpoint, prepare
+    from shoal.errors import ProtocolViolation
+    from shoal.state.checkpoint import Snapshot
+    from shoal.state.snapshot import (
+        ManifestLimits,
+        as_checkpoint,
+        check_manifest,
+        manifest_version,
+        prepare,
+    )
 
     model, opt = _trained()
     feedback = {"local.topk.residual": torch.randn(7)}
@@ -66,7 +74,13 @@ def test_a_peer_s_local_tensors_are_written_and_read_but_never_served(tmp_path):
     names = [t.name for t in served.manifest.tensors]
     assert "extra/outer.x" in names and not any(n.startswith("local/") for n in names)
     assert "local" not in json.loads(served.manifest.meta_json)["stems"]
-    # a donor that serves one anyway is not believed: a download never fills ``local``
+    # a donor that serves one anyway is not believed: its manifest is refused, and a
+    # download never fills ``local``
+    leaky = prepare(Snapshot(step=3, files={"model": snap.files["model"], "xlocal": feedback}))
+    leaky.manifest.tensors[-1].name = "local/local.topk.residual"
+    leaky.manifest.version = manifest_version(leaky.manifest)
+    with pytest.raises(ProtocolViolation, match="peer's own file"):
+        check_manifest(leaky.manifest, ManifestLimits())
     assert as_checkpoint(snap, "donor").local == {}
     assert read_checkpoint(write_snapshot(take_snapshot(4, model, opt), tmp_path)).local == {}
 

@@ -192,6 +192,8 @@ def check_manifest(manifest: state_pb2.StateManifest, limits: ManifestLimits) ->
         if not 0 < len(t.name) <= limits.max_name_chars or "/" not in t.name or t.name in names:
             raise ProtocolViolation(f"state manifest has a bad or repeated name {t.name[:64]!r}")
         names.add(t.name)
+        if t.name.startswith(f"{LOCAL_STEM}/"):  # a peer's own file: never any of ours
+            raise ProtocolViolation(f"state manifest serves a peer's own file: {t.name[:64]!r}")
         dtype = _ENUM_TO_TORCH.get(t.dtype)
         if dtype is None or len(t.shape) > limits.max_dims:
             raise ProtocolViolation(f"state tensor {t.name!r}: bad dtype or dims")
