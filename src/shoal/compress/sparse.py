@@ -28,6 +28,12 @@ MAX_SPARSE_NUMEL = 2**31 - 1
 """Positions are int32."""
 
 
+def _position_layout(nonzero: int, numel: int) -> bool:
+    """Whether ``nonzero`` values of ``numel`` travel as (position, value) pairs: fewer than
+    half of them, else all values are cheaper (the one rule of encoder and checker)."""
+    return 2 * nonzero < numel
+
+
 def check_sparse(numel: int, payload: tuple[torch.Tensor, ...]) -> None:
     """Raise ValueError unless ``payload`` is one of the two layouts for ``numel`` values:
     ``(values,)`` with all of them in fp32, or ``(indices, values)`` with fewer than half of
@@ -46,7 +52,7 @@ def check_sparse(numel: int, payload: tuple[torch.Tensor, ...]) -> None:
         )
     if indices.dim() != 1 or values.dim() != 1 or indices.numel() != values.numel():
         raise ValueError(f"{indices.numel()} positions for {values.numel()} values")
-    if 2 * indices.numel() >= max(numel, 1):
+    if not _position_layout(indices.numel(), numel):
         raise ValueError(f"{indices.numel()} positions for a tensor of {numel} values")
     if indices.numel() == 0:
         return
@@ -69,7 +75,7 @@ class SparseCodec:
         if n > MAX_SPARSE_NUMEL:
             raise ValueError(f"a sparse tensor holds at most {MAX_SPARSE_NUMEL} values, got {n}")
         indices = flat.nonzero().reshape(-1)  # increasing; NaN and inf are non-zero
-        if 2 * indices.numel() >= n:
+        if not _position_layout(indices.numel(), n):
             return Encoded(self.name, tuple(tensor.shape), (flat.contiguous(),))
         values = flat[indices]
         return Encoded(self.name, tuple(tensor.shape), (indices.to(torch.int32), values))

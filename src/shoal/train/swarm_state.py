@@ -113,11 +113,9 @@ def restore_peer(
     Raises:
         CheckpointError: another model shape or mode, or tensors that do not fit.
     """
-    saved_shape = ckpt.meta.get("config", {}).get("model_shape")
-    if saved_shape != model_shape:
-        raise CheckpointError(f"{ckpt.path}: model {saved_shape}, not {model_shape}")
-    if ckpt.meta.get("mode") != mode:
-        raise CheckpointError(f"{ckpt.path}: mode {ckpt.meta.get('mode')!r}, not {mode!r}")
+    mismatch = _written_for_another(ckpt.meta, mode, model_shape)
+    if mismatch is not None:
+        raise CheckpointError(f"{ckpt.path}: {mismatch}")
     try:
         model.load_state_dict(ckpt.model, strict=True)
         if ckpt.optimizer is not None:
@@ -146,6 +144,19 @@ def restore_peer(
     return Restored(ckpt.step, int(ckpt.meta.get("round_index", 0)), strategy, averaged, applied)
 
 
+def _written_for_another(
+    meta: dict[str, Any], mode: str, model_shape: dict[str, Any]
+) -> str | None:
+    """Why a checkpoint with this ``meta`` is not for a peer of ``mode`` and ``model_shape``
+    (None: it is)."""
+    saved_shape = meta.get("config", {}).get("model_shape")
+    if saved_shape != model_shape:
+        return f"model {saved_shape}, not {model_shape}"
+    if meta.get("mode") != mode:
+        return f"mode {meta.get('mode')!r}, not {mode!r}"
+    return None
+
+
 def keep_own_local(
     restored: Restored,
     own_local: dict[str, torch.Tensor],
@@ -167,9 +178,9 @@ def keep_own_local(
     own = {k: v for k, v in own_local.items() if k.startswith(LOCAL_PREFIX)}
     if not own:
         return restored
-    written_by = (own_meta.get("mode"), own_meta.get("config", {}).get("model_shape"))
-    if written_by != (mode, model_shape):
-        log.warning("own state on disk is of another mode or model: not taken back")
+    mismatch = _written_for_another(own_meta, mode, model_shape)
+    if mismatch is not None:
+        log.warning("own state on disk is not taken back: %s", mismatch)
         return restored
     if checkpoint_every_rounds != 1:
         log.warning(
