@@ -52,6 +52,7 @@ def test_delay_map_sums_both_sites() -> None:
         (lambda: Nat(name="n", hosts=[]), "n.hosts"),
         (lambda: Nat(name="n", kind="full", hosts=["a"]), "n.kind"),  # type: ignore[arg-type]
         (lambda: Public(name="p", rate_mbit=0), "p.rate_mbit"),
+        (lambda: Nat(name="n", hosts=["a"], up_mbit=20_000), "n.up_mbit"),
         (lambda: Public(name="p", delay_ms=-1), "p.delay_ms"),
     ],
 )
@@ -65,11 +66,12 @@ def test_load_topology_from_toml(tmp_path: Path) -> None:
     path.write_text(
         '[[public]]\nname = "relay"\ndelay_ms = 10\n\n'
         '[[nat]]\nname = "home1"\nkind = "symmetric"\nhosts = ["a"]\nrate_mbit = 5\n'
+        "up_mbit = 1\n"
     )
     loaded = load_topology(path)
     assert loaded.hosts == (
         Public(name="relay", delay_ms=10),
-        Nat(name="home1", kind="symmetric", hosts=("a",), rate_mbit=5),
+        Nat(name="home1", kind="symmetric", hosts=("a",), rate_mbit=5, up_mbit=1),
     )
     path.write_text('[[router]]\nname = "x"\n')
     with pytest.raises(ConfigError, match="unknown tables"):

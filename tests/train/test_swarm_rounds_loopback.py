@@ -15,7 +15,6 @@ import torch
 from shoal.dht.peer import DHT
 from shoal.net import Identity, NetConfig, NetRuntime
 from shoal.net.shaper import LinkShaper, ShaperConfig
-from shoal.parallel.data.partition import shares_from_bandwidth
 from shoal.train.swarm_round import RoundsConfig, SwarmRounds, announced_bandwidth, retry_key
 
 NUMEL = 1_000_000
@@ -81,16 +80,26 @@ def test_a_client_mode_peer_contributes_without_reducing_and_uplinks_are_measure
         ]
         # the client sends its two parts (4 MB); a reducer also sends its result twice
         assert sent[2] < 0.8 * min(sent[:2])
-        # round 0 splits by the prior; then each peer announces the uplink it measured
-        assert all(set(r.last_group.bandwidths_bps) == {announced_bandwidth(1e8)} for r in rounds)
+        # round 0 splits by the prior (downlinks not measured: 0); then each peer announces
+        # the uplink it measured, and the reducers the downlink (the client pulls, so it
+        # measures none and still announces 0)
+        for r in rounds:
+            assert set(r.last_group.uplinks_bps) == {announced_bandwidth(1e8)}
+            assert set(r.last_group.downlinks_bps) == {0.0}
         measured = [r.uplink_bps for r in rounds]
         assert all(m is not None and m > 0 for m in measured)
+        measured_down = [r.downlink_bps for r in rounds]
+        assert all(m is not None and m > 0 for m in measured_down[:2])
+        assert measured_down[2] is None
         assert all(o.ok for o in run_round(b"r1"))
-        pairs = zip(runtimes, measured, strict=True)
-        announced = {rt.peer_id: announced_bandwidth(m) for rt, m in pairs}
+        announced = {
+            rt.peer_id: (announced_bandwidth(up), announced_bandwidth(down) if down else 0.0)
+            for rt, up, down in zip(runtimes, measured, measured_down, strict=True)
+        }
         for r in rounds:
             spec = r.last_group
-            assert dict(zip(spec.members, spec.bandwidths_bps, strict=True)) == announced
+            links = zip(spec.uplinks_bps, spec.downlinks_bps, strict=True)
+            assert dict(zip(spec.members, links, strict=True)) == announced
 
 
 def test_announced_bandwidth_sits_on_a_half_octave_grid():
@@ -150,8 +159,7 @@ def test_a_peer_behind_a_slow_uplink_is_given_a_smaller_share():
         assert all(o.ok for o in run_round(b"r1"))
         for r in rounds:
             spec = r.last_group
-            shares = shares_from_bandwidth(spec.bandwidths_bps, spec.client_mode)
-            by_peer = dict(zip(spec.members, shares, strict=True))
+            by_peer = dict(zip(spec.members, spec.shares(), strict=True))
             assert by_peer[slow.peer_id] < 0.25  # an equal split would be 1/3
         assert shapers[0].up.bytes > 0  # its traffic did cross the shaped links
     finally:

@@ -55,9 +55,11 @@ def build_topology(bed: Testbed) -> None:
         )
         nx.ip("link", "set", peer, "master", bridge, "up", netns=inet)
         nx.ip("link", "set", wan, "up", netns=ns)
-        if site.rate_mbit is not None:
-            for where, dev in ((ns, wan), (inet, peer)):
-                _tbf(bed, where, dev, site.rate_mbit)
+        # Egress of the site's end is its upload; egress of the bridge's end its download.
+        up = site.up_mbit if site.up_mbit is not None else site.rate_mbit
+        for where, dev, rate in ((ns, wan, up), (inet, peer, site.rate_mbit)):
+            if rate is not None:
+                _tbf(bed, where, dev, rate)
         addr = plan.hosts[site.name]
         if isinstance(site, Public):
             bed.hosts[site.name] = _endpoint(bed, ns, wan, addr, INTERNET_NET, delayed)

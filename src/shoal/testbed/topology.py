@@ -8,8 +8,9 @@ A topology is a list of *sites* on one flat "internet" segment (a bridge):
   (endpoint-independent mapping, like most home routers); ``kind="symmetric"`` picks a
   random port per connection. Both drop unsolicited inbound silently.
 
-Each site's access link has an optional rate cap (``rate_mbit``, each direction) and a
-one-way delay (``delay_ms``, each direction). A packet from site S to site T is delayed by
+Each site's access link has an optional rate cap (``rate_mbit``, each direction; ``up_mbit``
+caps the upload alone, as on most home links) and a one-way delay (``delay_ms``, each
+direction). A packet from site S to site T is delayed by
 ``delay(S) + delay(T)``, so the round trip is ``2 * (delay(S) + delay(T))``.
 
 Addresses (all inside the benchmarking range 198.18.0.0/15): site ``i`` gets
@@ -50,9 +51,10 @@ MAX_LAN_HOSTS = 200
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
 
 
-def _check_link(name: str, rate_mbit: float | None, delay_ms: float) -> None:
-    if rate_mbit is not None and not 0.01 <= rate_mbit <= 10_000:
-        raise ConfigError(f"{name}.rate_mbit must be in [0.01, 10000] or None, got {rate_mbit!r}")
+def _check_link(name: str, rate_mbit: float | None, up_mbit: float | None, delay_ms: float) -> None:
+    for field_name, rate in (("rate_mbit", rate_mbit), ("up_mbit", up_mbit)):
+        if rate is not None and not 0.01 <= rate <= 10_000:
+            raise ConfigError(f"{name}.{field_name} must be in [0.01, 10000] or None, got {rate!r}")
     if not 0 <= delay_ms <= 10_000:
         raise ConfigError(f"{name}.delay_ms must be in [0, 10000], got {delay_ms!r}")
 
@@ -64,11 +66,14 @@ class Public:
     name: str
     rate_mbit: float | None = None
     """Access link cap in Mbit/s, each direction; None = unshaped."""
+    up_mbit: float | None = None
+    """Upload cap in Mbit/s, in place of ``rate_mbit`` for that direction; None = as
+    ``rate_mbit``."""
     delay_ms: float = 0.0
     """Access link one-way delay in ms, each direction."""
 
     def __post_init__(self) -> None:
-        _check_link(self.name, self.rate_mbit, self.delay_ms)
+        _check_link(self.name, self.rate_mbit, self.up_mbit, self.delay_ms)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -80,6 +85,9 @@ class Nat:
     hosts: Sequence[str] = ()
     rate_mbit: float | None = None
     """WAN link cap in Mbit/s, each direction; None = unshaped."""
+    up_mbit: float | None = None
+    """Upload cap in Mbit/s, in place of ``rate_mbit`` for that direction; None = as
+    ``rate_mbit``."""
     delay_ms: float = 0.0
     """WAN link one-way delay in ms, each direction."""
 
@@ -92,7 +100,7 @@ class Nat:
             raise ConfigError(
                 f"{self.name}.hosts must hold 1..{MAX_LAN_HOSTS} names, got {self.hosts!r}"
             )
-        _check_link(self.name, self.rate_mbit, self.delay_ms)
+        _check_link(self.name, self.rate_mbit, self.up_mbit, self.delay_ms)
 
 
 Site = Public | Nat

@@ -77,7 +77,7 @@ class RoundsConfig:
     """Send parts and pull results, reduce nothing and announce no address (a slow peer, or
     one that cannot accept connections)."""
     bandwidth_prior_bps: float = 100e6
-    """Bandwidth (bits/s) announced until a round has measured this peer's uplink."""
+    """Uplink (bits/s) announced until a round has measured it."""
 
     def __post_init__(self) -> None:
         if self.wire_codec not in STATELESS_CODECS:
@@ -127,6 +127,13 @@ class RoundsConfig:
 def announced_bandwidth(bps: float) -> float:
     """``bps`` rounded to a half-octave grid: shares stay put under measurement noise."""
     return float(2.0 ** (round(2.0 * math.log2(max(bps, 1.0))) / 2.0))
+
+
+def _moving(average: float | None, sample: float | None) -> float | None:
+    """Half the last average, half the new sample (either alone when the other is None)."""
+    if sample is None or average is None:
+        return sample if average is None else average
+    return 0.5 * average + 0.5 * sample
 
 
 _MAX_RETRY_KEYS = 64
@@ -225,6 +232,8 @@ class SwarmRounds:
         )
         self.uplink_bps: float | None = None
         """This peer's measured uplink, bits/s (moving average of each round's fastest send)."""
+        self.downlink_bps: float | None = None
+        """Its measured downlink, bits/s (the same of each round's fastest message received)."""
         self.last_group: GroupSpec | None = None
         """The contributors of the last successful round, as a group (for :meth:`again`)."""
         self._retry_keys: OrderedDict[bytes, bytes] = OrderedDict()
@@ -255,14 +264,15 @@ class SwarmRounds:
         cfg = self.config
         period_s = 0.0 if self._last_start is None else t0 - self._last_start
         self._last_start = t0
-        bandwidth = announced_bandwidth(self.uplink_bps or cfg.bandwidth_prior_bps)
         address = None if cfg.client_mode else self.own_address()
         me = ReadyPeer(
             self.runtime.peer_id.raw,
             float(weight),
-            bandwidth,
+            announced_bandwidth(self.uplink_bps or cfg.bandwidth_prior_bps),
             address is None,
             address or "",  # a client is never dialed
+            # Not measured yet (or a client, which pulls): 0, taken as the uplink.
+            downlink_bps=announced_bandwidth(self.downlink_bps) if self.downlink_bps else 0.0,
         )
         confirmed: list[Group] = []
         try:
@@ -306,7 +316,7 @@ class SwarmRounds:
                 while len(self._retry_keys) > _MAX_RETRY_KEYS:
                     self._retry_keys.popitem(last=False)
         seconds["allreduce"] = time.monotonic() - t1
-        self._observe_uplink()
+        self._observe_links()
         if not result.ok:
             return RoundOutcome(
                 False, group_size=len(members), reason=result.reason, seconds=seconds
@@ -316,12 +326,7 @@ class SwarmRounds:
         included = own in contributors
         left_out = "" if included else result.excluded.get(own) or "left out"
         kept = [i for i, m in enumerate(members) if m in contributors]
-        self.last_group = GroupSpec(
-            group.group_id,
-            tuple(members[i] for i in kept),
-            tuple(spec.bandwidths_bps[i] for i in kept),
-            tuple(spec.client_mode[i] for i in kept),
-        )
+        self.last_group = spec.subgroup(kept, group.group_id)
         return RoundOutcome(
             True,
             contributors=contributors,
@@ -361,11 +366,9 @@ class SwarmRounds:
             members.append(replace(entry, address=address))
         return replace(group, members=tuple(members))
 
-    def _observe_uplink(self) -> None:
-        sample = self.transport.uplink_sample()
-        if sample is not None:
-            prev = self.uplink_bps
-            self.uplink_bps = sample if prev is None else 0.5 * prev + 0.5 * sample
+    def _observe_links(self) -> None:
+        self.uplink_bps = _moving(self.uplink_bps, self.transport.uplink_sample())
+        self.downlink_bps = _moving(self.downlink_bps, self.transport.downlink_sample())
 
     async def again(self, vector: torch.Tensor, weight: float, *, tag: bytes) -> RoundOutcome:
         """A follow-up all-reduce with the last round's contributors, without matchmaking.
@@ -381,15 +384,13 @@ class SwarmRounds:
             return RoundOutcome(False, reason="no reducer among the last round's contributors")
         if self.runtime.peer_id not in last.members:
             return RoundOutcome(False, reason="this peer was left out of the last round")
-        spec = GroupSpec(
-            last.round_id[:32] + tag[:16], last.members, last.bandwidths_bps, last.client_mode
-        )
+        spec = last.subgroup(range(len(last.members)), last.round_id[:32] + tag[:16])
         self.averager.prepare(spec)
         t0 = time.monotonic()
         result = await self.averager.average(
             [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
         )
-        self._observe_uplink()
+        self._observe_links()
         seconds = {"allreduce": time.monotonic() - t0}
         if not result.ok:
             return RoundOutcome(

@@ -53,26 +53,29 @@ def test_peers_find_one_group_through_the_dht_and_ids_come_from_signed_subkeys()
 
 def test_malformed_board_records_are_skipped():
     peer, n = b"p" * 32, b"n" * 8
-    good = msgpack.packb([4, 2.0, 1e8, False, "h:1", 4, n, True])
-    assert _parse(peer, good) == ReadyPeer(peer, 2.0, 1e8, False, "h:1", 4, n)
+    good = msgpack.packb([5, 2.0, 1e8, 1e8, False, "h:1", 4, n, True])
+    assert _parse(peer, good) == ReadyPeer(peer, 2.0, 1e8, False, "h:1", 4, n, 1e8)
     assert _parse(peer, good).closed
     for bad_subkey, bad_value in [
         (peer[:31], good),
         (peer, b"\xc1"),
         (peer, msgpack.packb([2, 2.0, 1e8, False, "h:1", 4])),  # the version before nonces
         (peer, msgpack.packb([3, 2.0, 1e8, False, "h:1", 4, n])),  # before the closed mark
-        (peer, msgpack.packb([5, 2.0, 1e8, False, "h:1", 4, n, False])),
-        (peer, msgpack.packb([4, 2.0, 1e8, False, "h:1", 4, n, 1])),
-        (peer, msgpack.packb([4, float("nan"), 1e8, False, "h:1", 4, n, False])),
-        (peer, msgpack.packb([4, -1.0, 1e8, False, "h:1", 4, n, False])),
-        (peer, msgpack.packb([4, 1.0, 1e8, 1, "h:1", 4, n, False])),
-        (peer, msgpack.packb([4, 1.0, 1e8, False, "x" * 300, 4, n, False])),
-        (peer, msgpack.packb([4, 1.0, 1e8, False, "h:1", -1, n, False])),
-        (peer, msgpack.packb([4, 1.0, 1e8, False, "h:1", 1 << 20, n, False])),
-        (peer, msgpack.packb([4, 1.0, 1e8, False, "h:1", True, n, False])),
-        (peer, msgpack.packb([4, 1.0, 1e8, False, "h:1", 4.0, n, False])),
-        (peer, msgpack.packb([4, 1.0, 1e8, False, "h:1", 4, b"n" * 7, False])),
-        (peer, msgpack.packb([4, 1.0, 1e8, False, "h:1", 4, "n" * 8, False])),
+        (peer, msgpack.packb([4, 2.0, 1e8, False, "h:1", 4, n, False])),  # before downlinks
+        (peer, msgpack.packb([6, 2.0, 1e8, 1e8, False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([5, 2.0, 1e8, -1.0, False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([5, 2.0, 1e8, float("inf"), False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([5, 2.0, 1e8, 1e8, False, "h:1", 4, n, 1])),
+        (peer, msgpack.packb([5, float("nan"), 1e8, 1e8, False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([5, -1.0, 1e8, 1e8, False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, 1, "h:1", 4, n, False])),
+        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "x" * 300, 4, n, False])),
+        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", -1, n, False])),
+        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", 1 << 20, n, False])),
+        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", True, n, False])),
+        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", 4.0, n, False])),
+        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", 4, b"n" * 7, False])),
+        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", 4, "n" * 8, False])),
         (peer, msgpack.packb({"weight": 1})),
         (peer, b"\x00" * 600),
     ]:

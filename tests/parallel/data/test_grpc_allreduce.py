@@ -15,7 +15,7 @@ from shoal.net.runtime import NetRuntime
 from shoal.parallel.data.allreduce import AllReduceConfig
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.buffers import BufferPool
-from shoal.parallel.data.grpc_transport import GrpcTransport
+from shoal.parallel.data.grpc_transport import MAX_BANDWIDTH_BPS, MIN_BANDWIDTH_BPS, GrpcTransport
 from shoal.parallel.data.messages import Contribution, Leave
 
 N = 3
@@ -106,16 +106,18 @@ def test_a_matchmaking_group_becomes_an_all_reduce_group(peers):
 
     runtimes, transports = peers
     ready = [
-        ReadyPeer(rt.peer_id.raw, 1.0, 1e8 * (i + 1), i == 2, rt.address)
-        for i, rt in enumerate(runtimes)
+        ReadyPeer(rt.peer_id.raw, 1.0, 1e8 * (i + 1), i == 2, rt.address, downlink_bps=d)
+        for (i, rt), d in zip(enumerate(runtimes), (0.0, 1.0, 1e12), strict=True)
     ]
     (group,) = form_groups(b"k", ready, max_group_size=8)
     spec = transports[0].join(group)
     assert set(spec.members) == {rt.peer_id for rt in runtimes}
-    by_peer = dict(
-        zip(spec.members, zip(spec.bandwidths_bps, spec.client_mode, strict=True), strict=True)
-    )
-    assert by_peer[runtimes[2].peer_id] == (3e8, True)
+    links = zip(spec.uplinks_bps, spec.downlinks_bps, spec.client_mode, strict=True)
+    by_peer = dict(zip(spec.members, links, strict=True))
+    # a downlink not measured stays 0 (taken as the uplink); others are clamped
+    assert by_peer[runtimes[0].peer_id] == (1e8, 0.0, False)
+    assert by_peer[runtimes[1].peer_id] == (2e8, MIN_BANDWIDTH_BPS, False)
+    assert by_peer[runtimes[2].peer_id] == (3e8, MAX_BANDWIDTH_BPS, True)
     assert transports[0].addresses[runtimes[1].peer_id] == runtimes[1].address
     assert spec.round_id == group.group_id
 

@@ -1,4 +1,4 @@
-"""Bandwidth-proportional partition and zero-copy flattening."""
+"""Shares planned from the members' links, the partition, and zero-copy flattening."""
 
 from __future__ import annotations
 
@@ -6,28 +6,96 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.errors import ConfigError
 from shoal.parallel.data.partition import (
     FlatVector,
+    modeled_round_time,
     part_ranges,
-    shares_from_bandwidth,
+    plan_shares,
     split_sizes,
 )
 
 
-def test_shares_follow_bandwidth_and_clients_get_nothing():
-    shares = shares_from_bandwidth([100.0, 300.0, 1000.0], [False, False, True])
-    assert shares == pytest.approx([0.25, 0.75, 0.0])
+def _equal(clients: list[bool]) -> list[float]:
+    reducers = clients.count(False)
+    return [0.0 if c else 1.0 / reducers for c in clients]
 
 
-def test_no_reducer_is_a_config_error():
+def test_equal_links_get_equal_shares_and_clients_nothing():
+    assert plan_shares([5e7] * 4) == pytest.approx([0.25] * 4, abs=1e-6)
+    shares = plan_shares([1e8, 1e8, 1e8], [1e8, 1e8, 1e8], [False, False, True])
+    assert shares[2] == 0.0 and shares[:2] == pytest.approx([0.5, 0.5], abs=1e-6)
+
+
+def test_a_slow_uplink_reduces_little_but_a_slow_link_both_ways_its_share():
+    # Reducing a part costs a member what it sends of it (the result, to n - 1 others)
+    # and saves it what it would send to another reducer. With a slow uplink alone, little
+    # to reduce is best; when its downlink is as slow, a small share only moves the wait
+    # from the reduce-scatter to the all-gather, and the equal split stays best.
+    fast = [8e7] * 3
+    asym = plan_shares([8e6, *fast], [8e7, *fast])
+    assert asym[0] < 0.05
+    assert modeled_round_time(asym, [8e6, *fast], [8e7, *fast]) < 0.75 * modeled_round_time(
+        [0.25] * 4, [8e6, *fast], [8e7, *fast]
+    )
+    assert plan_shares([8e6, *fast], [8e6, *fast]) == pytest.approx([0.25] * 4, abs=1e-6)
+    # bandwidth-proportional shares would be a third slower there
+    proportional = [x / 2.48e8 for x in (8e6, *fast)]
+    links = ([8e6, *fast], [8e6, *fast])
+    assert modeled_round_time(proportional, *links) > 1.25 * modeled_round_time([0.25] * 4, *links)
+
+
+def test_an_unmeasured_downlink_is_taken_as_the_uplink():
+    assert plan_shares([1e7, 1e8], [0.0, 3e8]) == plan_shares([1e7, 1e8], [1e7, 3e8])
+    assert plan_shares([1e7, 1e8]) == plan_shares([1e7, 1e8], [1e7, 1e8])
+
+
+def test_bad_links_are_config_errors():
     with pytest.raises(ConfigError, match="no member can reduce"):
-        shares_from_bandwidth([1.0, 2.0], [True, True])
-    with pytest.raises(ConfigError, match=r"bandwidths_bps\[1\]"):
-        shares_from_bandwidth([1.0, float("nan")])
+        plan_shares([1.0, 2.0], client_mode=[True, True])
+    with pytest.raises(ConfigError, match=r"uplinks_bps\[1\]"):
+        plan_shares([1.0, float("nan")])
+    with pytest.raises(ConfigError, match=r"uplinks_bps\[0\]"):
+        plan_shares([0.0, 1.0])
+    with pytest.raises(ConfigError, match=r"downlinks_bps\[1\]"):
+        plan_shares([1.0, 1.0], [1.0, -1.0])
+    with pytest.raises(ConfigError, match="2 downlinks"):
+        plan_shares([1.0, 1.0, 1.0], [1.0, 1.0])
+    with pytest.raises(ConfigError, match="need members"):
+        plan_shares([])
+    with pytest.raises(ConfigError, match="3 shares"):
+        modeled_round_time([0.3, 0.3, 0.4], [1.0, 1.0])
+
+
+_rates = st.floats(1e3, 1e11)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    links=st.lists(
+        st.tuples(_rates, st.one_of(st.just(0.0), _rates), st.booleans()), min_size=2, max_size=8
+    ).filter(lambda m: not all(c for _, _, c in m)),
+    other=st.lists(st.floats(0, 1), min_size=8, max_size=8),
+)
+def test_planned_shares_are_never_beaten(links, other):
+    ups = [u for u, _, _ in links]
+    downs = [d for _, d, _ in links]
+    clients = [c for _, _, c in links]
+    shares = plan_shares(ups, downs, clients)
+    assert sum(shares) == pytest.approx(1.0, abs=1e-9)
+    assert all(s >= 0 for s in shares)
+    assert all(s == 0 for s, c in zip(shares, clients, strict=True) if c)
+    best = modeled_round_time(shares, ups, downs)
+    # against equal shares and against any other split among the reducers
+    weights = [0.0 if c else w for w, c in zip(other[: len(clients)], clients, strict=True)]
+    candidates = [_equal(clients)]
+    if sum(weights) > 0:
+        candidates.append([w / sum(weights) for w in weights])
+    for candidate in candidates:
+        assert best <= modeled_round_time(candidate, ups, downs) * (1 + 1e-6)
 
 
 @given(

@@ -5,8 +5,9 @@
         ...
 
 On failure the tensors are untouched and ``result.reason`` says why. A group is the
-ordered member list with each member's bandwidth and client mode (from matchmaking) and a
-round id every member derived alike. Must be awaited on the network loop.
+ordered member list with each member's measured links and client mode (from matchmaking)
+and a round id every member derived alike; the shares follow the links
+(:func:`~shoal.parallel.data.partition.plan_shares`). Must be awaited on the network loop.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from shoal.errors import ConfigError
 from shoal.parallel.data.allreduce import AllReduceConfig, RoundResult, run_allreduce
 from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.messages import Member
-from shoal.parallel.data.partition import FlatVector, part_ranges, shares_from_bandwidth
+from shoal.parallel.data.partition import FlatVector, part_ranges, plan_shares
 from shoal.parallel.data.transport import RoundTransport
 
 __all__ = ["Averager", "GroupSpec"]
@@ -34,15 +35,33 @@ class GroupSpec:
 
     round_id: bytes
     members: tuple[Member, ...]
-    bandwidths_bps: tuple[float, ...]
+    uplinks_bps: tuple[float, ...]
     client_mode: tuple[bool, ...]
+    downlinks_bps: tuple[float, ...] = ()
+    """Empty: every downlink as its uplink; a 0 entry: that one not measured."""
 
     def __post_init__(self) -> None:
         n = len(self.members)
         if n == 0 or len(set(self.members)) != n:
             raise ConfigError(f"members must be non-empty and unique, got {self.members!r}")
-        if len(self.bandwidths_bps) != n or len(self.client_mode) != n:
-            raise ConfigError("members, bandwidths_bps and client_mode differ in length")
+        if len(self.uplinks_bps) != n or len(self.client_mode) != n:
+            raise ConfigError("members, uplinks_bps and client_mode differ in length")
+        if self.downlinks_bps and len(self.downlinks_bps) != n:
+            raise ConfigError("members and downlinks_bps differ in length")
+
+    def shares(self) -> list[float]:
+        """The fraction of the vector each member reduces."""
+        return plan_shares(self.uplinks_bps, self.downlinks_bps or None, self.client_mode)
+
+    def subgroup(self, keep: Sequence[int], round_id: bytes) -> GroupSpec:
+        """The members at the indices ``keep``, with their links, under ``round_id``."""
+        return GroupSpec(
+            round_id,
+            tuple(self.members[i] for i in keep),
+            tuple(self.uplinks_bps[i] for i in keep),
+            tuple(self.client_mode[i] for i in keep),
+            tuple(self.downlinks_bps[i] for i in keep) if self.downlinks_bps else (),
+        )
 
     @classmethod
     def uniform(cls, round_id: bytes, members: Sequence[Member]) -> GroupSpec:
@@ -84,8 +103,8 @@ class Averager:
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
         flat = FlatVector(tensors)
-        shares = shares_from_bandwidth(group.bandwidths_bps, group.client_mode)
-        ranges = part_ranges(flat.numel, shares)
+        # Planning the shares takes milliseconds for big groups: off the loop.
+        ranges = part_ranges(flat.numel, await asyncio.to_thread(group.shares))
         deadline = asyncio.get_running_loop().time() + timeout_s
         clients = {m for m, c in zip(group.members, group.client_mode, strict=True) if c}
         self.transport.begin(group.round_id, group.members, clients, deadline)

@@ -3,8 +3,8 @@
 Every peer ready for a round stores a small record under ``prefix + round key`` with its
 own subkey, so the DHT's rule "a subkey can only be written by its owner" authenticates the
 announcement: the peer id is read from the signed subkey, never from the value. The value
-is msgpack ``[version, weight, bandwidth_bps, client_mode, address, expected, nonce,
-closed]``; readers
+is msgpack ``[version, weight, uplink_bps, downlink_bps, client_mode, address, expected,
+nonce, closed]``; readers
 bound and type-check every field and skip records that do not parse. Group confirmations live under
 ``prefix + round key + b"/confirm"`` the same way, valued ``[version, group_id]``.
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DhtBoard", "RecordStore"]
 
-_VERSION = 4
+_VERSION = 5
 _PEER_ID_BYTES = 32
 _MAX_VALUE_BYTES = 512
 _MAX_ADDRESS_CHARS = 256
@@ -83,7 +83,8 @@ class DhtBoard:
             [
                 _VERSION,
                 entry.weight,
-                entry.bandwidth_bps,
+                entry.uplink_bps,
+                entry.downlink_bps,
                 entry.client_mode,
                 entry.address,
                 entry.expected,
@@ -141,13 +142,13 @@ def _parse_confirmation(subkey: bytes, value: bytes) -> bytes | None:
 
 
 def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
-    fields = _fields(subkey, value, 8)
+    fields = _fields(subkey, value, 9)
     if fields is None:
         return None
-    _, weight, bandwidth, client_mode, address, expected, nonce, closed = fields
+    _, weight, uplink, downlink, client_mode, address, expected, nonce, closed = fields
     numbers_ok = all(
         isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
-        for x in (weight, bandwidth)
+        for x in (weight, uplink, downlink)
     )
     if not numbers_ok or not isinstance(client_mode, bool) or not isinstance(closed, bool):
         return None
@@ -158,5 +159,13 @@ def _parse(subkey: bytes, value: bytes) -> ReadyPeer | None:
     if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
         return None
     return ReadyPeer(
-        subkey, float(weight), float(bandwidth), client_mode, address, expected, nonce, closed
+        subkey,
+        float(weight),
+        float(uplink),
+        client_mode,
+        address,
+        expected,
+        nonce,
+        float(downlink),
+        closed,
     )

@@ -53,6 +53,8 @@ MIN_BANDWIDTH_BPS = 1e3
 MAX_BANDWIDTH_BPS = 1e11
 _RATE_SAMPLE_MIN_BYTES = 256 * 1024
 """Smaller sends measure latency, not bandwidth."""
+_MAX_RATE_SAMPLES = 1024
+"""Rate samples kept between two reads (a round makes a few per member)."""
 MAX_PULL_S = 900.0
 """The longest a pull stream stays open, whatever deadline the client asks for."""
 _PULL_ATTEMPTS = 5
@@ -60,6 +62,16 @@ _PULL_BACKOFF_S = 0.5
 _MAX_PULLED_MESSAGES = 4 * MAX_GROUP_SIZE
 """A reducer sends a client one report and at most a few results per round."""
 _log = logging.getLogger(__name__)
+
+
+def _add_rate(rates: list[float], nbytes: int, took_s: float) -> None:
+    """Note the rate of a transfer big enough to measure one (a bounded count of them)."""
+    if nbytes >= _RATE_SAMPLE_MIN_BYTES and took_s > 0 and len(rates) < _MAX_RATE_SAMPLES:
+        rates.append(8 * nbytes / took_s)
+
+
+def _clamp(bps: float) -> float:
+    return min(MAX_BANDWIDTH_BPS, max(MIN_BANDWIDTH_BPS, bps))
 
 
 class AveragingService(rpc.AveragingServicer):
@@ -77,12 +89,16 @@ class AveragingService(rpc.AveragingServicer):
         self._outbox = outbox
         self._clients = clients  # the transport's: client members of the rounds under way
         self.pool = BufferPool()
+        self.receive_rates: list[float] = []
+        """bits/s of each big message received since the transport last took them."""
 
     async def Deliver(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> tensor_pb2.TensorAck:
         caller = current_caller()
         admission = Admission(self._inbox, self.pool, caller)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             message = await receive_message(
                 request_iterator.__aiter__(), caller, self._limits, admission
@@ -91,10 +107,12 @@ class AveragingService(rpc.AveragingServicer):
             admission.release()
         if message is None:
             raise ProtocolViolation("empty round message stream")
+        took = loop.time() - started
         self._inbox.deliver(message)
         data = getattr(message, "data", None)
         tensors = () if data is None else data.payload if isinstance(data, Encoded) else (data,)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        _add_rate(self.receive_rates, nbytes, took)
         return tensor_pb2.TensorAck(byte_length=nbytes, tensors=len(tensors))
 
     async def Pull(self, request: pb.PullRequest, context: Any) -> AsyncIterator[Any]:
@@ -162,17 +180,29 @@ class GrpcTransport:
         """The fastest send (bits/s) since the last call, or None; then forgets them.
 
         A peer's best stream in a round is bounded by its own uplink, while a slow receiver
-        can only lower the others: the best one is the estimate of what it can send.
+        can only lower the others: the best one is the estimate of what it can send. Sends
+        to several members run at once and split the link, so this is a share of the
+        uplink, as :meth:`downlink_sample` is of the downlink: the two compare, which is
+        what the shares need.
         """
         rates, self._send_rates = self._send_rates, []
+        return max(rates) if rates else None
+
+    def downlink_sample(self) -> float | None:
+        """The fastest message received (bits/s) since the last call, or None; then forgets
+        them (bounded by this peer's downlink, as sends are by its uplink). Results a
+        client pulls are not counted: the all-gather it pulls is not timed apart from the
+        wait for it."""
+        rates, self.service.receive_rates = self.service.receive_rates, []
         return max(rates) if rates else None
 
     def join(self, group: Group) -> GroupSpec:
         """The all-reduce group for a matchmaking ``Group``; learns members' addresses.
 
-        Shares follow the bandwidths the members announced, clamped to
+        Shares follow the links the members announced, clamped to
         ``[MIN_BANDWIDTH_BPS, MAX_BANDWIDTH_BPS]`` (an announcement cannot claim the whole
-        vector or starve a reducer to nothing); client-mode members reduce nothing.
+        vector or starve a reducer to nothing; a downlink of 0, not measured, stays 0 and
+        is taken as the uplink); client-mode members reduce nothing.
         """
         members = []
         for entry in group.members:
@@ -183,11 +213,9 @@ class GrpcTransport:
         return GroupSpec(
             group.group_id,
             tuple(members),
-            tuple(
-                min(MAX_BANDWIDTH_BPS, max(MIN_BANDWIDTH_BPS, e.bandwidth_bps))
-                for e in group.members
-            ),
+            tuple(_clamp(e.uplink_bps) for e in group.members),
             tuple(e.client_mode for e in group.members),
+            tuple(_clamp(e.downlink_bps) if e.downlink_bps else 0.0 for e in group.members),
         )
 
     def set_address(self, peer: PeerID, address: str) -> None:
@@ -282,8 +310,7 @@ class GrpcTransport:
             await stub.Deliver(wire.frames(), timeout_s=max(timeout_s, 1e-3))
             nbytes = sum(view.nbytes for _, view in wire.tensors)
             took = loop.time() - started
-            if nbytes >= _RATE_SAMPLE_MIN_BYTES and took > 0:
-                self._send_rates.append(8 * nbytes / took)
+            _add_rate(self._send_rates, nbytes, took)
         finally:
             entry[2] -= 1
             if entry[2] == 0 and self._inflight.get(id(message)) is entry:

@@ -1,24 +1,30 @@
-"""A swarm of real averaging peers on 127.0.0.1, one OS process each (bench and fault tests).
+"""A swarm of real averaging peers, one OS process each (bench and fault tests).
 
-``python -m shoal.parallel.data.loopback`` is one peer: it starts a ``NetRuntime`` and the
-``Averaging`` service, prints ``{"peer": hex, "address": ...}`` and then obeys JSON lines
-on stdin:
+``python -m shoal.parallel.data.loopback [--host ADDR]`` is one peer: it starts a
+``NetRuntime`` (on 127.0.0.1 unless ``--host``) and the ``Averaging`` service, prints
+``{"peer": hex, "address": ...}`` and then obeys JSON lines on stdin:
 
 - ``{"cmd": "group", "members": [[hex, address], ...], "numel": N, "seed": S, "codec": C,
-  "clients": [rank, ...]}``: its input vector is ``randn(N)`` from generator seed
-  ``S + rank`` (weight ``rank + 1``), so a parent can recompute every input exactly;
-  ``clients`` are the ranks in client mode (never dialed: they pull their results);
+  "clients": [rank, ...], "uplinks": [bps, ...], "downlinks": [bps, ...]}``: its input
+  vector is ``randn(N)`` from generator seed ``S + rank`` (weight ``rank + 1``), so a
+  parent can recompute every input exactly; ``clients`` are the ranks in client mode
+  (never dialed: they pull their results); the links set the shares (default: equal);
 - ``{"cmd": "round", "round": k, "timeout_s": T, "out": path|null, "hold_after": j|null}``:
-  average a fresh copy of the input; print the result (and save it to ``out``). With
+  average a fresh copy of the input; print the result (and save it to ``out``), with the
+  transport's link samples of the round (``uplink_bps``, ``downlink_bps``; null without
+  one). With
   ``hold_after`` the peer prints ``{"event": "held"}`` after sending ``j`` contributions and
   then stalls forever (a parent kills it there: a peer dying mid reduce-scatter);
 - ``{"cmd": "quit"}``.
 
-:class:`LoopbackSwarm` is the parent side: start, configure, run rounds, kill, close.
+:class:`LoopbackSwarm` is the parent side: start, configure, run rounds, kill, close. By
+default its peers run on 127.0.0.1; ``placements`` put each one elsewhere (a host of a
+testbed: its address and the argv prefix that runs a command there).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -29,6 +35,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +48,7 @@ from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.grpc_transport import GrpcTransport
 from shoal.parallel.data.messages import Contribution, Member, Message
 
-__all__ = ["LoopbackSwarm", "peer_input", "peer_weight"]
+__all__ = ["LoopbackSwarm", "Placement", "peer_input", "peer_weight"]
 
 _print_lock = threading.Lock()
 
@@ -81,9 +89,22 @@ def _hex(peer: Member) -> str:
     return peer.raw.hex() if isinstance(peer, PeerID) else repr(peer)
 
 
-def _peer_main() -> None:
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where one peer process runs: the address it listens on, and the argv prefix that
+    starts a command there (e.g. ``ip netns exec NS``)."""
+
+    host: str = "127.0.0.1"
+    argv_prefix: tuple[str, ...] = ()
+
+
+def _peer_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m shoal.parallel.data.loopback")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    runtime = NetRuntime(Identity.generate(), NetConfig(port=0, unix_socket=False)).start()
+    config = NetConfig(host=args.host, port=0, unix_socket=False)
+    runtime = NetRuntime(Identity.generate(), config).start()
     transport = GrpcTransport(runtime)
     _emit({"peer": runtime.peer_id.raw.hex(), "address": runtime.address})
     group: GroupSpec | None = None
@@ -107,16 +128,15 @@ def _peer_main() -> None:
                 clients = set(cmd.get("clients", ()))
                 n = len(members)
                 group = GroupSpec(
-                    b"", tuple(members), (1.0,) * n, tuple(i in clients for i in range(n))
+                    b"",
+                    tuple(members),
+                    tuple(float(b) for b in cmd.get("uplinks") or (1.0,) * n),
+                    tuple(i in clients for i in range(n)),
+                    tuple(float(b) for b in cmd.get("downlinks") or ()),
                 )
                 _emit({"configured": rank})
             elif cmd["cmd"] == "round" and group is not None:
-                spec = GroupSpec(
-                    f"round-{cmd['round']}".encode(),
-                    group.members,
-                    group.bandwidths_bps,
-                    group.client_mode,
-                )
+                spec = group.subgroup(range(len(group.members)), f"round-{cmd['round']}".encode())
                 hold = cmd.get("hold_after")
                 if hold is not None:
                     averager = Averager(_Holding(transport, hold), wire_codec=codec)
@@ -142,6 +162,8 @@ def _peer_main() -> None:
                         "seconds": seconds,
                         "cpu_s": cpu_s,
                         "phases": result.seconds,
+                        "uplink_bps": transport.uplink_sample(),
+                        "downlink_bps": transport.downlink_sample(),
                     }
                 )
     finally:
@@ -149,16 +171,27 @@ def _peer_main() -> None:
 
 
 class LoopbackSwarm:
-    """Parent side: ``n`` peer processes on loopback, driven over pipes."""
+    """Parent side: ``n`` peer processes (on loopback unless ``placements`` say where),
+    driven over pipes."""
 
-    def __init__(self, n: int, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        *,
+        env: dict[str, str] | None = None,
+        placements: Sequence[Placement] | None = None,
+    ) -> None:
+        places = list(placements) if placements is not None else [Placement()] * n
+        if len(places) != n:
+            raise ValueError(f"{len(places)} placements for {n} peers")
         self.procs: list[subprocess.Popen[str]] = []
         self._lines: list[queue.Queue[dict[str, Any]]] = []
         self.peers: list[tuple[str, str]] = []
         try:
-            for _ in range(n):
+            for place in places:
+                argv = [sys.executable, "-m", "shoal.parallel.data.loopback", "--host", place.host]
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "shoal.parallel.data.loopback"],
+                    [*place.argv_prefix, *argv],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
@@ -196,11 +229,19 @@ class LoopbackSwarm:
             raise TimeoutError(f"peer {i} said nothing for {timeout_s} s") from None
 
     def configure(
-        self, numel: int, seed: int, codec: str = "none", clients: tuple[int, ...] = ()
+        self,
+        numel: int,
+        seed: int,
+        codec: str = "none",
+        clients: tuple[int, ...] = (),
+        links: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
-        """Tell every peer the group (``clients``: ranks in client mode) and its input."""
+        """Tell every peer the group (``clients``: ranks in client mode; ``links``: the
+        members' (uplinks, downlinks) the shares follow, equal by default) and its input."""
         members = [list(p) for p in self.peers]
         cmd = {"cmd": "group", "members": members, "numel": numel, "seed": seed, "codec": codec}
+        if links is not None:
+            cmd["uplinks"], cmd["downlinks"] = list(links[0]), list(links[1])
         for i in range(len(self.procs)):
             self.send(i, {**cmd, "clients": list(clients)})
         for i in range(len(self.procs)):
@@ -233,4 +274,4 @@ class LoopbackSwarm:
 
 
 if __name__ == "__main__":
-    _peer_main()
+    _peer_main(sys.argv[1:])

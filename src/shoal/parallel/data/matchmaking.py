@@ -112,8 +112,8 @@ class ReadyPeer:
     """The peer's id (raw bytes)."""
     weight: float
     """Samples it contributes this round."""
-    bandwidth_bps: float
-    """Measured bandwidth; sets its share of the reduction."""
+    uplink_bps: float
+    """Measured upload rate; with the download it sets its share of the reduction."""
     client_mode: bool = False
     """True when it cannot accept connections or is too slow to reduce."""
     address: str = ""
@@ -123,6 +123,8 @@ class ReadyPeer:
     nonce: bytes = b""
     """Random per matchmaking attempt (``NONCE_BYTES``): group ids hash it, so
     entries and confirmations of an earlier attempt under the same key never match."""
+    downlink_bps: float = 0.0
+    """Measured download rate; 0 = not measured (taken as the upload)."""
     closed: bool = field(default=False, compare=False)
     """Its window ran out and it goes with who came: peers still waiting close theirs at
     their next read (not part of group ids, nor of what makes two entries equal)."""
@@ -142,12 +144,12 @@ def _order_key(round_key: bytes, peer: bytes) -> bytes:
 
 def _group_id(round_key: bytes, members: Sequence[ReadyPeer]) -> bytes:
     """Hash of everything members must agree on: who, which attempt (nonce), and what sets
-    the shares (bandwidth, client mode). Two views of one entry give two ids."""
+    the shares (links, client mode). Two views of one entry give two ids."""
     digest = hashlib.blake2b(round_key, digest_size=16)
     for p in members:
         digest.update(p.peer)
         digest.update(bytes([len(p.nonce)]) + p.nonce)
-        digest.update(struct.pack("<d?", p.bandwidth_bps, p.client_mode))
+        digest.update(struct.pack("<dd?", p.uplink_bps, p.downlink_bps, p.client_mode))
     return digest.digest()
 
 

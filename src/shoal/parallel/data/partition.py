@@ -12,39 +12,174 @@ and ``write_back`` copies results into the original tensors.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from shoal.errors import ConfigError
 
-__all__ = ["FlatVector", "flatten", "part_ranges", "shares_from_bandwidth", "split_sizes"]
+__all__ = [
+    "FlatVector",
+    "flatten",
+    "modeled_round_time",
+    "part_ranges",
+    "plan_shares",
+    "split_sizes",
+]
 
 
-def shares_from_bandwidth(
-    bandwidths_bps: Sequence[float], client_mode: Sequence[bool] | None = None
+def plan_shares(
+    uplinks_bps: Sequence[float],
+    downlinks_bps: Sequence[float] | None = None,
+    client_mode: Sequence[bool] | None = None,
 ) -> list[float]:
-    """Fractions of the vector each member reduces (sum 1; clients and zero bandwidth get 0).
+    """Fractions of the vector each member reduces: sum 1, clients get 0, and the
+    :func:`modeled_round_time` of the result is the least any shares give (within 1e-6).
+
+    ``downlinks_bps`` default to the uplinks (symmetric links); a downlink of 0 means not
+    measured and is taken as that member's uplink. The result is a pure function of the
+    arguments, computed with the same float operations everywhere, so every member of a
+    group derives the same shares from the same announcements.
 
     Raises:
-        ConfigError: lengths differ, a bandwidth is negative or not finite, or no member can
-            reduce (every one is a client or has zero bandwidth).
+        ConfigError: lengths differ, a rate is not finite and > 0 (a downlink also 0), or
+            every member is a client.
     """
-    n = len(bandwidths_bps)
+    ups, downs, clients = _links(uplinks_bps, downlinks_bps, client_mode)
+    if all(clients):
+        raise ConfigError("no member can reduce: all are clients")
+    return list(_plan(tuple(ups), tuple(downs), tuple(clients)))
+
+
+def modeled_round_time(
+    shares: Sequence[float],
+    uplinks_bps: Sequence[float],
+    downlinks_bps: Sequence[float] | None = None,
+) -> float:
+    """Seconds per bit of the vector that a round with ``shares`` takes in the link model.
+
+    In the reduce-scatter each member sends the parts it does not reduce (``1 - s``) and
+    receives its own part from the ``n - 1`` others; in the all-gather it sends its result
+    to them and receives the rest. Each phase lasts as long as its busiest link, and the
+    phases follow one another. Latency and CPU are left out: shares matter when links are
+    the bottleneck.
+    """
+    ups, downs, _ = _links(uplinks_bps, downlinks_bps, None)
+    if len(shares) != len(ups):
+        raise ConfigError(f"{len(shares)} shares for {len(ups)} members")
+    n = len(ups)
+    scatter = max(
+        max((1 - s) / u, (n - 1) * s / d) for s, u, d in zip(shares, ups, downs, strict=True)
+    )
+    gather = max(
+        max((n - 1) * s / u, (1 - s) / d) for s, u, d in zip(shares, ups, downs, strict=True)
+    )
+    return scatter + gather
+
+
+def _links(
+    uplinks_bps: Sequence[float],
+    downlinks_bps: Sequence[float] | None,
+    client_mode: Sequence[bool] | None,
+) -> tuple[list[float], list[float], list[bool]]:
+    n = len(uplinks_bps)
+    downs = list(downlinks_bps) if downlinks_bps is not None else [0.0] * n
     clients = list(client_mode) if client_mode is not None else [False] * n
-    if len(clients) != n:
-        raise ConfigError(f"client_mode has {len(clients)} entries for {n} bandwidths")
-    for i, bw in enumerate(bandwidths_bps):
-        if not math.isfinite(bw) or bw < 0:
-            raise ConfigError(f"bandwidths_bps[{i}] must be finite and >= 0, got {bw!r}")
-    usable = [
-        0.0 if client else float(bw) for bw, client in zip(bandwidths_bps, clients, strict=True)
-    ]
-    total = sum(usable)
-    if total <= 0:
-        raise ConfigError("no member can reduce: all are clients or have zero bandwidth")
-    return [u / total for u in usable]
+    if n == 0 or len(downs) != n or len(clients) != n:
+        raise ConfigError(
+            f"need members: {n} uplinks, {len(downs)} downlinks, {len(clients)} client flags"
+        )
+    ups = [float(u) for u in uplinks_bps]
+    for i, (up, down) in enumerate(zip(ups, downs, strict=True)):
+        if not (math.isfinite(up) and up > 0):
+            raise ConfigError(f"uplinks_bps[{i}] must be finite and > 0, got {up!r}")
+        if not (math.isfinite(down) and down >= 0):
+            raise ConfigError(f"downlinks_bps[{i}] must be finite and >= 0, got {down!r}")
+    return ups, [float(d) if d > 0 else u for u, d in zip(ups, downs, strict=True)], clients
+
+
+_SLACK = 1e-12
+_SEARCH_STEPS = 32
+"""Bisection and golden-section steps (intervals shrink to 2e-7 of their width or less)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(
+    ups: tuple[float, ...], downs: tuple[float, ...], clients: tuple[bool, ...]
+) -> tuple[float, ...]:
+    """The shares minimising ``scatter + gather`` of :func:`modeled_round_time`.
+
+    For phase lengths ``a`` (reduce-scatter) and ``b`` (all-gather), member ``i`` fits iff
+    its share lies in ``[lo_i, hi_i]``: ``s >= 1 - a*u`` and ``s <= a*d/(n-1)`` (it sends
+    what it does not reduce, receives its part), ``s <= b*u/(n-1)`` and ``s >= 1 - b*d``
+    (sends its result, receives the rest). Shares exist iff every interval is non-empty
+    and ``sum(lo) <= 1 <= sum(hi)``. The constraints are linear in ``(s, a, b)``, so the
+    least feasible ``b`` is convex in ``a``: a golden-section search over ``a`` with a
+    bisection for ``b`` inside finds the optimum, and the shares are spread within their
+    intervals to sum to 1.
+    """
+    n = len(ups)
+    if n == 1:
+        return (1.0,)
+    top = max(max(ups), max(downs))  # work in O(1) numbers
+    u = [x / top for x in ups]
+    d = [x / top for x in downs]
+    k = n - 1
+
+    def bounds(a: float, b: float) -> tuple[list[float], list[float]]:
+        lo = [max(0.0, 1 - a * ui, 1 - b * di) for ui, di in zip(u, d, strict=True)]
+        hi = [
+            0.0 if c else min(1.0, a * di / k, b * ui / k)
+            for ui, di, c in zip(u, d, clients, strict=True)
+        ]
+        return lo, hi
+
+    def fits(a: float, b: float) -> bool:
+        lo, hi = bounds(a, b)  # a bound met exactly may miss by a rounding error
+        return (
+            all(x <= y + _SLACK for x, y in zip(lo, hi, strict=True))
+            and sum(lo) <= 1 + _SLACK <= sum(hi) + 2 * _SLACK
+        )
+
+    # Past these, a phase's own constraints bind no member (each is feasible alone).
+    a_cap = max(max(1 / x for x in u), k / min(d))
+    b_cap = max(max(1 / x for x in d), k / min(u))
+
+    def least(feasible: Callable[[float], bool], high: float) -> float:
+        low = 0.0
+        for _ in range(_SEARCH_STEPS):
+            mid = 0.5 * (low + high)
+            low, high = (low, mid) if feasible(mid) else (mid, high)
+        return high
+
+    def best_b(a: float) -> float:
+        return least(lambda b: fits(a, b), b_cap)
+
+    a_low = least(lambda a: fits(a, b_cap), a_cap)
+    a_high = a_cap
+    ratio = (math.sqrt(5) - 1) / 2
+    x1 = a_high - ratio * (a_high - a_low)
+    x2 = a_low + ratio * (a_high - a_low)
+    f1, f2 = x1 + best_b(x1), x2 + best_b(x2)
+    for _ in range(_SEARCH_STEPS):
+        if f1 <= f2:
+            a_high, x2, f2 = x2, x1, f1
+            x1 = a_high - ratio * (a_high - a_low)
+            f1 = x1 + best_b(x1)
+        else:
+            a_low, x1, f1 = x1, x2, f2
+            x2 = a_low + ratio * (a_high - a_low)
+            f2 = x2 + best_b(x2)
+    a = x1 if f1 <= f2 else x2
+    lo, hi = bounds(a, best_b(a))
+    lo = [min(low, h) for low, h in zip(lo, hi, strict=True)]  # the slack fits allowed
+    room = sum(h - low for low, h in zip(lo, hi, strict=True))
+    spread = min(1.0, max(0.0, (1.0 - sum(lo)) / room)) if room > 0 else 0.0
+    shares = [low + spread * (h - low) for low, h in zip(lo, hi, strict=True)]
+    total = sum(shares)
+    return tuple(s / total for s in shares)
 
 
 def split_sizes(total: int, shares: Sequence[float]) -> list[int]:
