@@ -130,3 +130,45 @@ def test_a_client_nobody_can_dial_averages_with_the_swarm(tmp_path: Path, data_d
     finally:
         for p in peers:
             p.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_error_feedback_written_less_often_than_every_round_survives_a_stop(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    # With a checkpoint every 5 rounds, the own state (top-k error feedback) of the last
+    # applied round is written when the peer stops, the run dir notes that round, and a
+    # restart takes it back (it used to be refused whenever checkpoints were not written
+    # at every round).
+    from shoal.state.checkpoint import load_latest_valid
+    from shoal.train.run_state import checkpoint_root
+    from shoal.train.swarm_state import last_applied_round, local_is_current
+
+    extra = ("--topk", "0.1", "--codec", "sparse", "--checkpoint-every", "5")
+    peers: list[Peer] = []
+    try:
+        a = Peer(tmp_path / "a", data_dir, extra=extra)
+        peers.append(a)
+        address = a.wait_for(lambda e: e.get("event") == "listening", START_TIMEOUT_S)["address"]
+        b = Peer(tmp_path / "b", data_dir, join=address, extra=extra)
+        peers.append(b)
+        first = b.wait_for(ok_round(2), START_TIMEOUT_S + ROUND_TIMEOUT_S)
+        b.wait_for(ok_round(2, after=first["round"]), ROUND_TIMEOUT_S)
+        b.proc.send_signal(signal.SIGTERM)
+        b.wait_for(lambda e: e.get("event") == "stopped", 30.0)
+        assert b.proc.wait(timeout=30.0) == 0
+        saved = load_latest_valid(checkpoint_root(tmp_path / "b"))
+        assert saved is not None and saved.local, "no own state written at the stop"
+        applied = last_applied_round(tmp_path / "b")
+        assert applied is not None and applied > 0
+        assert local_is_current(saved.meta["round_index"], applied)
+        b2 = Peer(tmp_path / "b", data_dir, join=address, extra=extra)
+        peers.append(b2)
+        b2.wait_for(lambda e: e.get("event") == "recovered", START_TIMEOUT_S)
+        b2.wait_for(ok_round(2), START_TIMEOUT_S + ROUND_TIMEOUT_S)
+        log = b2.err_path.read_text()
+        assert "not taken back" not in log and "not restored" not in log, log[-2000:]
+    finally:
+        for p in peers:
+            p.kill()

@@ -22,7 +22,15 @@ from shoal.train.outer import OuterConfig
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_peer import _restore, build_trainer, run_peer
-from shoal.train.swarm_state import keep_own_local, restore_peer, snapshot_peer
+from shoal.train.swarm_state import (
+    APPLIED_FILE,
+    drop_stale_local,
+    keep_own_local,
+    last_applied_round,
+    note_applied_round,
+    restore_peer,
+    snapshot_peer,
+)
 
 
 def _checkpoint(opts: PeerOptions, step: int, root: Path, strategy=None):
@@ -119,16 +127,23 @@ def test_the_error_feedback_survives_a_restart_from_our_own_disk_only(
     found = recover(checkpoint_root(tmp_path), None, None, b"key")
     shape = trainer.model_cfg.to_dict()
 
-    def keep(mode="diloco", model_shape=shape, every=1):
+    def keep(mode="diloco", model_shape=shape, applied=3):  # the checkpoint's round is 3
         own, meta = found.own_local, found.own_meta
         kept = keep_own_local(
-            from_donor, own, meta, mode=mode, model_shape=model_shape, checkpoint_every_rounds=every
+            from_donor, own, meta, mode=mode, model_shape=model_shape, applied_round=applied
         )
         return kept, kept is not from_donor
 
-    # not from a checkpoint of another mode or model, nor one that may be rounds old
+    # not from a checkpoint of another mode or model, nor one taken before a round this
+    # peer applied (its feedback went into that round), nor when that is not known
     assert not keep(mode="streaming")[1] and not keep(model_shape={**shape, "n_layer": 9})[1]
-    assert not keep(every=2)[1]
+    assert not keep(applied=4)[1] and not keep(applied=None)[1]
+    assert keep(applied=0)[1]  # no round applied at all
+    # the same rule for a restore from our own disk: its own state goes when it is stale
+    assert drop_stale_local(restored, 3) is restored
+    for applied in (4, None):
+        stale = drop_stale_local(restored, applied)
+        assert stale.strategy.keys() == restored.strategy.keys() - local
     for source, want in ((from_donor, False), (keep()[0], True)):
         fresh = DiLoCoStrategy(trainer, services, opts, threading.Event())  # type: ignore[arg-type]
         fresh.load_state(source.strategy, source.round_index, source.applied_step)
@@ -251,3 +266,14 @@ def test_a_streaming_peer_s_snapshots_carry_its_fragment_counts(tmp_path: Path) 
     assert run_peer(opts, threading.Event(), lambda event, **fields: None) == 0
     saved = load_latest_valid(checkpoint_root(opts.run_dir))
     assert saved is not None and saved.step == 8 and saved.meta["progress"] == [0, 0]
+
+
+def test_the_applied_round_note_is_read_back_or_refused(tmp_path: Path) -> None:
+    assert last_applied_round(tmp_path) == 0  # no round applied yet
+    note_applied_round(tmp_path, 7)
+    note_applied_round(tmp_path, 12)
+    assert last_applied_round(tmp_path) == 12
+    assert not list(tmp_path.glob("*.tmp"))
+    for bad in (b"{", b'{"round_index": -1}', b'{"round_index": 1.5}', b"[]", b" " * 300 + b"{}"):
+        (tmp_path / APPLIED_FILE).write_bytes(bad)
+        assert last_applied_round(tmp_path) is None, bad

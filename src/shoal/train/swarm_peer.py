@@ -39,7 +39,15 @@ from shoal.train.run_dir import claim_run_dir
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_services import PeerServices, bytes_by_service, bytes_sent
-from shoal.train.swarm_state import Restored, keep_own_local, restore_peer, snapshot_peer
+from shoal.train.swarm_state import (
+    Restored,
+    drop_stale_local,
+    keep_own_local,
+    last_applied_round,
+    note_applied_round,
+    restore_peer,
+    snapshot_peer,
+)
 from shoal.train.swarm_strategy import Strategy
 from shoal.train.trainer import Trainer
 
@@ -184,6 +192,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         source, restored = _restore(found, opts, trainer, shape, seed_for_data)
         if restored is not None:
             trainer.step = restored.step
+            applied_round = last_applied_round(opts.run_dir)
             if source is Source.SWARM:  # our own state stays ours (see keep_own_local)
                 restored = keep_own_local(
                     restored,
@@ -191,8 +200,10 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                     found.own_meta,
                     mode=opts.mode,
                     model_shape=shape,
-                    checkpoint_every_rounds=opts.checkpoint_every_rounds,
+                    applied_round=applied_round,
                 )
+            else:
+                restored = drop_stale_local(restored, applied_round)
         strategy = _make_strategy(opts, trainer, services, stop)
         if restored is not None:
             strategy.load_state(restored.strategy, restored.round_index, restored.applied_step)
@@ -269,13 +280,24 @@ def _loop(
     losses: list[float] = []
     every = opts.checkpoint_every_rounds
 
-    def keep_local_progress() -> None:
-        """Write (not serve) what the swarm has not averaged yet, if anything is new."""
-        if every and trainer.step != ckpt.last_taken_step:
+    unwritten = False  # an applied round's snapshot was served but not written
+
+    def keep_local_progress(*, stopping: bool = False) -> None:
+        """Write (not serve) what the swarm has not averaged yet, if anything is new; when
+        stopping, also the last applied round's state if only served (its own state, such
+        as error feedback, then survives a restart)."""
+        nonlocal unwritten
+        if not every:
+            return
+        if trainer.step != ckpt.last_taken_step:
             ckpt.save(trainer.step, lambda: provider(False), write=True, serve=False)
+            unwritten = False
+        elif stopping and unwritten:
+            ckpt.save(trainer.step, provider, write=True, serve=False)
+            unwritten = False
 
     def after_round(r: RoundReport) -> None:
-        nonlocal applied, attempts
+        nonlocal applied, attempts, unwritten
         attempts += 1
         if r.ok:
             monitor.record_round(opts.mode, sum(r.seconds.values()), group_size=r.group_size)
@@ -300,7 +322,10 @@ def _loop(
                 keep_local_progress()
             return
         applied += 1
-        ckpt.save(trainer.step, provider, write=bool(every) and applied % every == 0)
+        note_applied_round(opts.run_dir, strategy.round_index)  # before its snapshot
+        write = bool(every) and applied % every == 0
+        ckpt.save(trainer.step, provider, write=write)
+        unwritten = not write
         if opts.eval_every_rounds and applied % opts.eval_every_rounds == 0:
             t0 = time.monotonic()
             val = trainer.evaluate()
@@ -325,4 +350,4 @@ def _loop(
                 peers=services.trainers(),
                 round=strategy.round_index,
             )
-    keep_local_progress()  # the steps since the last round, for a restart
+    keep_local_progress(stopping=True)  # the steps since the last round, for a restart

@@ -7,13 +7,23 @@ file, which is never served), the data generator and RNG, and in the manifest me
 model shape, the data shard, the mode and the strategy's round index. A donor's snapshot
 belongs to another peer's data shard: restoring it keeps this peer's own data stream (only
 a snapshot of the same shard also restores the data position).
+
+A peer's own state changes at every round it applies, while the disk may hold a checkpoint
+from rounds back (``--checkpoint-every N``, or a write still queued when the peer died).
+So every applied round is also noted in a small file of the run dir
+(:func:`note_applied_round`), before its snapshot is taken, and own state from a checkpoint
+is taken back only when no round was applied after it (:func:`local_is_current`): state
+from rounds back would send again what those rounds already sent.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,11 +35,16 @@ from shoal.state.snapshot import as_checkpoint
 from shoal.state.sync_client import SyncConfig, download, find_donors
 
 __all__ = [
+    "APPLIED_FILE",
     "LOCAL_PREFIX",
     "Restored",
+    "drop_stale_local",
     "fetch_from_swarm",
     "fetch_snapshot_from_swarm",
     "keep_own_local",
+    "last_applied_round",
+    "local_is_current",
+    "note_applied_round",
     "restore_peer",
     "snapshot_peer",
 ]
@@ -39,6 +54,71 @@ log = logging.getLogger(__name__)
 LOCAL_PREFIX = "local."
 """Strategy tensors under this prefix are the peer's own (e.g. error feedback): they go to
 the snapshot's ``local`` file, written to disk and never served (``state.checkpoint``)."""
+APPLIED_FILE = "applied-round.json"
+"""In the run dir: the round index a peer's state had after its last applied round."""
+_MAX_APPLIED_FILE_BYTES = 256
+
+
+def note_applied_round(run_dir: Path, round_index: int) -> None:
+    """Record (atomically, durably) that this peer's state reached ``round_index`` by
+    applying a round. Call before the snapshot of that round is taken: a peer that dies in
+    between then finds its checkpoint behind the note, never ahead of a round it missed."""
+    path = run_dir / APPLIED_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"round_index": int(round_index)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def last_applied_round(run_dir: Path) -> int | None:
+    """The round index :func:`note_applied_round` last recorded; 0 without a note (no round
+    was applied: every checkpoint is current); None for a note that cannot be read."""
+    path = run_dir / APPLIED_FILE
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_APPLIED_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None
+    try:
+        value = json.loads(raw)["round_index"] if len(raw) <= _MAX_APPLIED_FILE_BYTES else None
+    except (ValueError, TypeError, KeyError):
+        value = None
+    if type(value) is not int or value < 0:
+        log.warning("%s does not hold a round index: ignored", path)
+        return None
+    return value
+
+
+def local_is_current(checkpoint_round: Any, applied_round: int | None) -> bool:
+    """Whether own state from a checkpoint taken at ``checkpoint_round`` is still this
+    peer's: no round was applied after it (``applied_round`` from
+    :func:`last_applied_round`; None, unknown, is not current)."""
+    return (
+        applied_round is not None
+        and type(checkpoint_round) is int
+        and checkpoint_round >= applied_round
+    )
+
+
+def drop_stale_local(restored: Restored, applied_round: int | None) -> Restored:
+    """``restored`` (from this peer's own disk) without its ``local.*`` tensors when a round
+    was applied after the checkpoint (:func:`local_is_current`)."""
+    if local_is_current(restored.round_index, applied_round):
+        return restored
+    kept = {k: v for k, v in restored.strategy.items() if not k.startswith(LOCAL_PREFIX)}
+    if len(kept) < len(restored.strategy):
+        log.warning(
+            "own state on disk (error feedback) is from round %d, before the last round "
+            "this peer applied (%s): not taken back",
+            restored.round_index,
+            applied_round if applied_round is not None else "unknown",
+        )
+    return replace(restored, strategy=kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,16 +244,16 @@ def keep_own_local(
     *,
     mode: str,
     model_shape: dict[str, Any],
-    checkpoint_every_rounds: int,
+    applied_round: int | None,
 ) -> Restored:
     """``restored`` (a donor's state) with this peer's own ``local.*`` tensors from its disk:
     error feedback is progress the swarm has not seen, whichever state a restart takes, and
     it carries over rounds that moved the swarm anyway.
 
-    Only from a checkpoint of the same mode and model, written at every applied round
-    (``checkpoint_every_rounds == 1``): error feedback changes at every round this peer's
-    values go into, and one from several rounds back would send again what those rounds
-    sent. The strategy checks that the tensors fit.
+    Only from a checkpoint of the same mode and model, taken after the last round this peer
+    applied (``applied_round``, see :func:`local_is_current`): error feedback changes at
+    every round this peer's values go into, and one from rounds back would send again what
+    those rounds sent. The strategy checks that the tensors fit.
     """
     own = {k: v for k, v in own_local.items() if k.startswith(LOCAL_PREFIX)}
     if not own:
@@ -182,11 +262,13 @@ def keep_own_local(
     if mismatch is not None:
         log.warning("own state on disk is not taken back: %s", mismatch)
         return restored
-    if checkpoint_every_rounds != 1:
+    checkpoint_round = own_meta.get("round_index")
+    if not local_is_current(checkpoint_round, applied_round):
         log.warning(
-            "own state on disk (error feedback) may be rounds old with a checkpoint every "
-            "%d rounds: not taken back",
-            checkpoint_every_rounds,
+            "own state on disk (error feedback) is from round %s, before the last round "
+            "this peer applied (%s): not taken back",
+            checkpoint_round,
+            applied_round if applied_round is not None else "unknown",
         )
         return restored
     return replace(restored, strategy={**restored.strategy, **own})
