@@ -6,7 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.errors import ProtocolViolation
-from shoal.swarm.peerinfo import PeerInfo, Reachability, decode_peer_info, encode_peer_info
+from shoal.swarm.peerinfo import (
+    MAX_ROLE_CHARS,
+    PeerInfo,
+    Reachability,
+    decode_peer_info,
+    encode_peer_info,
+)
 
 
 def test_round_trip():
@@ -26,7 +32,7 @@ def test_round_trip():
     [
         {"addresses": tuple(f"h:{i}" for i in range(9))},
         {"addresses": ("",)},
-        {"roles": ("x" * 65,)},
+        {"roles": ("x" * (MAX_ROLE_CHARS + 1),)},
         {"throughput": float("nan")},
         {"throughput": -1.0},
         {"reachability": Reachability.RELAYED},  # relay missing

@@ -10,6 +10,7 @@ import pytest
 from shoal.errors import ProtocolViolation
 from shoal.net import Identity
 from shoal.state.announce import state_key
+from shoal.swarm.peerinfo import MAX_ROLE_CHARS
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_services import PeerServices, round_scope, scope_difference, state_scope
 
@@ -87,6 +88,12 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
             round_scope(sparse)
             == "diloco codec=sparse rank=0 model=" + round_scope(diloco).rpartition("model=")[2]
         )  # no top-k, no field: dense peers' keys stay as they were
+        # peers of another board format are told apart, and said to be another version
+        old = round_scope(diloco).replace(" v=5", "")
+        assert scope_difference(round_scope(diloco), old) == "v=? (another version of Shoal)"
+        # the longest scope still fits a membership role (6 digits of a top-k fraction)
+        longest = round_scope(replace(sparse, topk=1.23456e-05))
+        assert len("trainer:" + longest) <= MAX_ROLE_CHARS
         # only settings a mode uses set peers apart
         assert round_scope(replace(streaming, overlap_steps=1)) == round_scope(streaming)
         # a board entry's address is dialed only if it is host:port (or relay:host:port)

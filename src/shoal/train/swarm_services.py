@@ -31,6 +31,7 @@ from shoal.net.identity import PeerID
 from shoal.net.nat.limits import RelayConfig
 from shoal.net.nat.reserve import RelayAddress
 from shoal.net.nat.traversal import Traversal, TraversalConfig
+from shoal.parallel.data.dht_board import BOARD_VERSION
 from shoal.state.announce import StateAnnouncer, state_key
 from shoal.state.background import BackgroundCheckpointer, CheckpointerConfig, SavedCheckpoint
 from shoal.state.sync_service import StateServer
@@ -115,9 +116,10 @@ def state_scope(opts: PeerOptions) -> str:
 
 def round_scope(opts: PeerOptions) -> str:
     """What peers must share to average together, e.g. ``diloco codec=int8 rank=0
-    model=1a2b3c4d``: the mode, the wire codec, the low-rank factor rank, the top-k
-    fraction and the streaming fragments (they change what a round's vector is) and the
-    model shape. It prefixes
+    model=1a2b3c4d v=5``: the mode, the wire codec, the low-rank factor rank, the top-k
+    fraction and the streaming fragments (they change what a round's vector is), the
+    model shape and the rendezvous board's format (peers of another format cannot read
+    this one's entries: counting them would make every window wait for them). It prefixes
     every round key (hashed), and membership carries it (role ``trainer:<scope>``), so a peer can
     count the peers it could average with, and say which settings keep the others apart."""
     fields = {"codec": opts.wire_codec}
@@ -128,6 +130,7 @@ def round_scope(opts: PeerOptions) -> str:
     if opts.mode == "streaming":
         fields["frags"] = str(opts.fragments)
     fields["model"] = _model_tag(opts)
+    fields["v"] = str(BOARD_VERSION)
     return " ".join([opts.mode, *(f"{k}={v}" for k, v in fields.items())])
 
 
@@ -135,7 +138,10 @@ def scope_difference(mine: str, theirs: str) -> str:
     """The settings in which ``theirs`` differs from ``mine``, e.g. ``codec=fp16``."""
     a = dict(t.partition("=")[::2] for t in mine.split(" ")[1:])
     b = dict(t.partition("=")[::2] for t in theirs.split(" ")[1:])
-    named = {"model": " (another model shape: --model, --layers or --width)"}
+    named = {
+        "model": " (another model shape: --model, --layers or --width)",
+        "v": " (another version of Shoal)",
+    }
     return ", ".join(
         f"{k}={b.get(k, '?')}{named.get(k, '')}"
         for k in sorted(a.keys() | b.keys())

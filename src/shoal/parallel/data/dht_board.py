@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DhtBoard", "RecordStore"]
 
-_VERSION = 5
+BOARD_VERSION = 5
+"""Format of board values; peers of other formats do not read each other's entries (round
+scopes carry it, so they do not count each other either)."""
 _PEER_ID_BYTES = 32
 _MAX_VALUE_BYTES = 512
 _MAX_ADDRESS_CHARS = 256
@@ -81,7 +83,7 @@ class DhtBoard:
     async def announce(self, key: bytes, entry: ReadyPeer, expires_at: float) -> None:
         value = msgpack.packb(
             [
-                _VERSION,
+                BOARD_VERSION,
                 entry.weight,
                 entry.uplink_bps,
                 entry.downlink_bps,
@@ -99,7 +101,7 @@ class DhtBoard:
         return list((await self._read(self.prefix + key, _parse)).values())
 
     async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
-        value = msgpack.packb([_VERSION, group_id])
+        value = msgpack.packb([BOARD_VERSION, group_id])
         self._own = peer
         await self._store(self.prefix + key + _CONFIRM, value, expires_at)
 
@@ -126,7 +128,7 @@ def _fields(subkey: bytes, value: bytes, count: int) -> list[Any] | None:
         fields = msgpack.unpackb(value)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         return None
-    if not isinstance(fields, list) or len(fields) != count or fields[0] != _VERSION:
+    if not isinstance(fields, list) or len(fields) != count or fields[0] != BOARD_VERSION:
         return None
     return fields
 
