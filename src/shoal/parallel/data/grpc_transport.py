@@ -15,10 +15,14 @@ import asyncio
 import logging
 import weakref
 from collections.abc import AsyncIterator, Sequence, Set
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
 
 from shoal.compress import Encoded
 from shoal.errors import NetworkError, ProtocolViolation
+from shoal.net.config import TensorLimits
 from shoal.net.identity import PeerID
 from shoal.net.proto.v1 import averaging_pb2 as pb
 from shoal.net.proto.v1 import averaging_pb2_grpc as rpc
@@ -70,6 +74,28 @@ def _add_rate(rates: list[float], nbytes: int, took_s: float) -> None:
         rates.append(8 * nbytes / took_s)
 
 
+class _FirstFrameClock:
+    """A frame stream that notes when its first frame arrived (loop time)."""
+
+    def __init__(self, frames: AsyncIterator[Any]) -> None:
+        self._frames = frames
+        self.first_at: float | None = None
+
+    def __aiter__(self) -> _FirstFrameClock:
+        return self
+
+    async def __anext__(self) -> Any:
+        frame = await self._frames.__anext__()
+        if self.first_at is None:
+            self.first_at = asyncio.get_running_loop().time()
+        return frame
+
+
+def _payload(message: Message) -> tuple[torch.Tensor, ...]:
+    data = getattr(message, "data", None)
+    return () if data is None else data.payload if isinstance(data, Encoded) else (data,)
+
+
 def _clamp(bps: float) -> float:
     return min(MAX_BANDWIDTH_BPS, max(MIN_BANDWIDTH_BPS, bps))
 
@@ -97,23 +123,31 @@ class AveragingService(rpc.AveragingServicer):
     ) -> tensor_pb2.TensorAck:
         caller = current_caller()
         admission = Admission(self._inbox, self.pool, caller)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         try:
-            message = await receive_message(
+            message = await self.receive_timed(
                 request_iterator.__aiter__(), caller, self._limits, admission
             )
         finally:
             admission.release()
         if message is None:
             raise ProtocolViolation("empty round message stream")
-        took = loop.time() - started
         self._inbox.deliver(message)
-        data = getattr(message, "data", None)
-        tensors = () if data is None else data.payload if isinstance(data, Encoded) else (data,)
+        tensors = _payload(message)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        _add_rate(self.receive_rates, nbytes, took)
         return tensor_pb2.TensorAck(byte_length=nbytes, tensors=len(tensors))
+
+    async def receive_timed(
+        self, frames: AsyncIterator[Any], sender: PeerID, limits: TensorLimits, admission: Admission
+    ) -> Message | None:
+        """``receive_message``, noting the message's rate in ``receive_rates``: timed from
+        its first frame (a pulled message may wait long for the reducer to post it)."""
+        clock = _FirstFrameClock(frames)
+        message = await receive_message(clock, sender, limits, admission)
+        if message is not None and clock.first_at is not None:
+            took = asyncio.get_running_loop().time() - clock.first_at
+            nbytes = sum(t.numel() * t.element_size() for t in _payload(message))
+            _add_rate(self.receive_rates, nbytes, took)
+        return message
 
     async def Pull(self, request: pb.PullRequest, context: Any) -> AsyncIterator[Any]:
         if not 0 < len(request.round_id) <= MAX_ROUND_ID_BYTES:
@@ -190,9 +224,8 @@ class GrpcTransport:
 
     def downlink_sample(self) -> float | None:
         """The fastest message received (bits/s) since the last call, or None; then forgets
-        them (bounded by this peer's downlink, as sends are by its uplink). Results a
-        client pulls are not counted: the all-gather it pulls is not timed apart from the
-        wait for it."""
+        them (bounded by this peer's downlink, as sends are by its uplink), pulled results
+        included."""
         rates, self.service.receive_rates = self.service.receive_rates, []
         return max(rates) if rates else None
 
@@ -272,7 +305,9 @@ class GrpcTransport:
                 for _ in range(_MAX_PULLED_MESSAGES):
                     admission = Admission(self.inbox, self.service.pool, reducer)
                     try:
-                        message = await receive_message(stream, reducer, limits, admission)
+                        message = await self.service.receive_timed(
+                            stream, reducer, limits, admission
+                        )
                     finally:
                         admission.release()
                     if message is None:
