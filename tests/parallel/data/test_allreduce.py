@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -201,6 +203,36 @@ def test_a_member_stopping_mid_reduce_scatter_is_left_out_without_waiting_for_it
         assert results[m].reassigned == {2: "a"}
     _check_invariant(inputs, weights, results, outputs)
     assert took < 5.0, f"the others waited {took:.1f} s for a member that had left"
+
+
+def test_a_member_stopped_while_planning_its_shares_says_it_leaves():
+    # Shares are planned on a worker thread before the round starts, and the others may
+    # already count on this member: stopped there, it must leave like anywhere else.
+    async def main() -> MemoryNetwork:
+        net = MemoryNetwork([])
+        group = GroupSpec.uniform(b"r", ["a", "b", "c"])
+        entered, gate = threading.Event(), threading.Event()
+
+        def slow_shares(self: GroupSpec) -> list[float]:
+            entered.set()
+            gate.wait(10.0)
+            return [1 / 3] * 3
+
+        with mock.patch.object(GroupSpec, "shares", slow_shares):
+            averager = Averager(net.transport("a"))
+            averager.prepare(group)
+            task = asyncio.ensure_future(
+                averager.average([torch.zeros(6)], 1.0, group=group, timeout_s=5.0)
+            )
+            assert await asyncio.to_thread(entered.wait, 5.0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            gate.set()
+        assert not net.transport("a").inbox.is_open(b"r")
+        return net
+
+    assert asyncio.run(main()).sent[("a", "Leave")] == 2
 
 
 def test_a_reducer_stopping_before_its_result_fails_the_round_at_once():

@@ -48,6 +48,18 @@ def test_a_slow_uplink_reduces_little_but_a_slow_link_both_ways_its_share():
     assert modeled_round_time(proportional, *links) > 1.25 * modeled_round_time([0.25] * 4, *links)
 
 
+def test_among_equally_fast_splits_the_nearest_equal_one_is_taken():
+    # The slow uplink sets the round's time whatever the fast two do: any split of the
+    # rest between them is as fast, and the work stays spread evenly.
+    ups, downs = [1e6, 1e9, 2e9], [1e9, 1e9, 2e9]
+    shares = plan_shares(ups, downs)
+    assert shares[1] == pytest.approx(shares[2], rel=1e-9)
+    lopsided = [shares[0], (1 - shares[0]) * 0.3, (1 - shares[0]) * 0.7]
+    assert modeled_round_time(lopsided, ups, downs) == pytest.approx(
+        modeled_round_time(shares, ups, downs), rel=1e-9
+    )
+
+
 def test_an_unmeasured_downlink_is_taken_as_the_uplink():
     assert plan_shares([1e7, 1e8], [0.0, 3e8]) == plan_shares([1e7, 1e8], [1e7, 3e8])
     assert plan_shares([1e7, 1e8]) == plan_shares([1e7, 1e8], [1e7, 1e8])
@@ -76,9 +88,9 @@ _rates = st.floats(1e3, 1e11)
 @settings(max_examples=150, deadline=None)
 @given(
     links=st.lists(
-        st.tuples(_rates, st.one_of(st.just(0.0), _rates), st.booleans()), min_size=2, max_size=8
+        st.tuples(_rates, st.one_of(st.just(0.0), _rates), st.booleans()), min_size=2, max_size=24
     ).filter(lambda m: not all(c for _, _, c in m)),
-    other=st.lists(st.floats(0, 1), min_size=8, max_size=8),
+    other=st.lists(st.floats(0, 1), min_size=24, max_size=24),
 )
 def test_planned_shares_are_never_beaten(links, other):
     ups = [u for u, _, _ in links]

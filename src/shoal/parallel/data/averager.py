@@ -20,7 +20,7 @@ import torch
 
 from shoal.compress.registry import codec_by_name
 from shoal.errors import ConfigError
-from shoal.parallel.data.allreduce import AllReduceConfig, RoundResult, run_allreduce
+from shoal.parallel.data.allreduce import AllReduceConfig, RoundResult, run_allreduce, send_leave
 from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.messages import Member
 from shoal.parallel.data.partition import FlatVector, part_ranges, plan_shares
@@ -103,8 +103,13 @@ class Averager:
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
         flat = FlatVector(tensors)
-        # Planning the shares takes milliseconds for big groups: off the loop.
-        ranges = part_ranges(flat.numel, await asyncio.to_thread(group.shares))
+        try:  # planning takes milliseconds (a quarter second for 256 members): off the loop
+            shares = await asyncio.to_thread(group.shares)
+        except asyncio.CancelledError:  # the others may count on us already: say we leave
+            await send_leave(self.transport, group.round_id, group.members)
+            self.transport.inbox.close(group.round_id)
+            raise
+        ranges = part_ranges(flat.numel, shares)
         deadline = asyncio.get_running_loop().time() + timeout_s
         clients = {m for m, c in zip(group.members, group.client_mode, strict=True) if c}
         self.transport.begin(group.round_id, group.members, clients, deadline)

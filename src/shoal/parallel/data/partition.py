@@ -1,9 +1,10 @@
 """Who reduces which slice of the flat parameter vector.
 
 A group all-reduces one flat fp32 vector. It is cut into contiguous parts, one per
-member; member ``i`` *reduces* part ``i``. Shares are proportional to each member's
-measured bandwidth; members in *client mode* (relayed, or too slow to serve) get share 0:
-they send their parts and receive results but reduce nothing.
+member; member ``i`` *reduces* part ``i``. Shares are planned from the members' measured
+uplinks and downlinks (:func:`plan_shares`); members in *client mode* (relayed, or unable
+to accept connections) get share 0: they send their parts and receive results but reduce
+nothing.
 
 ``flatten`` views a list of tensors as one flat vector without copying when the tensors
 already lie back to back in one storage (a flat parameter buffer); otherwise it copies,
@@ -36,7 +37,8 @@ def plan_shares(
     client_mode: Sequence[bool] | None = None,
 ) -> list[float]:
     """Fractions of the vector each member reduces: sum 1, clients get 0, and the
-    :func:`modeled_round_time` of the result is the least any shares give (within 1e-6).
+    :func:`modeled_round_time` of the result is the least any shares give (within 1e-6);
+    among splits that fast, the one nearest equal shares.
 
     ``downlinks_bps`` default to the uplinks (symmetric links); a downlink of 0 means not
     measured and is taken as that member's uplink. The result is a pure function of the
@@ -101,8 +103,8 @@ def _links(
 
 
 _SLACK = 1e-12
-_SEARCH_STEPS = 32
-"""Bisection and golden-section steps (intervals shrink to 2e-7 of their width or less)."""
+_SEARCH_STEPS = 40
+"""Bisection and golden-section steps (intervals shrink to 4e-9 of their width or less)."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,8 +119,8 @@ def _plan(
     (sends its result, receives the rest). Shares exist iff every interval is non-empty
     and ``sum(lo) <= 1 <= sum(hi)``. The constraints are linear in ``(s, a, b)``, so the
     least feasible ``b`` is convex in ``a``: a golden-section search over ``a`` with a
-    bisection for ``b`` inside finds the optimum, and the shares are spread within their
-    intervals to sum to 1.
+    bisection for ``b`` inside finds the optimum; the shares are then the ones nearest
+    equal within their intervals (:func:`_nearest_equal`).
     """
     n = len(ups)
     if n == 1:
@@ -140,7 +142,7 @@ def _plan(
         lo, hi = bounds(a, b)  # a bound met exactly may miss by a rounding error
         return (
             all(x <= y + _SLACK for x, y in zip(lo, hi, strict=True))
-            and sum(lo) <= 1 + _SLACK <= sum(hi) + 2 * _SLACK
+            and math.fsum(lo) <= 1 + _SLACK <= math.fsum(hi) + 2 * _SLACK
         )
 
     # Past these, a phase's own constraints bind no member (each is feasible alone).
@@ -158,7 +160,8 @@ def _plan(
         return least(lambda b: fits(a, b), b_cap)
 
     a_low = least(lambda a: fits(a, b_cap), a_cap)
-    a_high = a_cap
+    # The optimum's a is at most the whole time of the least feasible a (b >= 0).
+    a_high = min(a_cap, a_low + best_b(a_low))
     ratio = (math.sqrt(5) - 1) / 2
     x1 = a_high - ratio * (a_high - a_low)
     x2 = a_low + ratio * (a_high - a_low)
@@ -175,11 +178,28 @@ def _plan(
     a = x1 if f1 <= f2 else x2
     lo, hi = bounds(a, best_b(a))
     lo = [min(low, h) for low, h in zip(lo, hi, strict=True)]  # the slack fits allowed
-    room = sum(h - low for low, h in zip(lo, hi, strict=True))
-    spread = min(1.0, max(0.0, (1.0 - sum(lo)) / room)) if room > 0 else 0.0
-    shares = [low + spread * (h - low) for low, h in zip(lo, hi, strict=True)]
-    total = sum(shares)
-    return tuple(s / total for s in shares)
+    return _nearest_equal(lo, hi, clients)
+
+
+def _nearest_equal(
+    lo: list[float], hi: list[float], clients: tuple[bool, ...]
+) -> tuple[float, ...]:
+    """Shares in ``[lo, hi]`` summing to 1, as close to equal as the bounds allow: where
+    several splits are as fast (equal links, or a member whose share barely matters), the
+    work stays spread. ``clip(1/m + mu, lo, hi)`` with ``mu`` bisected to make the sum 1."""
+    equal = 1.0 / sum(1 for c in clients if not c)
+    target = [0.0 if c else equal for c in clients]
+
+    def total(mu: float) -> float:
+        return math.fsum(min(h, max(low, t + mu)) for t, low, h in zip(target, lo, hi, strict=True))
+
+    low_mu, high_mu = -1.0, 1.0
+    for _ in range(_SEARCH_STEPS + 20):
+        mid = 0.5 * (low_mu + high_mu)
+        low_mu, high_mu = (mid, high_mu) if total(mid) < 1.0 else (low_mu, mid)
+    shares = [min(h, max(low, t + high_mu)) for t, low, h in zip(target, lo, hi, strict=True)]
+    whole = math.fsum(shares)
+    return tuple(s / whole for s in shares)
 
 
 def split_sizes(total: int, shares: Sequence[float]) -> list[int]:
@@ -189,7 +209,7 @@ def split_sizes(total: int, shares: Sequence[float]) -> list[int]:
     """
     if total < 0:
         raise ConfigError(f"total must be >= 0, got {total}")
-    weight = sum(shares)
+    weight = math.fsum(shares)
     if weight <= 0 or any(s < 0 or not math.isfinite(s) for s in shares):
         raise ConfigError(f"shares must be finite, >= 0 and not all zero, got {list(shares)}")
     exact = [total * s / weight for s in shares]
