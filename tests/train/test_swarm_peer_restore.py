@@ -24,16 +24,16 @@ from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_peer import _restore, build_trainer, run_peer
 from shoal.train.swarm_state import (
     APPLIED_FILE,
+    AppliedRounds,
     drop_stale_local,
     keep_own_local,
-    last_applied_round,
-    note_applied_round,
+    last_applied_count,
     restore_peer,
     snapshot_peer,
 )
 
 
-def _checkpoint(opts: PeerOptions, step: int, root: Path, strategy=None):
+def _checkpoint(opts: PeerOptions, step: int, root: Path, strategy=None, applied_rounds=None):
     trainer = build_trainer(opts, 7)
     snap = snapshot_peer(
         step,
@@ -45,6 +45,7 @@ def _checkpoint(opts: PeerOptions, step: int, root: Path, strategy=None):
         mode=opts.mode,
         model_shape=trainer.model_cfg.to_dict(),
         data_seed=7,
+        applied_rounds=applied_rounds,
     )
     write_snapshot(snap, root)
     return load_latest_valid(root)
@@ -113,7 +114,7 @@ def test_the_error_feedback_survives_a_restart_from_our_own_disk_only(
     tensors = first.state_tensors()
     local = {k for k in tensors if k.startswith("local.")}
     assert local
-    ckpt = _checkpoint(opts, 30, checkpoint_root(tmp_path), strategy=tensors)
+    ckpt = _checkpoint(opts, 30, checkpoint_root(tmp_path), strategy=tensors, applied_rounds=6)
     assert set(ckpt.local) == local and not local & set(ckpt.extra)  # written, not served
     restored = _restore_into(trainer, ckpt, "diloco")
     again = DiLoCoStrategy(trainer, services, opts, threading.Event())  # type: ignore[arg-type]
@@ -127,22 +128,21 @@ def test_the_error_feedback_survives_a_restart_from_our_own_disk_only(
     found = recover(checkpoint_root(tmp_path), None, None, b"key")
     shape = trainer.model_cfg.to_dict()
 
-    def keep(mode="diloco", model_shape=shape, applied=3):  # the checkpoint's round is 3
+    def keep(mode="diloco", model_shape=shape, noted=6):  # taken after 6 applied rounds
         own, meta = found.own_local, found.own_meta
         kept = keep_own_local(
-            from_donor, own, meta, mode=mode, model_shape=model_shape, applied_round=applied
+            from_donor, own, meta, mode=mode, model_shape=model_shape, noted_count=noted
         )
         return kept, kept is not from_donor
 
     # not from a checkpoint of another mode or model, nor one taken before a round this
     # peer applied (its feedback went into that round), nor when that is not known
     assert not keep(mode="streaming")[1] and not keep(model_shape={**shape, "n_layer": 9})[1]
-    assert not keep(applied=4)[1] and not keep(applied=None)[1]
-    assert keep(applied=0)[1]  # no round applied at all
+    assert not keep(noted=7)[1] and not keep(noted=None)[1]
     # the same rule for a restore from our own disk: its own state goes when it is stale
-    assert drop_stale_local(restored, 3) is restored
-    for applied in (4, None):
-        stale = drop_stale_local(restored, applied)
+    assert restored.applied_rounds == 6 and drop_stale_local(restored, 6) is restored
+    for noted in (7, None):
+        stale = drop_stale_local(restored, noted)
         assert stale.strategy.keys() == restored.strategy.keys() - local
     for source, want in ((from_donor, False), (keep()[0], True)):
         fresh = DiLoCoStrategy(trainer, services, opts, threading.Event())  # type: ignore[arg-type]
@@ -268,12 +268,22 @@ def test_a_streaming_peer_s_snapshots_carry_its_fragment_counts(tmp_path: Path) 
     assert saved is not None and saved.step == 8 and saved.meta["progress"] == [0, 0]
 
 
-def test_the_applied_round_note_is_read_back_or_refused(tmp_path: Path) -> None:
-    assert last_applied_round(tmp_path) == 0  # no round applied yet
-    note_applied_round(tmp_path, 7)
-    note_applied_round(tmp_path, 12)
-    assert last_applied_round(tmp_path) == 12
+def test_applied_rounds_are_counted_across_restarts_and_noted(tmp_path: Path) -> None:
+    assert last_applied_count(tmp_path) is None  # no note: not known
+    first = AppliedRounds(tmp_path, {})
+    first.applied()
+    first.applied()
+    assert first.count == 2 and last_applied_count(tmp_path) == 2
     assert not list(tmp_path.glob("*.tmp"))
-    for bad in (b"{", b'{"round_index": -1}', b'{"round_index": 1.5}', b"[]", b" " * 300 + b"{}"):
+    # a restart goes on from the larger of the note and its own newest checkpoint
+    assert AppliedRounds(tmp_path, {"applied_rounds": 1}).count == 2
+    assert AppliedRounds(tmp_path, {"applied_rounds": 9}).count == 9
+    for bad in (b"{", b'{"applied": -1}', b'{"applied": 1.5}', b"[]", b" " * 300 + b"{}"):
         (tmp_path / APPLIED_FILE).write_bytes(bad)
-        assert last_applied_round(tmp_path) is None, bad
+        assert last_applied_count(tmp_path) is None, bad
+    # a note that cannot be written is removed: no older note vouches for stale state
+    (tmp_path / APPLIED_FILE).write_text('{"applied": 3}')
+    blocked = AppliedRounds(tmp_path, {})
+    (tmp_path / (APPLIED_FILE + ".tmp")).mkdir()  # the temporary file cannot be created
+    blocked.applied()
+    assert blocked.count == 4 and last_applied_count(tmp_path) is None

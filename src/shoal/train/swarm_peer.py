@@ -40,11 +40,11 @@ from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_services import PeerServices, bytes_by_service, bytes_sent
 from shoal.train.swarm_state import (
+    AppliedRounds,
     Restored,
     drop_stale_local,
     keep_own_local,
-    last_applied_round,
-    note_applied_round,
+    last_applied_count,
     restore_peer,
     snapshot_peer,
 )
@@ -192,7 +192,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         source, restored = _restore(found, opts, trainer, shape, seed_for_data)
         if restored is not None:
             trainer.step = restored.step
-            applied_round = last_applied_round(opts.run_dir)
+            noted = last_applied_count(opts.run_dir)
             if source is Source.SWARM:  # our own state stays ours (see keep_own_local)
                 restored = keep_own_local(
                     restored,
@@ -200,10 +200,11 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                     found.own_meta,
                     mode=opts.mode,
                     model_shape=shape,
-                    applied_round=applied_round,
+                    noted_count=noted,
                 )
             else:
-                restored = drop_stale_local(restored, applied_round)
+                restored = drop_stale_local(restored, noted)
+        applied_rounds = AppliedRounds(opts.run_dir, found.own_meta)
         strategy = _make_strategy(opts, trainer, services, stop)
         if restored is not None:
             strategy.load_state(restored.strategy, restored.round_index, restored.applied_step)
@@ -229,6 +230,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                 averaged=averaged,
                 applied_step=s.applied_step,
                 progress=s.progress,
+                applied_rounds=applied_rounds.count,
             )
 
         def on_saved(saved: Any) -> None:
@@ -245,7 +247,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         if restored is None or restored.averaged:  # local progress is not for others
             services.ckpt.save(trainer.step, provider, write=found.source is not Source.DISK)
         emit("ready", step=trainer.step, address=services.runtime.address)
-        _loop(opts, trainer, strategy, services, stop, emit, provider)
+        _loop(opts, trainer, strategy, services, stop, emit, provider, applied_rounds)
         val = trainer.evaluate()
         services.monitor.record_validation(trainer.step, val)
         services.ckpt.flush(timeout_s=30.0)  # its `checkpoint` line before `stopped`
@@ -272,6 +274,7 @@ def _loop(
     stop: threading.Event,
     emit: Emit,
     provider: Callable[..., Any],
+    applied_rounds: AppliedRounds,
 ) -> None:
     monitor = services.monitor
     ckpt = services.ckpt
@@ -292,8 +295,8 @@ def _loop(
         if trainer.step != ckpt.last_taken_step:
             ckpt.save(trainer.step, lambda: provider(False), write=True, serve=False)
             unwritten = False
-        elif stopping and unwritten:
-            ckpt.save(trainer.step, provider, write=True, serve=False)
+        elif stopping and unwritten:  # the state the swarm agreed on: served as well
+            ckpt.save(trainer.step, provider, write=True)
             unwritten = False
 
     def after_round(r: RoundReport) -> None:
@@ -322,7 +325,7 @@ def _loop(
                 keep_local_progress()
             return
         applied += 1
-        note_applied_round(opts.run_dir, strategy.round_index)  # before its snapshot
+        applied_rounds.applied()  # noted before the round's snapshot is taken
         write = bool(every) and applied % every == 0
         ckpt.save(trainer.step, provider, write=write)
         unwritten = not write

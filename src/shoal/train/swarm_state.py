@@ -10,14 +10,16 @@ a snapshot of the same shard also restores the data position).
 
 A peer's own state changes at every round it applies, while the disk may hold a checkpoint
 from rounds back (``--checkpoint-every N``, or a write still queued when the peer died).
-So every applied round is also noted in a small file of the run dir
-(:func:`note_applied_round`), before its snapshot is taken, and own state from a checkpoint
-is taken back only when no round was applied after it (:func:`local_is_current`): state
-from rounds back would send again what those rounds already sent.
+So the applied rounds are counted in a small file of the run dir (:class:`AppliedRounds`),
+each before its snapshot is taken, snapshots record the count, and own state from a
+checkpoint is taken back only when no round was applied after it
+(:func:`local_is_current`): state from rounds back would send again what those rounds
+already sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,14 +39,14 @@ from shoal.state.sync_client import SyncConfig, download, find_donors
 __all__ = [
     "APPLIED_FILE",
     "LOCAL_PREFIX",
+    "AppliedRounds",
     "Restored",
     "drop_stale_local",
     "fetch_from_swarm",
     "fetch_snapshot_from_swarm",
     "keep_own_local",
-    "last_applied_round",
+    "last_applied_count",
     "local_is_current",
-    "note_applied_round",
     "restore_peer",
     "snapshot_peer",
 ]
@@ -54,71 +56,6 @@ log = logging.getLogger(__name__)
 LOCAL_PREFIX = "local."
 """Strategy tensors under this prefix are the peer's own (e.g. error feedback): they go to
 the snapshot's ``local`` file, written to disk and never served (``state.checkpoint``)."""
-APPLIED_FILE = "applied-round.json"
-"""In the run dir: the round index a peer's state had after its last applied round."""
-_MAX_APPLIED_FILE_BYTES = 256
-
-
-def note_applied_round(run_dir: Path, round_index: int) -> None:
-    """Record (atomically, durably) that this peer's state reached ``round_index`` by
-    applying a round. Call before the snapshot of that round is taken: a peer that dies in
-    between then finds its checkpoint behind the note, never ahead of a round it missed."""
-    path = run_dir / APPLIED_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"round_index": int(round_index)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def last_applied_round(run_dir: Path) -> int | None:
-    """The round index :func:`note_applied_round` last recorded; 0 without a note (no round
-    was applied: every checkpoint is current); None for a note that cannot be read."""
-    path = run_dir / APPLIED_FILE
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_APPLIED_FILE_BYTES + 1)
-    except FileNotFoundError:
-        return 0
-    except OSError as exc:
-        log.warning("cannot read %s: %s", path, exc)
-        return None
-    try:
-        value = json.loads(raw)["round_index"] if len(raw) <= _MAX_APPLIED_FILE_BYTES else None
-    except (ValueError, TypeError, KeyError):
-        value = None
-    if type(value) is not int or value < 0:
-        log.warning("%s does not hold a round index: ignored", path)
-        return None
-    return value
-
-
-def local_is_current(checkpoint_round: Any, applied_round: int | None) -> bool:
-    """Whether own state from a checkpoint taken at ``checkpoint_round`` is still this
-    peer's: no round was applied after it (``applied_round`` from
-    :func:`last_applied_round`; None, unknown, is not current)."""
-    return (
-        applied_round is not None
-        and type(checkpoint_round) is int
-        and checkpoint_round >= applied_round
-    )
-
-
-def drop_stale_local(restored: Restored, applied_round: int | None) -> Restored:
-    """``restored`` (from this peer's own disk) without its ``local.*`` tensors when a round
-    was applied after the checkpoint (:func:`local_is_current`)."""
-    if local_is_current(restored.round_index, applied_round):
-        return restored
-    kept = {k: v for k, v in restored.strategy.items() if not k.startswith(LOCAL_PREFIX)}
-    if len(kept) < len(restored.strategy):
-        log.warning(
-            "own state on disk (error feedback) is from round %d, before the last round "
-            "this peer applied (%s): not taken back",
-            restored.round_index,
-            applied_round if applied_round is not None else "unknown",
-        )
-    return replace(restored, strategy=kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +73,115 @@ class Restored:
     """Step of the last round applied (``step`` for averaged state): a peer restarted from
     local progress takes swarm state fresher than this, not than ``step``; steps trained
     alone do not make its outer state any fresher."""
+    applied_rounds: int | None = None
+    """Rounds the writer had applied when the snapshot was taken (:class:`AppliedRounds`;
+    None in snapshots from before that count)."""
+
+
+APPLIED_FILE = "applied-rounds.json"
+"""In the run dir: how many rounds the peer of this run dir has applied, over all its runs."""
+_MAX_APPLIED_FILE_BYTES = 256
+
+
+def last_applied_count(run_dir: Path) -> int | None:
+    """The count :class:`AppliedRounds` last noted in ``run_dir``, or None: no note (no round
+    applied yet, or a run dir older than the note) or one that cannot be read."""
+    path = run_dir / APPLIED_FILE
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_APPLIED_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None
+    try:
+        value = json.loads(raw)["applied"] if len(raw) <= _MAX_APPLIED_FILE_BYTES else None
+    except (ValueError, TypeError, KeyError):
+        value = None
+    if type(value) is not int or value < 0:
+        log.warning("%s does not hold a count of applied rounds: ignored", path)
+        return None
+    return value
+
+
+class AppliedRounds:
+    """The rounds this run dir's peer applied, counted across restarts and noted on disk.
+
+    :meth:`applied` is called for each applied round before its snapshot is taken, and
+    snapshots record :attr:`count` (``applied_rounds`` in their meta). A checkpoint whose
+    count is below the note's predates rounds this peer's own state (error feedback) went
+    into; a peer killed between the note and the write finds its checkpoint behind the
+    note, never ahead of a round it missed. The count starts at the larger of the note and
+    this peer's newest checkpoint, so it only grows.
+    """
+
+    def __init__(self, run_dir: Path, own_meta: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        on_disk = own_meta.get("applied_rounds")
+        on_disk = on_disk if type(on_disk) is int and on_disk >= 0 else 0
+        self.count = max(last_applied_count(run_dir) or 0, on_disk)
+
+    def applied(self) -> None:
+        """Count one more applied round and note it (atomically, synced). A note that
+        cannot be written is removed, so that no older one vouches for stale state."""
+        self.count += 1
+        path = self.run_dir / APPLIED_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"applied": self.count}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            folder = os.open(self.run_dir, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError as exc:
+            log.warning(
+                "cannot note the applied round in %s (%s): own state (error feedback) will "
+                "not be taken back after a restart",
+                path,
+                exc,
+            )
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def local_is_current(checkpoint_count: Any, noted_count: int | None) -> bool:
+    """Whether own state from a checkpoint whose meta says ``applied_rounds`` =
+    ``checkpoint_count`` is still this peer's: no round was applied after it
+    (``noted_count`` from :func:`last_applied_count`; None, unknown, is not current)."""
+    return (
+        noted_count is not None
+        and type(checkpoint_count) is int
+        and checkpoint_count >= noted_count
+    )
+
+
+def _refuse_stale(checkpoint_count: Any, noted_count: int | None) -> None:
+    if noted_count is None:
+        log.info("no note of the rounds this peer applied: own state on disk is not taken back")
+        return
+    log.warning(
+        "own state on disk (error feedback) was taken after %s applied rounds, %d were "
+        "applied: not taken back (it would send again what later rounds sent)",
+        checkpoint_count if type(checkpoint_count) is int else "unknown",
+        noted_count,
+    )
+
+
+def drop_stale_local(restored: Restored, noted_count: int | None) -> Restored:
+    """``restored`` (from this peer's own disk) without its ``local.*`` tensors unless
+    :func:`local_is_current`."""
+    if local_is_current(restored.applied_rounds, noted_count):
+        return restored
+    kept = {k: v for k, v in restored.strategy.items() if not k.startswith(LOCAL_PREFIX)}
+    if len(kept) < len(restored.strategy):
+        _refuse_stale(restored.applied_rounds, noted_count)
+    return replace(restored, strategy=kept)
 
 
 def snapshot_peer(
@@ -152,6 +198,7 @@ def snapshot_peer(
     averaged: bool = True,
     applied_step: int | None = None,
     progress: list[int] | None = None,
+    applied_rounds: int | None = None,
 ) -> Snapshot:
     """CPU snapshot of a swarm peer (compute thread); ``averaged=False`` marks local
     progress the swarm has not averaged (see :attr:`Restored.averaged`)."""
@@ -175,6 +222,8 @@ def snapshot_peer(
     }
     if progress is not None:
         meta["progress"] = list(progress)
+    if applied_rounds is not None:
+        meta["applied_rounds"] = applied_rounds
     return take_snapshot(step, model, optimizer, extra=extra, local=local, meta=meta)
 
 
@@ -221,7 +270,15 @@ def restore_peer(
     applied = ckpt.meta.get("applied_step", ckpt.step)
     if type(applied) is not int or not 0 <= applied <= ckpt.step:
         applied = ckpt.step
-    return Restored(ckpt.step, int(ckpt.meta.get("round_index", 0)), strategy, averaged, applied)
+    count = ckpt.meta.get("applied_rounds")
+    return Restored(
+        ckpt.step,
+        int(ckpt.meta.get("round_index", 0)),
+        strategy,
+        averaged,
+        applied,
+        count if type(count) is int and count >= 0 else None,
+    )
 
 
 def _written_for_another(
@@ -244,14 +301,14 @@ def keep_own_local(
     *,
     mode: str,
     model_shape: dict[str, Any],
-    applied_round: int | None,
+    noted_count: int | None,
 ) -> Restored:
     """``restored`` (a donor's state) with this peer's own ``local.*`` tensors from its disk:
     error feedback is progress the swarm has not seen, whichever state a restart takes, and
     it carries over rounds that moved the swarm anyway.
 
     Only from a checkpoint of the same mode and model, taken after the last round this peer
-    applied (``applied_round``, see :func:`local_is_current`): error feedback changes at
+    applied (``noted_count``, see :func:`local_is_current`): error feedback changes at
     every round this peer's values go into, and one from rounds back would send again what
     those rounds sent. The strategy checks that the tensors fit.
     """
@@ -262,14 +319,9 @@ def keep_own_local(
     if mismatch is not None:
         log.warning("own state on disk is not taken back: %s", mismatch)
         return restored
-    checkpoint_round = own_meta.get("round_index")
-    if not local_is_current(checkpoint_round, applied_round):
-        log.warning(
-            "own state on disk (error feedback) is from round %s, before the last round "
-            "this peer applied (%s): not taken back",
-            checkpoint_round,
-            applied_round if applied_round is not None else "unknown",
-        )
+    checkpoint_count = own_meta.get("applied_rounds")
+    if not local_is_current(checkpoint_count, noted_count):
+        _refuse_stale(checkpoint_count, noted_count)
         return restored
     return replace(restored, strategy={**restored.strategy, **own})
 
