@@ -7,8 +7,9 @@ each host, and rounds of a ``--params`` fp32 all-reduce alternate between ways o
 out the parts to reduce:
 
 - ``equal``: every peer reduces the same share (the baseline);
-- ``measured``: shares planned from the uplinks and downlinks the peers measured in
-  earlier rounds, as a swarm announces them (``plan_shares``);
+- ``measured``: shares planned (``plan_shares``) from the uplinks and downlinks the peers
+  measured in earlier rounds, averaged as a swarm does (not rounded to the half-octave
+  grid a swarm announces);
 - ``client``: the slow peer in client mode (it reduces nothing).
 
 Two link sets run in one invocation: ``asym`` (the slow host's download at the fast rate,
@@ -32,7 +33,8 @@ from shoal.errors import ConfigError
 from shoal.parallel.data.loopback import LoopbackSwarm, Placement
 from shoal.parallel.data.partition import plan_shares
 from shoal.testbed import Public, Testbed, Topology
-from shoal.testbed.netns import missing_tools, netns_exec_argv
+from shoal.testbed.netns import missing_tools
+from shoal.train.swarm_round import moving_average
 
 WAYS = ("equal", "measured", "client")
 SLOW = 0  # the slow peer's rank
@@ -71,9 +73,7 @@ class _Rounds:
             raise RuntimeError(f"{way} round failed: {[r['reason'] for r in replies]}")
         for key, values in self.measured.items():
             for i, reply in enumerate(replies):
-                sample, prev = reply.get(key), values[i]
-                if sample:
-                    values[i] = sample if prev is None else 0.5 * prev + 0.5 * sample
+                values[i] = moving_average(values[i], reply.get(key))
         return max(r["seconds"] for r in replies)
 
 
@@ -82,10 +82,7 @@ def _link_set(args: argparse.Namespace, slow_down: float) -> dict[str, Any]:
     hosts += [Public(name=f"fast{i}", rate_mbit=args.fast) for i in range(1, args.peers)]
     with Testbed(Topology(hosts=hosts)) as bed:
         places = [
-            Placement(
-                bed.hosts[h.name].address, tuple(netns_exec_argv(bed.hosts[h.name].netns, []))
-            )
-            for h in hosts
+            Placement(bed.hosts[h.name].address, bed.hosts[h.name].argv_prefix) for h in hosts
         ]
         swarm = LoopbackSwarm(args.peers, placements=places)
         try:

@@ -17,7 +17,6 @@ import torch
 from shoal.parallel.data.loopback import LoopbackSwarm, Placement, peer_input, peer_weight
 from shoal.parallel.data.partition import plan_shares
 from shoal.testbed import Public, Testbed, Topology
-from shoal.testbed.netns import netns_exec_argv
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -40,10 +39,7 @@ def test_a_slow_upload_is_measured_and_given_a_small_share(netns_ok: None, tmp_p
     exact = (exact / sum(peer_weight(r) for r in range(4))).float()
     with Testbed(Topology(hosts=hosts)) as bed:
         places = [
-            Placement(
-                bed.hosts[h.name].address, tuple(netns_exec_argv(bed.hosts[h.name].netns, []))
-            )
-            for h in hosts
+            Placement(bed.hosts[h.name].address, bed.hosts[h.name].argv_prefix) for h in hosts
         ]
         swarm = LoopbackSwarm(4, placements=places)
         try:

@@ -31,6 +31,11 @@ class Host:
     def __repr__(self) -> str:
         return f"Host({self.name!r}, {self.role}, {self.address})"
 
+    @property
+    def argv_prefix(self) -> tuple[str, ...]:
+        """What runs a command inside this host when put before its argv."""
+        return tuple(netns_exec_argv(self.netns, []))
+
     def exec(
         self,
         argv: Sequence[str],

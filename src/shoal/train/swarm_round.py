@@ -38,7 +38,14 @@ from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator,
 from shoal.parallel.data.rendezvous import Group, MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
 
-__all__ = ["RoundOutcome", "RoundsConfig", "SwarmRounds", "retry_key", "wait_outcome"]
+__all__ = [
+    "RoundOutcome",
+    "RoundsConfig",
+    "SwarmRounds",
+    "moving_average",
+    "retry_key",
+    "wait_outcome",
+]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.1
@@ -129,7 +136,7 @@ def announced_bandwidth(bps: float) -> float:
     return float(2.0 ** (round(2.0 * math.log2(max(bps, 1.0))) / 2.0))
 
 
-def _moving(average: float | None, sample: float | None) -> float | None:
+def moving_average(average: float | None, sample: float | None) -> float | None:
     """Half the last average, half the new sample (either alone when the other is None)."""
     if sample is None or average is None:
         return sample if average is None else average
@@ -271,7 +278,7 @@ class SwarmRounds:
             announced_bandwidth(self.uplink_bps or cfg.bandwidth_prior_bps),
             address is None,
             address or "",  # a client is never dialed
-            # Not measured yet (or a client, which pulls): 0, taken as the uplink.
+            # Not measured yet: 0, taken as the uplink.
             downlink_bps=announced_bandwidth(self.downlink_bps) if self.downlink_bps else 0.0,
         )
         confirmed: list[Group] = []
@@ -302,7 +309,7 @@ class SwarmRounds:
         seconds = {"matchmaking": t1 - t0}
         if isinstance(group, NoGroup):
             return RoundOutcome(False, reason=group.reason, seconds=seconds)
-        spec = self.transport.join(group)  # shares follow the announced bandwidths
+        spec = self.transport.join(group)  # shares follow the announced links
         members = list(spec.members)
         self.averager.prepare(spec)
         result = None
@@ -367,8 +374,8 @@ class SwarmRounds:
         return replace(group, members=tuple(members))
 
     def _observe_links(self) -> None:
-        self.uplink_bps = _moving(self.uplink_bps, self.transport.uplink_sample())
-        self.downlink_bps = _moving(self.downlink_bps, self.transport.downlink_sample())
+        self.uplink_bps = moving_average(self.uplink_bps, self.transport.uplink_sample())
+        self.downlink_bps = moving_average(self.downlink_bps, self.transport.downlink_sample())
 
     async def again(self, vector: torch.Tensor, weight: float, *, tag: bytes) -> RoundOutcome:
         """A follow-up all-reduce with the last round's contributors, without matchmaking.
@@ -384,7 +391,7 @@ class SwarmRounds:
             return RoundOutcome(False, reason="no reducer among the last round's contributors")
         if self.runtime.peer_id not in last.members:
             return RoundOutcome(False, reason="this peer was left out of the last round")
-        spec = last.subgroup(range(len(last.members)), last.round_id[:32] + tag[:16])
+        spec = replace(last, round_id=last.round_id[:32] + tag[:16])
         self.averager.prepare(spec)
         t0 = time.monotonic()
         result = await self.averager.average(

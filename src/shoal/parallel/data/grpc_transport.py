@@ -232,10 +232,10 @@ class GrpcTransport:
     def join(self, group: Group) -> GroupSpec:
         """The all-reduce group for a matchmaking ``Group``; learns members' addresses.
 
-        Shares follow the links the members announced, clamped to
-        ``[MIN_BANDWIDTH_BPS, MAX_BANDWIDTH_BPS]`` (an announcement cannot claim the whole
-        vector or starve a reducer to nothing; a downlink of 0, not measured, stays 0 and
-        is taken as the uplink); client-mode members reduce nothing.
+        Shares are planned from the links the members announced, clamped to
+        ``[MIN_BANDWIDTH_BPS, MAX_BANDWIDTH_BPS]`` (the planning stays in a sane range of
+        rates; a downlink of 0, not measured, stays 0 and is taken as the uplink).
+        Client-mode members reduce nothing.
         """
         members = []
         for entry in group.members:

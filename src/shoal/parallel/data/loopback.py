@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -136,7 +136,7 @@ def _peer_main(argv: Sequence[str]) -> None:
                 )
                 _emit({"configured": rank})
             elif cmd["cmd"] == "round" and group is not None:
-                spec = group.subgroup(range(len(group.members)), f"round-{cmd['round']}".encode())
+                spec = replace(group, round_id=f"round-{cmd['round']}".encode())
                 hold = cmd.get("hold_after")
                 if hold is not None:
                     averager = Averager(_Holding(transport, hold), wire_codec=codec)
