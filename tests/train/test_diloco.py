@@ -141,6 +141,36 @@ def test_stale_peer_resyncs_onto_the_swarm_and_keeps_its_local_progress() -> Non
     assert torch.allclose(seen[0], expected, atol=1e-6)
 
 
+def test_a_round_with_fewer_peers_than_live_asks_whether_the_swarm_is_ahead() -> None:
+    # Two sides of a healed partition each average with their half, under different round
+    # keys (their outer parameters differ): the side behind must find the other and join
+    # it, or the swarm stays split for good.
+    start = _peer_params(5)
+    other_side = OuterNesterov(start)
+    for _ in range(3):  # the other half applied three rounds meanwhile
+        other_side.step(torch.full((11,), 0.03))
+    asked: list[int] = []
+
+    def resync() -> ResyncState:
+        asked.append(1)
+        tensors = {**other_side.state_tensors(), "outer.applied": torch.tensor(3)}
+        return ResyncState(3, tensors)
+
+    def half(vector, weight, index):  # ok, with 2 of the 4 live peers
+        return RoundOutcome(True, group_size=2, expected=4)
+
+    ps = [t.clone() for t in start]
+    d = DiLoCo(ps, DiLoCoConfig(local_steps=1), half, resync)
+    assert d.after_local_step(4).ok and d.applied == 1 and d.stale  # type: ignore[union-attr]
+    d.average = lambda vector, weight, index: RoundOutcome(True, group_size=4, expected=4)
+    report = d.after_local_step(4)  # takes the other side's state (and its round)
+    assert asked == [1] and report is not None and report.resynced and d.applied == 3
+    assert all(torch.equal(a, b) for a, b in zip(d.outer.master, other_side.master, strict=True))
+    report = d.after_local_step(4)  # then averages with everyone, and asks nothing
+    assert report is not None and report.ok and not report.resynced
+    assert asked == [1] and not d.stale and d.applied == 4
+
+
 def test_failed_round_keeps_samples_and_local_params() -> None:
     ps = _peer_params(2)
     d = DiLoCo(ps, DiLoCoConfig(local_steps=3), lambda v, w, i: RoundOutcome(False, reason="x"))

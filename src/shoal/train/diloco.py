@@ -24,6 +24,11 @@ The commit rule:
   steps are each peer's own count (a peer that trained alone before others came is far
   ahead), and a step-ahead donor that had missed a round rolled back the round a failed
   member had applied. A failed round asks at the next two rounds at most.
+- **Round ok with fewer peers than the membership view counts** (``outcome.expected``):
+  applied as above, and the peer asks too. Two sides of a healed partition hold different
+  ``θ`` and meet under different round keys; without asking, each side went on averaging
+  with its half for good. The side behind (fewer outer steps applied) adopts the other's
+  ``θ`` and meets it at the next round; sides that applied as many steps stay apart.
 - **Skipped** (``outcome.skipped``: no other live peer could average with this one): as a
   failed round, but no round is counted, so the index of a peer that was alone does not
   run ahead of the peers that join it.
@@ -155,6 +160,12 @@ class DiLoCo:
             self.outer.keeping_progress(self.params, lambda: self.outer.step(delta))
             self.stale = False
         else:
+            self.mark_stale()
+        if outcome.ok and outcome.group_size < outcome.expected:
+            # Fewer peers averaged than are live: the others may hold other outer state.
+            # Two sides of a healed partition meet under different keys (the outer
+            # fingerprint) and never again, each waiting out its windows for the other.
+            # Ask before the next round whether the swarm holds a state ahead of ours.
             self.mark_stale()
         return RoundReport(
             r,

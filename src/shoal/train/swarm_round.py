@@ -174,6 +174,9 @@ class RoundOutcome:
     """No round was tried: no other live peer can average with this one (``reason`` says
     why). Round counts do not advance, so a peer that was alone for a while does not run
     ahead of the peers that join it."""
+    expected: int = 0
+    """Peers the membership view said could average with this one, itself included (0: not
+    known)."""
 
 
 def wait_outcome(

@@ -144,6 +144,7 @@ async def swarm_average(
     scope_tag = hashlib.blake2b(services.scope.encode(), digest_size=6).hexdigest()
     scoped = scope_tag.encode() + b"/" + key
     outcome = await rounds.average(vector, weight, round_key=scoped, expected_peers=view.compatible)
+    outcome.expected = view.compatible
     if not outcome.ok and not outcome.group_size and view.other_scopes:
         outcome.reason += f" ({view.alone_reason().partition('; ')[2]})"
     return outcome
