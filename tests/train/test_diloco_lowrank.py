@@ -15,7 +15,11 @@ SHAPES = [torch.Size([32, 24]), torch.Size([24]), torch.Size([16, 2, 8])]
 
 
 def _ok(vector: torch.Tensor, weight: float, index: int, stage: int) -> RoundOutcome:
-    return RoundOutcome(True, contributors=frozenset({1, 2}), weight=weight, group_size=2)
+    # the first exchange comes from matchmaking, which counted 3 live peers
+    expected = 3 if stage == 0 else 0
+    return RoundOutcome(
+        True, contributors=frozenset({1, 2}), weight=weight, group_size=2, expected=expected
+    )
 
 
 def test_low_rank_inputs_come_through_exactly_and_dense_tensors_untouched() -> None:
@@ -28,7 +32,8 @@ def test_low_rank_inputs_come_through_exactly_and_dense_tensors_untouched() -> N
     assert avg.matrices == [0, 2] and avg.dense == [1]
     assert avg.wire_numel() == 2 * (32 + 24) + 24 + 2 * (16 + 16)
     out = delta.clone()
-    assert avg.average(out, 1.0, 0, _ok).ok
+    outcome = avg.average(out, 1.0, 0, _ok)
+    assert outcome.ok and outcome.expected == 3  # a round short of the live peers shows
     assert torch.allclose(out, delta, atol=1e-4)
     assert all(e.abs().max() < 1e-4 for e in avg.error.values())
 

@@ -134,6 +134,7 @@ class LowRankAverager:
             reason=out2.reason,
             seconds=seconds,
             included=out2.included,
+            expected=out1.expected,  # what the first exchange's membership view counted
         )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

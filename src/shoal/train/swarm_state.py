@@ -134,11 +134,6 @@ class AppliedRounds:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            folder = os.open(self.run_dir, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
         except OSError as exc:
             log.warning(
                 "cannot note the applied round in %s (%s): own state (error feedback) will "
@@ -148,6 +143,15 @@ class AppliedRounds:
             )
             with contextlib.suppress(OSError):
                 path.unlink()
+            return
+        # The rename is durable once the folder is synced; a filesystem that cannot sync
+        # folders keeps it as the file system keeps renames (the note itself is written).
+        with contextlib.suppress(OSError):
+            folder = os.open(self.run_dir, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
 
 
 def local_is_current(checkpoint_count: Any, noted_count: int | None) -> bool:

@@ -103,17 +103,19 @@ class Averager:
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
         flat = FlatVector(tensors)
-        try:  # planning takes milliseconds (a quarter second for 256 members): off the loop
-            shares = await asyncio.to_thread(group.shares)
-        except asyncio.CancelledError:  # the others may count on us already: say we leave
-            await send_leave(self.transport, group.round_id, group.members)
-            self.transport.inbox.close(group.round_id)
-            raise
-        ranges = part_ranges(flat.numel, shares)
         deadline = asyncio.get_running_loop().time() + timeout_s
         clients = {m for m, c in zip(group.members, group.client_mode, strict=True) if c}
         self.transport.begin(group.round_id, group.members, clients, deadline)
         try:
+            try:  # planning takes milliseconds (a quarter second for 256 members): off the loop
+                shares = await asyncio.to_thread(group.shares)
+            except asyncio.CancelledError:  # the others may count on us already: say we leave
+                try:
+                    await send_leave(self.transport, group.round_id, group.members)
+                finally:
+                    self.transport.inbox.close(group.round_id)
+                raise
+            ranges = part_ranges(flat.numel, shares)
             result, parts = await run_allreduce(
                 self.transport,
                 group.round_id,
