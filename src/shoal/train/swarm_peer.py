@@ -44,7 +44,6 @@ from shoal.train.swarm_state import (
     Restored,
     drop_stale_local,
     keep_own_local,
-    last_applied_count,
     restore_peer,
     snapshot_peer,
 )
@@ -190,9 +189,10 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         root = checkpoint_root(opts.run_dir)
         found = recover(root, services.runtime, _dht_if_ahead(services), services.state_key)
         source, restored = _restore(found, opts, trainer, shape, seed_for_data)
+        applied_rounds = AppliedRounds(opts.run_dir, found.own_meta)
+        noted = applied_rounds.noted
         if restored is not None:
             trainer.step = restored.step
-            noted = last_applied_count(opts.run_dir)
             if source is Source.SWARM:  # our own state stays ours (see keep_own_local)
                 restored = keep_own_local(
                     restored,
@@ -204,7 +204,6 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                 )
             else:
                 restored = drop_stale_local(restored, noted)
-        applied_rounds = AppliedRounds(opts.run_dir, found.own_meta)
         strategy = _make_strategy(opts, trainer, services, stop)
         if restored is not None:
             strategy.load_state(restored.strategy, restored.round_index, restored.applied_step)

@@ -41,6 +41,7 @@ __all__ = [
     "LOCAL_PREFIX",
     "AppliedRounds",
     "Restored",
+    "applied_count",
     "drop_stale_local",
     "fetch_from_swarm",
     "fetch_snapshot_from_swarm",
@@ -118,9 +119,9 @@ class AppliedRounds:
 
     def __init__(self, run_dir: Path, own_meta: dict[str, Any]) -> None:
         self.run_dir = run_dir
-        on_disk = own_meta.get("applied_rounds")
-        on_disk = on_disk if type(on_disk) is int and on_disk >= 0 else 0
-        self.count = max(last_applied_count(run_dir) or 0, on_disk)
+        self.noted = last_applied_count(run_dir)
+        """The note as this run found it (what own state on disk is checked against)."""
+        self.count = max(self.noted or 0, applied_count(own_meta) or 0)
 
     def applied(self) -> None:
         """Count one more applied round and note it (atomically, synced). A note that
@@ -154,25 +155,29 @@ class AppliedRounds:
                 os.close(folder)
 
 
-def local_is_current(checkpoint_count: Any, noted_count: int | None) -> bool:
-    """Whether own state from a checkpoint whose meta says ``applied_rounds`` =
-    ``checkpoint_count`` is still this peer's: no round was applied after it
+def applied_count(meta: dict[str, Any]) -> int | None:
+    """The ``applied_rounds`` a snapshot's meta records, or None (none, or not a count)."""
+    count = meta.get("applied_rounds")
+    return count if type(count) is int and count >= 0 else None
+
+
+def local_is_current(checkpoint_count: int | None, noted_count: int | None) -> bool:
+    """Whether own state from a checkpoint taken after ``checkpoint_count`` applied rounds
+    (:func:`applied_count`) is still this peer's: no round was applied after it
     (``noted_count`` from :func:`last_applied_count`; None, unknown, is not current)."""
     return (
-        noted_count is not None
-        and type(checkpoint_count) is int
-        and checkpoint_count >= noted_count
+        noted_count is not None and checkpoint_count is not None and checkpoint_count >= noted_count
     )
 
 
-def _refuse_stale(checkpoint_count: Any, noted_count: int | None) -> None:
+def _refuse_stale(checkpoint_count: int | None, noted_count: int | None) -> None:
     if noted_count is None:
         log.info("no note of the rounds this peer applied: own state on disk is not taken back")
         return
     log.warning(
         "own state on disk (error feedback) was taken after %s applied rounds, %d were "
         "applied: not taken back (it would send again what later rounds sent)",
-        checkpoint_count if type(checkpoint_count) is int else "unknown",
+        "unknown" if checkpoint_count is None else checkpoint_count,
         noted_count,
     )
 
@@ -274,14 +279,13 @@ def restore_peer(
     applied = ckpt.meta.get("applied_step", ckpt.step)
     if type(applied) is not int or not 0 <= applied <= ckpt.step:
         applied = ckpt.step
-    count = ckpt.meta.get("applied_rounds")
     return Restored(
         ckpt.step,
         int(ckpt.meta.get("round_index", 0)),
         strategy,
         averaged,
         applied,
-        count if type(count) is int and count >= 0 else None,
+        applied_count(ckpt.meta),
     )
 
 
@@ -323,7 +327,7 @@ def keep_own_local(
     if mismatch is not None:
         log.warning("own state on disk is not taken back: %s", mismatch)
         return restored
-    checkpoint_count = own_meta.get("applied_rounds")
+    checkpoint_count = applied_count(own_meta)
     if not local_is_current(checkpoint_count, noted_count):
         _refuse_stale(checkpoint_count, noted_count)
         return restored
