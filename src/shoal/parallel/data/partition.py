@@ -149,17 +149,10 @@ def _plan(
     a_cap = max(max(1 / x for x in u), k / min(d))
     b_cap = max(max(1 / x for x in d), k / min(u))
 
-    def least(feasible: Callable[[float], bool], high: float) -> float:
-        low = 0.0
-        for _ in range(_SEARCH_STEPS):
-            mid = 0.5 * (low + high)
-            low, high = (low, mid) if feasible(mid) else (mid, high)
-        return high
-
     def best_b(a: float) -> float:
-        return least(lambda b: fits(a, b), b_cap)
+        return _least(lambda b: fits(a, b), 0.0, b_cap)
 
-    a_low = least(lambda a: fits(a, b_cap), a_cap)
+    a_low = _least(lambda a: fits(a, b_cap), 0.0, a_cap)
     # The optimum's a is at most the whole time of the least feasible a (b >= 0).
     a_high = min(a_cap, a_low + best_b(a_low))
     ratio = (math.sqrt(5) - 1) / 2
@@ -181,6 +174,17 @@ def _plan(
     return _nearest_equal(lo, hi, clients)
 
 
+def _least(
+    feasible: Callable[[float], bool], low: float, high: float, steps: int = _SEARCH_STEPS
+) -> float:
+    """Bisection: the least ``x`` in ``(low, high]`` that is ``feasible`` (a monotone
+    predicate, true at ``high``), to within ``(high - low) / 2**steps`` above it."""
+    for _ in range(steps):
+        mid = 0.5 * (low + high)
+        low, high = (low, mid) if feasible(mid) else (mid, high)
+    return high
+
+
 def _nearest_equal(
     lo: list[float], hi: list[float], clients: tuple[bool, ...]
 ) -> tuple[float, ...]:
@@ -193,11 +197,8 @@ def _nearest_equal(
     def total(mu: float) -> float:
         return math.fsum(min(h, max(low, t + mu)) for t, low, h in zip(target, lo, hi, strict=True))
 
-    low_mu, high_mu = -1.0, 1.0
-    for _ in range(_SEARCH_STEPS + 20):
-        mid = 0.5 * (low_mu + high_mu)
-        low_mu, high_mu = (mid, high_mu) if total(mid) < 1.0 else (low_mu, mid)
-    shares = [min(h, max(low, t + high_mu)) for t, low, h in zip(target, lo, hi, strict=True)]
+    mu = _least(lambda mu: total(mu) >= 1.0, -1.0, 1.0, steps=_SEARCH_STEPS + 20)
+    shares = [min(h, max(low, t + mu)) for t, low, h in zip(target, lo, hi, strict=True)]
     whole = math.fsum(shares)
     return tuple(s / whole for s in shares)
 
