@@ -134,10 +134,11 @@ def test_peers_behind_nats_average_in_client_mode(peers) -> None:
     with ThreadPoolExecutor(len(names)) as pool:
         answers = dict(zip(names, pool.map(average, names), strict=True))
     everyone = sorted(peers[n].id for n in names)
+    seen = {n: {"id": peers[n].id[:16], **answers[n]} for n in names}  # all of them on failure
     for name, answer in answers.items():
-        assert answer["ok"] and answer["round_ok"], (name, answer)
-        assert answer["contributors"] == everyone, (name, answer)
-        assert answer["max_error"] < 1e-5, (name, answer)
+        assert answer["ok"] and answer["round_ok"], (name, seen)
+        assert answer["contributors"] == everyone, (name, seen)
+        assert answer["max_error"] < 1e-5, (name, seen)
     assert len({a["digest"] for a in answers.values()}) == 1  # the same values everywhere
 
 

@@ -253,7 +253,13 @@ class Commands:
         result = await averager.average(
             [result_vector], float(rank + 1), group=group, timeout_s=round_s
         )
-        out: dict[str, Any] = {"round_ok": result.ok, "reason": result.reason}
+        out: dict[str, Any] = {
+            "round_ok": result.ok,
+            "reason": result.reason,
+            "excluded": {_hex(m)[:16]: why for m, why in result.excluded.items()},
+            "reassigned": {str(j): _hex(m)[:16] for j, m in result.reassigned.items()},
+            "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+        }
         if result.ok:
             ranks = [i for i, pid in enumerate(ids) if pid in result.contributors]
             total = sum(i + 1 for i in ranks)
@@ -312,6 +318,10 @@ class Commands:
         if self.dht is not None:
             self.dht.close()
         self.runtime.close()
+
+
+def _hex(member: object) -> str:
+    return member.raw.hex() if isinstance(member, PeerID) else str(member)
 
 
 def _parser() -> argparse.ArgumentParser:

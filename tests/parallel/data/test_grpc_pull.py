@@ -64,8 +64,13 @@ def test_an_unreachable_client_averages_by_pulling(swarm, codec, atol):
         assert torch.allclose(tensors[i].double(), expect, atol=atol, rtol=0)
     assert all(torch.equal(tensors[0], t) for t in tensors[1:])  # identical everywhere
     assert runtimes[3].peer_id not in transports[0].addresses  # it was never dialed
-    # Nothing is left queued or attached once the round is over.
-    assert all(t._outbox.queued() == 0 and not t._pulls and not t._clients for t in transports)
+    # Nothing is left attached once the round is over. A reducer may still hold one message
+    # for the client: when the client ends its pull stream while the message's last frame is
+    # going out, the reducer cannot tell whether it arrived and keeps it for a later pull
+    # (until the round's deadline). Everything the client took before is gone.
+    assert all(not t._pulls and not t._clients for t in transports)
+    assert [t._outbox.queued() for t in transports][3] == 0
+    assert all(t._outbox.queued() <= 1 for t in transports[:3])
 
 
 def test_a_client_still_averages_when_a_reducer_is_gone(swarm):

@@ -166,7 +166,9 @@ class AveragingService(rpc.AveragingServicer):
                     for frame in wire.frames():
                         yield frame
                 except BaseException:
-                    stream.put_back()  # the next pull stream sends it
+                    # The next pull stream sends it. Even when the last frame had gone out:
+                    # whether it arrived is unknown, so it waits (until the round's deadline).
+                    stream.put_back()
                     raise
 
 
