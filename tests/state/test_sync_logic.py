@@ -112,6 +112,46 @@ def test_progress_counts_travel_in_announcements_and_bad_ones_are_refused():
     assert prepare(snap).progress == (4, 4) and prepare(_snap()).progress is None
 
 
+def test_equal_counts_under_a_smaller_tag_are_found_only_when_asked_for():
+    # Two sides of a healed partition applied three rounds each from other states: the
+    # side with the greater tag asks with tag_below and finds the other; never the reverse.
+    ann = [
+        Announcement(IDS[0], 50, "a", "h:1", 1, (3,), "0a"),  # tied, smaller tag
+        Announcement(IDS[1], 90, "b", "h:2", 1, (3,), "ff"),  # tied, greater tag
+        Announcement(IDS[2], 10, "c", "h:3", 1, (3,), None),  # tied, no tag
+        Announcement(IDS[3], 20, "d", "h:4", 1, (2,), "00"),  # behind, whatever its tag
+    ]
+    assert choose_donors(ann, ahead_of=[3]) is None  # nobody ahead, no tie asked for
+    choice = choose_donors(ann, ahead_of=[3], tag_below="5c", rng=random.Random(0))
+    assert choice.version == "a" and choice.fallbacks == ()
+    assert choose_donors(ann, ahead_of=[3], tag_below="0a") is None  # ours is the smallest
+    ahead = [*ann, Announcement(IDS[4], 5, "e", "h:5", 1, (4,), "zz")]
+    choice = choose_donors(ahead, ahead_of=[3], tag_below="5c")
+    assert [choice.version, *(f.version for f in choice.fallbacks)] == ["e", "a"]  # ahead first
+
+
+def test_progress_tags_travel_with_counts_and_bad_ones_are_refused():
+    base = {"s": 1, "v": "x", "a": "h:1", "b": 1}
+    value = {
+        IDS[0].raw: encode_announcement(7, "abc", "h:1", 10, progress=[3], progress_tag="9f"),
+        IDS[1].raw: msgpack.packb({**base, "t": "9f"}),  # a tag without counts
+        IDS[2].raw: msgpack.packb({**base, "p": [1], "t": "x" * 65}),
+        IDS[3].raw: msgpack.packb({**base, "p": [1], "t": 7}),
+        IDS[4].raw: msgpack.packb({**base, "p": [1], "t": "caf\u00e9"}),
+    }
+    found = parse_announcements(value)
+    assert [(a.peer_id, a.progress, a.progress_tag) for a in found] == [(IDS[0], (3,), "9f")]
+    with pytest.raises(ConfigError, match="tag"):
+        encode_announcement(1, "x", "h:1", 1, progress_tag="9f")
+    with pytest.raises(ConfigError, match="tag"):
+        encode_announcement(1, "x", "h:1", 1, progress=[1], progress_tag="")
+    snap = _snap()
+    snap.meta.update(progress=[4], progress_tag="beef")
+    assert prepare(snap).progress_tag == "beef"
+    snap.meta["progress_tag"] = "\n"
+    assert prepare(snap).progress_tag is None
+
+
 @given(st.lists(st.integers(0, 5000), min_size=1, max_size=6), st.integers(1, 9000))
 @settings(max_examples=60, deadline=None)
 def test_plan_pieces_covers_every_chunk_once(sizes, piece_bytes):

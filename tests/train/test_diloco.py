@@ -171,6 +171,39 @@ def test_a_round_with_fewer_peers_than_live_asks_whether_the_swarm_is_ahead() ->
     assert asked == [1] and not d.stale and d.applied == 4
 
 
+@pytest.mark.parametrize("wins", [True, False])
+def test_sides_that_applied_as_many_rounds_join_the_smaller_fingerprint(wins) -> None:
+    # Both halves of a healed partition applied one round since the split: neither is
+    # ahead, so each stayed with its half for good. Now the greater fingerprint yields.
+    start = _peer_params(5)
+    sides = [OuterNesterov(start), OuterNesterov(start)]
+    for i, side in enumerate(sides):
+        side.step(torch.full((11,), 0.01 * (i + 1)))
+    mine, theirs = sorted(sides, key=lambda o: o.fingerprint(), reverse=not wins)
+    local_progress = torch.full((2, 3), 0.5)
+    ps = [m.clone() for m in mine.master]  # this peer: its side's state, one round applied
+    d = DiLoCo(ps, DiLoCoConfig(local_steps=1), lambda v, w, i: RoundOutcome(True))
+    d.outer.load_state_tensors(mine.state_tensors())
+    d.applied, d.round_index = 1, 1
+    ps[1].sub_(local_progress)  # local steps since
+    tensors = {**theirs.state_tensors(), "outer.applied": torch.tensor(1)}
+    d.resync = lambda: ResyncState(1, tensors)
+    d.mark_stale()
+    seen: list[tuple[str, torch.Tensor]] = []  # the outer state a round starts from, Δ
+
+    def average(vector, weight, index):
+        seen.append((d.outer.fingerprint(), vector.clone()))
+        return RoundOutcome(True)
+
+    d.average = average
+    report = d.after_local_step(4)
+    assert report is not None and report.ok and report.resynced is not wins
+    kept = mine if wins else theirs
+    assert seen[0][0] == kept.fingerprint() and d.applied == 2
+    # Either way the local progress travels on top of the outer state held.
+    assert torch.allclose(seen[0][1][5:], local_progress.reshape(-1), atol=1e-6)
+
+
 def test_failed_round_keeps_samples_and_local_params() -> None:
     ps = _peer_params(2)
     d = DiLoCo(ps, DiLoCoConfig(local_steps=3), lambda v, w, i: RoundOutcome(False, reason="x"))
@@ -237,7 +270,7 @@ def test_a_resynced_peer_never_rewinds_to_the_snapshot_it_already_adopted(monkey
     tensors = {**donor.state_tensors(), "outer.applied": torch.tensor(1)}
     asked: list[list[int]] = []
 
-    def fetch(services, mode, *, ahead_of):
+    def fetch(services, mode, *, ahead_of, tag_below):
         asked.append(ahead_of)
         return ResyncState(3, tensors, step=40) if ahead_of[0] < 1 else None
 

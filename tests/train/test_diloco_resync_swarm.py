@@ -85,3 +85,13 @@ def test_a_streaming_peer_resyncs_from_a_donor_ahead_of_its_counts_whatever_its_
         state = resync_from_swarm(services, "streaming", newer_than=900, ahead_of=[3, 4])
         assert state is not None and state.step == 40
         assert set(state.tensors) == {"outer.master.0", "outer.momentum.0"}
+
+
+def test_a_peer_tied_with_a_donor_finds_it_only_when_its_own_tag_is_greater():
+    snap = _donor_snapshot(40, "diloco")
+    snap.meta.update(progress=[3], progress_tag="5e0d")
+    with _serving(snap, "resync-tie") as (services, _):
+        assert resync_from_swarm(services, "diloco", ahead_of=[3]) is None
+        assert resync_from_swarm(services, "diloco", ahead_of=[3], tag_below="0f00") is None
+        state = resync_from_swarm(services, "diloco", ahead_of=[3], tag_below="a1b2")
+        assert state is not None and state.step == 40

@@ -2,7 +2,8 @@
 
 Every donor stores, under ``state_key(swarm)`` with its own PeerID as subkey, a small msgpack
 map ``{"s": step, "v": version, "a": address, "b": total_bytes}`` (plus ``"p"``, the
-snapshot's progress counts, when its strategy keeps them) that expires after
+snapshot's progress counts, and ``"t"``, the tag of the state they reached, when its
+strategy keeps them) that expires after
 ``ttl_s`` and is refreshed every ``ttl_s / 3`` and whenever a newer snapshot is ready
 (``StateAnnouncer``). A joiner reads the dictionary, drops malformed entries
 (``parse_announcements``), and ``choose_donors`` picks the freshest step, the version most
@@ -12,6 +13,9 @@ the next snapshots in that order are fallbacks for when none of them can serve.
 Steps are each peer's own count and drift apart between peers; progress counts (e.g. the
 rounds each streaming fragment applied) compare across peers. A peer that may have missed
 a round asks ``choose_donors(ahead_of=its counts)`` for a snapshot ahead of it somewhere.
+Peers with equal counts under different tags diverged (two sides of a healed partition
+applied as many rounds each): ``tag_below=its tag`` also finds the snapshots with the
+same counts and a smaller tag, an order every peer agrees on, so one side joins the other.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import msgpack
 from shoal.errors import ConfigError, ShoalError
 from shoal.net.aio import within
 from shoal.net.identity import PEER_ID_BYTES, PeerID
-from shoal.state.snapshot import MAX_PROGRESS, ServedSnapshot, valid_progress
+from shoal.state.snapshot import MAX_PROGRESS, ServedSnapshot, valid_progress, valid_tag
 
 __all__ = [
     "Announcement",
@@ -67,6 +71,8 @@ class Announcement:
     total_bytes: int
     progress: tuple[int, ...] | None = None
     """The snapshot's progress counts (None: its strategy keeps none)."""
+    progress_tag: str | None = None
+    """The tag of the state those counts reached (None: none announced)."""
 
 
 def encode_announcement(
@@ -75,12 +81,17 @@ def encode_announcement(
     address: str,
     total_bytes: int,
     progress: Sequence[int] | None = None,
+    progress_tag: str | None = None,
 ) -> bytes:
     doc: dict[str, Any] = {"s": step, "v": version, "a": address, "b": total_bytes}
     if progress is not None:
         if not valid_progress(progress):
             raise ConfigError(f"progress must be 1 to {MAX_PROGRESS} ints in [0, 2**53]")
         doc["p"] = list(progress)
+    if progress_tag is not None:
+        if progress is None or not valid_tag(progress_tag):
+            raise ConfigError("a progress tag goes with progress counts, 1 to 64 ASCII chars")
+        doc["t"] = progress_tag
     value: bytes = msgpack.packb(doc, use_bin_type=True)
     return value
 
@@ -97,10 +108,12 @@ def _parse_one(subkey: bytes, value: bytes) -> Announcement | None:
             max_array_len=MAX_PROGRESS,
         )
         step, version, address, total = doc["s"], doc["v"], doc["a"], doc["b"]
-        progress = doc.get("p")
+        progress, tag = doc.get("p"), doc.get("t")
     except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException):
         return None
     if progress is not None and not valid_progress(progress):
+        return None
+    if tag is not None and (progress is None or not valid_tag(tag)):
         return None
     if not (isinstance(step, int) and step >= 0 and isinstance(total, int) and total >= 0):
         return None
@@ -113,7 +126,7 @@ def _parse_one(subkey: bytes, value: bytes) -> Announcement | None:
     except Exception:  # not a valid public key
         return None
     counts = tuple(progress) if progress is not None else None
-    return Announcement(peer_id, step, version, address, total, counts)
+    return Announcement(peer_id, step, version, address, total, counts, tag)
 
 
 def parse_announcements(value: bytes | Mapping[bytes, bytes] | None) -> list[Announcement]:
@@ -152,12 +165,15 @@ def choose_donors(
     max_fallbacks: int = 3,
     rng: random.Random | None = None,
     ahead_of: Sequence[int] | None = None,
+    tag_below: str | None = None,
 ) -> DonorChoice | None:
     """Freshest step, then the version most donors hold (ties: smallest version string);
     the next ``max_fallbacks`` snapshots in that order go in ``fallbacks``.
 
     With ``ahead_of`` (the caller's progress counts), only snapshots whose counts are
-    ahead of those somewhere are candidates, most rounds gained first, then by step."""
+    ahead of those somewhere are candidates, most rounds gained first, then by step; with
+    ``tag_below`` too, so are snapshots of exactly those counts under a smaller tag (after
+    every one ahead)."""
     by_snapshot: dict[tuple[int, str], list[Announcement]] = {}
     gain: dict[tuple[int, str], int] = {}
     for a in announcements:
@@ -165,7 +181,7 @@ def choose_donors(
             continue
         if ahead_of is not None:
             ahead = _rounds_ahead(a.progress, ahead_of)
-            if ahead <= 0:
+            if ahead <= 0 and not _tied_below(a, ahead_of, tag_below):
                 continue
             gain[a.step, a.version] = ahead
         by_snapshot.setdefault((a.step, a.version), []).append(a)
@@ -182,6 +198,16 @@ def choose_donors(
         rng.shuffle(donors)
         choices.append(DonorChoice(step, version, donors[:max_donors], donors[max_donors:]))
     return replace(choices[0], fallbacks=tuple(choices[1:]))
+
+
+def _tied_below(a: Announcement, counts: Sequence[int], tag: str | None) -> bool:
+    """``a`` reached exactly ``counts`` in a state tagged below ``tag``."""
+    return (
+        tag is not None
+        and a.progress_tag is not None
+        and a.progress == tuple(counts)
+        and a.progress_tag < tag
+    )
 
 
 def _rounds_ahead(theirs: tuple[int, ...] | None, ours: Sequence[int]) -> int:
@@ -235,7 +261,12 @@ class StateAnnouncer:
         if served is None:
             return False
         value = encode_announcement(
-            served.step, served.version, self.address, served.total_bytes, served.progress
+            served.step,
+            served.version,
+            self.address,
+            served.total_bytes,
+            served.progress,
+            served.progress_tag if served.progress is not None else None,
         )
         await within(
             self.dht.node.store(self.key, value, time.time() + self.ttl_s, subkey=b""),

@@ -81,6 +81,20 @@ def valid_progress(counts: Any) -> bool:
     )
 
 
+MAX_TAG_CHARS = 64
+"""Longest progress tag a snapshot announces."""
+
+
+def valid_tag(tag: Any) -> bool:
+    """Whether ``tag`` can be announced as a progress tag: 1 to 64 printable ASCII chars."""
+    return (
+        isinstance(tag, str)
+        and 0 < len(tag) <= MAX_TAG_CHARS
+        and tag.isascii()
+        and tag.isprintable()
+    )
+
+
 def chunk_count(byte_length: int, chunk_bytes: int) -> int:
     return -(-byte_length // chunk_bytes)
 
@@ -95,6 +109,9 @@ class ServedSnapshot:
     progress: tuple[int, ...] | None = None
     """The snapshot's progress counts (``meta["progress"]``), announced with it: they
     compare across peers where steps do not (see ``shoal.state.announce``)."""
+    progress_tag: str | None = None
+    """Names the state those counts reached (``meta["progress_tag"]``, e.g. a hash of
+    DiLoCo's outer parameters): equal counts under different tags are diverged states."""
 
     @property
     def step(self) -> int:
@@ -162,11 +179,13 @@ def prepare(snapshot: Snapshot, *, chunk_bytes: int = MiB) -> ServedSnapshot:
     )
     manifest.version = manifest_version(manifest)
     counts: Any = snapshot.meta.get("progress")
+    tag: Any = snapshot.meta.get("progress_tag")
     return ServedSnapshot(
         manifest=manifest,
         tensors=tuple(tensors),
         views=tuple(views),
         progress=tuple(counts) if valid_progress(counts) else None,
+        progress_tag=tag if valid_tag(tag) else None,
     )
 
 

@@ -381,15 +381,18 @@ async def find_donors(
     config: SyncConfig,
     exclude: Any = None,
     ahead_of: Sequence[int] | None = None,
+    tag_below: str | None = None,
 ) -> DonorChoice | None:
     """Read the announcements under ``key`` and choose donors (None when nobody announces,
-    or, with ``ahead_of``, when no snapshot is ahead of those progress counts)."""
+    or, with ``ahead_of``, when no snapshot is ahead of those progress counts, nor tied
+    with them under a tag below ``tag_below``: see ``choose_donors``)."""
     value = await within(dht.node.get(key), config.dht_timeout_s)
     return choose_donors(
         parse_announcements(value),
         exclude=exclude,
         max_donors=config.max_donors,
         ahead_of=ahead_of,
+        tag_below=tag_below,
     )
 
 

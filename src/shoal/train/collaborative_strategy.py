@@ -182,6 +182,10 @@ class SyncStrategy:
     def progress(self) -> list[int] | None:
         return None
 
+    @property
+    def progress_tag(self) -> str | None:
+        return None
+
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
     ) -> bool:

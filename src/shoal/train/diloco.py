@@ -29,7 +29,9 @@ The commit rule:
   the usual size is complete): applied as above, and the peer asks too. Two sides of a healed partition hold different
   ``θ`` and meet under different round keys; without asking, each side went on averaging
   with its half for good. The side behind (fewer outer steps applied) adopts the other's
-  ``θ`` and meets it at the next round; sides that applied as many steps stay apart.
+  ``θ`` and meets it at the next round; of sides that applied as many steps, the one whose
+  ``θ`` fingerprint is greater adopts the other's (snapshots announce it as their
+  progress tag).
 - **Skipped** (``outcome.skipped``: no other live peer could average with this one): as a
   failed round, but no round is counted, so the index of a peer that was alone does not
   run ahead of the peers that join it.
@@ -193,7 +195,7 @@ class DiLoCo:
         if state is None:
             return False
         theirs = saved_count(state.tensors, _APPLIED)
-        if theirs is not None and theirs <= self.applied:
+        if theirs is not None and theirs <= self.applied and not self._loses_tie(theirs, state):
             return False  # not ahead: adopting it could undo a round we applied
         load = self.outer.load_state_tensors
         if not self.outer.keeping_progress(self.params, lambda: load(state.tensors)):
@@ -207,6 +209,15 @@ class DiLoCo:
         if self.on_resync is not None:
             self.on_resync(state)
         return True
+
+    def _loses_tie(self, theirs: int, state: ResyncState) -> bool:
+        """``state`` applied as many outer steps as this peer, from other outer parameters
+        (two sides of a healed partition): the side whose fingerprint is greater takes the
+        other's, an order both sides agree on, so they meet under one round key again."""
+        if theirs != self.applied:
+            return False
+        other = self.outer.fingerprint_of(state.tensors)
+        return other is not None and other < self.outer.fingerprint()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         applied = torch.tensor(self.applied, dtype=torch.int64)

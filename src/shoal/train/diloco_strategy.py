@@ -98,7 +98,12 @@ class DiLoCoStrategy:
             self.lowrank.load_state_tensors(state.tensors)
 
     def _resync(self) -> ResyncState | None:
-        return resync_from_swarm(self.services, self.mode, ahead_of=[self.diloco.applied])
+        return resync_from_swarm(
+            self.services,
+            self.mode,
+            ahead_of=[self.diloco.applied],
+            tag_below=self.diloco.outer.fingerprint(),
+        )
 
     def step(self) -> StepOutcome:
         with self.services.monitor.profiler.compute:
@@ -125,6 +130,10 @@ class DiLoCoStrategy:
     def progress(self) -> list[int] | None:
         return [self.diloco.applied]
 
+    @property
+    def progress_tag(self) -> str | None:
+        return self.diloco.outer.fingerprint()
+
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
     ) -> bool:
@@ -147,11 +156,17 @@ class DiLoCoStrategy:
 
 
 def resync_from_swarm(
-    services: PeerServices, mode: str, *, newer_than: int = -1, ahead_of: list[int] | None = None
+    services: PeerServices,
+    mode: str,
+    *,
+    newer_than: int = -1,
+    ahead_of: list[int] | None = None,
+    tag_below: str | None = None,
 ) -> ResyncState | None:
     """The swarm's outer state (round index, ``outer.*`` tensors) if a donor of the same
     ``mode`` holds a snapshot newer than step ``newer_than`` (with ``ahead_of``, one whose
-    progress counts are ahead of those somewhere, whatever its step); else None."""
+    progress counts are ahead of those somewhere, whatever its step, or with ``tag_below``
+    the same counts under a smaller tag); else None."""
     s = services
     # Only the outer state travels (the model and AdamW moments make up most of a
     # snapshot, several rounds' worth of bytes): the local model is rebased onto it.
@@ -162,6 +177,7 @@ def resync_from_swarm(
         newer_than=newer_than,
         only=lambda name: name.startswith("extra/outer."),
         ahead_of=ahead_of,
+        tag_below=tag_below,
     )
     if snapshot is None or snapshot.meta.get("mode") != mode:
         return None

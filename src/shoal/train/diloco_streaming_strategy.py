@@ -61,6 +61,10 @@ class StreamingStrategy:
     def progress(self) -> list[int] | None:
         return list(self.streaming.applied)
 
+    @property
+    def progress_tag(self) -> str | None:
+        return None  # fragments diverged at equal counts are not told apart yet
+
     def _resync(self, ahead_of: list[int]) -> ResyncState | None:
         state = resync_from_swarm(self.services, self.mode, ahead_of=ahead_of)
         if state is not None:  # adopted: what trained since is rebased onto the swarm's

@@ -60,10 +60,18 @@ class OuterNesterov:
 
     def fingerprint(self) -> str:
         """Short hash of the master parameters (equal exactly when they are bitwise equal)."""
-        h = hashlib.blake2b(digest_size=8)
-        for m in self.master:
-            h.update(m.numpy().tobytes())
-        return h.hexdigest()
+        return _fingerprint(self.master)
+
+    def fingerprint_of(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> str | None:
+        """:meth:`fingerprint` of the masters in ``tensors`` (from :meth:`state_tensors`), or
+        None when they do not fit this model (as :meth:`load_state_tensors` would refuse)."""
+        masters = []
+        for i, m in enumerate(self.master):
+            t = tensors.get(f"{prefix}.master.{i}")
+            if t is None or t.shape != m.shape:
+                return None
+            masters.append(t.to(torch.float32))
+        return _fingerprint(masters)
 
     @property
     def numel(self) -> int:
@@ -132,6 +140,13 @@ class OuterNesterov:
     def _check(self, params: Sequence[torch.Tensor]) -> None:
         if len(params) != len(self.master):
             raise ConfigError(f"expected {len(self.master)} parameters, got {len(params)}")
+
+
+def _fingerprint(masters: Sequence[torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for m in masters:
+        h.update(m.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def saved_count(tensors: dict[str, torch.Tensor], key: str) -> int | None:

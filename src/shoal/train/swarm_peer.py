@@ -229,6 +229,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                 averaged=averaged,
                 applied_step=s.applied_step,
                 progress=s.progress,
+                progress_tag=s.progress_tag,
                 applied_rounds=applied_rounds.count,
             )
 

@@ -207,6 +207,7 @@ def snapshot_peer(
     averaged: bool = True,
     applied_step: int | None = None,
     progress: list[int] | None = None,
+    progress_tag: str | None = None,
     applied_rounds: int | None = None,
 ) -> Snapshot:
     """CPU snapshot of a swarm peer (compute thread); ``averaged=False`` marks local
@@ -231,6 +232,8 @@ def snapshot_peer(
     }
     if progress is not None:
         meta["progress"] = list(progress)
+        if progress_tag is not None:
+            meta["progress_tag"] = progress_tag
     if applied_rounds is not None:
         meta["applied_rounds"] = applied_rounds
     return take_snapshot(step, model, optimizer, extra=extra, local=local, meta=meta)
@@ -356,15 +359,19 @@ def fetch_snapshot_from_swarm(
     timeout_s: float = 30.0,
     only: Callable[[str], bool] | None = None,
     ahead_of: list[int] | None = None,
+    tag_below: str | None = None,
 ) -> Snapshot | None:
     """:func:`fetch_from_swarm` as a raw snapshot, optionally of the ``only`` tensors
     (selected by manifest name, ``"<file stem>/<key>"``). With ``ahead_of`` (progress
     counts), a snapshot counts as fresher when its counts are ahead of those somewhere,
-    whatever its step: steps drift apart between peers."""
+    whatever its step: steps drift apart between peers; with ``tag_below`` too, so does
+    one of the same counts under a smaller progress tag (``choose_donors``)."""
     config = SyncConfig(dht_timeout_s=min(10.0, timeout_s), total_timeout_s=timeout_s)
     try:
         choice = runtime.run(
-            find_donors(dht, key, config, exclude=runtime.peer_id, ahead_of=ahead_of),
+            find_donors(
+                dht, key, config, exclude=runtime.peer_id, ahead_of=ahead_of, tag_below=tag_below
+            ),
             timeout_s=timeout_s,
         )
         if ahead_of is not None:
