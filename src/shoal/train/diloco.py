@@ -24,9 +24,8 @@ The commit rule:
   steps are each peer's own count (a peer that trained alone before others came is far
   ahead), and a step-ahead donor that had missed a round rolled back the round a failed
   member had applied. A failed round asks at the next two rounds at most.
-- **Round ok in a smaller group than the membership view's peers form**
-  (``outcome.expected``; a swarm bigger than one group meets in several, and a group of
-  the usual size is complete): applied as above, and the peer asks too. Two sides of a healed partition hold different
+- **Round ok with fewer peers than the membership view counts** (``outcome.expected``):
+  applied as above, and the peer asks too. Two sides of a healed partition hold different
   ``θ`` and meet under different round keys; without asking, each side went on averaging
   with its half for good. The side behind (fewer outer steps applied) adopts the other's
   ``θ`` and meets it at the next round; of sides that applied as many steps, the one whose

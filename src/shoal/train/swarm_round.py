@@ -175,9 +175,8 @@ class RoundOutcome:
     why). Round counts do not advance, so a peer that was alone for a while does not run
     ahead of the peers that join it."""
     expected: int = 0
-    """The group this peer should have had: the smallest group the peers the membership
-    view said could average with this one (itself included) form when all of them come
-    (0: not known)."""
+    """Peers the membership view said could average with this one, itself included (0: not
+    known)."""
 
 
 def wait_outcome(

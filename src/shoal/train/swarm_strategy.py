@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import torch
 
 from shoal.net.runtime import NetRuntime
-from shoal.parallel.data.matchmaking import smallest_full_group
 from shoal.train.diloco import RoundReport
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_round import RoundOutcome, RoundsConfig, SwarmRounds, wait_outcome
@@ -151,9 +150,7 @@ async def swarm_average(
     scope_tag = hashlib.blake2b(services.scope.encode(), digest_size=6).hexdigest()
     scoped = scope_tag.encode() + b"/" + key
     outcome = await rounds.average(vector, weight, round_key=scoped, expected_peers=view.compatible)
-    # More compatible peers than one group seats meet in several groups at once: a group
-    # that size is the swarm complete, not a split of it.
-    outcome.expected = smallest_full_group(view.compatible, rounds.config.max_group_size)
+    outcome.expected = view.compatible
     if not outcome.ok and not outcome.group_size and view.other_scopes:
         outcome.reason += f" ({view.alone_reason().partition('; ')[2]})"
     return outcome

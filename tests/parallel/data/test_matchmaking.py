@@ -15,7 +15,6 @@ from shoal.parallel.data.matchmaking import (
     Group,
     ReadyPeer,
     form_groups,
-    smallest_full_group,
     window_closed,
 )
 from shoal.parallel.data.rendezvous import MatchConfig, MemoryBoard, NoGroup, find_group
@@ -64,18 +63,6 @@ def test_groups_are_bounded_balanced_and_identical_for_every_view_order():
     assert sorted(p.peer for g in groups for p in g.members) == sorted(p.peer for p in peers)
     assert len({g.group_id for g in groups}) == 3
     assert form_groups(b"round-2", peers, max_group_size=4) != groups
-
-
-@pytest.mark.parametrize("max_size", [2, 4, 64])
-def test_smallest_full_group_is_the_smallest_group_formed(max_size):
-    for n in range(1, 3 * max_size + 2):
-        groups = form_groups(b"k", _peers(n), max_group_size=max_size, min_group_size=1)
-        sizes = [len(g.members) for g in groups]
-        assert smallest_full_group(n, max_size) == min(sizes, default=1), (n, sizes)
-    # Few peers that reduce: fewer, larger groups, never smaller than that.
-    sizes = [len(g.members) for g in form_groups(b"k", _peers(20, 18), max_group_size=8)]
-    assert min(sizes) >= smallest_full_group(20, 8) == 6
-    assert smallest_full_group(0, 8) == 0
 
 
 def test_groups_stay_within_their_size_when_few_peers_can_reduce():

@@ -33,7 +33,6 @@ __all__ = [
     "Group",
     "ReadyPeer",
     "form_groups",
-    "smallest_full_group",
     "window_closed",
 ]
 
@@ -152,15 +151,6 @@ def _group_id(round_key: bytes, members: Sequence[ReadyPeer]) -> bytes:
         digest.update(bytes([len(p.nonce)]) + p.nonce)
         digest.update(struct.pack("<dd?", p.uplink_bps, p.downlink_bps, p.client_mode))
     return digest.digest()
-
-
-def smallest_full_group(peers: int, max_group_size: int) -> int:
-    """The size of the smallest group :func:`form_groups` cuts ``peers`` ready peers into
-    (groups of at most ``max_group_size``, balanced). With fewer peers able to reduce the
-    groups are fewer and larger, so a round's group below this lacked some ready peer."""
-    if peers <= 0:
-        return 0
-    return peers // math.ceil(peers / max_group_size)
 
 
 def form_groups(
