@@ -30,7 +30,8 @@ The commit rule:
   with its half for good. The side behind (fewer outer steps applied) adopts the other's
   ``θ`` and meets it at the next round; of sides that applied as many steps, the one whose
   ``θ`` fingerprint is greater adopts the other's (snapshots announce it as their
-  progress tag).
+  progress tag). A swarm larger than a group meets in several groups per round, which
+  diverge alike and join the same way.
 - **Skipped** (``outcome.skipped``: no other live peer could average with this one): as a
   failed round, but no round is counted, so the index of a peer that was alone does not
   run ahead of the peers that join it.
