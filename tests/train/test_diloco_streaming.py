@@ -6,6 +6,7 @@ import concurrent.futures
 import threading
 import time
 
+import pytest
 import torch
 
 from shoal.train.diloco import ResyncState
@@ -84,7 +85,7 @@ def test_unfinished_round_is_waited_for_at_the_overlap_bound_and_failure_changes
         mix_alpha=0.5,
         outer=OuterConfig(),
         launch=launch,
-        resync=lambda counts: asked.append(counts),
+        resync=lambda counts, tag: asked.append(counts),
         wait_timeout_s=0.05,
     )
     asked: list[list[int]] = []
@@ -170,7 +171,7 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     tensors = donor.state_tensors()
     tensors["outer.in_flight"] = torch.tensor(0)  # its round of fragment 0 in flight
     state = ResyncState(round_index=8, tensors=tensors, step=30)
-    s = _streaming(params, Launcher(), resync=lambda _: state)
+    s = _streaming(params, Launcher(), resync=lambda *_: state)
     s.applied = [2, 2]
     own_f1 = [m.clone() for m in s.outers[1].master]
     s.stale = True
@@ -192,6 +193,37 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     assert s.applied == [4, 2] and s.unsettled == set()
 
 
+@pytest.mark.parametrize("wins", [True, False])
+def test_sides_with_equal_counts_join_the_smaller_tag_as_a_whole(wins) -> None:
+    # Two sides of a healed partition applied as many rounds of every fragment, from other
+    # states: the greater tag takes all of the other's fragments, the smaller keeps its own.
+    sides = [_streaming(_model(), Launcher()) for _ in range(2)]
+    for i, side in enumerate(sides):
+        side.applied = [2, 2]
+        for outer in side.outers:
+            outer.master = [m + 0.1 * (i + 1) for m in outer.master]
+    mine, theirs = sorted(sides, key=lambda o: o.tag(), reverse=not wins)
+    asked: list[tuple[list[int], str]] = []
+
+    def resync(ahead_of: list[int], tag_below: str) -> ResyncState:
+        asked.append((ahead_of, tag_below))
+        return ResyncState(round_index=4, tensors=theirs.state_tensors(), step=20)
+
+    s = _streaming([p.clone() for p in mine.params], Launcher(), resync=resync)
+    assert s.load_state(mine.state_tensors())
+    before = s.tag()
+    s.stale = True
+    s._resync()
+    assert asked == [([2, 2], before)] and s.applied == [2, 2]
+    assert s.tag() == (before if wins else theirs.tag())
+    assert s._take_resynced() is not wins
+    theirs.applied = [2, 1]  # behind on one fragment: no tie, and nothing ahead to take
+    s = _streaming([p.clone() for p in mine.params], Launcher(), resync=resync)
+    assert s.load_state(mine.state_tensors())
+    s._resync()
+    assert s.tag() == mine.tag()
+
+
 def test_a_peer_restored_mid_round_resyncs_before_it_launches_the_fragment_that_was_in_flight() -> (
     None
 ):
@@ -210,7 +242,7 @@ def test_a_peer_restored_mid_round_resyncs_before_it_launches_the_fragment_that_
 
     asked: list[tuple[int, list[int]]] = []
 
-    def resync(ahead_of: list[int]) -> ResyncState:
+    def resync(ahead_of: list[int], tag_below: str) -> ResyncState:
         asked.append((joiner.step, ahead_of))
         return swarm
 
@@ -255,10 +287,27 @@ def test_a_failed_round_asks_the_swarm_at_the_next_two_launches_at_most():
         fut.set_result(next(outcomes, RoundOutcome(False, reason="alone", skipped=True)))
         return fut
 
-    s = _streaming(_model(), launch, resync=lambda counts: asked.append(counts))
+    s = _streaming(_model(), launch, resync=lambda counts, tag: asked.append(counts))
     for _ in range(12):  # launches at steps 2, 4, 6, 8, 10, 12; the first round fails
         s.after_local_step(8)
     assert asked == [[0, 0], [0, 0]] and not s.stale
+
+
+def test_a_round_in_a_group_smaller_than_the_live_swarm_asks_too():
+    # Sides of a healed partition hold other fragment states and meet under other keys;
+    # each side's rounds succeed with its half only, and without asking never join.
+    asked: list[list[int]] = []
+    outcomes = iter([RoundOutcome(True, group_size=2, expected=4)])
+
+    def launch(vector, weight, index, fragment, fp):
+        fut: concurrent.futures.Future[RoundOutcome] = concurrent.futures.Future()
+        fut.set_result(next(outcomes, RoundOutcome(True, group_size=4, expected=4)))
+        return fut
+
+    s = _streaming(_model(), launch, resync=lambda counts, tag: asked.append(counts))
+    for _ in range(8):  # launches at steps 2, 4, 6, 8 (in flight): the first is the half one
+        s.after_local_step(8)
+    assert asked == [[1, 0], [1, 1]] and s.applied == [2, 1] and not s.stale
 
 
 def test_after_rounds_alone_the_next_launch_is_the_fragment_with_fewest_rounds():

@@ -34,6 +34,12 @@ that failed a round whose other members applied it (a reducer that left after se
 some of its results) never found those members' state: the fragment stayed split, and
 every round of it failed from then on.
 
+A round that succeeds with fewer peers than are live asks too, as in ``diloco.py``: two
+sides of a healed partition hold other fragment states and meet under other keys. Sides
+with equal counts of every fragment are told apart by :meth:`StreamingDiLoCo.tag` (a hash
+of all fragments' fingerprints, announced with snapshots): the greater takes the other's
+whole outer state.
+
 Which fragment a slot launches follows the peer's own step count, and step counts differ
 between peers by whatever each trained alone. A peer that trained alone before two others
 came launched fragment ``f`` one slot away from them, round after round: each side waited
@@ -54,8 +60,9 @@ key, where only their old entries stood, and failed its first round of it.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -71,6 +78,7 @@ __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
 _IN_FLIGHT = "outer.in_flight"
 _ROTATION = "outer.rotation"
 LaunchFn = Callable[[torch.Tensor, float, int, int, str], "concurrent.futures.Future[RoundOutcome]"]
+ResyncFn = Callable[[list[int], str], ResyncState | None]
 
 
 def split_fragments(sizes: Sequence[int], fragments: int) -> list[list[int]]:
@@ -117,12 +125,13 @@ class StreamingDiLoCo:
         mix_alpha: float,
         outer: OuterConfig,
         launch: LaunchFn,
-        resync: Callable[[list[int]], ResyncState | None] | None = None,
+        resync: ResyncFn | None = None,
         wait_timeout_s: float = 120.0,
         stop: threading.Event | None = None,
     ) -> None:
-        """``resync(ahead_of)``: the swarm's outer state if a donor holds a snapshot whose
-        fragment counts are ahead of ``ahead_of`` (this peer's) somewhere, else None.
+        """``resync(ahead_of, tag_below)``: the swarm's outer state if a donor holds a
+        snapshot whose fragment counts are ahead of ``ahead_of`` (this peer's) somewhere,
+        or equal to them under a :meth:`tag` below ``tag_below`` (this peer's), else None.
         ``stop``: once set, a round waited for is abandoned (cancelled, counted failed)
         instead of being waited for up to ``wait_timeout_s``."""
         self.params = list(params)
@@ -221,6 +230,10 @@ class StreamingDiLoCo:
             outer.keeping_progress(self.fragment_params(p.fragment), lambda: outer.step(p.delta))
         elif not outcome.skipped:
             self.mark_stale()
+        if outcome.ok and outcome.group_size < outcome.expected:
+            # Fewer peers than are live: the others may hold other outer state of this
+            # fragment (a healed partition) and meet under other keys; ask, as diloco.py.
+            self.mark_stale()
         return RoundReport(
             p.round_label,
             outcome.ok,
@@ -245,14 +258,19 @@ class StreamingDiLoCo:
 
     def _resync(self) -> None:
         self._asks_left = max(0, self._asks_left - 1)
-        state = self.resync(list(self.applied)) if self.resync is not None else None
+        ask = self.resync
+        state = ask(list(self.applied), self.tag()) if ask is not None else None
         self.stale = state is None and self._asks_left > 0
         if state is None:
             return
         donor = _applied_counts(state.tensors, len(self.outers))
         in_flight = _in_flight(state.tensors, len(self.outers))
+        # As many rounds of every fragment from other outer state (sides of a healed
+        # partition): the side whose tag is greater takes the other's whole state.
+        theirs_tag = self.tag_of(state.tensors) if donor == self.applied else None
+        tied = theirs_tag is not None and theirs_tag < self.tag()
         for f, (outer, theirs) in enumerate(zip(self.outers, donor, strict=True)):
-            if theirs is not None and theirs <= self.applied[f]:
+            if theirs is not None and theirs <= self.applied[f] and not tied:
                 continue  # ours is as recent: adopting could undo a round we applied
             load = partial(outer.load_state_tensors, state.tensors, prefix=f"outer.{f}")
             if not outer.keeping_progress(self.fragment_params(f), load):
@@ -263,6 +281,16 @@ class StreamingDiLoCo:
                 self.unsettled.add(f)
             else:
                 self.unsettled.discard(f)
+
+    def tag(self) -> str:
+        """A hash of every fragment's outer parameters: the state :attr:`applied` reached."""
+        return _combined(o.fingerprint() for o in self.outers)
+
+    def tag_of(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """:meth:`tag` of the outer state in a snapshot's ``tensors`` (None: it does not
+        fit this model)."""
+        prints = [o.fingerprint_of(tensors, prefix=f"outer.{f}") for f, o in enumerate(self.outers)]
+        return None if any(p is None for p in prints) else _combined(prints)  # type: ignore[arg-type]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -285,6 +313,10 @@ class StreamingDiLoCo:
             self.unsettled = {in_flight} if in_flight is not None else set()
             self.rotation = _fragment_index(tensors, _ROTATION, len(self.outers)) or 0
         return ok
+
+
+def _combined(prints: Iterable[str]) -> str:
+    return hashlib.blake2b("-".join(prints).encode(), digest_size=8).hexdigest()
 
 
 def _in_flight(tensors: dict[str, torch.Tensor], fragments: int) -> int | None:

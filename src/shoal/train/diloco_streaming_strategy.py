@@ -63,10 +63,10 @@ class StreamingStrategy:
 
     @property
     def progress_tag(self) -> str | None:
-        return None  # fragments diverged at equal counts are not told apart yet
+        return self.streaming.tag()
 
-    def _resync(self, ahead_of: list[int]) -> ResyncState | None:
-        state = resync_from_swarm(self.services, self.mode, ahead_of=ahead_of)
+    def _resync(self, ahead_of: list[int], tag_below: str) -> ResyncState | None:
+        state = resync_from_swarm(self.services, self.mode, ahead_of=ahead_of, tag_below=tag_below)
         if state is not None:  # adopted: what trained since is rebased onto the swarm's
             self.applied_step = self.trainer.step  # own steps: a donor's are not ours
         return state
