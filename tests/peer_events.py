@@ -79,6 +79,11 @@ class PeerEvents:
         tail = self.err_path.read_text()[-2000:]
         raise AssertionError(f"{self.name}: no matching event; seen {self.seen[-5:]}; {tail}")
 
+    def drain(self) -> None:
+        """Move the events already read to ``seen`` (a later ``wait_for`` sees newer ones)."""
+        while not self.events.empty():
+            self.seen.append(self.events.get_nowait())
+
     def agreed_rounds(self, *others: PeerEvents, contributors: int) -> dict[int, list[str]]:
         """Round -> parameter fingerprints reported by this peer and ``others`` for
         successful rounds with ``contributors`` contributors."""

@@ -128,6 +128,11 @@ def test_equal_counts_under_a_smaller_tag_are_found_only_when_asked_for():
     ahead = [*ann, Announcement(IDS[4], 5, "e", "h:5", 1, (4,), "zz")]
     choice = choose_donors(ahead, ahead_of=[3], tag_below="5c")
     assert [choice.version, *(f.version for f in choice.fallbacks)] == ["e", "a"]  # ahead first
+    # Of several tied sides, the smallest tag first (where all of them end up), whatever
+    # the steps: a greater one taken first would cost another round to move on from.
+    three = [*ann, Announcement(IDS[5], 99, "f", "h:6", 1, (3,), "3b")]
+    choice = choose_donors(three, ahead_of=[3], tag_below="5c")
+    assert [choice.version, *(f.version for f in choice.fallbacks)] == ["a", "f"]
 
 
 def test_progress_tags_travel_with_counts_and_bad_ones_are_refused():

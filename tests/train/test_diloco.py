@@ -187,7 +187,7 @@ def test_sides_that_applied_as_many_rounds_join_the_smaller_fingerprint(wins) ->
     d.applied, d.round_index = 1, 1
     ps[1].sub_(local_progress)  # local steps since
     tensors = {**theirs.state_tensors(), "outer.applied": torch.tensor(1)}
-    d.resync = lambda: ResyncState(1, tensors)
+    d.resync = lambda: ResyncState(5, tensors)  # the other side counted more attempts
     d.mark_stale()
     seen: list[tuple[str, torch.Tensor]] = []  # the outer state a round starts from, Δ
 
@@ -197,7 +197,9 @@ def test_sides_that_applied_as_many_rounds_join_the_smaller_fingerprint(wins) ->
 
     d.average = average
     report = d.after_local_step(4)
+    # Taken on a tie, the state is no round's result: the round runs now, from it.
     assert report is not None and report.ok and report.resynced is not wins
+    assert report.round_index == (1 if wins else 5) and len(seen) == 1
     kept = mine if wins else theirs
     assert seen[0][0] == kept.fingerprint() and d.applied == 2
     # Either way the local progress travels on top of the outer state held.

@@ -173,23 +173,26 @@ def choose_donors(
     With ``ahead_of`` (the caller's progress counts), only snapshots whose counts are
     ahead of those somewhere are candidates, most rounds gained first, then by step; with
     ``tag_below`` too, so are snapshots of exactly those counts under a smaller tag (after
-    every one ahead)."""
+    every one ahead; the smallest tag first, where every diverged side ends up)."""
     by_snapshot: dict[tuple[int, str], list[Announcement]] = {}
     gain: dict[tuple[int, str], int] = {}
+    tag: dict[tuple[int, str], str] = {}  # of tied snapshots: the smallest is taken first
     for a in announcements:
         if exclude is not None and a.peer_id == exclude:
             continue
         if ahead_of is not None:
             ahead = _rounds_ahead(a.progress, ahead_of)
-            if ahead <= 0 and not _tied_below(a, ahead_of, tag_below):
-                continue
+            if ahead <= 0:
+                if not _tied_below(a, ahead_of, tag_below):
+                    continue
+                tag[a.step, a.version] = a.progress_tag or ""
             gain[a.step, a.version] = ahead
         by_snapshot.setdefault((a.step, a.version), []).append(a)
     if not by_snapshot:
         return None
     ranked = sorted(
         by_snapshot,
-        key=lambda sv: (-gain.get(sv, 0), -sv[0], -len(by_snapshot[sv]), sv[1]),
+        key=lambda sv: (-gain.get(sv, 0), tag.get(sv, ""), -sv[0], -len(by_snapshot[sv]), sv[1]),
     )
     rng = rng or random.Random()
     choices = []

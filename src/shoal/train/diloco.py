@@ -123,6 +123,8 @@ class DiLoCo:
         """Outer steps applied (or adopted from a donor that had applied more)."""
         self.stale = False
         self._asks_left = 0
+        self._tied = False
+        """The last resync took a state of as many outer steps (see :meth:`_loses_tie`)."""
 
     def after_local_step(self, samples: int) -> RoundReport | None:
         """Count one inner step; every H-th runs a round and returns its report."""
@@ -135,9 +137,11 @@ class DiLoCo:
     def run_round(self) -> RoundReport:
         before = self.round_index
         resynced = self._maybe_resync()
-        if resynced and self.round_index > before:
+        if resynced and self.round_index > before and not self._tied:
             # The swarm already finished this round: we now hold its result, with our local
-            # progress rebased onto it, and take part again from its next round on.
+            # progress rebased onto it, and take part again from its next round on. (A
+            # state taken on a tie is no round's result: the other side runs its next round
+            # from it now, so this peer joins that round.)
             self.local_steps_done = 0
             return RoundReport(
                 before, False, 0, 0, 0.0, "caught up with the swarm", {}, resynced=True
@@ -187,6 +191,7 @@ class DiLoCo:
         self.stale, self._asks_left = True, 2
 
     def _maybe_resync(self) -> bool:
+        self._tied = False
         if not self.stale or self.resync is None:
             return False
         self._asks_left = max(0, self._asks_left - 1)
@@ -195,7 +200,8 @@ class DiLoCo:
         if state is None:
             return False
         theirs = saved_count(state.tensors, _APPLIED)
-        if theirs is not None and theirs <= self.applied and not self._loses_tie(theirs, state):
+        tied = theirs is not None and self._loses_tie(theirs, state)
+        if theirs is not None and theirs <= self.applied and not tied:
             return False  # not ahead: adopting it could undo a round we applied
         load = self.outer.load_state_tensors
         if not self.outer.keeping_progress(self.params, lambda: load(state.tensors)):
@@ -205,7 +211,7 @@ class DiLoCo:
         # would put us on round keys one behind everyone else's for good.
         self.round_index = max(self.round_index, state.round_index)
         self.applied = theirs if theirs is not None else self.applied
-        self.stale = False
+        self.stale, self._tied = False, tied
         if self.on_resync is not None:
             self.on_resync(state)
         return True

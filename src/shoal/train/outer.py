@@ -70,7 +70,7 @@ class OuterNesterov:
             t = tensors.get(f"{prefix}.master.{i}")
             if t is None or t.shape != m.shape:
                 return None
-            masters.append(t.to(torch.float32))
+            masters.append(t.detach().to("cpu", torch.float32))
         return _fingerprint(masters)
 
     @property
