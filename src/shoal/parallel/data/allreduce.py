@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence, Set
@@ -70,6 +71,7 @@ _OFFLOAD_NUMEL = 1 << 20
 MAX_WEIGHT = 2.0**53
 _LEAVE_TIMEOUT_S = 1.0
 """How long a stopping member spends telling the others it leaves."""
+_log = logging.getLogger(__name__)
 
 
 def _encode(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
@@ -120,6 +122,10 @@ async def _send_all(
                 await transport.send(to, message, timeout)  # type: ignore[arg-type]
         except (NetworkError, TimeoutError) as exc:
             failed[to] = f"{type(exc).__name__}: {exc}"
+            # Said here: a lost report costs the round its sender's part, and the round's
+            # outcome only tells which members were left out, not which message was lost.
+            kind, rid = type(message).__name__, getattr(message, "round_id", b"")
+            _log.warning("round %s: %s to %r not sent: %s", rid.hex()[:12], kind, to, failed[to])
 
     tasks = [asyncio.ensure_future(one(to, message)) for to, message in sends]
     try:
