@@ -36,6 +36,12 @@ class Launcher:
         return fut
 
 
+def _done(outcome: RoundOutcome) -> concurrent.futures.Future[RoundOutcome]:
+    fut: concurrent.futures.Future[RoundOutcome] = concurrent.futures.Future()
+    fut.set_result(outcome)
+    return fut
+
+
 def _model() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return [torch.randn(6, generator=g) for _ in range(4)]
@@ -307,7 +313,14 @@ def test_a_round_in_a_group_smaller_than_the_live_swarm_asks_too():
     s = _streaming(_model(), launch, resync=lambda counts, tag: asked.append(counts))
     for _ in range(8):  # launches at steps 2, 4, 6, 8 (in flight): the first is the half one
         s.after_local_step(8)
-    assert asked == [[1, 0], [1, 1]] and s.applied == [2, 1] and not s.stale
+    assert asked == [[1, 0]] and s.applied == [2, 1] and not s.stale  # asked at the next launch
+    # Every round in a smaller group (a member that is always late): once a cycle at most.
+    asked.clear()
+    s = _streaming(_model(), lambda *a: _done(RoundOutcome(True, group_size=2, expected=4)))
+    s.resync = lambda counts, tag: asked.append(counts)
+    for _ in range(16):  # 8 launches of 2 fragments: one ask a cycle, not one a launch
+        s.after_local_step(8)
+    assert len(asked) == 4, asked
 
 
 def test_after_rounds_alone_the_next_launch_is_the_fragment_with_fewest_rounds():

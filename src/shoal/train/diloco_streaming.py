@@ -152,6 +152,8 @@ class StreamingDiLoCo:
         self.stale = False
         self._asks_left = 0
         """Resyncs a failed round still asks for (see :meth:`mark_stale`)."""
+        self._next_group_ask = 0
+        """Round count from which a round in a smaller group than the live swarm asks again."""
         self.resynced = False
         """A resync adopted swarm state since the last report (the next one says so)."""
         self.round_index = 0
@@ -230,10 +232,17 @@ class StreamingDiLoCo:
             outer.keeping_progress(self.fragment_params(p.fragment), lambda: outer.step(p.delta))
         elif not outcome.skipped:
             self.mark_stale()
-        if outcome.ok and outcome.group_size < outcome.expected:
+        if (
+            outcome.ok
+            and outcome.group_size < outcome.expected
+            and self.round_index >= self._next_group_ask
+        ):
             # Fewer peers than are live: the others may hold other outer state of this
-            # fragment (a healed partition) and meet under other keys; ask, as diloco.py.
-            self.mark_stale()
+            # fragment (a healed partition) and meet under other keys; ask, as diloco.py
+            # does, but once a cycle at most: a peer that some member keeps missing would
+            # otherwise read the DHT before every launch, on the compute thread.
+            self.stale, self._asks_left = True, max(self._asks_left, 1)
+            self._next_group_ask = self.round_index + len(self.groups)
         return RoundReport(
             p.round_label,
             outcome.ok,
