@@ -59,6 +59,20 @@ def test_ban_after_threshold_doubles_and_decays():
     assert not h.is_banned("q", 0.0)
 
 
+def test_forgiving_a_peers_reach_lifts_its_address_bans_only():
+    cfg = HealthConfig(ban_threshold=2, ban_base_s=10, ban_memory_s=1000)
+    h = PeerHealth(cfg)
+    for key in ("p@h:1", "p@h:2", "p", "q@h:1"):
+        h.failure(key, 0.0)
+        h.failure(key, 0.0)
+    assert sorted(h.forgive_reach("p")) == ["h:1", "h:2"]
+    assert not h.is_banned("p@h:1", 1.0) and h.score("p@h:2", 1.0) == 0.0
+    assert h.is_banned("p", 1.0) and h.is_banned("q@h:1", 1.0)  # answers; another peer
+    h.failure("p@h:1", 2.0)
+    assert h.failure("p@h:1", 2.0)
+    assert h.banned_until("p@h:1", 2.0) == 22.0  # its second ban: the count was kept
+
+
 def test_score_decays_and_success_helps():
     h = PeerHealth(HealthConfig(ban_threshold=3, score_half_life_s=10))
     h.failure("p", 0.0)

@@ -147,6 +147,35 @@ def test_a_peer_restarted_at_another_address_is_not_refused_for_its_old_ones_fai
     assert not a.is_banned(b.peer_id)
 
 
+def test_a_peer_that_calls_us_is_no_longer_refused_at_the_address_it_was_down_at(
+    make_runtime,
+):
+    # A peer killed and restarted at the same address: while it was down, dials to it
+    # failed and banned its address (10 s at first). Once it is back it calls us, and the
+    # ban goes; an averaging round that grouped it failed for every member before.
+    a = make_runtime(
+        health=HealthConfig(ban_threshold=2, ban_base_s=600, score_half_life_s=1e6),
+        reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
+    )
+    b = make_runtime()
+    gone = a.stub(peer_pb2_grpc.PeerStub, DEAD, peer_id=b.peer_id)
+    for _ in range(3):
+        with pytest.raises(PeerUnavailable):
+            a.run(gone.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+    with pytest.raises(PeerUnavailable, match="banned"):
+        a.run(gone.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+
+    async def misbehaved() -> None:  # on the loop, as penalize wants
+        a.penalize(b.peer_id, 2.0)
+
+    a.run(misbehaved(), 5)  # and it misbehaved: that is not forgiven
+    to_a = b.stub(peer_pb2_grpc.PeerStub, a.address, peer_id=a.peer_id)
+    b.run(to_a.Ping(peer_pb2.PingRequest()), 5)  # b's handshake with a
+    assert a.is_banned(b.peer_id)  # what it answered still counts against it
+    assert not a.health.is_banned(f"{b.peer_id.to_string()}@{DEAD}", time.monotonic())
+    assert a.pool._backoff.get(DEAD) is None
+
+
 def test_a_refused_connection_reads_as_the_systems_reason(make_runtime):
     a = make_runtime(reconnect=RetryPolicy(initial_s=0.01, max_s=0.02))
     stub = a.stub(peer_pb2_grpc.PeerStub, DEAD)

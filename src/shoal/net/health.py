@@ -6,6 +6,8 @@ Each failed call adds ``failure_weight`` to the peer's score; the score halves e
 ``ban_memory_s``; the score restarts at zero. A success halves the score. Routing (the
 pool, and layers above via ``is_banned``) skips banned peers. Keys are labels: the pool
 scores failed dials under ``peer@address`` and what a peer answered under its PeerID.
+A peer that calls us is up again: its failed dials are forgiven (``forgive_reach``), so a
+peer restarted at the same address is not shunned for what its old process's death cost.
 """
 
 from __future__ import annotations
@@ -75,6 +77,20 @@ class PeerHealth:
         if rec is not None:
             rec.score = self._decayed(rec, now_s) / 2.0
             rec.at_s = now_s
+
+    def forgive_reach(self, label: str) -> list[str]:
+        """``label``'s peer proved it is up (it called us): drop the scores and bans its
+        addresses piled up while it was down (keys ``label@address``), not what it
+        answered (key ``label``). Returns those addresses.
+
+        Its ban count stays, so a peer that keeps flapping still gets longer bans."""
+        prefix = f"{label}@"
+        addresses = []
+        for key, rec in self._peers.items():
+            if key.startswith(prefix):
+                rec.score, rec.banned_until_s = 0.0, 0.0
+                addresses.append(key[len(prefix) :])
+        return addresses
 
     def _prune(self, now_s: float) -> None:
         if len(self._peers) < self._max:

@@ -13,7 +13,7 @@ from shoal import __version__ as shoal_version
 from shoal.errors import ProtocolViolation
 from shoal.net.auth import AuthFailure, SessionTable
 from shoal.net.config import NetConfig
-from shoal.net.identity import Identity
+from shoal.net.identity import Identity, PeerID
 from shoal.net.proto.v1 import peer_pb2, peer_pb2_grpc, tensor_pb2
 from shoal.net.tensors import TensorReader, tensor_frames
 
@@ -29,7 +29,10 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         addresses: Callable[[], list[str]],
         roles: Callable[[], list[str]],
         clock: Callable[[], float] = time.time,
+        on_session: Callable[[PeerID], None] | None = None,
     ) -> None:
+        """``on_session(peer)``: called after each handshake accepted from ``peer``."""
+        self._on_session = on_session
         self._identity = identity
         self._sessions = sessions
         self._config = config
@@ -41,10 +44,13 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self, request: peer_pb2.HandshakeRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.HandshakeResponse:
         try:
-            return self._sessions.accept(request, self._clock())
+            response = self._sessions.accept(request, self._clock())
         except AuthFailure as exc:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"shoal-auth:{exc}")
             raise  # unreachable: abort raises
+        if self._on_session is not None:
+            self._on_session(PeerID.from_bytes(request.peer_id))  # checked by accept
+        return response
 
     async def Ping(
         self, request: peer_pb2.PingRequest, context: grpc.aio.ServicerContext

@@ -88,7 +88,12 @@ class NetRuntime:
         self.dispatcher.add(
             peer_pb2_grpc.add_PeerServicer_to_server,
             PeerService(
-                identity, self.sessions, self.config, self.addresses, lambda: list(self.roles)
+                identity,
+                self.sessions,
+                self.config,
+                self.addresses,
+                lambda: list(self.roles),
+                on_session=self.pool.peer_returned,
             ),
         )
 
