@@ -65,12 +65,15 @@ def test_forgiving_a_peers_reach_lifts_its_address_bans_only():
     for key in ("p@h:1", "p@h:2", "p", "q@h:1"):
         h.failure(key, 0.0)
         h.failure(key, 0.0)
-    assert sorted(h.forgive_reach("p")) == ["h:1", "h:2"]
+    assert sorted(h.forgive_reach("p", 1.0)) == ["h:1", "h:2"]
     assert not h.is_banned("p@h:1", 1.0) and h.score("p@h:2", 1.0) == 0.0
     assert h.is_banned("p", 1.0) and h.is_banned("q@h:1", 1.0)  # answers; another peer
     h.failure("p@h:1", 2.0)
     assert h.failure("p@h:1", 2.0)
     assert h.banned_until("p@h:1", 2.0) == 22.0  # its second ban: the count was kept
+    h.failure("p@h:2", 2.0)  # a score, no new ban: nothing to lift
+    assert h.forgive_reach("p", 3.0) == ["h:1"] and h.score("p@h:2", 3.0) > 0
+    assert h.forgive_reach("p", 4.0) == []  # once per ban: handshakes cannot keep lifting it
 
 
 def test_score_decays_and_success_helps():

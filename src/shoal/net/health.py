@@ -6,8 +6,9 @@ Each failed call adds ``failure_weight`` to the peer's score; the score halves e
 ``ban_memory_s``; the score restarts at zero. A success halves the score. Routing (the
 pool, and layers above via ``is_banned``) skips banned peers. Keys are labels: the pool
 scores failed dials under ``peer@address`` and what a peer answered under its PeerID.
-A peer that calls us is up again: its failed dials are forgiven (``forgive_reach``), so a
-peer restarted at the same address is not shunned for what its old process's death cost.
+A peer that calls us is up again: the bans its addresses earned are lifted, once per ban
+(``forgive_reach``), so a peer restarted at the same address is not shunned for what its
+old process's death cost.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class _Record:
     banned_until_s: float = 0.0
     bans: int = 0
     last_ban_s: float = float("-inf")
+    forgiven_s: float = float("-inf")
+    """When :meth:`PeerHealth.forgive_reach` last lifted this record's ban."""
 
 
 class PeerHealth:
@@ -78,17 +81,19 @@ class PeerHealth:
             rec.score = self._decayed(rec, now_s) / 2.0
             rec.at_s = now_s
 
-    def forgive_reach(self, label: str) -> list[str]:
-        """``label``'s peer proved it is up (it called us): drop the scores and bans its
-        addresses piled up while it was down (keys ``label@address``), not what it
-        answered (key ``label``). Returns those addresses.
+    def forgive_reach(self, label: str, now_s: float) -> list[str]:
+        """``label``'s peer proved it is up (it called us): lift the bans its addresses
+        earned while it was down (keys ``label@address``), not what it answered (key
+        ``label``). Returns those addresses.
 
-        Its ban count stays, so a peer that keeps flapping still gets longer bans."""
+        Once per ban: a peer that can call us but that we cannot dial (a NAT, a wrong
+        announced address) would otherwise lift every ban with a handshake, and we would
+        keep dialing it. Its ban count stays, so each next ban is longer."""
         prefix = f"{label}@"
         addresses = []
         for key, rec in self._peers.items():
-            if key.startswith(prefix):
-                rec.score, rec.banned_until_s = 0.0, 0.0
+            if key.startswith(prefix) and rec.last_ban_s > rec.forgiven_s:
+                rec.score, rec.banned_until_s, rec.forgiven_s = 0.0, 0.0, now_s
                 addresses.append(key[len(prefix) :])
         return addresses
 

@@ -294,11 +294,12 @@ class ConnectionPool:
         return conn
 
     def peer_returned(self, peer: PeerID) -> None:
-        """``peer`` opened a session with us: it is up, so the failed dials of its
-        addresses (bans, reconnect backoff) are forgotten. A peer restarted at its old
-        address was refused for up to the ban's length (10 s at first), and a round that
-        grouped it failed for every member (nobody could send it a part)."""
-        for address in self.health.forgive_reach(peer.to_string()):
+        """``peer`` opened a session with us: it is up, so the bans its addresses earned
+        (and their reconnect backoff) are lifted, once per ban. A peer restarted at its
+        old address was refused for up to the ban's length (10 s at first), and a round
+        that grouped it failed for every member (nobody could send it a part). Dials made
+        without knowing the PeerID (bootstrap addresses) are not forgiven."""
+        for address in self.health.forgive_reach(peer.to_string(), self._clock()):
             self._backoff.pop(address, None)
 
     def succeeded(self, conn: Connection) -> None:

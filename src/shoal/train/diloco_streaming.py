@@ -34,8 +34,9 @@ that failed a round whose other members applied it (a reducer that left after se
 some of its results) never found those members' state: the fragment stayed split, and
 every round of it failed from then on.
 
-A round that succeeds with fewer peers than are live asks too, as in ``diloco.py``: two
-sides of a healed partition hold other fragment states and meet under other keys. Sides
+A round that succeeds with fewer peers than are live asks too, as in ``diloco.py`` but once
+a cycle at most (the ask is a DHT read on the compute thread): two sides of a healed
+partition hold other fragment states and meet under other keys. Sides
 with equal counts of every fragment are told apart by :meth:`StreamingDiLoCo.tag` (a hash
 of all fragments' fingerprints, announced with snapshots): the greater takes the other's
 whole outer state.

@@ -107,9 +107,16 @@ def _decode_result(codec: Codec | None, data: WireTensor) -> torch.Tensor:
 
 
 async def _send_all(
-    transport: RoundTransport, sends: Sequence[tuple[Member, object]], deadline: float
+    transport: RoundTransport,
+    sends: Sequence[tuple[Member, object]],
+    deadline: float,
+    *,
+    log_level: int = logging.WARNING,
 ) -> dict[Member, str]:
-    """Send concurrently; return the members that could not be reached, with the error."""
+    """Send concurrently; return the members that could not be reached, with the error.
+
+    What could not be sent is logged in one line (``log_level``): a lost report costs the
+    round its sender's part, and the round's outcome only names who was left out."""
     loop = asyncio.get_running_loop()
     failed: dict[Member, str] = {}
 
@@ -121,11 +128,7 @@ async def _send_all(
                 timeout = max(0.0, deadline - loop.time())
                 await transport.send(to, message, timeout)  # type: ignore[arg-type]
         except (NetworkError, TimeoutError) as exc:
-            failed[to] = f"{type(exc).__name__}: {exc}"
-            # Said here: a lost report costs the round its sender's part, and the round's
-            # outcome only tells which members were left out, not which message was lost.
-            kind, rid = type(message).__name__, getattr(message, "round_id", b"")
-            _log.warning("round %s: %s to %r not sent: %s", rid.hex()[:12], kind, to, failed[to])
+            failed[to] = f"{type(message).__name__}: {type(exc).__name__}: {exc}"
 
     tasks = [asyncio.ensure_future(one(to, message)) for to, message in sends]
     try:
@@ -137,6 +140,11 @@ async def _send_all(
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+    if failed:
+        rid = getattr(sends[0][1], "round_id", b"")
+        lost = "; ".join(f"{to!r} ({why})" for to, why in list(failed.items())[:3])
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        _log.log(log_level, "round %s: not sent to %s%s", rid.hex()[:12], lost, more)
     return failed
 
 
@@ -393,7 +401,9 @@ async def send_leave(transport: RoundTransport, round_id: bytes, members: Sequen
     leave = Leave(round_id, me, list(members).index(me))
     until = asyncio.get_running_loop().time() + _LEAVE_TIMEOUT_S
     with contextlib.suppress(Exception):
-        await _send_all(transport, [(m, leave) for m in members if m != me], until)
+        await _send_all(
+            transport, [(m, leave) for m in members if m != me], until, log_level=logging.DEBUG
+        )
 
 
 async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
