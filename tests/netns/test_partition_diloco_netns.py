@@ -1,8 +1,8 @@
 """Two halves of a DiLoCo swarm cut apart train on, and become one swarm again once healed.
 
-Four ``shoal peer --mode diloco`` (or ``streaming``) processes on four public hosts of a testbed of their own.
-Cut into two pairs, each pair averages on its own and their outer parameters diverge; the
-pairs then meet under different round keys. After the cut heals, the pair behind (or, with
+Four ``shoal peer --mode diloco`` (or ``streaming``) processes on four public hosts of a
+testbed of their own. Cut into two pairs, each pair averages on its own and their outer
+parameters diverge; the pairs then meet under different round keys. After the cut heals, the pair behind (or, with
 as many rounds applied, the one whose outer fingerprint is greater) takes the other's outer
 state, and all four average together again with one set of parameters.
 """
