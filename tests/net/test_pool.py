@@ -125,12 +125,9 @@ def test_concurrent_calls_to_a_dead_peer_dial_once(make_runtime):
     assert conn is not None and conn._attempts == 1
 
 
-def test_a_peer_restarted_at_another_address_is_not_refused_for_its_old_ones_failures(
-    make_runtime,
-):
-    # A peer stopped and restarted on another port keeps its PeerID. While it was down,
-    # calls to its old address failed and banned it; the ban must not follow it to its
-    # new address (averaging rounds with it failed for the ban's whole length).
+def _banned_at_dead_address(make_runtime):
+    """Runtimes ``a`` and ``b``, where ``a`` dialed ``b`` at a dead address until that
+    address was banned (as while ``b`` was down there)."""
     a = make_runtime(
         health=HealthConfig(ban_threshold=2, ban_base_s=600, score_half_life_s=1e6),
         reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
@@ -140,8 +137,18 @@ def test_a_peer_restarted_at_another_address_is_not_refused_for_its_old_ones_fai
     for _ in range(3):
         with pytest.raises(PeerUnavailable):
             a.run(gone.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
-    with pytest.raises(PeerUnavailable, match="banned"):  # its old address stays refused
+    with pytest.raises(PeerUnavailable, match="banned"):  # that address stays refused
         a.run(gone.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+    return a, b
+
+
+def test_a_peer_restarted_at_another_address_is_not_refused_for_its_old_ones_failures(
+    make_runtime,
+):
+    # A peer stopped and restarted on another port keeps its PeerID. While it was down,
+    # calls to its old address failed and banned it; the ban must not follow it to its
+    # new address (averaging rounds with it failed for the ban's whole length).
+    a, b = _banned_at_dead_address(make_runtime)
     here = a.stub(peer_pb2_grpc.PeerStub, b.address, peer_id=b.peer_id)
     assert a.run(here.Ping(peer_pb2.PingRequest(payload=b"back")), 5).payload == b"back"
     assert not a.is_banned(b.peer_id)
@@ -153,17 +160,7 @@ def test_a_peer_that_calls_us_is_no_longer_refused_at_the_address_it_was_down_at
     # A peer killed and restarted at the same address: while it was down, dials to it
     # failed and banned its address (10 s at first). Once it is back it calls us, and the
     # ban goes; an averaging round that grouped it failed for every member before.
-    a = make_runtime(
-        health=HealthConfig(ban_threshold=2, ban_base_s=600, score_half_life_s=1e6),
-        reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
-    )
-    b = make_runtime()
-    gone = a.stub(peer_pb2_grpc.PeerStub, DEAD, peer_id=b.peer_id)
-    for _ in range(3):
-        with pytest.raises(PeerUnavailable):
-            a.run(gone.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
-    with pytest.raises(PeerUnavailable, match="banned"):
-        a.run(gone.Ping(peer_pb2.PingRequest(), timeout_s=2), 5)
+    a, b = _banned_at_dead_address(make_runtime)
 
     async def misbehaved() -> None:  # on the loop, as penalize wants
         a.penalize(b.peer_id, 2.0)
