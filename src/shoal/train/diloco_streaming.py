@@ -268,8 +268,8 @@ class StreamingDiLoCo:
 
     def _resync(self) -> None:
         self._asks_left = max(0, self._asks_left - 1)
-        ask = self.resync
-        state = ask(list(self.applied), self.tag()) if ask is not None else None
+        ask, mine = self.resync, self.tag()
+        state = ask(list(self.applied), mine) if ask is not None else None
         self.stale = state is None and self._asks_left > 0
         if state is None:
             return
@@ -278,7 +278,7 @@ class StreamingDiLoCo:
         # As many rounds of every fragment from other outer state (sides of a healed
         # partition): the side whose tag is greater takes the other's whole state.
         theirs_tag = self.tag_of(state.tensors) if donor == self.applied else None
-        tied = theirs_tag is not None and theirs_tag < self.tag()
+        tied = theirs_tag is not None and theirs_tag < mine
         for f, (outer, theirs) in enumerate(zip(self.outers, donor, strict=True)):
             if theirs is not None and theirs <= self.applied[f] and not tied:
                 continue  # ours is as recent: adopting could undo a round we applied
