@@ -51,8 +51,10 @@ async def _round(
     timeout_s=1.0,
     late=(),
     config=None,
+    unreachable=(),
 ):
     net = MemoryNetwork(faults)
+    net.unreachable.update(unreachable)
     inputs = inputs or _inputs(members)
     weights = weights or {m: float(i + 1) for i, m in enumerate(members)}
     group = group or GroupSpec.uniform(b"round-1", members)
@@ -181,6 +183,52 @@ def test_peer_dead_mid_reduce_scatter_is_left_out_everywhere():
     # a and b received c's part, yet re-reduce over the agreed set without it.
     assert all(results[m].contributors == frozenset({"a", "b", "d"}) for m in _ok(results))
     _check_invariant(inputs, weights, results, outputs)
+
+
+def test_a_member_no_one_can_reach_is_left_out_and_the_others_average():
+    # d reaches everyone, but no one reaches d (its address is refused, or a NAT): its
+    # report accepts only itself. Intersected with the others', it failed every member's
+    # round; its part is now reassigned as a dead reducer's would be.
+    members = ["a", "b", "c", "d"]
+    config = AllReduceConfig(min_contributors=2)
+    _, inputs, weights, results, outputs = asyncio.run(
+        _round(members, unreachable={"d"}, config=config, timeout_s=2.0)
+    )
+    assert _ok(results) == {"a", "b", "c"}
+    for m in ("a", "b", "c"):
+        assert results[m].contributors == frozenset({"a", "b", "c"})
+        assert results[m].reassigned == {3: "a"}
+        assert results[m].excluded["d"] == "its reducer heard from 1 of 4 members (cut off)"
+    assert "fewer than 2" in results["d"].reason  # it heard from no one
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def _report(sender, part, accepted, rejected=()):
+    return Report(b"r", sender, part, frozenset(accepted), {m: "screened" for m in rejected})
+
+
+def test_only_a_reducer_that_heard_from_few_is_cut_off_and_only_when_it_helps():
+    from shoal.parallel.data.allreduce import _cut_off
+
+    members = ["a", "b", "c", "d"]
+    everyone = _report("a", 0, members)
+    # d heard from itself only, the others from all four: d is cut off.
+    reports = {j: _report(m, j, members) for j, m in enumerate("abc")} | {3: _report("d", 3, "d")}
+    assert list(_cut_off(reports, members, silent=[])) == [3]
+    # With b and c silent (presumed dead) as well, only a would be left either way.
+    assert _cut_off({0: everyone, 3: reports[3]}, members, silent=[1, 2]) == {}
+    # Half of the best is not fewer than half: d keeps its part (2 of 4 against 4).
+    assert _cut_off({0: everyone, 3: _report("d", 3, ["c", "d"])}, members, []) == {}
+    # Contributions refused by screening were heard: d refused garbage, it was not cut off.
+    screened = _report("d", 3, ["d"], rejected=["a", "b", "c"])
+    assert _cut_off({0: everyone, 3: screened}, members, []) == {}
+    # Leaving d out must keep more contributors than keeping it: here a accepted d alone.
+    assert (
+        _cut_off(
+            {0: _report("a", 0, ["d"], ["a", "b", "c"]), 3: _report("d", 3, ["d"])}, members, []
+        )
+        == {}
+    )
 
 
 def test_a_member_stopping_mid_reduce_scatter_is_left_out_without_waiting_for_it():

@@ -90,6 +90,32 @@ def test_grpc_round_without_one_peer_averages_the_others(peers):
         assert torch.allclose(tensors[i].double(), expect, atol=1e-5, rtol=0)
 
 
+def test_a_peer_the_others_cannot_dial_is_left_out_not_the_round(peers):
+    # Peer 2 reaches everyone, but the others know it at a refused address (as a peer
+    # restarted within its address ban, or one behind a NAT not in client mode): its part
+    # is reassigned and the others average without it.
+    import socket
+
+    runtimes, transports = peers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{s.getsockname()[1]}"
+    for t in transports[:2]:
+        t.set_address(runtimes[2].peer_id, refused)
+    inputs = _inputs(3)
+    members, results, tensors = _run(runtimes, transports, b"g3", inputs, "none", range(N), 4.0)
+    for i in (0, 1):
+        r = results[i]
+        assert r.ok, r.reason
+        assert r.contributors == frozenset(members[:2])
+        assert r.reassigned == {2: members[0]}
+        assert "cut off" in r.excluded[members[2]]
+        expect = (inputs[0].double() * 1 + inputs[1].double() * 2) / 3
+        assert torch.allclose(tensors[i].double(), expect, atol=1e-5, rtol=0)
+    # Peer 2 heard from no one: alone at best, never a mix.
+    assert not results[2].ok or results[2].contributors == frozenset(members[2:])
+
+
 def test_buffer_pool_reuses_only_buffers_nobody_views():
     pool = BufferPool(min_pooled_bytes=1)
     t = pool.tensor(1000)

@@ -41,7 +41,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Iterable, Sequence, Set
 from typing import TypeVar
 
 import torch
@@ -246,18 +246,20 @@ async def run_allreduce(
         excluded: dict[Member, str] = {}
         for r in reports.values():
             excluded.update(r.rejected)
-        common = frozenset(members)
-        for r in reports.values():
-            common &= r.accepted
+        silent = [j for j in live_parts if j not in reports]
+        cut_off = _cut_off(reports, members, silent)
+        dead = sorted([*silent, *cut_off])
+        alive = [j for j in live_parts if j not in dead]
+        # A reducer left out (silent: presumed dead; cut off: few could reach it) takes its
+        # own vector along: its slice of its own part is in no one else's hands.
+        common = _agreed(reports, members, dead)
+        for j in silent:
+            excluded.setdefault(members[j], "no report from it as reducer (presumed dead)")
+        for j, why in cut_off.items():
+            excluded.setdefault(members[j], why)
         for m in members:
             if m not in common and m not in excluded:
                 excluded[m] = "contribution missing at a reducer"
-        dead = [j for j in live_parts if j not in reports]
-        alive = [j for j in live_parts if j in reports]
-        for j in dead:  # a silent reducer is presumed dead: its own vector is left out too
-            if members[j] in common:
-                common -= {members[j]}
-            excluded.setdefault(members[j], "no report from it as reducer (presumed dead)")
         for m in left():
             if m not in common:
                 excluded[m] = "left the round"
@@ -296,7 +298,7 @@ async def run_allreduce(
         results: dict[int, torch.Tensor] = {}
         part_weight: dict[int, float] = {}
         broadcasts: list[tuple[Member, object]] = []
-        own = ([my_part] if my_part in live_parts else []) + mine
+        own = ([my_part] if my_part in alive else []) + mine
         for j in own:
             lacking = sum(1 for p in order if p not in contributions.get(j, {}))
             if lacking:
@@ -411,6 +413,44 @@ async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
     if numel >= _OFFLOAD_NUMEL:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
+
+
+def _agreed(
+    reports: dict[int, Report], members: Sequence[Member], dead: Iterable[int]
+) -> frozenset:
+    """The contributors every reducer still in the round accepted, less the reducers
+    left out."""
+    out = set(dead)
+    common = frozenset(members)
+    for j, r in reports.items():
+        if j not in out:
+            common &= r.accepted
+    return common - {members[j] for j in out}
+
+
+def _cut_off(
+    reports: dict[int, Report], members: Sequence[Member], silent: Sequence[int]
+) -> dict[int, str]:
+    """Reducers that heard from fewer than half as many members as the best-heard one,
+    when leaving them out keeps more contributors; with the reason.
+
+    Such a reducer is reachable by few (its address is refused, or it sits behind a NAT
+    without saying so) while it reaches everyone: its report is the only one that lacks
+    most contributions, and intersecting it would fail the round for every member. Its
+    part is reassigned instead, like a dead reducer's. Contributions refused by screening
+    count as heard, so a reducer that refused garbage is never the one left out. A
+    function of the reports alone: members with the same reports agree.
+    """
+    heard = {j: len((r.accepted | r.rejected.keys()) & set(members)) for j, r in reports.items()}
+    most = max(heard.values(), default=0)
+    cut = {j for j, n in heard.items() if 2 * n < most}
+    if not cut or len(_agreed(reports, members, [*silent, *cut])) <= len(
+        _agreed(reports, members, silent)
+    ):
+        return {}
+    return {
+        j: f"its reducer heard from {heard[j]} of {len(members)} members (cut off)" for j in cut
+    }
 
 
 def _have_all(

@@ -59,6 +59,9 @@ class MemoryNetwork:
         self.faults = list(faults)
         self.fired: list[Fault] = []
         self.dead: set[Member] = set()
+        self.unreachable: set[Member] = set()
+        """Members that send as usual but that no one can send to (a refused address, a
+        NAT): sends to them raise :class:`~shoal.errors.PeerUnavailable`."""
         self.sent: Counter[tuple[Member, str]] = Counter()
         self.inboxes: dict[Member, Inbox] = {}
         self.delivered = asyncio.Event()
@@ -99,6 +102,8 @@ class MemoryNetwork:
         await asyncio.sleep(0)
         if to in self.dead or to not in self.inboxes:
             raise PeerUnavailable("member is gone", peer=repr(to))
+        if to in self.unreachable and to != sender:
+            raise PeerUnavailable("member cannot be reached", peer=repr(to))
         if isinstance(message, Contribution | Reduced):
             message = replace(message, data=_clone(message.data))  # type: ignore[arg-type]
         self.inboxes[to].deliver(message)

@@ -56,7 +56,8 @@ class RoundResult:
     reason: str = ""
     """Why the round failed (empty on success)."""
     reassigned: dict[int, Member] = field(default_factory=dict)
-    """Parts whose reducer was presumed dead, and who reduced them instead."""
+    """Parts whose reducer was left out (presumed dead, or cut off: few could reach it),
+    and who reduced them instead."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each phase on this member."""
 
