@@ -32,6 +32,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _resolved(event_loop: str) -> str:
+    """The loop the peers run (``auto`` is uvloop where it is installed)."""
+    import importlib.util
+
+    if event_loop == "auto":
+        return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return event_loop
+
+
 def _log(msg: str) -> None:
     print(f"[allreduce] {msg}", file=sys.stderr, flush=True)
 
@@ -128,10 +137,10 @@ class _Gloo:
 class _Shoal:
     """``peers`` Shoal peer processes; one all-reduce round per ``round()`` call."""
 
-    def __init__(self, peers: int, numel: int, codec: str) -> None:
+    def __init__(self, peers: int, numel: int, codec: str, event_loop: str) -> None:
         from shoal.parallel.data.loopback import LoopbackSwarm
 
-        self.swarm = LoopbackSwarm(peers)
+        self.swarm = LoopbackSwarm(peers, event_loop=event_loop)
         try:
             self.swarm.configure(numel, seed=0, codec=codec)
         except BaseException:
@@ -165,12 +174,18 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--params", type=int, default=25_000_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--codec", default="none", choices=["none", "fp16", "int8"])
+    parser.add_argument(
+        "--event-loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="the peers' network loop (NetConfig.event_loop)",
+    )
     parser.add_argument("--json", action="store_true", help="(always on) print one JSON line")
     args = parser.parse_args(argv)
     if args.peers < 2 or args.params < args.peers or args.rounds < 1:
         raise SystemExit("need --peers >= 2, --params >= --peers, --rounds >= 1")
     _log(f"{args.peers} peers, {args.params} fp32 params, {args.rounds} rounds")
-    shoal = _Shoal(args.peers, args.params, args.codec)
+    shoal = _Shoal(args.peers, args.params, args.codec, args.event_loop)
     try:
         gloo = _Gloo(args.peers, args.params)
         try:
@@ -207,6 +222,7 @@ def main(argv: list[str]) -> dict:
         "params": args.params,
         "rounds": args.rounds,
         "codec": args.codec,  # gloo always averages fp32
+        "event_loop": _resolved(args.event_loop),
     }
 
 

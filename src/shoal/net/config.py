@@ -197,6 +197,9 @@ class NetConfig:
     keep_freed_memory: bool = True
     """Tune the process's allocator (glibc) to reuse freed buffers instead of returning them
     to the kernel: fewer page faults per round, a larger resident heap (``allocator.py``)."""
+    event_loop: str = "auto"
+    """The network loop: ``"auto"`` (uvloop where installed, else asyncio's), ``"uvloop"``
+    or ``"asyncio"`` (``eventloop.py``)."""
 
     def __post_init__(self) -> None:
         _positive(self, "call_timeout_s", "stream_timeout_s", "connect_timeout_s")
@@ -217,6 +220,11 @@ class NetConfig:
         if not 0 <= self.shutdown_grace_s <= 1.5:
             raise ConfigError(
                 f"NetConfig.shutdown_grace_s must be in [0, 1.5], got {self.shutdown_grace_s!r}"
+            )
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ConfigError(
+                "NetConfig.event_loop must be 'auto', 'uvloop' or 'asyncio', "
+                f"got {self.event_loop!r}"
             )
         if self.replay_window > 1 << 16:
             raise ConfigError(f"NetConfig.replay_window must be <= 65536, got {self.replay_window}")

@@ -35,6 +35,7 @@ from shoal.net.allocator import keep_freed_memory
 from shoal.net.auth import SessionTable
 from shoal.net.client import Stub
 from shoal.net.config import NetConfig
+from shoal.net.eventloop import new_event_loop
 from shoal.net.health import PeerHealth
 from shoal.net.identity import Identity, PeerID
 from shoal.net.peer_service import PeerService
@@ -127,6 +128,7 @@ class NetRuntime:
         """Start the loop thread and the server; blocks until listening. Returns self."""
         if self.state is not State.NEW:
             raise RuntimeError(f"runtime is {self.state.value}, cannot start")
+        self._loop = new_event_loop(self.config.event_loop)  # run by the loop thread
         self.state = State.RUNNING
         if self.config.keep_freed_memory:
             keep_freed_memory()
@@ -152,8 +154,7 @@ class NetRuntime:
         return self
 
     def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
+        loop = self.loop
         asyncio.set_event_loop(loop)
         try:
             try:

@@ -101,9 +101,10 @@ class Placement:
 def _peer_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m shoal.parallel.data.loopback")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    parser.add_argument("--event-loop", default="auto", help="NetConfig.event_loop")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    config = NetConfig(host=args.host, port=0, unix_socket=False)
+    config = NetConfig(host=args.host, port=0, unix_socket=False, event_loop=args.event_loop)
     runtime = NetRuntime(Identity.generate(), config).start()
     transport = GrpcTransport(runtime)
     _emit({"peer": runtime.peer_id.raw.hex(), "address": runtime.address})
@@ -180,6 +181,7 @@ class LoopbackSwarm:
         *,
         env: dict[str, str] | None = None,
         placements: Sequence[Placement] | None = None,
+        event_loop: str = "auto",
     ) -> None:
         places = list(placements) if placements is not None else [Placement()] * n
         if len(places) != n:
@@ -190,6 +192,7 @@ class LoopbackSwarm:
         try:
             for place in places:
                 argv = [sys.executable, "-m", "shoal.parallel.data.loopback", "--host", place.host]
+                argv += ["--event-loop", event_loop]
                 proc = subprocess.Popen(
                     [*place.argv_prefix, *argv],
                     stdin=subprocess.PIPE,
