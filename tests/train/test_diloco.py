@@ -53,6 +53,42 @@ def test_outer_config_checks() -> None:
         OuterConfig(momentum=1.0)
 
 
+def test_the_fingerprint_is_hashed_again_only_after_the_masters_change(monkeypatch) -> None:
+    from shoal.train import outer as outer_module
+
+    hashed = []
+    real = outer_module._fingerprint
+    monkeypatch.setattr(
+        outer_module, "_fingerprint", lambda masters: hashed.append(1) or real(masters)
+    )
+    params = [torch.randn(5), torch.randn(2, 3)]
+    outer = OuterNesterov(params, OuterConfig(lr=1.0, momentum=0.0))
+    prints = []
+
+    def fingerprint_twice() -> str:
+        before = len(hashed)
+        first, again = outer.fingerprint(), outer.fingerprint()
+        assert first == again == real(outer.master) and len(hashed) - before == 1
+        assert first not in prints
+        prints.append(first)
+        return first
+
+    fingerprint_twice()
+    outer.step(torch.ones(11))  # an outer step writes the masters in place
+    fingerprint_twice()
+    outer.master[1][0, 0] = 7.0  # through a view, as any in-place write
+    fingerprint_twice()
+    outer.master[1].detach().add_(1.0)  # through a detached alias
+    fingerprint_twice()
+    outer.master[0] = outer.master[0] + 1.0  # an element replaced in the list
+    fingerprint_twice()
+    outer.master = [m * 2 for m in outer.master]  # the list replaced
+    fingerprint_twice()
+    other = OuterNesterov([torch.randn(5), torch.randn(2, 3)])
+    assert outer.load_state_tensors(other.state_tensors())  # a resync or a restore
+    assert fingerprint_twice() == real(other.master)
+
+
 def _unused(vector: torch.Tensor, weight: float, index: int) -> RoundOutcome:
     raise AssertionError("replaced before the round")
 

@@ -21,6 +21,7 @@ Pure tensor math, no I/O; the parameters can be any subset of a model (a fragmen
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -55,12 +56,43 @@ class OuterNesterov:
 
     def __init__(self, params: Sequence[torch.Tensor], config: OuterConfig | None = None) -> None:
         self.config = config or OuterConfig()
-        self.master = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
-        self.momentum = [torch.zeros_like(m) for m in self.master]
+        self._master = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
+        self.momentum = [torch.zeros_like(m) for m in self._master]
+        self._print: tuple[list[tuple[weakref.ref[torch.Tensor], int]], str] | None = None
+
+    @property
+    def master(self) -> list[torch.Tensor]:
+        """The fp32 master parameters ``θ`` (CPU)."""
+        return self._master
+
+    @master.setter
+    def master(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._master = list(tensors)
+        self._print = None
 
     def fingerprint(self) -> str:
-        """Short hash of the master parameters (equal exactly when they are bitwise equal)."""
-        return _fingerprint(self.master)
+        """Short hash of the master parameters (equal exactly when they are bitwise equal).
+
+        Asked for several times per round (the round key, the round's event, the snapshot's
+        progress tag, a resync's tie check), and hashing reads every byte of the masters:
+        it is computed again only once a master tensor was replaced or written in place.
+        Torch counts every in-place write to a tensor (through it or any view or detached
+        alias of it) in its ``_version``; a weak reference tells a replaced tensor apart.
+        """
+        seen = self._print
+        if (
+            seen is not None
+            and len(seen[0]) == len(self._master)
+            and all(
+                ref() is m and version == m._version
+                for (ref, version), m in zip(seen[0], self._master, strict=True)
+            )
+        ):
+            return seen[1]
+        versions = [(weakref.ref(m), m._version) for m in self._master]  # before: a write
+        printed = _fingerprint(self._master)  # while hashing makes the next call hash again
+        self._print = (versions, printed)
+        return printed
 
     def fingerprint_of(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> str | None:
         """:meth:`fingerprint` of the masters in ``tensors`` (from :meth:`state_tensors`), or
@@ -145,7 +177,7 @@ class OuterNesterov:
 def _fingerprint(masters: Sequence[torch.Tensor]) -> str:
     h = hashlib.blake2b(digest_size=8)
     for m in masters:
-        h.update(m.contiguous().numpy().tobytes())
+        h.update(m.contiguous().numpy().data)  # the buffer itself, not a bytes copy
     return h.hexdigest()
 
 
