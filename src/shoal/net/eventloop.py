@@ -4,7 +4,7 @@ A peer's network loop (``NetRuntime``) runs gRPC's asyncio stack, and on a round
 all-reduce a fair share of its CPU goes to the loop itself: waking up for each of gRPC's
 completions, running callbacks, switching tasks. uvloop (libuv under asyncio's API) does
 that work in C. On the 4-peer, 25M-parameter ``shoal bench allreduce`` it cut Shoal's
-CPU per round by about 10% (``parallel/data/README.md`` has the figures). gRPC's asyncio
+CPU per round by 7.5% (``parallel/data/README.md`` has the figures). gRPC's asyncio
 stack supports any loop that implements asyncio's API, and uvloop does.
 
 ``"auto"`` takes uvloop when it can be imported (it is not built for Windows) and
