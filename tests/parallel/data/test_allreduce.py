@@ -17,6 +17,7 @@ from unittest import mock
 import pytest
 import torch
 
+from shoal.errors import PeerUnavailable
 from shoal.parallel.data.allreduce import AllReduceConfig, RoundStatus
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.memory import Fault, MemoryNetwork, PeerKilled
@@ -203,6 +204,111 @@ def test_a_member_no_one_can_reach_is_left_out_and_the_others_average():
     _check_invariant(inputs, weights, results, outputs)
 
 
+def _blocked_round(leave: bool):
+    """Reducers a-d, clients w-z; c and the clients cannot reach d (a and b can). With
+    ``leave``, each client stops right after its uploads, as a peer shutting down does."""
+    members = ["a", "b", "c", "d", "w", "x", "y", "z"]
+    clients = {"w", "x", "y", "z"}
+
+    class Blocked(MemoryNetwork):
+        async def _send(self, sender, to, message):
+            if to == "d" and sender in clients | {"c"} and isinstance(message, Contribution):
+                if leave and sender in clients:
+                    asyncio.get_running_loop().call_soon(self.rounds[sender].cancel)
+                raise PeerUnavailable("cannot reach d", peer="d")
+            return await super()._send(sender, to, message)
+
+    async def main():
+        net = Blocked()
+        spec = GroupSpec(b"rb", tuple(members), (1e8,) * 8, tuple(m in clients for m in members))
+        inputs = _inputs(members)
+        tensors = {m: _split(inputs[m]) for m in members}
+        config = AllReduceConfig(min_contributors=2)
+        averagers = {m: Averager(net.transport(m), config=config) for m in members}
+
+        async def run(m):
+            try:
+                return await averagers[m].average(tensors[m], 1.0, group=spec, timeout_s=2.0)
+            except asyncio.CancelledError:
+                return None
+
+        results = dict(zip(members, await asyncio.gather(*map(run, members)), strict=True))
+        outputs = {m: torch.cat([t.reshape(-1) for t in tensors[m]]) for m in members}
+        return inputs, {m: 1.0 for m in members}, results, outputs
+
+    return asyncio.run(main())
+
+
+def test_a_reducer_most_members_cannot_reach_is_cut_off_and_the_rest_average():
+    inputs, weights, results, outputs = _blocked_round(leave=False)
+    everyone_but_d = frozenset("abcwxyz")
+    assert _ok(results) == set("abcdwxyz")  # d still receives: it takes the others' mean
+    for m in "abcdwxyz":
+        assert results[m].contributors == everyone_but_d  # not {a, b, d}: 7 of 8, not 3
+        assert results[m].reassigned == {3: "a"}
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def test_no_cut_is_made_that_would_need_members_that_left():
+    # The clients' slices of d's part would have to be sent again to a substitute, and they
+    # are gone: the round goes on over what every reducer kept, as without the rule.
+    inputs, weights, results, outputs = _blocked_round(leave=True)
+    assert _ok(results) == {"a", "b", "c", "d"}
+    for m in "abcd":
+        assert results[m].contributors == frozenset("abd") and results[m].reassigned == {}
+    _check_invariant(inputs, weights, results, outputs)
+
+
+def test_a_reducer_whose_senders_are_slow_is_not_cut_off():
+    # A's part is large and the clients' uploads of it outlast the collect deadline: they
+    # were on their way, so A heard from them. Cutting A would have them upload it again to
+    # a substitute within the repair phase, and fail the round for everyone.
+    members = ["A", "B", "c1", "c2", "c3", "c4"]
+    clients = {"c1", "c2", "c3", "c4"}
+    spec = GroupSpec(
+        b"rs", tuple(members), (1e9,) + (1e8,) * 5, tuple(m in clients for m in members)
+    )
+    net = MemoryNetwork()
+    net.slow.update({(c, 0): 0.7 for c in clients})
+
+    async def main():
+        inputs = _inputs(members)
+        tensors = {m: _split(inputs[m]) for m in members}
+        config = AllReduceConfig(min_contributors=2)
+        averagers = {m: Averager(net.transport(m), config=config) for m in members}
+        runs = [averagers[m].average(tensors[m], 1.0, group=spec, timeout_s=1.0) for m in members]
+        results = dict(zip(members, await asyncio.gather(*runs), strict=True))
+        return inputs, results, {m: torch.cat([t.reshape(-1) for t in tensors[m]]) for m in members}
+
+    inputs, results, outputs = asyncio.run(main())
+    assert _ok(results) == set(members)
+    for m in members:
+        assert results[m].contributors == frozenset({"A", "B"}) and results[m].reassigned == {}
+        assert results[m].excluded["c1"] == "late for the collect deadline"
+    _check_invariant(inputs, {m: 1.0 for m in members}, results, outputs)
+
+
+def test_a_report_for_a_clients_empty_part_is_ignored():
+    members = ["a", "b", "c", "client"]
+    spec = GroupSpec(b"rc", tuple(members), (1e8,) * 4, (False, False, False, True))
+    net = MemoryNetwork()
+
+    async def main():
+        for m in members:  # waiting in every inbox before the round opens
+            net.transport(m).inbox.deliver(Report(b"rc", "client", 3, frozenset({"client"})))
+        inputs = _inputs(members)
+        tensors = {m: _split(inputs[m]) for m in members}
+        averagers = {m: Averager(net.transport(m)) for m in members}
+        runs = [averagers[m].average(tensors[m], 1.0, group=spec, timeout_s=1.0) for m in members]
+        return dict(zip(members, await asyncio.gather(*runs), strict=True))
+
+    results = asyncio.run(main())
+    assert _ok(results) == set(members)
+    assert all(
+        r.contributors == frozenset(members) and r.reassigned == {} for r in results.values()
+    )
+
+
 def _report(sender, part, accepted, rejected=()):
     return Report(b"r", sender, part, frozenset(accepted), {m: "screened" for m in rejected})
 
@@ -222,6 +328,8 @@ def test_only_a_reducer_that_heard_from_few_is_cut_off_and_only_when_it_helps():
     # Contributions refused by screening were heard: d refused garbage, it was not cut off.
     screened = _report("d", 3, ["d"], rejected=["a", "b", "c"])
     assert _cut_off({0: everyone, 3: screened}, members, []) == {}
+    # Nor when the members it would keep include one that left (it sends no repair).
+    assert _cut_off(reports, members, silent=[], gone={"b"}) == {}
     # Leaving d out must keep more contributors than keeping it: here a accepted d alone.
     assert (
         _cut_off(

@@ -6,11 +6,13 @@ Member ``i`` of the group reduces part ``i`` of the flat vector (parts sized by
 1. **Reduce-scatter.** Send part ``j`` of the own vector (and the own weight) to member
    ``j``, for every non-empty part. As a reducer, collect contributions to the own part
    until everyone sent or the collect deadline; screen them (``aggregate.screen``).
-2. **Report.** Tell every member which senders were accepted. Wait for every reducer's
-   report (or the report deadline). Reducers that did not report are presumed dead: they
-   leave the contributor set, and their parts are reassigned round-robin to reducers that
-   did. The round's contributor set ``C`` is the intersection of all accepted sets
-   received, minus the presumed dead.
+2. **Report.** Tell every member which senders were accepted (and whom else it heard
+   from). Wait for every reducer's report (or the report deadline). Reducers that did not
+   report are presumed dead, and a reducer that heard from fewer than half as many members
+   as the best-heard one is cut off (others cannot reach it; only when that keeps more
+   contributors): both leave the contributor set, and their parts are reassigned
+   round-robin to the other reducers. The round's contributor set ``C`` is the
+   intersection of the accepted sets of the reducers kept, minus those left out.
 3. **Repair.** Each member of ``C`` sends its raw part of each reassigned part to the
    survivor now in charge of it (every member keeps its raw vector until the round ends).
    A survivor missing one of them (that member left or died meanwhile, or its part was
@@ -213,14 +215,16 @@ async def run_allreduce(
         accepted: set[Member] = set()
         rejected: dict[Member, str] = {}
         contributions: dict[int, dict[Member, tuple[float, torch.Tensor]]] = {}
+        seen: set[Member] = set()  # senders of contributions there at the collect deadline
+        got: dict[Member, tuple[float, torch.Tensor]] = {}
         try:
             if my_part in live_parts:
                 want = set(members)
                 await inbox.wait_until(_have_all(msgs, my_part, want, left), collect_at)
                 numel = part_of(my_part).numel()
-                got = await _offload(
-                    numel if codec else 0, _collect, msgs(Contribution, my_part), numel, codec
-                )
+                collected = msgs(Contribution, my_part)
+                seen = {m.sender for m in collected}
+                got = await _offload(numel if codec else 0, _collect, collected, numel, codec)
                 accepted, rejected = await _offload(numel, _screen, got, config.aggregation)
                 contributions[my_part] = {p: got[p] for p in accepted}
         except BaseException:  # e.g. cancelled: stop uploading now, not at collect_at
@@ -232,7 +236,16 @@ async def run_allreduce(
 
         # 2. Reports: agree on one contributor set.
         if my_part in live_parts:
-            report = Report(round_id, me, my_part, frozenset(accepted), rejected)
+            # Everyone heard from is in the report, used or not: a reducer that heard from
+            # few is cut off (see _cut_off), and a slow sender does not make it unreachable.
+            since = inbox.arriving(round_id, Contribution, my_part)
+            since |= {m.sender for m in msgs(Contribution, my_part)}
+            unused = {
+                **{m: "late for the collect deadline" for m in since - seen},
+                **{m: "unreadable contribution" for m in seen - got.keys()},
+            }
+            unused = {m: why for m, why in unused.items() if m in members}
+            report = Report(round_id, me, my_part, frozenset(accepted), {**unused, **rejected})
             await _send_all(transport, [(m, report) for m in members], report_at)
         await inbox.wait_until(
             lambda: (
@@ -242,12 +255,16 @@ async def run_allreduce(
             ),
             report_at,
         )
-        reports = {r.part: r for r in msgs(Report) if r.sender == members[r.part]}
+        reports = {
+            r.part: r
+            for r in msgs(Report)
+            if r.sender == members[r.part] and r.part in live_parts  # a client reduces nothing
+        }
         excluded: dict[Member, str] = {}
         for r in reports.values():
             excluded.update(r.rejected)
         silent = [j for j in live_parts if j not in reports]
-        cut_off = _cut_off(reports, members, silent)
+        cut_off = _cut_off(reports, members, silent, left())
         dead = sorted([*silent, *cut_off])
         alive = [j for j in live_parts if j not in dead]
         # A reducer left out (silent: presumed dead; cut off: few could reach it) takes its
@@ -429,7 +446,10 @@ def _agreed(
 
 
 def _cut_off(
-    reports: dict[int, Report], members: Sequence[Member], silent: Sequence[int]
+    reports: dict[int, Report],
+    members: Sequence[Member],
+    silent: Sequence[int],
+    gone: Set[Member] = frozenset(),
 ) -> dict[int, str]:
     """Reducers that heard from fewer than half as many members as the best-heard one,
     when leaving them out keeps more contributors; with the reason.
@@ -437,16 +457,22 @@ def _cut_off(
     Such a reducer is reachable by few (its address is refused, or it sits behind a NAT
     without saying so) while it reaches everyone: its report is the only one that lacks
     most contributions, and intersecting it would fail the round for every member. Its
-    part is reassigned instead, like a dead reducer's. Contributions refused by screening
-    count as heard, so a reducer that refused garbage is never the one left out. A
-    function of the reports alone: members with the same reports agree.
+    part is reassigned instead, like a dead reducer's, and every agreed contributor sends
+    its raw slice of that part to the substitute. A reducer heard from everyone whose
+    contribution reached it, used or not: refused by screening, unreadable, arrived late,
+    or still arriving when it reported. So a reducer that refused garbage is never the one
+    cut off, nor one whose senders are merely slow (they would be as slow to repair).
+    Members that left (``gone``) send no repair, so they count for neither side, and a cut
+    that would need one of them is not made. Apart from ``gone``, a function of the
+    reports alone: members with the same reports agree (those without fail, as ever).
     """
     heard = {j: len((r.accepted | r.rejected.keys()) & set(members)) for j, r in reports.items()}
     most = max(heard.values(), default=0)
     cut = {j for j, n in heard.items() if 2 * n < most}
-    if not cut or len(_agreed(reports, members, [*silent, *cut])) <= len(
-        _agreed(reports, members, silent)
-    ):
+    if not cut:
+        return {}
+    kept = _agreed(reports, members, [*silent, *cut])
+    if kept & gone or len(kept) <= len(_agreed(reports, members, silent) - gone):
         return {}
     return {
         j: f"its reducer heard from {heard[j]} of {len(members)} members (cut off)" for j in cut

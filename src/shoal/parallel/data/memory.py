@@ -62,6 +62,9 @@ class MemoryNetwork:
         self.unreachable: set[Member] = set()
         """Members that send as usual but that no one can send to (a refused address, a
         NAT): sends to them raise :class:`~shoal.errors.PeerUnavailable`."""
+        self.slow: dict[tuple[Member, int], float] = {}
+        """``(sender, part)``: seconds its contribution for that part takes to arrive; the
+        receiver sees it arriving meanwhile (a stream's first frame comes at once)."""
         self.sent: Counter[tuple[Member, str]] = Counter()
         self.inboxes: dict[Member, Inbox] = {}
         self.delivered = asyncio.Event()
@@ -106,6 +109,14 @@ class MemoryNetwork:
             raise PeerUnavailable("member cannot be reached", peer=repr(to))
         if isinstance(message, Contribution | Reduced):
             message = replace(message, data=_clone(message.data))  # type: ignore[arg-type]
+        delay = self.slow.get((sender, message.part), 0.0)
+        if delay and isinstance(message, Contribution):
+            mark = (message.round_id, Contribution, sender, message.part)
+            self.inboxes[to].receiving(*mark)
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self.inboxes[to].received(*mark)
         self.inboxes[to].deliver(message)
         self.delivered.set()
 

@@ -147,6 +147,10 @@ class Inbox:
     def received(self, round_id: bytes, kind: type, sender: Member, part: int) -> None:
         self._receiving.discard((round_id, kind, sender, part))
 
+    def arriving(self, round_id: bytes, kind: type, part: int) -> set[Member]:
+        """The senders of a message of ``kind`` for ``part`` that is being received now."""
+        return {s for r, k, s, p in self._receiving if r == round_id and k is kind and p == part}
+
     def reserve(self, nbytes: int) -> None:
         """Count ``nbytes`` being received for a round not open yet against the pending
         bound (give them back with :meth:`release` before delivering the message).
