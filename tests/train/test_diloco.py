@@ -84,6 +84,8 @@ def test_the_fingerprint_is_hashed_again_only_after_the_masters_change(monkeypat
     fingerprint_twice()
     outer.master = [m * 2 for m in outer.master]  # the list replaced
     fingerprint_twice()
+    outer.master[1].data = torch.randn(2, 3)  # the storage replaced
+    fingerprint_twice()
     other = OuterNesterov([torch.randn(5), torch.randn(2, 3)])
     assert outer.load_state_tensors(other.state_tensors())  # a resync or a restore
     assert fingerprint_twice() == real(other.master)

@@ -58,11 +58,13 @@ class OuterNesterov:
         self.config = config or OuterConfig()
         self._master = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         self.momentum = [torch.zeros_like(m) for m in self._master]
-        self._print: tuple[list[tuple[weakref.ref[torch.Tensor], int]], str] | None = None
+        self._print: tuple[list[tuple[weakref.ref[torch.Tensor], int, int]], str] | None = None
 
     @property
     def master(self) -> list[torch.Tensor]:
-        """The fp32 master parameters ``θ`` (CPU)."""
+        """The fp32 master parameters ``θ`` (CPU). Write them in place through the tensors
+        themselves (or views, or detached aliases), or assign a new list: a write through
+        ``.data`` or a numpy view is not seen by :meth:`fingerprint`'s cache."""
         return self._master
 
     @master.setter
@@ -77,21 +79,28 @@ class OuterNesterov:
         progress tag, a resync's tie check), and hashing reads every byte of the masters:
         it is computed again only once a master tensor was replaced or written in place.
         Torch counts every in-place write to a tensor (through it or any view or detached
-        alias of it) in its ``_version``; a weak reference tells a replaced tensor apart.
+        alias of it) in its ``_version``; a weak reference and the storage address tell a
+        replaced tensor, or replaced storage, apart.
         """
+        try:
+            versions = [(weakref.ref(m), m.data_ptr(), m._version) for m in self._master]
+        except RuntimeError:  # inference tensors count no versions: hash every time
+            self._print = None
+            return _fingerprint(self._master)
         seen = self._print
         if (
             seen is not None
-            and len(seen[0]) == len(self._master)
+            and len(seen[0]) == len(versions)
             and all(
-                ref() is m and version == m._version
-                for (ref, version), m in zip(seen[0], self._master, strict=True)
+                ref() is m and (ptr, version) == (p, v)
+                for (ref, ptr, version), (_, p, v), m in zip(
+                    seen[0], versions, self._master, strict=True
+                )
             )
         ):
             return seen[1]
-        versions = [(weakref.ref(m), m._version) for m in self._master]  # before: a write
-        printed = _fingerprint(self._master)  # while hashing makes the next call hash again
-        self._print = (versions, printed)
+        printed = _fingerprint(self._master)  # versions read before: a write while hashing
+        self._print = (versions, printed)  # makes the next call hash again
         return printed
 
     def fingerprint_of(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> str | None:
