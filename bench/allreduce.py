@@ -32,15 +32,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _resolved(event_loop: str) -> str:
-    """The loop the peers run (``auto`` is uvloop where it is installed)."""
-    import importlib.util
-
-    if event_loop == "auto":
-        return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    return event_loop
-
-
 def _log(msg: str) -> None:
     print(f"[allreduce] {msg}", file=sys.stderr, flush=True)
 
@@ -222,7 +213,7 @@ def main(argv: list[str]) -> dict:
         "params": args.params,
         "rounds": args.rounds,
         "codec": args.codec,  # gloo always averages fp32
-        "event_loop": _resolved(args.event_loop),
+        "event_loop": ",".join(sorted(set(shoal.swarm.loops))),  # as the peers said
     }
 
 

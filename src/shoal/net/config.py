@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shoal.errors import ConfigError
+from shoal.net.eventloop import uvloop_installed
 
 MiB = 1 << 20
 
@@ -226,6 +227,8 @@ class NetConfig:
                 "NetConfig.event_loop must be 'auto', 'uvloop' or 'asyncio', "
                 f"got {self.event_loop!r}"
             )
+        if self.event_loop == "uvloop" and not uvloop_installed():
+            raise ConfigError("NetConfig.event_loop is 'uvloop', but uvloop is not installed")
         if self.replay_window > 1 << 16:
             raise ConfigError(f"NetConfig.replay_window must be <= 65536, got {self.replay_window}")
 

@@ -18,9 +18,18 @@ import importlib
 
 from shoal.errors import ConfigError
 
-__all__ = ["EVENT_LOOPS", "new_event_loop"]
+__all__ = ["EVENT_LOOPS", "new_event_loop", "uvloop_installed"]
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def uvloop_installed() -> bool:
+    """Whether uvloop can be imported here."""
+    try:
+        importlib.import_module("uvloop")
+    except ImportError:
+        return False
+    return True
 
 
 def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:

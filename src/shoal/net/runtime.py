@@ -128,18 +128,24 @@ class NetRuntime:
         """Start the loop thread and the server; blocks until listening. Returns self."""
         if self.state is not State.NEW:
             raise RuntimeError(f"runtime is {self.state.value}, cannot start")
-        self._loop = new_event_loop(self.config.event_loop)  # run by the loop thread
-        self.state = State.RUNNING
-        if self.config.keep_freed_memory:
-            keep_freed_memory()
+        loop = new_event_loop(self.config.event_loop)  # run by the loop thread
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._thread_main,
-            args=(ready,),
-            name=f"shoal-net-{self.peer_id.short()}",
-            daemon=True,
-        )
-        self._thread.start()
+        try:
+            if self.config.keep_freed_memory:
+                keep_freed_memory()
+            self._thread = threading.Thread(
+                target=self._thread_main,
+                args=(ready,),
+                name=f"shoal-net-{self.peer_id.short()}",
+                daemon=True,
+            )
+            self._loop = loop
+            self.state = State.RUNNING
+            self._thread.start()
+        except BaseException:
+            loop.close()
+            self._loop, self._thread, self.state = None, None, State.CLOSED
+            raise
         try:
             ready.result(timeout_s)
         except concurrent.futures.TimeoutError:

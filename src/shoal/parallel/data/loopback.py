@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from shoal.net.config import NetConfig
+from shoal.net.eventloop import EVENT_LOOPS
 from shoal.net.identity import Identity, PeerID
 from shoal.net.runtime import NetRuntime
 from shoal.parallel.data.averager import Averager, GroupSpec
@@ -101,13 +102,16 @@ class Placement:
 def _peer_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m shoal.parallel.data.loopback")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
-    parser.add_argument("--event-loop", default="auto", help="NetConfig.event_loop")
+    parser.add_argument(
+        "--event-loop", default="auto", choices=EVENT_LOOPS, help="NetConfig.event_loop"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = NetConfig(host=args.host, port=0, unix_socket=False, event_loop=args.event_loop)
     runtime = NetRuntime(Identity.generate(), config).start()
     transport = GrpcTransport(runtime)
-    _emit({"peer": runtime.peer_id.raw.hex(), "address": runtime.address})
+    loop = "uvloop" if type(runtime.loop).__module__.startswith("uvloop") else "asyncio"
+    _emit({"peer": runtime.peer_id.raw.hex(), "address": runtime.address, "loop": loop})
     group: GroupSpec | None = None
     averager: Averager | None = None
     data = work = torch.empty(0)
@@ -189,6 +193,8 @@ class LoopbackSwarm:
         self.procs: list[subprocess.Popen[str]] = []
         self._lines: list[queue.Queue[dict[str, Any]]] = []
         self.peers: list[tuple[str, str]] = []
+        self.loops: list[str] = []
+        """Each peer's network loop, as it said when it started (uvloop or asyncio)."""
         try:
             for place in places:
                 argv = [sys.executable, "-m", "shoal.parallel.data.loopback", "--host", place.host]
@@ -207,6 +213,7 @@ class LoopbackSwarm:
             for i in range(n):
                 hello = self.read(i, 60.0)
                 self.peers.append((hello["peer"], hello["address"]))
+                self.loops.append(str(hello.get("loop", "")))
         except BaseException:
             self.close()  # no peer outlives a failed start
             raise
