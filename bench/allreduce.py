@@ -168,7 +168,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument(
         "--event-loop",
         default="auto",
-        choices=["auto", "uvloop", "asyncio"],
+        choices=["auto", "uvloop", "asyncio"],  # shoal.net.eventloop.EVENT_LOOPS
         help="the peers' network loop (NetConfig.event_loop)",
     )
     parser.add_argument("--json", action="store_true", help="(always on) print one JSON line")

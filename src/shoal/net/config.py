@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shoal.errors import ConfigError
-from shoal.net.eventloop import uvloop_installed
+from shoal.net.eventloop import EVENT_LOOPS, uvloop_installed
 
 MiB = 1 << 20
 
@@ -222,7 +222,7 @@ class NetConfig:
             raise ConfigError(
                 f"NetConfig.shutdown_grace_s must be in [0, 1.5], got {self.shutdown_grace_s!r}"
             )
-        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+        if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(
                 "NetConfig.event_loop must be 'auto', 'uvloop' or 'asyncio', "
                 f"got {self.event_loop!r}"
