@@ -259,7 +259,8 @@ def test_no_cut_is_made_that_would_need_members_that_left():
     _check_invariant(inputs, weights, results, outputs)
 
 
-def test_a_reducer_whose_senders_are_slow_is_not_cut_off():
+@pytest.mark.parametrize("reducer_late_s", [0.0, 0.02])
+def test_a_reducer_whose_senders_are_slow_is_not_cut_off(reducer_late_s):
     # A's part is large and the clients' uploads of it outlast the collect deadline: they
     # were on their way, so A heard from them. Cutting A would have them upload it again to
     # a substitute within the repair phase, and fail the round for everyone.
@@ -276,8 +277,13 @@ def test_a_reducer_whose_senders_are_slow_is_not_cut_off():
         tensors = {m: _split(inputs[m]) for m in members}
         config = AllReduceConfig(min_contributors=2)
         averagers = {m: Averager(net.transport(m), config=config) for m in members}
-        runs = [averagers[m].average(tensors[m], 1.0, group=spec, timeout_s=1.0) for m in members]
-        results = dict(zip(members, await asyncio.gather(*runs), strict=True))
+
+        async def run(m):
+            if m == "A":  # starting later, A reads its inbox after the senders gave up
+                await asyncio.sleep(reducer_late_s)
+            return await averagers[m].average(tensors[m], 1.0, group=spec, timeout_s=1.0)
+
+        results = dict(zip(members, await asyncio.gather(*map(run, members)), strict=True))
         return inputs, results, {m: torch.cat([t.reshape(-1) for t in tensors[m]]) for m in members}
 
     inputs, results, outputs = asyncio.run(main())

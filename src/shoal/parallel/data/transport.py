@@ -101,6 +101,7 @@ class Inbox:
         self._open: OrderedDict[bytes, _Shape] = OrderedDict()
         self._keys: dict[bytes, set[tuple[type, Member, int]]] = {}
         self._receiving: set[tuple[bytes, type, Member, int]] = set()
+        self._began: dict[bytes, set[tuple[type, Member, int]]] = {}
         self._closed: OrderedDict[bytes, None] = OrderedDict()
         self._max_pending = max_pending_rounds
         self._max_pending_bytes = max_pending_bytes
@@ -143,13 +144,22 @@ class Inbox:
         """Mark a message as being received (its repeats are refused until :meth:`received`):
         parallel streams of one message would otherwise each pass :meth:`check`."""
         self._receiving.add((round_id, kind, sender, part))
+        self._began.setdefault(round_id, set()).add((kind, sender, part))
+        while len(self._began) > self._max_open + self._max_pending:  # bounded: any peer
+            stale = next((r for r in self._began if r not in self._open), round_id)
+            self._began.pop(stale)  # may stream to round ids that never open
+            if stale == round_id:
+                break
 
     def received(self, round_id: bytes, kind: type, sender: Member, part: int) -> None:
         self._receiving.discard((round_id, kind, sender, part))
 
     def arriving(self, round_id: bytes, kind: type, part: int) -> set[Member]:
-        """The senders of a message of ``kind`` for ``part`` that is being received now."""
-        return {s for r, k, s, p in self._receiving if r == round_id and k is kind and p == part}
+        """The senders of a message of ``kind`` for ``part`` that began to arrive in this
+        round, whether it is still arriving, arrived, or was cut off when its sender gave up
+        (a sender stops at its own deadline, which may come before ours is read)."""
+        began = self._began.get(round_id, ())
+        return {s for k, s, p in began if k is kind and p == part}
 
     def reserve(self, nbytes: int) -> None:
         """Count ``nbytes`` being received for a round not open yet against the pending
@@ -236,6 +246,7 @@ class Inbox:
         self._rounds.pop(round_id, None)
         self._pending_bytes.pop(round_id, None)
         self._keys.pop(round_id, None)
+        self._began.pop(round_id, None)
 
     def messages(self, round_id: bytes) -> list[Message]:
         return self._rounds.get(round_id, [])
