@@ -320,7 +320,7 @@ def _report(sender, part, accepted, rejected=()):
 
 
 def test_only_a_reducer_that_heard_from_few_is_cut_off_and_only_when_it_helps():
-    from shoal.parallel.data.allreduce import _cut_off
+    from shoal.parallel.data.agreement import cut_off_reducers as _cut_off
 
     members = ["a", "b", "c", "d"]
     everyone = _report("a", 0, members)

@@ -43,7 +43,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from typing import TypeVar
 
 import torch
@@ -51,6 +51,7 @@ import torch
 from shoal.compress import Codec, Encoded
 from shoal.errors import NetworkError
 from shoal.parallel.data.aggregate import AggregationConfig, aggregate, screen
+from shoal.parallel.data.agreement import agreed_contributors, cut_off_reducers
 from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.messages import (
     Contribution,
@@ -237,7 +238,7 @@ async def run_allreduce(
         # 2. Reports: agree on one contributor set.
         if my_part in live_parts:
             # Everyone heard from is in the report, used or not: a reducer that heard from
-            # few is cut off (see _cut_off), and a slow sender does not make it unreachable.
+            # few is cut off (see agreement.py), and a slow sender does not make it unreachable.
             since = inbox.arriving(round_id, Contribution, my_part)
             since |= {m.sender for m in msgs(Contribution, my_part)}
             unused = {
@@ -264,12 +265,12 @@ async def run_allreduce(
         for r in reports.values():
             excluded.update(r.rejected)
         silent = [j for j in live_parts if j not in reports]
-        cut_off = _cut_off(reports, members, silent, left())
+        cut_off = cut_off_reducers(reports, members, silent, left())
         dead = sorted([*silent, *cut_off])
         alive = [j for j in live_parts if j not in dead]
         # A reducer left out (silent: presumed dead; cut off: few could reach it) takes its
         # own vector along: its slice of its own part is in no one else's hands.
-        common = _agreed(reports, members, dead)
+        common = agreed_contributors(reports, members, dead)
         for j in silent:
             excluded.setdefault(members[j], "no report from it as reducer (presumed dead)")
         for j, why in cut_off.items():
@@ -430,53 +431,6 @@ async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
     if numel >= _OFFLOAD_NUMEL:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
-
-
-def _agreed(
-    reports: dict[int, Report], members: Sequence[Member], dead: Iterable[int]
-) -> frozenset:
-    """The contributors every reducer still in the round accepted, less the reducers
-    left out."""
-    out = set(dead)
-    common = frozenset(members)
-    for j, r in reports.items():
-        if j not in out:
-            common &= r.accepted
-    return common - {members[j] for j in out}
-
-
-def _cut_off(
-    reports: dict[int, Report],
-    members: Sequence[Member],
-    silent: Sequence[int],
-    gone: Set[Member] = frozenset(),
-) -> dict[int, str]:
-    """Reducers that heard from fewer than half as many members as the best-heard one,
-    when leaving them out keeps more contributors; with the reason.
-
-    Such a reducer is reachable by few (its address is refused, or it sits behind a NAT
-    without saying so) while it reaches everyone: its report is the only one that lacks
-    most contributions, and intersecting it would fail the round for every member. Its
-    part is reassigned instead, like a dead reducer's, and every agreed contributor sends
-    its raw slice of that part to the substitute. A reducer heard from everyone whose
-    contribution reached it, used or not: refused by screening, unreadable, arrived late,
-    or still arriving when it reported. So a reducer that refused garbage is never the one
-    cut off, nor one whose senders are merely slow (they would be as slow to repair).
-    Members that left (``gone``) send no repair, so they count for neither side, and a cut
-    that would need one of them is not made. Apart from ``gone``, a function of the
-    reports alone: members with the same reports agree (those without fail, as ever).
-    """
-    heard = {j: len((r.accepted | r.rejected.keys()) & set(members)) for j, r in reports.items()}
-    most = max(heard.values(), default=0)
-    cut = {j for j, n in heard.items() if 2 * n < most}
-    if not cut:
-        return {}
-    kept = _agreed(reports, members, [*silent, *cut])
-    if kept & gone or len(kept) <= len(_agreed(reports, members, silent) - gone):
-        return {}
-    return {
-        j: f"its reducer heard from {heard[j]} of {len(members)} members (cut off)" for j in cut
-    }
 
 
 def _have_all(
