@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+from types import ModuleType
 
 from shoal.errors import ConfigError
 
@@ -23,28 +24,26 @@ __all__ = ["EVENT_LOOPS", "new_event_loop", "uvloop_installed"]
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
+def _uvloop() -> ModuleType | None:
+    try:
+        return importlib.import_module("uvloop")
+    except ImportError:
+        return None
+
+
 def uvloop_installed() -> bool:
     """Whether uvloop can be imported here."""
-    try:
-        importlib.import_module("uvloop")
-    except ImportError:
-        return False
-    return True
+    return _uvloop() is not None
 
 
 def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
     """A fresh event loop of ``kind`` (one of :data:`EVENT_LOOPS`)."""
     if kind not in EVENT_LOOPS:
         raise ConfigError(f"event loop must be one of {', '.join(EVENT_LOOPS)}, got {kind!r}")
-    if kind != "asyncio":
-        try:
-            uvloop = importlib.import_module("uvloop")
-        except ImportError:
-            if kind == "uvloop":
-                raise ConfigError(
-                    "event loop 'uvloop' asked for, but uvloop is not installed"
-                ) from None
-        else:
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-            return loop
-    return asyncio.new_event_loop()
+    uvloop = None if kind == "asyncio" else _uvloop()
+    if uvloop is None and kind == "uvloop":
+        raise ConfigError("event loop 'uvloop' asked for, but uvloop is not installed")
+    if uvloop is None:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop

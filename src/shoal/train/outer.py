@@ -58,7 +58,9 @@ class OuterNesterov:
         self.config = config or OuterConfig()
         self._master = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         self.momentum = [torch.zeros_like(m) for m in self._master]
-        self._print: tuple[list[tuple[weakref.ref[torch.Tensor], int, int]], str] | None = None
+        self._print: tuple[list[weakref.ref[torch.Tensor]], list[tuple[int, int]], str] | None = (
+            None
+        )
 
     @property
     def master(self) -> list[torch.Tensor]:
@@ -82,25 +84,20 @@ class OuterNesterov:
         alias of it) in its ``_version``; a weak reference and the storage address tell a
         replaced tensor, or replaced storage, apart.
         """
-        try:
-            versions = [(weakref.ref(m), m.data_ptr(), m._version) for m in self._master]
+        try:  # where each master's storage is, and how many in-place writes it had
+            key = [(m.data_ptr(), m._version) for m in self._master]
         except RuntimeError:  # inference tensors count no versions: hash every time
             self._print = None
             return _fingerprint(self._master)
         seen = self._print
         if (
             seen is not None
-            and len(seen[0]) == len(versions)
-            and all(
-                ref() is m and (ptr, version) == (p, v)
-                for (ref, ptr, version), (_, p, v), m in zip(
-                    seen[0], versions, self._master, strict=True
-                )
-            )
+            and seen[1] == key
+            and all(ref() is m for ref, m in zip(seen[0], self._master, strict=True))
         ):
-            return seen[1]
-        printed = _fingerprint(self._master)  # versions read before: a write while hashing
-        self._print = (versions, printed)  # makes the next call hash again
+            return seen[2]
+        printed = _fingerprint(self._master)  # key read before: a write while hashing
+        self._print = ([weakref.ref(m) for m in self._master], key, printed)  # rehashes
         return printed
 
     def fingerprint_of(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> str | None:
