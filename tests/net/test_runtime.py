@@ -208,6 +208,32 @@ def test_close_from_inside_the_loop(make_runtime):
     assert not a._thread.is_alive()
 
 
+@pytest.mark.parametrize("thread_ran", [False, True])
+def test_an_interrupted_start_raises_the_interrupt_and_leaves_nothing_running(
+    thread_ran, monkeypatch
+):
+    # Ctrl-C can land inside Thread.start, before or after the new thread began to run
+    # the loop; either way the caller sees the interrupt, not an error of the cleanup.
+    real_start = threading.Thread.start
+
+    def interrupted_start(thread):
+        if thread_ran or not thread.name.startswith("shoal-net-"):
+            real_start(thread)
+        if thread.name.startswith("shoal-net-"):
+            raise KeyboardInterrupt
+
+    runtime = NetRuntime(Identity.generate(), NetConfig())
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.start()
+    monkeypatch.undo()
+    assert runtime.state is State.CLOSED
+    if thread_ran:
+        runtime._thread.join(CLOSE_TIMEOUT_S)
+        assert not runtime._thread.is_alive() and runtime._loop.is_closed()
+    runtime.close()  # still safe
+
+
 def test_port_in_use_is_a_config_error(make_runtime, capfd):
     a = make_runtime()
     b = NetRuntime(Identity.generate(), NetConfig(port=a.port))

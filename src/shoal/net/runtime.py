@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import logging
 import os
@@ -142,9 +143,14 @@ class NetRuntime:
             self._loop = loop
             self.state = State.RUNNING
             self._thread.start()
-        except BaseException:
-            loop.close()
-            self._loop, self._thread, self.state = None, None, State.CLOSED
+        except BaseException:  # e.g. KeyboardInterrupt
+            if self._thread.ident is None:  # it never ran: the loop is ours to close
+                loop.close()
+                self._loop, self._thread, self.state = None, None, State.CLOSED
+            else:  # it runs the loop now: let it come up, then stop it as any runtime
+                with contextlib.suppress(BaseException):
+                    ready.result(timeout_s)
+                self.close()
             raise
         try:
             ready.result(timeout_s)

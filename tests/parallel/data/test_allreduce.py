@@ -53,9 +53,11 @@ async def _round(
     late=(),
     config=None,
     unreachable=(),
+    slow=None,
 ):
     net = MemoryNetwork(faults)
     net.unreachable.update(unreachable)
+    net.slow.update(slow or {})
     inputs = inputs or _inputs(members)
     weights = weights or {m: float(i + 1) for i, m in enumerate(members)}
     group = group or GroupSpec.uniform(b"round-1", members)
@@ -204,6 +206,23 @@ def test_a_member_no_one_can_reach_is_left_out_and_the_others_average():
     _check_invariant(inputs, weights, results, outputs)
 
 
+def test_a_cut_off_reducer_is_said_to_be_cut_off_before_what_a_reducer_said_of_it():
+    # As above, and d's upload to a outlasts a's collect deadline: a reports d late. The
+    # cut is why d is out of every part, so its reason comes first.
+    members = ["a", "b", "c", "d"]
+    config = AllReduceConfig(min_contributors=2)
+    _, inputs, weights, results, outputs = asyncio.run(
+        _round(members, unreachable={"d"}, slow={("d", 0): 1.5}, config=config, timeout_s=2.0)
+    )
+    assert _ok(results) == {"a", "b", "c"}
+    for m in ("a", "b", "c"):
+        assert results[m].contributors == frozenset({"a", "b", "c"})
+        assert results[m].excluded["d"] == (
+            "its reducer heard from 1 of 4 members (cut off); late for the collect deadline"
+        )
+    _check_invariant(inputs, weights, results, outputs)
+
+
 def _blocked_round(leave: bool):
     """Reducers a-d, clients w-z; c and the clients cannot reach d (a and b can). With
     ``leave``, each client stops right after its uploads, as a peer shutting down does."""
@@ -270,7 +289,7 @@ def test_a_reducer_whose_senders_are_slow_is_not_cut_off(reducer_late_s):
         b"rs", tuple(members), (1e9,) + (1e8,) * 5, tuple(m in clients for m in members)
     )
     net = MemoryNetwork()
-    net.slow.update({(c, 0): 0.7 for c in clients})
+    net.slow.update({(c, 0): 1.4 for c in clients})
 
     async def main():
         inputs = _inputs(members)
@@ -281,7 +300,7 @@ def test_a_reducer_whose_senders_are_slow_is_not_cut_off(reducer_late_s):
         async def run(m):
             if m == "A":  # starting later, A reads its inbox after the senders gave up
                 await asyncio.sleep(reducer_late_s)
-            return await averagers[m].average(tensors[m], 1.0, group=spec, timeout_s=1.0)
+            return await averagers[m].average(tensors[m], 1.0, group=spec, timeout_s=2.0)
 
         results = dict(zip(members, await asyncio.gather(*map(run, members)), strict=True))
         return inputs, results, {m: torch.cat([t.reshape(-1) for t in tensors[m]]) for m in members}
@@ -343,6 +362,13 @@ def test_only_a_reducer_that_heard_from_few_is_cut_off_and_only_when_it_helps():
         )
         == {}
     )
+    # A member that left counts on neither side, d itself included: keeping d would keep
+    # {c, d} (2), cutting it keeps {a, c} (2), but d is gone, so keeping it keeps c alone.
+    five = ["a", "b", "c", "d", "e"]
+    narrow = {j: _report(m, j, "acd", rejected="be") for j, m in enumerate("abc")}
+    narrow |= {3: _report("d", 3, "cd"), 4: _report("e", 4, "acd", rejected="be")}
+    assert _cut_off(narrow, five, silent=[]) == {}
+    assert list(_cut_off(narrow, five, silent=[], gone={"d"})) == [3]
 
 
 def test_a_member_stopping_mid_reduce_scatter_is_left_out_without_waiting_for_it():

@@ -271,10 +271,15 @@ async def run_allreduce(
         # A reducer left out (silent: presumed dead; cut off: few could reach it) takes its
         # own vector along: its slice of its own part is in no one else's hands.
         common = agreed_contributors(reports, members, dead)
-        for j in silent:
-            excluded.setdefault(members[j], "no report from it as reducer (presumed dead)")
-        for j, why in cut_off.items():
-            excluded.setdefault(members[j], why)
+        # Being left out as a reducer is why such a member is out of every part, so it
+        # leads its reason; what a reducer said of its contribution (late, say) follows.
+        left_out_as_reducer = {
+            **{j: "no report from it as reducer (presumed dead)" for j in silent},
+            **cut_off,
+        }
+        for j, why in left_out_as_reducer.items():
+            earlier = excluded.get(members[j])
+            excluded[members[j]] = f"{why}; {earlier}" if earlier else why
         for m in members:
             if m not in common and m not in excluded:
                 excluded[m] = "contribution missing at a reducer"
