@@ -2,6 +2,8 @@ import asyncio
 
 import pytest
 
+from shoal.dht.config import RecordLimits
+from shoal.dht.ids import location_of
 from shoal.dht.node import merge_records
 from shoal.dht.record import Record, sign_record
 from shoal.dht.transport import FindValueAnswer
@@ -100,13 +102,44 @@ def test_handlers_bound_message_sizes():
         await grow(cl, 2)
         node = cl.nodes[0]
         ident = Identity.from_seed(b"w")
-        recs = [sign_record(ident, b"k%d" % i, b"v", cl.wall_clock() + 60) for i in range(100)]
+        limit = cl.config.limits.max_records_per_message
+        recs = [
+            sign_record(ident, b"k%d" % i, b"v", cl.wall_clock() + 60) for i in range(limit + 36)
+        ]
         answer = node.handle_store(None, recs)
         assert len(answer.results) == cl.config.limits.max_records_per_message
         assert len(node.storage) == cl.config.limits.max_records_per_message
         await cl.close()
 
     run_virtual(scenario())
+
+
+def test_a_find_value_answer_holds_the_freshest_records_within_its_count_and_bytes():
+    async def scenario():
+        cl = make_cluster(limits=RecordLimits(max_records_per_message=8, max_answer_bytes=4000))
+        await grow(cl, 2)
+        node, now = cl.nodes[0], cl.wall_clock()
+        writers = [Identity.from_seed(b"w%d" % i) for i in range(12)]
+        records = [
+            sign_record(w, b"board", bytes(v), now + 60 + i, subkey=w.peer_id.raw)
+            for i, (w, v) in enumerate(zip(writers, [10] * 6 + [1000] * 6, strict=True))
+        ]
+        for record in records:  # one per message: a STORE carries at most 8 here
+            node.handle_store(None, [record])
+        small = sign_record(writers[0], b"few", b"v", now + 60, subkey=writers[0].peer_id.raw)
+        node.handle_store(None, [small])
+        await cl.close()
+        return (
+            node.handle_find_value(None, location_of(b"board")).records,
+            node.handle_find_value(None, location_of(b"few")).records,
+            records,
+        )
+
+    answer, few, records = run_virtual(scenario())
+    # The six 1000-byte records expire last: three fit in 4000 bytes, the count allows 8.
+    assert [r.expires_at for r in answer] == [r.expires_at for r in records[-1:-4:-1]]
+    assert sum(r.size_bytes for r in answer) <= 4000 < sum(r.size_bytes for r in records[-4:])
+    assert len(few) == 1
 
 
 def test_merge_records_picks_freshest_per_subkey():

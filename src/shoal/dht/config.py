@@ -40,8 +40,15 @@ class RecordLimits:
     """Records kept per node; beyond it the soonest-expiring records are evicted."""
     max_bytes: int = 32 * 1024 * 1024
     """Bytes of keys, subkeys and values kept per node; same eviction rule."""
-    max_records_per_message: int = 64
-    """Records one STORE or FIND_VALUE answer may carry."""
+    max_records_per_message: int = 256
+    """Records one STORE or FIND_VALUE answer may carry. One key's records must all fit in
+    an answer for readers to agree on them: every peer ready for an averaging round
+    announces under one key, and a swarm's membership spreads over a few keys. (It was 64:
+    a swarm of 80 ready peers read different 64-record subsets and split into groups that
+    did not match; peers of that version refuse an answer of more.)"""
+    max_answer_bytes: int = 1024 * 1024
+    """Bytes of records (``Record.size_bytes``) one FIND_VALUE answer may carry: with
+    16 KiB values, 256 records would not fit in a gRPC message."""
 
     def __post_init__(self) -> None:
         for f in fields(self):

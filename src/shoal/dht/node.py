@@ -121,9 +121,18 @@ class DHTNode:
 
     def handle_find_value(self, caller: Contact | None, location: int) -> FindValueAnswer:
         records = self.storage.get(location, self.wall_clock())
-        if len(records) > self.config.limits.max_records_per_message:
-            records.sort(key=lambda r: r.expires_at, reverse=True)
-            del records[self.config.limits.max_records_per_message :]
+        limits = self.config.limits
+        if len(records) > limits.max_records_per_message or (
+            sum(r.size_bytes for r in records) > limits.max_answer_bytes
+        ):
+            records.sort(key=lambda r: r.expires_at, reverse=True)  # the freshest fit
+            del records[limits.max_records_per_message :]
+            total = 0
+            for i, record in enumerate(records):
+                total += record.size_bytes
+                if total > limits.max_answer_bytes:
+                    del records[i:]
+                    break
         return FindValueAnswer(records, self.handle_find_node(caller, location))
 
     # ---------------------------------------------------------------- public API

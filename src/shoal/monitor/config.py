@@ -103,7 +103,7 @@ class SwarmViewConfig:
     """Name of the swarm (as in ``shoal.swarm.SwarmConfig.swarm``); part of the DHT keys."""
     shards: int = 4
     """Summaries are spread over this many DHT keys by peer (one DHT answer carries at most
-    64 records, so one key would cap the view at 64 peers)."""
+    256 records and 1 MiB, so one key would cap the view at 256 peers)."""
     publish_interval_s: float = 10.0
     """How often a peer publishes its summary."""
     publish_timeout_s: float = 5.0

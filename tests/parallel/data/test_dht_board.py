@@ -7,10 +7,11 @@ import asyncio
 import msgpack
 import pytest
 
-from shoal.dht.config import DHTConfig
+from shoal.dht.config import DHTConfig, RecordLimits
 from shoal.dht.memory import MemoryNetwork, SimConfig
 from shoal.dht.sim import SimCluster
 from shoal.dht.virtual_loop import run_virtual
+from shoal.errors import ConfigError
 from shoal.parallel.data.dht_board import DhtBoard, _parse
 from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, Group, ReadyPeer
 from shoal.parallel.data.rendezvous import MatchConfig, find_group
@@ -49,6 +50,55 @@ def test_peers_find_one_group_through_the_dht_and_ids_come_from_signed_subkeys()
     for i, p in enumerate(peers):
         assert members[p.identity.peer_id.raw].address == f"10.0.0.{i}:1"
         assert members[p.identity.peer_id.raw].weight == i + 1
+
+
+def test_more_peers_than_a_group_holds_form_matching_groups_through_the_dht():
+    # 80 ready peers, groups of at most 64. Answers of at most 64 records showed each reader
+    # a different subset, and windows closed as soon as 64 were seen: 24 of 80 peers formed
+    # no group and the rest split into groups of 2 to 25 (6 groups).
+    n = 80
+
+    async def scenario():
+        cluster = SimCluster(
+            MemoryNetwork(SimConfig(), seed=1), DHTConfig(k=8, rpc_timeout_s=1.0), seed=1
+        )
+        for _ in range(n + 8):
+            await cluster.add_node()
+
+        async def one(i, node):
+            me = ReadyPeer(node.identity.peer_id.raw, 1.0, 1e8, False, f"10.0.0.{i}:1")
+            return await find_group(
+                DhtBoard(node),
+                b"round-8",
+                me,
+                expected_peers=n,
+                estimator=FormationEstimator(FormationConfig(initial_s=30.0)),
+                config=MatchConfig(poll_interval_s=0.5, max_group_size=64),
+                clock=cluster.wall_clock,
+            )
+
+        peers = cluster.nodes[:n]
+        groups = await asyncio.gather(*(one(i, node) for i, node in enumerate(peers)))
+        await cluster.close()
+        return peers, groups
+
+    peers, groups = run_virtual(scenario())
+    assert all(isinstance(g, Group) for g in groups), [
+        g for g in groups if not isinstance(g, Group)
+    ][:3]
+    by_id = {g.group_id: g for g in groups}
+    assert sorted(len(g.members) for g in by_id.values()) == [40, 40]
+    for peer, group in zip(peers, groups, strict=True):
+        assert peer.identity.peer_id.raw in {m.peer for m in group.members}
+    assert {m.peer for g in by_id.values() for m in g.members} == {
+        p.identity.peer_id.raw for p in peers
+    }
+
+
+def test_a_window_waits_for_no_more_peers_than_a_board_read_can_show():
+    assert MatchConfig().max_board_entries == RecordLimits().max_records_per_message
+    with pytest.raises(ConfigError, match="max_board_entries"):
+        MatchConfig(max_group_size=64, max_board_entries=32)
 
 
 def test_malformed_board_records_are_skipped():

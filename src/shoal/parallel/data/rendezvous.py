@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -67,6 +68,7 @@ from shoal.parallel.data.matchmaking import (
 
 __all__ = ["MatchConfig", "MemoryBoard", "NoGroup", "RendezvousBoard", "find_group"]
 
+_log = logging.getLogger(__name__)
 _WITHDRAWN = b"\0"  # a confirmation that matches no group id: this peer left the round
 T = TypeVar("T")
 
@@ -154,6 +156,12 @@ class MatchConfig:
     """How often the board is read while the window is open."""
     max_polls: int = 10_000
     """Hard bound on board reads per window (and per confirmation phase)."""
+    max_board_entries: int = 256
+    """Most entries one board read can show (the DHT answers at most
+    ``RecordLimits.max_records_per_message`` records of a key). A window closes early once
+    the peers expected are ready, up to this many, not up to ``max_group_size``: with more
+    peers ready than one group holds, a window closing at ``max_group_size`` closed on
+    whichever peers each reader had seen, and readers formed groups that did not match."""
     confirm_timeout_s: float = 5.0
     """Longest wait for the members' confirmations after the window closed; members that
     have not confirmed by then are left out of the round."""
@@ -180,6 +188,11 @@ class MatchConfig:
             raise ConfigError(f"poll_interval_s must be > 0, got {self.poll_interval_s!r}")
         if self.max_polls < 1:
             raise ConfigError(f"max_polls must be >= 1, got {self.max_polls!r}")
+        if self.max_board_entries < self.max_group_size:
+            raise ConfigError(
+                f"max_board_entries ({self.max_board_entries!r}) must be >= max_group_size "
+                f"({self.max_group_size!r})"
+            )
         if not self.confirm_timeout_s > 0:
             raise ConfigError(f"confirm_timeout_s must be > 0, got {self.confirm_timeout_s!r}")
         if not self.board_timeout_s > 0:
@@ -288,7 +301,7 @@ async def _find_group(
     closes_at = opened_at + window_s
     await _bounded(board.announce(round_key, me, expires_at=expires_at), config.board_timeout_s)
     ready: list[ReadyPeer] = []
-    reads = expect = 0
+    reads = expect = claimed = 0
     reannounced = False
     # Entries seen open in this attempt: only their closed marks count. A closed entry of
     # an earlier attempt under the same key (a retry, or a fragment's key met again) would
@@ -308,7 +321,12 @@ async def _find_group(
                 await _bounded(announce, config.board_timeout_s)
                 continue  # and read again before the window may close on the stale read
         now = clock()
-        expect = min(config.max_group_size, max([expected_peers, *(p.expected for p in ready)]))
+        # Others' counts serve a peer whose membership view lags (it waits for the group
+        # the others see), up to one group or its own count when that is more: a peer
+        # claiming 10,000 trainers must not hold every window open.
+        claimed = max([expected_peers, *(p.expected for p in ready)])
+        cap = min(config.max_board_entries, max(config.max_group_size, expected_peers))
+        expect = min(cap, claimed)
         if window_closed(
             now=now,
             opened_at=opened_at,
@@ -325,6 +343,12 @@ async def _find_group(
             f"({window_s:.3g} s) plus {config.board_timeout_s:g} s"
         )
     estimator.observe(clock() - opened_at)
+    if len(ready) >= config.max_board_entries:
+        _log.warning(
+            "%d peers ready under one round key, as many as a board read shows: readers may "
+            "see different peers and form groups that do not match",
+            len(ready),
+        )
     if _stale(ready, me):
         # The board kept our earlier announcement (the store was refused): every group id
         # the others derive holds its nonce, and our confirmation could never match.
@@ -338,9 +362,10 @@ async def _find_group(
     mine = next((g for g in groups if any(p.peer == me.peer for p in g.members)), None)
     if mine is None:
         return _why_no_group(ready, me, config.min_group_size, config.max_group_size)
-    if len(ready) < expect and not _closed_by_another(ready, me, seen_open):
-        # Our window ran out: say so, and members still waiting close theirs now rather
-        # than seconds later, when our confirmation phase may be over.
+    if len(ready) < claimed and not _closed_by_another(ready, me, seen_open):
+        # Our window ran out, or closed on fewer peers than some expect: say so, and
+        # members still waiting close theirs now rather than seconds later, when our
+        # confirmation phase may be over (or on more peers than we cut into groups).
         closed = board.announce(round_key, replace(me, closed=True), expires_at=expires_at)
         await _bounded(closed, config.board_timeout_s)
     on_confirm(mine)
