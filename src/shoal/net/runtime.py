@@ -144,7 +144,7 @@ class NetRuntime:
             self.state = State.RUNNING
             self._thread.start()
         except BaseException:  # e.g. KeyboardInterrupt
-            if self._thread.ident is None:  # it never ran: the loop is ours to close
+            if self._thread is None or self._thread.ident is None:  # never ran: ours to close
                 loop.close()
                 self._loop, self._thread, self.state = None, None, State.CLOSED
             else:  # it runs the loop now: let it come up, then stop it as any runtime
