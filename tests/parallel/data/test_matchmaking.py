@@ -135,6 +135,29 @@ async def _meet(
     )
 
 
+@pytest.mark.parametrize(("others", "reads"), [(3, 41), (127, 11)])
+def test_a_board_with_many_entries_is_read_less_often(others, reads):
+    # Everyone polls one key: at a fixed pace the bytes read grow with the square of the
+    # peers. 4 entries are read every 0.25 s through a 10 s window; 128 every 1 s.
+    peers = _peers(others + 1)
+
+    class Counting(MemoryBoard):
+        reads = 0
+
+        async def entries(self, key):
+            Counting.reads += 1
+            return await super().entries(key)
+
+    async def main():
+        board = Counting(_loop_time)
+        for p in peers[1:]:
+            await board.announce(b"k", p, expires_at=100.0)
+        await _meet(board, peers[0], window_s=10.0, expected=others + 2, confirm_s=0.5)
+
+    run_virtual(main())
+    assert Counting.reads == reads
+
+
 def test_find_group_closes_early_when_everyone_is_ready_and_learns_the_time():
     peers = _peers(4)
     est = FormationEstimator(FormationConfig(initial_s=5.0))

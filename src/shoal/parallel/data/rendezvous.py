@@ -335,7 +335,7 @@ async def _find_group(
             expected_peers=expect,
         ) or _closed_by_another(ready, me, seen_open):
             break
-        wait = min(config.poll_interval_s, opened_at + window_s - now)
+        wait = min(_poll_interval(config, len(ready)), opened_at + window_s - now)
         await sleep(max(0.0, wait))
     if reads == 0:  # a slow DHT, not an empty swarm: say so, and learn nothing from it
         return NoGroup(
@@ -384,6 +384,21 @@ def _stale(ready: list[ReadyPeer], me: ReadyPeer) -> bool:
     return any(p.peer == me.peer and p.nonce != me.nonce for p in ready)
 
 
+_ENTRIES_PER_POLL = 32
+
+
+def _poll_interval(config: MatchConfig, entries: int) -> float:
+    """How long to wait before reading a board that showed ``entries`` records again.
+
+    Every ready peer polls the same key, so at a fixed pace the bytes read grow with the
+    square of the peers: 256 peers reading 256 entries (about 300 bytes each) 4 times a
+    second would pull 79 MB/s off the few nodes holding the key. Past 32 entries the pace
+    slows in proportion, which keeps that linear in the peers (10 MB/s at 256); a large
+    round closes a little later instead.
+    """
+    return config.poll_interval_s * max(1.0, entries / _ENTRIES_PER_POLL)
+
+
 async def _confirm(
     board: RendezvousBoard,
     round_key: bytes,
@@ -407,11 +422,13 @@ async def _confirm(
     want = set(nonces) - {me.peer}  # our own post may lag in reads
     seen: dict[bytes, bytes] = {}
     stale = reposted = False
+    posts = 0
     for _ in range(config.max_polls):
         read = await _bounded(
             board.confirmations(round_key), max(deadline - clock(), config.poll_interval_s)
         )
         if read is not None:
+            posts = len(read)
             own_post = read.get(me.peer)
             stale = own_post is not None and not own_post.startswith(me.nonce)
             seen = {
@@ -434,7 +451,7 @@ async def _confirm(
         now = clock()
         if want <= seen.keys() or now >= deadline:
             break
-        await sleep(max(0.0, min(config.poll_interval_s, deadline - now)))
+        await sleep(max(0.0, min(_poll_interval(config, posts), deadline - now)))
     if stale:
         # The board kept an earlier post of ours (the store was refused): the others read
         # that one, so they will not count us in. Neither do we; and should our re-post
