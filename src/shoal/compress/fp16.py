@@ -1,4 +1,7 @@
-"""Half-precision codec: fp32 -> fp16 on the wire (ratio 0.5, relative error <= 2**-11).
+"""Half-precision codec: fp32 -> fp16 on the wire (ratio 0.5).
+
+Relative error <= 2**-11 within fp16's normal range (|x| >= 2**-14, about 6.1e-5); below
+it precision falls off (1e-7 comes back 19% off) and |x| <= 2**-25 (about 3e-8) becomes 0.
 
 Finite values beyond the fp16 range (|x| > 65504) saturate to +-65504 instead of becoming
 inf, so one large coordinate cannot poison a whole average with inf/NaN. Non-finite values

@@ -88,3 +88,38 @@ def test_screen_keeps_honest_peers_when_most_send_zeros():
     parts = {"a": torch.zeros(8), "b": torch.zeros(8), "c": torch.full((8,), 0.1)}
     accepted, rejected = screen(parts, AggregationConfig())
     assert accepted == {"a", "b", "c"} and rejected == {}
+
+
+def test_a_tiny_norm_among_zeros_does_not_set_the_limit_for_everyone():
+    # The median of {0, 0, 1e-6 x, 0.1 x} was 1e-6 x: the honest 0.1 fell past 1000 x it.
+    zeros = {"a": torch.zeros(8), "b": torch.zeros(8)}
+    for tiny in (1e-6, 1e-4):
+        parts = {**zeros, "liar": torch.full((8,), tiny), "c": torch.full((8,), 0.1)}
+        accepted, rejected = screen(parts, AggregationConfig())
+        assert accepted == set(parts) and rejected == {}
+    # With three non-zero norms the ratio applies again.
+    parts = {**zeros, "c": torch.ones(8), "d": torch.ones(8), "e": torch.ones(8) * 1e4}
+    assert "median" in screen(parts, AggregationConfig())[1]["e"]
+
+
+def test_norms_that_fp32_underflows_or_overflows_are_measured_in_fp64():
+    # Tiny honest parts had an fp32 norm of 0, which switched the ratio check off, so a
+    # part 1e28 times larger was accepted; parts near 1e20 were called "not finite".
+    parts = {f"p{i}": torch.full((8,), 1e-23) for i in range(3)} | {"big": torch.full((8,), 1e5)}
+    accepted, rejected = screen(parts, AggregationConfig())
+    assert "median" in rejected["big"] and accepted == {"p0", "p1", "p2"}
+    large = screen({"x": torch.full((8,), 1e20)}, AggregationConfig(max_rms=1e30))
+    assert large == ({"x"}, {})
+
+
+def test_centered_clip_caps_a_claimed_weight_at_the_median():
+    # A weight is what its sender says: 2**53 samples pulled by the whole radius per step.
+    parts = [torch.zeros(4) for _ in range(4)] + [torch.full((4,), 1e6)]
+    config = AggregationConfig(kind="centered_clip", clip_radius=1.0, clip_iterations=5)
+    out = aggregate(parts, [1.0] * 4 + [2.0**53], config)
+    assert float(out.norm()) <= 5 * 1.0 / 5 + 1e-6
+
+
+def test_clip_iterations_must_be_a_whole_number():
+    with pytest.raises(ConfigError, match="clip_iterations must be an int"):
+        AggregationConfig(clip_iterations=2.5)

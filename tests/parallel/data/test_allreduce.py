@@ -12,12 +12,14 @@ import asyncio
 import itertools
 import threading
 import time
+from dataclasses import replace
 from unittest import mock
 
 import pytest
 import torch
 
 from shoal.errors import PeerUnavailable
+from shoal.parallel.data.aggregate import AggregationConfig
 from shoal.parallel.data.allreduce import AllReduceConfig, RoundStatus
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.memory import Fault, MemoryNetwork, PeerKilled
@@ -538,6 +540,51 @@ def test_absurd_weights_are_excluded_and_reported():
     _check_invariant(inputs, weights, results, outputs)
 
 
+@pytest.mark.parametrize("kind", ["trimmed_mean", "centered_clip"])
+def test_a_reducer_rejecting_all_but_a_pair_fails_a_robust_round_instead_of_deciding_it(kind):
+    # M's report "rejects" b, c and d, so the agreed set was {a, M}: a robust rule of a
+    # pair is their mean, and M's -200 took every member's result to -99.5.
+    members = ["a", "b", "c", "d", "M"]
+
+    class Lying(MemoryNetwork):
+        async def _send(self, sender, to, message):
+            if sender == "M" and isinstance(message, Report):
+                screened = {m: "norm 9 > 1000 x median" for m in "bcd"}
+                message = replace(message, accepted=frozenset({"a", "M"}), rejected=screened)
+            return await super()._send(sender, to, message)
+
+    async def main():
+        net = Lying()
+        group = GroupSpec.uniform(b"rl", members)
+        inputs = {m: torch.ones(SIZE) for m in "abcd"} | {"M": torch.full((SIZE,), -200.0)}
+        tensors = {m: _split(inputs[m]) for m in members}
+        config = AllReduceConfig(min_contributors=2, aggregation=AggregationConfig(kind=kind))
+        averagers = {m: Averager(net.transport(m), config=config) for m in members}
+        runs = [averagers[m].average(tensors[m], 1.0, group=group, timeout_s=2.0) for m in members]
+        results = dict(zip(members, await asyncio.gather(*runs), strict=True))
+        outputs = {m: torch.cat([t.reshape(-1) for t in tensors[m]]) for m in members}
+        return inputs, results, outputs
+
+    inputs, results, outputs = asyncio.run(main())
+    assert _ok(results) == set()
+    honest = {m: r.reason for m, r in results.items() if m != "M"}
+    assert {m: why for m, why in honest.items() if "fewer than 3" not in why} == {}
+    _check_invariant(inputs, {m: 1.0 for m in members}, results, outputs)
+
+
+def test_raw_values_in_an_encoded_round_and_large_finite_results():
+    from shoal.compress import Fp16Codec
+    from shoal.parallel.data.allreduce import _decode, _decode_result
+
+    # Raw fp32 in an fp16 round would carry values past fp16's range.
+    with pytest.raises(ValueError, match="raw data"):
+        _decode(Fp16Codec(), torch.full((3,), 1e9))
+    # Finite values whose fp32 sum overflows are a result like any other.
+    assert torch.equal(_decode_result(None, torch.full((4,), 1e38)), torch.full((4,), 1e38))
+    with pytest.raises(ValueError, match="not finite"):
+        _decode_result(None, torch.tensor([1.0, float("nan")]))
+
+
 FAULT_MENU = [
     Fault("b", "Contribution", 0),
     Fault("b", "Contribution", 1),
@@ -658,9 +705,11 @@ def test_a_reducer_with_another_wire_codec_fails_the_round_instead_of_raising():
             *(averagers[m].average([inputs[m]], 1.0, group=group, timeout_s=5.0) for m in members)
         )
 
-    a, _ = asyncio.run(main())
-    assert not a.ok
-    assert "unusable" in a.reason and "fp16" in a.reason
+    a, b = asyncio.run(main())
+    assert not a.ok and not b.ok
+    # Each refuses the other's contribution: fp16 bytes without a codec, raw values in an
+    # fp16 round (they would pass what fp16 bounds).
+    assert "unreadable contribution" in a.reason and "unreadable contribution" in b.reason
     assert torch.equal(inputs["a"], before)  # a failed round leaves the tensors untouched
 
 

@@ -1,9 +1,10 @@
 """Combining the contributions to one part: screening, weighted mean, robust means.
 
 ``screen`` rejects contributions that are not finite, whose root-mean-square value exceeds
-``max_rms``, or whose norm is more than ``max_norm_ratio`` times the median norm (when at
-least three contribute and the median is not zero: parts where most peers send zeros, such
-as untouched embedding rows, would otherwise reject every peer that sent anything).
+``max_rms``, or whose norm is more than ``max_norm_ratio`` times the median of the non-zero
+norms (when at least three are non-zero: parts where most peers send zeros, such as
+untouched embedding rows, would otherwise reject every peer that sent anything, and one
+tiny non-zero norm among zeros would set the limit for all).
 Rejected peers are excluded from the round and reported with a reason. ``aggregate`` then
 combines the accepted ones:
 
@@ -13,7 +14,13 @@ combines the accepted ones:
   ``(n - 1) // 2``: three peers give the median, two cannot be trimmed;
 - ``centered_clip``: start at the coordinate-wise median (the mean of the two middle values
   for an even count) and move towards each contribution by at most ``clip_radius`` (in L2),
-  weighted, for ``clip_iterations`` steps.
+  weighted, for ``clip_iterations`` steps. Weights are capped at the median weight: a
+  weight is only what its sender says, and one claiming 2**53 samples would otherwise
+  pull by the whole radius while everyone else pulls by almost nothing.
+
+``mean`` trusts weights and every value screening lets through: one peer can move it by
+any amount within ``max_rms`` and ``max_norm_ratio``. Choose a robust kind against peers
+that may lie.
 
 No robust rule can tell which of two peers is wrong: a pair gets their mean.
 """
@@ -61,6 +68,8 @@ class AggregationConfig:
             raise ConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
         if not self.clip_radius > 0:
             raise ConfigError(f"clip_radius must be > 0, got {self.clip_radius!r}")
+        if type(self.clip_iterations) is not int:
+            raise ConfigError(f"clip_iterations must be an int, got {self.clip_iterations!r}")
         if self.clip_iterations < 1:
             raise ConfigError(f"clip_iterations must be >= 1, got {self.clip_iterations!r}")
 
@@ -72,7 +81,7 @@ def screen(
     rejected: dict[Hashable, str] = {}
     norms: dict[Hashable, float] = {}
     for peer, part in parts.items():
-        norm = float(torch.linalg.vector_norm(part)) if part.numel() else 0.0
+        norm = _norm(part)
         if not math.isfinite(norm):
             rejected[peer] = "not finite"
             continue
@@ -81,14 +90,24 @@ def screen(
             rejected[peer] = f"rms {rms:.3g} > {config.max_rms:.3g}"
             continue
         norms[peer] = norm
-    if len(norms) >= 3:
-        ordered = sorted(norms.values())
-        median = ordered[len(ordered) // 2]
-        limit = config.max_norm_ratio * median
+    nonzero = sorted(n for n in norms.values() if n > 0)
+    if len(nonzero) >= 3:
+        limit = config.max_norm_ratio * nonzero[len(nonzero) // 2]
         for peer, norm in norms.items():
-            if median > 0 and norm > limit:
+            if norm > limit:
                 rejected[peer] = f"norm {norm:.3g} > {config.max_norm_ratio:g} x median"
     return set(norms) - set(rejected), rejected
+
+
+def _norm(part: torch.Tensor) -> float:
+    """L2 norm; in fp32 (fast), again in fp64 when that underflowed to 0 or overflowed
+    (eight values of 1e-23 have an fp32 norm of 0, finite values near 1e20 one of inf)."""
+    if not part.numel():
+        return 0.0
+    norm = float(torch.linalg.vector_norm(part))
+    if (norm == 0.0 and bool(part.any())) or math.isinf(norm):
+        norm = float(torch.linalg.vector_norm(part, dtype=torch.float64))
+    return norm
 
 
 def weighted_mean(
@@ -130,6 +149,8 @@ def _centered_clip(
     parts: Sequence[torch.Tensor], weights: Sequence[float], radius: float, iterations: int
 ) -> torch.Tensor:
     center = _median(parts)
+    cap = sorted(weights)[len(weights) // 2]
+    weights = [min(w, cap) for w in weights]
     total = float(sum(weights))
     for _ in range(iterations):
         step = torch.zeros_like(center)

@@ -97,14 +97,17 @@ def _decode(codec: Codec | None, data: WireTensor) -> torch.Tensor:
                 f"received {data.codec!r}-encoded data, this round uses {codec.name!r}"
             )
         return codec.decode(data).reshape(-1)
+    if codec is not None:  # raw values would pass what the codec bounds (fp16's range)
+        raise ValueError(f"received raw data, this round uses {codec.name!r}")
     return data.reshape(-1)
 
 
 def _decode_result(codec: Codec | None, data: WireTensor) -> torch.Tensor:
-    """A reducer's result part, decoded; refused unless every value is finite (one pass:
-    a NaN or inf anywhere makes the sum non-finite)."""
+    """A reducer's result part, decoded; refused unless every value is finite."""
     part = _decode(codec, data)
-    if not math.isfinite(float(part.sum())):
+    # One cheap pass: a NaN or inf anywhere makes the sum non-finite. Finite values near
+    # fp32's limit can overflow it too, so only then is every value looked at.
+    if not math.isfinite(float(part.sum())) and not bool(torch.isfinite(part).all()):
         raise ValueError("values are not finite")
     return part
 
@@ -295,6 +298,16 @@ async def run_allreduce(
                 f"fewer than {config.min_contributors}"
             )
             return _failed(why + _left_out(excluded), excluded, seconds), None
+        heard = _most_heard(reports, alive, members)
+        if config.aggregation.kind != "mean" and len(common) < min(3, heard):
+            # A robust rule cannot tell which of two is wrong, and a report is only what
+            # its reducer says: one that "rejects" everyone but itself and one other would
+            # otherwise turn the round into the mean of its own vector and one more.
+            why = (
+                f"{len(common)} contributions kept by every reducer, fewer than 3 "
+                f"({config.aggregation.kind} of a pair is their mean)"
+            )
+            return _failed(why + _left_out(excluded), excluded, seconds), None
         reassigned = {j: members[alive[k % len(alive)]] for k, j in enumerate(dead)}
 
         # 3. Repair: raw parts of dead reducers' parts go to their substitutes.
@@ -345,7 +358,12 @@ async def run_allreduce(
             )
             part_weight[j] = sum(have[p][0] for p in order)
             wire = await _encode_off(codec, reduced)
-            results[j] = _decode(codec, wire) if codec is not None else reduced
+            try:  # as every other member checks it (finite inputs can sum past fp32)
+                results[j] = _decode_result(codec, wire)
+            except ValueError as exc:  # they would refuse it: leave, so they fail now
+                left_round = True
+                await send_leave(transport, round_id, members)
+                return _failed(f"own reduced part {j}: {exc}", excluded, seconds), None
             message = Reduced(round_id, me, j, common, part_weight[j], wire)
             broadcasts += [(m, message) for m in members if m != me]
         if broadcasts:
@@ -472,6 +490,15 @@ def _screen(
     accepted, rejected = screen({p: t for p, (w, t) in got.items() if p not in bad_weight}, config)
     rejected.update(bad_weight)
     return accepted, rejected
+
+
+def _most_heard(reports: dict[int, Report], kept: Sequence[int], members: Sequence[Member]) -> int:
+    """The most members one kept reducer heard from (accepted or rejected)."""
+    everyone = set(members)
+    return max(
+        (len((reports[j].accepted | reports[j].rejected.keys()) & everyone) for j in kept),
+        default=0,
+    )
 
 
 def _left_out(excluded: dict[Member, str], shown: int = 3) -> str:
