@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from shoal.dht.peer import DHT
+from shoal.errors import ConfigError
 from shoal.net import Identity, NetConfig, NetRuntime
 from shoal.net.shaper import LinkShaper, ShaperConfig
 from shoal.train.swarm_round import RoundsConfig, SwarmRounds, announced_bandwidth, retry_key
@@ -234,6 +235,30 @@ def test_a_peer_screened_out_of_the_mean_is_told_so():
             assert torch.equal(v, torch.full((1000,), 2.0))
         assert [o.included for o in outcomes] == [True, True, False]
         assert "not finite" in outcomes[2].reason
+
+
+def test_a_swarm_set_to_a_robust_rule_outvotes_a_peer_that_screening_lets_through():
+    # 500 is within screening's 1000 x median: the mean would be 168, the trimmed mean of
+    # three is the median, 3.
+    with _swarm(3) as (runtimes, dhts):
+        config = RoundsConfig(wire_codec="none", window_initial_s=20.0, aggregation="trimmed_mean")
+        rounds = [
+            SwarmRounds(rt, dht.node, swarm="t", config=config)
+            for rt, dht in zip(runtimes, dhts, strict=True)
+        ]
+        vectors = [torch.full((1000,), v) for v in (1.0, 3.0, 500.0)]
+
+        def one(i: int):
+            coro = rounds[i].average(vectors[i], 1.0, round_key=b"robust", expected_peers=3)
+            return runtimes[i].run(coro, timeout_s=60.0)
+
+        with ThreadPoolExecutor(3) as pool:
+            outcomes = list(pool.map(one, range(3)))
+        for outcome, v in zip(outcomes, vectors, strict=True):
+            assert outcome.ok and len(outcome.contributors) == 3
+            assert torch.equal(v, torch.full((1000,), 3.0))
+    with pytest.raises(ConfigError, match="aggregation must be one of"):
+        RoundsConfig(aggregation="median")
 
 
 def test_a_peer_stopped_right_after_confirming_its_group_is_not_waited_for():

@@ -78,6 +78,8 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
             (replace(diloco, wire_codec="sparse"), {"topk": 0.01}),
             (streaming, {"fragments": 2}),
             (diloco, {"model_overrides": {"d_model": 96}}),
+            (diloco, {"aggregation": "trimmed_mean"}),
+            (streaming, {"aggregation": "centered_clip"}),
         ):
             assert round_scope(replace(base, **changed)) != round_scope(base), changed
         assert (
@@ -92,7 +94,7 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
         old = round_scope(diloco).replace(" v=5", "")
         assert scope_difference(round_scope(diloco), old) == "v=? (another version of Shoal)"
         # the longest scope still fits a membership role (6 digits of a top-k fraction)
-        longest = round_scope(replace(sparse, topk=1.23456e-05))
+        longest = round_scope(replace(sparse, topk=1.23456e-05, aggregation="centered_clip"))
         assert len("trainer:" + longest) <= MAX_ROLE_CHARS
         # only settings a mode uses set peers apart
         assert round_scope(replace(streaming, overlap_steps=1)) == round_scope(streaming)

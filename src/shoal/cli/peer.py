@@ -35,6 +35,7 @@ _FLAGS = {
     "outer.lr": "--outer-lr",
     "outer.momentum": "--outer-momentum",
     "wire_codec": "--codec",
+    "aggregation": "--aggregation",
     "topk": "--topk",
     "local_steps": "--local-steps",
     "seq_len": "--seq-len",
@@ -102,6 +103,12 @@ def register(app: typer.Typer) -> None:
             "--codec",
             help="Wire codec: none | fp16 | int8 | int4 | sparse "
             "(default: int8; sparse with --topk).",
+        ),
+        aggregation: str = typer.Option(
+            "mean",
+            "--aggregation",
+            help="How reducers combine contributions: mean | trimmed_mean | centered_clip "
+            "(the robust ones withstand a minority of lying peers).",
         ),
         rank: int = typer.Option(0, "--rank", help="DiLoCo low-rank averaging (0 = off)."),
         topk: float = typer.Option(
@@ -212,6 +219,7 @@ def register(app: typer.Typer) -> None:
                 local_steps=local_steps,
                 outer=OuterConfig(lr=outer_lr, momentum=outer_momentum),
                 wire_codec=codec or ("sparse" if topk else "int8"),
+                aggregation=aggregation,
                 client_mode=client_mode,
                 check_reachability=not assume_reachable,
                 relay=relay,

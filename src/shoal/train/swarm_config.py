@@ -8,6 +8,7 @@ from pathlib import Path
 from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError
 from shoal.net.config import is_host_port
+from shoal.parallel.data.aggregate import AGGREGATION_KINDS
 from shoal.state.snapshot import MAX_PROGRESS
 from shoal.train.outer import OuterConfig
 
@@ -66,6 +67,8 @@ class PeerOptions:
     outer: OuterConfig = field(default_factory=OuterConfig)
     wire_codec: str = "int8"
     """Codec of pseudo-gradients / gradients on the wire."""
+    aggregation: str = "mean"
+    """How reducers combine contributions (``RoundsConfig.aggregation``)."""
     client_mode: bool = False
     """Average without reducing or being dialed: send parts, pull results (a slow peer, or
     one that cannot accept connections). Such a peer runs a client-only DHT node and is no
@@ -134,6 +137,11 @@ class PeerOptions:
         if self.wire_codec not in STATELESS_CODECS:
             raise ConfigError(
                 f"wire_codec must be one of {', '.join(STATELESS_CODECS)}, got {self.wire_codec!r}"
+            )
+        if self.aggregation not in AGGREGATION_KINDS:
+            raise ConfigError(
+                f"aggregation must be one of {', '.join(AGGREGATION_KINDS)}, "
+                f"got {self.aggregation!r}"
             )
         if not 0 < self.lr < float("inf"):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")

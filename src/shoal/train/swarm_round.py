@@ -30,6 +30,7 @@ from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError, NetworkError
 from shoal.net.identity import PeerID
 from shoal.net.runtime import NetRuntime
+from shoal.parallel.data.aggregate import AGGREGATION_KINDS, AggregationConfig
 from shoal.parallel.data.allreduce import send_leave
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.dht_board import DhtBoard, RecordStore
@@ -57,6 +58,10 @@ class RoundsConfig:
 
     wire_codec: str = "int8"
     """Codec of the all-reduce messages: ``none`` (fp32), ``fp16`` or ``int8`` (blockwise)."""
+    aggregation: str = "mean"
+    """How reducers combine contributions: ``mean`` (weighted by samples; trusts what
+    passes screening), ``trimmed_mean`` or ``centered_clip`` (robust to a minority of
+    lying peers). Peers with different rules do not meet: the round key carries it."""
     window_initial_s: float = 15.0
     """How long the first window waits for the expected peers."""
     window_cap_s: float = 60.0
@@ -87,6 +92,11 @@ class RoundsConfig:
     """Uplink (bits/s) announced until a round has measured it."""
 
     def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATION_KINDS:
+            raise ConfigError(
+                f"aggregation must be one of {', '.join(AGGREGATION_KINDS)}, "
+                f"got {self.aggregation!r}"
+            )
         if self.wire_codec not in STATELESS_CODECS:
             raise ConfigError(
                 f"wire_codec must be one of {', '.join(STATELESS_CODECS)}, got {self.wire_codec!r}"
@@ -230,7 +240,10 @@ class SwarmRounds:
         self.averager = Averager(
             self.transport,
             wire_codec=cfg.wire_codec,
-            config=AllReduceConfig(min_contributors=cfg.min_contributors),
+            config=AllReduceConfig(
+                min_contributors=cfg.min_contributors,
+                aggregation=AggregationConfig(kind=cfg.aggregation),
+            ),
         )
         self.board = DhtBoard(dht, prefix=f"shoal/v1/swarm/{swarm}/avg/".encode())
         self.estimator = FormationEstimator(
@@ -266,6 +279,8 @@ class SwarmRounds:
         # Peers with different wire codecs must not meet: int8 bytes read as int4 nibbles
         # decode to finite garbage.
         round_key = round_key + b"/" + self.config.wire_codec.encode()
+        if self.config.aggregation != "mean":  # a robust round fails where a mean succeeds
+            round_key += b"/" + self.config.aggregation.encode()
         for _ in range(_MAX_RETRY_KEYS):
             if round_key not in self._retry_keys:
                 break

@@ -113,6 +113,7 @@ def rounds_config(opts: PeerOptions) -> RoundsConfig:
     """How a peer's rounds form and how long they may take, from its options."""
     return RoundsConfig(
         wire_codec=opts.wire_codec,
+        aggregation=opts.aggregation,
         window_initial_s=opts.window_s,
         window_cap_s=max(opts.window_s, 60.0),
         allreduce_timeout_s=opts.allreduce_timeout_s,

@@ -35,9 +35,10 @@ import torch
 
 from shoal.errors import ConfigError
 
-__all__ = ["AggregationConfig", "aggregate", "screen", "weighted_mean"]
+__all__ = ["AGGREGATION_KINDS", "AggregationConfig", "aggregate", "screen", "weighted_mean"]
 
-_KINDS = ("mean", "trimmed_mean", "centered_clip")
+AGGREGATION_KINDS = ("mean", "trimmed_mean", "centered_clip")
+_KINDS = AGGREGATION_KINDS
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
