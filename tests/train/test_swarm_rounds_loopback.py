@@ -237,6 +237,44 @@ def test_a_peer_screened_out_of_the_mean_is_told_so():
         assert "not finite" in outcomes[2].reason
 
 
+def test_a_peer_whose_contributions_are_refused_twice_is_banned_by_those_who_refused_them():
+    with _swarm(3) as (runtimes, dhts):
+        config = RoundsConfig(wire_codec="none", window_initial_s=20.0, allreduce_timeout_s=6.0)
+        rounds = [
+            SwarmRounds(rt, dht.node, swarm="t", config=config)
+            for rt, dht in zip(runtimes, dhts, strict=True)
+        ]
+        garbage = runtimes[2].peer_id
+
+        def one(i: int, key: bytes):
+            vector = torch.full((1000,), float("nan") if i == 2 else 1.0)
+            coro = rounds[i].average(vector, 1.0, round_key=key, expected_peers=3)
+            return runtimes[i].run(coro, timeout_s=60.0)
+
+        banned = []
+        for key in (b"nan-1", b"nan-2"):
+            with ThreadPoolExecutor(3) as pool:
+                outcomes = list(pool.map(one, range(3), [key] * 3))
+            assert [o.ok for o in outcomes] == [True, True, True]
+            assert [o.included for o in outcomes] == [True, True, False]
+            banned.append([rt.is_banned(garbage) for rt in runtimes[:2]])
+        assert banned == [[False, False], [True, True]]  # once may be an accident
+        assert not runtimes[2].is_banned(runtimes[0].peer_id)
+        # While banned it is not trusted with a part, even with a sound vector: no one who
+        # banned it sends it anything, so its part is cut off and the others go on.
+        with ThreadPoolExecutor(3) as pool:
+            vectors = [torch.full((1000,), v) for v in (1.0, 3.0, 5.0)]
+            coros = [
+                r.average(v, 1.0, round_key=b"after", expected_peers=3)
+                for r, v in zip(rounds, vectors, strict=True)
+            ]
+            futures = [pool.submit(rt.run, c, 60.0) for rt, c in zip(runtimes, coros, strict=True)]
+            outcomes = [f.result() for f in futures]
+        assert [o.ok for o in outcomes] == [True, True, False]
+        assert outcomes[0].contributors == {runtimes[0].peer_id, runtimes[1].peer_id}
+        assert torch.equal(vectors[0], torch.full((1000,), 2.0))
+
+
 def test_a_swarm_set_to_a_robust_rule_outvotes_a_peer_that_screening_lets_through():
     # 500 is within screening's 1000 x median: the mean would be 168, the trimmed mean of
     # three is the median, 3.

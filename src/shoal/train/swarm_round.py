@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -90,6 +90,9 @@ class RoundsConfig:
     one that cannot accept connections)."""
     bandwidth_prior_bps: float = 100e6
     """Uplink (bits/s) announced until a round has measured it."""
+    screened_penalty: float = 3.0
+    """Failure score a sender earns for each round whose contribution this peer refused
+    as a reducer (see ``SwarmRounds._penalize``); 0 counts nothing."""
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATION_KINDS:
@@ -118,6 +121,10 @@ class RoundsConfig:
             raise ConfigError(
                 f"need 1 <= min_group_size <= max_group_size, got "
                 f"{self.min_group_size!r}, {self.max_group_size!r}"
+            )
+        if not 0 <= self.screened_penalty < math.inf:
+            raise ConfigError(
+                f"screened_penalty must be >= 0 and finite, got {self.screened_penalty!r}"
             )
         if not 0 < self.bandwidth_prior_bps < math.inf:
             raise ConfigError(
@@ -342,6 +349,7 @@ class SwarmRounds:
                     self._retry_keys.popitem(last=False)
         seconds["allreduce"] = time.monotonic() - t1
         self._observe_links()
+        self._penalize(result.screened)
         if not result.ok:
             return RoundOutcome(
                 False, group_size=len(members), reason=result.reason, seconds=seconds
@@ -391,6 +399,20 @@ class SwarmRounds:
             members.append(replace(entry, address=address))
         return replace(group, members=tuple(members))
 
+    def _penalize(self, screened: Mapping[object, str]) -> None:
+        """Count every contribution this peer refused as a reducer against its sender:
+        garbage (not a number, too large, an impossible weight) from the same peer in two
+        rounds within about half a minute, or three within two minutes, bans it
+        (``HealthConfig``: 5 points, halving every 60 s; one refused round may be an
+        accident, such as a loss spike). A banned peer is not dialed: its part hears from no one who banned it, and
+        once most members have, it is cut off (``agreement.py``). Only what this peer saw
+        counts: a report's claims about others could be lies."""
+        for peer, why in screened.items() if self.config.screened_penalty else ():
+            if not isinstance(peer, PeerID) or peer == self.runtime.peer_id:
+                continue
+            if self.runtime.penalize(peer, self.config.screened_penalty):
+                log.warning("banning %s for a while: its contribution was refused (%s)", peer, why)
+
     def _observe_links(self) -> None:
         self.uplink_bps = moving_average(self.uplink_bps, self.transport.uplink_sample())
         self.downlink_bps = moving_average(self.downlink_bps, self.transport.downlink_sample())
@@ -416,6 +438,7 @@ class SwarmRounds:
             [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
         )
         self._observe_links()
+        self._penalize(result.screened)
         seconds = {"allreduce": time.monotonic() - t0}
         if not result.ok:
             return RoundOutcome(

@@ -526,6 +526,10 @@ def test_nan_and_huge_contributions_are_excluded_and_reported():
         assert results[m].ok and results[m].contributors == frozenset({"a", "c", "d"})
         assert results[m].excluded["b"] == "not finite"
         assert "e" in results[m].excluded
+    # What each reducer refused itself: e everywhere, b only where its NaN fell (part 0).
+    assert all(results[m].screened["e"].startswith("rms") for m in "acd")
+    assert {m for m in "acde" if "b" in results[m].screened} == {"a"}
+    assert results["a"].screened["b"] == "not finite"
     _check_invariant(inputs, weights, results, outputs)
 
 
@@ -568,6 +572,7 @@ def test_a_reducer_rejecting_all_but_a_pair_fails_a_robust_round_instead_of_deci
     inputs, results, outputs = asyncio.run(main())
     assert _ok(results) == set()
     honest = {m: r.reason for m, r in results.items() if m != "M"}
+    assert all(results[m].screened == {} for m in honest)  # M's claims are not evidence
     assert {m: why for m, why in honest.items() if "fewer than 3" not in why} == {}
     _check_invariant(inputs, {m: 1.0 for m in members}, results, outputs)
 

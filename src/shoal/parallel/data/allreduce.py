@@ -166,8 +166,12 @@ async def run_allreduce(
     codec: Codec | None = None,
     config: AllReduceConfig | None = None,
     buffers: BufferPool | None = None,
+    screened: dict[Member, str] | None = None,
 ) -> tuple[RoundResult, dict[int, torch.Tensor] | None]:
     """Run one round; return the result and, on success, the reduced part of every range.
+
+    ``screened``, when given, receives the contributions this member refused as a reducer
+    (see ``RoundResult.screened``), also when the round fails.
 
     ``flat`` is only read (the caller writes the parts back, so no full-size buffer is
     allocated here). ``deadline`` is on the running loop's clock. The caller opens
@@ -230,6 +234,8 @@ async def run_allreduce(
                 seen = {m.sender for m in collected}
                 got = await _offload(numel if codec else 0, _collect, collected, numel, codec)
                 accepted, rejected = await _offload(numel, _screen, got, config.aggregation)
+                if screened is not None:
+                    screened.update(rejected)
                 contributions[my_part] = {p: got[p] for p in accepted}
         except BaseException:  # e.g. cancelled: stop uploading now, not at collect_at
             send_task.cancel()
@@ -324,7 +330,9 @@ async def run_allreduce(
         for j in mine:
             await inbox.wait_until(_have_all(msgs, j, common, left), repair_at)
             got = _collect(msgs(Contribution, j), part_of(j).numel(), codec)
-            ok, _ = _screen({p: got[p] for p in common if p in got}, config.aggregation)
+            ok, refused = _screen({p: got[p] for p in common if p in got}, config.aggregation)
+            if screened is not None:
+                screened.update(refused)
             contributions[j] = {p: got[p] for p in ok}
         seconds["repair"] = time.perf_counter() - t0 - sum(seconds.values())
 

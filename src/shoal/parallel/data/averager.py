@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -116,6 +116,7 @@ class Averager:
                     self.transport.inbox.close(group.round_id)
                 raise
             ranges = part_ranges(flat.numel, shares)
+            screened: dict[Member, str] = {}
             result, parts = await run_allreduce(
                 self.transport,
                 group.round_id,
@@ -127,7 +128,9 @@ class Averager:
                 codec=self.codec,
                 config=self.config,
                 buffers=self.buffers,
+                screened=screened,
             )
+            result = replace(result, screened=screened)
         finally:
             await self.transport.end(group.round_id)
         if result.ok and parts is not None:

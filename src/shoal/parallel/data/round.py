@@ -60,6 +60,10 @@ class RoundResult:
     and who reduced them instead."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each phase on this member."""
+    screened: dict[Member, str] = field(default_factory=dict)
+    """Contributions this member refused itself, as a reducer, with the reason (not a
+    number, too large, an impossible weight): what it saw, unlike ``excluded``, which also
+    holds what other reducers' reports claim. The ground for counting it against a peer."""
 
     @property
     def ok(self) -> bool:
