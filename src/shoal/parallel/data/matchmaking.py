@@ -72,7 +72,8 @@ class FormationEstimator:
         self.deviation_s = 0.0
 
     def observe(self, fill_time_s: float) -> None:
-        """Record how long a window took until every expected peer was ready (or closed)."""
+        """Record how long a window took until every expected peer was ready (windows that
+        ran out are not observed: they only bound the fill time from below)."""
         if not math.isfinite(fill_time_s) or fill_time_s < 0:
             return
         a = self.config.smoothing

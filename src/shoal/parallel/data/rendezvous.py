@@ -342,7 +342,13 @@ async def _find_group(
             f"no group formed: no read of the board finished within the window "
             f"({window_s:.3g} s) plus {config.board_timeout_s:g} s"
         )
-    estimator.observe(clock() - opened_at)
+    if len(ready) >= expect:
+        # Only a window that filled says how long filling takes. One that ran out (or was
+        # closed by a peer whose window ran out) says only "longer than this": observed,
+        # each one grew the next by its deviation, and while a dead or partitioned peer
+        # stayed in the views the windows climbed towards the cap (a swarm healed from a
+        # partition then sat 36 s in one window before its halves met again).
+        estimator.observe(clock() - opened_at)
     if len(ready) >= config.max_board_entries:
         _log.warning(
             "%d peers ready under one round key, as many as a board read shows: readers may "
