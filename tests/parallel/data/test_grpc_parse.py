@@ -232,3 +232,30 @@ def test_a_huge_block_size_is_refused_before_any_decoding(codec):
         parse(meta, SENDER, [q, torch.ones(1)])
     meta.block_size = 256
     assert parse(meta, SENDER, [q, torch.ones(1)]).data.meta["block_size"] == 256
+
+
+def test_admission_bounds_round_ids_and_parts_before_the_inbox_keeps_anything():
+    from shoal.parallel.data.buffers import BufferPool
+    from shoal.parallel.data.transport import Inbox
+    from shoal.parallel.data.wire import MAX_GROUP_SIZE, Admission
+
+    sender = Identity.generate().peer_id
+    inbox = Inbox(max_pending_bytes=1 << 20)
+    pool = BufferPool()
+    # Any peer could make the inbox remember a 3 MiB round id, or one more part per stream.
+    for meta, why in (
+        (pb.RoundMessage(round_id=b"x" * (3 << 20), kind=pb.REPORT), "round id of"),
+        (pb.RoundMessage(round_id=b"r", kind=pb.REPORT, part=MAX_GROUP_SIZE), "part 256"),
+    ):
+        with pytest.raises(ProtocolViolation, match=why):
+            Admission(inbox, pool, sender).allocator(meta)
+    assert not inbox._began
+    # A round open with its members only (sizes not known yet): its bytes count against
+    # the pending bound, as a round not open at all, instead of 4 x any numel claimed.
+    inbox.open(b"g", [sender])
+    take = Admission(inbox, pool, sender).allocator(
+        pb.RoundMessage(round_id=b"g", kind=pb.CONTRIBUTION, part=0, numel=1 << 40)
+    )
+    take(1 << 19)
+    with pytest.raises(ProtocolViolation, match="no room"):
+        take(1 << 20)

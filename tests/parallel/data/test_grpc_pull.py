@@ -138,3 +138,54 @@ async def _loop_time() -> float:
 
 async def _begin(transport, round_id, members, clients, deadline) -> None:
     transport.begin(round_id, members, clients, deadline)
+
+
+def test_a_message_sent_again_on_a_reopened_pull_does_not_end_the_pull():
+    # A reducer puts back what it was writing when a pull stream broke, even once the last
+    # frame had gone out; the client refused the repeat as a protocol violation and never
+    # pulled what followed it (here the reducer's result).
+    import asyncio
+
+    from shoal.errors import PeerUnavailable
+    from shoal.net.identity import PeerID
+    from shoal.net.tensors import decode_frame, encode_frame
+    from shoal.parallel.data.messages import Reduced, Report
+    from shoal.parallel.data.wire import encode_message
+
+    reducer, client, rid, n = PeerID(b"r" * 32), PeerID(b"c" * 32), b"round", 1000
+
+    class Runtime:  # what GrpcTransport asks of a runtime
+        peer_id = client
+        config = NetConfig()
+
+        def add_servicer(self, *args):
+            return []
+
+    def frames(message):
+        return [decode_frame(encode_frame(f)) for f in encode_message(message).frames()]
+
+    report = Report(rid, reducer, 0, frozenset({reducer, client}), {})
+    result = Reduced(rid, reducer, 0, frozenset({reducer, client}), 2.0, torch.ones(n))
+    script = [(frames(report), True), (frames(report) + frames(result), False)]
+
+    class Stub:
+        def Pull(self, request, timeout_s):
+            sent, breaks = script.pop(0)
+
+            async def stream():
+                for frame in sent:
+                    yield frame
+                if breaks:
+                    raise PeerUnavailable("Pull: connection reset")
+
+            return stream()
+
+    async def main():
+        transport = GrpcTransport(Runtime())
+        transport._stub = lambda to: Stub()
+        transport.inbox.open(rid, [reducer, client], [n, 0])
+        await transport._pull(reducer, rid, asyncio.get_running_loop().time() + 5.0)
+        return sorted(type(m).__name__ for m in transport.inbox.messages(rid)), script
+
+    kinds, left = asyncio.run(main())
+    assert kinds == ["Reduced", "Report"] and left == []

@@ -100,6 +100,52 @@ def test_an_item_whose_write_failed_goes_to_the_next_pull():
     asyncio.run(main())
 
 
+def test_an_item_put_back_after_its_deadline_is_dropped_and_its_slot_released():
+    # Its one expiry timer had fired while the item was out being written: requeued, it
+    # waited for none, held its slot forever, and at max_slots every post failed.
+    async def main():
+        box: Outbox[str] = Outbox(max_slots=1)
+        box.post(A, b"r", "result", 0.05)
+        async with box.pull(A, b"r", 5.0) as stream:
+            assert await stream.next() == "result"
+            await asyncio.sleep(0.1)  # a slow write, past the round's deadline
+            stream.put_back()  # then the stream broke
+        assert len(box) == 0 and box.queued() == 0
+        box.post(B, b"r2", "next", 1.0)  # room for another round
+
+    asyncio.run(main())
+
+
+def test_an_expiry_timer_firing_a_little_early_still_drops_its_item():
+    # uvloop rounds timer delays to whole milliseconds: a timer may fire before the time
+    # its item expires, and then nothing ever dropped the item.
+    async def main():
+        box: Outbox[str] = Outbox()
+        box.post(A, b"r", "result", 60.0)
+        (_, expires) = box._slots[(A, b"r")].queue[0]
+        box._expire((A, b"r"), expires)  # the item's timer, 60 s early by the loop's clock
+        assert len(box) == 0 and box.queued() == 0
+
+    asyncio.run(main())
+
+
+def test_a_newer_pull_of_the_member_takes_over_from_the_older_one():
+    # A NAT rebinding breaks a client's stream on its side only; here its old stream stays
+    # open until keepalive notices (30 s) and took the next message into a dead connection.
+    async def main():
+        box: Outbox[str] = Outbox()
+        async with box.pull(A, b"r", 60.0) as old:
+            waiting = asyncio.ensure_future(old.next())
+            await asyncio.sleep(0)
+            async with box.pull(A, b"r", 60.0) as new:
+                assert await asyncio.wait_for(waiting, 1.0) is None  # the old stream ends
+                box.post(A, b"r", "report", 5.0)
+                assert await new.next() == "report"
+                assert await old.next() is None
+
+    asyncio.run(main())
+
+
 def test_slots_and_pull_streams_are_bounded():
     async def main():
         box: Outbox[str] = Outbox(max_slots=2, max_waiting_slots=2, max_pulls_per_member=1)

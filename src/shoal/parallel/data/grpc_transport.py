@@ -306,7 +306,8 @@ class GrpcTransport:
                 frames = stub.Pull(pb.PullRequest(round_id=round_id), timeout_s=remaining)
                 stream = frames.__aiter__()
                 for _ in range(_MAX_PULLED_MESSAGES):
-                    admission = Admission(self.inbox, self.service.pool, reducer)
+                    # What a broken stream's reducer was not sure we got comes again.
+                    admission = Admission(self.inbox, self.service.pool, reducer, repeats=True)
                     try:
                         message = await self.service.receive_timed(
                             stream, reducer, limits, admission

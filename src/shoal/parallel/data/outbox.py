@@ -38,6 +38,8 @@ class _Slot(Generic[T]):
     """Items with the loop time they expire at, oldest first."""
     pullers: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    generation: int = 0
+    """Bumped by each pull stream that attaches: only the newest takes items."""
 
 
 class Outbox(Generic[T]):
@@ -87,19 +89,22 @@ class Outbox(Generic[T]):
         key = (to, round_id)
         slot = self._slot(key, for_post=True)
         loop = asyncio.get_running_loop()
-        slot.queue.append((item, loop.time() + max(ttl_s, 0.0)))
+        expires = loop.time() + max(ttl_s, 0.0)
+        slot.queue.append((item, expires))
         slot.ready.set()
-        loop.call_later(max(ttl_s, 0.0), self._expire, key)
+        loop.call_later(max(ttl_s, 0.0), self._expire, key, expires)
 
-    def _expire(self, key: _Key) -> None:
+    def _expire(self, key: _Key, due: float) -> None:
+        """Drop what expired by ``due`` (the item this timer was set for) or by now: uvloop
+        rounds timer delays to milliseconds and may fire a little before ``due``."""
         slot = self._slots.get(key)
         if slot is None:
             return
-        now = asyncio.get_running_loop().time()
+        until = max(due, asyncio.get_running_loop().time())
         # Not only from the front: an item put back (or posted with a longer time to live)
         # may sit before ones that expire sooner.
-        if any(expires <= now for _, expires in slot.queue):
-            slot.queue = deque(entry for entry in slot.queue if entry[1] > now)
+        if any(expires <= until for _, expires in slot.queue):
+            slot.queue = deque(entry for entry in slot.queue if entry[1] > until)
         self._release(key, slot)
 
     def pull(self, member: PeerID, round_id: bytes, timeout_s: float) -> _Pull[T]:
@@ -137,9 +142,16 @@ class _Pull(Generic[T]):
         self._slot: _Slot[T] | None = None
         self._deadline = 0.0
         self._taken: tuple[T, float] | None = None
+        self._generation = 0
 
     async def __aenter__(self) -> _Pull[T]:
-        self._slot = self._outbox._attach(self._key)
+        self._slot = slot = self._outbox._attach(self._key)
+        # A member reopens its pull after its stream broke. The old stream's end here may
+        # not know yet (until keepalive tells, 30 s), and would take items into a dead
+        # connection: it stops taking them now.
+        slot.generation += 1
+        self._generation = slot.generation
+        slot.ready.set()
         self._deadline = asyncio.get_running_loop().time() + self._timeout_s
         return self
 
@@ -157,6 +169,8 @@ class _Pull(Generic[T]):
         assert slot is not None
         loop = asyncio.get_running_loop()
         while True:
+            if slot.generation != self._generation:
+                return None  # a newer pull stream of the member took over
             while slot.queue:
                 entry = slot.queue.popleft()
                 if entry[1] > loop.time():
@@ -175,6 +189,6 @@ class _Pull(Generic[T]):
         """Return the item last given by :meth:`next` to the front of the queue."""
         slot, entry, self._taken = self._slot, self._taken, None
         assert slot is not None
-        if entry is not None:
-            slot.queue.appendleft(entry)
+        if entry is not None and entry[1] > asyncio.get_running_loop().time():
+            slot.queue.appendleft(entry)  # expired, it would wait for a timer long gone
             slot.ready.set()

@@ -28,6 +28,10 @@ from shoal.parallel.data.messages import Member, Message, wire_numel
 __all__ = ["Inbox", "RoundTransport"]
 
 
+REPEAT = "a second message of the same kind, sender and part"
+"""Why :meth:`Inbox.check` refuses a message it holds already."""
+
+
 class RoundTransport(Protocol):
     """Delivers messages to other members of a group."""
 
@@ -114,6 +118,11 @@ class Inbox:
     def is_open(self, round_id: bytes) -> bool:
         return round_id in self._open
 
+    def is_sized(self, round_id: bytes) -> bool:
+        """Open with its part sizes known (a round may open with its members first)."""
+        shape = self._open.get(round_id)
+        return shape is not None and shape.part_sizes is not None
+
     def check(
         self, round_id: bytes, kind: type, sender: Member, part: int, numel: int | None
     ) -> str | None:
@@ -135,7 +144,7 @@ class Inbox:
                 if numel is not None and numel != sizes[part]:
                     return f"part {part} with {numel} values, not {sizes[part]}"
         if (kind, sender, part) in self._keys.get(round_id, ()):
-            return "a second message of the same kind, sender and part"
+            return REPEAT
         if (round_id, kind, sender, part) in self._receiving:
             return "the same kind, sender and part is being received already"
         return None

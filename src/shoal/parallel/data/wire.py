@@ -35,7 +35,7 @@ from shoal.net.tensors import (
 from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.messages import Contribution, Leave, Member, Message, Reduced, Report
 from shoal.parallel.data.receive import read_tensor_into_pool
-from shoal.parallel.data.transport import Inbox
+from shoal.parallel.data.transport import REPEAT, Inbox
 
 __all__ = [
     "MAX_BLOCK_SIZE",
@@ -221,10 +221,16 @@ class Admission:
     open here count against the inbox's pending bound while they are received.
     """
 
-    def __init__(self, inbox: Inbox, pool: BufferPool, sender: PeerID) -> None:
+    def __init__(
+        self, inbox: Inbox, pool: BufferPool, sender: PeerID, *, repeats: bool = False
+    ) -> None:
+        """``repeats``: let a message the inbox holds already through (it is then dropped
+        on delivery): a reducer sends a client's pull stream again what it is not sure
+        arrived, and refusing it ended the pull of everything after it."""
         self._inbox = inbox
         self._pool = pool
         self._sender = sender
+        self._repeats = repeats
         self.reserved = 0
         self._marked: tuple[bytes, type, PeerID, int] | None = None
 
@@ -232,13 +238,21 @@ class Admission:
         kind = _TYPE.get(meta.kind)
         if kind is None:
             raise ProtocolViolation(f"unknown round message kind {meta.kind}")
+        # Bounded before the inbox remembers anything of it (its round id, its part).
+        if not 0 < len(meta.round_id) <= MAX_ROUND_ID_BYTES:
+            raise ProtocolViolation(f"round id of {len(meta.round_id)} bytes")
+        if meta.part >= MAX_GROUP_SIZE:
+            raise ProtocolViolation(f"part {meta.part} of a group of at most {MAX_GROUP_SIZE}")
         numel = None if kind in (Report, Leave) else meta.numel
         why = self._inbox.check(meta.round_id, kind, self._sender, meta.part, numel)
-        if why is not None:
+        if why is not None and not (why == REPEAT and self._repeats):
             raise ProtocolViolation(f"round message refused: {why}")
-        self._marked = (meta.round_id, kind, self._sender, meta.part)
-        self._inbox.receiving(*self._marked)
-        pending = not self._inbox.is_open(meta.round_id)
+        if why is None:
+            self._marked = (meta.round_id, kind, self._sender, meta.part)
+            self._inbox.receiving(*self._marked)
+        # Bytes of a round whose part sizes are not known here yet are bounded like those
+        # of a round not open at all: its sizes cannot bound them.
+        pending = not self._inbox.is_sized(meta.round_id)
         most = 4 * (numel or 0)
 
         def take(nbytes: int) -> bytearray:
