@@ -404,9 +404,9 @@ class SwarmRounds:
         garbage (not a number, too large, an impossible weight) from the same peer in two
         rounds within about half a minute, or three within two minutes, bans it
         (``HealthConfig``: 5 points, halving every 60 s; one refused round may be an
-        accident, such as a loss spike). A banned peer is not dialed: its part hears from no one who banned it, and
-        once most members have, it is cut off (``agreement.py``). Only what this peer saw
-        counts: a report's claims about others could be lies."""
+        accident, such as a loss spike). A banned peer is not dialed: its part hears from
+        no one who banned it, and once most members have, it is cut off (``agreement.py``).
+        Only what this peer saw counts: a report's claims about others could be lies."""
         for peer, why in screened.items() if self.config.screened_penalty else ():
             if not isinstance(peer, PeerID) or peer == self.runtime.peer_id:
                 continue

@@ -116,8 +116,9 @@ def state_scope(opts: PeerOptions) -> str:
 
 def round_scope(opts: PeerOptions) -> str:
     """What peers must share to average together, e.g. ``diloco codec=int8 rank=0
-    model=1a2b3c4d v=5``: the mode, the wire codec, a robust aggregation, the low-rank factor rank, the top-k
-    fraction and the streaming fragments (they change what a round's vector is), the
+    model=1a2b3c4d v=5``: the mode, the wire codec, a robust aggregation (a robust round
+    fails where a mean succeeds), the low-rank factor rank, the top-k fraction and the
+    streaming fragments (they change what a round's vector is), the
     model shape and the rendezvous board's format (peers of another format cannot read
     this one's entries: counting them would make every window wait for them). It prefixes
     every round key (hashed), and membership carries it (role ``trainer:<scope>``), so a peer can
