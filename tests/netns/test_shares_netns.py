@@ -45,8 +45,11 @@ def test_a_slow_upload_is_measured_and_given_a_small_share(netns_ok: None, tmp_p
         try:
             swarm.configure(NUMEL, SEED)
             equal = [_round(swarm, k, tmp_path / f"equal{k}.pt") for k in range(2)]
-            ups = [r["uplink_bps"] for r in equal[-1]]
-            downs = [r["downlink_bps"] for r in equal[-1]]
+            # The fastest of each peer's samples over both rounds, as rates are measured (the
+            # fastest transfer): under load in a fresh-clone CI run, the slow host's download
+            # sample of one round came out at 9.5 Mbit/s on its 100 Mbit/s downlink.
+            ups = [max(r[i]["uplink_bps"] for r in equal) for i in range(4)]
+            downs = [max(r[i]["downlink_bps"] for r in equal) for i in range(4)]
             # the upload alone is capped: the slow host sends slower than it receives,
             # and slower than any fast host sends
             assert ups[0] < 0.5 * downs[0]
