@@ -37,6 +37,17 @@ def _swarm(n: int) -> Iterator[tuple[list[NetRuntime], list[DHT]]]:
             rt.close()
 
 
+def _everyone_averages(runtimes, rounds, vectors, key: bytes) -> list:
+    """One round of every peer at once, each from its own thread; their outcomes."""
+
+    def one(i: int):
+        coro = rounds[i].average(vectors[i], 1.0, round_key=key, expected_peers=len(rounds))
+        return runtimes[i].run(coro, timeout_s=60.0)
+
+    with ThreadPoolExecutor(len(rounds)) as pool:
+        return list(pool.map(one, range(len(rounds))))
+
+
 def test_a_client_mode_peer_contributes_without_reducing_and_uplinks_are_measured():
     with _swarm(3) as (runtimes, dhts):
         rounds = [
@@ -223,13 +234,7 @@ def test_a_peer_screened_out_of_the_mean_is_told_so():
         ]
         vectors = [torch.full((1000,), 1.0), torch.full((1000,), 3.0), torch.full((1000,), 1.0)]
         vectors[2][7] = float("nan")
-
-        def one(i: int):
-            coro = rounds[i].average(vectors[i], 1.0, round_key=b"screen", expected_peers=3)
-            return runtimes[i].run(coro, timeout_s=60.0)
-
-        with ThreadPoolExecutor(3) as pool:
-            outcomes = list(pool.map(one, range(3)))
+        outcomes = _everyone_averages(runtimes, rounds, vectors, b"screen")
         for outcome, v in zip(outcomes, vectors, strict=True):
             assert outcome.ok and len(outcome.contributors) == 2
             assert torch.equal(v, torch.full((1000,), 2.0))
@@ -245,16 +250,10 @@ def test_a_peer_whose_contributions_are_refused_twice_is_banned_by_those_who_ref
             for rt, dht in zip(runtimes, dhts, strict=True)
         ]
         garbage = runtimes[2].peer_id
-
-        def one(i: int, key: bytes):
-            vector = torch.full((1000,), float("nan") if i == 2 else 1.0)
-            coro = rounds[i].average(vector, 1.0, round_key=key, expected_peers=3)
-            return runtimes[i].run(coro, timeout_s=60.0)
-
         banned = []
         for key in (b"nan-1", b"nan-2"):
-            with ThreadPoolExecutor(3) as pool:
-                outcomes = list(pool.map(one, range(3), [key] * 3))
+            vectors = [torch.full((1000,), v) for v in (1.0, 1.0, float("nan"))]
+            outcomes = _everyone_averages(runtimes, rounds, vectors, key)
             assert [o.ok for o in outcomes] == [True, True, True]
             assert [o.included for o in outcomes] == [True, True, False]
             banned.append([rt.is_banned(garbage) for rt in runtimes[:2]])
@@ -262,14 +261,8 @@ def test_a_peer_whose_contributions_are_refused_twice_is_banned_by_those_who_ref
         assert not runtimes[2].is_banned(runtimes[0].peer_id)
         # While banned it is not trusted with a part, even with a sound vector: no one who
         # banned it sends it anything, so its part is cut off and the others go on.
-        with ThreadPoolExecutor(3) as pool:
-            vectors = [torch.full((1000,), v) for v in (1.0, 3.0, 5.0)]
-            coros = [
-                r.average(v, 1.0, round_key=b"after", expected_peers=3)
-                for r, v in zip(rounds, vectors, strict=True)
-            ]
-            futures = [pool.submit(rt.run, c, 60.0) for rt, c in zip(runtimes, coros, strict=True)]
-            outcomes = [f.result() for f in futures]
+        vectors = [torch.full((1000,), v) for v in (1.0, 3.0, 5.0)]
+        outcomes = _everyone_averages(runtimes, rounds, vectors, b"after")
         assert [o.ok for o in outcomes] == [True, True, False]
         assert outcomes[0].contributors == {runtimes[0].peer_id, runtimes[1].peer_id}
         assert torch.equal(vectors[0], torch.full((1000,), 2.0))
@@ -285,13 +278,7 @@ def test_a_swarm_set_to_a_robust_rule_outvotes_a_peer_that_screening_lets_throug
             for rt, dht in zip(runtimes, dhts, strict=True)
         ]
         vectors = [torch.full((1000,), v) for v in (1.0, 3.0, 500.0)]
-
-        def one(i: int):
-            coro = rounds[i].average(vectors[i], 1.0, round_key=b"robust", expected_peers=3)
-            return runtimes[i].run(coro, timeout_s=60.0)
-
-        with ThreadPoolExecutor(3) as pool:
-            outcomes = list(pool.map(one, range(3)))
+        outcomes = _everyone_averages(runtimes, rounds, vectors, b"robust")
         for outcome, v in zip(outcomes, vectors, strict=True):
             assert outcome.ok and len(outcome.contributors) == 3
             assert torch.equal(v, torch.full((1000,), 3.0))
