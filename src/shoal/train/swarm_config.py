@@ -8,7 +8,7 @@ from pathlib import Path
 from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError
 from shoal.net.config import is_host_port
-from shoal.parallel.data.aggregate import AGGREGATION_KINDS
+from shoal.parallel.data.aggregate import check_kind
 from shoal.state.snapshot import MAX_PROGRESS
 from shoal.train.outer import OuterConfig
 
@@ -138,11 +138,7 @@ class PeerOptions:
             raise ConfigError(
                 f"wire_codec must be one of {', '.join(STATELESS_CODECS)}, got {self.wire_codec!r}"
             )
-        if self.aggregation not in AGGREGATION_KINDS:
-            raise ConfigError(
-                f"aggregation must be one of {', '.join(AGGREGATION_KINDS)}, "
-                f"got {self.aggregation!r}"
-            )
+        check_kind(self.aggregation, "aggregation")
         if not 0 < self.lr < float("inf"):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if self.num_shards < 1 or (

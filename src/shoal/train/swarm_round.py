@@ -30,7 +30,7 @@ from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError, NetworkError
 from shoal.net.identity import PeerID
 from shoal.net.runtime import NetRuntime
-from shoal.parallel.data.aggregate import AGGREGATION_KINDS, AggregationConfig
+from shoal.parallel.data.aggregate import AggregationConfig, check_kind
 from shoal.parallel.data.allreduce import send_leave
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.dht_board import DhtBoard, RecordStore
@@ -95,11 +95,7 @@ class RoundsConfig:
     as a reducer (see ``SwarmRounds._penalize``); 0 counts nothing."""
 
     def __post_init__(self) -> None:
-        if self.aggregation not in AGGREGATION_KINDS:
-            raise ConfigError(
-                f"aggregation must be one of {', '.join(AGGREGATION_KINDS)}, "
-                f"got {self.aggregation!r}"
-            )
+        check_kind(self.aggregation, "aggregation")
         if self.wire_codec not in STATELESS_CODECS:
             raise ConfigError(
                 f"wire_codec must be one of {', '.join(STATELESS_CODECS)}, got {self.wire_codec!r}"

@@ -579,7 +579,8 @@ def test_a_reducer_rejecting_all_but_a_pair_fails_a_robust_round_instead_of_deci
 
 def test_raw_values_in_an_encoded_round_and_large_finite_results():
     from shoal.compress import Fp16Codec
-    from shoal.parallel.data.allreduce import _decode, _decode_result
+    from shoal.parallel.data.decoding import decode as _decode
+    from shoal.parallel.data.decoding import decode_result as _decode_result
 
     # Raw fp32 in an fp16 round would carry values past fp16's range.
     with pytest.raises(ValueError, match="raw data"):
@@ -741,7 +742,7 @@ def test_a_reducer_sending_non_finite_results_fails_the_round_for_everyone_else(
 def test_encoded_data_of_another_codec_is_refused_not_misread():
     """int8 bytes read as int4 nibbles would decode to finite garbage of the right size."""
     from shoal.compress import Int4BlockwiseCodec, Int8BlockwiseCodec
-    from shoal.parallel.data.allreduce import _decode
+    from shoal.parallel.data.decoding import decode as _decode
 
     encoded = Int8BlockwiseCodec(256).encode(torch.randn(1000))
     with pytest.raises(ValueError, match="'int8'-encoded data, this round uses 'int4'"):

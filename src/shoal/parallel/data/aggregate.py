@@ -35,10 +35,23 @@ import torch
 
 from shoal.errors import ConfigError
 
-__all__ = ["AGGREGATION_KINDS", "AggregationConfig", "aggregate", "screen", "weighted_mean"]
+__all__ = [
+    "AGGREGATION_KINDS",
+    "AggregationConfig",
+    "aggregate",
+    "check_kind",
+    "screen",
+    "weighted_mean",
+]
 
 AGGREGATION_KINDS = ("mean", "trimmed_mean", "centered_clip")
-_KINDS = AGGREGATION_KINDS
+
+
+def check_kind(kind: str, name: str = "kind") -> None:
+    """Raise ``ConfigError`` unless ``kind`` is one of ``AGGREGATION_KINDS`` (``name``: the
+    setting as its user knows it)."""
+    if kind not in AGGREGATION_KINDS:
+        raise ConfigError(f"{name} must be one of {', '.join(AGGREGATION_KINDS)}, got {kind!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,8 +72,7 @@ class AggregationConfig:
     """``centered_clip``: fixed-point iterations."""
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ConfigError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+        check_kind(self.kind)
         if not self.max_rms > 0:
             raise ConfigError(f"max_rms must be > 0, got {self.max_rms!r}")
         if not self.max_norm_ratio > 1:

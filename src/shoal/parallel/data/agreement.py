@@ -8,7 +8,13 @@ from collections.abc import Iterable, Sequence, Set
 
 from shoal.parallel.data.messages import Member, Report
 
-__all__ = ["agreed_contributors", "cut_off_reducers"]
+__all__ = ["agreed_contributors", "cut_off_reducers", "heard_from"]
+
+
+def heard_from(report: Report, members: Sequence[Member]) -> int:
+    """How many members a reducer heard from: every contribution that reached it, accepted
+    or refused (its report names both)."""
+    return len((report.accepted | report.rejected.keys()) & set(members))
 
 
 def agreed_contributors(
@@ -45,7 +51,7 @@ def cut_off_reducers(
     that would need one of them is not made. Apart from ``gone``, a function of the
     reports alone: members with the same reports agree (those without fail, as ever).
     """
-    heard = {j: len((r.accepted | r.rejected.keys()) & set(members)) for j, r in reports.items()}
+    heard = {j: heard_from(r, members) for j, r in reports.items()}
     most = max(heard.values(), default=0)
     cut = {j for j, n in heard.items() if 2 * n < most}
     if not cut:

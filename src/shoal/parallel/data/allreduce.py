@@ -41,18 +41,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence, Set
 from typing import TypeVar
 
 import torch
 
-from shoal.compress import Codec, Encoded
+from shoal.compress import Codec
 from shoal.errors import NetworkError
-from shoal.parallel.data.aggregate import AggregationConfig, aggregate, screen
-from shoal.parallel.data.agreement import agreed_contributors, cut_off_reducers
+from shoal.parallel.data.aggregate import aggregate
+from shoal.parallel.data.agreement import agreed_contributors, cut_off_reducers, heard_from
 from shoal.parallel.data.buffers import BufferPool
+from shoal.parallel.data.decoding import collect, decode_result, screen_contributions
 from shoal.parallel.data.messages import (
     Contribution,
     Leave,
@@ -69,16 +69,9 @@ __all__ = ["AllReduceConfig", "RoundResult", "RoundStatus", "run_allreduce", "se
 
 T = TypeVar("T")
 _OFFLOAD_NUMEL = 1 << 20
-# A weight counts samples: beyond 2**53 a float no longer counts them exactly, and a few
-# 1e308 weights would overflow the sum to inf (every alpha 0: an all-zero "mean").
-MAX_WEIGHT = 2.0**53
 _LEAVE_TIMEOUT_S = 1.0
 """How long a stopping member spends telling the others it leaves."""
 _log = logging.getLogger(__name__)
-
-
-def _encode(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
-    return tensor if codec is None else codec.encode(tensor)
 
 
 async def _encode_off(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
@@ -86,30 +79,6 @@ async def _encode_off(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
     if codec is None:
         return tensor
     return await _offload(tensor.numel(), codec.encode, tensor)
-
-
-def _decode(codec: Codec | None, data: WireTensor) -> torch.Tensor:
-    if isinstance(data, Encoded):
-        if codec is None:
-            raise ValueError(f"received {data.codec!r}-encoded data, but no codec is set")
-        if data.codec != codec.name:  # int8 bytes read as int4 nibbles decode to garbage
-            raise ValueError(
-                f"received {data.codec!r}-encoded data, this round uses {codec.name!r}"
-            )
-        return codec.decode(data).reshape(-1)
-    if codec is not None:  # raw values would pass what the codec bounds (fp16's range)
-        raise ValueError(f"received raw data, this round uses {codec.name!r}")
-    return data.reshape(-1)
-
-
-def _decode_result(codec: Codec | None, data: WireTensor) -> torch.Tensor:
-    """A reducer's result part, decoded; refused unless every value is finite."""
-    part = _decode(codec, data)
-    # One cheap pass: a NaN or inf anywhere makes the sum non-finite. Finite values near
-    # fp32's limit can overflow it too, so only then is every value looked at.
-    if not math.isfinite(float(part.sum())) and not bool(torch.isfinite(part).all()):
-        raise ValueError("values are not finite")
-    return part
 
 
 async def _send_all(
@@ -232,8 +201,10 @@ async def run_allreduce(
                 numel = part_of(my_part).numel()
                 collected = msgs(Contribution, my_part)
                 seen = {m.sender for m in collected}
-                got = await _offload(numel if codec else 0, _collect, collected, numel, codec)
-                accepted, rejected = await _offload(numel, _screen, got, config.aggregation)
+                got = await _offload(numel if codec else 0, collect, collected, numel, codec)
+                accepted, rejected = await _offload(
+                    numel, screen_contributions, got, config.aggregation
+                )
                 if screened is not None:
                     screened.update(rejected)
                 contributions[my_part] = {p: got[p] for p in accepted}
@@ -304,7 +275,7 @@ async def run_allreduce(
                 f"fewer than {config.min_contributors}"
             )
             return _failed(why + _left_out(excluded), excluded, seconds), None
-        heard = _most_heard(reports, alive, members)
+        heard = max((heard_from(reports[j], members) for j in alive), default=0)
         if config.aggregation.kind != "mean" and len(common) < min(3, heard):
             # A robust rule cannot tell which of two is wrong, and a report is only what
             # its reducer says: one that "rejects" everyone but itself and one other would
@@ -329,8 +300,10 @@ async def run_allreduce(
         mine = [j for j in dead if reassigned[j] == me]
         for j in mine:
             await inbox.wait_until(_have_all(msgs, j, common, left), repair_at)
-            got = _collect(msgs(Contribution, j), part_of(j).numel(), codec)
-            ok, refused = _screen({p: got[p] for p in common if p in got}, config.aggregation)
+            got = collect(msgs(Contribution, j), part_of(j).numel(), codec)
+            ok, refused = screen_contributions(
+                {p: got[p] for p in common if p in got}, config.aggregation
+            )
             if screened is not None:
                 screened.update(refused)
             contributions[j] = {p: got[p] for p in ok}
@@ -367,7 +340,7 @@ async def run_allreduce(
             part_weight[j] = sum(have[p][0] for p in order)
             wire = await _encode_off(codec, reduced)
             try:  # as every other member checks it (finite inputs can sum past fp32)
-                results[j] = _decode_result(codec, wire)
+                results[j] = decode_result(codec, wire)
             except ValueError as exc:  # they would refuse it: leave, so they fail now
                 left_round = True
                 await send_leave(transport, round_id, members)
@@ -409,7 +382,7 @@ async def run_allreduce(
             if wire_numel(r.data) != part_of(j).numel():  # before decoding allocates it
                 return _failed(f"part {j} has the wrong size", excluded, seconds), None
             try:  # big parts decode off the loop
-                results[j] = await _offload(wire_numel(r.data), _decode_result, codec, r.data)
+                results[j] = await _offload(wire_numel(r.data), decode_result, codec, r.data)
             except (ValueError, RuntimeError) as exc:
                 why = f"part {j} from its reducer is unusable: {type(exc).__name__}: {exc}"
                 return _failed(why, excluded, seconds), None
@@ -469,44 +442,6 @@ def _have_all(
 ) -> Callable[[], bool]:
     """Every member of ``who`` that has not left sent its contribution to ``part``."""
     return lambda: who - left() <= {m.sender for m in msgs(Contribution, part)}
-
-
-def _collect(
-    received: Sequence[Contribution], numel: int, codec: Codec | None
-) -> dict[Member, tuple[float, torch.Tensor]]:
-    got: dict[Member, tuple[float, torch.Tensor]] = {}
-    for c in received:
-        if c.sender in got or wire_numel(c.data) != numel:  # sized before decoding
-            continue
-        try:
-            tensor = _decode(codec, c.data)
-        except (ValueError, RuntimeError):
-            continue
-        if tensor.numel() == numel and tensor.dtype == torch.float32:
-            got[c.sender] = (c.weight, tensor)
-    return got
-
-
-def _screen(
-    got: dict[Member, tuple[float, torch.Tensor]], config: AggregationConfig
-) -> tuple[set[Member], dict[Member, str]]:
-    bad_weight = {
-        p: f"weight {w!r} is not in (0, 2**53]"
-        for p, (w, _) in got.items()
-        if not (0 < w <= MAX_WEIGHT)
-    }
-    accepted, rejected = screen({p: t for p, (w, t) in got.items() if p not in bad_weight}, config)
-    rejected.update(bad_weight)
-    return accepted, rejected
-
-
-def _most_heard(reports: dict[int, Report], kept: Sequence[int], members: Sequence[Member]) -> int:
-    """The most members one kept reducer heard from (accepted or rejected)."""
-    everyone = set(members)
-    return max(
-        (len((reports[j].accepted | reports[j].rejected.keys()) & everyone) for j in kept),
-        default=0,
-    )
 
 
 def _left_out(excluded: dict[Member, str], shown: int = 3) -> str:
