@@ -67,13 +67,16 @@ def test_an_unreachable_client_averages_by_pulling(swarm, codec, atol):
     # Nothing is left attached once the round is over. A reducer may still hold one message
     # for the client: when the client ends its pull stream while the message's last frame is
     # going out, the reducer cannot tell whether it arrived and keeps it for a later pull
-    # (until the round's deadline). Everything the client took before is gone.
+    # (until the round's deadline). What it wrote, its report and its result, it keeps until
+    # then as well, in case the client's side of the stream had died.
     assert all(not t._pulls and not t._clients for t in transports)
     assert transports[3]._outbox.queued() == 0
     client = runtimes[3].peer_id
     for t in transports[:3]:
         kept = {key: len(slot.queue) for key, slot in t._outbox._slots.items() if slot.queue}
         assert set(kept) <= {(client, b"pull-1")} and sum(kept.values()) <= 1, kept
+        assert set(t._outbox._slots) == {(client, b"pull-1")}
+        assert t._outbox.queued() + t._outbox.unacknowledged() == 2
 
 
 def test_a_client_still_averages_when_a_reducer_is_gone(swarm):
@@ -189,3 +192,80 @@ def test_a_message_sent_again_on_a_reopened_pull_does_not_end_the_pull():
 
     kinds, left = asyncio.run(main())
     assert kinds == ["Reduced", "Report"] and left == []
+
+
+def test_a_message_written_into_a_connection_dead_on_the_client_side_comes_again(
+    swarm, monkeypatch
+):
+    # A NAT rebinding breaks the client's pull on its side only: the reducer's end of the
+    # stream stays open (until keepalive tells, 30 s) and writes the next message into it.
+    # The client reopens and says it received one message: the reducer sends the rest.
+    import asyncio
+    import threading
+
+    from shoal.errors import PeerUnavailable
+    from shoal.parallel.data import outbox as outbox_module
+    from shoal.parallel.data.messages import Reduced, Report
+    from shoal.parallel.data.wire import encode_message
+
+    runtimes, transports = swarm
+    reducer, client, rid = runtimes[0].peer_id, runtimes[3].peer_id, b"pull-dead"
+    report = Report(rid, reducer, 0, frozenset({reducer, client}), {})
+    result = Reduced(rid, reducer, 0, frozenset({reducer, client}), 2.0, torch.ones(NUMEL))
+
+    taken = threading.Event()  # the reducer's first stream took the result
+    next_item = outbox_module._Pull.next
+
+    async def noting(self):
+        item = await next_item(self)
+        if item is not None and item.tensors:  # the result (a report carries no tensor)
+            taken.set()
+        return item
+
+    monkeypatch.setattr(outbox_module._Pull, "next", noting)
+
+    async def post(message):
+        transports[0]._outbox.post(client, rid, encode_message(message), 30.0)
+
+    real_stub = transports[3]._stub
+    opened = []
+
+    class DeadAfterOne:  # the first stream: one message read, then dead on this side
+        def __init__(self, stub):
+            self._stub = stub
+
+        def Pull(self, request, timeout_s):
+            frames = self._stub.Pull(request, timeout_s=timeout_s)
+            opened.append(request)
+            if len(opened) > 1:
+                return frames
+
+            async def broken():
+                async for frame in frames:
+                    yield frame  # the report: a meta frame alone
+                    break
+                runtimes[0].submit(post(result))
+                await asyncio.to_thread(taken.wait, 10.0)
+                raise PeerUnavailable("Pull: connection reset on this side")
+
+            return broken()
+
+    transports[3]._stub = lambda to: DeadAfterOne(real_stub(to))
+
+    async def pull_both():
+        inbox = transports[3].inbox
+        inbox.open(rid, [reducer, client], [NUMEL, 0])
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(transports[3]._pull(reducer, rid, loop.time() + 20.0))
+        try:
+            both = await inbox.wait_until(lambda: len(inbox.messages(rid)) == 2, loop.time() + 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return both, sorted(type(m).__name__ for m in inbox.messages(rid))
+
+    runtimes[0].run(post(report), timeout_s=5.0)
+    both, kinds = runtimes[3].run(pull_both(), timeout_s=30.0)
+    assert taken.is_set()
+    assert both and kinds == ["Reduced", "Report"]
+    assert [r.received for r in opened] == [0, 1]

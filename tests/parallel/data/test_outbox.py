@@ -122,7 +122,7 @@ def test_an_expiry_timer_firing_a_little_early_still_drops_its_item():
     async def main():
         box: Outbox[str] = Outbox()
         box.post(A, b"r", "result", 60.0)
-        (_, expires) = box._slots[(A, b"r")].queue[0]
+        expires = box._slots[(A, b"r")].queue[0].expires
         box._expire((A, b"r"), expires)  # the item's timer, 60 s early by the loop's clock
         assert len(box) == 0 and box.queued() == 0
 
@@ -142,6 +142,69 @@ def test_a_newer_pull_of_the_member_takes_over_from_the_older_one():
                 box.post(A, b"r", "report", 5.0)
                 assert await new.next() == "report"
                 assert await old.next() is None
+
+    asyncio.run(main())
+
+
+def test_a_counting_client_gets_again_what_a_stream_wrote_into_a_dead_connection():
+    # The old stream's end here does not know its connection is dead: what it takes goes
+    # nowhere, yet its write succeeds (no put_back). The client's count says what arrived.
+    async def main():
+        box: Outbox[str] = Outbox()
+        box.post(A, b"r", "report", 5.0)
+        box.post(A, b"r", "result 0", 5.0)
+        async with box.pull(A, b"r", 60.0, received=0) as old:
+            assert await old.next() == "report"  # arrived
+            assert await old.next() == "result 0"  # into the dead connection
+            box.post(A, b"r", "result 1", 5.0)
+            assert box.unacknowledged() == 2
+            async with box.pull(A, b"r", 0.05, received=1) as new:
+                assert await old.next() is None  # the newer stream took over
+                assert [item async for item in _drain(new)] == ["result 0", "result 1"]
+                old.put_back()  # its write fails at last: already dealt with, not queued
+                assert box.queued() == 0
+        async with box.pull(A, b"r", 0.05, received=3) as last:
+            assert await last.next() is None
+        assert box.unacknowledged() == 0 and len(box) == 0
+
+    asyncio.run(main())
+
+
+def test_a_client_that_does_not_count_gets_again_only_what_failed_to_write():
+    async def main():
+        box: Outbox[str] = Outbox()
+        box.post(A, b"r", "report", 5.0)
+        box.post(A, b"r", "result", 5.0)
+        async with box.pull(A, b"r", 60.0) as old:
+            assert await old.next() == "report"
+            assert await old.next() == "result"
+            old.put_back()
+            assert box.unacknowledged() == 0  # nothing is kept for it
+            async with box.pull(A, b"r", 0.05) as new:
+                assert [item async for item in _drain(new)] == ["result"]
+
+    asyncio.run(main())
+
+
+def test_what_was_written_expires_and_gives_way_to_new_posts():
+    async def main():
+        box: Outbox[str] = Outbox(max_slots=2)
+        box.post(A, b"r1", "x", 60.0)
+        box.post(B, b"r1", "y", 60.0)
+        for member in (A, B):
+            async with box.pull(member, b"r1", 5.0, received=0) as stream:
+                assert await stream.next() in ("x", "y")
+        assert len(box) == 2 and box.unacknowledged() == 2 and box.queued() == 0
+        # The expiry timer drops written items as it does queued ones.
+        box._expire((B, b"r1"), box._slots[(B, b"r1")].written[0].expires)
+        assert len(box) == 1
+        # Out of slots: what was only kept for a second chance makes room for a post ...
+        box.post(B, b"r2", "next", 60.0)
+        box.post(A, b"r2", "next", 60.0)
+        assert box.unacknowledged() == 0 and box.queued() == 2
+        # ... but queued items are never dropped for one.
+        with pytest.raises(RemoteError, match="outbox full"):
+            box.post(B, b"r3", "x", 60.0)
 
     asyncio.run(main())
 

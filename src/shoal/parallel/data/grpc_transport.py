@@ -161,7 +161,9 @@ class AveragingService(rpc.AveragingServicer):
             raise ProtocolViolation("the caller is not a client member of this round")
         remaining = context.time_remaining()
         lifetime = MAX_PULL_S if remaining is None else min(MAX_PULL_S, remaining)
-        async with self._outbox.pull(caller, request.round_id, lifetime) as stream:
+        received = request.received if request.HasField("received") else None
+        pull = self._outbox.pull(caller, request.round_id, lifetime, received=received)
+        async with pull as stream:
             while (wire := await stream.next()) is not None:
                 try:
                     for frame in wire.frames():
@@ -291,19 +293,22 @@ class GrpcTransport:
     async def _pull(self, reducer: PeerID, round_id: bytes, deadline: float) -> None:
         """Receive ``reducer``'s messages for us in ``round_id`` into the inbox.
 
-        A broken stream is reopened (the reducer requeues what it could not write) up to
-        ``_PULL_ATTEMPTS`` times before ``deadline``; a reducer that sends anything
-        malformed is not asked again (the round then misses its part and fails cleanly).
+        A broken stream is reopened up to ``_PULL_ATTEMPTS`` times before ``deadline``,
+        saying how many messages arrived (the reducer sends again what it wrote after
+        those); a reducer that sends anything malformed is not asked again (the round then
+        misses its part and fails cleanly).
         """
         loop = asyncio.get_running_loop()
         limits = self.runtime.config.tensor_limits
+        received = 0
         for attempt in range(_PULL_ATTEMPTS):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
             try:
                 stub = self._stub(reducer)
-                frames = stub.Pull(pb.PullRequest(round_id=round_id), timeout_s=remaining)
+                request = pb.PullRequest(round_id=round_id, received=received)
+                frames = stub.Pull(request, timeout_s=remaining)
                 stream = frames.__aiter__()
                 for _ in range(_MAX_PULLED_MESSAGES):
                     # What a broken stream's reducer was not sure we got comes again.
@@ -318,6 +323,7 @@ class GrpcTransport:
                         return
                     if message.round_id != round_id:
                         raise ProtocolViolation("pulled a message of another round")
+                    received += 1
                     self.inbox.deliver(message)
                 return
             except ProtocolViolation as exc:

@@ -22,10 +22,12 @@ REDUCED: RoundMessageKind
 LEAVE: RoundMessageKind
 
 class PullRequest(_message.Message):
-    __slots__ = ("round_id",)
+    __slots__ = ("round_id", "received")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
     round_id: bytes
-    def __init__(self, round_id: _Optional[bytes] = ...) -> None: ...
+    received: int
+    def __init__(self, round_id: _Optional[bytes] = ..., received: _Optional[int] = ...) -> None: ...
 
 class Rejection(_message.Message):
     __slots__ = ("peer_id", "reason")
