@@ -396,18 +396,19 @@ class SwarmRounds:
         return replace(group, members=tuple(members))
 
     def _penalize(self, screened: Mapping[object, str]) -> None:
-        """Count every contribution this peer refused as a reducer against its sender:
-        garbage (not a number, too large, an impossible weight) from the same peer in two
-        rounds within about half a minute, or three within two minutes, bans it
-        (``HealthConfig``: 5 points, halving every 60 s; one refused round may be an
-        accident, such as a loss spike). A banned peer is not dialed: its part hears from
-        no one who banned it, and once most members have, it is cut off (``agreement.py``).
-        Only what this peer saw counts: a report's claims about others could be lies."""
+        """Count every message this peer refused itself against its sender (a contribution
+        screened out as a reducer, an unusable result part): garbage (not a number, too
+        large, an impossible weight) from the same peer in two rounds within about half a
+        minute, or three within two minutes, bans it (``HealthConfig``: 5 points, halving
+        every 60 s; one refused round may be an accident, such as a loss spike). A banned
+        peer is not dialed: its part hears from no one who banned it, and once most members
+        have, it is cut off (``agreement.py``). Only what this peer saw counts: a report's
+        claims about others could be lies."""
         for peer, why in screened.items() if self.config.screened_penalty else ():
             if not isinstance(peer, PeerID) or peer == self.runtime.peer_id:
                 continue
             if self.runtime.penalize(peer, self.config.screened_penalty):
-                log.warning("banning %s for a while: its contribution was refused (%s)", peer, why)
+                log.warning("banning %s for a while: what it sent was refused (%s)", peer, why)
 
     def _observe_links(self) -> None:
         self.uplink_bps = moving_average(self.uplink_bps, self.transport.uplink_sample())

@@ -738,6 +738,10 @@ def test_a_reducer_sending_non_finite_results_fails_the_round_for_everyone_else(
     results, outputs = _tampered_round(members, "b", rewrite, inputs, weights)
     for m in ("a", "c"):
         assert not results[m].ok and "not finite" in results[m].reason
+        # Seen first-hand, so held against b (an honest reducer checks its parts first).
+        assert set(results[m].screened) == {"b"}, results[m].screened
+        assert "reduced part 1 was unusable" in results[m].screened["b"]
+    assert results["b"].screened == {}
     _check_invariant(inputs, weights, results, outputs)
 
 

@@ -139,8 +139,8 @@ async def run_allreduce(
 ) -> tuple[RoundResult, dict[int, torch.Tensor] | None]:
     """Run one round; return the result and, on success, the reduced part of every range.
 
-    ``screened``, when given, receives the contributions this member refused as a reducer
-    (see ``RoundResult.screened``), also when the round fails.
+    ``screened``, when given, receives the senders whose messages this member refused
+    itself (see ``RoundResult.screened``), also when the round fails.
 
     ``flat`` is only read (the caller writes the parts back, so no full-size buffer is
     allocated here). ``deadline`` is on the running loop's clock. The caller opens
@@ -378,19 +378,24 @@ async def run_allreduce(
         if not complete():
             why = f"parts {abandoned()} missing: their reducer left the round"
             return _failed(why, excluded, seconds), None
+
+        def unusable(j: int, why: str) -> RoundResult:
+            # An honest reducer checks its parts as we do before sending them (and leaves
+            # when one fails), so this is the sender's doing, seen here first-hand.
+            if screened is not None:
+                screened[arrived[j].sender] = f"its reduced part {j} was unusable: {why}"
+            return _failed(f"part {j} from its reducer is unusable: {why}", excluded, seconds)
+
         for j, r in sorted(arrived.items()):
             if wire_numel(r.data) != part_of(j).numel():  # before decoding allocates it
-                return _failed(f"part {j} has the wrong size", excluded, seconds), None
+                return unusable(j, "wrong size"), None
             try:  # big parts decode off the loop
                 results[j] = await _offload(wire_numel(r.data), decode_result, codec, r.data)
             except (ValueError, RuntimeError) as exc:
-                why = f"part {j} from its reducer is unusable: {type(exc).__name__}: {exc}"
-                return _failed(why, excluded, seconds), None
+                return unusable(j, f"{type(exc).__name__}: {exc}"), None
+            if results[j].numel() != part_of(j).numel():
+                return unusable(j, "wrong size once decoded"), None
             part_weight[j] = r.weight
-        for j in live_parts:
-            a, b = ranges[j]
-            if results[j].numel() != b - a:
-                return _failed(f"part {j} has the wrong size", excluded, seconds), None
         # Same contributors and the same weights everywhere give bit-identical totals; a
         # member that told reducers different weights would make parts different means.
         total_weight = part_weight[live_parts[0]] if live_parts else 0.0

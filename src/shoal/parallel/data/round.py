@@ -61,9 +61,11 @@ class RoundResult:
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of each phase on this member."""
     screened: dict[Member, str] = field(default_factory=dict)
-    """Contributions this member refused itself, as a reducer, with the reason (not a
-    number, too large, an impossible weight): what it saw, unlike ``excluded``, which also
-    holds what other reducers' reports claim. The ground for counting it against a peer."""
+    """Peers whose messages this member refused itself, with the reason: contributions it
+    screened out as a reducer (not a number, too large, an impossible weight), and result
+    parts it could not use (not finite, the wrong size), which an honest reducer never
+    sends. What it saw, unlike ``excluded``, which also holds what other reducers' reports
+    claim. The ground for counting it against a peer."""
 
     @property
     def ok(self) -> bool:
