@@ -142,6 +142,34 @@ def test_a_find_value_answer_holds_the_freshest_records_within_its_count_and_byt
     assert len(few) == 1
 
 
+def test_a_writer_with_many_subkeys_does_not_crowd_others_out_of_an_answer():
+    # One writer may own any number of subkeys under a key. With the freshest first, 20
+    # long-lived records of one writer filled an answer of 8 and hid the 5 other writers'
+    # (a rendezvous board's readers then saw nobody ready).
+    async def scenario():
+        cl = make_cluster(limits=RecordLimits(max_records_per_message=8))
+        await grow(cl, 2)
+        node, now = cl.nodes[0], cl.wall_clock()
+        flood = Identity.from_seed(b"flood")
+        honest = [Identity.from_seed(b"h%d" % i) for i in range(5)]
+        for i in range(20):
+            sub = flood.peer_id.raw + b"%d" % i
+            node.handle_store(None, [sign_record(flood, b"board", b"x", now + 3600 + i, sub)])
+        for w in honest:
+            node.handle_store(None, [sign_record(w, b"board", b"v", now + 30, w.peer_id.raw)])
+        await cl.close()
+        return node.handle_find_value(None, location_of(b"board")).records, flood, honest
+
+    answer, flood, honest = run_virtual(scenario())
+    writers = [r.writer for r in answer]
+    assert len(answer) == 8
+    assert set(writers) >= {w.peer_id for w in honest}  # every honest writer is there
+    assert writers.count(flood.peer_id) == 3
+    # The flood's records that made it are its three freshest, one in each turn.
+    kept = [r.subkey[32:] for r in answer if r.writer == flood.peer_id]
+    assert kept == [b"19", b"18", b"17"]
+
+
 def test_merge_records_picks_freshest_per_subkey():
     a, b = Identity.from_seed(b"a"), Identity.from_seed(b"b")
     recs = [

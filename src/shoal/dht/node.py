@@ -125,7 +125,7 @@ class DHTNode:
         if len(records) > limits.max_records_per_message or (
             sum(r.size_bytes for r in records) > limits.max_answer_bytes
         ):
-            records.sort(key=lambda r: r.expires_at, reverse=True)  # the freshest fit
+            records = _writers_in_turn(records)
             del records[limits.max_records_per_message :]
             total = 0
             for i, record in enumerate(records):
@@ -311,3 +311,19 @@ class DHTNode:
             self.table.ping_result(contact, False, asyncio.get_running_loop().time())
         else:
             self.table.ping_result(contact, True, asyncio.get_running_loop().time())
+
+
+def _writers_in_turn(records: list[Record]) -> list[Record]:
+    """``records`` in the order an answer too small for all of them keeps them: each
+    writer's freshest record first, then each one's second, and so on, the freshest first
+    within each turn. A writer may own any number of subkeys under a key: freshest first
+    alone, one writing hundreds of long-lived records hid everyone else's (a rendezvous
+    board's readers then saw no other peer ready)."""
+    turn_of: dict[bytes, int] = {}
+    ranked = []
+    for record in sorted(records, key=lambda r: (-r.expires_at, r.signature)):
+        turn = turn_of.get(record.writer.raw, 0)
+        turn_of[record.writer.raw] = turn + 1
+        ranked.append((turn, record))
+    ranked.sort(key=lambda entry: entry[0])  # stable: the freshest first within a turn
+    return [record for _, record in ranked]
