@@ -536,3 +536,55 @@ def test_a_closed_mark_of_an_earlier_attempt_does_not_close_the_next_window():
     group_a, group_b = run_virtual(main())
     assert isinstance(group_a, Group) and isinstance(group_b, Group)
     assert group_a.group_id == group_b.group_id
+
+
+def test_an_entry_whose_attempt_withdrew_does_not_close_a_later_window():
+    # a tries alone and withdraws, but its entry lives on (until its next window would
+    # close). b, arriving later, closed its window at once on it, failed to confirm, and
+    # its own withdrawn entry then did the same to a's next try: they never met.
+    a, b = _peers(2)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        first = asyncio.ensure_future(_meet(board, a, window_s=5.0, expected=2))
+        later = asyncio.ensure_future(_meet(board, b, window_s=5.0, expected=2, start_at=6.0))
+        alone = await first
+        again = await _meet(board, a, window_s=5.0, expected=2, start_at=10.0 - _loop_time())
+        return alone, await later, again
+
+    alone, b_group, a_group = run_virtual(main())
+    assert alone == NoGroup("no group formed: no other peer was ready for this round")
+    assert isinstance(b_group, Group) and b_group == a_group
+    assert {p.peer for p in b_group.members} == {a.peer, b.peer}
+
+
+def test_a_peer_that_closes_on_its_own_lower_count_does_not_split_the_others():
+    # 80 ready peers arrive 0.1 s apart, groups of at most 64. One has a lagging view
+    # (expects 2, so it waits for one group's worth, 64): it closes first. Its closed mark
+    # used to close everyone else's window on boards of 64 to 80 entries: 14 groups of 2
+    # to 9 members that matched no one's. Now only the lagging peer loses its seat.
+    n = 80
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        config = MatchConfig(max_group_size=64, poll_interval_s=0.25)
+
+        async def one(i):
+            await asyncio.sleep(0.1 * i)
+            me = ReadyPeer(bytes([i]) * 32, 1.0, 1e8, False, f"h{i}:1")
+            return await find_group(
+                board,
+                b"k",
+                me,
+                expected_peers=2 if i == 0 else n,
+                estimator=FormationEstimator(FormationConfig(initial_s=15.0, floor_s=3.0)),
+                config=config,
+                clock=_loop_time,
+            )
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    outcomes = run_virtual(main())
+    groups = {o.group_id: o for o in outcomes if isinstance(o, Group)}
+    assert sorted(len(g.members) for g in groups.values()) == [39, 40]
+    assert [i for i, o in enumerate(outcomes) if not isinstance(o, Group)] == [0]

@@ -29,7 +29,11 @@ for those two, quickly, instead of costing a whole all-reduce timeout. A peer wh
 confirmation failed withdraws it, so a member whose window closes later does not pick it.
 A peer that leaves before confirming (it closed its window alone, or it is stopping) posts
 a withdrawal too, which the others count as its answer: they go on without it at their
-next read instead of waiting out the confirmation timeout.
+next read instead of waiting out the confirmation timeout. Its entry outlives it on the
+board, so a window about to close early reads the withdrawals first, and closes only with
+another peer there that stayed: a peer that had just given up otherwise closed the next
+arrival's window at once, failed its confirmation, and that arrival's withdrawal did the
+same to the first one's next try.
 
 A restarted peer meets under the key its earlier run was last announced on, with the same
 subkey, and the DHT keeps the earlier run's records (they expire later). When a read shows
@@ -172,11 +176,11 @@ class MatchConfig:
     @property
     def overrun_s(self) -> float:
         """Longest :func:`find_group` can take beyond its window: the own announcement, its
-        one re-post over an earlier run's and the read after it, the last read, the closed
-        mark, the own confirmation and its one re-post, the confirmation phase and its last
-        read (a withdrawal when no group formed adds one more write, but no round
-        follows)."""
-        return 7 * self.board_timeout_s + self.confirm_timeout_s + self.poll_interval_s
+        one re-post over an earlier run's and the read after it, the last read, the look
+        for withdrawals after it, the closed mark, the own confirmation and its one
+        re-post, the confirmation phase and its last read (a withdrawal when no group
+        formed adds one more write, but no round follows)."""
+        return 8 * self.board_timeout_s + self.confirm_timeout_s + self.poll_interval_s
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_group_size <= self.max_group_size:
@@ -263,6 +267,10 @@ async def find_group(
     except asyncio.CancelledError:
         # Gone before confirming: post a withdrawal, so members that put us in their group
         # count us out at their next read instead of after the whole confirmation timeout.
+        # Not once confirming: members that read our confirmation already count us in, and
+        # those reading a withdrawal after them would not, which splits the group (all
+        # counting us in meet, and go on without us once the caller's leave or the collect
+        # deadline says we left).
         if not confirming:
             with contextlib.suppress(Exception):  # best effort: the cancellation goes on
                 await _withdraw(board, round_key, me, max(entry_expires_at, clock() + 60.0), config)
@@ -303,6 +311,7 @@ async def _find_group(
     ready: list[ReadyPeer] = []
     reads = expect = claimed = 0
     reannounced = False
+    withdrawals = _Withdrawals(board, round_key, me, config)
     # Entries seen open in this attempt: only their closed marks count. A closed entry of
     # an earlier attempt under the same key (a retry, or a fragment's key met again) would
     # close this window at once on a nonce nobody answers to any more.
@@ -334,7 +343,16 @@ async def _find_group(
             n_ready=len(ready),
             expected_peers=expect,
         ) or _closed_by_another(ready, me, seen_open):
-            break
+            # Entries outlive their attempts: a peer that gave up moments ago closed the
+            # next arrival's window at once, that one's confirmation failed, and its own
+            # withdrawn entry did the same to the first one's next try, every time. So a
+            # window closes early only with someone there to meet. (Withdrawn entries
+            # still count, and go into the groups: every reader must derive the same
+            # groups, whether it read a withdrawal yet or not; a withdrawal is an answer
+            # to the confirmation, and the members that stayed go on without it.)
+            need = max(1, config.min_group_size - 1)
+            if now >= closes_at or await withdrawals.others_staying(ready) >= need:
+                break
         wait = min(_poll_interval(config, len(ready)), opened_at + window_s - now)
         await sleep(max(0.0, wait))
     if reads == 0:  # a slow DHT, not an empty swarm: say so, and learn nothing from it
@@ -368,14 +386,47 @@ async def _find_group(
     mine = next((g for g in groups if any(p.peer == me.peer for p in g.members)), None)
     if mine is None:
         return _why_no_group(ready, me, config.min_group_size, config.max_group_size)
-    if len(ready) < claimed and not _closed_by_another(ready, me, seen_open):
-        # Our window ran out, or closed on fewer peers than some expect: say so, and
-        # members still waiting close theirs now rather than seconds later, when our
-        # confirmation phase may be over (or on more peers than we cut into groups).
+    if len(ready) < expect and not _closed_by_another(ready, me, seen_open):
+        # Our window ran out: say so, and members still waiting close theirs now rather
+        # than seconds later, when our confirmation phase may be over. Not when it closed
+        # on as many as we expected while others expect more (a lagging view, capped at
+        # one group): a mark then closed their windows on boards of every size between,
+        # and 80 ready peers formed 14 groups instead of two; alone, we lose only our seat.
         closed = board.announce(round_key, replace(me, closed=True), expires_at=expires_at)
         await _bounded(closed, config.board_timeout_s)
     on_confirm(mine)
     return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
+
+
+class _Withdrawals:
+    """Which attempts seen on the board have withdrawn: read from the confirmations, once
+    per entry seen (a withdrawal is final for its attempt), and only when a window is about
+    to close, so an open window costs no extra reads."""
+
+    def __init__(
+        self, board: RendezvousBoard, round_key: bytes, me: ReadyPeer, config: MatchConfig
+    ) -> None:
+        self._board, self._key, self._me, self._config = board, round_key, me, config
+        self._checked: set[tuple[bytes, bytes]] = set()
+        self._gone: set[tuple[bytes, bytes]] = set()
+
+    async def others_staying(self, ready: list[ReadyPeer]) -> int:
+        """How many of ``ready`` besides us have not withdrawn (at most one bounded read of
+        the confirmations; when it fails, the unchecked ones count as staying)."""
+        others = {(p.peer, p.nonce) for p in ready if p.peer != self._me.peer}
+        unchecked = others - self._checked
+        if unchecked:
+            posts = await _bounded(
+                self._board.confirmations(self._key), self._config.board_timeout_s
+            )
+            if posts is not None:
+                self._checked |= unchecked
+                self._gone |= {
+                    (peer, nonce)
+                    for peer, nonce in unchecked
+                    if posts.get(peer) == nonce + _WITHDRAWN
+                }
+        return len(others - self._gone)
 
 
 def _closed_by_another(
