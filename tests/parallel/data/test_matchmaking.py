@@ -94,6 +94,14 @@ def test_a_client_left_without_a_seat_is_told_why():
     )
 
 
+def test_a_large_minimum_group_size_seats_one_full_group_rather_than_none():
+    peers = _peers(11, clients=6)
+    (group,) = form_groups(b"r", peers, max_group_size=8, min_group_size=8)
+    assert len(group.members) == 8
+    assert {p for p in peers if not p.client_mode} <= set(group.members)  # reducers first
+    assert form_groups(b"r", _peers(7), max_group_size=8, min_group_size=8) == []
+
+
 def test_lonely_peer_and_client_only_groups_skip_the_round():
     assert form_groups(b"r", _peers(1), max_group_size=4) == []
     assert form_groups(b"r", _peers(3, clients=3), max_group_size=4) == []

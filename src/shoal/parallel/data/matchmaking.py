@@ -170,6 +170,9 @@ def form_groups(
     servers = [p for p in ordered if not p.client_mode]
     clients = [p for p in ordered if p.client_mode]
     n_groups = max(1, min(n_groups, len(servers))) if servers else 1
+    # No more groups than min_group_size fills: 11 peers in groups of 8 to 8 made two
+    # buckets of 6 and 5, and no one averaged, where one group of 8 fits.
+    n_groups = max(1, min(n_groups, n // min_group_size))
     # Groups stay within max_group_size even when few peers can reduce: the clients that
     # do not fit (last in this key's order; the next round's key orders them anew) skip.
     seated = (servers + clients)[: n_groups * max_group_size]
