@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from shoal.errors import ConfigError
+from shoal.train.diloco import DiLoCo, DiLoCoConfig
 from shoal.train.diloco_lowrank import LowRankAverager
+from shoal.train.outer import OuterConfig
 from shoal.train.swarm_round import RoundOutcome
 
 SHAPES = [torch.Size([32, 24]), torch.Size([24]), torch.Size([16, 2, 8])]
@@ -156,3 +158,113 @@ def test_error_feedback_from_a_checkpoint_must_fit_every_matrix() -> None:
         assert all(e.abs().max() == 0 for e in again.error.values())  # nothing changed
     assert again.load_local_state(saved)
     assert all(torch.equal(again.error[i], saved[f"local.lowrank.error.{i}"]) for i in (0, 2))
+
+
+class _Swarm:
+    """Peers that average in lockstep, one thread each. ``left_out[(round, stage)]`` names
+    the peers a mean leaves out (they get the others' mean); a stage-1 exchange runs among
+    the round's stage-0 contributors only, as ``SwarmRounds.again`` does."""
+
+    def __init__(self, n: int, left_out: dict[tuple[int, int], set[int]]) -> None:
+        self.n = n
+        self.left_out = left_out
+        self.slots: dict[tuple[int, int, int], tuple[torch.Tensor, float]] = {}
+        self.barriers: dict[tuple[int, int], threading.Barrier] = {}
+        self.lock = threading.Lock()
+
+    def members(self, index: int, stage: int) -> list[int]:
+        peers = range(self.n) if stage == 0 else self.contributors(index, 0)
+        return list(peers)
+
+    def contributors(self, index: int, stage: int) -> list[int]:
+        out = self.left_out.get((index, stage), set())
+        return [p for p in self.members(index, stage) if p not in out]
+
+    def barrier(self, index: int, stage: int) -> threading.Barrier:
+        with self.lock:
+            key = (index, stage)
+            if key not in self.barriers:
+                self.barriers[key] = threading.Barrier(len(self.members(*key)), timeout=30)
+            return self.barriers[key]
+
+    def raw(self, peer: int):
+        def average(vector, weight, index, stage):
+            self.slots[(index, stage, peer)] = (vector.clone(), weight)
+            self.barrier(index, stage).wait()  # every member's vector is in
+            contributors = self.contributors(index, stage)
+            total = sum(self.slots[(index, stage, p)][1] for p in contributors)
+            vector.copy_(
+                sum(
+                    self.slots[(index, stage, p)][0] * self.slots[(index, stage, p)][1]
+                    for p in contributors
+                )
+                / total
+            )
+            return RoundOutcome(
+                True,
+                contributors=frozenset(contributors),
+                weight=total,
+                group_size=len(self.members(index, stage)),
+                included=peer in contributors,
+                seconds={"allreduce": 1.0},
+                expected=self.n if stage == 0 else 0,
+            )
+
+        return average
+
+
+PEER_SHAPES = [torch.Size([32, 24]), torch.Size([24])]
+"""A matrix that travels as factors and a bias that travels dense."""
+
+
+def _lowrank_peers(swarm: _Swarm) -> list[tuple[DiLoCo, LowRankAverager]]:
+    peers = []
+    for r in range(swarm.n):
+        low = LowRankAverager(PEER_SHAPES, 2, seed=0)
+        raw = swarm.raw(r)
+        config = DiLoCoConfig(local_steps=1, outer=OuterConfig(lr=1.0, momentum=0.0))
+        d = DiLoCo(
+            [torch.zeros(s) for s in PEER_SHAPES],
+            config,
+            lambda v, w, i, low=low, raw=raw: low.average(v, w, i, raw),
+        )
+        peers.append((d, low))
+    return peers
+
+
+def _round(peers: list[tuple[DiLoCo, LowRankAverager]], bias_moves: list[float]) -> list:
+    """Every peer moves its bias by its ``bias_moves`` (one local step), then they average."""
+    reports: list = [None] * len(peers)
+
+    def go(r: int) -> None:
+        peers[r][0].params[1].add_(bias_moves[r])
+        reports[r] = peers[r][0].after_local_step(1)
+
+    threads = [threading.Thread(target=go, args=(r,)) for r in range(len(peers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(r is not None for r in reports)
+    return reports
+
+
+def test_a_peer_left_out_of_the_second_exchange_sends_its_dense_progress_once() -> None:
+    # A moved its bias by +1, B by +3; B is in the first exchange's mean but not in the
+    # second's. The bias used to be averaged in the first exchange (B's +3 in it) while B
+    # kept all its progress and sent the +3 again next round: 2.0 after round 1, then 4.0
+    # with no further training. Every value applied is now a mean over the reported set.
+    swarm = _Swarm(2, {(0, 1): {1}})
+    peers = _lowrank_peers(swarm)
+    (a, _), (b, _) = peers
+    first = _round(peers, [1.0, 3.0])
+    assert all(r.ok and r.contributors == 1 for r in first)  # B's report says it is not in
+    assert torch.equal(a.outer.master[1], b.outer.master[1])
+    assert torch.allclose(a.outer.master[1], torch.full((24,), 1.0))  # A's +1 alone
+    assert torch.allclose(b.params[1] - b.outer.master[1], torch.full((24,), 3.0))  # kept
+    assert b.samples == 1
+    second = _round(peers, [0.0, 0.0])
+    assert all(r.ok and r.contributors == 2 for r in second)
+    # B's +3 now goes in once, weighted by the two rounds of samples it stands for.
+    assert torch.allclose(a.outer.master[1], torch.full((24,), 1.0 + (1 * 0.0 + 2 * 3.0) / 3))
+    assert torch.equal(a.outer.master[1], b.outer.master[1])

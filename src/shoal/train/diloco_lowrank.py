@@ -1,21 +1,25 @@
 """Low-rank (PowerSGD-style) averaging of pseudo-gradients, with error feedback.
 
 A DiLoCo round moves the whole pseudo-gradient; this compressor moves two small factors per
-matrix instead, in two all-reduces with the same contributors (the second one needs no
-matchmaking, ``SwarmRounds.again``). For every matrix ``M_i = Δ_i + e_i`` (``e_i``: this
+matrix instead, in two all-reduces (the second one among the first one's contributors, with
+no matchmaking: ``SwarmRounds.again``). For every matrix ``M_i = Δ_i + e_i`` (``e_i``: this
 peer's error feedback; tensors with more than two dims are viewed as ``(shape[0], -1)``):
 
     1. P_i = M_i Q              all-reduce (weighted mean) → P̄;  P̂ = orthonormal basis of P̄
     2. R_i = M_iᵀ P̂             all-reduce → R̄
     3. mean ≈ P̂ R̄ᵀ  (= P̂ P̂ᵀ · mean of M);   e_i ← M_i - P̂ R_iᵀ;   Q ← R̄ (warm start)
 
-Vectors (biases, norms) and small matrices travel dense in the first all-reduce. ``Q`` is
-derived from the averaged ``R̄``, so it is the same on every contributor; it is part of the
-outer state (``state_tensors``, prefix ``outer.lowrank.``) so a peer that resyncs from the
-swarm adopts it too. The error feedback is this peer's own: checkpoints write it to its
-disk (``local_state``, prefix ``local.``), never to other peers. The first ``Q`` is a
-seeded random orthonormal matrix (same seed on every peer). One power iteration per round,
-warm-started, as in PowerSGD.
+Vectors (biases, norms) and small matrices travel dense in the second all-reduce, next to
+the ``R_i``, so every value applied is a mean over that exchange's contributors, the set
+the round reports. (The second exchange may leave out a member the first one counted: with
+the dense values in the first, that member's were in the applied mean while it kept its
+progress for the next round, which sent them again.) ``P̂`` only picks the basis the
+matrices are projected on. ``Q`` is derived from the averaged ``R̄``, so it is the same on
+every contributor; it is part of the outer state (``state_tensors``, prefix
+``outer.lowrank.``) so a peer that resyncs from the swarm adopts it too. The error feedback
+is this peer's own: checkpoints write it to its disk (``local_state``, prefix ``local.``),
+never to other peers. The first ``Q`` is a seeded random orthonormal matrix (same seed on
+every peer). One power iteration per round, warm-started, as in PowerSGD.
 
 Commit rule: the result is written only when both all-reduces succeed; otherwise the
 pseudo-gradient, ``Q`` and the error feedback are untouched and the round fails.
@@ -87,9 +91,7 @@ class LowRankAverager:
         """Replace ``delta`` (flat fp32) by the low-rank mean over the contributors, in place."""
         views = list(torch.split(delta, self.sizes))
         m = {i: views[i].view(self._nm(i)) + self.error[i] for i in self.matrices}
-        first = torch.cat(
-            [(m[i] @ self.q[i]).reshape(-1) for i in self.matrices] + [views[i] for i in self.dense]
-        )
+        first = torch.cat([(m[i] @ self.q[i]).reshape(-1) for i in self.matrices])
         out1 = raw(first, weight, index, 0)
         if not out1.ok:
             return out1
@@ -102,9 +104,11 @@ class LowRankAverager:
             p_bar = first[offset : offset + n * self.rank].view(n, self.rank)
             offset += n * self.rank
             p_hat[i] = torch.linalg.qr(p_bar).Q
-        dense_mean = first[offset:]
         local_r = {i: m[i].T @ p_hat[i] for i in self.matrices}
-        second = torch.cat([local_r[i].reshape(-1) for i in self.matrices])
+        # Dense values go with the R factors: the applied mean is over one set, the second's.
+        second = torch.cat(
+            [local_r[i].reshape(-1) for i in self.matrices] + [views[i] for i in self.dense]
+        )
         out2 = raw(second, weight, index, 1)
         seconds = {**out1.seconds}
         for k, v in out2.seconds.items():
@@ -119,13 +123,12 @@ class LowRankAverager:
             r_bar = second[offset : offset + cols * self.rank].view(cols, self.rank)
             offset += cols * self.rank
             views[i].copy_((p_hat[i] @ r_bar.T).reshape(-1))
-            if out2.included:  # else our R was not in the mean: the caller keeps our progress
+            if out2.included:  # else none of our values is in the mean: the caller keeps them
                 self.error[i] = m[i] - p_hat[i] @ local_r[i].T
             self.q[i] = r_bar.clone()  # the same at every member: next round's warm start
-        d_off = 0
         for i in self.dense:
-            views[i].copy_(dense_mean[d_off : d_off + self.sizes[i]])
-            d_off += self.sizes[i]
+            views[i].copy_(second[offset : offset + self.sizes[i]])
+            offset += self.sizes[i]
         return RoundOutcome(
             True,
             contributors=out2.contributors,
