@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shoal.errors import ConfigError
-from shoal.train.diloco import DiLoCo, DiLoCoConfig
+from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
 from shoal.train.diloco_lowrank import LowRankAverager
 from shoal.train.outer import OuterConfig
 from shoal.train.swarm_round import RoundOutcome
@@ -268,3 +268,28 @@ def test_a_peer_left_out_of_the_second_exchange_sends_its_dense_progress_once() 
     # B's +3 now goes in once, weighted by the two rounds of samples it stands for.
     assert torch.allclose(a.outer.master[1], torch.full((24,), 1.0 + (1 * 0.0 + 2 * 3.0) / 3))
     assert torch.equal(a.outer.master[1], b.outer.master[1])
+
+
+def test_a_peer_left_out_of_the_first_exchange_takes_the_swarm_step_at_its_next_round() -> None:
+    # C is late for the first exchange: the second runs among A and B only, so no R-bar comes
+    # to C and it cannot take their outer step in this round. It keeps its progress, error
+    # feedback and samples, reports the round's time, and takes A's outer state (Q too)
+    # before its next round: it ends where a plain DiLoCo round that left it out ends.
+    swarm = _Swarm(3, {(0, 0): {2}})
+    peers = _lowrank_peers(swarm)
+    (a, a_low), (b, _), (c, c_low) = peers
+    c.resync = lambda: ResyncState(a.round_index, {**a.state_tensors(), **a_low.state_tensors()})
+    c.on_resync = lambda state: c_low.load_state_tensors(state.tensors)
+    first = _round(peers, [1.0, 2.0, 6.0])
+    assert first[0].ok and first[1].ok and not first[2].ok and c.stale
+    assert first[2].seconds == {"allreduce": 1.0}  # the first exchange took this peer's time
+    assert "first" in first[2].reason
+    assert torch.allclose(a.outer.master[1], torch.full((24,), 1.5))
+    assert torch.allclose(c.params[1] - c.outer.master[1], torch.full((24,), 6.0))
+    assert c.samples == 1 and all(e.abs().max() == 0 for e in c_low.error.values())
+    second = _round(peers, [0.0, 0.0, 0.0])
+    assert second[2].resynced and all(r.ok and r.contributors == 3 for r in second)
+    # C's +6 goes in once, weighted by its two rounds of samples: 1.5 + 12 / 4.
+    assert torch.allclose(a.outer.master[1], torch.full((24,), 4.5))
+    assert a.outer.fingerprint() == b.outer.fingerprint() == c.outer.fingerprint()
+    assert all(torch.equal(a_low.q[i], c_low.q[i]) for i in a_low.q)

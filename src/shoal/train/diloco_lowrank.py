@@ -22,7 +22,9 @@ never to other peers. The first ``Q`` is a seeded random orthonormal matrix (sam
 every peer). One power iteration per round, warm-started, as in PowerSGD.
 
 Commit rule: the result is written only when both all-reduces succeed; otherwise the
-pseudo-gradient, ``Q`` and the error feedback are untouched and the round fails.
+pseudo-gradient, ``Q`` and the error feedback are untouched and the round fails. That
+includes a member the first all-reduce left out: no second result comes to it, so it takes
+the swarm's outer state at its next round (DiLoCo's resync) instead of the step now.
 Bytes per round: ``rank·(n + m)`` values per ``n×m`` matrix instead of ``n·m``.
 """
 
@@ -95,8 +97,8 @@ class LowRankAverager:
         out1 = raw(first, weight, index, 0)
         if not out1.ok:
             return out1
-        if not out1.included:  # the second exchange runs among the contributors only
-            return RoundOutcome(False, group_size=out1.group_size, reason=out1.reason)
+        if not out1.included:
+            return _left_out_of_first(out1)
         p_hat: dict[int, torch.Tensor] = {}
         offset = 0
         for i in self.matrices:
@@ -162,6 +164,21 @@ class LowRankAverager:
             return False
         self.error = loaded
         return True
+
+
+def _left_out_of_first(out1: RoundOutcome) -> RoundOutcome:
+    """The second exchange runs among the first one's contributors, so no ``R̄`` comes to a
+    member the first left out: it cannot take their outer step in this round. The round
+    fails (progress, samples and error feedback stay) with its time and membership count,
+    and DiLoCo's resync takes the swarm's outer state (``Q`` too) before the next round,
+    where a plain round that left the peer out would have put it."""
+    return RoundOutcome(
+        False,
+        group_size=out1.group_size,
+        reason=f"first: {out1.reason}; the second exchange runs without this peer",
+        seconds=dict(out1.seconds),
+        expected=out1.expected,
+    )
 
 
 def _matching(
