@@ -93,6 +93,10 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
         # peers of another board format are told apart, and said to be another version
         old = round_scope(diloco).replace(" v=5", "")
         assert scope_difference(round_scope(diloco), old) == "v=? (another version of Shoal)"
+        # low-rank peers from before the dense values moved to the second exchange
+        lowrank = round_scope(replace(diloco, rank=2))
+        old = lowrank.replace(" lowrank=2", "")
+        assert scope_difference(lowrank, old) == "lowrank=? (another version of Shoal)"
         # the longest scope still fits a membership role (6 digits of a top-k fraction)
         longest = round_scope(replace(sparse, topk=1.23456e-05, aggregation="centered_clip"))
         assert len("trainer:" + longest) <= MAX_ROLE_CHARS

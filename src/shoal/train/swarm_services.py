@@ -117,7 +117,8 @@ def state_scope(opts: PeerOptions) -> str:
 def round_scope(opts: PeerOptions) -> str:
     """What peers must share to average together, e.g. ``diloco codec=int8 rank=0
     model=1a2b3c4d v=5``: the mode, the wire codec, a robust aggregation (a robust round
-    fails where a mean succeeds), the low-rank factor rank, the top-k fraction and the
+    fails where a mean succeeds), the low-rank factor rank (and the layout of its two
+    exchanges), the top-k fraction and the
     streaming fragments (they change what a round's vector is), the
     model shape and the rendezvous board's format (peers of another format cannot read
     this one's entries: counting them would make every window wait for them). It prefixes
@@ -128,6 +129,8 @@ def round_scope(opts: PeerOptions) -> str:
         fields["agg"] = opts.aggregation  # a robust round fails where a mean succeeds
     if opts.mode == "diloco":
         fields["rank"] = str(opts.rank)
+        if opts.rank:  # dense values moved to the second exchange: older peers' vectors differ
+            fields["lowrank"] = "2"
         if opts.topk:  # absent at 0, so the keys of dense peers stay as they were
             fields["topk"] = f"{opts.topk:g}"
     if opts.mode == "streaming":
@@ -144,12 +147,12 @@ def scope_difference(mine: str, theirs: str) -> str:
     named = {
         "model": " (another model shape: --model, --layers or --width)",
         "v": " (another version of Shoal)",
+        "lowrank": " (another version of Shoal)",
     }
-    return ", ".join(
-        f"{k}={b.get(k, '?')}{named.get(k, '')}"
-        for k in sorted(a.keys() | b.keys())
-        if a.get(k) != b.get(k)
-    )
+    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    if "rank" in differ:  # the layout follows the rank; a version apart only at equal ranks
+        differ.discard("lowrank")
+    return ", ".join(f"{k}={b.get(k, '?')}{named.get(k, '')}" for k in sorted(differ))
 
 
 @dataclass(frozen=True, slots=True)
