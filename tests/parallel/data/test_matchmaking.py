@@ -566,11 +566,12 @@ def test_an_entry_whose_attempt_withdrew_does_not_close_a_later_window():
     assert {p.peer for p in b_group.members} == {a.peer, b.peer}
 
 
-def test_a_peer_that_closes_on_its_own_lower_count_does_not_split_the_others():
+def test_a_peer_with_a_lagging_view_neither_splits_the_others_nor_loses_its_seat():
     # 80 ready peers arrive 0.1 s apart, groups of at most 64. One has a lagging view
-    # (expects 2, so it waits for one group's worth, 64): it closes first. Its closed mark
-    # used to close everyone else's window on boards of 64 to 80 entries: 14 groups of 2
-    # to 9 members that matched no one's. Now only the lagging peer loses its seat.
+    # (expects 2). It used to wait for one group's worth (64), close first, and post a
+    # closed mark that closed everyone else's window on boards of 64 to 80 entries: 14
+    # groups of 2 to 9 members that matched no one's. Now it waits for the median count
+    # (80) like the others, and everyone is seated.
     n = 80
 
     async def main():
@@ -593,6 +594,26 @@ def test_a_peer_that_closes_on_its_own_lower_count_does_not_split_the_others():
         return await asyncio.gather(*(one(i) for i in range(n)))
 
     outcomes = run_virtual(main())
-    groups = {o.group_id: o for o in outcomes if isinstance(o, Group)}
-    assert sorted(len(g.members) for g in groups.values()) == [39, 40]
-    assert [i for i, o in enumerate(outcomes) if not isinstance(o, Group)] == [0]
+    assert all(isinstance(o, Group) for o in outcomes)
+    groups = {o.group_id: o for o in outcomes}
+    assert sorted(len(g.members) for g in groups.values()) == [40, 40]
+
+
+def test_one_entry_claiming_a_huge_count_does_not_hold_the_window_open():
+    # With the largest count waited for (up to one group), one such entry held every
+    # window of a smaller swarm open to its end, round after round.
+    peers = _peers(4)
+    greedy = ReadyPeer(b"\x09" * 32, 1.0, 1e8, expected=65_536)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        await board.announce(b"k", greedy, expires_at=100.0)
+        await board.confirm(b"k", greedy.peer, b"x" * 16, expires_at=100.0)
+        groups = await asyncio.gather(
+            *(_meet(board, p, window_s=15.0, expected=5, max_group=8) for p in peers)
+        )
+        return groups, _loop_time()
+
+    groups, ended = run_virtual(main())
+    assert ended < 1.0  # the 4 and the greedy entry are the 5 expected
+    assert all(g == groups[0] for g in groups) and len(groups[0].members) == 4

@@ -7,9 +7,10 @@ records with subkeys (key = round key, subkey = peer id) provide it in a swarm;
 
 ``find_group`` announces this peer, polls the board until the window closes (everyone
 expected is ready, or the window from :class:`FormationEstimator` ran out), then derives
-the groups with :func:`form_groups` from what it saw. "Everyone expected" is the largest
-count of live trainers among the entries read, this peer's own included, capped at the
-group size: one peer with a stale membership view cannot close the window early.
+the groups with :func:`form_groups` from what it saw. "Everyone expected" is this peer's
+count of live trainers, or the median of the counts on the entries read when that is
+more: a peer with a lagging membership view waits for the peers the others see, and one
+entry claiming a huge count cannot hold every window open.
 
 A peer whose window runs out (someone expected never came) posts its entry once more,
 marked closed, before it confirms; peers still inside their windows close them at their
@@ -257,7 +258,6 @@ async def find_group(
             opened_at=opened_at,
             window_s=window_s,
             expires_at=entry_expires_at,
-            expected_peers=expected_peers,
             estimator=estimator,
             config=config,
             clock=clock,
@@ -299,7 +299,6 @@ async def _find_group(
     opened_at: float,
     window_s: float,
     expires_at: float,
-    expected_peers: int,
     estimator: FormationEstimator,
     config: MatchConfig,
     clock: Callable[[], float],
@@ -309,7 +308,7 @@ async def _find_group(
     closes_at = opened_at + window_s
     await _bounded(board.announce(round_key, me, expires_at=expires_at), config.board_timeout_s)
     ready: list[ReadyPeer] = []
-    reads = expect = claimed = 0
+    reads = expect = 0
     reannounced = False
     withdrawals = _Withdrawals(board, round_key, me, config)
     # Entries seen open in this attempt: only their closed marks count. A closed entry of
@@ -330,12 +329,7 @@ async def _find_group(
                 await _bounded(announce, config.board_timeout_s)
                 continue  # and read again before the window may close on the stale read
         now = clock()
-        # Others' counts serve a peer whose membership view lags (it waits for the group
-        # the others see), up to one group or its own count when that is more: a peer
-        # claiming 10,000 trainers must not hold every window open.
-        claimed = max([expected_peers, *(p.expected for p in ready)])
-        cap = min(config.max_board_entries, max(config.max_group_size, expected_peers))
-        expect = min(cap, claimed)
+        expect = _expected_count(ready, me, config)
         if window_closed(
             now=now,
             opened_at=opened_at,
@@ -427,6 +421,21 @@ class _Withdrawals:
                     if posts.get(peer) == nonce + _WITHDRAWN
                 }
         return len(others - self._gone)
+
+
+def _expected_count(ready: list[ReadyPeer], me: ReadyPeer, config: MatchConfig) -> int:
+    """How many ready peers to wait for: the own count, or the median of everyone's
+    (upper, the own included once) when that is more, at most what a board read shows.
+
+    Others' counts serve a peer whose membership view lags: it waits for the peers the
+    others see, and meets them, instead of closing on a part of the board that no one
+    else cuts into groups. The median, not the largest: one entry claiming 65,536 peers
+    held every window open to its end, round after round (windows that run out teach the
+    estimator nothing); a few peers' counts move it only when they are most of them.
+    """
+    claims = sorted([me.expected, *(p.expected for p in ready if p.peer != me.peer and p.expected)])
+    median = claims[len(claims) // 2]
+    return min(config.max_board_entries, max(me.expected, median))
 
 
 def _closed_by_another(
