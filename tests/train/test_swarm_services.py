@@ -170,3 +170,48 @@ def test_a_failed_start_names_the_cause_and_leaves_nothing_running(tmp_path: Pat
             PeerServices.start(opts, Identity.generate(), lambda *a, **k: None)
     left = {t.name for t in threading.enumerate() if t.is_alive()} - before
     assert not any(name.startswith("shoal-net") for name in left), left
+
+
+def test_members_addresses_resolve_together_and_within_a_bound():
+    # Relayed members need their relays asked. One after another, a round of such members
+    # spent their dial times in sum before its all-reduce began; a relay that never
+    # answered held the round past the deadline its caller waits for.
+    import asyncio
+    from types import SimpleNamespace
+
+    from shoal.dht.virtual_loop import run_virtual
+    from shoal.errors import PeerUnavailable
+    from shoal.net.identity import PeerID
+    from shoal.parallel.data.matchmaking import ReadyPeer
+    from shoal.parallel.data.rendezvous import Group
+    from shoal.train.swarm_round import DIAL_RESOLVE_S, SwarmRounds
+
+    me = bytes([1]) * 32
+    peers = [me] + [bytes([i]) * 32 for i in range(2, 7)]
+    group = Group(b"g", tuple(ReadyPeer(p, 1.0, 1e8, False, f"h{p[0]}:1") for p in peers))
+
+    async def dial(peer: PeerID, address: str) -> str:
+        n = peer.raw[0]
+        if n == 5:
+            raise PeerUnavailable("relay refused")
+        await asyncio.sleep(3600.0 if n == 6 else 2.0)  # 6: its relay never answers
+        return "via-relay/" + address
+
+    rounds = SimpleNamespace(dial_address=dial, runtime=SimpleNamespace(peer_id=PeerID(me)))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        resolved = await SwarmRounds._dialable(rounds, group)
+        return resolved, loop.time() - start
+
+    resolved, took = run_virtual(main())
+    assert took == pytest.approx(DIAL_RESOLVE_S)  # not 4 x 2 s plus an hour
+    assert [m.address for m in resolved.members] == [
+        "h1:1",  # its own, as announced
+        "via-relay/h2:1",
+        "via-relay/h3:1",
+        "via-relay/h4:1",
+        "",  # refused: sends to it fail, and the round goes on without it
+        "",  # timed out
+    ]

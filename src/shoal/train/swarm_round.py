@@ -28,6 +28,7 @@ import torch
 
 from shoal.compress.registry import STATELESS_CODECS
 from shoal.errors import ConfigError, NetworkError
+from shoal.net.aio import within
 from shoal.net.identity import PeerID
 from shoal.net.runtime import NetRuntime
 from shoal.parallel.data.aggregate import AggregationConfig, check_kind
@@ -138,10 +139,19 @@ class RoundsConfig:
 
     @property
     def round_deadline_s(self) -> float:
-        """Longest a whole round may take: the longest window, what matchmaking may take
-        beyond it (board calls and the group confirmation, each bounded), the all-reduce,
-        and a second of margin."""
-        return self.window_cap_s + self.match.overrun_s + self.allreduce_timeout_s + 1.0
+        """Longest a whole round may take: the membership read before it, the longest
+        window, what matchmaking may take beyond it (board calls and the group
+        confirmation, each bounded), resolving the members' addresses, the all-reduce, and
+        a second of margin. A caller that gives up sooner may cancel a round the others
+        commit with this peer's contribution in it."""
+        return (
+            MEMBERSHIP_READ_S
+            + self.window_cap_s
+            + self.match.overrun_s
+            + DIAL_RESOLVE_S
+            + self.allreduce_timeout_s
+            + 1.0
+        )
 
 
 def announced_bandwidth(bps: float) -> float:
@@ -156,6 +166,11 @@ def moving_average(average: float | None, sample: float | None) -> float | None:
     return 0.5 * average + 0.5 * sample
 
 
+MEMBERSHIP_READ_S = 3.0
+"""Longest the membership read before a round may take (then the cached view is used)."""
+DIAL_RESOLVE_S = 5.0
+"""Longest resolving one member's announced address into one to dial may take (a relayed
+member needs its relay asked)."""
 _MAX_RETRY_KEYS = 64
 _RETRY = b"/after-"
 
@@ -380,19 +395,24 @@ class SwarmRounds:
 
     async def _dialable(self, group: Group) -> Group:
         """``group`` with every member's address as this peer dials it (a member that cannot
-        be resolved keeps no address: sends to it fail, and the round goes on without it)."""
-        if self.dial_address is None:
+        be resolved within ``DIAL_RESOLVE_S`` keeps no address: sends to it fail, and the
+        round goes on without it). Members resolve at once, not one after another: a round
+        of relayed members would otherwise spend their dial times in sum."""
+        dial = self.dial_address
+        if dial is None:
             return group
-        members = []
-        for entry in group.members:
-            address = entry.address
-            if address and entry.peer != self.runtime.peer_id.raw:
-                try:
-                    address = await self.dial_address(PeerID(entry.peer), address)
-                except (NetworkError, TimeoutError) as exc:
-                    log.info("cannot reach round member %s: %s", address, exc)
-                    address = ""
-            members.append(replace(entry, address=address))
+
+        async def resolve(entry: ReadyPeer) -> ReadyPeer:
+            if not entry.address or entry.peer == self.runtime.peer_id.raw:
+                return entry
+            try:
+                address = await within(dial(PeerID(entry.peer), entry.address), DIAL_RESOLVE_S)
+            except (NetworkError, TimeoutError) as exc:
+                log.info("cannot reach round member %s: %s", entry.address, exc)
+                address = ""
+            return replace(entry, address=address)
+
+        members = await asyncio.gather(*(resolve(entry) for entry in group.members))
         return replace(group, members=tuple(members))
 
     def _penalize(self, screened: Mapping[object, str]) -> None:

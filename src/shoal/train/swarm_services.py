@@ -40,6 +40,7 @@ from shoal.swarm.membership import Membership
 from shoal.swarm.peerinfo import PeerInfo, Reachability
 from shoal.train.config import TrainConfig, with_overrides
 from shoal.train.swarm_config import PeerOptions
+from shoal.train.swarm_round import MEMBERSHIP_READ_S
 
 __all__ = [
     "PeerServices",
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 
 _JOIN_RETRY = RetryPolicy(initial_s=0.3, max_s=3.0, attempts=10, deadline_s=30.0)
 _MAX_DIAL_BACK_HELPERS = 4
-_FRESH_VIEW_TIMEOUT_S = 3.0
 _PROBE_TIMEOUT_S = 5.0
 _TRAINER_ROLE = "trainer:"
 """Membership role of a trainer: ``trainer:<round scope>`` (the scope starts with the mode)."""
@@ -353,7 +353,7 @@ class PeerServices:
         and a cached view may be a whole refresh interval behind the peers that just
         joined: the first round would then close without them."""
         with contextlib.suppress(NetworkError, TimeoutError):
-            await within(self.membership.refresh(), _FRESH_VIEW_TIMEOUT_S)
+            await within(self.membership.refresh(), MEMBERSHIP_READ_S)
         return self.view()
 
     def view(self) -> TrainersView:
