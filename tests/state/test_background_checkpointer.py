@@ -83,6 +83,30 @@ def test_a_newer_snapshot_supersedes_a_queued_one(tmp_path, third_writes):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000003"]
 
 
+def test_a_snapshot_only_to_be_written_does_not_replace_one_queued_to_be_served(tmp_path):
+    """Local progress the swarm has not agreed on (serve=False) must never be served; it
+    used to replace a queued served snapshot, which then was neither served nor written."""
+    model, opt = _model()
+    entered, release = threading.Event(), threading.Event()
+
+    def block_first(saved):
+        if saved.step == 1:
+            entered.set()
+            assert release.wait(10)
+
+    ckpt = BackgroundCheckpointer(tmp_path, CheckpointerConfig(keep_last=5), on_saved=block_first)
+    ckpt.save(1, lambda: take_snapshot(1, model, opt))
+    assert entered.wait(10)  # step 1 is in flight
+    ckpt.save(2, lambda: take_snapshot(2, model, opt), write=False)  # agreed: serve it
+    ckpt.save(3, lambda: take_snapshot(3, model, opt), serve=False)  # local progress
+    ckpt.save(4, lambda: take_snapshot(4, model, opt), serve=False)  # replaces 3 alone
+    assert ckpt.superseded == 1
+    release.set()
+    assert ckpt.close(timeout_s=30)
+    assert ckpt.latest_served() is not None and ckpt.latest_served().step == 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000004"]
+
+
 def test_torn_newest_checkpoint_is_skipped_with_a_line_naming_the_file(tmp_path, caplog):
     model, opt = _model()
     ckpt = BackgroundCheckpointer(tmp_path, CheckpointerConfig(interval_steps=1, keep_last=3))

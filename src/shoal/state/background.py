@@ -10,8 +10,11 @@ The compute thread only pays for the CPU copy (``state_provider()``); indexing t
 serving (``snapshot.prepare``) and writing it (``checkpoint.write_snapshot``: temporary
 folder, fsync, atomic rename, manifest with sha256 per file, last K kept) run on one worker
 thread. One write is in flight at a time; a snapshot queued behind it is replaced by a newer
-one (counted in ``superseded``). ``latest_served()`` is the newest snapshot indexed for serving:
-immutable CPU tensors a ``StateServer`` can stream while training goes on.
+one (counted in ``superseded``), except that one only to be written (``serve=False``: state
+the swarm has not agreed on) never replaces one queued to be served: both then go, the
+older one served and the newer one written. ``latest_served()`` is the newest snapshot
+indexed for serving: immutable CPU tensors a ``StateServer`` can stream while training
+goes on.
 """
 
 from __future__ import annotations
@@ -96,8 +99,10 @@ class BackgroundCheckpointer:
         self.last_error: BaseException | None = None
         self._latest_served: ServedSnapshot | None = None
         self._last_taken_step: int | None = None
-        self._pending: tuple[Snapshot, bool, bool] | None = None
-        """The next snapshot to handle, whether to write it and whether to serve it."""
+        self._to_serve: Snapshot | None = None
+        """The next snapshot to index for serving (may be ``_to_write`` too)."""
+        self._to_write: Snapshot | None = None
+        """The next snapshot to write to disk."""
         self._busy = False
         self._closed = False
         self._cond = threading.Condition()
@@ -145,17 +150,21 @@ class BackgroundCheckpointer:
     def submit(self, snapshot: Snapshot, *, write: bool = True, serve: bool = True) -> None:
         """Queue an already taken snapshot (replaces one still waiting)."""
         with self._cond:
-            if self._pending is not None:
-                self.superseded += 1
-                log.info(
-                    "checkpoint of step %d superseded by step %d before it was written",
-                    self._pending[0].step,
-                    snapshot.step,
-                )
-                # A disk write still owed goes with the newer snapshot: replacing a queued
-                # write by a serve-only snapshot lost the every-N-rounds checkpoint.
-                write = write or self._pending[1]
-            self._pending = (snapshot, write, serve)
+            queued = [s for s in (self._to_serve, self._to_write) if s is not None]
+            if serve:
+                self._to_serve = snapshot
+            # A disk write still owed goes with a newer snapshot to serve: replacing a
+            # queued write by a serve-only snapshot lost the every-N-rounds checkpoint.
+            if write or (serve and self._to_write is not None):
+                self._to_write = snapshot
+            for old in {id(s): s for s in queued}.values():
+                if old is not self._to_serve and old is not self._to_write:
+                    self.superseded += 1
+                    log.info(
+                        "checkpoint of step %d superseded by step %d before it was written",
+                        old.step,
+                        snapshot.step,
+                    )
             self._cond.notify_all()
 
     @property
@@ -171,7 +180,7 @@ class BackgroundCheckpointer:
         """Wait until nothing is queued or being written; False if ``timeout_s`` passed."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._pending is not None or self._busy:
+            while self._to_serve is not None or self._to_write is not None or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -197,33 +206,35 @@ class BackgroundCheckpointer:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while self._pending is None and not self._closed:
+                while self._to_serve is None and self._to_write is None and not self._closed:
                     self._cond.wait()
-                if self._pending is None:
+                to_serve, to_write = self._to_serve, self._to_write
+                if to_serve is None and to_write is None:
                     return
-                (snapshot, write, serve), self._pending = self._pending, None
+                self._to_serve = self._to_write = None
                 self._busy = True
+            step = _step_of(to_serve, to_write)
             try:
-                self._handle(snapshot, write, serve)
+                self._handle(to_serve, to_write)
             except Exception as exc:  # a failed write must not kill the worker
                 self.last_error = exc
-                log.exception("background checkpoint of step %d failed", snapshot.step)
+                log.exception("background checkpoint of step %d failed", step)
                 if self.on_error is not None:
-                    self.on_error(snapshot.step, exc)
+                    self.on_error(step, exc)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _handle(self, snapshot: Snapshot, write: bool, serve: bool) -> None:
+    def _handle(self, to_serve: Snapshot | None, to_write: Snapshot | None) -> None:
         cfg = self.config
         start = time.perf_counter()
-        if cfg.serve and serve:
-            self._latest_served = prepare(snapshot, chunk_bytes=cfg.chunk_bytes)
+        if cfg.serve and to_serve is not None:
+            self._latest_served = prepare(to_serve, chunk_bytes=cfg.chunk_bytes)
         path = None
-        if cfg.write_to_disk and write:
-            path = write_snapshot(snapshot, self.root, keep_last=cfg.keep_last)
-        saved = SavedCheckpoint(snapshot.step, path, time.perf_counter() - start)
+        if cfg.write_to_disk and to_write is not None:
+            path = write_snapshot(to_write, self.root, keep_last=cfg.keep_last)
+        saved = SavedCheckpoint(_step_of(to_serve, to_write), path, time.perf_counter() - start)
         self.last_saved = saved
         log.info(
             "checkpoint of step %d %s in %.3f s",
@@ -233,3 +244,10 @@ class BackgroundCheckpointer:
         )
         if self.on_saved is not None:
             self.on_saved(saved)
+
+
+def _step_of(to_serve: Snapshot | None, to_write: Snapshot | None) -> int:
+    """The step a handled pair reports: the written snapshot's, else the served one's."""
+    snapshot = to_write if to_write is not None else to_serve
+    assert snapshot is not None
+    return snapshot.step
