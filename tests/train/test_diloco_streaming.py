@@ -199,6 +199,45 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     assert s.applied == [4, 2] and s.unsettled == set()
 
 
+def _filled(fragments: int, fill: float) -> StreamingDiLoCo:
+    """A peer whose tensor ``i`` holds ``fill + i``: a tensor taken from another is told."""
+    params = [torch.full(s, fill + i) for i, s in enumerate([(8, 8), (8,)] * 4)]
+    return _streaming(params, Launcher(), local_steps=8, fragments=fragments)
+
+
+def _masters(s: StreamingDiLoCo) -> list[torch.Tensor]:
+    return [m.clone() for o in s.outers for m in o.master]
+
+
+@pytest.mark.parametrize(("mine", "theirs"), [(4, 2), (2, 4)])
+def test_a_state_cut_into_other_fragments_is_refused_whole(mine: int, theirs: int) -> None:
+    # Fragments were loaded one by one: those before the first misfit had already taken
+    # the snapshot's tensors, other parameters' values.
+    peer, donor = _filled(mine, 0.0), _filled(theirs, 100.0)
+    donor.applied = [5] * theirs
+    before = _masters(peer)
+    assert peer.state_misfit(donor.state_tensors()) is not None
+    assert not peer.load_state(donor.state_tensors())
+    assert all(torch.equal(a, b) for a, b in zip(_masters(peer), before, strict=True))
+    assert peer.applied == [0] * mine
+
+
+def test_a_resync_adopts_every_fragment_it_takes_or_none() -> None:
+    params = _model()
+    donor = _streaming([p + 1.0 for p in params], Launcher())
+    donor.applied = [3, 3]
+    tensors = donor.state_tensors()
+    tensors["outer.1.momentum.0"] = torch.zeros(5)  # fragment 1's state does not fit
+    s = _streaming(params, Launcher(), resync=lambda *_: ResyncState(8, tensors, 30))
+    before, local = _masters(s), [p.clone() for p in params]
+    s.mark_stale()
+    s._resync()
+    assert s.applied == [0, 0] and not s._take_resynced()
+    assert all(torch.equal(a, b) for a, b in zip(_masters(s), before, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(params, local, strict=True))
+    assert s.stale  # refused: asked for again at the next launch
+
+
 @pytest.mark.parametrize("wins", [True, False])
 def test_sides_with_equal_counts_join_the_smaller_tag_as_a_whole(wins) -> None:
     # Two sides of a healed partition applied as many rounds of every fragment, from other

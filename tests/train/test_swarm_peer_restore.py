@@ -187,6 +187,35 @@ def test_a_swarm_snapshot_that_does_not_fit_falls_back_to_our_own(tmp_path: Path
     assert source is Source.DISK and restored is not None and restored.step == 20
 
 
+def test_a_swarm_snapshot_whose_outer_state_does_not_fit_is_not_restored_at_all(
+    tmp_path: Path,
+) -> None:
+    # Checked before the model is loaded: a model taken from a snapshot whose outer state
+    # was then refused left the peer training on half of it.
+    theirs_opts = PeerOptions(mode="streaming", run_dir=tmp_path / "other", fragments=2)
+    donor = _streaming(build_trainer(theirs_opts, 7))
+    theirs = _checkpoint(theirs_opts, 60, tmp_path / "other", strategy=donor.state_tensors())
+    for tensor in theirs.model.values():
+        tensor.add_(1.0)
+    opts = PeerOptions(mode="streaming", run_dir=tmp_path / "me", fragments=4)
+    trainer = build_trainer(opts, 7)
+    mine = StreamingDiLoCo(
+        list(trainer.model.parameters()),
+        local_steps=4,
+        fragments=4,
+        overlap_steps=2,
+        mix_alpha=0.5,
+        outer=OuterConfig(),
+        launch=lambda *_: concurrent.futures.Future(),
+    )
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    found = Recovered(Source.SWARM, theirs, None, 60)
+    shape = trainer.model_cfg.to_dict()
+    source, restored = _restore(found, opts, trainer, shape, 7, fits=mine.state_misfit)
+    assert source is Source.NONE and restored is None
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
 def _lone_peer(tmp_path: Path, **settings: object) -> PeerOptions:
     """A peer that runs a few steps alone, quickly."""
     return PeerOptions(
@@ -266,6 +295,18 @@ def test_a_streaming_peer_s_snapshots_carry_its_fragment_counts(tmp_path: Path) 
     assert run_peer(opts, threading.Event(), lambda event, **fields: None) == 0
     saved = load_latest_valid(checkpoint_root(opts.run_dir))
     assert saved is not None and saved.step == 8 and saved.meta["progress"] == [0, 0]
+
+
+def test_a_run_dir_whose_outer_state_does_not_fit_stops_the_peer(tmp_path: Path) -> None:
+    # Restarted with other fragments, it used to go on with some fragments restored and
+    # the others not.
+    opts = _lone_peer(
+        tmp_path, mode="streaming", steps=8, local_steps=4, fragments=2, report_every=4
+    )
+    assert run_peer(opts, threading.Event(), lambda event, **fields: None) == 0
+    again = replace(opts, steps=12, fragments=4)
+    with pytest.raises(ConfigError, match=r"cannot continue from .*outer state does not fit"):
+        run_peer(again, threading.Event(), lambda event, **fields: None)
 
 
 def test_applied_rounds_are_counted_across_restarts_and_noted(tmp_path: Path) -> None:

@@ -186,6 +186,9 @@ class SyncStrategy:
     def progress_tag(self) -> str | None:
         return None
 
+    def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        return None  # the model and AdamW are the state, and restore_peer loads them
+
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
     ) -> bool:

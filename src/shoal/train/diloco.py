@@ -42,16 +42,19 @@ so the logic is tested without a network.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from shoal.errors import ConfigError
+from shoal.errors import CheckpointError, ConfigError
 from shoal.train.outer import OuterConfig, OuterNesterov, saved_count
 from shoal.train.swarm_round import RoundOutcome
 
 __all__ = ["DiLoCo", "DiLoCoConfig", "ResyncState", "RoundReport"]
+
+log = logging.getLogger(__name__)
 
 _APPLIED = "outer.applied"
 
@@ -203,9 +206,12 @@ class DiLoCo:
         tied = theirs is not None and self._loses_tie(theirs, state)
         if theirs is not None and theirs <= self.applied and not tied:
             return False  # not ahead: adopting it could undo a round we applied
-        load = self.outer.load_state_tensors
-        if not self.outer.keeping_progress(self.params, lambda: load(state.tensors)):
-            return False  # nothing changed
+        try:
+            adopted = self.outer.read_state(state.tensors)
+        except CheckpointError as exc:  # nothing changed; asked again while asks are left
+            log.warning("refused the swarm's outer state of step %d: %s", state.step, exc)
+            return False
+        self.outer.keeping_progress(self.params, lambda: self.outer.adopt(adopted))
         # Never lower it: a donor's snapshot comes from its last applied round, and the
         # swarm (like us) has counted the failed ones since; taking the snapshot's index
         # would put us on round keys one behind everyone else's for good.
@@ -229,8 +235,17 @@ class DiLoCo:
         applied = torch.tensor(self.applied, dtype=torch.int64)
         return {**self.outer.state_tensors(), _APPLIED: applied}
 
+    def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why a snapshot's outer ``tensors`` cannot be adopted (None: they can)."""
+        try:
+            self.outer.read_state(tensors)
+        except CheckpointError as exc:
+            return str(exc)
+        return None
+
     def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
-        """Adopt restored outer state (startup recovery); the caller restored the model."""
+        """Adopt restored outer state (startup recovery); the caller restored the model.
+        False, with nothing changed, when :meth:`state_misfit` names a reason."""
         if not self.outer.load_state_tensors(tensors):
             return False
         self.applied = saved_count(tensors, _APPLIED) or 0

@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from shoal.errors import ConfigError
+from shoal.errors import CheckpointError, ConfigError
+from shoal.train.outer import fp32_copy
 from shoal.train.swarm_round import RoundOutcome
 
 __all__ = ["LowRankAverager"]
@@ -145,7 +146,17 @@ class LowRankAverager:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"outer.lowrank.q.{i}": q for i, q in self.q.items()}
 
+    def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why :meth:`load_state_tensors` would refuse ``tensors`` (None: it takes them):
+        a ``Q`` missing or of another rank (a snapshot of other settings)."""
+        try:
+            _read_matching(tensors, "outer.lowrank.q.", self.q)
+        except CheckpointError as exc:
+            return str(exc)
+        return None
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Adopt the swarm's ``Q``; False (nothing changed) when :meth:`state_misfit`."""
         loaded = _matching(tensors, "outer.lowrank.q.", self.q)
         if loaded is None:
             return False
@@ -184,11 +195,19 @@ def _left_out_of_first(out1: RoundOutcome) -> RoundOutcome:
 def _matching(
     tensors: dict[str, torch.Tensor], prefix: str, like: dict[int, torch.Tensor]
 ) -> dict[int, torch.Tensor] | None:
-    """``tensors[prefix + i]`` for every ``i`` of ``like`` as fp32 copies, or None when one
-    is missing, misshapen or not floating point."""
-    found = {i: tensors.get(f"{prefix}{i}") for i in like}
-    if any(
-        t is None or t.shape != like[i].shape or not t.is_floating_point() for i, t in found.items()
-    ):
+    """:func:`_read_matching`, or None when it refuses."""
+    try:
+        return _read_matching(tensors, prefix, like)
+    except CheckpointError:
         return None
-    return {i: t.to(torch.float32).clone() for i, t in found.items() if t is not None}
+
+
+def _read_matching(
+    tensors: dict[str, torch.Tensor], prefix: str, like: dict[int, torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """``tensors[prefix + i]`` for every ``i`` of ``like`` as fp32 copies.
+
+    Raises:
+        CheckpointError: one is missing or does not fit (``outer.fp32_copy``).
+    """
+    return {i: fp32_copy(f"{prefix}{i}", tensors.get(f"{prefix}{i}"), t) for i, t in like.items()}

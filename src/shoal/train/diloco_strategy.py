@@ -134,9 +134,19 @@ class DiLoCoStrategy:
     def progress_tag(self) -> str | None:
         return self.diloco.outer.fingerprint()
 
+    def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why a snapshot's outer ``tensors`` cannot be this peer's (None: they can): the
+        outer state, and with ``--rank`` the ``Q`` every member must share with it."""
+        why = self.diloco.state_misfit(tensors)
+        if why is None and self.lowrank is not None:
+            why = self.lowrank.state_misfit(tensors)
+        return why
+
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
     ) -> bool:
+        if self.state_misfit(tensors) is not None:
+            return False  # nothing changed
         self.applied_step = applied_step  # steps trained alone since make nothing fresher
         own = False  # this peer's own state (error feedback) came back from its disk
         if self.lowrank is not None:

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -69,11 +70,14 @@ from functools import partial
 
 import torch
 
+from shoal.errors import CheckpointError
 from shoal.train.diloco import ResyncState, RoundReport
-from shoal.train.outer import OuterConfig, OuterNesterov, saved_count
+from shoal.train.outer import OuterConfig, OuterNesterov, OuterState, saved_count
 from shoal.train.swarm_round import RoundOutcome, wait_outcome
 
 __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
+
+log = logging.getLogger(__name__)
 
 
 _IN_FLIGHT = "outer.in_flight"
@@ -279,12 +283,21 @@ class StreamingDiLoCo:
         # partition): the side whose tag is greater takes the other's whole state.
         theirs_tag = self.tag_of(state.tensors) if donor == self.applied else None
         tied = theirs_tag is not None and theirs_tag < mine
-        for f, (outer, theirs) in enumerate(zip(self.outers, donor, strict=True)):
-            if theirs is not None and theirs <= self.applied[f] and not tied:
-                continue  # ours is as recent: adopting could undo a round we applied
-            load = partial(outer.load_state_tensors, state.tensors, prefix=f"outer.{f}")
-            if not outer.keeping_progress(self.fragment_params(f), load):
-                return
+        taken = [  # ours is as recent elsewhere: adopting could undo a round we applied
+            f
+            for f, theirs in enumerate(donor)
+            if theirs is None or theirs > self.applied[f] or tied
+        ]
+        try:  # every fragment taken is checked before any is adopted
+            read = self._read(state.tensors, taken)
+        except CheckpointError as exc:  # asked for again at the next launch, if asks are left
+            log.warning("refused the swarm's outer state of step %d: %s", state.step, exc)
+            self.stale = self._asks_left > 0
+            return
+        for f, fragment_state in read.items():
+            outer = self.outers[f]
+            outer.keeping_progress(self.fragment_params(f), partial(outer.adopt, fragment_state))
+            theirs = donor[f]
             self.applied[f] = theirs if theirs is not None else self.applied[f]
             self.resynced = True
             if f == in_flight:
@@ -313,16 +326,43 @@ class StreamingDiLoCo:
         out[_ROTATION] = torch.tensor(self.rotation, dtype=torch.int64)
         return out
 
+    def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why :meth:`load_state` would refuse ``tensors`` (None: it takes them)."""
+        try:
+            self._read(tensors, range(len(self.outers)))
+        except CheckpointError as exc:
+            return str(exc)
+        return None
+
     def load_state(self, tensors: dict[str, torch.Tensor]) -> bool:
-        ok = all(
-            o.load_state_tensors(tensors, prefix=f"outer.{f}") for f, o in enumerate(self.outers)
-        )
-        if ok:
-            self.applied = [n or 0 for n in _applied_counts(tensors, len(self.outers))]
-            in_flight = _in_flight(tensors, len(self.outers))
-            self.unsettled = {in_flight} if in_flight is not None else set()
-            self.rotation = _fragment_index(tensors, _ROTATION, len(self.outers)) or 0
-        return ok
+        """Adopt a snapshot's outer state (startup recovery): every fragment or, when one
+        does not fit (:meth:`state_misfit`), none. Loading them one by one left the
+        fragments before a misfit holding the snapshot's tensors, other parameters' values
+        when the snapshot was cut into other fragments."""
+        try:
+            states = self._read(tensors, range(len(self.outers)))
+        except CheckpointError:
+            return False
+        for f, state in states.items():
+            self.outers[f].adopt(state)
+        self.applied = [n or 0 for n in _applied_counts(tensors, len(self.outers))]
+        in_flight = _in_flight(tensors, len(self.outers))
+        self.unsettled = {in_flight} if in_flight is not None else set()
+        self.rotation = _fragment_index(tensors, _ROTATION, len(self.outers)) or 0
+        return True
+
+    def _read(
+        self, tensors: dict[str, torch.Tensor], fragments: Iterable[int]
+    ) -> dict[int, OuterState]:
+        """The state of each of ``fragments`` in a snapshot's ``tensors``, checked to fit.
+
+        Raises:
+            CheckpointError: one does not fit, or the snapshot holds more fragments.
+        """
+        extra = f"outer.{len(self.outers)}.master.0"
+        if extra in tensors:
+            raise CheckpointError(f"{extra}: the state has more than {len(self.outers)} fragments")
+        return {f: self.outers[f].read_state(tensors, f"outer.{f}") for f in fragments}
 
 
 def _combined(prints: Iterable[str]) -> str:

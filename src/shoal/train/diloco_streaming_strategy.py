@@ -91,18 +91,22 @@ class StreamingStrategy:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self.streaming.state_tensors()
 
+    def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        return self.streaming.state_misfit(tensors)
+
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
     ) -> bool:
+        if not self.streaming.load_state(tensors):
+            return False  # nothing changed
         self.streaming.step = self.trainer.step
         self.streaming.round_index = round_index
         self.applied_step = applied_step
-        loaded = self.streaming.load_state(tensors)
         # Trained alone since its last applied round (a restart from its own progress):
         # the swarm may have applied rounds without it, so it asks before its first launch.
-        if loaded and applied_step < self.trainer.step:
+        if applied_step < self.trainer.step:
             self.streaming.mark_stale()
-        return loaded
+        return True
 
     def close(self) -> None:
         p = self.streaming.pending

@@ -28,11 +28,11 @@ from typing import TypeVar
 
 import torch
 
-from shoal.errors import ConfigError
+from shoal.errors import CheckpointError, ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["OuterConfig", "OuterNesterov", "saved_count"]
+__all__ = ["OuterConfig", "OuterNesterov", "OuterState", "fp32_copy", "saved_count"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -163,21 +163,68 @@ class OuterNesterov:
             out[f"{prefix}.momentum.{i}"] = b
         return out
 
+    def read_state(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> OuterState:
+        """fp32 copies of the masters and momenta in ``tensors`` (from :meth:`state_tensors`),
+        checked to fit these parameters; nothing here changes.
+
+        Raises:
+            CheckpointError: naming the first tensor that is missing or does not fit, or one
+                tensor more than these parameters (state of another split into fragments).
+        """
+        masters = [
+            fp32_copy(f"{prefix}.master.{i}", tensors.get(f"{prefix}.master.{i}"), m)
+            for i, m in enumerate(self.master)
+        ]
+        moms = [
+            fp32_copy(f"{prefix}.momentum.{i}", tensors.get(f"{prefix}.momentum.{i}"), b)
+            for i, b in enumerate(self.momentum)
+        ]
+        extra = f"{prefix}.master.{len(self.master)}"
+        if extra in tensors:
+            raise CheckpointError(f"{extra} is one tensor more than the {len(masters)} here")
+        return OuterState(masters, moms)
+
+    def adopt(self, state: OuterState) -> None:
+        """Take ``state`` (from :meth:`read_state`) as the masters and momenta."""
+        self.master, self.momentum = state.master, state.momentum
+
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> bool:
-        """Restore from :meth:`state_tensors`; False (nothing changed) if any is missing or misfit."""
-        masters, moms = [], []
-        for i, (m, b) in enumerate(zip(self.master, self.momentum, strict=True)):
-            mt, bt = tensors.get(f"{prefix}.master.{i}"), tensors.get(f"{prefix}.momentum.{i}")
-            if mt is None or bt is None or mt.shape != m.shape or bt.shape != b.shape:
-                return False
-            masters.append(mt.to(torch.float32).clone())
-            moms.append(bt.to(torch.float32).clone())
-        self.master, self.momentum = masters, moms
+        """Restore from :meth:`state_tensors`; False (nothing changed) when
+        :meth:`read_state` refuses them."""
+        try:
+            state = self.read_state(tensors, prefix)
+        except CheckpointError:
+            return False
+        self.adopt(state)
         return True
 
     def _check(self, params: Sequence[torch.Tensor]) -> None:
         if len(params) != len(self.master):
             raise ConfigError(f"expected {len(self.master)} parameters, got {len(params)}")
+
+
+@dataclass(frozen=True, slots=True)
+class OuterState:
+    """Masters and momenta read from a snapshot, checked to fit (:meth:`OuterNesterov.read_state`)."""
+
+    master: list[torch.Tensor]
+    momentum: list[torch.Tensor]
+
+
+def fp32_copy(name: str, t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (restored state named ``name``) as a fresh fp32 tensor to stand for ``like``.
+
+    Raises:
+        CheckpointError: ``t`` is missing, of another shape, or not floating point.
+    """
+    if t is None:
+        raise CheckpointError(f"{name} is missing")
+    if not isinstance(t, torch.Tensor) or t.shape != like.shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise CheckpointError(f"{name} has shape {got}, not {tuple(like.shape)}")
+    if not t.is_floating_point():
+        raise CheckpointError(f"{name} is {t.dtype}, not floating point")
+    return t.detach().to("cpu", torch.float32, copy=True)
 
 
 def _fingerprint(masters: Sequence[torch.Tensor]) -> str:

@@ -133,11 +133,17 @@ def _make_strategy(
 
 
 def _restore(
-    found: Recovered, opts: PeerOptions, trainer: Trainer, shape: dict[str, Any], data_seed: int
+    found: Recovered,
+    opts: PeerOptions,
+    trainer: Trainer,
+    shape: dict[str, Any],
+    data_seed: int,
+    fits: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> tuple[Source, Restored | None]:
     """Continue from what recovery found. A swarm snapshot that does not fit (another
-    model) falls back to our own checkpoint; our own checkpoint that does not fit stops the
-    peer with an error, since starting over in that run dir would rotate it away."""
+    model, or outer state the strategy refuses: ``fits`` says why, checked before anything
+    is loaded) falls back to our own checkpoint; our own checkpoint that does not fit stops
+    the peer with an error, since starting over in that run dir would rotate it away."""
 
     def candidates() -> Iterator[tuple[Source, LoadedCheckpoint]]:
         if found.checkpoint is not None:
@@ -157,6 +163,7 @@ def _restore(
                 mode=opts.mode,
                 model_shape=shape,
                 data_seed=data_seed,
+                check=fits,
             )
         except CheckpointError as exc:
             if source is Source.DISK:
@@ -188,7 +195,17 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         shape = trainer.model_cfg.to_dict()
         root = checkpoint_root(opts.run_dir)
         found = recover(root, services.runtime, _dht_if_ahead(services), services.state_key)
-        source, restored = _restore(found, opts, trainer, shape, seed_for_data)
+        # Built first: it says whether a snapshot's outer state fits, before the snapshot
+        # is restored (a model restored with outer state left behind is a half restore).
+        strategy = _make_strategy(opts, trainer, services, stop)
+        source, restored = _restore(
+            found, opts, trainer, shape, seed_for_data, fits=strategy.state_misfit
+        )
+        if restored is None and found.checkpoint is not None:
+            # Nothing fit, and a refused snapshot may have reached the model: start afresh.
+            strategy.close()
+            trainer = build_trainer(opts, seed_for_data)
+            strategy = _make_strategy(opts, trainer, services, stop)
         applied_rounds = AppliedRounds(opts.run_dir, found.own_meta)
         noted = applied_rounds.noted
         if restored is not None:
@@ -204,9 +221,13 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                 )
             else:
                 restored = drop_stale_local(restored, noted)
-        strategy = _make_strategy(opts, trainer, services, stop)
-        if restored is not None:
-            strategy.load_state(restored.strategy, restored.round_index, restored.applied_step)
+            loaded = strategy.load_state(
+                restored.strategy, restored.round_index, restored.applied_step
+            )
+            if not loaded:  # checked in _restore: training on a half restore is worse
+                raise CheckpointError(
+                    f"the {source.value} state of step {restored.step} does not fit this peer"
+                )
         emit(
             "recovered",
             source=source.value,

@@ -248,8 +248,10 @@ def restore_peer(
     mode: str,
     model_shape: dict[str, Any],
     data_seed: int,
+    check: Callable[[dict[str, torch.Tensor]], str | None] | None = None,
 ) -> Restored:
-    """Load ``ckpt`` into the peer's objects.
+    """Load ``ckpt`` into the peer's objects. ``check(strategy tensors)`` says why the
+    strategy cannot take them (None: it can); it runs before anything is loaded.
 
     Raises:
         CheckpointError: another model shape or mode, or tensors that do not fit.
@@ -257,6 +259,11 @@ def restore_peer(
     mismatch = _written_for_another(ckpt.meta, mode, model_shape)
     if mismatch is not None:
         raise CheckpointError(f"{ckpt.path}: {mismatch}")
+    strategy = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
+    strategy.update({k: v for k, v in ckpt.local.items() if k.startswith(LOCAL_PREFIX)})
+    why = check(strategy) if check is not None else None
+    if why is not None:
+        raise CheckpointError(f"{ckpt.path}: its outer state does not fit this peer: {why}")
     try:
         model.load_state_dict(ckpt.model, strict=True)
         if ckpt.optimizer is not None:
@@ -276,8 +283,6 @@ def restore_peer(
                 "batches_drawn": data.get("batches_drawn", 0),
             }
         )
-    strategy = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
-    strategy.update({k: v for k, v in ckpt.local.items() if k.startswith(LOCAL_PREFIX)})
     averaged = ckpt.meta.get("averaged", True) is not False
     applied = ckpt.meta.get("applied_step", ckpt.step)
     if type(applied) is not int or not 0 <= applied <= ckpt.step:

@@ -72,9 +72,16 @@ class Strategy(Protocol):
 
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
 
+    def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why :meth:`load_state` would refuse a snapshot's strategy ``tensors`` (None: it
+        takes them); checked before anything of the snapshot is restored."""
+        ...
+
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
-    ) -> bool: ...
+    ) -> bool:
+        """Adopt restored state; False, with nothing changed, when it does not fit."""
+        ...
 
     def close(self) -> None: ...
 
