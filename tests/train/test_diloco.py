@@ -352,6 +352,36 @@ def test_a_donor_with_fewer_outer_steps_is_never_adopted_whatever_its_step() -> 
     assert again.load_state(d.state_tensors(), 7) and again.applied == 3
 
 
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        {"outer.master.0": torch.full((5,), float("nan"))},
+        {"outer.momentum.1": torch.full((2, 3), float("inf"))},
+        {"outer.master.0": torch.full((5,), 1e300, dtype=torch.float64)},  # inf in fp32
+        {"outer.master.1": torch.zeros(3, 2)},
+        {"outer.applied": torch.tensor(2.5)},
+        {"outer.applied": torch.tensor(-1)},
+    ],
+)
+def test_an_invalid_donor_state_is_refused_and_the_peer_goes_on(spoil) -> None:
+    # Non-finite masters were adopted as they came, and one NaN spreads to every round.
+    d, donor, calls = _failing_peer_and_donor(5)
+    own, local = [m.clone() for m in d.outer.master], [p.clone() for p in d.params]
+    bad = {**donor.state_tensors(), "outer.applied": torch.tensor(3), **spoil}
+    d.resync = lambda: ResyncState(5, bad, step=40)
+    d.mark_stale()
+    report = d.after_local_step(4)  # refused: the round runs on the peer's own state
+    assert report is not None and not report.resynced and calls == [0]
+    assert d.applied == 0 and d.round_index == 1
+    assert all(torch.equal(a, b) for a, b in zip(d.outer.master, own, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(d.params, local, strict=True))
+    assert d.stale  # asked again at the next round, where a good donor is taken
+    d.resync = lambda: ResyncState(5, donor.state_tensors(), step=40)
+    report = d.after_local_step(4)
+    assert report is not None and report.resynced and d.round_index == 5
+    assert not d.load_state(bad, 7) and d.round_index == 5  # a restore refuses it too
+
+
 def test_a_peer_left_out_of_the_mean_takes_the_outer_step_and_keeps_its_progress() -> None:
     """A late or screened-out member gets the others' mean: it steps with them (same
     master everywhere) and carries its own local progress and samples to the next round."""

@@ -95,3 +95,18 @@ def test_a_peer_tied_with_a_donor_finds_it_only_when_its_own_tag_is_greater():
         assert resync_from_swarm(services, "diloco", ahead_of=[3], tag_below="0f00") is None
         state = resync_from_swarm(services, "diloco", ahead_of=[3], tag_below="a1b2")
         assert state is not None and state.step == 40
+
+
+@pytest.mark.parametrize("bad", [None, "7", [1], "x", float("inf"), -1, True, 2**60, 1.0])
+def test_a_donor_s_meta_that_is_not_a_count_refuses_its_snapshot(monkeypatch, bad):
+    # int() of it raised out of the resync, and so out of the stale peer's step loop.
+    import shoal.train.diloco_strategy as ds
+
+    snap = _donor_snapshot(40, "diloco")
+    snap.meta["round_index"] = bad
+    monkeypatch.setattr(ds, "fetch_snapshot_from_swarm", lambda *a, **k: snap)
+    services = SimpleNamespace(runtime=None, dht=None, state_key=b"k")
+    assert resync_from_swarm(services, "diloco", ahead_of=[0]) is None
+    snap.meta["round_index"] = 7
+    state = resync_from_swarm(services, "diloco", ahead_of=[0])
+    assert state is not None and state.round_index == 7

@@ -238,6 +238,29 @@ def test_a_resync_adopts_every_fragment_it_takes_or_none() -> None:
     assert s.stale  # refused: asked for again at the next launch
 
 
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        {"outer.0.master.0": torch.full((6,), float("nan"))},
+        {"outer.1.momentum.1": torch.full((6,), float("-inf"))},
+        {"outer.0.applied": torch.tensor(True)},
+        {"outer.1.applied": torch.tensor(2**60)},
+    ],
+)
+def test_a_donor_state_that_is_not_finite_or_not_counted_is_refused(spoil) -> None:
+    params = _model()
+    donor = _streaming([p + 1.0 for p in params], Launcher())
+    donor.applied = [3, 3]
+    tensors = {**donor.state_tensors(), **spoil}
+    s = _streaming(params, Launcher(), resync=lambda *_: ResyncState(8, tensors, 30))
+    before = _masters(s)
+    s.mark_stale()
+    s._resync()
+    assert s.applied == [0, 0] and s.stale
+    assert all(torch.equal(a, b) for a, b in zip(_masters(s), before, strict=True))
+    assert s.state_misfit(tensors) is not None and not s.load_state(tensors)
+
+
 @pytest.mark.parametrize("wins", [True, False])
 def test_sides_with_equal_counts_join_the_smaller_tag_as_a_whole(wins) -> None:
     # Two sides of a healed partition applied as many rounds of every fragment, from other

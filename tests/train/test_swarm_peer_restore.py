@@ -216,6 +216,43 @@ def test_a_swarm_snapshot_whose_outer_state_does_not_fit_is_not_restored_at_all(
     assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
 
 
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"round_index": None},
+        {"round_index": "x"},
+        {"round_index": 1e400},
+        {"config": []},
+        {"data": "x"},
+        {"data": {"shard_index": 0, "num_shards": 1, "seed": 7, "batches_drawn": [1]}},
+    ],
+)
+def test_a_swarm_snapshot_with_meta_no_peer_writes_falls_back_to_our_own(
+    tmp_path: Path, meta: dict
+) -> None:
+    # A donor's meta is whatever it sent: int() of it raised out of the restore.
+    opts = PeerOptions(mode="diloco", run_dir=tmp_path / "me")
+    _checkpoint(opts, 20, checkpoint_root(opts.run_dir))
+    theirs = _checkpoint(opts, 60, tmp_path / "other")
+    theirs = replace(theirs, meta={**theirs.meta, **meta})
+    for tensor in theirs.model.values():
+        tensor.add_(1.0)
+    trainer = build_trainer(opts, 7)
+    shape = trainer.model_cfg.to_dict()
+    found = Recovered(Source.SWARM, theirs, 20, 60)
+    source, restored = _restore(found, opts, trainer, shape, 7)
+    assert source is Source.DISK and restored is not None and restored.step == 20
+    # checked before anything is loaded: with no copy of our own, the model is untouched
+    fresh = build_trainer(opts, 7)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    found = Recovered(Source.SWARM, theirs, None, 60)
+    assert _restore(found, replace(opts, run_dir=tmp_path / "new"), fresh, shape, 7) == (
+        Source.NONE,
+        None,
+    )
+    assert all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
+
+
 def _lone_peer(tmp_path: Path, **settings: object) -> PeerOptions:
     """A peer that runs a few steps alone, quickly."""
     return PeerOptions(

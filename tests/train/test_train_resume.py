@@ -1,7 +1,11 @@
+import dataclasses
+
+import pytest
 import torch
 
-from shoal.state.checkpoint import list_checkpoints
-from shoal.train.run_state import checkpoint_root
+from shoal.errors import CheckpointError
+from shoal.state.checkpoint import list_checkpoints, load_latest_valid
+from shoal.train.run_state import checkpoint_root, restore_run
 from shoal.train.trainer import Trainer
 
 
@@ -44,3 +48,22 @@ def test_resume_skips_a_corrupt_newest_checkpoint(small_cfg):
     again = Trainer(cfg, show_progress=False, log_lines=False)
     assert again.resume()
     assert again.step == 5
+
+
+@pytest.mark.parametrize("meta", [{"config": None}, {"data": [1]}, {"batches_drawn": "x"}])
+def test_a_checkpoint_with_meta_no_run_writes_is_refused_before_loading(small_cfg, meta):
+    # A donor's snapshot restores through here too (recovery_peer): int() of its meta
+    # raised out of the restore, after the model had been loaded.
+    cfg = small_cfg(**{"checkpoint.every_steps": 5, "run.steps": 5})
+    Trainer(cfg, show_progress=False, log_lines=False).run()
+    ckpt = load_latest_valid(checkpoint_root(cfg.run.run_dir))
+    assert ckpt is not None
+    if "batches_drawn" in meta:
+        meta = {"data": {**ckpt.meta["data"], **meta}}
+    ckpt = dataclasses.replace(ckpt, meta={**ckpt.meta, **meta})
+    fresh = Trainer(cfg, show_progress=False, log_lines=False)
+    before = [p.clone() for p in fresh.model.parameters()]
+    config = {"model_shape": fresh.model_cfg.to_dict()}
+    with pytest.raises(CheckpointError, match="meta"):
+        restore_run(ckpt, fresh.model, fresh.optimizer, fresh.windows, config)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), before, strict=True))

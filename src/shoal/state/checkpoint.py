@@ -37,10 +37,13 @@ from shoal.state.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_hex
 from shoal.state.tensor_dicts import flatten_optimizer_state, unflatten_optimizer_state
 
 __all__ = [
+    "MAX_COUNT",
     "LoadedCheckpoint",
     "Snapshot",
     "list_checkpoints",
     "load_latest_valid",
+    "meta_count",
+    "meta_section",
     "read_checkpoint",
     "take_snapshot",
     "write_snapshot",
@@ -50,6 +53,40 @@ log = logging.getLogger(__name__)
 
 _DIR_RE = re.compile(r"^step-(\d{8,})$")
 _OPTIM_META_KEY = "shoal.optimizer"
+
+
+MAX_COUNT = 2**53
+"""The largest count a snapshot's meta may hold (every JSON reader keeps ints up to it)."""
+
+
+def meta_count(meta: dict[str, Any], key: str, default: int) -> int:
+    """``meta[key]`` as a count, ``default`` when absent. Meta comes from other peers too:
+    ``int()`` of what it holds raised on null, lists, ``"x"`` or ``1e400``.
+
+    Raises:
+        CheckpointError: it is not an int in [0, 2**53] (a bool, a float, a string...).
+    """
+    value = meta.get(key, default)
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise CheckpointError(f"meta {key!r} is {_shown(value)}, not a count")
+    return value
+
+
+def meta_section(meta: dict[str, Any], key: str) -> dict[str, Any]:
+    """``meta[key]``, a JSON object, or ``{}`` when absent.
+
+    Raises:
+        CheckpointError: it is something else.
+    """
+    value = meta.get(key, {})
+    if not isinstance(value, dict):
+        raise CheckpointError(f"meta {key!r} is {_shown(value)}, not an object")
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 LOCAL_STEM = "local"

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shoal.errors import CheckpointError, ConfigError
-from shoal.train.outer import OuterConfig, OuterNesterov, saved_count
+from shoal.train.outer import OuterConfig, OuterNesterov, OuterState, checked_count
 from shoal.train.swarm_round import RoundOutcome
 
 __all__ = ["DiLoCo", "DiLoCoConfig", "ResyncState", "RoundReport"]
@@ -202,15 +202,14 @@ class DiLoCo:
         state = self.resync()  # only state with more outer steps applied than ours
         if state is None:
             return False
-        theirs = saved_count(state.tensors, _APPLIED)
-        tied = theirs is not None and self._loses_tie(theirs, state)
-        if theirs is not None and theirs <= self.applied and not tied:
-            return False  # not ahead: adopting it could undo a round we applied
         try:
-            adopted = self.outer.read_state(state.tensors)
+            adopted, theirs = self._read(state.tensors)
         except CheckpointError as exc:  # nothing changed; asked again while asks are left
             log.warning("refused the swarm's outer state of step %d: %s", state.step, exc)
             return False
+        tied = theirs is not None and self._loses_tie(theirs, state)
+        if theirs is not None and theirs <= self.applied and not tied:
+            return False  # not ahead: adopting it could undo a round we applied
         self.outer.keeping_progress(self.params, lambda: self.outer.adopt(adopted))
         # Never lower it: a donor's snapshot comes from its last applied round, and the
         # swarm (like us) has counted the failed ones since; taking the snapshot's index
@@ -238,17 +237,25 @@ class DiLoCo:
     def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
         """Why a snapshot's outer ``tensors`` cannot be adopted (None: they can)."""
         try:
-            self.outer.read_state(tensors)
+            self._read(tensors)
         except CheckpointError as exc:
             return str(exc)
         return None
 
+    def _read(self, tensors: dict[str, torch.Tensor]) -> tuple[OuterState, int | None]:
+        """The outer state in a snapshot's ``tensors`` and its count of applied outer steps
+        (None: a snapshot from before the count), checked; raises ``CheckpointError``."""
+        return self.outer.read_state(tensors), checked_count(tensors, _APPLIED)
+
     def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
         """Adopt restored outer state (startup recovery); the caller restored the model.
         False, with nothing changed, when :meth:`state_misfit` names a reason."""
-        if not self.outer.load_state_tensors(tensors):
+        try:
+            adopted, applied = self._read(tensors)
+        except CheckpointError:
             return False
-        self.applied = saved_count(tensors, _APPLIED) or 0
+        self.outer.adopt(adopted)
+        self.applied = applied or 0
         self.round_index = round_index
         self.local_steps_done = 0
         self.samples = 0

@@ -7,6 +7,8 @@ import threading
 
 import torch
 
+from shoal.errors import CheckpointError
+from shoal.state.checkpoint import meta_count
 from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
 from shoal.train.diloco_lowrank import LowRankAverager
 from shoal.train.diloco_topk import TopKAverager
@@ -191,5 +193,10 @@ def resync_from_swarm(
     )
     if snapshot is None or snapshot.meta.get("mode") != mode:
         return None
+    try:  # the donor's meta is whatever it sent: a bad one costs this resync, not the peer
+        round_index = meta_count(snapshot.meta, "round_index", 0)
+    except CheckpointError as exc:
+        log.warning("refused the swarm's snapshot of step %d: %s", snapshot.step, exc)
+        return None
     tensors = {k: v for k, v in snapshot.files.get("extra", {}).items() if k.startswith("outer.")}
-    return ResyncState(int(snapshot.meta.get("round_index", 0)), tensors, snapshot.step)
+    return ResyncState(round_index, tensors, snapshot.step)

@@ -72,7 +72,7 @@ import torch
 
 from shoal.errors import CheckpointError
 from shoal.train.diloco import ResyncState, RoundReport
-from shoal.train.outer import OuterConfig, OuterNesterov, OuterState, saved_count
+from shoal.train.outer import OuterConfig, OuterNesterov, OuterState, checked_count, saved_count
 from shoal.train.swarm_round import RoundOutcome, wait_outcome
 
 __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
@@ -277,23 +277,14 @@ class StreamingDiLoCo:
         self.stale = state is None and self._asks_left > 0
         if state is None:
             return
-        donor = _applied_counts(state.tensors, len(self.outers))
-        in_flight = _in_flight(state.tensors, len(self.outers))
-        # As many rounds of every fragment from other outer state (sides of a healed
-        # partition): the side whose tag is greater takes the other's whole state.
-        theirs_tag = self.tag_of(state.tensors) if donor == self.applied else None
-        tied = theirs_tag is not None and theirs_tag < mine
-        taken = [  # ours is as recent elsewhere: adopting could undo a round we applied
-            f
-            for f, theirs in enumerate(donor)
-            if theirs is None or theirs > self.applied[f] or tied
-        ]
         try:  # every fragment taken is checked before any is adopted
-            read = self._read(state.tensors, taken)
+            donor = _applied_counts(state.tensors, len(self.outers))
+            read = self._read(state.tensors, self._taken(state.tensors, donor, mine))
         except CheckpointError as exc:  # asked for again at the next launch, if asks are left
             log.warning("refused the swarm's outer state of step %d: %s", state.step, exc)
             self.stale = self._asks_left > 0
             return
+        in_flight = _in_flight(state.tensors, len(self.outers))
         for f, fragment_state in read.items():
             outer = self.outers[f]
             outer.keeping_progress(self.fragment_params(f), partial(outer.adopt, fragment_state))
@@ -304,6 +295,21 @@ class StreamingDiLoCo:
                 self.unsettled.add(f)
             else:
                 self.unsettled.discard(f)
+
+    def _taken(
+        self, tensors: dict[str, torch.Tensor], donor: list[int | None], mine: str
+    ) -> list[int]:
+        """The fragments to take from a donor with counts ``donor``: those it applied more
+        rounds of (ours is as recent elsewhere: adopting could undo a round we applied),
+        or all of them when it applied as many of each from other outer state (sides of a
+        healed partition) and its tag is smaller than ``mine``."""
+        theirs_tag = self.tag_of(tensors) if donor == self.applied else None
+        tied = theirs_tag is not None and theirs_tag < mine
+        return [
+            f
+            for f, theirs in enumerate(donor)
+            if theirs is None or theirs > self.applied[f] or tied
+        ]
 
     def tag(self) -> str:
         """A hash of every fragment's outer parameters: the state :attr:`applied` reached."""
@@ -362,6 +368,7 @@ class StreamingDiLoCo:
         extra = f"outer.{len(self.outers)}.master.0"
         if extra in tensors:
             raise CheckpointError(f"{extra}: the state has more than {len(self.outers)} fragments")
+        _applied_counts(tensors, len(self.outers))  # malformed counts refuse the state
         return {f: self.outers[f].read_state(tensors, f"outer.{f}") for f in fragments}
 
 
@@ -382,6 +389,10 @@ def _fragment_index(tensors: dict[str, torch.Tensor], key: str, fragments: int) 
 
 
 def _applied_counts(tensors: dict[str, torch.Tensor], fragments: int) -> list[int | None]:
-    """Each fragment's ``outer.<f>.applied`` count in a snapshot; None where it has none
-    (or a malformed one): a snapshot from a donor that did not count."""
-    return [saved_count(tensors, f"outer.{f}.applied") for f in range(fragments)]
+    """Each fragment's ``outer.<f>.applied`` count in a snapshot; None where it has none (a
+    snapshot from a donor that did not count).
+
+    Raises:
+        CheckpointError: one holds something other than a count.
+    """
+    return [checked_count(tensors, f"outer.{f}.applied") for f in range(fragments)]

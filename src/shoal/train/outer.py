@@ -29,10 +29,18 @@ from typing import TypeVar
 import torch
 
 from shoal.errors import CheckpointError, ConfigError
+from shoal.state.checkpoint import MAX_COUNT
 
 T = TypeVar("T")
 
-__all__ = ["OuterConfig", "OuterNesterov", "OuterState", "fp32_copy", "saved_count"]
+__all__ = [
+    "OuterConfig",
+    "OuterNesterov",
+    "OuterState",
+    "checked_count",
+    "fp32_copy",
+    "saved_count",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -215,7 +223,8 @@ def fp32_copy(name: str, t: torch.Tensor | None, like: torch.Tensor) -> torch.Te
     """``t`` (restored state named ``name``) as a fresh fp32 tensor to stand for ``like``.
 
     Raises:
-        CheckpointError: ``t`` is missing, of another shape, or not floating point.
+        CheckpointError: ``t`` is missing, of another shape, not floating point, or not
+            finite (in fp32: a float64 beyond its range is not).
     """
     if t is None:
         raise CheckpointError(f"{name} is missing")
@@ -224,7 +233,10 @@ def fp32_copy(name: str, t: torch.Tensor | None, like: torch.Tensor) -> torch.Te
         raise CheckpointError(f"{name} has shape {got}, not {tuple(like.shape)}")
     if not t.is_floating_point():
         raise CheckpointError(f"{name} is {t.dtype}, not floating point")
-    return t.detach().to("cpu", torch.float32, copy=True)
+    copy = t.detach().to("cpu", torch.float32, copy=True)
+    if not bool(torch.isfinite(copy).all()):  # one NaN would spread to every later round
+        raise CheckpointError(f"{name} holds values that are not finite")
+    return copy
 
 
 def _fingerprint(masters: Sequence[torch.Tensor]) -> str:
@@ -235,10 +247,25 @@ def _fingerprint(masters: Sequence[torch.Tensor]) -> str:
 
 
 def saved_count(tensors: dict[str, torch.Tensor], key: str) -> int | None:
-    """The non-negative integer a snapshot holds in the scalar tensor ``key`` (a count of
+    """The integer in [0, 2**53] a snapshot holds in the scalar tensor ``key`` (a count of
     applied rounds, a fragment index); None when it is absent or malformed, e.g. in a
     snapshot from before the key existed."""
     t = tensors.get(key)
-    if t is None or t.numel() != 1 or t.is_floating_point() or int(t) < 0:
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
         return None
-    return int(t)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        return None
+    value = int(t)
+    return value if 0 <= value <= MAX_COUNT else None
+
+
+def checked_count(tensors: dict[str, torch.Tensor], key: str) -> int | None:
+    """:func:`saved_count`, None only when ``key`` is absent (a snapshot from before it).
+
+    Raises:
+        CheckpointError: ``key`` holds something other than a count.
+    """
+    value = saved_count(tensors, key)
+    if value is None and key in tensors:
+        raise CheckpointError(f"{key} is not a count in [0, 2**53]")
+    return value

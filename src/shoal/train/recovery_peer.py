@@ -60,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
     )
     from shoal.dht.peer import DHT
-    from shoal.errors import ShoalError
+    from shoal.errors import CheckpointError, ShoalError
     from shoal.monitor.config import EventLogConfig, MonitorConfig
     from shoal.monitor.peer import PeerMonitor
     from shoal.net import Identity, NetConfig, NetRuntime
     from shoal.net.config import RetryPolicy
     from shoal.state.announce import StateAnnouncer, state_key
     from shoal.state.background import BackgroundCheckpointer, CheckpointerConfig, SavedCheckpoint
+    from shoal.state.checkpoint import load_latest_valid
     from shoal.state.recovery import Source, recover
     from shoal.state.sync_service import StateServer
     from shoal.train.config import TrainConfig, with_overrides
@@ -117,16 +118,31 @@ def main(argv: list[str] | None = None) -> int:
     config_meta = {**cfg.to_dict(), "model_shape": trainer.model_cfg.to_dict()}
     root = checkpoint_root(run_dir)
     found = recover(root, runtime, dht, key)
-    if found.checkpoint is not None:
-        trainer.step = restore_run(
-            found.checkpoint, trainer.model, trainer.optimizer, trainer.windows, config_meta
-        )
+    source = found.source
+    try:
+        if found.checkpoint is not None:
+            trainer.step = restore_run(
+                found.checkpoint, trainer.model, trainer.optimizer, trainer.windows, config_meta
+            )
+    except CheckpointError as exc:
+        if source is not Source.SWARM:
+            raise
+        # A donor's snapshot that does not fit costs the download, not the peer: continue
+        # from the disk copy, on a fresh trainer (the refused snapshot may have reached it).
+        log.warning("cannot continue from the swarm's snapshot: %s", exc)
+        trainer = Trainer(cfg, show_progress=False, log_lines=False)
+        local = load_latest_valid(root)
+        source = Source.DISK if local is not None else Source.NONE
+        if local is not None:
+            trainer.step = restore_run(
+                local, trainer.model, trainer.optimizer, trainer.windows, config_meta
+            )
     monitor.events.emit(
-        "recovery", source=found.source.value, step=trainer.step, swarm_step=found.swarm_step
+        "recovery", source=source.value, step=trainer.step, swarm_step=found.swarm_step
     )
     emit(
         "recovered",
-        source=found.source.value,
+        source=source.value,
         step=trainer.step,
         local_step=found.local_step,
         swarm_step=found.swarm_step,
@@ -155,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     announcer = StateAnnouncer(
         dht, key, ckpt.latest_served, address=runtime.address, ttl_s=args.ttl
     ).start()
-    ckpt.save(trainer.step, provider, write=found.source is not Source.DISK)
+    ckpt.save(trainer.step, provider, write=source is not Source.DISK)
     emit("ready", step=trainer.step, address=runtime.address)
     try:
         while trainer.step < args.steps and not stop.is_set():

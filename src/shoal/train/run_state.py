@@ -13,9 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.errors import CheckpointError
+from shoal.errors import CheckpointError, DataError
 from shoal.models.data import TrainWindows
-from shoal.state.checkpoint import LoadedCheckpoint, Snapshot, take_snapshot
+from shoal.state.checkpoint import (
+    LoadedCheckpoint,
+    Snapshot,
+    meta_count,
+    meta_section,
+    take_snapshot,
+)
 
 __all__ = ["checkpoint_root", "restore_run", "snapshot_run"]
 
@@ -59,15 +65,20 @@ def restore_run(
 
     Raises:
         CheckpointError: the checkpoint was written for another model shape or data shard,
-            or its tensors do not fit.
+            its meta is not what a run writes (a donor's is whatever it sent), or its
+            tensors do not fit. Everything but the tensors is checked before any is loaded.
     """
-    saved = ckpt.meta.get("config", {})
+    try:
+        saved = meta_section(ckpt.meta, "config")
+        data = meta_section(ckpt.meta, "data")
+        batches_drawn = meta_count(data, "batches_drawn", 0)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {ckpt.path}: {exc}") from None
     if saved.get("model_shape") != config.get("model_shape"):
         raise CheckpointError(
             f"checkpoint {ckpt.path} was written for model {saved.get('model_shape')}, "
             f"not {config.get('model_shape')}"
         )
-    data = ckpt.meta.get("data", {})
     if (data.get("shard_index"), data.get("num_shards")) != (
         windows.shard_index,
         windows.num_shards,
@@ -78,11 +89,11 @@ def restore_run(
     try:
         model.load_state_dict(ckpt.model, strict=True)
         optimizer.load_state_dict(ckpt.optimizer)
-    except (RuntimeError, ValueError, KeyError) as exc:
+        windows.load_state_dict(
+            {"generator": ckpt.extra["data.generator"], "batches_drawn": batches_drawn}
+        )
+    except (RuntimeError, ValueError, KeyError, DataError) as exc:
         raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model: {exc}") from exc
-    windows.load_state_dict(
-        {"generator": ckpt.extra["data.generator"], "batches_drawn": data.get("batches_drawn", 0)}
-    )
     if "rng.torch_cpu" in ckpt.extra:
         torch.set_rng_state(ckpt.extra["rng.torch_cpu"])
     if torch.cuda.is_available():

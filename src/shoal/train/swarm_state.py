@@ -30,9 +30,15 @@ from typing import Any
 
 import torch
 
-from shoal.errors import CheckpointError, NetworkError
+from shoal.errors import CheckpointError, DataError, NetworkError
 from shoal.models.data import TrainWindows
-from shoal.state.checkpoint import LoadedCheckpoint, Snapshot, take_snapshot
+from shoal.state.checkpoint import (
+    LoadedCheckpoint,
+    Snapshot,
+    meta_count,
+    meta_section,
+    take_snapshot,
+)
 from shoal.state.snapshot import as_checkpoint
 from shoal.state.sync_client import SyncConfig, download, find_donors
 
@@ -250,15 +256,22 @@ def restore_peer(
     data_seed: int,
     check: Callable[[dict[str, torch.Tensor]], str | None] | None = None,
 ) -> Restored:
-    """Load ``ckpt`` into the peer's objects. ``check(strategy tensors)`` says why the
-    strategy cannot take them (None: it can); it runs before anything is loaded.
+    """Load ``ckpt`` into the peer's objects. Everything is checked before anything is
+    loaded: the meta (a donor's snapshot is whatever the donor sent), the data state, and
+    ``check(strategy tensors)``, which says why the strategy cannot take them (None: it can).
 
     Raises:
-        CheckpointError: another model shape or mode, or tensors that do not fit.
+        CheckpointError: another model shape or mode, meta that is not what a peer writes,
+            or tensors that do not fit.
     """
     mismatch = _written_for_another(ckpt.meta, mode, model_shape)
     if mismatch is not None:
         raise CheckpointError(f"{ckpt.path}: {mismatch}")
+    try:
+        round_index = meta_count(ckpt.meta, "round_index", 0)
+        data_state = _data_state(ckpt, windows, data_seed)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{ckpt.path}: {exc}") from None
     strategy = {k: v for k, v in ckpt.extra.items() if k.startswith("outer.")}
     strategy.update({k: v for k, v in ckpt.local.items() if k.startswith(LOCAL_PREFIX)})
     why = check(strategy) if check is not None else None
@@ -268,33 +281,39 @@ def restore_peer(
         model.load_state_dict(ckpt.model, strict=True)
         if ckpt.optimizer is not None:
             optimizer.load_state_dict(ckpt.optimizer)
-    except (RuntimeError, ValueError, KeyError) as exc:
+        if data_state is not None:
+            windows.load_state_dict(data_state)
+    except (RuntimeError, ValueError, KeyError, DataError) as exc:
         raise CheckpointError(f"{ckpt.path} does not fit the model: {exc}") from exc
-    data = ckpt.meta.get("data", {})
+    averaged = ckpt.meta.get("averaged", True) is not False
+    applied = ckpt.meta.get("applied_step", ckpt.step)
+    if type(applied) is not int or not 0 <= applied <= ckpt.step:
+        applied = ckpt.step
+    return Restored(ckpt.step, round_index, strategy, averaged, applied, applied_count(ckpt.meta))
+
+
+def _data_state(
+    ckpt: LoadedCheckpoint, windows: TrainWindows, data_seed: int
+) -> dict[str, Any] | None:
+    """The data position to restore: only from a snapshot of this peer's own stream
+    (None: another stream, or none saved).
+
+    Raises:
+        CheckpointError: its meta or generator state is not what a peer writes.
+    """
+    data = meta_section(ckpt.meta, "data")
     same_stream = (data.get("shard_index"), data.get("num_shards"), data.get("seed")) == (
         windows.shard_index,
         windows.num_shards,
         data_seed,
     )
-    if same_stream and "data.generator" in ckpt.extra:
-        windows.load_state_dict(
-            {
-                "generator": ckpt.extra["data.generator"],
-                "batches_drawn": data.get("batches_drawn", 0),
-            }
-        )
-    averaged = ckpt.meta.get("averaged", True) is not False
-    applied = ckpt.meta.get("applied_step", ckpt.step)
-    if type(applied) is not int or not 0 <= applied <= ckpt.step:
-        applied = ckpt.step
-    return Restored(
-        ckpt.step,
-        int(ckpt.meta.get("round_index", 0)),
-        strategy,
-        averaged,
-        applied,
-        applied_count(ckpt.meta),
-    )
+    generator = ckpt.extra.get("data.generator")
+    if not same_stream or generator is None:
+        return None
+    own = windows.generator.get_state()
+    if generator.dtype != own.dtype or generator.shape != own.shape:
+        raise CheckpointError(f"data.generator is {generator.dtype} {tuple(generator.shape)}")
+    return {"generator": generator, "batches_drawn": meta_count(data, "batches_drawn", 0)}
 
 
 def _written_for_another(
@@ -302,7 +321,8 @@ def _written_for_another(
 ) -> str | None:
     """Why a checkpoint with this ``meta`` is not for a peer of ``mode`` and ``model_shape``
     (None: it is)."""
-    saved_shape = meta.get("config", {}).get("model_shape")
+    config = meta.get("config")
+    saved_shape = config.get("model_shape") if isinstance(config, dict) else None
     if saved_shape != model_shape:
         return f"model {saved_shape}, not {model_shape}"
     if meta.get("mode") != mode:
