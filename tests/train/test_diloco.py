@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -317,6 +318,7 @@ def test_a_resynced_peer_never_rewinds_to_the_snapshot_it_already_adopted(monkey
     monkeypatch.setattr(ds, "resync_from_swarm", fetch)
     strategy = object.__new__(ds.DiLoCoStrategy)
     strategy.services, strategy.lowrank, strategy.applied_step = None, None, 10
+    strategy.stop = threading.Event()
     strategy.trainer = SimpleNamespace(step=12)
 
     def failing(vector, weight, index):

@@ -137,6 +137,25 @@ def test_a_stop_abandons_the_round_in_flight_instead_of_waiting_for_it() -> None
     assert launch.futures[0].cancelled() and len(reports) == 1 and not reports[0].ok
 
 
+def test_once_stopping_a_landed_round_is_applied_and_no_round_is_launched() -> None:
+    # Stop came as fragment 0's round landed: the step applied it, then launched
+    # fragment 1 (after a resync, had the peer been stale) only for it to be abandoned.
+    launch = Launcher()
+    stop = threading.Event()
+    s = _streaming(_model(), launch, stop=stop, wait_timeout_s=1.0)
+    asked: list[list[int]] = []
+    s.resync = lambda counts, tag: asked.append(counts)
+    for _ in range(3):
+        s.after_local_step(1)  # fragment 0 launched at step 2
+    launch.futures[0].set_result(RoundOutcome(True, contributors=frozenset({1, 2}), group_size=2))
+    s.mark_stale()
+    stop.set()
+    reports = s.after_local_step(1)  # step 4: fragment 1's slot
+    assert [(r.ok, r.reason) for r in reports] == [(True, "")] and s.applied == [1, 0]
+    assert len(launch.calls) == 1 and s.pending is None and asked == []
+    assert s.drain() == []
+
+
 def test_a_round_skipped_alone_is_not_counted_and_asks_no_resync() -> None:
     launch = Launcher()
     s = _streaming(_model(), launch)

@@ -166,7 +166,7 @@ class SyncStrategy:
             loss.backward()
         report = self.sync.after_backward(self.opts.batch_size)
         t.step = self.sync.step
-        return StepOutcome(float(loss.detach()), self.opts.batch_size, report)
+        return StepOutcome.of(float(loss.detach()), self.opts.batch_size, report)
 
     def fingerprint(self) -> str:
         return _fingerprint(self.trainer.model)

@@ -100,6 +100,8 @@ class DiLoCoStrategy:
             self.lowrank.load_state_tensors(state.tensors)
 
     def _resync(self) -> ResyncState | None:
+        if self.stop.is_set():  # the round after it is abandoned: no DHT read, no download
+            return None
         return resync_from_swarm(
             self.services,
             self.mode,
@@ -115,7 +117,7 @@ class DiLoCoStrategy:
         report = self.diloco.after_local_step(samples)
         if report is not None and report.ok:
             self.applied_step = self.trainer.step
-        return StepOutcome(loss, samples, report)
+        return StepOutcome.of(loss, samples, report)
 
     def fingerprint(self) -> str:
         return self.diloco.outer.fingerprint()

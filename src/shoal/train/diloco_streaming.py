@@ -138,7 +138,7 @@ class StreamingDiLoCo:
         snapshot whose fragment counts are ahead of ``ahead_of`` (this peer's) somewhere,
         or equal to them under a :meth:`tag` below ``tag_below`` (this peer's), else None.
         ``stop``: once set, a round waited for is abandoned (cancelled, counted failed)
-        instead of being waited for up to ``wait_timeout_s``."""
+        instead of being waited for up to ``wait_timeout_s``, and no round is launched."""
         self.params = list(params)
         self.stop = stop
         self.local_steps = local_steps
@@ -178,13 +178,17 @@ class StreamingDiLoCo:
         return [self.params[i] for i in self.groups[f]]
 
     def after_local_step(self, samples: int) -> list[RoundReport]:
-        """Count one local step; apply landed results; launch the fragment due now."""
+        """Count one local step; apply landed results; launch the fragment due now (none
+        once ``stop`` is set: the loop ends after this step, and the round would only be
+        abandoned, after a resync's DHT read and download)."""
         self.step += 1
         self.samples = [s + samples for s in self.samples]
         reports = []
         p = self.pending
         if p is not None and (p.future.done() or self.step >= p.launched_at + self.overlap_steps):
             reports.append(self._finish())
+        if self.stop is not None and self.stop.is_set():
+            return reports  # stopping: no new round, nor the resync before one
         phase = self.step % self.local_steps or self.local_steps
         for slot, offset in enumerate(self.offsets):
             if phase == offset:

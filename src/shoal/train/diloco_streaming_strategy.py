@@ -78,12 +78,11 @@ class StreamingStrategy:
         samples = self.opts.batch_size
         with self.services.monitor.profiler.waiting:
             reports = self.streaming.after_local_step(samples)
-        if self.stop.is_set():
+        if self.stop.is_set():  # the round in flight is abandoned, the ones that landed kept
             reports += self.streaming.drain()
-        report = reports[-1] if reports else None
         if any(r.ok for r in reports):
             self.applied_step = self.trainer.step
-        return StepOutcome(loss, samples, report)
+        return StepOutcome(loss, samples, tuple(reports))
 
     def fingerprint(self) -> str:
         return "-".join(o.fingerprint() for o in self.streaming.outers)

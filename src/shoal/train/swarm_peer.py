@@ -362,8 +362,8 @@ def _loop(
         calls += 1
         losses.append(out.loss)
         monitor.end_step(loss=out.loss, samples=out.samples, tokens=out.samples * opts.seq_len)
-        if out.report is not None:  # before the step line: that line shows the round's result
-            after_round(out.report)
+        for report in out.reports:  # before the step line: it shows the rounds' results
+            after_round(report)
         if calls % opts.report_every == 0:
             mean = sum(losses) / len(losses)
             losses.clear()

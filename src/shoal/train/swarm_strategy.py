@@ -2,7 +2,7 @@
 
 A strategy owns how one local step turns into (maybe) a round with the swarm:
 :class:`Strategy.step` trains one local step and returns a :class:`StepOutcome`; the loop
-snapshots the run after every applied round (``report.ok``). ``blocking_round`` runs a
+snapshots the run after every applied round (``report.ok``) it reports. ``blocking_round`` runs a
 round coroutine on the network loop from the compute thread, giving up at a deadline or
 as soon as the peer is asked to stop (the round then counts as failed and nothing is
 applied).
@@ -40,7 +40,14 @@ __all__ = [
 class StepOutcome:
     loss: float
     samples: int
-    report: RoundReport | None = None
+    reports: tuple[RoundReport, ...] = ()
+    """Every round that ended in this step, in order (streaming may end two, one of them
+    applied: each is reported, noted and snapshotted)."""
+
+    @classmethod
+    def of(cls, loss: float, samples: int, report: RoundReport | None) -> StepOutcome:
+        """A step that ended at most one round."""
+        return cls(loss, samples, () if report is None else (report,))
 
 
 class Strategy(Protocol):
