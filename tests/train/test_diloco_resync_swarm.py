@@ -14,6 +14,7 @@ from shoal.state.announce import StateAnnouncer, state_key
 from shoal.state.checkpoint import Snapshot
 from shoal.state.snapshot import prepare
 from shoal.state.sync_service import StateServer
+from shoal.train.diloco import ResyncState
 from shoal.train.diloco_strategy import resync_from_swarm
 
 
@@ -110,3 +111,47 @@ def test_a_donor_s_meta_that_is_not_a_count_refuses_its_snapshot(monkeypatch, ba
     snap.meta["round_index"] = 7
     state = resync_from_swarm(services, "diloco", ahead_of=[0])
     assert state is not None and state.round_index == 7
+
+
+def _lowrank_strategy(monkeypatch, rank: int):
+    """A DiLoCo strategy of ``rank`` on a 64x64 model, with no network."""
+    import threading
+
+    import shoal.train.diloco_strategy as ds
+    from shoal.train.swarm_config import PeerOptions
+
+    monkeypatch.setattr(ds, "swarm_rounds", lambda services, opts: None)
+    torch.manual_seed(0)
+    trainer = SimpleNamespace(model=torch.nn.Linear(64, 64), step=10)
+    opts = PeerOptions(mode="diloco", rank=rank, local_steps=1)
+    return ds.DiLoCoStrategy(trainer, SimpleNamespace(), opts, threading.Event())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("donor_rank", [8, 4])
+def test_a_resync_takes_the_masters_and_q_together_or_neither(monkeypatch, donor_rank):
+    # From a peer of another rank, the masters were adopted and Q silently was not.
+    import shoal.train.diloco_strategy as ds
+    from shoal.train.swarm_round import RoundOutcome
+
+    mine, donor = _lowrank_strategy(monkeypatch, 4), _lowrank_strategy(monkeypatch, donor_rank)
+    donor.diloco.outer.step(torch.full((donor.diloco.outer.numel,), 0.01))
+    donor.diloco.applied = 1
+    donor.lowrank.q = {i: q + 0.5 for i, q in donor.lowrank.q.items()}
+    tensors = {k: v for k, v in donor.state_tensors().items() if k.startswith("outer.")}
+    monkeypatch.setattr(ds, "resync_from_swarm", lambda *a, **k: ResyncState(3, tensors, 40))
+    masters = [m.clone() for m in mine.diloco.outer.master]
+    q = {i: t.clone() for i, t in mine.lowrank.q.items()}
+    mine.diloco.average = lambda vector, weight, index: RoundOutcome(False, reason="no group")
+    mine.diloco.mark_stale()
+    report = mine.diloco.run_round()
+    if donor_rank != 4:  # refused whole: the round runs on this peer's own state
+        assert not report.resynced and mine.diloco.applied == 0
+        assert all(
+            torch.equal(a, b) for a, b in zip(mine.diloco.outer.master, masters, strict=True)
+        )
+        assert all(torch.equal(mine.lowrank.q[i], q[i]) for i in q)
+        assert mine.state_misfit(tensors) is not None and not mine.load_state(tensors, 3, 10)
+        return
+    assert report.resynced and mine.diloco.applied == 1
+    assert mine.diloco.outer.fingerprint() == donor.diloco.outer.fingerprint()
+    assert all(torch.equal(mine.lowrank.q[i], donor.lowrank.q[i]) for i in q)

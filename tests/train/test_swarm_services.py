@@ -53,6 +53,27 @@ def test_a_round_expects_the_peers_that_joined_since_the_last_refresh(tmp_path: 
         first.close()
 
 
+def test_snapshots_are_shared_only_between_peers_that_average_together() -> None:
+    # Announced under mode and model only, a peer took the outer state of a peer of other
+    # settings (they never meet in a round) and then met neither group again.
+    variants = [
+        {},
+        {"wire_codec": "int4"},
+        {"rank": 4},
+        {"rank": 8},
+        {"topk": 0.03, "wire_codec": "sparse"},
+        {"aggregation": "trimmed_mean"},
+        {"mode": "streaming"},
+        {"mode": "streaming", "fragments": 2},
+        {"model_overrides": {"d_model": 96}},
+    ]
+    opts = [PeerOptions(**v) for v in variants]  # type: ignore[arg-type]
+    assert len({round_scope(o) for o in opts}) == len(opts)
+    assert len({state_scope(o) for o in opts}) == len(opts)
+    assert state_scope(PeerOptions(rank=4)) == state_scope(PeerOptions(rank=4, seed=9))
+    assert all(state_scope(o).startswith(o.mode + "/") for o in opts)
+
+
 def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Path) -> None:
     first = PeerServices.start(PeerOptions(run_dir=tmp_path / "a"), Identity.generate(), _quiet)
     other = None

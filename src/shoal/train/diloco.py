@@ -110,13 +110,18 @@ class DiLoCo:
         average: AverageFn,
         resync: Callable[[], ResyncState | None] | None = None,
         on_resync: Callable[[ResyncState], None] | None = None,
+        fits: Callable[[dict[str, torch.Tensor]], str | None] | None = None,
     ) -> None:
+        """``on_resync(state)`` runs after a resync adopted ``state``; ``fits(tensors)``
+        says why the rest of a snapshot's outer state (the low-rank ``Q``) cannot go with
+        its masters (None: it can), so that neither is taken without the other."""
         self.params = list(params)
         self.config = config
         self.outer = OuterNesterov(self.params, config.outer)
         self.average = average
         self.resync = resync
         self.on_resync = on_resync
+        self.fits = fits
         self.round_index = 0
         """Rounds attempted so far = index of the next round."""
         self.local_steps_done = 0
@@ -244,8 +249,13 @@ class DiLoCo:
 
     def _read(self, tensors: dict[str, torch.Tensor]) -> tuple[OuterState, int | None]:
         """The outer state in a snapshot's ``tensors`` and its count of applied outer steps
-        (None: a snapshot from before the count), checked; raises ``CheckpointError``."""
-        return self.outer.read_state(tensors), checked_count(tensors, _APPLIED)
+        (None: a snapshot from before the count), checked with :attr:`fits` too; raises
+        ``CheckpointError``."""
+        state, applied = self.outer.read_state(tensors), checked_count(tensors, _APPLIED)
+        why = self.fits(tensors) if self.fits is not None else None
+        if why is not None:
+            raise CheckpointError(why)
+        return state, applied
 
     def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
         """Adopt restored outer state (startup recovery); the caller restored the model.

@@ -63,6 +63,7 @@ class DiLoCoStrategy:
             self._average,
             self._resync,
             self._on_resync,
+            fits=self.lowrank.state_misfit if self.lowrank is not None else None,
         )
 
     @property
@@ -96,7 +97,7 @@ class DiLoCoStrategy:
         # Adopted state counts as applied (with this peer's own step: a donor's steps are
         # not ours); later resyncs ask for more outer steps than it holds.
         self.applied_step = self.trainer.step
-        if self.lowrank is not None:
+        if self.lowrank is not None:  # checked with the masters (DiLoCo's ``fits``): it fits
             self.lowrank.load_state_tensors(state.tensors)
 
     def _resync(self) -> ResyncState | None:
@@ -141,10 +142,7 @@ class DiLoCoStrategy:
     def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
         """Why a snapshot's outer ``tensors`` cannot be this peer's (None: they can): the
         outer state, and with ``--rank`` the ``Q`` every member must share with it."""
-        why = self.diloco.state_misfit(tensors)
-        if why is None and self.lowrank is not None:
-            why = self.lowrank.state_misfit(tensors)
-        return why
+        return self.diloco.state_misfit(tensors)
 
     def load_state(
         self, tensors: dict[str, torch.Tensor], round_index: int, applied_step: int
@@ -180,7 +178,8 @@ def resync_from_swarm(
     """The swarm's outer state (round index, ``outer.*`` tensors) if a donor of the same
     ``mode`` holds a snapshot newer than step ``newer_than`` (with ``ahead_of``, one whose
     progress counts are ahead of those somewhere, whatever its step, or with ``tag_below``
-    the same counts under a smaller tag); else None."""
+    the same counts under a smaller tag); else None. Donors are those announcing under
+    ``services.state_key``: peers of this peer's round scope (``state_scope``)."""
     s = services
     # Only the outer state travels (the model and AdamW moments make up most of a
     # snapshot, several rounds' worth of bytes): the local model is rebased onto it.

@@ -108,10 +108,14 @@ def _model_tag(opts: PeerOptions) -> str:
 
 
 def state_scope(opts: PeerOptions) -> str:
-    """Mode and model shape. Peers of every mode and model may share a swarm, but a
-    snapshot restores only into a peer of both: a fresher one of another kind would hide
-    the usable ones (and a stale peer would fetch outer state it cannot load)."""
-    return f"{opts.mode}/{_model_tag(opts)}"
+    """The mode and a hash of the :func:`round_scope`: snapshots are announced and fetched
+    under it, so a peer takes state only from peers it averages with. Peers of any settings
+    may share a swarm; one that took the outer state of a peer of other settings (another
+    codec, rank, top-k fraction, aggregation or fragments: they never average together)
+    met neither that peer's group nor its own again. And a fresher snapshot of another
+    kind would hide the usable ones."""
+    digest = hashlib.blake2b(round_scope(opts).encode(), digest_size=6).hexdigest()
+    return f"{opts.mode}/{digest}"
 
 
 def round_scope(opts: PeerOptions) -> str:
