@@ -86,9 +86,27 @@ def test_killed_server_loses_no_micro_batch_and_applies_none_twice(
         if len(seen) >= 12:
             halfway.set()
 
+    # The victim is killed holding a trainer's call: killed between calls, it was sometimes
+    # routed around before any call failed, and the fault never hit the trainer.
+    holding, release = threading.Event(), threading.Event()
+    forward, close = victim.core.forward_job, victim.core.close
+
+    def held_forward(*args: object, **kwargs: object) -> object:
+        if halfway.is_set() and not holding.is_set():
+            holding.set()
+            release.wait(60)  # until the kill has closed its runtime
+        return forward(*args, **kwargs)
+
+    def releasing_close() -> None:
+        release.set()
+        close()
+
+    victim.core.forward_job = held_forward  # type: ignore[method-assign]
+    victim.core.close = releasing_close  # type: ignore[method-assign]
     future = trainer.runtime.submit(trainer.train(batches(n, 2, 16, seed=2), on_result))
     assert halfway.wait(60), "training did not get halfway"
     applied_before_kill = victim.core.ledger.counters.applied
+    assert holding.wait(60), "no call reached the victim after halfway"
     swarm.kill(victim)
     results = future.result(90)
 

@@ -50,11 +50,13 @@ class ComputeWorker:
             if future.cancelled():
                 continue
             try:
-                result = fn()
+                result, error = fn(), None
             except BaseException as exc:  # handed to the awaiting coroutine
-                loop.call_soon_threadsafe(_set, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_set, future, result, None)
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_set, future, result, error)
+            except RuntimeError:  # the loop closed while the job ran: nobody awaits it
+                continue
 
     def close(self, timeout_s: float = 1.0) -> None:
         """Stop after the running job; queued jobs are dropped. Idempotent."""
