@@ -22,6 +22,7 @@ from shoal.train.outer import OuterConfig
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_peer import _restore, build_trainer, run_peer
+from shoal.train.swarm_round import RoundOutcome
 from shoal.train.swarm_state import (
     APPLIED_FILE,
     AppliedRounds,
@@ -365,3 +366,66 @@ def test_applied_rounds_are_counted_across_restarts_and_noted(tmp_path: Path) ->
     (tmp_path / (APPLIED_FILE + ".tmp")).mkdir()  # the temporary file cannot be created
     blocked.applied()
     assert blocked.count == 4 and last_applied_count(tmp_path) is None
+
+
+def _left_out_round(vector, weight, index):
+    vector.fill_(-0.5)  # the others' mean; this peer was late for it
+    return RoundOutcome(
+        True, contributors=frozenset({"other"}), weight=1.0, group_size=2, included=False
+    )
+
+
+def test_a_peer_restored_from_a_donor_starts_from_the_outer_parameters() -> None:
+    # A donor serves its model as trained: after a round that left it out, that is the
+    # outer parameters plus its own progress, which it sends in its next round itself. A
+    # joiner starting from that model sent the donor's progress a second time.
+    from shoal.train.diloco import DiLoCo, DiLoCoConfig
+    from shoal.train.swarm_peer import _load_strategy
+    from shoal.train.swarm_state import Restored
+
+    cfg = DiLoCoConfig(local_steps=1, outer=OuterConfig(lr=1.0, momentum=0.0))
+    donor = DiLoCo([torch.zeros(4)], cfg, _left_out_round)
+    donor.params[0].add_(3.0)  # local progress
+    assert donor.after_local_step(8).ok
+    assert torch.equal(donor.params[0] - donor.outer.master[0], torch.full((4,), 3.0))
+
+    for source, progress in ((Source.SWARM, 0.0), (Source.DISK, 3.0)):
+        joiner = DiLoCo([donor.params[0].clone()], cfg, _left_out_round)  # the served model
+        strategy = SimpleNamespace(
+            load_state=lambda t, i, a, j=joiner: j.load_state(t, i),
+            start_from_outer=joiner.start_from_outer,
+        )
+        restored = Restored(step=8, round_index=donor.round_index, strategy=donor.state_tensors())
+        _load_strategy(strategy, restored, source)
+        # From a donor: no pseudo-gradient before any training. From our own disk: our own
+        # progress, which no one else has sent.
+        assert torch.equal(joiner.outer.pseudo_gradient(joiner.params), torch.full((4,), -progress))
+
+
+def test_a_streaming_peer_restored_from_a_donor_starts_from_every_fragment_s_outer() -> None:
+    def launch(vector, weight, index, fragment, fingerprint):
+        done = concurrent.futures.Future()
+        done.set_result(RoundOutcome(True, contributors=frozenset({"me"}), weight=weight))
+        return done
+
+    cfg = OuterConfig(lr=1.0, momentum=0.0)
+    params = [torch.zeros(4), torch.zeros(4)]
+    donor = StreamingDiLoCo(
+        params, local_steps=2, fragments=2, overlap_steps=0, mix_alpha=0.5, outer=cfg, launch=launch
+    )
+    for p in params:
+        p.add_(1.0)
+    donor.after_local_step(1)  # fragment 0 syncs; fragment 1 holds unsent progress
+    joiner = StreamingDiLoCo(
+        [p.clone() for p in params],
+        local_steps=2,
+        fragments=2,
+        overlap_steps=0,
+        mix_alpha=0.5,
+        outer=cfg,
+        launch=launch,
+    )
+    assert joiner.load_state(donor.state_tensors())
+    joiner.start_from_outer()
+    for f in range(2):
+        assert torch.equal(joiner.fragment_params(f)[0], donor.outers[f].master[0])

@@ -195,6 +195,9 @@ class SyncStrategy:
         self.sync.step = self.trainer.step
         return True
 
+    def start_from_outer(self) -> None:
+        pass  # no outer state: the donor's model is the swarm's, averaged every step
+
     def close(self) -> None:
         return None
 

@@ -257,6 +257,12 @@ class DiLoCo:
             raise CheckpointError(why)
         return state, applied
 
+    def start_from_outer(self) -> None:
+        """The model becomes the outer parameters: no local progress of its own."""
+        with torch.no_grad():
+            for p, m in zip(self.params, self.outer.master, strict=True):
+                p.copy_(m)
+
     def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
         """Adopt restored outer state (startup recovery); the caller restored the model.
         False, with nothing changed, when :meth:`state_misfit` names a reason."""

@@ -163,6 +163,9 @@ class DiLoCoStrategy:
             self.diloco.mark_stale()  # the swarm may have applied rounds without it
         return loaded
 
+    def start_from_outer(self) -> None:
+        self.diloco.start_from_outer()
+
     def close(self) -> None:
         return None
 

@@ -344,6 +344,13 @@ class StreamingDiLoCo:
             return str(exc)
         return None
 
+    def start_from_outer(self) -> None:
+        """Every fragment's parameters become its outer parameters (no local progress)."""
+        with torch.no_grad():
+            for f, outer in enumerate(self.outers):
+                for p, m in zip(self.fragment_params(f), outer.master, strict=True):
+                    p.copy_(m)
+
     def load_state(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Adopt a snapshot's outer state (startup recovery): every fragment or, when one
         does not fit (:meth:`state_misfit`), none. Loading them one by one left the

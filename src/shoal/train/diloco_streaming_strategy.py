@@ -107,6 +107,9 @@ class StreamingStrategy:
             self.streaming.mark_stale()
         return True
 
+    def start_from_outer(self) -> None:
+        self.streaming.start_from_outer()
+
     def close(self) -> None:
         p = self.streaming.pending
         if p is not None:

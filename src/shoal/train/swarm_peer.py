@@ -132,6 +132,20 @@ def _make_strategy(
     return SyncStrategy(trainer, services, opts, stop)
 
 
+def _load_strategy(strategy: Strategy, restored: Restored, source: Source) -> None:
+    """Give ``strategy`` the restored state. From a donor's snapshot the model starts at
+    the outer parameters: the donor served its model as trained, with local progress the
+    donor sends in its own next round (after a round that left it out, and in streaming
+    for every fragment not synced just then)."""
+    if not strategy.load_state(restored.strategy, restored.round_index, restored.applied_step):
+        # Checked in _restore: training on a half restore is worse.
+        raise CheckpointError(
+            f"the {source.value} state of step {restored.step} does not fit this peer"
+        )
+    if source is Source.SWARM:
+        strategy.start_from_outer()
+
+
 def _restore(
     found: Recovered,
     opts: PeerOptions,
@@ -221,13 +235,7 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
                 )
             else:
                 restored = drop_stale_local(restored, noted)
-            loaded = strategy.load_state(
-                restored.strategy, restored.round_index, restored.applied_step
-            )
-            if not loaded:  # checked in _restore: training on a half restore is worse
-                raise CheckpointError(
-                    f"the {source.value} state of step {restored.step} does not fit this peer"
-                )
+            _load_strategy(strategy, restored, source)
         emit(
             "recovered",
             source=source.value,

@@ -90,6 +90,12 @@ class Strategy(Protocol):
         """Adopt restored state; False, with nothing changed, when it does not fit."""
         ...
 
+    def start_from_outer(self) -> None:
+        """Set the model to the adopted outer parameters (after a restore from a donor's
+        snapshot: its model holds the donor's local progress, which the donor sends
+        itself; starting from it would send it twice)."""
+        ...
+
     def close(self) -> None: ...
 
 
