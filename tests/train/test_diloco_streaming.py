@@ -247,11 +247,18 @@ def test_a_resync_adopts_every_fragment_it_takes_or_none() -> None:
     donor.applied = [3, 3]
     tensors = donor.state_tensors()
     tensors["outer.1.momentum.0"] = torch.zeros(5)  # fragment 1's state does not fit
-    s = _streaming(params, Launcher(), resync=lambda *_: ResyncState(8, tensors, 30))
+    adopted: list[bool] = []
+    s = _streaming(
+        params,
+        Launcher(),
+        resync=lambda *_: ResyncState(8, tensors, 30),
+        on_resync=lambda: adopted.append(True),
+    )
     before, local = _masters(s), [p.clone() for p in params]
     s.mark_stale()
     s._resync()
     assert s.applied == [0, 0] and not s._take_resynced()
+    assert adopted == []  # the strategy does not count a refused state as applied
     assert all(torch.equal(a, b) for a, b in zip(_masters(s), before, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(params, local, strict=True))
     assert s.stale  # refused: asked for again at the next launch
@@ -296,7 +303,13 @@ def test_sides_with_equal_counts_join_the_smaller_tag_as_a_whole(wins) -> None:
         asked.append((ahead_of, tag_below))
         return ResyncState(round_index=4, tensors=theirs.state_tensors(), step=20)
 
-    s = _streaming([p.clone() for p in mine.params], Launcher(), resync=resync)
+    adopted: list[bool] = []
+    s = _streaming(
+        [p.clone() for p in mine.params],
+        Launcher(),
+        resync=resync,
+        on_resync=lambda: adopted.append(True),
+    )
     assert s.load_state(mine.state_tensors())
     before = s.tag()
     s.stale = True
@@ -304,6 +317,7 @@ def test_sides_with_equal_counts_join_the_smaller_tag_as_a_whole(wins) -> None:
     assert asked == [([2, 2], before)] and s.applied == [2, 2]
     assert s.tag() == (before if wins else theirs.tag())
     assert s._take_resynced() is not wins
+    assert adopted == ([] if wins else [True])  # told only when it took something
     theirs.applied = [2, 1]  # behind on one fragment: no tie, and nothing ahead to take
     s = _streaming([p.clone() for p in mine.params], Launcher(), resync=resync)
     assert s.load_state(mine.state_tensors())

@@ -133,13 +133,16 @@ class StreamingDiLoCo:
         resync: ResyncFn | None = None,
         wait_timeout_s: float = 120.0,
         stop: threading.Event | None = None,
+        on_resync: Callable[[], None] | None = None,
     ) -> None:
         """``resync(ahead_of, tag_below)``: the swarm's outer state if a donor holds a
         snapshot whose fragment counts are ahead of ``ahead_of`` (this peer's) somewhere,
         or equal to them under a :meth:`tag` below ``tag_below`` (this peer's), else None.
         ``stop``: once set, a round waited for is abandoned (cancelled, counted failed)
-        instead of being waited for up to ``wait_timeout_s``, and no round is launched."""
+        instead of being waited for up to ``wait_timeout_s``, and no round is launched.
+        ``on_resync()``: called after a resync adopted the outer state of any fragment."""
         self.params = list(params)
+        self.on_resync = on_resync
         self.stop = stop
         self.local_steps = local_steps
         self.overlap_steps = overlap_steps
@@ -299,6 +302,8 @@ class StreamingDiLoCo:
                 self.unsettled.add(f)
             else:
                 self.unsettled.discard(f)
+        if read and self.on_resync is not None:
+            self.on_resync()
 
     def _taken(
         self, tensors: dict[str, torch.Tensor], donor: list[int | None], mine: str

@@ -42,6 +42,7 @@ class StreamingStrategy:
             resync=self._resync,
             wait_timeout_s=self.rounds.config.round_deadline_s,
             stop=stop,
+            on_resync=self._on_resync,
         )
         self.streaming.step = trainer.step
 
@@ -66,10 +67,12 @@ class StreamingStrategy:
         return self.streaming.tag()
 
     def _resync(self, ahead_of: list[int], tag_below: str) -> ResyncState | None:
-        state = resync_from_swarm(self.services, self.mode, ahead_of=ahead_of, tag_below=tag_below)
-        if state is not None:  # adopted: what trained since is rebased onto the swarm's
-            self.applied_step = self.trainer.step  # own steps: a donor's are not ours
-        return state
+        return resync_from_swarm(self.services, self.mode, ahead_of=ahead_of, tag_below=tag_below)
+
+    def _on_resync(self) -> None:
+        # Adopted: what trained since is rebased onto the swarm's. Not on a state that was
+        # refused, or that held no fragment ahead of ours: that changed nothing.
+        self.applied_step = self.trainer.step  # own steps: a donor's are not ours
 
     def step(self) -> StepOutcome:
         with self.services.monitor.profiler.compute:
