@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shoal.net.aio import within
+from shoal.net.aio import IdleTimeout, within
 
 
 def test_a_cancellation_arriving_with_the_result_is_not_lost() -> None:
@@ -31,6 +31,58 @@ def test_a_timeout_raises_and_cancels_what_it_waited_for() -> None:
         await asyncio.sleep(0)
         assert inner.cancelled()
         assert await within(asyncio.sleep(0, "value"), None) == "value"
+
+    asyncio.run(main())
+
+
+def test_an_idle_timeout_moves_with_progress_and_fires_without_it() -> None:
+    from shoal.dht.virtual_loop import run_virtual
+
+    async def steady() -> float:  # a frame every 0.9 s for 10 s, a limit of 1 s
+        loop = asyncio.get_running_loop()
+        async with IdleTimeout(1.0) as idle:
+            for _ in range(11):
+                await asyncio.sleep(0.9)
+                idle.progress()
+        return loop.time()
+
+    assert run_virtual(steady()) == pytest.approx(9.9)
+
+    async def stalls() -> float:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError, match="no progress for 1 s"):
+            async with IdleTimeout(1.0) as idle:
+                await asyncio.sleep(0.9)
+                idle.progress()
+                await asyncio.sleep(3600.0)
+        return loop.time()
+
+    assert run_virtual(stalls()) == pytest.approx(1.9)
+
+    async def expired() -> float:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            async with IdleTimeout(3600.0) as idle:
+                loop.call_later(0.5, idle.expire)
+                await asyncio.sleep(3600.0)
+        return loop.time()
+
+    assert run_virtual(expired()) == pytest.approx(0.5)
+
+
+def test_a_cancellation_from_outside_an_idle_timeout_stays_a_cancellation() -> None:
+    async def body(started: asyncio.Event) -> None:
+        async with IdleTimeout(3600.0):
+            started.set()
+            await asyncio.sleep(3600.0)
+
+    async def main() -> None:
+        started = asyncio.Event()
+        task = asyncio.ensure_future(body(started))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     asyncio.run(main())
 

@@ -88,6 +88,10 @@ def test_meta_frames_travel_with_tensors():
     assert meta.byte_length == 7 and tensor.tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(ProtocolViolation, match="wanted"):
         asyncio.run(TensorReader(_aiter(frames), LIMITS).read_meta(peer_pb2.PingRequest))
+    corrupt = meta_frame(peer_pb2.EmitRequest(byte_length=7))
+    corrupt.meta.value = b"\xff\xff\xff"  # the frame parses; the message inside does not
+    with pytest.raises(ProtocolViolation, match="malformed shoal.v1.EmitRequest"):
+        asyncio.run(TensorReader(_aiter([corrupt]), LIMITS).read_meta(peer_pb2.EmitRequest))
 
 
 def test_oversized_header_rejected_without_allocating():

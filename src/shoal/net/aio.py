@@ -1,4 +1,5 @@
-"""``within``: ``asyncio.wait_for`` that never loses a cancellation.
+"""``within``: ``asyncio.wait_for`` that never loses a cancellation; ``IdleTimeout``: a
+time limit that moves with progress.
 
 Up to Python 3.11, ``asyncio.wait_for`` returns the inner result when a cancellation
 arrives in the same loop iteration as that result (CPython gh-86296): the task that was
@@ -13,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable
+from types import TracebackType
 from typing import TypeVar
 
-__all__ = ["within"]
+__all__ = ["IdleTimeout", "within"]
 
 T = TypeVar("T")
 
@@ -27,3 +29,64 @@ async def within(aw: Awaitable[T], timeout_s: float | None) -> T:
         return await asyncio.wait_for(aw, timeout_s)
     async with asyncio.timeout(timeout_s):
         return await aw
+
+
+class IdleTimeout:
+    """``async with IdleTimeout(idle_s) as idle:`` raises ``TimeoutError`` out of the body
+    once ``idle_s`` pass without :meth:`progress`, or at once after :meth:`expire`.
+
+    For a stream read piece by piece: a total time limit would end a slow but honest
+    sender, and none lets a stalled one hold what it reserved for ever. Noting progress is
+    one float assignment (a check is scheduled only when the limit would be due). A
+    cancellation from outside stays a cancellation.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.fired = False
+        self._last = 0.0
+        self._task: asyncio.Task[object] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> IdleTimeout:
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._last = loop.time()
+        self._handle = loop.call_at(self._last + self.idle_s, self._check)
+        return self
+
+    def progress(self) -> None:
+        self._last = asyncio.get_running_loop().time()
+
+    def expire(self) -> None:
+        """Give up now (e.g. what is being received is no longer wanted)."""
+        self._fire()
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = self._last + self.idle_s
+        if loop.time() >= due:
+            self._fire()
+        else:
+            self._handle = loop.call_at(due, self._check)
+
+    def _fire(self) -> None:
+        if not self.fired and self._task is not None and not self._task.done():
+            self.fired = True
+            self._task.cancel()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        if not self.fired or exc_type is not asyncio.CancelledError:
+            return
+        if sys.version_info >= (3, 11):
+            assert self._task is not None
+            if self._task.uncancel() > 0:
+                return  # cancelled from outside as well: that one wins
+        raise TimeoutError(f"no progress for {self.idle_s:g} s") from exc

@@ -200,7 +200,11 @@ class TensorReader:
         if isinstance(frame, Chunk) or frame.WhichOneof("frame") != "meta":
             raise ProtocolViolation("expected a meta frame")
         msg: M = cls()
-        if not frame.meta.Unpack(msg):
+        try:
+            unpacked = frame.meta.Unpack(msg)
+        except DecodeError as exc:  # the frame parsed; what its Any holds did not
+            raise ProtocolViolation(f"malformed {cls.DESCRIPTOR.full_name}: {exc}") from None
+        if not unpacked:
             raise ProtocolViolation(
                 f"meta frame is {frame.meta.type_url}, wanted {cls.DESCRIPTOR.full_name}"
             )

@@ -256,6 +256,118 @@ def test_admission_bounds_round_ids_and_parts_before_the_inbox_keeps_anything():
     take = Admission(inbox, pool, sender).allocator(
         pb.RoundMessage(round_id=b"g", kind=pb.CONTRIBUTION, part=0, numel=1 << 40)
     )
-    take(1 << 19)
-    with pytest.raises(ProtocolViolation, match="no room"):
+    take(1 << 17)
+    with pytest.raises(ProtocolViolation, match="rounds not started here"):
         take(1 << 20)
+
+
+def _stalling(frames, after):
+    """The first ``after`` of ``frames``, then nothing (a sender that stopped sending)."""
+    import asyncio
+
+    async def source():
+        for f in frames[:after]:
+            yield f
+        await asyncio.Event().wait()
+
+    return source().__aiter__()
+
+
+def _receiving(inbox, frames, *, idle_s):
+    from shoal.net.config import TensorLimits
+    from shoal.parallel.data.buffers import BufferPool
+    from shoal.parallel.data.wire import Admission, receive_message
+
+    async def receive():
+        admission = Admission(inbox, BufferPool(), SENDER)
+        try:
+            return await receive_message(frames, SENDER, TensorLimits(), admission, idle_s=idle_s)
+        finally:
+            admission.release()
+
+    return receive()
+
+
+def test_a_sender_stalling_mid_message_gives_up_its_buffer_and_reservation():
+    # Nothing ended such a stream on the receiving side: one peer could reserve the pending
+    # bound, or leave a buffer per part and round, for as long as it liked.
+    import asyncio
+
+    from shoal.errors import PeerTimeout
+    from shoal.parallel.data.transport import Inbox
+
+    part = Contribution(b"not-yet", SENDER, 0, 1.0, torch.randn(600_000))  # 3 chunks
+    frames = list(message_frames(part))
+    inbox = Inbox()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(PeerTimeout, match="no frame of a round message for 0.2 s"):
+            await _receiving(inbox, _stalling(frames, 3), idle_s=0.2)
+        return loop.time() - start
+
+    took = asyncio.run(main())
+    assert took < 5.0
+    assert inbox._reserved == 0 and not inbox._reserved_by and not inbox._receiving
+
+
+def test_a_message_whose_round_closes_while_it_arrives_is_given_up_at_once():
+    import asyncio
+
+    from shoal.parallel.data.transport import Inbox
+
+    part = Contribution(b"r", SENDER, 0, 1.0, torch.randn(600_000))
+    frames = list(message_frames(part))
+    inbox = Inbox()
+    inbox.open(b"r", [SENDER], [600_000])
+
+    async def main():
+        task = asyncio.ensure_future(_receiving(inbox, _stalling(frames, 2), idle_s=3600.0))
+        for _ in range(1000):  # a few loop turns: the meta frame is read, the part marked
+            if inbox._receiving:
+                break
+            await asyncio.sleep(0)
+        inbox.close(b"r")  # the round ended here (its deadline, or it failed)
+        with pytest.raises(ProtocolViolation, match="the round is over here"):
+            await asyncio.wait_for(task, 5.0)
+
+    asyncio.run(main())
+    assert not inbox._receiving and not inbox._watchers
+
+
+def test_a_corrupt_meta_frame_is_a_protocol_violation():
+    import asyncio
+
+    from shoal.parallel.data.transport import Inbox
+
+    (meta, *rest) = list(message_frames(Report(b"r", SENDER, 0, frozenset({SENDER}), {})))
+    meta.meta.value = b"\xff\xff\xff"  # not a RoundMessage
+
+    async def main():
+        async def source():
+            yield meta
+
+        return await _receiving(Inbox(), source().__aiter__(), idle_s=1.0)
+
+    with pytest.raises(ProtocolViolation, match="malformed round message meta"):
+        asyncio.run(main())
+
+
+def test_a_deliver_stream_must_end_after_its_message():
+    # Deliver read the announced tensors and acknowledged the stream, whatever followed.
+    import asyncio
+
+    from shoal.parallel.data.grpc_transport import _end_of
+
+    def stream(frames):
+        async def source():
+            for f in frames:
+                yield f
+
+        return source().__aiter__()
+
+    extra = list(message_frames(Report(b"r", SENDER, 0, frozenset({SENDER}), {})))
+    assert asyncio.run(_end_of(stream([]))) is None
+    with pytest.raises(ProtocolViolation, match="frames after the round message"):
+        asyncio.run(_end_of(stream(extra)))

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 from shoal.compress import Encoded
-from shoal.errors import NetworkError, ProtocolViolation
+from shoal.errors import NetworkError, PeerTimeout, ProtocolViolation
+from shoal.net.aio import within
 from shoal.net.config import TensorLimits
 from shoal.net.identity import PeerID
 from shoal.net.proto.v1 import averaging_pb2 as pb
@@ -39,6 +40,7 @@ from shoal.parallel.data.transport import Inbox
 from shoal.parallel.data.wire import (
     MAX_GROUP_SIZE,
     MAX_ROUND_ID_BYTES,
+    MESSAGE_IDLE_S,
     Admission,
     Wire,
     encode_message,
@@ -92,6 +94,18 @@ class _FirstFrameClock:
         return frame
 
 
+async def _end_of(frames: AsyncIterator[Any]) -> None:
+    """The stream ends after its one message (a sender appending more is refused: what
+    follows would go unread, hiding the sender's bug or a second message)."""
+    try:
+        await within(frames.__anext__(), MESSAGE_IDLE_S)
+    except StopAsyncIteration:
+        return
+    except TimeoutError:
+        raise PeerTimeout(f"the stream did not end within {MESSAGE_IDLE_S:g} s") from None
+    raise ProtocolViolation("frames after the round message")
+
+
 def _payload(message: Message) -> tuple[torch.Tensor, ...]:
     data = getattr(message, "data", None)
     return () if data is None else data.payload if isinstance(data, Encoded) else (data,)
@@ -124,10 +138,11 @@ class AveragingService(rpc.AveragingServicer):
     ) -> tensor_pb2.TensorAck:
         caller = current_caller()
         admission = Admission(self._inbox, self.pool, caller)
+        frames = request_iterator.__aiter__()
         try:
-            message = await self.receive_timed(
-                request_iterator.__aiter__(), caller, self._limits, admission
-            )
+            message = await self.receive_timed(frames, caller, self._limits, admission)
+            if message is not None:
+                await _end_of(frames)
         finally:
             admission.release()
         if message is None:

@@ -113,6 +113,8 @@ class Inbox:
         self._max_open = max_open_rounds
         self._remember_closed = remember_closed
         self._waiters: set[asyncio.Future[None]] = set()
+        self._reserved_by: dict[Member, int] = {}
+        self._watchers: dict[bytes, set[Callable[[], None]]] = {}
         self.dropped = 0
 
     def is_open(self, round_id: bytes) -> bool:
@@ -170,9 +172,12 @@ class Inbox:
         began = self._began.get(round_id, ())
         return {s for k, s, p in began if k is kind and p == part}
 
-    def reserve(self, nbytes: int) -> None:
-        """Count ``nbytes`` being received for a round not open yet against the pending
-        bound (give them back with :meth:`release` before delivering the message).
+    def reserve(self, nbytes: int, sender: Member) -> None:
+        """Count ``nbytes`` being received from ``sender`` for a round not open yet against
+        the pending bound, of which one sender may hold a quarter (give them back with
+        :meth:`release` before delivering the message): one peer announcing four 256 MiB
+        parts and stalling held the whole bound, and every honest early contribution was
+        refused.
 
         Raises:
             ProtocolViolation: no room for that many pending bytes.
@@ -182,10 +187,35 @@ class Inbox:
                 f"no room for {nbytes} more bytes of rounds not started here "
                 f"(at most {self._max_pending_bytes})"
             )
+        held = self._reserved_by.get(sender, 0)
+        if held + nbytes > self._max_pending_bytes // 4:
+            raise ProtocolViolation(
+                f"{held + nbytes} bytes of rounds not started here from one sender (at most "
+                f"{self._max_pending_bytes // 4})"
+            )
         self._reserved += nbytes
+        self._reserved_by[sender] = held + nbytes
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, sender: Member) -> None:
         self._reserved -= nbytes
+        left = self._reserved_by.get(sender, 0) - nbytes
+        if left > 0:
+            self._reserved_by[sender] = left
+        else:
+            self._reserved_by.pop(sender, None)
+
+    def watch(self, round_id: bytes, on_forget: Callable[[], None]) -> None:
+        """Call ``on_forget()`` when ``round_id`` is closed or dropped (a message still being
+        received for it is then not wanted: its receiver gives up instead of holding its
+        buffer until the sender finishes or stalls out). Undo with :meth:`unwatch`."""
+        self._watchers.setdefault(round_id, set()).add(on_forget)
+
+    def unwatch(self, round_id: bytes, on_forget: Callable[[], None]) -> None:
+        watchers = self._watchers.get(round_id)
+        if watchers is not None:
+            watchers.discard(on_forget)
+            if not watchers:
+                del self._watchers[round_id]
 
     def deliver(self, message: Message) -> bool:
         """Store a message; False when it was dropped (see :meth:`check`, or a bound)."""
@@ -256,6 +286,8 @@ class Inbox:
         self._pending_bytes.pop(round_id, None)
         self._keys.pop(round_id, None)
         self._began.pop(round_id, None)
+        for on_forget in self._watchers.pop(round_id, ()):
+            on_forget()
 
     def messages(self, round_id: bytes) -> list[Message]:
         return self._rounds.get(round_id, [])

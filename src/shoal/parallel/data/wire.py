@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import torch
+from google.protobuf.message import DecodeError
 
 from shoal.compress import Encoded
 from shoal.compress.sparse import check_sparse
-from shoal.errors import ProtocolViolation
+from shoal.errors import PeerTimeout, ProtocolViolation
+from shoal.net.aio import IdleTimeout
 from shoal.net.config import TensorLimits
 from shoal.net.identity import PEER_ID_BYTES, PeerID
 from shoal.net.proto.v1 import averaging_pb2 as pb
@@ -42,6 +44,7 @@ __all__ = [
     "MAX_GROUP_SIZE",
     "MAX_REASON_CHARS",
     "MAX_ROUND_ID_BYTES",
+    "MESSAGE_IDLE_S",
     "Admission",
     "Wire",
     "encode_message",
@@ -56,6 +59,11 @@ MAX_ROUND_ID_BYTES = 64
 MAX_REASON_CHARS = 200
 MAX_BLOCK_SIZE = 1 << 20
 """Largest block of a blockwise codec accepted from the wire (the defaults are 256 and 4096)."""
+MESSAGE_IDLE_S = 120.0
+"""Longest wait between two frames of one round message: a stalled sender gives up its
+buffer (and what it reserved) then. Generous: a 1 MiB frame over a slow uplink shared by a
+round's other streams may take a minute, and a round that closes here ends the wait at
+once anyway."""
 _KIND = {Contribution: pb.CONTRIBUTION, Report: pb.REPORT, Reduced: pb.REDUCED, Leave: pb.LEAVE}
 _TYPE = {kind: cls for cls, kind in _KIND.items()}
 
@@ -233,8 +241,13 @@ class Admission:
         self._repeats = repeats
         self.reserved = 0
         self._marked: tuple[bytes, type, PeerID, int] | None = None
+        self._watched: tuple[bytes, Callable[[], None]] | None = None
 
-    def allocator(self, meta: pb.RoundMessage) -> Callable[[int], bytearray]:
+    def allocator(
+        self, meta: pb.RoundMessage, on_forget: Callable[[], None] | None = None
+    ) -> Callable[[int], bytearray]:
+        """How the message's tensors are allocated, once the meta frame says it is wanted.
+        ``on_forget()`` is called if its round is closed or dropped here meanwhile."""
         kind = _TYPE.get(meta.kind)
         if kind is None:
             raise ProtocolViolation(f"unknown round message kind {meta.kind}")
@@ -250,6 +263,9 @@ class Admission:
         if why is None:
             self._marked = (meta.round_id, kind, self._sender, meta.part)
             self._inbox.receiving(*self._marked)
+        if on_forget is not None:
+            self._watched = (meta.round_id, on_forget)
+            self._inbox.watch(*self._watched)
         # Bytes of a round whose part sizes are not known here yet are bounded like those
         # of a round not open at all: its sizes cannot bound them.
         pending = not self._inbox.is_sized(meta.round_id)
@@ -259,7 +275,7 @@ class Admission:
             if nbytes > most:
                 raise ProtocolViolation(f"a tensor of {nbytes} bytes for a part of {numel} values")
             if pending:
-                self._inbox.reserve(nbytes)
+                self._inbox.reserve(nbytes, self._sender)
                 self.reserved += nbytes
             return self._pool.take(nbytes)
 
@@ -268,19 +284,30 @@ class Admission:
     def release(self) -> None:
         """Give the pending bytes and the in-flight mark back (just before the message goes
         into the inbox)."""
-        self._inbox.release(self.reserved)
+        self._inbox.release(self.reserved, self._sender)
         self.reserved = 0
         if self._marked is not None:
             self._inbox.received(*self._marked)
             self._marked = None
+        if self._watched is not None:
+            self._inbox.unwatch(*self._watched)
+            self._watched = None
 
 
 async def receive_message(
-    frames: AsyncIterator[Any], sender: PeerID, limits: TensorLimits, admission: Admission
+    frames: AsyncIterator[Any],
+    sender: PeerID,
+    limits: TensorLimits,
+    admission: Admission,
+    *,
+    idle_s: float = MESSAGE_IDLE_S,
 ) -> Message | None:
     """The next round message of ``frames`` (meta frame, then its tensors), or None when
     the stream ends before a meta frame. Raises ProtocolViolation on anything malformed or
-    refused by ``admission`` (checked before a tensor is allocated)."""
+    refused by ``admission`` (checked before a tensor is allocated), or when its round is
+    closed or dropped here before it is whole; PeerTimeout when ``idle_s`` pass between two
+    of its frames (the wait for the meta frame is not bounded: a pulled message may wait
+    long to be posted)."""
     try:
         first = await frames.__anext__()
     except StopAsyncIteration:
@@ -288,12 +315,46 @@ async def receive_message(
     meta = pb.RoundMessage()
     if isinstance(first, Chunk) or first.WhichOneof("frame") != "meta":
         raise ProtocolViolation("a round message starts with a meta frame")
-    if not first.meta.Unpack(meta):
-        raise ProtocolViolation(f"meta frame is {first.meta.type_url}, not a RoundMessage")
+    try:
+        if not first.meta.Unpack(meta):
+            raise ProtocolViolation(f"meta frame is {first.meta.type_url}, not a RoundMessage")
+    except DecodeError as exc:
+        raise ProtocolViolation(f"malformed round message meta: {exc}") from None
     if meta.payload_tensors > 2:
         raise ProtocolViolation(f"{meta.payload_tensors} payload tensors (at most 2)")
-    take = admission.allocator(meta)
-    tensors = [
-        await read_tensor_into_pool(frames, limits, take) for _ in range(meta.payload_tensors)
-    ]
+    forgotten = False
+    try:
+        async with IdleTimeout(idle_s) as idle:
+
+            def forget() -> None:
+                nonlocal forgotten
+                forgotten = True
+                idle.expire()
+
+            take = admission.allocator(meta, on_forget=forget)
+            watched = _Progress(frames, idle)
+            tensors = [
+                await read_tensor_into_pool(watched, limits, take)
+                for _ in range(meta.payload_tensors)
+            ]
+    except TimeoutError:
+        if forgotten:
+            raise ProtocolViolation("round message refused: the round is over here") from None
+        raise PeerTimeout(f"no frame of a round message for {idle_s:g} s") from None
     return parse(meta, sender, tensors)
+
+
+class _Progress:
+    """Frames, each noted as progress of an :class:`IdleTimeout`."""
+
+    def __init__(self, frames: AsyncIterator[Any], idle: IdleTimeout) -> None:
+        self._frames = frames
+        self._idle = idle
+
+    def __aiter__(self) -> _Progress:
+        return self
+
+    async def __anext__(self) -> Any:
+        frame = await self._frames.__anext__()
+        self._idle.progress()
+        return frame
