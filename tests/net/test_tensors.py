@@ -90,7 +90,7 @@ def test_meta_frames_travel_with_tensors():
         asyncio.run(TensorReader(_aiter(frames), LIMITS).read_meta(peer_pb2.PingRequest))
     corrupt = meta_frame(peer_pb2.EmitRequest(byte_length=7))
     corrupt.meta.value = b"\xff\xff\xff"  # the frame parses; the message inside does not
-    with pytest.raises(ProtocolViolation, match="malformed shoal.v1.EmitRequest"):
+    with pytest.raises(ProtocolViolation, match=r"malformed shoal\.v1\.EmitRequest"):
         asyncio.run(TensorReader(_aiter([corrupt]), LIMITS).read_meta(peer_pb2.EmitRequest))
 
 

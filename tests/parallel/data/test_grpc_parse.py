@@ -303,7 +303,7 @@ def test_a_sender_stalling_mid_message_gives_up_its_buffer_and_reservation():
     async def main():
         loop = asyncio.get_running_loop()
         start = loop.time()
-        with pytest.raises(PeerTimeout, match="no frame of a round message for 0.2 s"):
+        with pytest.raises(PeerTimeout, match=r"no frame of a round message for 0\.2 s"):
             await _receiving(inbox, _stalling(frames, 3), idle_s=0.2)
         return loop.time() - start
 
