@@ -341,7 +341,7 @@ def test_a_corrupt_meta_frame_is_a_protocol_violation():
 
     from shoal.parallel.data.transport import Inbox
 
-    (meta, *rest) = list(message_frames(Report(b"r", SENDER, 0, frozenset({SENDER}), {})))
+    meta = next(iter(message_frames(Report(b"r", SENDER, 0, frozenset({SENDER}), {}))))
     meta.meta.value = b"\xff\xff\xff"  # not a RoundMessage
 
     async def main():
