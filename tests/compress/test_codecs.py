@@ -289,6 +289,24 @@ def test_powersgd_sends_vectors_dense():
     x = torch.randn(17)
     enc = codec.encode(x)
     assert torch.equal(codec.decode(enc), x)
+    # A residual left by earlier sends goes out with it and is cleared, as for a dense
+    # matrix (it was kept and never sent).
+    state = PowerSGDState(residual=torch.full((17,), 0.25))
+    assert torch.equal(codec.decode(codec.encode(x, state)), x + 0.25)
+    assert state.residual is None
+
+
+def test_int8_keeps_values_near_the_largest_float_finite():
+    # absmax / 127 rounds up there, and 127 times that overflowed: FLT_MAX decoded as inf,
+    # and an honest part was screened out as not finite.
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([big, 1.0, -big, 0.0])
+    out = Int8BlockwiseCodec(4).decode(Int8BlockwiseCodec(4).encode(x))
+    assert torch.isfinite(out).all()
+    assert (out - x).abs().max() <= big / 254
+    codec = Int8BlockwiseCodec(4)
+    inf = codec.decode(codec.encode(torch.tensor([float("inf"), 1.0, 0.0, 0.0])))
+    assert not torch.isfinite(inf).all()  # a part that is not finite stays so: screened
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (4, 4), (2, 200)])

@@ -4,7 +4,9 @@ Per block ``b``: ``scale_b = absmax_b / 7``; each value is sent as ``round(x / s
 in [-7, 7], stored offset by 8 in one nibble (low nibble first; a payload with a nibble
 of 0 is refused, since no encoder writes one). Decoding multiplies back, so every
 element's error is at most ``absmax_b / 14`` (half a quantisation step),
-up to fp32 rounding. All-zero blocks get scale 0 and decode to exact zeros.
+up to fp32 rounding, while the scale is a normal fp32 number (blocks whose largest value is
+below about 1e-37 lose precision to subnormal scales: an absolute error under 1e-38).
+All-zero blocks get scale 0 and decode to exact zeros.
 
 Wire: ``ceil(n / 2)`` bytes + ``ceil(n / block_size)`` fp32 scales, a ratio of
 ``0.125 + 1 / block_size`` against fp32 (0.129 with the default 256-value blocks). Meant

@@ -2,8 +2,11 @@
 
 Per block ``b``: ``scale_b = absmax_b / 127``; each value is sent as
 ``round(x / scale_b)`` in [-127, 127]. Decoding multiplies back, so every element's error
-is at most ``absmax_b / 254`` (half a quantisation step), up to fp32 rounding. All-zero
-blocks get scale 0 and decode to exact zeros.
+is at most ``absmax_b / 254`` (half a quantisation step), up to fp32 rounding, while the
+scale is a normal fp32 number (blocks whose largest value is below about 1e-36 lose
+precision to subnormal scales: an absolute error under 1e-38). Near fp32's largest value
+the scale is rounded down, so finite values stay finite. All-zero blocks get scale 0 and
+decode to exact zeros.
 
 Wire: ``n`` int8 values + ``ceil(n / block_size)`` fp32 scales, a ratio of
 ``0.25 + 1 / block_size`` against fp32.
@@ -60,6 +63,12 @@ class Int8BlockwiseCodec:
         lo, hi = torch.aminmax(blocks, dim=1)
         absmax = torch.maximum(hi, lo.neg_())
         torch.div(absmax, _QMAX, out=scales_out)
+        # Near fp32's largest value the scale, rounded up, times 127 overflows: a finite
+        # value decoded as inf, and an honest part was screened out as not finite.
+        over = torch.isinf(scales_out * _QMAX) & torch.isfinite(absmax)
+        if bool(over.any()):
+            smaller = torch.nextafter(scales_out, torch.zeros_like(scales_out))
+            scales_out.copy_(torch.where(over, smaller, scales_out))
         # Divide by absmax rather than multiply by _QMAX / absmax: that inverse overflows to
         # inf for absmax below ~4e-37, and a zero times inf is NaN.
         divisor = torch.where(absmax > 0, absmax, torch.ones_like(absmax))

@@ -51,8 +51,11 @@ class PowerSGDCodec:
         if not isinstance(state, PowerSGDState):
             raise TypeError(f"PowerSGDCodec state must be PowerSGDState, got {type(state)}")
         shape = tuple(tensor.shape)
-        if tensor.dim() < 2:
+        if tensor.dim() < 2:  # the residual goes out with it, as with a dense matrix
             dense = tensor.detach().reshape(-1).to(torch.float32).clone()
+            if state.residual is not None and state.residual.numel() == dense.numel():
+                dense += state.residual.reshape(-1)
+            state.residual = None
             return Encoded(self.name, shape, (dense,), {"dense": 1})
         rest = 1
         for size in shape[1:]:
