@@ -70,6 +70,17 @@ def test_an_idle_timeout_moves_with_progress_and_fires_without_it() -> None:
     assert run_virtual(expired()) == pytest.approx(0.5)
 
 
+def test_an_idle_timeout_expired_after_its_body_cancels_nothing() -> None:
+    async def main() -> str:
+        async with IdleTimeout(3600.0) as idle:
+            pass
+        idle.expire()  # e.g. the round closed just after the message was whole
+        await asyncio.sleep(0)
+        return "not cancelled"
+
+    assert asyncio.run(main()) == "not cancelled"
+
+
 def test_a_cancellation_from_outside_an_idle_timeout_stays_a_cancellation() -> None:
     async def body(started: asyncio.Event) -> None:
         async with IdleTimeout(3600.0):

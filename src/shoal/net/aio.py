@@ -44,6 +44,7 @@ class IdleTimeout:
     def __init__(self, idle_s: float) -> None:
         self.idle_s = idle_s
         self.fired = False
+        self._exited = False
         self._last = 0.0
         self._task: asyncio.Task[object] | None = None
         self._handle: asyncio.TimerHandle | None = None
@@ -71,7 +72,8 @@ class IdleTimeout:
             self._handle = loop.call_at(due, self._check)
 
     def _fire(self) -> None:
-        if not self.fired and self._task is not None and not self._task.done():
+        # Not once the body is over: the task would be cancelled wherever it is then.
+        if not self.fired and not self._exited and self._task is not None:
             self.fired = True
             self._task.cancel()
 
@@ -81,6 +83,7 @@ class IdleTimeout:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._exited = True
         if self._handle is not None:
             self._handle.cancel()
         if not self.fired or exc_type is not asyncio.CancelledError:
