@@ -60,11 +60,9 @@ def test_snapshot_is_consistent_even_when_training_goes_on(tmp_path):
         assert torch.equal(saved.model[name], tensor)
 
 
-@pytest.mark.parametrize("third_writes", [True, False])
-def test_a_newer_snapshot_supersedes_a_queued_one(tmp_path, third_writes):
-    """Step 3 replaces step 2 in the queue; step 2's disk write is not lost when step 3 is
-    only to be served (every-N-rounds checkpoints): it goes out with step 3's state."""
-    model, opt = _model()
+def _first_save_in_flight(tmp_path, model, opt):
+    """A checkpointer whose worker holds step 1 until ``release`` is set: what is saved
+    meanwhile queues behind it."""
     entered, release = threading.Event(), threading.Event()
 
     def block_first(saved):
@@ -74,7 +72,16 @@ def test_a_newer_snapshot_supersedes_a_queued_one(tmp_path, third_writes):
 
     ckpt = BackgroundCheckpointer(tmp_path, CheckpointerConfig(keep_last=5), on_saved=block_first)
     ckpt.save(1, lambda: take_snapshot(1, model, opt))
-    assert entered.wait(10)  # step 1 is in flight
+    assert entered.wait(10)
+    return ckpt, release
+
+
+@pytest.mark.parametrize("third_writes", [True, False])
+def test_a_newer_snapshot_supersedes_a_queued_one(tmp_path, third_writes):
+    """Step 3 replaces step 2 in the queue; step 2's disk write is not lost when step 3 is
+    only to be served (every-N-rounds checkpoints): it goes out with step 3's state."""
+    model, opt = _model()
+    ckpt, release = _first_save_in_flight(tmp_path, model, opt)
     ckpt.save(2, lambda: take_snapshot(2, model, opt), write=True)
     ckpt.save(3, lambda: take_snapshot(3, model, opt), write=third_writes)
     assert ckpt.superseded == 1
@@ -87,16 +94,7 @@ def test_a_snapshot_only_to_be_written_does_not_replace_one_queued_to_be_served(
     """Local progress the swarm has not agreed on (serve=False) must never be served; it
     used to replace a queued served snapshot, which then was neither served nor written."""
     model, opt = _model()
-    entered, release = threading.Event(), threading.Event()
-
-    def block_first(saved):
-        if saved.step == 1:
-            entered.set()
-            assert release.wait(10)
-
-    ckpt = BackgroundCheckpointer(tmp_path, CheckpointerConfig(keep_last=5), on_saved=block_first)
-    ckpt.save(1, lambda: take_snapshot(1, model, opt))
-    assert entered.wait(10)  # step 1 is in flight
+    ckpt, release = _first_save_in_flight(tmp_path, model, opt)
     ckpt.save(2, lambda: take_snapshot(2, model, opt), write=False)  # agreed: serve it
     ckpt.save(3, lambda: take_snapshot(3, model, opt), serve=False)  # local progress
     ckpt.save(4, lambda: take_snapshot(4, model, opt), serve=False)  # replaces 3 alone
