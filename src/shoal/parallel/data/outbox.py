@@ -24,7 +24,7 @@ messages of real clients.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -36,6 +36,9 @@ __all__ = ["Outbox"]
 
 T = TypeVar("T")
 _Key = tuple[PeerID, bytes]
+_MAX_COUNTED = 4096
+"""(member, round) post counts kept past their slots (more than the slots that can exist:
+``max_slots`` + ``max_waiting_slots``, 1,280 by default), at a few bytes each."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # compared by identity
@@ -54,7 +57,6 @@ class _Slot(Generic[T]):
     written: list[_Entry[T]] = field(default_factory=list)
     """Items taken by streams of a client that counts what it received: kept until it
     says it has them (or they expire), in case they went into a dead connection."""
-    posted: int = 0
     pullers: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     generation: int = 0
@@ -88,6 +90,10 @@ class Outbox(Generic[T]):
         max_pulls_per_member: int = 8,
     ) -> None:
         self._slots: dict[_Key, _Slot[T]] = {}
+        self._posted: OrderedDict[_Key, int] = OrderedDict()
+        """Posts so far per (member, round), kept after its slot goes (a slot is gone once
+        nothing is held or pulled, and a client's count goes on across it: numbering a
+        later post from 0 again had the client's count drop it)."""
         self._pulls: dict[PeerID, int] = {}
         self._max_slots = max_slots
         self._max_waiting = 4 * max_slots if max_waiting_slots is None else max_waiting_slots
@@ -145,8 +151,15 @@ class Outbox(Generic[T]):
         slot = self._slot(key, for_post=True)
         loop = asyncio.get_running_loop()
         expires = loop.time() + max(ttl_s, 0.0)
-        slot.queue.append(_Entry(slot.posted, item, expires))
-        slot.posted += 1
+        seq = self._posted.pop(key, 0)
+        self._posted[key] = seq + 1  # the most recent last
+        for _ in range(len(self._posted) - _MAX_COUNTED):
+            oldest = next(iter(self._posted))
+            if oldest in self._slots:  # still held or pulled: its count must go on
+                self._posted.move_to_end(oldest)
+            else:
+                del self._posted[oldest]
+        slot.queue.append(_Entry(seq, item, expires))
         slot.ready.set()
         loop.call_later(max(ttl_s, 0.0), self._expire, key, expires)
 
