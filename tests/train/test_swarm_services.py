@@ -112,7 +112,7 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
             == "diloco codec=sparse rank=0 model=" + round_scope(diloco).rpartition("model=")[2]
         )  # no top-k, no field: dense peers' keys stay as they were
         # peers of another board format are told apart, and said to be another version
-        old = round_scope(diloco).replace(" v=5", "")
+        old = round_scope(diloco).replace(" v=6", "")
         assert scope_difference(round_scope(diloco), old) == "v=? (another version of Shoal)"
         # low-rank peers from before the dense values moved to the second exchange
         lowrank = round_scope(replace(diloco, rank=2))

@@ -67,3 +67,21 @@ def test_a_checkpoint_with_meta_no_run_writes_is_refused_before_loading(small_cf
     with pytest.raises(CheckpointError, match="meta"):
         restore_run(ckpt, fresh.model, fresh.optimizer, fresh.windows, config)
     assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("key", ["rng.torch_cpu", "data.generator"])
+def test_a_checkpoint_with_a_generator_state_no_run_writes_is_refused_before_loading(
+    small_cfg, key
+):
+    # set_rng_state raised TypeError out of the restore, after the model had been loaded.
+    cfg = small_cfg(**{"checkpoint.every_steps": 5, "run.steps": 5})
+    Trainer(cfg, show_progress=False, log_lines=False).run()
+    ckpt = load_latest_valid(checkpoint_root(cfg.run.run_dir))
+    assert ckpt is not None
+    ckpt = dataclasses.replace(ckpt, extra={**ckpt.extra, key: torch.zeros(3)})
+    fresh = Trainer(cfg, show_progress=False, log_lines=False)
+    before = [p.clone() for p in fresh.model.parameters()]
+    config = {"model_shape": fresh.model_cfg.to_dict()}
+    with pytest.raises(CheckpointError, match=f"{key} is not a generator state"):
+        restore_run(ckpt, fresh.model, fresh.optimizer, fresh.windows, config)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), before, strict=True))

@@ -26,7 +26,10 @@ async def within(aw: Awaitable[T], timeout_s: float | None) -> T:
     """``await aw``, raising ``TimeoutError`` after ``timeout_s`` (None: no limit); on a
     timeout or a cancellation, ``aw`` is cancelled (as by ``asyncio.wait_for``)."""
     if sys.version_info < (3, 11):  # pragma: no cover - no asyncio.timeout before 3.11
-        return await asyncio.wait_for(aw, timeout_s)
+        try:
+            return await asyncio.wait_for(aw, timeout_s)
+        except asyncio.TimeoutError:  # not the builtin before 3.11: callers catch that one
+            raise TimeoutError(f"not done within {timeout_s:g} s") from None
     async with asyncio.timeout(timeout_s):
         return await aw
 

@@ -7,6 +7,7 @@ drawn so far, and the run config (used to refuse a checkpoint of a different mod
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from shoal.state.checkpoint import (
     meta_section,
     take_snapshot,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["checkpoint_root", "restore_run", "snapshot_run"]
 
@@ -86,19 +89,48 @@ def restore_run(
         raise CheckpointError(f"checkpoint {ckpt.path} belongs to another data shard: {data}")
     if ckpt.optimizer is None or "data.generator" not in ckpt.extra:
         raise CheckpointError(f"checkpoint {ckpt.path} lacks optimizer or data state")
+    generator_states = [
+        "data.generator",
+        *(["rng.torch_cpu"] if "rng.torch_cpu" in ckpt.extra else []),
+    ]
+    for key in generator_states:  # a donor's: checked before anything is loaded
+        if not _is_generator_state(ckpt.extra[key]):
+            raise CheckpointError(f"checkpoint {ckpt.path}: {key} is not a generator state")
     try:
         model.load_state_dict(ckpt.model, strict=True)
         optimizer.load_state_dict(ckpt.optimizer)
         windows.load_state_dict(
             {"generator": ckpt.extra["data.generator"], "batches_drawn": batches_drawn}
         )
-    except (RuntimeError, ValueError, KeyError, DataError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, DataError) as exc:
         raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model: {exc}") from exc
     if "rng.torch_cpu" in ckpt.extra:
         torch.set_rng_state(ckpt.extra["rng.torch_cpu"])
     if torch.cuda.is_available():
-        keys = [k for k in ckpt.extra if k.startswith("rng.cuda.")]
-        states = [ckpt.extra[k] for k in sorted(keys, key=lambda k: int(k.rsplit(".", 1)[1]))]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+        _restore_cuda_rng(ckpt.extra)
     return ckpt.step
+
+
+def _is_generator_state(state: object) -> bool:
+    """Whether ``state`` can be a CPU generator's state (what ``set_state`` takes)."""
+    like = torch.get_rng_state()
+    return (
+        isinstance(state, torch.Tensor)
+        and state.dtype == like.dtype
+        and tuple(state.shape) == tuple(like.shape)
+    )
+
+
+def _restore_cuda_rng(extra: dict[str, torch.Tensor]) -> None:
+    """The CUDA generators' states, when the checkpoint holds one per device here (best
+    effort: they only decide dropout masks and the like)."""
+    states: dict[int, torch.Tensor] = {}
+    for key, state in extra.items():
+        suffix = key[len("rng.cuda.") :] if key.startswith("rng.cuda.") else ""
+        if suffix.isdigit() and isinstance(state, torch.Tensor) and state.dtype == torch.uint8:
+            states[int(suffix)] = state
+    if sorted(states) == list(range(torch.cuda.device_count())):
+        try:
+            torch.cuda.set_rng_state_all([states[i] for i in sorted(states)])
+        except (RuntimeError, TypeError) as exc:
+            log.warning("CUDA generator states not restored: %s", exc)

@@ -120,7 +120,7 @@ def state_scope(opts: PeerOptions) -> str:
 
 def round_scope(opts: PeerOptions) -> str:
     """What peers must share to average together, e.g. ``diloco codec=int8 rank=0
-    model=1a2b3c4d v=5``: the mode, the wire codec, a robust aggregation (a robust round
+    model=1a2b3c4d v=6``: the mode, the wire codec, a robust aggregation (a robust round
     fails where a mean succeeds), the low-rank factor rank (and the layout of its two
     exchanges), the top-k fraction and the
     streaming fragments (they change what a round's vector is), the

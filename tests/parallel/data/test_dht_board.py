@@ -102,8 +102,10 @@ def test_a_window_waits_for_no_more_peers_than_a_board_read_can_show():
 
 
 def test_malformed_board_records_are_skipped():
+    from shoal.parallel.data.dht_board import BOARD_VERSION as V
+
     peer, n = b"p" * 32, b"n" * 8
-    good = msgpack.packb([5, 2.0, 1e8, 1e8, False, "h:1", 4, n, True])
+    good = msgpack.packb([V, 2.0, 1e8, 1e8, False, "h:1", 4, n, True])
     assert _parse(peer, good) == ReadyPeer(peer, 2.0, 1e8, False, "h:1", 4, n, 1e8)
     assert _parse(peer, good).closed
     for bad_subkey, bad_value in [
@@ -112,20 +114,21 @@ def test_malformed_board_records_are_skipped():
         (peer, msgpack.packb([2, 2.0, 1e8, False, "h:1", 4])),  # the version before nonces
         (peer, msgpack.packb([3, 2.0, 1e8, False, "h:1", 4, n])),  # before the closed mark
         (peer, msgpack.packb([4, 2.0, 1e8, False, "h:1", 4, n, False])),  # before downlinks
-        (peer, msgpack.packb([6, 2.0, 1e8, 1e8, False, "h:1", 4, n, False])),
-        (peer, msgpack.packb([5, 2.0, 1e8, -1.0, False, "h:1", 4, n, False])),
-        (peer, msgpack.packb([5, 2.0, 1e8, float("inf"), False, "h:1", 4, n, False])),
-        (peer, msgpack.packb([5, 2.0, 1e8, 1e8, False, "h:1", 4, n, 1])),
-        (peer, msgpack.packb([5, float("nan"), 1e8, 1e8, False, "h:1", 4, n, False])),
-        (peer, msgpack.packb([5, -1.0, 1e8, 1e8, False, "h:1", 4, n, False])),
-        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, 1, "h:1", 4, n, False])),
-        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "x" * 300, 4, n, False])),
-        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", -1, n, False])),
-        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", 1 << 20, n, False])),
-        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", True, n, False])),
-        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", 4.0, n, False])),
-        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", 4, b"n" * 7, False])),
-        (peer, msgpack.packb([5, 1.0, 1e8, 1e8, False, "h:1", 4, "n" * 8, False])),
+        (peer, msgpack.packb([5, 2.0, 1e8, 1e8, False, "h:1", 4, n, False])),  # read another way
+        (peer, msgpack.packb([7, 2.0, 1e8, 1e8, False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([V, 2.0, 1e8, -1.0, False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([V, 2.0, 1e8, float("inf"), False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([V, 2.0, 1e8, 1e8, False, "h:1", 4, n, 1])),
+        (peer, msgpack.packb([V, float("nan"), 1e8, 1e8, False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([V, -1.0, 1e8, 1e8, False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([V, 1.0, 1e8, 1e8, 1, "h:1", 4, n, False])),
+        (peer, msgpack.packb([V, 1.0, 1e8, 1e8, False, "x" * 300, 4, n, False])),
+        (peer, msgpack.packb([V, 1.0, 1e8, 1e8, False, "h:1", -1, n, False])),
+        (peer, msgpack.packb([V, 1.0, 1e8, 1e8, False, "h:1", 1 << 20, n, False])),
+        (peer, msgpack.packb([V, 1.0, 1e8, 1e8, False, "h:1", True, n, False])),
+        (peer, msgpack.packb([V, 1.0, 1e8, 1e8, False, "h:1", 4.0, n, False])),
+        (peer, msgpack.packb([V, 1.0, 1e8, 1e8, False, "h:1", 4, b"n" * 7, False])),
+        (peer, msgpack.packb([V, 1.0, 1e8, 1e8, False, "h:1", 4, "n" * 8, False])),
         (peer, msgpack.packb({"weight": 1})),
         (peer, b"\x00" * 600),
     ]:

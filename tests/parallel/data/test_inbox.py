@@ -31,26 +31,26 @@ def test_pending_rounds_and_bytes_are_bounded_and_opening_lifts_the_byte_bound()
 def test_bytes_being_received_count_against_the_pending_bound():
     inbox = Inbox(max_pending_bytes=1000)
     assert inbox.deliver(_part(b"r1", 400))
-    inbox.reserve(250, "a")
-    inbox.reserve(250, "b")
+    inbox.reserve(300, "a")
+    inbox.reserve(200, "b")
     with pytest.raises(ProtocolViolation, match="no room"):
         inbox.reserve(200, "c")
     assert not inbox.deliver(_part(b"r2", 200))
-    inbox.release(250, "a")
-    inbox.release(250, "b")
+    inbox.release(300, "a")
+    inbox.release(200, "b")
     assert inbox.deliver(_part(b"r2", 200))
 
 
-def test_one_sender_holds_at_most_a_quarter_of_the_pending_bound():
+def test_one_sender_holds_at_most_half_of_the_pending_bound():
     # One peer announcing four 256 MiB parts and stalling held the whole 1 GiB, and every
     # honest early contribution was refused.
     inbox = Inbox(max_pending_bytes=1000)
-    inbox.reserve(200, "a")
+    inbox.reserve(400, "a")
     with pytest.raises(ProtocolViolation, match="from one sender"):
-        inbox.reserve(51, "a")
-    inbox.reserve(250, "b")  # others still have room
-    inbox.release(200, "a")
-    inbox.reserve(250, "a")
+        inbox.reserve(101, "a")
+    inbox.reserve(500, "b")  # others still have room
+    inbox.release(400, "a")
+    inbox.reserve(100, "a")
 
 
 def test_an_open_round_keeps_one_message_per_kind_sender_and_part():

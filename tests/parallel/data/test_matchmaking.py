@@ -566,6 +566,28 @@ def test_an_entry_whose_attempt_withdrew_does_not_close_a_later_window():
     assert {p.peer for p in b_group.members} == {a.peer, b.peer}
 
 
+def test_a_window_held_open_past_a_withdrawn_entry_is_not_learned_as_a_fill_time():
+    # b's count (2) is reached by a's withdrawn entry, so b waits out its window; it must
+    # not be observed as a window that filled, or the windows grow (to 15 s here).
+    a, b = _peers(2)
+    observed: list[float] = []
+
+    class Noting(FormationEstimator):
+        def observe(self, fill_time_s: float) -> None:
+            observed.append(fill_time_s)
+            super().observe(fill_time_s)
+
+    async def main():
+        board = MemoryBoard(_loop_time)
+        await _meet(board, a, window_s=5.0, expected=2)  # alone: withdraws
+        est = Noting(FormationConfig(initial_s=5.0))
+        outcome = await _meet(board, b, window_s=5.0, expected=2, est=est)
+        return outcome, est.window_s()
+
+    outcome, window = run_virtual(main())
+    assert isinstance(outcome, NoGroup) and observed == [] and window == 5.0
+
+
 def test_a_peer_with_a_lagging_view_neither_splits_the_others_nor_loses_its_seat():
     # 80 ready peers arrive 0.1 s apart, groups of at most 64. One has a lagging view
     # (expects 2). It used to wait for one group's worth (64), close first, and post a

@@ -379,10 +379,12 @@ async def run_allreduce(
             why = f"parts {abandoned()} missing: their reducer left the round"
             return _failed(why, excluded, seconds), None
 
-        def unusable(j: int, why: str) -> RoundResult:
+        def unusable(j: int, why: str, *, its_doing: bool = True) -> RoundResult:
             # An honest reducer checks its parts as we do before sending them (and leaves
-            # when one fails), so this is the sender's doing, seen here first-hand.
-            if screened is not None:
+            # when one fails), so a part that fails the check is the sender's doing, seen
+            # here first-hand. Not a RuntimeError: that may be ours (memory, a worker
+            # thread stopping with the peer).
+            if screened is not None and its_doing:
                 screened[arrived[j].sender] = f"its reduced part {j} was unusable: {why}"
             return _failed(f"part {j} from its reducer is unusable: {why}", excluded, seconds)
 
@@ -392,7 +394,8 @@ async def run_allreduce(
             try:  # big parts decode off the loop
                 results[j] = await _offload(wire_numel(r.data), decode_result, codec, r.data)
             except (ValueError, RuntimeError) as exc:
-                return unusable(j, f"{type(exc).__name__}: {exc}"), None
+                why = f"{type(exc).__name__}: {exc}"
+                return unusable(j, why, its_doing=isinstance(exc, ValueError)), None
             if results[j].numel() != part_of(j).numel():
                 return unusable(j, "wrong size once decoded"), None
             part_weight[j] = r.weight

@@ -34,9 +34,13 @@ if TYPE_CHECKING:
 
 __all__ = ["DhtBoard", "RecordStore"]
 
-BOARD_VERSION = 5
+BOARD_VERSION = 6
 """Format of board values; peers of other formats do not read each other's entries (round
-scopes carry it, so they do not count each other either)."""
+scopes carry it, so they do not count each other either). 6: the same values as 5, read
+another way (withdrawals looked up before a window closes early, the median of the counts
+waited for), and snapshots announced under the round scope, where peers of 5 neither find
+nor serve them: a joiner of one version among peers of the other found no donor, yet
+counted on them."""
 _PEER_ID_BYTES = 32
 _MAX_VALUE_BYTES = 512
 _MAX_ADDRESS_CHARS = 256

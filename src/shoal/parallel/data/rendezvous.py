@@ -309,7 +309,7 @@ async def _find_group(
     await _bounded(board.announce(round_key, me, expires_at=expires_at), config.board_timeout_s)
     ready: list[ReadyPeer] = []
     reads = expect = 0
-    reannounced = False
+    reannounced = filled = False
     withdrawals = _Withdrawals(board, round_key, me, config)
     # Entries seen open in this attempt: only their closed marks count. A closed entry of
     # an earlier attempt under the same key (a retry, or a fragment's key met again) would
@@ -345,7 +345,10 @@ async def _find_group(
             # groups, whether it read a withdrawal yet or not; a withdrawal is an answer
             # to the confirmation, and the members that stayed go on without it.)
             need = max(1, config.min_group_size - 1)
-            if now >= closes_at or await withdrawals.others_staying(ready) >= need:
+            if now >= closes_at:
+                break
+            if await withdrawals.others_staying(ready) >= need:
+                filled = len(ready) >= expect  # not closed by another's mark
                 break
         wait = min(_poll_interval(config, len(ready)), opened_at + window_s - now)
         await sleep(max(0.0, wait))
@@ -354,9 +357,10 @@ async def _find_group(
             f"no group formed: no read of the board finished within the window "
             f"({window_s:.3g} s) plus {config.board_timeout_s:g} s"
         )
-    if len(ready) >= expect:
+    if filled:
         # Only a window that filled says how long filling takes. One that ran out (or was
-        # closed by a peer whose window ran out) says only "longer than this": observed,
+        # closed by a peer whose window ran out, or held only withdrawn entries besides
+        # ours when the count was reached) says only "longer than this": observed,
         # each one grew the next by its deviation, and while a dead or partitioned peer
         # stayed in the views the windows climbed towards the cap (a swarm healed from a
         # partition then sat 36 s in one window before its halves met again).

@@ -174,10 +174,11 @@ class Inbox:
 
     def reserve(self, nbytes: int, sender: Member) -> None:
         """Count ``nbytes`` being received from ``sender`` for a round not open yet against
-        the pending bound, of which one sender may hold a quarter (give them back with
+        the pending bound, of which one sender may hold half (give them back with
         :meth:`release` before delivering the message): one peer announcing four 256 MiB
         parts and stalling held the whole bound, and every honest early contribution was
-        refused.
+        refused. Half, not less: an honest part of a large model (300M fp32 values in a
+        group of 4 is 300 MB) must still fit.
 
         Raises:
             ProtocolViolation: no room for that many pending bytes.
@@ -188,10 +189,10 @@ class Inbox:
                 f"(at most {self._max_pending_bytes})"
             )
         held = self._reserved_by.get(sender, 0)
-        if held + nbytes > self._max_pending_bytes // 4:
+        if held + nbytes > self._max_pending_bytes // 2:
             raise ProtocolViolation(
                 f"{held + nbytes} bytes of rounds not started here from one sender (at most "
-                f"{self._max_pending_bytes // 4})"
+                f"{self._max_pending_bytes // 2})"
             )
         self._reserved += nbytes
         self._reserved_by[sender] = held + nbytes
