@@ -65,9 +65,9 @@ def _restore_into(trainer, ckpt, mode: str):
     )
 
 
-def _streaming(trainer) -> StreamingDiLoCo:
-    return StreamingDiLoCo(
-        list(trainer.model.parameters()),
+def _streaming(params, **overrides) -> StreamingDiLoCo:
+    """Streaming DiLoCo over ``params``; by default 2 fragments and rounds that never end."""
+    settings = dict(
         local_steps=4,
         fragments=2,
         overlap_steps=2,
@@ -75,6 +75,7 @@ def _streaming(trainer) -> StreamingDiLoCo:
         outer=OuterConfig(),
         launch=lambda *_: concurrent.futures.Future(),
     )
+    return StreamingDiLoCo(list(params), **{**settings, **overrides})
 
 
 def test_every_tensor_of_the_streaming_state_survives_a_snapshot(tmp_path: Path) -> None:
@@ -82,14 +83,14 @@ def test_every_tensor_of_the_streaming_state_survives_a_snapshot(tmp_path: Path)
     # once named otherwise, and dropped.
     opts = PeerOptions(mode="streaming", run_dir=tmp_path)
     trainer = build_trainer(opts, 7)
-    streaming = _streaming(trainer)
+    streaming = _streaming(trainer.model.parameters())
     streaming.after_local_step(8)
     streaming.after_local_step(8)  # fragment 0 in flight
     tensors = streaming.state_tensors()
     ckpt = _checkpoint(opts, 40, checkpoint_root(tmp_path), strategy=tensors)
     restored = _restore_into(trainer, ckpt, "streaming")
     assert restored.strategy.keys() == tensors.keys()
-    again = _streaming(trainer)
+    again = _streaming(trainer.model.parameters())
     assert again.load_state(restored.strategy) and again.unsettled == {0}
 
 
@@ -194,21 +195,13 @@ def test_a_swarm_snapshot_whose_outer_state_does_not_fit_is_not_restored_at_all(
     # Checked before the model is loaded: a model taken from a snapshot whose outer state
     # was then refused left the peer training on half of it.
     theirs_opts = PeerOptions(mode="streaming", run_dir=tmp_path / "other", fragments=2)
-    donor = _streaming(build_trainer(theirs_opts, 7))
+    donor = _streaming(build_trainer(theirs_opts, 7).model.parameters())
     theirs = _checkpoint(theirs_opts, 60, tmp_path / "other", strategy=donor.state_tensors())
     for tensor in theirs.model.values():
         tensor.add_(1.0)
     opts = PeerOptions(mode="streaming", run_dir=tmp_path / "me", fragments=4)
     trainer = build_trainer(opts, 7)
-    mine = StreamingDiLoCo(
-        list(trainer.model.parameters()),
-        local_steps=4,
-        fragments=4,
-        overlap_steps=2,
-        mix_alpha=0.5,
-        outer=OuterConfig(),
-        launch=lambda *_: concurrent.futures.Future(),
-    )
+    mine = _streaming(trainer.model.parameters(), fragments=4)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     found = Recovered(Source.SWARM, theirs, None, 60)
     shape = trainer.model_cfg.to_dict()
@@ -408,23 +401,13 @@ def test_a_streaming_peer_restored_from_a_donor_starts_from_every_fragment_s_out
         done.set_result(RoundOutcome(True, contributors=frozenset({"me"}), weight=weight))
         return done
 
-    cfg = OuterConfig(lr=1.0, momentum=0.0)
+    settings = dict(local_steps=2, overlap_steps=0, outer=OuterConfig(lr=1.0, momentum=0.0))
     params = [torch.zeros(4), torch.zeros(4)]
-    donor = StreamingDiLoCo(
-        params, local_steps=2, fragments=2, overlap_steps=0, mix_alpha=0.5, outer=cfg, launch=launch
-    )
+    donor = _streaming(params, launch=launch, **settings)
     for p in params:
         p.add_(1.0)
     donor.after_local_step(1)  # fragment 0 syncs; fragment 1 holds unsent progress
-    joiner = StreamingDiLoCo(
-        [p.clone() for p in params],
-        local_steps=2,
-        fragments=2,
-        overlap_steps=0,
-        mix_alpha=0.5,
-        outer=cfg,
-        launch=launch,
-    )
+    joiner = _streaming([p.clone() for p in params], launch=launch, **settings)
     assert joiner.load_state(donor.state_tensors())
     joiner.start_from_outer()
     for f in range(2):
