@@ -9,6 +9,7 @@ import pytest
 
 from shoal.dht.virtual_loop import run_virtual
 from shoal.errors import ConfigError
+from shoal.parallel.data.board import MemoryBoard
 from shoal.parallel.data.matchmaking import (
     FormationConfig,
     FormationEstimator,
@@ -17,7 +18,7 @@ from shoal.parallel.data.matchmaking import (
     form_groups,
     window_closed,
 )
-from shoal.parallel.data.rendezvous import MatchConfig, MemoryBoard, NoGroup, find_group
+from shoal.parallel.data.rendezvous import MatchConfig, NoGroup, find_group
 
 
 def test_window_follows_history_within_floor_and_cap():

@@ -63,7 +63,7 @@ class RecordStore(Protocol):
 
 
 class DhtBoard:
-    """:class:`~shoal.parallel.data.rendezvous.RendezvousBoard` over a DHT node."""
+    """:class:`~shoal.parallel.data.board.RendezvousBoard` over a DHT node."""
 
     def __init__(self, dht: RecordStore, prefix: bytes = b"shoal/avg/") -> None:
         self.dht = dht

@@ -1,9 +1,4 @@
-"""The rendezvous board peers announce readiness on, and the async loop that forms a group.
-
-``RendezvousBoard`` is the small interface matchmaking needs: announce an entry under a
-round key (one entry per peer, expiring), and read all entries for a key. The DHT's signed
-records with subkeys (key = round key, subkey = peer id) provide it in a swarm;
-:class:`MemoryBoard` provides it in one process for tests.
+"""The async loop that forms a group on a rendezvous board (``board.py``).
 
 ``find_group`` announces this peer, polls the board until the window closes (everyone
 expected is ready, or the window from :class:`FormationEstimator` ran out), then derives
@@ -58,10 +53,14 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
 
 from shoal.errors import ConfigError
-from shoal.net.aio import within
+from shoal.parallel.data.board import (
+    RendezvousBoard,
+    Withdrawals,
+    bounded,
+    withdraw,
+)
 from shoal.parallel.data.matchmaking import (
     NONCE_BYTES,
     FormationEstimator,
@@ -71,11 +70,9 @@ from shoal.parallel.data.matchmaking import (
     window_closed,
 )
 
-__all__ = ["MatchConfig", "MemoryBoard", "NoGroup", "RendezvousBoard", "find_group"]
+__all__ = ["MatchConfig", "NoGroup", "find_group"]
 
 _log = logging.getLogger(__name__)
-_WITHDRAWN = b"\0"  # a confirmation that matches no group id: this peer left the round
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,46 +104,6 @@ def _why_no_group(
         f"no group formed: this peer's share of the {others + 1} ready peers fell below "
         f"{min_group_size} or had no peer that accepts connections"
     )
-
-
-class RendezvousBoard(Protocol):
-    """Where ready peers meet. Entries expire at ``expires_at`` (board clock, seconds)."""
-
-    async def announce(self, key: bytes, entry: ReadyPeer, expires_at: float) -> None: ...
-
-    async def entries(self, key: bytes) -> list[ReadyPeer]: ...
-
-    async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
-        """Post the id of the group ``peer`` derived for round ``key`` (opaque bytes, at
-        most 64: :func:`find_group` prefixes its attempt nonce)."""
-        ...
-
-    async def confirmations(self, key: bytes) -> dict[bytes, bytes]:
-        """Peer -> bytes posted by :meth:`confirm` for round ``key`` (unexpired)."""
-        ...
-
-
-class MemoryBoard:
-    """In-process board with an injectable clock (tests, single-process swarms)."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._entries: dict[bytes, dict[bytes, tuple[ReadyPeer, float]]] = {}
-        self._confirmed: dict[bytes, dict[bytes, tuple[bytes, float]]] = {}
-
-    async def announce(self, key: bytes, entry: ReadyPeer, expires_at: float) -> None:
-        self._entries.setdefault(key, {})[entry.peer] = (entry, expires_at)
-
-    async def entries(self, key: bytes) -> list[ReadyPeer]:
-        now = self._clock()
-        return [e for e, exp in self._entries.get(key, {}).values() if exp > now]
-
-    async def confirm(self, key: bytes, peer: bytes, group_id: bytes, expires_at: float) -> None:
-        self._confirmed.setdefault(key, {})[peer] = (group_id, expires_at)
-
-    async def confirmations(self, key: bytes) -> dict[bytes, bytes]:
-        now = self._clock()
-        return {p: g for p, (g, exp) in self._confirmed.get(key, {}).items() if exp > now}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -202,14 +159,6 @@ class MatchConfig:
             raise ConfigError(f"confirm_timeout_s must be > 0, got {self.confirm_timeout_s!r}")
         if not self.board_timeout_s > 0:
             raise ConfigError(f"board_timeout_s must be > 0, got {self.board_timeout_s!r}")
-
-
-async def _bounded(call: Awaitable[T], timeout_s: float) -> T | None:
-    """``call``'s result, or None when it did not finish within ``timeout_s``."""
-    try:
-        return await within(call, max(timeout_s, 1e-3))
-    except asyncio.TimeoutError:
-        return None
 
 
 async def find_group(
@@ -273,22 +222,22 @@ async def find_group(
         # deadline says we left).
         if not confirming:
             with contextlib.suppress(Exception):  # best effort: the cancellation goes on
-                await _withdraw(board, round_key, me, max(entry_expires_at, clock() + 60.0), config)
+                await withdraw(
+                    board,
+                    round_key,
+                    me,
+                    max(entry_expires_at, clock() + 60.0),
+                    config.board_timeout_s,
+                )
         raise
     if isinstance(found, NoGroup) and not confirming:
         # Leaving without a group (e.g. alone when the window closed): a peer that arrives
         # later still sees our entry, and must not wait for our confirmation.
         with contextlib.suppress(Exception):  # best effort: the reason stays the real one
-            await _withdraw(board, round_key, me, max(entry_expires_at, clock() + 60.0), config)
+            await withdraw(
+                board, round_key, me, max(entry_expires_at, clock() + 60.0), config.board_timeout_s
+            )
     return found
-
-
-async def _withdraw(
-    board: RendezvousBoard, round_key: bytes, me: ReadyPeer, expires_at: float, config: MatchConfig
-) -> None:
-    """Post that this attempt takes part in no group under ``round_key`` (bounded)."""
-    post = board.confirm(round_key, me.peer, me.nonce + _WITHDRAWN, expires_at=expires_at)
-    await _bounded(post, config.board_timeout_s)
 
 
 async def _find_group(
@@ -306,18 +255,18 @@ async def _find_group(
     on_confirm: Callable[[Group], None],
 ) -> Group | NoGroup:
     closes_at = opened_at + window_s
-    await _bounded(board.announce(round_key, me, expires_at=expires_at), config.board_timeout_s)
+    await bounded(board.announce(round_key, me, expires_at=expires_at), config.board_timeout_s)
     ready: list[ReadyPeer] = []
     reads = expect = 0
     reannounced = filled = False
-    withdrawals = _Withdrawals(board, round_key, me, config)
+    withdrawals = Withdrawals(board, round_key, me, config.board_timeout_s)
     # Entries seen open in this attempt: only their closed marks count. A closed entry of
     # an earlier attempt under the same key (a retry, or a fragment's key met again) would
     # close this window at once on a nonce nobody answers to any more.
     seen_open: set[tuple[bytes, bytes]] = set()
     for _ in range(config.max_polls):
         read_s = max(closes_at - clock(), 0.0) + config.board_timeout_s
-        read = await _bounded(board.entries(round_key), read_s)
+        read = await bounded(board.entries(round_key), read_s)
         if read is not None:  # a late read keeps the last one
             ready, reads = read, reads + 1
             seen_open.update((p.peer, p.nonce) for p in ready if not p.closed)
@@ -326,7 +275,7 @@ async def _find_group(
                 # before a restart): announce once more, past what the board holds.
                 reannounced = True
                 announce = board.announce(round_key, me, expires_at=expires_at)
-                await _bounded(announce, config.board_timeout_s)
+                await bounded(announce, config.board_timeout_s)
                 continue  # and read again before the window may close on the stale read
         now = clock()
         expect = _expected_count(ready, me, config)
@@ -391,40 +340,9 @@ async def _find_group(
         # one group): a mark then closed their windows on boards of every size between,
         # and 80 ready peers formed 14 groups instead of two; alone, we lose only our seat.
         closed = board.announce(round_key, replace(me, closed=True), expires_at=expires_at)
-        await _bounded(closed, config.board_timeout_s)
+        await bounded(closed, config.board_timeout_s)
     on_confirm(mine)
     return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
-
-
-class _Withdrawals:
-    """Which attempts seen on the board have withdrawn: read from the confirmations, once
-    per entry seen (a withdrawal is final for its attempt), and only when a window is about
-    to close, so an open window costs no extra reads."""
-
-    def __init__(
-        self, board: RendezvousBoard, round_key: bytes, me: ReadyPeer, config: MatchConfig
-    ) -> None:
-        self._board, self._key, self._me, self._config = board, round_key, me, config
-        self._checked: set[tuple[bytes, bytes]] = set()
-        self._gone: set[tuple[bytes, bytes]] = set()
-
-    async def others_staying(self, ready: list[ReadyPeer]) -> int:
-        """How many of ``ready`` besides us have not withdrawn (at most one bounded read of
-        the confirmations; when it fails, the unchecked ones count as staying)."""
-        others = {(p.peer, p.nonce) for p in ready if p.peer != self._me.peer}
-        unchecked = others - self._checked
-        if unchecked:
-            posts = await _bounded(
-                self._board.confirmations(self._key), self._config.board_timeout_s
-            )
-            if posts is not None:
-                self._checked |= unchecked
-                self._gone |= {
-                    (peer, nonce)
-                    for peer, nonce in unchecked
-                    if posts.get(peer) == nonce + _WITHDRAWN
-                }
-        return len(others - self._gone)
 
 
 def _expected_count(ready: list[ReadyPeer], me: ReadyPeer, config: MatchConfig) -> int:
@@ -484,7 +402,7 @@ async def _confirm(
     # A post is the poster's attempt nonce, then the group id it derived: posts of an
     # earlier attempt under the same key (or their withdrawals) do not count as answers.
     nonces = {p.peer: p.nonce for p in group.members}
-    await _bounded(
+    await bounded(
         board.confirm(round_key, me.peer, me.nonce + group.group_id, expires_at=expires_at),
         config.board_timeout_s,
     )
@@ -494,7 +412,7 @@ async def _confirm(
     stale = reposted = False
     posts = 0
     for _ in range(config.max_polls):
-        read = await _bounded(
+        read = await bounded(
             board.confirmations(round_key), max(deadline - clock(), config.poll_interval_s)
         )
         if read is not None:
@@ -510,7 +428,7 @@ async def _confirm(
                 break  # our re-post was refused too: the others cannot count us in
             if stale:  # an earlier run's post: once more, past it (then like the first)
                 reposted = True
-                await _bounded(
+                await bounded(
                     board.confirm(round_key, me.peer, me.nonce + group.group_id, expires_at),
                     config.board_timeout_s,
                 )
@@ -526,14 +444,14 @@ async def _confirm(
         # The board kept an earlier post of ours (the store was refused): the others read
         # that one, so they will not count us in. Neither do we; and should our re-post
         # land after all, a withdrawal expiring later follows it.
-        await _withdraw(board, round_key, me, expires_at + 1.0, config)
+        await withdraw(board, round_key, me, expires_at + 1.0, config.board_timeout_s)
         return NoGroup("no group formed: the board kept this peer's earlier confirmation")
     seen[me.peer] = group.group_id
     agreed = tuple(p for p in group.members if seen.get(p.peer) == group.group_id)
     if len(agreed) < config.min_group_size or all(p.client_mode for p in agreed):
         # Take back our confirmation: a member whose window closes later must not start an
         # all-reduce with us (a later expiry, or the DHT keeps the older record).
-        await _withdraw(board, round_key, me, expires_at + 1.0, config)
+        await withdraw(board, round_key, me, expires_at + 1.0, config.board_timeout_s)
         if len(agreed) < config.min_group_size:
             other = sum(
                 1 for p in group.members if seen.get(p.peer, group.group_id) != group.group_id
