@@ -40,6 +40,7 @@ __all__ = [
     "MAX_COUNT",
     "LoadedCheckpoint",
     "Snapshot",
+    "is_generator_state",
     "list_checkpoints",
     "load_latest_valid",
     "meta_count",
@@ -57,6 +58,17 @@ _OPTIM_META_KEY = "shoal.optimizer"
 
 MAX_COUNT = 2**53
 """The largest count a snapshot's meta may hold (every JSON reader keeps ints up to it)."""
+
+
+def is_generator_state(state: object) -> bool:
+    """Whether ``state`` can be a CPU generator's state (what ``set_state`` and
+    ``set_rng_state`` take): a snapshot's tensors come from other peers too."""
+    like = torch.get_rng_state()
+    return (
+        isinstance(state, torch.Tensor)
+        and state.dtype == like.dtype
+        and tuple(state.shape) == tuple(like.shape)
+    )
 
 
 def meta_count(meta: dict[str, Any], key: str, default: int) -> int:

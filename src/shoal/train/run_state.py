@@ -19,6 +19,7 @@ from shoal.models.data import TrainWindows
 from shoal.state.checkpoint import (
     LoadedCheckpoint,
     Snapshot,
+    is_generator_state,
     meta_count,
     meta_section,
     take_snapshot,
@@ -94,7 +95,7 @@ def restore_run(
         *(["rng.torch_cpu"] if "rng.torch_cpu" in ckpt.extra else []),
     ]
     for key in generator_states:  # a donor's: checked before anything is loaded
-        if not _is_generator_state(ckpt.extra[key]):
+        if not is_generator_state(ckpt.extra[key]):
             raise CheckpointError(f"checkpoint {ckpt.path}: {key} is not a generator state")
     try:
         model.load_state_dict(ckpt.model, strict=True)
@@ -109,16 +110,6 @@ def restore_run(
     if torch.cuda.is_available():
         _restore_cuda_rng(ckpt.extra)
     return ckpt.step
-
-
-def _is_generator_state(state: object) -> bool:
-    """Whether ``state`` can be a CPU generator's state (what ``set_state`` takes)."""
-    like = torch.get_rng_state()
-    return (
-        isinstance(state, torch.Tensor)
-        and state.dtype == like.dtype
-        and tuple(state.shape) == tuple(like.shape)
-    )
 
 
 def _restore_cuda_rng(extra: dict[str, torch.Tensor]) -> None:

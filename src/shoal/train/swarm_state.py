@@ -35,6 +35,7 @@ from shoal.models.data import TrainWindows
 from shoal.state.checkpoint import (
     LoadedCheckpoint,
     Snapshot,
+    is_generator_state,
     meta_count,
     meta_section,
     take_snapshot,
@@ -310,8 +311,7 @@ def _data_state(
     generator = ckpt.extra.get("data.generator")
     if not same_stream or generator is None:
         return None
-    own = windows.generator.get_state()
-    if generator.dtype != own.dtype or generator.shape != own.shape:
+    if not is_generator_state(generator):
         raise CheckpointError(f"data.generator is {generator.dtype} {tuple(generator.shape)}")
     return {"generator": generator, "batches_drawn": meta_count(data, "batches_drawn", 0)}
 
