@@ -101,7 +101,6 @@ class Inbox:
     ) -> None:
         self._rounds: OrderedDict[bytes, list[Message]] = OrderedDict()
         self._pending_bytes: dict[bytes, int] = {}
-        self._reserved = 0
         self._open: OrderedDict[bytes, _Shape] = OrderedDict()
         self._keys: dict[bytes, set[tuple[type, Member, int]]] = {}
         self._receiving: set[tuple[bytes, type, Member, int]] = set()
@@ -116,6 +115,11 @@ class Inbox:
         self._reserved_by: dict[Member, int] = {}
         self._watchers: dict[bytes, set[Callable[[], None]]] = {}
         self.dropped = 0
+
+    @property
+    def _reserved(self) -> int:
+        """Bytes being received for rounds not open here (every sender's)."""
+        return sum(self._reserved_by.values())
 
     def is_open(self, round_id: bytes) -> bool:
         return round_id in self._open
@@ -194,11 +198,9 @@ class Inbox:
                 f"{held + nbytes} bytes of rounds not started here from one sender (at most "
                 f"{self._max_pending_bytes // 2})"
             )
-        self._reserved += nbytes
         self._reserved_by[sender] = held + nbytes
 
     def release(self, nbytes: int, sender: Member) -> None:
-        self._reserved -= nbytes
         left = self._reserved_by.get(sender, 0) - nbytes
         if left > 0:
             self._reserved_by[sender] = left
