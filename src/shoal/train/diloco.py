@@ -259,9 +259,7 @@ class DiLoCo:
 
     def start_from_outer(self) -> None:
         """The model becomes the outer parameters: no local progress of its own."""
-        with torch.no_grad():
-            for p, m in zip(self.params, self.outer.master, strict=True):
-                p.copy_(m)
+        self.outer.load_into(self.params)
 
     def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
         """Adopt restored outer state (startup recovery); the caller restored the model.

@@ -351,10 +351,8 @@ class StreamingDiLoCo:
 
     def start_from_outer(self) -> None:
         """Every fragment's parameters become its outer parameters (no local progress)."""
-        with torch.no_grad():
-            for f, outer in enumerate(self.outers):
-                for p, m in zip(self.fragment_params(f), outer.master, strict=True):
-                    p.copy_(m)
+        for f, outer in enumerate(self.outers):
+            outer.load_into(self.fragment_params(f))
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Adopt a snapshot's outer state (startup recovery): every fragment or, when one
