@@ -47,6 +47,7 @@ class IdleTimeout:
     def __init__(self, idle_s: float) -> None:
         self.idle_s = idle_s
         self.fired = False
+        self.expired = False
         self._exited = False
         self._last = 0.0
         self._task: asyncio.Task[object] | None = None
@@ -63,7 +64,10 @@ class IdleTimeout:
         self._last = asyncio.get_running_loop().time()
 
     def expire(self) -> None:
-        """Give up now (e.g. what is being received is no longer wanted)."""
+        """Give up now (e.g. what is being received is no longer wanted): ``expired`` then
+        says so, where ``fired`` alone would not tell it from a stall."""
+        if not self.fired and not self._exited:
+            self.expired = True
         self._fire()
 
     def _check(self) -> None:

@@ -322,23 +322,17 @@ async def receive_message(
         raise ProtocolViolation(f"malformed round message meta: {exc}") from None
     if meta.payload_tensors > 2:
         raise ProtocolViolation(f"{meta.payload_tensors} payload tensors (at most 2)")
-    forgotten = False
+    idle = IdleTimeout(idle_s)
     try:
-        async with IdleTimeout(idle_s) as idle:
-
-            def forget() -> None:
-                nonlocal forgotten
-                forgotten = True
-                idle.expire()
-
-            take = admission.allocator(meta, on_forget=forget)
+        async with idle:
+            take = admission.allocator(meta, on_forget=idle.expire)
             watched = _Progress(frames, idle)
             tensors = [
                 await read_tensor_into_pool(watched, limits, take)
                 for _ in range(meta.payload_tensors)
             ]
     except TimeoutError:
-        if forgotten:
+        if idle.expired:
             raise ProtocolViolation("round message refused: the round is over here") from None
         raise PeerTimeout(f"no frame of a round message for {idle_s:g} s") from None
     return parse(meta, sender, tensors)
