@@ -58,8 +58,17 @@ async def _round(
     config=None,
     unreachable=(),
     slow=None,
+    tags=None,
+    rewrite=None,
 ):
     net = MemoryNetwork(faults)
+    if rewrite is not None:  # rewrite(sender, to, message) -> what is delivered instead
+        send = net._send
+
+        async def rewritten(sender, to, message):
+            return await send(sender, to, rewrite(sender, to, message))
+
+        net._send = rewritten
     net.unreachable.update(unreachable)
     net.slow.update(slow or {})
     inputs = inputs or _inputs(members)
@@ -71,7 +80,11 @@ async def _round(
     async def run(m):
         try:
             return await averagers[m].average(
-                tensors[m], weights[m], group=group, timeout_s=timeout_s
+                tensors[m],
+                weights[m],
+                group=group,
+                timeout_s=timeout_s,
+                tag=(tags or {}).get(m, b""),
             )
         except (PeerKilled, asyncio.CancelledError):  # killed, or stopped by a stop fault
             return None
@@ -129,6 +142,61 @@ def test_client_mode_member_contributes_without_reducing():
     assert results["client"].contributors == frozenset(members)
     assert net.sent[("client", "Report")] == 0  # it reduced nothing
     _check_invariant(inputs, weights, results, outputs)
+
+
+def _tagged_round(weights=None, **kwargs):
+    """a and b carry one group's mean (tag g1), c and d another's (g2), e its own vector."""
+    members = ["a", "b", "c", "d", "e"]
+    inputs = _inputs(members)
+    inputs["b"], inputs["d"] = inputs["a"].clone(), inputs["c"].clone()
+    weights = weights or {"a": 6.0, "b": 6.0, "c": 4.0, "d": 4.0, "e": 1.0}
+    tags = {"a": b"g1", "b": b"g1", "c": b"g2", "d": b"g2"}
+    return _round(members, inputs=inputs, weights=weights, tags=tags, **kwargs)
+
+
+def test_members_sending_one_tag_count_once():
+    _, inputs, weights, results, outputs = asyncio.run(_tagged_round())
+    assert _ok(results) == set(inputs)
+    expect = _expected(inputs, weights, ["a", "c", "e"])
+    for m, result in results.items():
+        assert result.contributors == frozenset(inputs)
+        assert result.weight == 11.0  # 6 + 4 + 1: each group's weight once
+        assert result.tags == {"a": b"g1", "b": b"g1", "c": b"g2", "d": b"g2"}
+        assert torch.allclose(outputs[m].double(), expect, atol=1e-5, rtol=0), m
+        assert torch.equal(outputs[m], outputs["a"])
+
+
+def test_a_tagged_member_lost_mid_round_leaves_its_tags_weight_whole():
+    fault = Fault("b", "Contribution", 2)  # reached a and c only: b is left out everywhere
+    _, inputs, weights, results, outputs = asyncio.run(_tagged_round(faults=[fault]))
+    assert _ok(results) == {"a", "c", "d", "e"}
+    expect = _expected(inputs, weights, ["a", "c", "e"])
+    for m in ("a", "c", "d", "e"):
+        assert "b" not in results[m].contributors
+        assert results[m].weight == 11.0  # a still brings g1's whole weight
+        assert torch.allclose(outputs[m].double(), expect, atol=1e-5, rtol=0), m
+
+
+@pytest.mark.parametrize("lie", ["drops a weight", "keeps the weights"])
+def test_a_member_telling_reducers_different_tags_fails_the_round(lie):
+    if lie == "drops a weight":  # e passes itself off as group g1 to reducer a only
+        liar, reducer, tag, weights = "e", "a", b"g1", None
+    else:
+        # a says g2 to reducer e: there a and b count where a and c count elsewhere, with
+        # equal weights a different mean under the same total weight.
+        liar, reducer, tag, weights = "a", "e", b"g2", dict.fromkeys("abcde", 1.0)
+
+    def rewrite(sender, to, message):
+        if sender == liar and to == reducer and isinstance(message, Contribution):
+            return replace(message, tag=tag)
+        return message
+
+    _, inputs, _, results, outputs = asyncio.run(_tagged_round(weights, rewrite=rewrite))
+    assert not _ok(results)
+    why = "weights" if lie == "drops a weight" else "tags"
+    for m, result in results.items():
+        assert f"reducers saw different contributor {why}" in result.reason, (m, result.reason)
+        assert torch.equal(outputs[m], inputs[m])
 
 
 @pytest.mark.parametrize("codec,atol", [("fp16", 2e-2), ("int8", 0.1), ("int4", 0.9)])

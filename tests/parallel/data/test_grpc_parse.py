@@ -3,6 +3,8 @@ well-formed message, nothing else."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -93,6 +95,71 @@ def test_frames_round_trip_through_parse(codec):
     decoded = back.data if c is None else c.decode(back.data)
     expect = part if c is None else c.decode(data)
     assert torch.equal(decoded.reshape(-1), expect.reshape(-1))
+
+
+def test_tags_travel_with_contributions_and_reduced_parts():
+    from shoal.net.tensors import as_tensor
+
+    part = torch.randn(10)
+    for message in (
+        Contribution(b"r", SENDER, 1, 2.0, part, b"\x07" * 64),
+        Reduced(b"r", SENDER, 1, frozenset({SENDER, OTHER}), 2.0, part, {OTHER: b"g"}),
+    ):
+        wire = encode_message(message)
+        meta = pb.RoundMessage()
+        assert wire.meta.meta.Unpack(meta)
+        back = parse(meta, SENDER, [as_tensor(h, bytearray(v)) for h, v in wire.tensors])
+        assert torch.equal(back.data, part)
+        assert back == replace(message, data=back.data)
+
+
+@pytest.mark.parametrize(
+    "edit,why",
+    [
+        (lambda m: setattr(m, "tag", b"x" * 65), "too long"),
+        (lambda m: m.tagged.add(peer_id=OTHER.raw, tag=b"g"), "tags others"),
+    ],
+)
+def test_a_contribution_with_a_bad_tag_is_refused(edit, why):
+    meta = pb.RoundMessage(
+        round_id=b"r", kind=pb.CONTRIBUTION, codec="none", numel=1, payload_tensors=1
+    )
+    edit(meta)
+    with pytest.raises(ProtocolViolation, match=why):
+        parse(meta, SENDER, [torch.zeros(1)])
+
+
+@pytest.mark.parametrize(
+    "tagged,own_tag,why",
+    [
+        ([(OTHER, b"g")], b"", "not among the contributors"),
+        ([(SENDER, b"g"), (SENDER, b"h")], b"", "more tags than contributors"),
+        ([(SENDER, b"")], b"", "tag of 0 bytes"),
+        ([(SENDER, b"g" * 65)], b"", "tag of 65 bytes"),
+        ([], b"g", "no tag of its own"),
+    ],
+)
+def test_a_reduced_part_with_bad_tags_is_refused(tagged, own_tag, why):
+    meta = pb.RoundMessage(
+        round_id=b"r",
+        kind=pb.REDUCED,
+        codec="none",
+        numel=1,
+        payload_tensors=1,
+        peers=[SENDER.raw],
+        tag=own_tag,
+    )
+    for peer, tag in tagged:
+        meta.tagged.add(peer_id=peer.raw, tag=tag)
+    with pytest.raises(ProtocolViolation, match=why):
+        parse(meta, SENDER, [torch.zeros(1)])
+
+
+@pytest.mark.parametrize("kind", [pb.REPORT, pb.LEAVE])
+def test_reports_and_leaves_carry_no_tags(kind):
+    meta = pb.RoundMessage(round_id=b"r", kind=kind, tag=b"g")
+    with pytest.raises(ProtocolViolation, match="carry tags"):
+        parse(meta, SENDER, [])
 
 
 def test_sparse_parts_are_checked_before_they_are_decoded():

@@ -19,8 +19,11 @@ Member ``i`` of the group reduces part ``i`` of the flat vector (parts sized by
    refused) cannot reduce the part over ``C``: it fails the round and leaves, so the
    others fail at once too.
 4. **All-gather.** Each reducer combines its part(s) over exactly ``C`` and sends the
-   result, tagged with ``C``, to every member.
-5. **Commit.** A member succeeds only when every part arrived tagged with its own ``C``;
+   result, tagged with ``C``, to every member. Members of ``C`` that sent the same
+   non-empty tag with their contributions (several members of one group carrying that
+   group's mean into a round across groups) count once.
+5. **Commit.** A member succeeds only when every part arrived tagged with its own ``C``
+   (and the same weight and contributors' tags);
    then every element of its result is the weighted mean over the same ``C``, and ``C`` is
    reported. Anything else before the deadline (a reducer died after reporting, members saw
    different reports, too few contributors) is a failed round: the caller's tensors are left
@@ -136,8 +139,13 @@ async def run_allreduce(
     config: AllReduceConfig | None = None,
     buffers: BufferPool | None = None,
     screened: dict[Member, str] | None = None,
+    tag: bytes = b"",
 ) -> tuple[RoundResult, dict[int, torch.Tensor] | None]:
     """Run one round; return the result and, on success, the reduced part of every range.
+
+    ``tag`` says what ``flat`` stands for (see ``Contribution.tag``): members sending the
+    same non-empty tag count once in every part, with the weight of the first of them in
+    member order.
 
     ``screened``, when given, receives the senders whose messages this member refused
     itself (see ``RoundResult.screened``), also when the round fails.
@@ -184,7 +192,7 @@ async def run_allreduce(
         sends = [
             (
                 members[j],
-                Contribution(round_id, me, j, weight, await _encode_off(codec, part_of(j))),
+                Contribution(round_id, me, j, weight, await _encode_off(codec, part_of(j)), tag),
             )
             for j in live_parts
         ]
@@ -292,7 +300,9 @@ async def run_allreduce(
             repair = [
                 (
                     reassigned[j],
-                    Contribution(round_id, me, j, weight, await _encode_off(codec, part_of(j))),
+                    Contribution(
+                        round_id, me, j, weight, await _encode_off(codec, part_of(j)), tag
+                    ),
                 )
                 for j in dead
             ]
@@ -314,6 +324,7 @@ async def run_allreduce(
         order = [m for m in members if m in common]
         results: dict[int, torch.Tensor] = {}
         part_weight: dict[int, float] = {}
+        part_tags: dict[int, dict[Member, bytes]] = {}
         broadcasts: list[tuple[Member, object]] = []
         own = ([my_part] if my_part in alive else []) + mine
         for j in own:
@@ -329,15 +340,18 @@ async def run_allreduce(
         for j in own:
             have = contributions[j]
             numel = part_of(j).numel()
+            sent = {m.sender: m.tag for m in msgs(Contribution, j) if m.tag}
+            part_tags[j] = {p: sent[p] for p in order if p in sent}
+            counted = _counted(order, part_tags[j])
             reduced = await _offload(
                 numel,
                 aggregate,
-                [have[p][1] for p in order],
-                [have[p][0] for p in order],
+                [have[p][1] for p in counted],
+                [have[p][0] for p in counted],
                 config.aggregation,
                 buffers.tensor(numel) if buffers is not None else None,
             )
-            part_weight[j] = sum(have[p][0] for p in order)
+            part_weight[j] = sum(have[p][0] for p in counted)
             wire = await _encode_off(codec, reduced)
             try:  # as every other member checks it (finite inputs can sum past fp32)
                 results[j] = decode_result(codec, wire)
@@ -345,7 +359,7 @@ async def run_allreduce(
                 left_round = True
                 await send_leave(transport, round_id, members)
                 return _failed(f"own reduced part {j}: {exc}", excluded, seconds), None
-            message = Reduced(round_id, me, j, common, part_weight[j], wire)
+            message = Reduced(round_id, me, j, common, part_weight[j], wire, part_tags[j])
             broadcasts += [(m, message) for m in members if m != me]
         if broadcasts:
             await _send_all(transport, broadcasts, deadline)
@@ -399,11 +413,16 @@ async def run_allreduce(
             if results[j].numel() != part_of(j).numel():
                 return unusable(j, "wrong size once decoded"), None
             part_weight[j] = r.weight
+            part_tags[j] = r.tags
         # Same contributors and the same weights everywhere give bit-identical totals; a
-        # member that told reducers different weights would make parts different means.
+        # member that told reducers different weights (or tags) would make parts different
+        # means.
         total_weight = part_weight[live_parts[0]] if live_parts else 0.0
         if any(part_weight[j] != total_weight for j in live_parts):
             return _failed("reducers saw different contributor weights", excluded, seconds), None
+        tags = part_tags[live_parts[0]] if live_parts else {}
+        if any(part_tags[j] != tags for j in live_parts):
+            return _failed("reducers saw different contributor tags", excluded, seconds), None
         seconds["all_gather"] = time.perf_counter() - t0 - sum(seconds.values())
         for m, why in unreachable.items():
             excluded.setdefault(m, why)
@@ -411,6 +430,7 @@ async def run_allreduce(
             RoundStatus.OK,
             contributors=common,
             weight=total_weight,
+            tags=dict(tags),
             excluded={m: why for m, why in excluded.items() if m not in common},
             reassigned=reassigned,
             seconds=seconds,
@@ -443,6 +463,20 @@ async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
     if numel >= _OFFLOAD_NUMEL:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
+
+
+def _counted(order: Sequence[Member], tags: dict[Member, bytes]) -> list[Member]:
+    """``order`` with only the first sender of each tag (untagged senders all count)."""
+    seen: set[bytes] = set()
+    counted = []
+    for m in order:
+        tag = tags.get(m, b"")
+        if tag in seen:
+            continue
+        if tag:
+            seen.add(tag)
+        counted.append(m)
+    return counted
 
 
 def _have_all(

@@ -96,8 +96,10 @@ class Averager:
         *,
         group: GroupSpec,
         timeout_s: float,
+        tag: bytes = b"",
     ) -> RoundResult:
-        """Average ``tensors`` in place with ``group``; see the module docstring."""
+        """Average ``tensors`` in place with ``group``; see the module docstring. Members
+        sending the same non-empty ``tag`` count once (see ``Contribution.tag``)."""
         if self.transport.me not in group.members:
             raise ConfigError(f"this peer {self.transport.me!r} is not in the group")
         if not timeout_s > 0:
@@ -129,6 +131,7 @@ class Averager:
                 config=self.config,
                 buffers=self.buffers,
                 screened=screened,
+                tag=tag,
             )
             result = replace(result, screened=screened)
         finally:

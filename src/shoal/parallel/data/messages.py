@@ -5,7 +5,7 @@
 - :class:`Report`: a reducer tells every member whose contributions to its part it
   received and accepted (and whom it rejected, with a reason).
 - :class:`Reduced`: the combined ``part`` over exactly ``contributors`` (with their total
-  weight), sent to every member (all-gather).
+  weight and their tags), sent to every member (all-gather).
 - :class:`Leave`: the sender stops mid-round (its peer is shutting down, or its caller gave
   up): the others stop waiting for it instead of sitting out a phase deadline. It is only
   a hint that ends waits early; what makes a result correct is unchanged (every part must
@@ -52,6 +52,10 @@ class Contribution:
     part: int
     weight: float
     data: WireTensor
+    tag: bytes = b""
+    """What the vector stands for (empty: the sender's own). Contributions to one round
+    under the same non-empty tag carry the same values (one group's mean, sent by each of
+    its members in a round across groups) and count once, with one sender's weight."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +74,10 @@ class Reduced:
     part: int
     contributors: frozenset[Member]
     weight: float
-    """Sum of the contributors' weights."""
+    """Sum of the contributors' weights (a tag's weight once)."""
     data: WireTensor
+    tags: dict[Member, bytes] = field(default_factory=dict)
+    """The tag of each contributor that sent one."""
 
 
 @dataclass(frozen=True, slots=True)

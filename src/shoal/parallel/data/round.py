@@ -50,7 +50,9 @@ class RoundResult:
     contributors: frozenset[Member] = frozenset()
     """Members whose vectors make up every element of the result (empty on failure)."""
     weight: float = 0.0
-    """Sum of the contributors' weights."""
+    """Sum of the contributors' weights; contributors under one tag count once."""
+    tags: dict[Member, bytes] = field(default_factory=dict)
+    """The tag of each contributor that sent one (see ``Contribution.tag``)."""
     excluded: dict[Member, str] = field(default_factory=dict)
     """Members left out, with the reason (rejected by screening, late, silent)."""
     reason: str = ""

@@ -44,6 +44,7 @@ __all__ = [
     "MAX_GROUP_SIZE",
     "MAX_REASON_CHARS",
     "MAX_ROUND_ID_BYTES",
+    "MAX_TAG_BYTES",
     "MESSAGE_IDLE_S",
     "Admission",
     "Wire",
@@ -57,6 +58,8 @@ __all__ = [
 MAX_GROUP_SIZE = 256
 MAX_ROUND_ID_BYTES = 64
 MAX_REASON_CHARS = 200
+MAX_TAG_BYTES = 64
+"""Longest contribution tag (a bitmap of up to 512 board entries)."""
 MAX_BLOCK_SIZE = 1 << 20
 """Largest block of a blockwise codec accepted from the wire (the defaults are 256 and 4096)."""
 MESSAGE_IDLE_S = 120.0
@@ -119,6 +122,10 @@ def encode_message(message: Message) -> Wire:
         meta.weight = message.weight
         if isinstance(message, Reduced):
             meta.peers.extend(_raw(p) for p in sorted(message.contributors, key=_raw))
+            for peer, tag in sorted(message.tags.items(), key=lambda item: _raw(item[0])):
+                meta.tagged.add(peer_id=_raw(peer), tag=tag)
+        else:
+            meta.tag = message.tag
         data = message.data
         if isinstance(data, Encoded):
             meta.codec = data.codec
@@ -198,6 +205,8 @@ def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) ->
     if len(meta.rejected) > MAX_GROUP_SIZE:
         raise ProtocolViolation("rejection list exceeds the group size limit")
     peers = frozenset(peer_from_raw(p) for p in meta.peers)
+    if meta.kind in (pb.LEAVE, pb.REPORT) and (meta.tag or meta.tagged):
+        raise ProtocolViolation("only contributions and reduced parts carry tags")
     if meta.kind == pb.LEAVE:
         if tensors or peers or meta.rejected:
             raise ProtocolViolation("a leave message carries nothing but its part")
@@ -216,8 +225,27 @@ def parse(meta: pb.RoundMessage, sender: PeerID, tensors: list[torch.Tensor]) ->
         raise ProtocolViolation(f"codec {meta.codec!r} with {len(tensors)} tensors")
     data = _check_payload(meta, tensors)
     if meta.kind == pb.CONTRIBUTION:
-        return Contribution(meta.round_id, sender, meta.part, meta.weight, data)
-    return Reduced(meta.round_id, sender, meta.part, peers, meta.weight, data)
+        if len(meta.tag) > MAX_TAG_BYTES or meta.tagged:
+            raise ProtocolViolation("a contribution's tag is too long, or it tags others")
+        return Contribution(meta.round_id, sender, meta.part, meta.weight, data, meta.tag)
+    if meta.tag:
+        raise ProtocolViolation("a reduced part carries no tag of its own")
+    return Reduced(meta.round_id, sender, meta.part, peers, meta.weight, data, _tags(meta, peers))
+
+
+def _tags(meta: pb.RoundMessage, peers: frozenset[PeerID]) -> dict[Member, bytes]:
+    """A reduced part's contributor tags: each a contributor's, once, within bounds."""
+    if len(meta.tagged) > len(peers):
+        raise ProtocolViolation("more tags than contributors")
+    tags: dict[Member, bytes] = {}
+    for item in meta.tagged:
+        peer = peer_from_raw(item.peer_id)
+        if peer not in peers or peer in tags:
+            raise ProtocolViolation("a tag for a peer not among the contributors, or twice")
+        if not 0 < len(item.tag) <= MAX_TAG_BYTES:
+            raise ProtocolViolation(f"a contributor tag of {len(item.tag)} bytes")
+        tags[peer] = item.tag
+    return tags
 
 
 class Admission:

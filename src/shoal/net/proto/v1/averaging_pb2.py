@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from shoal.net.proto.v1 import tensor_pb2 as shoal_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shoal/v1/averaging.proto\x12\x08shoal.v1\x1a\x15shoal/v1/tensor.proto\"C\n\x0bPullRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12\x15\n\x08received\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_received\",\n\tRejection\x12\x0f\n\x07peer_id\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xe9\x01\n\x0cRoundMessage\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.shoal.v1.RoundMessageKind\x12\x0c\n\x04part\x18\x03 \x01(\r\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\r\n\x05peers\x18\x05 \x03(\x0c\x12%\n\x08rejected\x18\x06 \x03(\x0b\x32\x13.shoal.v1.Rejection\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\r\n\x05numel\x18\x08 \x01(\x04\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x17\n\x0fpayload_tensors\x18\n \x01(\r*l\n\x10RoundMessageKind\x12\"\n\x1eROUND_MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43ONTRIBUTION\x10\x01\x12\n\n\x06REPORT\x10\x02\x12\x0b\n\x07REDUCED\x10\x03\x12\t\n\x05LEAVE\x10\x04\x32|\n\tAveraging\x12\x37\n\x07\x44\x65liver\x12\x15.shoal.v1.TensorFrame\x1a\x13.shoal.v1.TensorAck(\x01\x12\x36\n\x04Pull\x12\x15.shoal.v1.PullRequest\x1a\x15.shoal.v1.TensorFrame0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18shoal/v1/averaging.proto\x12\x08shoal.v1\x1a\x15shoal/v1/tensor.proto\"C\n\x0bPullRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12\x15\n\x08received\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_received\",\n\tRejection\x12\x0f\n\x07peer_id\x18\x01 \x01(\x0c\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x98\x02\n\x0cRoundMessage\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12(\n\x04kind\x18\x02 \x01(\x0e\x32\x1a.shoal.v1.RoundMessageKind\x12\x0c\n\x04part\x18\x03 \x01(\r\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\r\n\x05peers\x18\x05 \x03(\x0c\x12%\n\x08rejected\x18\x06 \x03(\x0b\x32\x13.shoal.v1.Rejection\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\r\n\x05numel\x18\x08 \x01(\x04\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x17\n\x0fpayload_tensors\x18\n \x01(\r\x12\x0b\n\x03tag\x18\x0b \x01(\x0c\x12 \n\x06tagged\x18\x0c \x03(\x0b\x32\x10.shoal.v1.Tagged\"&\n\x06Tagged\x12\x0f\n\x07peer_id\x18\x01 \x01(\x0c\x12\x0b\n\x03tag\x18\x02 \x01(\x0c*l\n\x10RoundMessageKind\x12\"\n\x1eROUND_MESSAGE_KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43ONTRIBUTION\x10\x01\x12\n\n\x06REPORT\x10\x02\x12\x0b\n\x07REDUCED\x10\x03\x12\t\n\x05LEAVE\x10\x04\x32|\n\tAveraging\x12\x37\n\x07\x44\x65liver\x12\x15.shoal.v1.TensorFrame\x1a\x13.shoal.v1.TensorAck(\x01\x12\x36\n\x04Pull\x12\x15.shoal.v1.PullRequest\x1a\x15.shoal.v1.TensorFrame0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.v1.averaging_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUNDMESSAGEKIND']._serialized_start=412
-  _globals['_ROUNDMESSAGEKIND']._serialized_end=520
+  _globals['_ROUNDMESSAGEKIND']._serialized_start=499
+  _globals['_ROUNDMESSAGEKIND']._serialized_end=607
   _globals['_PULLREQUEST']._serialized_start=61
   _globals['_PULLREQUEST']._serialized_end=128
   _globals['_REJECTION']._serialized_start=130
   _globals['_REJECTION']._serialized_end=174
   _globals['_ROUNDMESSAGE']._serialized_start=177
-  _globals['_ROUNDMESSAGE']._serialized_end=410
-  _globals['_AVERAGING']._serialized_start=522
-  _globals['_AVERAGING']._serialized_end=646
+  _globals['_ROUNDMESSAGE']._serialized_end=457
+  _globals['_TAGGED']._serialized_start=459
+  _globals['_TAGGED']._serialized_end=497
+  _globals['_AVERAGING']._serialized_start=609
+  _globals['_AVERAGING']._serialized_end=733
 # @@protoc_insertion_point(module_scope)

@@ -38,7 +38,7 @@ class Rejection(_message.Message):
     def __init__(self, peer_id: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RoundMessage(_message.Message):
-    __slots__ = ("round_id", "kind", "part", "weight", "peers", "rejected", "codec", "numel", "block_size", "payload_tensors")
+    __slots__ = ("round_id", "kind", "part", "weight", "peers", "rejected", "codec", "numel", "block_size", "payload_tensors", "tag", "tagged")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,8 @@ class RoundMessage(_message.Message):
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    TAGGED_FIELD_NUMBER: _ClassVar[int]
     round_id: bytes
     kind: RoundMessageKind
     part: int
@@ -59,4 +61,14 @@ class RoundMessage(_message.Message):
     numel: int
     block_size: int
     payload_tensors: int
-    def __init__(self, round_id: _Optional[bytes] = ..., kind: _Optional[_Union[RoundMessageKind, str]] = ..., part: _Optional[int] = ..., weight: _Optional[float] = ..., peers: _Optional[_Iterable[bytes]] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., block_size: _Optional[int] = ..., payload_tensors: _Optional[int] = ...) -> None: ...
+    tag: bytes
+    tagged: _containers.RepeatedCompositeFieldContainer[Tagged]
+    def __init__(self, round_id: _Optional[bytes] = ..., kind: _Optional[_Union[RoundMessageKind, str]] = ..., part: _Optional[int] = ..., weight: _Optional[float] = ..., peers: _Optional[_Iterable[bytes]] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., block_size: _Optional[int] = ..., payload_tensors: _Optional[int] = ..., tag: _Optional[bytes] = ..., tagged: _Optional[_Iterable[_Union[Tagged, _Mapping]]] = ...) -> None: ...
+
+class Tagged(_message.Message):
+    __slots__ = ("peer_id", "tag")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    peer_id: bytes
+    tag: bytes
+    def __init__(self, peer_id: _Optional[bytes] = ..., tag: _Optional[bytes] = ...) -> None: ...
