@@ -16,6 +16,7 @@ from shoal.dht.peer import DHT
 from shoal.errors import ConfigError
 from shoal.net import Identity, NetConfig, NetRuntime
 from shoal.net.shaper import LinkShaper, ShaperConfig
+from shoal.parallel.data.matchmaking import ReadyPeer, form_groups
 from shoal.train.swarm_round import RoundsConfig, SwarmRounds, announced_bandwidth, retry_key
 
 NUMEL = 1_000_000
@@ -358,3 +359,81 @@ def test_the_window_is_at_least_a_share_of_the_round_period():
         rounds._last_start = time.monotonic() - 8.0
         rounds.skipped()  # a round skipped just now restarts the period
         assert window_of(b"r2") < 1.5
+
+
+def _across_swarm(runtimes, dhts, codec="none", **config):
+    config = RoundsConfig(wire_codec=codec, window_initial_s=20.0, max_group_size=3, **config)
+    return [
+        SwarmRounds(rt, dht.node, swarm="t", config=config)
+        for rt, dht in zip(runtimes, dhts, strict=True)
+    ]
+
+
+def _weighted_round(runtimes, rounds, vectors, weights, key: bytes, *, again: bool = False):
+    def one(i: int):
+        if again:
+            coro = rounds[i].again(vectors[i], weights[i], tag=b"/1")
+        else:
+            coro = rounds[i].average(vectors[i], weights[i], round_key=key, expected_peers=7)
+        return runtimes[i].run(coro, timeout_s=60.0)
+
+    with ThreadPoolExecutor(len(rounds)) as pool:
+        return list(pool.map(one, range(len(rounds))))
+
+
+def _mean(inputs, weights, who):
+    return sum(weights[i] * inputs[i].double() for i in who) / sum(weights[i] for i in who)
+
+
+@pytest.mark.parametrize("codec,atol", [("none", 1e-5), ("int8", 0.05)])
+def test_a_round_of_several_groups_gives_everyone_the_mean_over_all_of_them(codec, atol):
+    # 7 peers in groups of at most 3: groups of 3, 2 and 2, and two columns across them,
+    # one of which holds two members of the group of 3 (its mean must count once). Every
+    # peer ends with the same bits, whichever column it averaged in.
+    with _swarm(7) as (runtimes, dhts):
+        rounds = _across_swarm(runtimes, dhts, codec)
+        weights = [float(i + 1) for i in range(7)]
+        g = torch.Generator().manual_seed(0)
+        for again in (False, True):  # a second exchange (low-rank) goes across as well
+            inputs = [torch.randn(50_000, generator=g) for _ in range(7)]
+            vectors = [x.clone() for x in inputs]
+            outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k", again=again)
+            expect = _mean(inputs, weights, range(7))
+            for outcome, v in zip(outcomes, vectors, strict=True):
+                assert outcome.ok and outcome.included, outcome.reason
+                assert outcome.contributors == {rt.peer_id for rt in runtimes}
+                assert outcome.weight == sum(weights) and outcome.group_size == 7
+                assert "across" in outcome.seconds
+                assert torch.allclose(v.double(), expect, atol=atol, rtol=0)
+            assert all(torch.equal(v, vectors[0]) for v in vectors)
+            assert {len(r.last_group.members) for r in rounds} == {2, 3}
+
+
+def test_a_group_still_counts_whole_when_one_of_its_two_members_in_a_column_is_lost():
+    with _swarm(7) as (runtimes, dhts):
+        rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=4.0)
+        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+        groups = form_groups(b"k/none", ready, max_group_size=3)
+        big = next(grp for grp in groups if len(grp.members) == 3)
+        index = {rt.peer_id.raw: i for i, rt in enumerate(runtimes)}
+        # Members 0 and 2 of the group of 3 share a column; 2 never reaches it.
+        lost = index[big.members[2].peer]
+
+        async def gone(*args) -> None:
+            return None
+
+        rounds[lost]._across = gone
+        weights = [float(i + 1) for i in range(7)]
+        inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+        vectors = [x.clone() for x in inputs]
+        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        everyone = _mean(inputs, weights, range(7))
+        for i, (outcome, v) in enumerate(zip(outcomes, vectors, strict=True)):
+            assert outcome.ok, outcome.reason
+            if i == lost:  # its group's mean, told so
+                own = [index[p.peer] for p in big.members]
+                assert outcome.group_size == 3 and outcome.weight == sum(weights[j] for j in own)
+                assert torch.allclose(v.double(), _mean(inputs, weights, own), atol=1e-5, rtol=0)
+            else:
+                assert outcome.weight == sum(weights) and outcome.group_size == 7
+                assert torch.allclose(v.double(), everyone, atol=1e-5, rtol=0)

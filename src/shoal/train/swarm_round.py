@@ -36,7 +36,15 @@ from shoal.parallel.data.allreduce import send_leave
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.dht_board import DhtBoard, RecordStore
 from shoal.parallel.data.grpc_transport import GrpcTransport
-from shoal.parallel.data.matchmaking import FormationConfig, FormationEstimator, ReadyPeer
+from shoal.parallel.data.matchmaking import (
+    FormationConfig,
+    FormationEstimator,
+    ReadyPeer,
+    cross_groups,
+    members_tag,
+    round_order,
+    tag_members,
+)
 from shoal.parallel.data.rendezvous import Group, MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
 
@@ -141,15 +149,16 @@ class RoundsConfig:
     def round_deadline_s(self) -> float:
         """Longest a whole round may take: the membership read before it, the longest
         window, what matchmaking may take beyond it (board calls and the group
-        confirmation, each bounded), resolving the members' addresses, the all-reduce, and
-        a second of margin. A caller that gives up sooner may cancel a round the others
-        commit with this peer's contribution in it."""
+        confirmation, each bounded), resolving the members' addresses, the all-reduce and
+        the one across groups (a round of more than ``max_group_size`` peers), and a second
+        of margin. A caller that gives up sooner may cancel a round the others commit with
+        this peer's contribution in it."""
         return (
             MEMBERSHIP_READ_S
             + self.window_cap_s
             + self.match.overrun_s
             + DIAL_RESOLVE_S
-            + self.allreduce_timeout_s
+            + 2 * self.allreduce_timeout_s
             + 1.0
         )
 
@@ -233,8 +242,22 @@ def wait_outcome(
             return RoundOutcome(False, reason=f"round error: {type(exc).__name__}: {exc}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Across:
+    """This peer's seat in the stage of a round across groups."""
+
+    column: GroupSpec
+    groups: tuple[Group, ...]
+    """Every group of the round (the positions a contributors' tag marks)."""
+
+
 class SwarmRounds:
-    """Rendezvous on the DHT + butterfly all-reduce, for one peer (use on the network loop)."""
+    """Rendezvous on the DHT + butterfly all-reduce, for one peer (use on the network loop).
+
+    A round of more ready peers than ``max_group_size`` is cut into groups; each group
+    averages, then columns of members from every group average the groups' means
+    (``matchmaking.cross_groups``), so every peer ends with the mean over everyone, as in one
+    group, at about 1.5 times one group's bytes."""
 
     def __init__(
         self,
@@ -277,6 +300,8 @@ class SwarmRounds:
         """Its measured downlink, bits/s (the same of each round's fastest message received)."""
         self.last_group: GroupSpec | None = None
         """The contributors of the last successful round, as a group (for :meth:`again`)."""
+        self.last_across: _Across | None = None
+        """Its column's contributors, when its stage across groups succeeded."""
         self._retry_keys: OrderedDict[bytes, bytes] = OrderedDict()
         """Round key -> the key its retry uses, for keys whose all-reduce failed here."""
         self._last_start: float | None = None
@@ -317,7 +342,8 @@ class SwarmRounds:
             # Not measured yet: 0, taken as the uplink.
             downlink_bps=announced_bandwidth(self.downlink_bps) if self.downlink_bps else 0.0,
         )
-        confirmed: list[Group] = []
+        confirmed: list[Group] = []  # told we leave, should we be cancelled
+        column: Group | None = None  # this peer's seat in the stage across groups
         try:
             group = await find_group(
                 self.board,
@@ -331,15 +357,21 @@ class SwarmRounds:
                 min_window_s=cfg.window_period_fraction * period_s,
             )
             if isinstance(group, Group):
-                confirmed.append(group)  # the agreed group: perhaps a subset of the one confirmed
-                group = await self._dialable(group)
+                confirmed[:] = [group]  # the agreed group: perhaps a subset of the one confirmed
+                column = self._column(round_key, group)
+                if column is None:
+                    group = await self._dialable(group)
+                else:
+                    confirmed.append(column)
+                    group, column = await asyncio.gather(
+                        self._dialable(group), self._dialable(column)
+                    )
         except (NetworkError, asyncio.TimeoutError) as exc:
             return RoundOutcome(False, reason=f"matchmaking failed: {exc}")
         except asyncio.CancelledError:
             # Stopped between confirming a group and its all-reduce (where the averager
             # says it leaves): the others may already count on us.
-            if confirmed:
-                await self._leave(confirmed[-1])
+            await self._leave(*confirmed)
             raise
         t1 = time.monotonic()
         seconds = {"matchmaking": t1 - t0}
@@ -348,6 +380,10 @@ class SwarmRounds:
         spec = self.transport.join(group)  # shares follow the announced links
         members = list(spec.members)
         self.averager.prepare(spec)
+        # Held from now: a faster group's members may start the second stage meanwhile.
+        column_spec = None if column is None else self.transport.join(column)
+        if column_spec is not None:
+            self.averager.prepare(column_spec)
         result = None
         try:
             result = await self.averager.average(
@@ -358,6 +394,9 @@ class SwarmRounds:
                 self._retry_keys[round_key] = retry_key(round_key, group.group_id)
                 while len(self._retry_keys) > _MAX_RETRY_KEYS:
                     self._retry_keys.popitem(last=False)
+                if column is not None:  # no mean of our group to bring there
+                    self.transport.inbox.close(column.group_id)
+                    await self._leave(column)
         seconds["allreduce"] = time.monotonic() - t1
         self._observe_links()
         self._penalize(result.screened)
@@ -371,7 +410,8 @@ class SwarmRounds:
         left_out = "" if included else result.excluded.get(own) or "left out"
         kept = [i for i, m in enumerate(members) if m in contributors]
         self.last_group = spec.subgroup(kept, group.group_id)
-        return RoundOutcome(
+        self.last_across = None
+        outcome = RoundOutcome(
             True,
             contributors=contributors,
             weight=result.weight,
@@ -380,18 +420,72 @@ class SwarmRounds:
             seconds=seconds,
             included=included,
         )
+        if column_spec is not None:
+            await self._across(vector, outcome, _Across(column_spec, group.round_groups))
+        return outcome
+
+    def _column(self, round_key: bytes, group: Group) -> Group | None:
+        """This peer's column of the round's second stage, if the round has one (several
+        groups) and this peer has a seat in it."""
+        groups = group.round_groups
+        columns = cross_groups(round_key, groups, max_group_size=self.config.max_group_size)
+        me = self.runtime.peer_id.raw
+        return next((c for c in columns if any(p.peer == me for p in c.members)), None)
+
+    async def _across(self, vector: torch.Tensor, outcome: RoundOutcome, across: _Across) -> None:
+        """The second stage of a round cut into several groups: average this group's mean
+        (in ``vector``) with the other groups' in ``column``, tagged with this group's
+        contributors, so a group counts once whichever of its members reach the column.
+        On success ``vector`` and ``outcome`` stand for every group that took part; else
+        both stay this group's (the swarm then holds several models until the peers
+        realign, as a round split into groups did without this stage)."""
+        t0 = time.monotonic()
+        column, order = across.column, round_order(across.groups)
+        tag = members_tag(order, (p.raw for p in outcome.contributors))
+        result = await self.averager.average(
+            [vector],
+            outcome.weight,
+            group=column,
+            timeout_s=self.config.allreduce_timeout_s,
+            tag=tag,
+        )
+        outcome.seconds["across"] = time.monotonic() - t0
+        self._observe_links()
+        self._penalize(result.screened)
+        if not result.ok:
+            log.info(
+                "the average across groups failed, this group's mean stands: %s", result.reason
+            )
+            return
+        represented: set[bytes] = set()
+        for member in result.contributors:
+            if isinstance(member, PeerID):
+                tagged = result.tags.get(member)
+                represented |= tag_members(order, tagged) if tagged else {member.raw}
+        kept = [i for i, m in enumerate(column.members) if m in result.contributors]
+        self.last_across = _Across(column.subgroup(kept, column.round_id), across.groups)
+        outcome.contributors = frozenset(PeerID(raw) for raw in represented)
+        outcome.weight = result.weight
+        # As for one group: the members of the groups that took part, left out or not.
+        outcome.group_size = sum(
+            len(g.members) for g in across.groups if any(p.peer in represented for p in g.members)
+        )
 
     def skipped(self) -> None:
         """A round was not tried (no peer to average with): the round period restarts now,
         so the first window after a lonely spell is not stretched by its length."""
         self._last_start = time.monotonic()
 
-    async def _leave(self, group: Group) -> None:
-        """Tell ``group``'s members that this peer leaves its round (a subset of the group
+    async def _leave(self, *groups: Group) -> None:
+        """Tell each group's members that this peer leaves its round (a subset of a group
         that agreed without us runs under another id and ignores it)."""
-        with contextlib.suppress(Exception):  # the caller must see its cancellation
-            spec = self.transport.join(group)  # their addresses
-            await send_leave(self.transport, group.group_id, spec.members)
+
+        async def leave(group: Group) -> None:
+            with contextlib.suppress(Exception):  # the caller must see its cancellation
+                spec = self.transport.join(group)  # their addresses
+                await send_leave(self.transport, group.group_id, spec.members)
+
+        await asyncio.gather(*(leave(g) for g in groups))
 
     async def _dialable(self, group: Group) -> Group:
         """``group`` with every member's address as this peer dials it (a member that cannot
@@ -439,7 +533,8 @@ class SwarmRounds:
 
         Every contributor of the last round derives the same group (the contributor set is
         agreed by the all-reduce), so a second exchange of the same round (e.g. the Q
-        factors of a low-rank round) needs no rendezvous.
+        factors of a low-rank round) needs no rendezvous. A round that went on across
+        groups goes on again with the same column's contributors.
         """
         last = self.last_group
         if last is None:
@@ -450,10 +545,23 @@ class SwarmRounds:
             return RoundOutcome(False, reason="this peer was left out of the last round")
         spec = replace(last, round_id=last.round_id[:32] + tag[:16])
         self.averager.prepare(spec)
+        across = self.last_across
+        if across is not None and self.runtime.peer_id in across.column.members:
+            column = replace(across.column, round_id=across.column.round_id[:32] + tag[:16])
+            across = replace(across, column=column)
+            self.averager.prepare(column)
+        else:
+            across = None
         t0 = time.monotonic()
-        result = await self.averager.average(
-            [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
-        )
+        result = None
+        try:
+            result = await self.averager.average(
+                [vector], weight, group=spec, timeout_s=self.config.allreduce_timeout_s
+            )
+        finally:
+            if across is not None and (result is None or not result.ok):
+                self.transport.inbox.close(across.column.round_id)
+                await send_leave(self.transport, across.column.round_id, across.column.members)
         self._observe_links()
         self._penalize(result.screened)
         seconds = {"allreduce": time.monotonic() - t0}
@@ -462,7 +570,7 @@ class SwarmRounds:
                 False, group_size=len(spec.members), reason=result.reason, seconds=seconds
             )
         contributors = frozenset(p for p in result.contributors if isinstance(p, PeerID))
-        return RoundOutcome(
+        outcome = RoundOutcome(
             True,
             contributors=contributors,
             weight=result.weight,
@@ -470,3 +578,6 @@ class SwarmRounds:
             seconds=seconds,
             included=self.runtime.peer_id in contributors,
         )
+        if across is not None:
+            await self._across(vector, outcome, across)
+        return outcome

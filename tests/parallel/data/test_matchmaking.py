@@ -15,7 +15,11 @@ from shoal.parallel.data.matchmaking import (
     FormationEstimator,
     Group,
     ReadyPeer,
+    cross_groups,
     form_groups,
+    members_tag,
+    round_order,
+    tag_members,
     window_closed,
 )
 from shoal.parallel.data.rendezvous import MatchConfig, NoGroup, find_group
@@ -51,6 +55,52 @@ def test_window_closes_when_full_or_expired():
 
 def _peers(n: int, clients: int = 0) -> list[ReadyPeer]:
     return [ReadyPeer(bytes([i]) * 32, 1.0, 1e8, client_mode=i < clients) for i in range(n)]
+
+
+@pytest.mark.parametrize("n,max_size", [(9, 4), (10, 4), (20, 8), (81, 64), (256, 64)])
+def test_columns_across_groups_seat_everyone_with_every_group_in_each(n, max_size):
+    groups = form_groups(b"r", _peers(n), max_group_size=max_size)
+    assert len(groups) > 1
+    columns = cross_groups(b"r", groups, max_group_size=max_size)
+    seated = [p.peer for c in columns for p in c.members]
+    assert sorted(seated) == sorted(p.peer for p in _peers(n))  # each once
+    group_of = {p.peer: i for i, g in enumerate(groups) for p in g.members}
+    for column in columns:
+        counts = [sum(group_of[p.peer] == i for p in column.members) for i in range(len(groups))]
+        assert min(counts) >= 1 and max(counts) <= 2, counts
+    # every reader derives the same columns, and group ids differ from the groups'
+    again = form_groups(b"r", list(reversed(_peers(n))), max_group_size=max_size)
+    assert cross_groups(b"r", again, max_group_size=max_size) == columns
+    assert not {c.group_id for c in columns} & {g.group_id for g in groups}
+
+
+def test_a_column_without_a_reducer_joins_one_that_has_one():
+    # 2 groups of 5, each with 2 reducers: columns 2 to 4 would hold only clients.
+    peers = [ReadyPeer(bytes([i]) * 32, 1.0, 1e8, client_mode=i >= 4) for i in range(10)]
+    groups = form_groups(b"r", peers, max_group_size=5)
+    assert [sum(not p.client_mode for p in g.members) for g in groups] == [2, 2]
+    columns = cross_groups(b"r", groups, max_group_size=6)
+    assert all(any(not p.client_mode for p in c.members) for c in columns)
+    assert sorted(len(c.members) for c in columns) == [4, 6]
+    # no room for them: the clients of those columns skip the second stage
+    tight = cross_groups(b"r", groups, max_group_size=2)
+    assert [len(c.members) for c in tight] == [2, 2]
+
+
+def test_one_group_has_no_columns():
+    groups = form_groups(b"r", _peers(4), max_group_size=4)
+    assert cross_groups(b"r", groups, max_group_size=4) == []
+
+
+def test_a_tag_marks_exactly_the_peers_it_was_made_of():
+    groups = form_groups(b"r", _peers(20), max_group_size=8)
+    order = round_order(groups)
+    assert sorted(order) == sorted(p.peer for p in _peers(20))
+    some = set(order[::3])
+    tag = members_tag(order, [*some, b"\xff" * 32])  # a stranger is not marked
+    assert len(tag) == 3 and tag_members(order, tag) == some
+    assert tag_members(order, b"") == set()
+    assert tag_members(order[:4], b"\xff" * 8) == set(order[:4])  # bits past the order
 
 
 def test_groups_are_bounded_balanced_and_identical_for_every_view_order():

@@ -155,3 +155,22 @@ def test_write_parts_fills_a_view_in_place_and_a_copy_through_write_back():
     copied = FlatVector([a, b])
     copied.write_parts([(0, 2), (2, 6)], {0: torch.ones(2), 1: torch.full((4,), 3.0)})
     assert a.tolist() == [1, 1, 3] and b.tolist() == [3, 3, 3]
+
+
+@given(
+    total=st.integers(0, 100_000),
+    shares=st.lists(st.sampled_from([0.0, 0.1, 0.25, 1.0, 3.0]), min_size=1, max_size=9),
+    align=st.sampled_from([1, 7, 256, 4096]),
+)
+def test_aligned_parts_tile_the_vector_and_start_on_the_grid(total, shares, align):
+    if not sum(shares) > 0:
+        shares = [*shares[:-1], 1.0]
+    ranges = part_ranges(total, shares, align)
+    assert len(ranges) == len(shares)
+    assert ranges[0][0] == 0 and ranges[-1][1] == total
+    for (_, end), (start, _) in itertools.pairwise(ranges):
+        assert end == start
+    for (start, end), share in zip(ranges, shares, strict=True):
+        assert start <= end and (start % align == 0 or start == total)
+        if share == 0:  # a client's part stays empty
+            assert start == end

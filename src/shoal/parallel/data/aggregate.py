@@ -124,17 +124,30 @@ def _norm(part: torch.Tensor) -> float:
 
 
 def weighted_mean(
-    parts: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor | None = None
+    parts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    out: torch.Tensor | None = None,
+    *,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """``sum(w_i x_i) / sum(w_i)`` accumulated in fp32, in the given order (into ``out``)."""
+    """``sum(w_i x_i) / sum(w_i)`` accumulated in fp32, in the given order (into ``out``).
+
+    ``fused=False`` rounds every product before it is added: the same bits on every CPU
+    (a fused multiply-add rounds once, and where a CPU has one depends on the build and the
+    machine), at one more pass over each part.
+    """
     if not parts or len(parts) != len(weights):
         raise ValueError(f"need matching non-empty parts/weights, got {len(parts)}/{len(weights)}")
     total = float(sum(weights))
     if not total > 0:
         raise ValueError(f"weights must sum to > 0, got {list(weights)}")
     out = torch.mul(parts[0], weights[0] / total, out=out)
+    term = None if fused or len(parts) < 2 else torch.empty_like(out)
     for part, w in zip(parts[1:], weights[1:], strict=True):
-        out.add_(part, alpha=w / total)
+        if term is None:
+            out.add_(part, alpha=w / total)
+        else:
+            out.add_(torch.mul(part, w / total, out=term))
     return out
 
 
@@ -181,10 +194,13 @@ def aggregate(
     weights: Sequence[float],
     config: AggregationConfig,
     out: torch.Tensor | None = None,
+    *,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """Combine accepted contributions according to ``config.kind`` (``mean`` fills ``out``)."""
+    """Combine accepted contributions according to ``config.kind`` (``mean`` fills ``out``;
+    ``fused``: see :func:`weighted_mean`)."""
     if config.kind == "mean":
-        return weighted_mean(parts, weights, out)
+        return weighted_mean(parts, weights, out, fused=fused)
     if config.kind == "trimmed_mean":
         return _trimmed_mean(parts, config.trim_fraction)
     return _centered_clip(parts, weights, config.clip_radius, config.clip_iterations)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence, Set
@@ -345,7 +346,7 @@ async def run_allreduce(
             counted = _counted(order, part_tags[j])
             reduced = await _offload(
                 numel,
-                aggregate,
+                functools.partial(aggregate, fused=not part_tags[j]),
                 [have[p][1] for p in counted],
                 [have[p][0] for p in counted],
                 config.aggregation,
@@ -466,17 +467,20 @@ async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
 
 
 def _counted(order: Sequence[Member], tags: dict[Member, bytes]) -> list[Member]:
-    """``order`` with only the first sender of each tag (untagged senders all count)."""
-    seen: set[bytes] = set()
-    counted = []
+    """The first sender in ``order`` of each tag, in the order of the tags, then the
+    untagged senders in ``order``.
+
+    Several rounds (one per column of a round across groups) reduce the same tagged means
+    with different members: summed in the tags' order, with each product rounded on its
+    own (``fused=False``), every one of them computes the same bits.
+    """
+    first: dict[bytes, Member] = {}
     for m in order:
         tag = tags.get(m, b"")
-        if tag in seen:
-            continue
-        if tag:
-            seen.add(tag)
-        counted.append(m)
-    return counted
+        if tag and tag not in first:
+            first[tag] = m
+    untagged = [m for m in order if not tags.get(m)]
+    return [first[tag] for tag in sorted(first)] + untagged
 
 
 def _have_all(

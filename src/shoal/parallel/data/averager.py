@@ -117,7 +117,10 @@ class Averager:
                 finally:
                     self.transport.inbox.close(group.round_id)
                 raise
-            ranges = part_ranges(flat.numel, shares)
+            # A tagged round is one of several (the columns of a round across groups)
+            # that must give the same bits: blockwise codecs then cut every part alike.
+            align = getattr(self.codec, "block_size", 1) if tag else 1
+            ranges = part_ranges(flat.numel, shares, align)
             screened: dict[Member, str] = {}
             result, parts = await run_allreduce(
                 self.transport,

@@ -15,6 +15,13 @@ they announce on). Two decisions, both pure functions of (state, now):
   peer that can reduce (not in client mode) or the peers left without one join the others,
   as long as that keeps groups within ``max_group_size``; the clients that do not fit skip
   the round. Every peer that sees the same announcements computes the same groups.
+- **Across groups**: a round cut into several groups (more ready peers than
+  ``max_group_size``) averages in two stages, each group first, then
+  :func:`cross_groups`: "columns" of a few members each, one or two from every group, that
+  average their groups' means. Each member tags its group's mean with the set of that
+  group's contributors (:func:`members_tag`, a bitmap over :func:`round_order`), so the
+  members of one group count once in a column (see ``Contribution.tag``) and the result is
+  the mean over every group's contributors, weighted by samples, as one group would give.
 """
 
 from __future__ import annotations
@@ -22,17 +29,22 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from shoal.errors import ConfigError
+from shoal.parallel.data.messages import MAX_TAG_BYTES
 
 __all__ = [
     "FormationConfig",
     "FormationEstimator",
     "Group",
     "ReadyPeer",
+    "cross_groups",
     "form_groups",
+    "members_tag",
+    "round_order",
+    "tag_members",
     "window_closed",
 ]
 
@@ -137,6 +149,10 @@ class Group:
 
     group_id: bytes
     members: tuple[ReadyPeer, ...]
+    round_groups: tuple[Group, ...] = field(default=(), compare=False)
+    """Every group the round was cut into, as derived from the board (this one's members
+    before confirmation among them), when there are several: the round goes on across
+    them (:func:`cross_groups`)."""
 
 
 def _order_key(round_key: bytes, peer: bytes) -> bytes:
@@ -186,3 +202,54 @@ def form_groups(
         members = tuple(sorted(bucket, key=lambda p: _order_key(round_key, p.peer)))
         groups.append(Group(_group_id(round_key, members), members))
     return groups
+
+
+def cross_groups(round_key: bytes, groups: Sequence[Group], *, max_group_size: int) -> list[Group]:
+    """The second stage of a round cut into ``groups``: columns that average the groups'
+    means (empty for fewer than two groups).
+
+    Member ``i`` of each group (reducers first) goes to column ``i mod w``, ``w`` the size
+    of the smallest group, so every column holds one or two members of every group. A
+    column without a reducer joins one that has one, within ``max_group_size``; its members
+    skip the second stage otherwise. Every peer deriving the same groups derives the same
+    columns.
+    """
+    if len(groups) < 2 or len(round_order(groups)) > 8 * MAX_TAG_BYTES:
+        return []
+    width = min(len(g.members) for g in groups)
+    columns: list[list[ReadyPeer]] = [[] for _ in range(width)]
+    for g in groups:
+        for i, p in enumerate(sorted(g.members, key=lambda p: p.client_mode)):
+            columns[i % width].append(p)
+    served = [c for c in columns if any(not p.client_mode for p in c)]
+    unserved = [c for c in columns if all(p.client_mode for p in c)]
+    for k, column in enumerate(unserved):
+        target = served[k % len(served)]  # column 0 holds every group's first reducer
+        if len(target) + len(column) <= max_group_size:
+            target.extend(column)
+    key = round_key + b"/across"
+    ordered = (tuple(sorted(c, key=lambda p: _order_key(key, p.peer))) for c in served)
+    return [Group(_group_id(key, members), members) for members in ordered]
+
+
+def round_order(groups: Sequence[Group]) -> tuple[bytes, ...]:
+    """Every member of ``groups``, in order: the positions :func:`members_tag` marks."""
+    return tuple(p.peer for g in groups for p in g.members)
+
+
+def members_tag(order: Sequence[bytes], peers: Iterable[bytes]) -> bytes:
+    """A bitmap of the positions of ``peers`` in ``order`` (peers not in it are ignored)."""
+    index = {peer: i for i, peer in enumerate(order)}
+    bits = bytearray(-(-len(order) // 8))
+    for peer in peers:
+        i = index.get(peer)
+        if i is not None:
+            bits[i // 8] |= 1 << (i % 8)
+    return bytes(bits)
+
+
+def tag_members(order: Sequence[bytes], tag: bytes) -> set[bytes]:
+    """The peers of ``order`` whose positions ``tag`` marks (bits past it are ignored)."""
+    return {
+        peer for i, peer in enumerate(order) if i // 8 < len(tag) and tag[i // 8] >> (i % 8) & 1
+    }

@@ -26,6 +26,7 @@ import torch
 from shoal.compress import Encoded
 
 __all__ = [
+    "MAX_TAG_BYTES",
     "Contribution",
     "Leave",
     "Member",
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 Member = Hashable
+MAX_TAG_BYTES = 64
+"""Longest tag a contribution may carry (a bitmap of 512 peers)."""
 WireTensor = torch.Tensor | Encoded
 
 

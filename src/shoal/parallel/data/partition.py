@@ -224,13 +224,18 @@ def split_sizes(total: int, shares: Sequence[float]) -> list[int]:
     return sizes
 
 
-def part_ranges(total: int, shares: Sequence[float]) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` of each member's part of a ``total``-element vector."""
+def part_ranges(total: int, shares: Sequence[float], align: int = 1) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of each member's part of a ``total``-element vector; with
+    ``align``, every part starts at a multiple of it (the nearest to its share)."""
+    if align < 1:
+        raise ConfigError(f"align must be >= 1, got {align!r}")
     ranges = []
-    start = 0
+    start = end = 0
     for size in split_sizes(total, shares):
-        ranges.append((start, start + size))
-        start += size
+        end += size
+        cut = end if end == total else min(total, max(start, align * round(end / align)))
+        ranges.append((start, cut))
+        start = cut
     return ranges
 
 

@@ -342,7 +342,10 @@ async def _find_group(
         closed = board.announce(round_key, replace(me, closed=True), expires_at=expires_at)
         await bounded(closed, config.board_timeout_s)
     on_confirm(mine)
-    return await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
+    found = await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
+    if isinstance(found, Group) and len(groups) > 1:  # the round goes on across the groups
+        found = replace(found, round_groups=tuple(groups))
+    return found
 
 
 def _expected_count(ready: list[ReadyPeer], me: ReadyPeer, config: MatchConfig) -> int:

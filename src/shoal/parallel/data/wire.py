@@ -35,7 +35,15 @@ from shoal.net.tensors import (
     tensor_bytes,
 )
 from shoal.parallel.data.buffers import BufferPool
-from shoal.parallel.data.messages import Contribution, Leave, Member, Message, Reduced, Report
+from shoal.parallel.data.messages import (
+    MAX_TAG_BYTES,
+    Contribution,
+    Leave,
+    Member,
+    Message,
+    Reduced,
+    Report,
+)
 from shoal.parallel.data.receive import read_tensor_into_pool
 from shoal.parallel.data.transport import REPEAT, Inbox
 
@@ -58,8 +66,6 @@ __all__ = [
 MAX_GROUP_SIZE = 256
 MAX_ROUND_ID_BYTES = 64
 MAX_REASON_CHARS = 200
-MAX_TAG_BYTES = 64
-"""Longest contribution tag (a bitmap of up to 512 board entries)."""
 MAX_BLOCK_SIZE = 1 << 20
 """Largest block of a blockwise codec accepted from the wire (the defaults are 256 and 4096)."""
 MESSAGE_IDLE_S = 120.0
