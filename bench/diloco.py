@@ -132,6 +132,7 @@ def _peer_argv(args: argparse.Namespace, run_dir: Path, index: int, join: str | 
         argv += ["--topk", str(args.topk)]
     argv += ["--outer-momentum", str(args.outer_momentum)]
     argv += ["--window", str(args.window_s), "--heartbeat", str(args.heartbeat_s)]
+    argv += ["--max-group-size", str(args.max_group_size)]
     argv += ["--checkpoint-every", "0", "--eval-every", str(args.eval_every)]
     argv += ["--eval-batches", str(args.eval_batches)]
     argv += ["--report-every", "50"]
@@ -288,6 +289,12 @@ def main(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--outer-momentum", type=float, default=0.0)
     p.add_argument("--window-s", type=float, default=30.0)
     p.add_argument("--heartbeat-s", type=float, default=10.0)
+    p.add_argument(
+        "--max-group-size",
+        type=int,
+        default=64,
+        help="largest all-reduce group (below --peers: rounds go on across groups)",
+    )
     p.add_argument("--eval-every", type=int, default=1, help="rounds between validations")
     p.add_argument(
         "--eval-batches",

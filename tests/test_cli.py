@@ -40,6 +40,7 @@ def test_usage_errors_exit_2_without_traceback(capsys):
         (["--shard", "3/2"], "--shard 3/2: need 0 <= I < N for shard I/N"),
         (["--shard", "abc"], "--shard must be I/N (e.g. 0/4), got 'abc'"),
         (["--role", "foo"], "--role must be trainer or stage, got 'foo'"),
+        (["--max-group-size", "1"], "--max-group-size must be in [2, 256], got 1"),
     ],
 )
 def test_peer_refuses_bad_flags_by_their_names_before_listening(tmp_path, capsys, args, message):

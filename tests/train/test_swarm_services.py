@@ -101,18 +101,20 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
             (diloco, {"model_overrides": {"d_model": 96}}),
             (diloco, {"aggregation": "trimmed_mean"}),
             (streaming, {"aggregation": "centered_clip"}),
+            (diloco, {"max_group_size": 8}),
         ):
             assert round_scope(replace(base, **changed)) != round_scope(base), changed
         assert (
             scope_difference(round_scope(diloco), round_scope(replace(diloco, rank=2))) == "rank=2"
         )
+        assert "group=" not in round_scope(diloco)  # the default keeps existing keys
         sparse = replace(diloco, wire_codec="sparse")
         assert (
             round_scope(sparse)
             == "diloco codec=sparse rank=0 model=" + round_scope(diloco).rpartition("model=")[2]
         )  # no top-k, no field: dense peers' keys stay as they were
         # peers of another board format are told apart, and said to be another version
-        old = round_scope(diloco).replace(" v=6", "")
+        old = round_scope(diloco).replace(" v=7", "")
         assert scope_difference(round_scope(diloco), old) == "v=? (another version of Shoal)"
         # low-rank peers from before the dense values moved to the second exchange
         lowrank = round_scope(replace(diloco, rank=2))

@@ -44,6 +44,7 @@ _FLAGS = {
     "overlap_steps": "--overlap-steps",
     "metrics_port": "--metrics-port",
     "window_s": "--window",
+    "max_group_size": "--max-group-size",
     "heartbeat_s": "--heartbeat",
     "checkpoint_every_rounds": "--checkpoint-every",
     "eval_every_rounds": "--eval-every",
@@ -146,6 +147,9 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(1, "--threads"),
         window_s: float = typer.Option(15.0, "--window", help="First matchmaking window, s."),
         heartbeat_s: float = typer.Option(3.0, "--heartbeat", help="Membership period, s."),
+        max_group: int = typer.Option(
+            64, "--max-group-size", help="Largest all-reduce group (2-256); beyond, across groups."
+        ),
         ckpt_rounds: int = typer.Option(1, "--checkpoint-every", help="Rounds per disk write."),
         eval_rounds: int = typer.Option(0, "--eval-every", help="Rounds per validation."),
         eval_batches: int = typer.Option(8, "--eval-batches", help="Batches per validation."),
@@ -229,6 +233,7 @@ def register(app: typer.Typer) -> None:
                 overlap_steps=overlap_steps,
                 target_batch=target_batch,
                 window_s=window_s,
+                max_group_size=max_group,
                 heartbeat_s=heartbeat_s,
                 checkpoint_every_rounds=ckpt_rounds,
                 eval_every_rounds=eval_rounds,

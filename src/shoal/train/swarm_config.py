@@ -96,6 +96,9 @@ class PeerOptions:
     window_s: float = 15.0
     """First matchmaking window."""
     allreduce_timeout_s: float = 30.0
+    max_group_size: int = 64
+    """Largest all-reduce group; a round of more ready peers goes on across its groups
+    (peers of different sizes do not meet: they would cut a round into different groups)."""
     heartbeat_s: float = 3.0
     """Membership heartbeat and refresh period."""
     checkpoint_every_rounds: int = 1
@@ -176,6 +179,8 @@ class PeerOptions:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.checkpoint_every_rounds < 0 or self.eval_every_rounds < 0:
             raise ConfigError("checkpoint_every_rounds and eval_every_rounds must be >= 0")
+        if not 2 <= self.max_group_size <= 256:  # a board read shows at most 256 entries
+            raise ConfigError(f"max_group_size must be in [2, 256], got {self.max_group_size!r}")
         for name in ("report_every", "threads", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")

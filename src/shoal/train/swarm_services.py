@@ -120,10 +120,11 @@ def state_scope(opts: PeerOptions) -> str:
 
 def round_scope(opts: PeerOptions) -> str:
     """What peers must share to average together, e.g. ``diloco codec=int8 rank=0
-    model=1a2b3c4d v=6``: the mode, the wire codec, a robust aggregation (a robust round
+    model=1a2b3c4d v=7``: the mode, the wire codec, a robust aggregation (a robust round
     fails where a mean succeeds), the low-rank factor rank (and the layout of its two
     exchanges), the top-k fraction and the
-    streaming fragments (they change what a round's vector is), the
+    streaming fragments (they change what a round's vector is), the largest group (it
+    cuts a round into groups), the
     model shape and the rendezvous board's format (peers of another format cannot read
     this one's entries: counting them would make every window wait for them). It prefixes
     every round key (hashed), and membership carries it (role ``trainer:<scope>``), so a peer can
@@ -139,6 +140,8 @@ def round_scope(opts: PeerOptions) -> str:
             fields["topk"] = f"{opts.topk:g}"
     if opts.mode == "streaming":
         fields["frags"] = str(opts.fragments)
+    if opts.max_group_size != 64:  # absent at the default, so existing keys stay
+        fields["group"] = str(opts.max_group_size)
     fields["model"] = _model_tag(opts)
     fields["v"] = str(BOARD_VERSION)
     return " ".join([opts.mode, *(f"{k}={v}" for k, v in fields.items())])

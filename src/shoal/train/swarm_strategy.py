@@ -137,6 +137,7 @@ def rounds_config(opts: PeerOptions) -> RoundsConfig:
         window_initial_s=opts.window_s,
         window_cap_s=max(opts.window_s, 60.0),
         allreduce_timeout_s=opts.allreduce_timeout_s,
+        max_group_size=opts.max_group_size,
         client_mode=opts.client_mode,
     )
 

@@ -34,13 +34,14 @@ if TYPE_CHECKING:
 
 __all__ = ["DhtBoard", "RecordStore"]
 
-BOARD_VERSION = 6
+BOARD_VERSION = 7
 """Format of board values; peers of other formats do not read each other's entries (round
 scopes carry it, so they do not count each other either). 6: the same values as 5, read
 another way (withdrawals looked up before a window closes early, the median of the counts
 waited for), and snapshots announced under the round scope, where peers of 5 neither find
 nor serve them: a joiner of one version among peers of the other found no donor, yet
-counted on them."""
+counted on them. 7: the same values, and a round of several groups goes on across them,
+where peers of 6 would hold up every column they are seated in."""
 _PEER_ID_BYTES = 32
 _MAX_VALUE_BYTES = 512
 _MAX_ADDRESS_CHARS = 256
