@@ -437,3 +437,38 @@ def test_a_group_still_counts_whole_when_one_of_its_two_members_in_a_column_is_l
             else:
                 assert outcome.weight == sum(weights) and outcome.group_size == 7
                 assert torch.allclose(v.double(), everyone, atol=1e-5, rtol=0)
+
+
+def test_a_peer_whose_group_went_on_without_it_tells_its_column_not_to_wait(monkeypatch):
+    from shoal.parallel.data.rendezvous import Group, NoGroup
+    from shoal.train import swarm_round
+
+    with _swarm(7) as (runtimes, dhts):
+        rounds = _across_swarm(runtimes, dhts)
+        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+        groups = form_groups(b"k/none", ready, max_group_size=3)
+        big = next(grp for grp in groups if len(grp.members) == 3)
+        index = {rt.peer_id.raw: i for i, rt in enumerate(runtimes)}
+        lost = index[big.members[2].peer]  # shares a column with big.members[0]
+        real = swarm_round.find_group
+
+        async def find_group(board, round_key, me, **kwargs):
+            found = await real(board, round_key, me, **kwargs)
+            if me.peer == big.members[2].peer and isinstance(found, Group):
+                # As when its confirmation came too late: its group goes on without it.
+                await rounds[lost]._leave(found)
+                return NoGroup("no group formed (test)", round_groups=found.round_groups)
+            return found
+
+        monkeypatch.setattr(swarm_round, "find_group", find_group)
+        weights = [float(i + 1) for i in range(7)]
+        inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+        vectors = [x.clone() for x in inputs]
+        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        others = [i for i in range(7) if i != lost]
+        assert not outcomes[lost].ok and torch.equal(vectors[lost], inputs[lost])
+        for i in others:
+            assert outcomes[i].ok and outcomes[i].weight == sum(weights[j] for j in others)
+            assert torch.allclose(vectors[i].double(), _mean(inputs, weights, others), atol=1e-5)
+            # its column did not wait for it (the collect deadline comes at 16.5 s)
+            assert outcomes[i].seconds["across"] < 8.0, outcomes[i].seconds

@@ -358,7 +358,7 @@ class SwarmRounds:
             )
             if isinstance(group, Group):
                 confirmed[:] = [group]  # the agreed group: perhaps a subset of the one confirmed
-                column = self._column(round_key, group)
+                column = self._column(round_key, group.round_groups)
                 if column is None:
                     group = await self._dialable(group)
                 else:
@@ -376,6 +376,10 @@ class SwarmRounds:
         t1 = time.monotonic()
         seconds = {"matchmaking": t1 - t0}
         if isinstance(group, NoGroup):
+            # Its column's members derived it in their column: tell them not to wait.
+            missed = self._column(round_key, group.round_groups)
+            if missed is not None:
+                await self._leave(missed)
             return RoundOutcome(False, reason=group.reason, seconds=seconds)
         spec = self.transport.join(group)  # shares follow the announced links
         members = list(spec.members)
@@ -424,10 +428,9 @@ class SwarmRounds:
             await self._across(vector, outcome, _Across(column_spec, group.round_groups))
         return outcome
 
-    def _column(self, round_key: bytes, group: Group) -> Group | None:
-        """This peer's column of the round's second stage, if the round has one (several
-        groups) and this peer has a seat in it."""
-        groups = group.round_groups
+    def _column(self, round_key: bytes, groups: tuple[Group, ...]) -> Group | None:
+        """This peer's column of the stage across ``groups`` (the round's, when it was cut
+        into several), if it has a seat in one."""
         columns = cross_groups(round_key, groups, max_group_size=self.config.max_group_size)
         me = self.runtime.peer_id.raw
         return next((c for c in columns if any(p.peer == me for p in c.members)), None)

@@ -52,7 +52,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from shoal.errors import ConfigError
 from shoal.parallel.data.board import (
@@ -80,6 +80,9 @@ class NoGroup:
     """Why this peer has no group for the round (it skips it)."""
 
     reason: str
+    round_groups: tuple[Group, ...] = field(default=(), compare=False)
+    """The round's groups, when it derived several and its own did not confirm it: the
+    others may count on it in the stage across groups (``Group.round_groups``)."""
 
 
 def _why_no_group(
@@ -343,7 +346,7 @@ async def _find_group(
         await bounded(closed, config.board_timeout_s)
     on_confirm(mine)
     found = await _confirm(board, round_key, me, mine, config=config, clock=clock, sleep=sleep)
-    if isinstance(found, Group) and len(groups) > 1:  # the round goes on across the groups
+    if len(groups) > 1:  # the round goes on across the groups
         found = replace(found, round_groups=tuple(groups))
     return found
 
