@@ -409,34 +409,69 @@ def test_a_round_of_several_groups_gives_everyone_the_mean_over_all_of_them(code
             assert {len(r.last_group.members) for r in rounds} == {2, 3}
 
 
+def _lose_in_columns(runtimes, rounds, lost_members, weights, inputs):
+    """A round in which the given peers never reach their columns; the outcomes and
+    vectors."""
+
+    async def gone(*args, **kwargs) -> str:
+        return "never reached its column (test)"
+
+    index = {rt.peer_id.raw: i for i, rt in enumerate(runtimes)}
+    for peer in lost_members:
+        rounds[index[peer]]._across = gone
+    vectors = [x.clone() for x in inputs]
+    return _weighted_round(runtimes, rounds, vectors, weights, b"k"), vectors
+
+
 def test_a_group_still_counts_whole_when_one_of_its_two_members_in_a_column_is_lost():
     with _swarm(7) as (runtimes, dhts):
         rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=4.0)
         ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
-        groups = form_groups(b"k/none", ready, max_group_size=3)
-        big = next(grp for grp in groups if len(grp.members) == 3)
-        index = {rt.peer_id.raw: i for i, rt in enumerate(runtimes)}
-        # Members 0 and 2 of the group of 3 share a column; 2 never reaches it.
-        lost = index[big.members[2].peer]
-
-        async def gone(*args) -> None:
-            return None
-
-        rounds[lost]._across = gone
+        big = next(
+            g for g in form_groups(b"k/none", ready, max_group_size=3) if len(g.members) == 3
+        )
+        lost = [rt.peer_id.raw for rt in runtimes].index(big.members[2].peer)
         weights = [float(i + 1) for i in range(7)]
         inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
-        vectors = [x.clone() for x in inputs]
-        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        # Members 0 and 2 of the group of 3 share a column; 2 never reaches it.
+        outcomes, vectors = _lose_in_columns(
+            runtimes, rounds, [big.members[2].peer], weights, inputs
+        )
         everyone = _mean(inputs, weights, range(7))
         for i, (outcome, v) in enumerate(zip(outcomes, vectors, strict=True)):
-            assert outcome.ok, outcome.reason
-            if i == lost:  # its group's mean, told so
-                own = [index[p.peer] for p in big.members]
-                assert outcome.group_size == 3 and outcome.weight == sum(weights[j] for j in own)
-                assert torch.allclose(v.double(), _mean(inputs, weights, own), atol=1e-5, rtol=0)
+            if i == lost:  # the round failed here: untouched, and told why
+                assert not outcome.ok and "never reached its column" in outcome.reason
+                assert torch.equal(v, inputs[i])
             else:
+                assert outcome.ok, outcome.reason
                 assert outcome.weight == sum(weights) and outcome.group_size == 7
                 assert torch.allclose(v.double(), everyone, atol=1e-5, rtol=0)
+
+
+def test_a_column_that_lost_a_groups_only_member_fails_and_no_peer_keeps_another_model():
+    # A group of 2 has one member in each column: without it, its column would commit a
+    # mean over the other groups only, and its members would hold another model.
+    with _swarm(7) as (runtimes, dhts):
+        rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=4.0)
+        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+        small = next(
+            g for g in form_groups(b"k/none", ready, max_group_size=3) if len(g.members) == 2
+        )
+        weights = [float(i + 1) for i in range(7)]
+        inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+        outcomes, vectors = _lose_in_columns(
+            runtimes, rounds, [small.members[0].peer], weights, inputs
+        )
+        failed = [i for i, o in enumerate(outcomes) if not o.ok]
+        assert 2 <= len(failed) < 7  # the lost peer and its column, not the other column
+        everyone = _mean(inputs, weights, range(7))
+        for i, (outcome, v) in enumerate(zip(outcomes, vectors, strict=True)):
+            if outcome.ok:
+                assert outcome.weight == sum(weights) and outcome.included
+                assert torch.allclose(v.double(), everyone, atol=1e-5, rtol=0)
+            else:
+                assert torch.equal(v, inputs[i]), i
+        assert any("groups missing" in outcomes[i].reason for i in failed)
 
 
 def test_a_peer_whose_group_went_on_without_it_tells_its_column_not_to_wait(monkeypatch):
@@ -472,3 +507,76 @@ def test_a_peer_whose_group_went_on_without_it_tells_its_column_not_to_wait(monk
             assert torch.allclose(vectors[i].double(), _mean(inputs, weights, others), atol=1e-5)
             # its column did not wait for it (the collect deadline comes at 16.5 s)
             assert outcomes[i].seconds["across"] < 8.0, outcomes[i].seconds
+
+
+def test_a_column_member_bringing_another_groups_tag_is_refused():
+    from shoal.parallel.data.matchmaking import members_tag, round_order
+
+    with _swarm(7) as (runtimes, dhts):
+        rounds = _across_swarm(runtimes, dhts)
+        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+        groups = form_groups(b"k/none", ready, max_group_size=3)
+        big = next(g for g in groups if len(g.members) == 3)
+        other = next(g for g in groups if g is not big)
+        ids = [rt.peer_id.raw for rt in runtimes]
+        liar = ids.index(big.members[2].peer)  # its twin big.members[0] is in its column
+        average = rounds[liar].averager.average
+
+        async def lying(tensors, weight, **kwargs):
+            if kwargs.get("tag"):  # in its column: another group's mean, made up
+                kwargs["tag"] = members_tag(round_order(groups), [p.peer for p in other.members])
+                tensors = [torch.randn_like(t) for t in tensors]
+            return await average(tensors, weight, **kwargs)
+
+        rounds[liar].averager.average = lying
+        refused: list[str] = []
+        for r in rounds:
+            penalize = r._penalize
+
+            def noted(screened, penalize=penalize):
+                refused.extend(why for peer, why in screened.items() if peer.raw == ids[liar])
+                penalize(screened)
+
+            r._penalize = noted
+        weights = [float(i + 1) for i in range(7)]
+        inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+        vectors = [x.clone() for x in inputs]
+        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        everyone = _mean(inputs, weights, range(7))  # the liar was honest in its group
+        for i, (outcome, v) in enumerate(zip(outcomes, vectors, strict=True)):
+            if i != liar:
+                assert outcome.ok, (i, outcome.reason)
+                assert torch.allclose(v.double(), everyone, atol=1e-5, rtol=0), i
+        assert "marks peers of another group" in " ".join(refused)  # held against it
+
+
+def test_peers_whose_column_failed_decline_the_second_exchange_their_groups_run():
+    with _swarm(7) as (runtimes, dhts):
+        # A group whose other members decline still averages (one member brings it)
+        rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=10.0, min_contributors=1)
+        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+        small = next(
+            g for g in form_groups(b"k/none", ready, max_group_size=3) if len(g.members) == 2
+        )
+        weights = [float(i + 1) for i in range(7)]
+        inputs = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+        outcomes, _ = _lose_in_columns(runtimes, rounds, [small.members[0].peer], weights, inputs)
+        ok = [i for i, o in enumerate(outcomes) if o.ok]
+        assert 0 < len(ok) < 7
+
+        def second(i: int):
+            if i not in ok:  # as low-rank DiLoCo does when its first exchange failed
+                runtimes[i].run(rounds[i].decline_again(b"/1"), timeout_s=10.0)
+                return None
+            t0 = time.monotonic()
+            coro = rounds[i].again(torch.full((1000,), float(i)), 1.0, tag=b"/1")
+            return runtimes[i].run(coro, timeout_s=60.0), time.monotonic() - t0
+
+        with ThreadPoolExecutor(7) as pool:
+            results = dict(zip(range(7), pool.map(second, range(7)), strict=True))
+        for i in ok:
+            outcome, took = results[i]
+            assert outcome.ok and outcome.group_size == 7, outcome.reason
+            assert outcome.weight == len(ok)  # the decliners' groups count without them
+            # the decliners were not waited for until the collect deadline (5.5 s)
+            assert took < 4.0, took

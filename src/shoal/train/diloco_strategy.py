@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
 import torch
 
-from shoal.errors import CheckpointError
+from shoal.errors import CheckpointError, NetworkError
 from shoal.state.checkpoint import meta_count
 from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
 from shoal.train.diloco_lowrank import LowRankAverager
@@ -27,6 +28,15 @@ from shoal.train.swarm_strategy import (
 from shoal.train.trainer import Trainer
 
 __all__ = ["DiLoCoStrategy", "resync_from_swarm"]
+
+_DECLINE_S = 2.0
+"""Longest telling a round's other members that this peer skips its second exchange takes."""
+
+
+def _again_tag(stage: int) -> bytes:
+    """The tag of a round's follow-up exchange ``stage`` (low-rank: 1, the R factors)."""
+    return f"/{stage}".encode()
+
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +95,20 @@ class DiLoCoStrategy:
             key = outer_round_key(self.mode, self.diloco.outer.fingerprint())
             coro = swarm_average(self.services, self.rounds, vector, weight, key)
         else:
-            coro = self.rounds.again(vector, weight, tag=f"/{stage}".encode())
-        return blocking_round(
+            coro = self.rounds.again(vector, weight, tag=_again_tag(stage))
+        outcome = blocking_round(
             self.services.runtime,
             coro,
             stop=self.stop,
             timeout_s=self.rounds.config.round_deadline_s,
         )
+        if stage == 0 and not outcome.ok and self.lowrank is not None:
+            # Its group may have succeeded where its stage across groups failed: the
+            # others' second exchange must not wait for it.
+            with contextlib.suppress(NetworkError):
+                decline = self.rounds.decline_again(_again_tag(1))
+                self.services.runtime.run(decline, timeout_s=_DECLINE_S)
+        return outcome
 
     def _on_resync(self, state: ResyncState) -> None:
         # Adopted state counts as applied (with this peer's own step: a donor's steps are

@@ -47,6 +47,7 @@ from shoal.parallel.data.matchmaking import (
 )
 from shoal.parallel.data.rendezvous import Group, MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
+from shoal.parallel.data.wire import MAX_GROUP_SIZE
 
 __all__ = [
     "RoundOutcome",
@@ -242,6 +243,23 @@ def wait_outcome(
             return RoundOutcome(False, reason=f"round error: {type(exc).__name__}: {exc}")
 
 
+def _tag_refused(
+    order: tuple[bytes, ...], group_of: Mapping[bytes, int], sender: object, tag: bytes
+) -> str | None:
+    """Why ``sender`` may not bring ``tag`` into a column (None: it may): a tag must be
+    the bitmap (exactly as ``members_tag`` writes it) of some members of the sender's own
+    group. Another group's tag would put the sender's values in that group's place, and a
+    second spelling of one set would count a group twice."""
+    if not isinstance(sender, PeerID) or sender.raw not in group_of:
+        return "not a member of the round's groups"
+    marked = tag_members(order, tag)
+    if not marked or tag != members_tag(order, marked):
+        return "a malformed tag for a contribution across groups"
+    if any(group_of[peer] != group_of[sender.raw] for peer in marked):
+        return "a tag that marks peers of another group"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class _Across:
     """This peer's seat in the stage of a round across groups."""
@@ -257,7 +275,8 @@ class SwarmRounds:
     A round of more ready peers than ``max_group_size`` is cut into groups; each group
     averages, then columns of members from every group average the groups' means
     (``matchmaking.cross_groups``), so every peer ends with the mean over everyone, as in one
-    group, at about 1.5 times one group's bytes."""
+    group, at 1.5 to 2 times one group's bytes. A column that lacks a group fails the round
+    for its members (see :meth:`_across`)."""
 
     def __init__(
         self,
@@ -302,6 +321,8 @@ class SwarmRounds:
         """The contributors of the last successful round, as a group (for :meth:`again`)."""
         self.last_across: _Across | None = None
         """Its column's contributors, when its stage across groups succeeded."""
+        self._last_ok = False
+        """The last round succeeded here (its stage across groups included)."""
         self._retry_keys: OrderedDict[bytes, bytes] = OrderedDict()
         """Round key -> the key its retry uses, for keys whose all-reduce failed here."""
         self._last_start: float | None = None
@@ -330,6 +351,8 @@ class SwarmRounds:
             round_key = self._retry_keys[round_key]
         t0 = time.monotonic()
         cfg = self.config
+        self.last_group = self.last_across = None  # until this round says otherwise
+        self._last_ok = False
         period_s = 0.0 if self._last_start is None else t0 - self._last_start
         self._last_start = t0
         address = None if cfg.client_mode else self.own_address()
@@ -384,10 +407,14 @@ class SwarmRounds:
         spec = self.transport.join(group)  # shares follow the announced links
         members = list(spec.members)
         self.averager.prepare(spec)
-        # Held from now: a faster group's members may start the second stage meanwhile.
-        column_spec = None if column is None else self.transport.join(column)
-        if column_spec is not None:
-            self.averager.prepare(column_spec)
+        across = None
+        if column is not None:
+            # Held from now, and bounded by its part sizes: the members of a group that
+            # finished first may send before ours has.
+            across = _Across(self.transport.join(column), group.round_groups)
+            self.averager.prepare(across.column, vector.numel(), tagged=True)
+        # What a failure restores: the stage across groups may fail after ours succeeded.
+        original = None if across is None else vector.clone()
         result = None
         try:
             result = await self.averager.average(
@@ -395,12 +422,10 @@ class SwarmRounds:
             )
         finally:
             if result is None or not result.ok:  # failed, raised or cancelled mid-round
-                self._retry_keys[round_key] = retry_key(round_key, group.group_id)
-                while len(self._retry_keys) > _MAX_RETRY_KEYS:
-                    self._retry_keys.popitem(last=False)
-                if column is not None:  # no mean of our group to bring there
-                    self.transport.inbox.close(column.group_id)
-                    await self._leave(column)
+                self._failed_key(round_key, group.group_id)
+                if across is not None:  # no mean of our group to bring there
+                    self.transport.inbox.close(across.column.round_id)
+                    await send_leave(self.transport, across.column.round_id, across.column.members)
         seconds["allreduce"] = time.monotonic() - t1
         self._observe_links()
         self._penalize(result.screened)
@@ -414,7 +439,6 @@ class SwarmRounds:
         left_out = "" if included else result.excluded.get(own) or "left out"
         kept = [i for i, m in enumerate(members) if m in contributors]
         self.last_group = spec.subgroup(kept, group.group_id)
-        self.last_across = None
         outcome = RoundOutcome(
             True,
             contributors=contributors,
@@ -424,55 +448,87 @@ class SwarmRounds:
             seconds=seconds,
             included=included,
         )
-        if column_spec is not None:
-            await self._across(vector, outcome, _Across(column_spec, group.round_groups))
+        if across is not None and original is not None:
+            why = await self._across(
+                vector, outcome, across, until=t1 + 2 * cfg.allreduce_timeout_s
+            )
+            if why:
+                vector.copy_(original)
+                self._failed_key(round_key, group.group_id)
+                return RoundOutcome(
+                    False, group_size=len(members), reason=f"across groups: {why}", seconds=seconds
+                )
+        self._last_ok = True
         return outcome
+
+    def _failed_key(self, round_key: bytes, group_id: bytes) -> None:
+        """Meet under another key when ``round_key`` is tried again (see :meth:`average`)."""
+        self._retry_keys[round_key] = retry_key(round_key, group_id)
+        while len(self._retry_keys) > _MAX_RETRY_KEYS:
+            self._retry_keys.popitem(last=False)
 
     def _column(self, round_key: bytes, groups: tuple[Group, ...]) -> Group | None:
         """This peer's column of the stage across ``groups`` (the round's, when it was cut
-        into several), if it has a seat in one."""
-        columns = cross_groups(round_key, groups, max_group_size=self.config.max_group_size)
+        into several), if it has a seat in one (clients beyond ``max_group_size`` too:
+        a column without a reducer joins one that has one)."""
+        columns = cross_groups(round_key, groups, max_group_size=MAX_GROUP_SIZE)
         me = self.runtime.peer_id.raw
         return next((c for c in columns if any(p.peer == me for p in c.members)), None)
 
-    async def _across(self, vector: torch.Tensor, outcome: RoundOutcome, across: _Across) -> None:
-        """The second stage of a round cut into several groups: average this group's mean
-        (in ``vector``) with the other groups' in ``column``, tagged with this group's
+    async def _across(
+        self, vector: torch.Tensor, outcome: RoundOutcome, across: _Across, *, until: float
+    ) -> str:
+        """The stage of a round cut into several groups: average this group's mean (in
+        ``vector``) with the other groups' in this peer's column, tagged with this group's
         contributors, so a group counts once whichever of its members reach the column.
-        On success ``vector`` and ``outcome`` stand for every group that took part; else
-        both stay this group's (the swarm then holds several models until the peers
-        realign, as a round split into groups did without this stage)."""
+
+        Every column must hold every group: columns are separate all-reduces, and one
+        that went on without a group would leave its members with another model than the
+        rest of the swarm. On success ``vector`` and ``outcome`` stand for the whole round;
+        else the reason is returned (and the caller restores ``vector``). The budget ends
+        at ``until`` (monotonic) for every member, counted from the round's start rather
+        than from each one's own: a group whose round waited out a dead member starts here
+        late, and would miss the others' collect deadlines otherwise."""
         t0 = time.monotonic()
         column, order = across.column, round_order(across.groups)
+        group_of = {p.peer: k for k, g in enumerate(across.groups) for p in g.members}
         tag = members_tag(order, (p.raw for p in outcome.contributors))
         result = await self.averager.average(
             [vector],
             outcome.weight,
             group=column,
-            timeout_s=self.config.allreduce_timeout_s,
+            timeout_s=max(until - t0, 1.0),
             tag=tag,
+            check_tag=lambda sender, tag: _tag_refused(order, group_of, sender, tag),
         )
         outcome.seconds["across"] = time.monotonic() - t0
         self._observe_links()
         self._penalize(result.screened)
         if not result.ok:
-            log.info(
-                "the average across groups failed, this group's mean stands: %s", result.reason
-            )
-            return
-        represented: set[bytes] = set()
+            return result.reason
+        by_group: dict[int, set[bytes]] = {}  # each group's tags: one, in an honest round
         for member in result.contributors:
-            if isinstance(member, PeerID):
-                tagged = result.tags.get(member)
-                represented |= tag_members(order, tagged) if tagged else {member.raw}
-        kept = [i for i, m in enumerate(column.members) if m in result.contributors]
+            tagged = result.tags.get(member, b"")
+            if isinstance(member, PeerID) and not _tag_refused(order, group_of, member, tagged):
+                by_group.setdefault(group_of[member.raw], set()).add(tagged)
+        if len(by_group) < len(across.groups):
+            missing = len(across.groups) - len(by_group)
+            return f"{missing} of {len(across.groups)} groups missing from this peer's column"
+        if any(len(tags) > 1 for tags in by_group.values()):
+            return "a group's members brought different contributor sets to the column"
+        represented = set().union(*(tag_members(order, t) for ts in by_group.values() for t in ts))
+        # A follow-up exchange goes on with the members whose own values are in the mean
+        # (a member its group left out does not take part: see ``again``).
+        kept = [
+            i
+            for i, m in enumerate(column.members)
+            if m in result.contributors and isinstance(m, PeerID) and m.raw in represented
+        ]
         self.last_across = _Across(column.subgroup(kept, column.round_id), across.groups)
         outcome.contributors = frozenset(PeerID(raw) for raw in represented)
         outcome.weight = result.weight
-        # As for one group: the members of the groups that took part, left out or not.
-        outcome.group_size = sum(
-            len(g.members) for g in across.groups if any(p.peer in represented for p in g.members)
-        )
+        outcome.group_size = len(order)  # as for one group: every member, left out or not
+        return ""
 
     def skipped(self) -> None:
         """A round was not tried (no peer to average with): the round period restarts now,
@@ -531,6 +587,16 @@ class SwarmRounds:
         self.uplink_bps = moving_average(self.uplink_bps, self.transport.uplink_sample())
         self.downlink_bps = moving_average(self.downlink_bps, self.transport.downlink_sample())
 
+    async def decline_again(self, tag: bytes) -> None:
+        """Say that this peer takes no part in the follow-up exchange ``tag`` of the last
+        round (see :meth:`again`), which the other contributors of its group run counting
+        on it: its group succeeded, and the stage across groups failed here only. They
+        then go on without it at once instead of at the collect deadline. Never raises."""
+        last = self.last_group
+        if last is None or self._last_ok or self.runtime.peer_id not in last.members:
+            return
+        await send_leave(self.transport, last.round_id[:32] + tag[:16], last.members)
+
     async def again(self, vector: torch.Tensor, weight: float, *, tag: bytes) -> RoundOutcome:
         """A follow-up all-reduce with the last round's contributors, without matchmaking.
 
@@ -540,8 +606,8 @@ class SwarmRounds:
         groups goes on again with the same column's contributors.
         """
         last = self.last_group
-        if last is None:
-            return RoundOutcome(False, reason="no previous group")
+        if last is None or not self._last_ok:
+            return RoundOutcome(False, reason="the last round did not succeed here")
         if all(last.client_mode):  # a reducer can contribute nothing itself (all screened out)
             return RoundOutcome(False, reason="no reducer among the last round's contributors")
         if self.runtime.peer_id not in last.members:
@@ -549,10 +615,12 @@ class SwarmRounds:
         spec = replace(last, round_id=last.round_id[:32] + tag[:16])
         self.averager.prepare(spec)
         across = self.last_across
+        original = None
         if across is not None and self.runtime.peer_id in across.column.members:
             column = replace(across.column, round_id=across.column.round_id[:32] + tag[:16])
             across = replace(across, column=column)
-            self.averager.prepare(column)
+            self.averager.prepare(column, vector.numel(), tagged=True)
+            original = vector.clone()
         else:
             across = None
         t0 = time.monotonic()
@@ -581,6 +649,15 @@ class SwarmRounds:
             seconds=seconds,
             included=self.runtime.peer_id in contributors,
         )
-        if across is not None:
-            await self._across(vector, outcome, across)
+        if across is not None and original is not None:
+            until = t0 + 2 * self.config.allreduce_timeout_s
+            why = await self._across(vector, outcome, across, until=until)
+            if why:
+                vector.copy_(original)
+                return RoundOutcome(
+                    False,
+                    group_size=len(spec.members),
+                    reason=f"across groups: {why}",
+                    seconds=seconds,
+                )
         return outcome

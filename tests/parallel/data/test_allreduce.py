@@ -60,6 +60,7 @@ async def _round(
     slow=None,
     tags=None,
     rewrite=None,
+    check_tag=None,
 ):
     net = MemoryNetwork(faults)
     if rewrite is not None:  # rewrite(sender, to, message) -> what is delivered instead
@@ -85,6 +86,7 @@ async def _round(
                 group=group,
                 timeout_s=timeout_s,
                 tag=(tags or {}).get(m, b""),
+                check_tag=check_tag,
             )
         except (PeerKilled, asyncio.CancelledError):  # killed, or stopped by a stop fault
             return None
@@ -144,11 +146,12 @@ def test_client_mode_member_contributes_without_reducing():
     _check_invariant(inputs, weights, results, outputs)
 
 
-def _tagged_round(weights=None, **kwargs):
+def _tagged_round(weights=None, inputs=None, **kwargs):
     """a and b carry one group's mean (tag g1), c and d another's (g2), e its own vector."""
     members = ["a", "b", "c", "d", "e"]
-    inputs = _inputs(members)
-    inputs["b"], inputs["d"] = inputs["a"].clone(), inputs["c"].clone()
+    if inputs is None:
+        inputs = _inputs(members)
+        inputs["b"], inputs["d"] = inputs["a"].clone(), inputs["c"].clone()
     weights = weights or {"a": 6.0, "b": 6.0, "c": 4.0, "d": 4.0, "e": 1.0}
     tags = {"a": b"g1", "b": b"g1", "c": b"g2", "d": b"g2"}
     return _round(members, inputs=inputs, weights=weights, tags=tags, **kwargs)
@@ -177,25 +180,68 @@ def test_a_tagged_member_lost_mid_round_leaves_its_tags_weight_whole():
         assert torch.allclose(outputs[m].double(), expect, atol=1e-5, rtol=0), m
 
 
-@pytest.mark.parametrize("lie", ["drops a weight", "keeps the weights"])
+def test_a_tag_that_check_tag_refuses_is_screened_out_at_every_reducer():
+    # a belongs to group g1 but says it carries g2's mean: it would take g2's place.
+    groups = {"a": b"g1", "b": b"g1", "c": b"g2", "d": b"g2"}
+
+    def check_tag(sender, tag):
+        return None if groups.get(sender, b"") == tag else f"{sender} may not carry {tag!r}"
+
+    members = ["a", "b", "c", "d", "e"]
+    inputs = _inputs(members)
+    inputs["b"], inputs["d"] = inputs["a"].clone(), inputs["c"].clone()
+    inputs["a"] = torch.full_like(inputs["a"], 1000.0)
+    weights = {"a": 6.0, "b": 6.0, "c": 4.0, "d": 4.0, "e": 1.0}
+    tags = {**groups, "a": b"g2", "e": b""}
+    groups["e"] = b""
+    _, inputs, weights, results, outputs = asyncio.run(
+        _round(members, inputs=inputs, weights=weights, tags=tags, check_tag=check_tag)
+    )
+    assert _ok(results) == set(members)
+    expect = _expected(inputs, weights, ["b", "c", "e"])
+    for m, result in results.items():
+        assert "a" not in result.contributors and result.weight == 11.0
+        assert torch.allclose(outputs[m].double(), expect, atol=1e-5, rtol=0), m
+    assert "may not carry" in results["b"].screened["a"]  # seen first-hand by a reducer
+
+
+def test_twins_under_one_tag_with_different_values_fail_the_round():
+    members = ["a", "b", "c", "d", "e"]
+    inputs = _inputs(members)
+    inputs["d"] = inputs["c"].clone()  # but b is not a's twin
+    tags = {"a": b"g1", "b": b"g1", "c": b"g2", "d": b"g2"}
+    weights = {"a": 6.0, "b": 6.0, "c": 4.0, "d": 4.0, "e": 1.0}
+    _, inputs, _, results, outputs = asyncio.run(
+        _round(members, inputs=inputs, weights=weights, tags=tags)
+    )
+    assert not _ok(results)
+    assert any("contributions under one tag differ" in r.reason for r in results.values())
+    for m in members:
+        assert torch.equal(outputs[m], inputs[m])
+
+
+@pytest.mark.parametrize("lie", ["passes as a twin", "keeps weights and values"])
 def test_a_member_telling_reducers_different_tags_fails_the_round(lie):
-    if lie == "drops a weight":  # e passes itself off as group g1 to reducer a only
-        liar, reducer, tag, weights = "e", "a", b"g1", None
+    if lie == "passes as a twin":  # e passes itself off as group g1 to reducer a only
+        liar, reducer, tag, weights, why = "e", "a", b"g1", None, "under one tag differ"
+        inputs = None
     else:
-        # a says g2 to reducer e: there a and b count where a and c count elsewhere, with
-        # equal weights a different mean under the same total weight.
-        liar, reducer, tag, weights = "a", "e", b"g2", dict.fromkeys("abcde", 1.0)
+        # a says g2 to reducer e: there a and b count where a and c count elsewhere. With
+        # equal weights and values only the tags tell the parts apart.
+        liar, reducer, tag, why = "a", "e", b"g2", "reducers saw different contributor tags"
+        weights = dict.fromkeys("abcde", 1.0)
+        inputs = dict.fromkeys("abcd", torch.randn(SIZE)) | {"e": torch.randn(SIZE)}
 
     def rewrite(sender, to, message):
         if sender == liar and to == reducer and isinstance(message, Contribution):
             return replace(message, tag=tag)
         return message
 
-    _, inputs, _, results, outputs = asyncio.run(_tagged_round(weights, rewrite=rewrite))
+    kwargs = {"inputs": inputs} if inputs is not None else {}
+    _, inputs, _, results, outputs = asyncio.run(_tagged_round(weights, rewrite=rewrite, **kwargs))
     assert not _ok(results)
-    why = "weights" if lie == "drops a weight" else "tags"
-    for m, result in results.items():
-        assert f"reducers saw different contributor {why}" in result.reason, (m, result.reason)
+    assert any(why in result.reason for result in results.values())
+    for m in results:
         assert torch.equal(outputs[m], inputs[m])
 
 
@@ -867,3 +913,19 @@ def test_a_member_stopping_during_its_own_slow_upload_leaves_at_once():
     assert left_at["c"] - stopped_at < 2.0, "the leave waited for the slow upload"
     for result in others:
         assert result.ok and result.contributors == frozenset({"a", "b", "d"})
+
+
+@pytest.mark.parametrize("tagged", [False, True])
+def test_a_round_prepared_with_its_length_bounds_early_parts_by_their_sizes(tagged):
+    # A column's round is prepared while its own group still averages: what members send
+    # meanwhile must fit its parts (a round opened without sizes bounds nothing).
+    net = MemoryNetwork()
+    averager = Averager(net.transport("a"), wire_codec="int8")
+    group = GroupSpec.uniform(b"col", ["a", "b", "c"])
+    averager.prepare(group, 10_000, tagged=tagged)
+    inbox = averager.transport.inbox
+    sizes = [4096, 4096, 1808] if tagged else [3334, 3333, 3333]  # int8 blocks of 4096
+    for part, size in enumerate(sizes):
+        assert inbox.check(b"col", Contribution, "b", part, size) is None
+        assert "values, not" in inbox.check(b"col", Contribution, "b", part, size + 1)
+    assert "parts" in inbox.check(b"col", Contribution, "b", 3, 1)

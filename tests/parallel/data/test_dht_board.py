@@ -115,7 +115,8 @@ def test_malformed_board_records_are_skipped():
         (peer, msgpack.packb([3, 2.0, 1e8, False, "h:1", 4, n])),  # before the closed mark
         (peer, msgpack.packb([4, 2.0, 1e8, False, "h:1", 4, n, False])),  # before downlinks
         (peer, msgpack.packb([5, 2.0, 1e8, 1e8, False, "h:1", 4, n, False])),  # read another way
-        (peer, msgpack.packb([7, 2.0, 1e8, 1e8, False, "h:1", 4, n, False])),
+        (peer, msgpack.packb([6, 2.0, 1e8, 1e8, False, "h:1", 4, n, False])),  # no columns
+        (peer, msgpack.packb([8, 2.0, 1e8, 1e8, False, "h:1", 4, n, False])),
         (peer, msgpack.packb([V, 2.0, 1e8, -1.0, False, "h:1", 4, n, False])),
         (peer, msgpack.packb([V, 2.0, 1e8, float("inf"), False, "h:1", 4, n, False])),
         (peer, msgpack.packb([V, 2.0, 1e8, 1e8, False, "h:1", 4, n, 1])),

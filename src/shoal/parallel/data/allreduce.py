@@ -141,12 +141,15 @@ async def run_allreduce(
     buffers: BufferPool | None = None,
     screened: dict[Member, str] | None = None,
     tag: bytes = b"",
+    check_tag: Callable[[Member, bytes], str | None] | None = None,
 ) -> tuple[RoundResult, dict[int, torch.Tensor] | None]:
     """Run one round; return the result and, on success, the reduced part of every range.
 
     ``tag`` says what ``flat`` stands for (see ``Contribution.tag``): members sending the
     same non-empty tag count once in every part, with the weight of the first of them in
-    member order.
+    member order. ``check_tag(sender, tag)`` says why a reducer refuses a contribution
+    under that tag (None: it may stand for it); contributions under one tag must carry the
+    same values, or a reducer fails the round.
 
     ``screened``, when given, receives the senders whose messages this member refused
     itself (see ``RoundResult.screened``), also when the round fails.
@@ -214,6 +217,7 @@ async def run_allreduce(
                 accepted, rejected = await _offload(
                     numel, screen_contributions, got, config.aggregation
                 )
+                _screen_tags(collected, accepted, rejected, check_tag)
                 if screened is not None:
                     screened.update(rejected)
                 contributions[my_part] = {p: got[p] for p in accepted}
@@ -315,6 +319,7 @@ async def run_allreduce(
             ok, refused = screen_contributions(
                 {p: got[p] for p in common if p in got}, config.aggregation
             )
+            _screen_tags(msgs(Contribution, j), ok, refused, check_tag)
             if screened is not None:
                 screened.update(refused)
             contributions[j] = {p: got[p] for p in ok}
@@ -344,6 +349,14 @@ async def run_allreduce(
             sent = {m.sender: m.tag for m in msgs(Contribution, j) if m.tag}
             part_tags[j] = {p: sent[p] for p in order if p in sent}
             counted = _counted(order, part_tags[j])
+            twins = _unlike_twins(counted, part_tags[j], have)
+            if twins:
+                # One of them lies, and which cannot be told: this part has no value for
+                # that tag, and the others' parts would: leave, so every member fails now.
+                left_round = True
+                await send_leave(transport, round_id, members)
+                why = f"part {j}: contributions under one tag differ ({twins})"
+                return _failed(why + _left_out(excluded), excluded, seconds), None
             reduced = await _offload(
                 numel,
                 functools.partial(aggregate, fused=not part_tags[j]),
@@ -464,6 +477,40 @@ async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
     if numel >= _OFFLOAD_NUMEL:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
+
+
+def _screen_tags(
+    contributions: Sequence[Contribution],
+    accepted: set[Member],
+    rejected: dict[Member, str],
+    check_tag: Callable[[Member, bytes], str | None] | None,
+) -> None:
+    """Move the accepted senders whose tag ``check_tag`` refuses to ``rejected``."""
+    if check_tag is None:
+        return
+    for m in contributions:
+        if m.sender in accepted:
+            why = check_tag(m.sender, m.tag)
+            if why is not None:
+                accepted.discard(m.sender)
+                rejected[m.sender] = why
+
+
+def _unlike_twins(
+    counted: Sequence[Member],
+    tags: dict[Member, bytes],
+    have: dict[Member, tuple[float, torch.Tensor]],
+) -> str:
+    """The senders whose values differ from those of the counted sender of their tag
+    (empty when none do): they must be the same mean."""
+    first = {tags[m]: m for m in counted if m in tags}
+    unlike = [
+        m
+        for m, tag in tags.items()
+        if first[tag] != m
+        and (have[m][0] != have[first[tag]][0] or not torch.equal(have[m][1], have[first[tag]][1]))
+    ]
+    return ", ".join(str(m)[:12] for m in unlike)
 
 
 def _counted(order: Sequence[Member], tags: dict[Member, bytes]) -> list[Member]:

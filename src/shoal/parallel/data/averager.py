@@ -13,7 +13,7 @@ and a round id every member derived alike; the shares follow the links
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -85,9 +85,22 @@ class Averager:
         self.config = config or AllReduceConfig()
         self.buffers = BufferPool()
 
-    def prepare(self, group: GroupSpec) -> None:
-        """Start holding messages for ``group``'s round (call as soon as the group is known)."""
-        self.transport.inbox.open(group.round_id, group.members)
+    def prepare(self, group: GroupSpec, numel: int | None = None, *, tagged: bool = False) -> None:
+        """Start holding messages for ``group``'s round (call as soon as the group is known).
+
+        With ``numel`` (the vector's length, and whether it will be averaged under a tag) the
+        part sizes are known at once: what a member sends before the round starts here is
+        bounded by them (a round opened without sizes bounds nothing until it starts)."""
+        sizes = None
+        if numel is not None:
+            sizes = [b - a for a, b in self._ranges(numel, group.shares(), tagged)]
+        self.transport.inbox.open(group.round_id, group.members, sizes)
+
+    def _ranges(self, numel: int, shares: Sequence[float], tagged: bool) -> list[tuple[int, int]]:
+        # A tagged round is one of several (the columns of a round across groups) that
+        # must give the same bits: blockwise codecs then cut every part alike.
+        align = getattr(self.codec, "block_size", 1) if tagged else 1
+        return part_ranges(numel, shares, align)
 
     async def average(
         self,
@@ -97,9 +110,11 @@ class Averager:
         group: GroupSpec,
         timeout_s: float,
         tag: bytes = b"",
+        check_tag: Callable[[Member, bytes], str | None] | None = None,
     ) -> RoundResult:
         """Average ``tensors`` in place with ``group``; see the module docstring. Members
-        sending the same non-empty ``tag`` count once (see ``Contribution.tag``)."""
+        sending the same non-empty ``tag`` count once (see ``Contribution.tag``), and
+        reducers refuse a contribution whose tag ``check_tag`` refuses (``run_allreduce``)."""
         if self.transport.me not in group.members:
             raise ConfigError(f"this peer {self.transport.me!r} is not in the group")
         if not timeout_s > 0:
@@ -117,10 +132,7 @@ class Averager:
                 finally:
                     self.transport.inbox.close(group.round_id)
                 raise
-            # A tagged round is one of several (the columns of a round across groups)
-            # that must give the same bits: blockwise codecs then cut every part alike.
-            align = getattr(self.codec, "block_size", 1) if tag else 1
-            ranges = part_ranges(flat.numel, shares, align)
+            ranges = self._ranges(flat.numel, shares, bool(tag))
             screened: dict[Member, str] = {}
             result, parts = await run_allreduce(
                 self.transport,
@@ -135,6 +147,7 @@ class Averager:
                 buffers=self.buffers,
                 screened=screened,
                 tag=tag,
+                check_tag=check_tag,
             )
             result = replace(result, screened=screened)
         finally:
