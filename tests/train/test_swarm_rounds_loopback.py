@@ -580,3 +580,42 @@ def test_peers_whose_column_failed_decline_the_second_exchange_their_groups_run(
             assert outcome.weight == len(ok)  # the decliners' groups count without them
             # the decliners were not waited for until the collect deadline (5.5 s)
             assert took < 4.0, took
+
+
+def test_a_peer_its_column_left_out_takes_no_part_in_the_second_exchange():
+    with _swarm(7) as (runtimes, dhts):
+        rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=10.0)
+        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+        big = next(
+            g for g in form_groups(b"k/none", ready, max_group_size=3) if len(g.members) == 3
+        )
+        odd = [rt.peer_id.raw for rt in runtimes].index(big.members[2].peer)
+        average = rounds[odd].averager.average
+
+        async def refused_in_column(tensors, weight, **kwargs):
+            if kwargs.get("tag"):  # screened out there; its twin brings its group's mean
+                tensors = [torch.full_like(t, float("nan")) for t in tensors]
+            return await average(tensors, weight, **kwargs)
+
+        rounds[odd].averager.average = refused_in_column
+        weights = [float(i + 1) for i in range(7)]
+        inputs = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+        vectors = [x.clone() for x in inputs]
+        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        assert all(o.ok and o.weight == sum(weights) for o in outcomes)
+        assert outcomes[odd].included  # its values are in the mean, by its twin
+        rounds[odd].averager.average = average
+
+        def second(i: int):
+            t0 = time.monotonic()
+            coro = rounds[i].again(torch.full((1000,), float(i)), 1.0, tag=b"/1")
+            return runtimes[i].run(coro, timeout_s=60.0), time.monotonic() - t0
+
+        with ThreadPoolExecutor(7) as pool:
+            results = list(pool.map(second, range(7)))
+        for i, (outcome, took) in enumerate(results):
+            if i == odd:
+                assert not outcome.ok and "left out of its column" in outcome.reason
+            else:
+                assert outcome.ok and outcome.group_size == 7, outcome.reason
+                assert took < 4.0, took  # no one waited for it (collect deadline: 5.5 s)

@@ -449,8 +449,10 @@ class SwarmRounds:
             included=included,
         )
         if across is not None and original is not None:
-            why = await self._across(
-                vector, outcome, across, until=t1 + 2 * cfg.allreduce_timeout_s
+            why = await self._restoring(
+                vector,
+                original,
+                self._across(vector, outcome, across, until=t1 + 2 * cfg.allreduce_timeout_s),
             )
             if why:
                 vector.copy_(original)
@@ -460,6 +462,19 @@ class SwarmRounds:
                 )
         self._last_ok = True
         return outcome
+
+    @staticmethod
+    async def _restoring(
+        vector: torch.Tensor, original: torch.Tensor, stage: Awaitable[str]
+    ) -> str:
+        """Await the stage across groups; should it be cancelled, ``vector`` gets its
+        ``original`` values back first (a failed round leaves the caller's tensors as they
+        were, and the own group's mean is already in them)."""
+        try:
+            return await stage
+        except asyncio.CancelledError:
+            vector.copy_(original)
+            raise
 
     def _failed_key(self, round_key: bytes, group_id: bytes) -> None:
         """Meet under another key when ``round_key`` is tried again (see :meth:`average`)."""
@@ -613,16 +628,19 @@ class SwarmRounds:
         if self.runtime.peer_id not in last.members:
             return RoundOutcome(False, reason="this peer was left out of the last round")
         spec = replace(last, round_id=last.round_id[:32] + tag[:16])
-        self.averager.prepare(spec)
         across = self.last_across
+        if across is not None and self.runtime.peer_id not in across.column.members:
+            # Its column went on without it (its group's mean came by a twin): a group's
+            # mean alone is not this exchange's result, so it takes no part.
+            await send_leave(self.transport, spec.round_id, spec.members)
+            return RoundOutcome(False, reason="this peer was left out of its column last round")
+        self.averager.prepare(spec)
         original = None
-        if across is not None and self.runtime.peer_id in across.column.members:
+        if across is not None:
             column = replace(across.column, round_id=across.column.round_id[:32] + tag[:16])
             across = replace(across, column=column)
             self.averager.prepare(column, vector.numel(), tagged=True)
             original = vector.clone()
-        else:
-            across = None
         t0 = time.monotonic()
         result = None
         try:
@@ -651,7 +669,8 @@ class SwarmRounds:
         )
         if across is not None and original is not None:
             until = t0 + 2 * self.config.allreduce_timeout_s
-            why = await self._across(vector, outcome, across, until=until)
+            stage = self._across(vector, outcome, across, until=until)
+            why = await self._restoring(vector, original, stage)
             if why:
                 vector.copy_(original)
                 return RoundOutcome(
