@@ -385,13 +385,19 @@ def _mean(inputs, weights, who):
     return sum(weights[i] * inputs[i].double() for i in who) / sum(weights[i] for i in who)
 
 
-@pytest.mark.parametrize("codec,atol", [("none", 1e-5), ("int8", 0.05)])
-def test_a_round_of_several_groups_gives_everyone_the_mean_over_all_of_them(codec, atol):
+@pytest.mark.parametrize(
+    "codec,atol,aggregation",
+    [("none", 1e-5, "mean"), ("int8", 0.05, "mean"), ("none", 1e-5, "trimmed_mean")],
+)
+def test_a_round_of_several_groups_gives_everyone_the_mean_over_all_of_them(
+    codec, atol, aggregation
+):
     # 7 peers in groups of at most 3: groups of 3, 2 and 2, and two columns across them,
     # one of which holds two members of the group of 3 (its mean must count once). Every
-    # peer ends with the same bits, whichever column it averaged in.
+    # peer ends with the same bits, whichever column it averaged in (a robust rule
+    # combines each group; columns take the weighted mean of the groups').
     with _swarm(7) as (runtimes, dhts):
-        rounds = _across_swarm(runtimes, dhts, codec)
+        rounds = _across_swarm(runtimes, dhts, codec, aggregation=aggregation)
         weights = [float(i + 1) for i in range(7)]
         g = torch.Generator().manual_seed(0)
         for again in (False, True):  # a second exchange (low-rank) goes across as well
@@ -399,6 +405,8 @@ def test_a_round_of_several_groups_gives_everyone_the_mean_over_all_of_them(code
             vectors = [x.clone() for x in inputs]
             outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k", again=again)
             expect = _mean(inputs, weights, range(7))
+            if aggregation == "trimmed_mean":  # each group's median (of 3) or mean (of 2)
+                expect = _robust_groups_mean(runtimes, inputs, weights)
             for outcome, v in zip(outcomes, vectors, strict=True):
                 assert outcome.ok and outcome.included, outcome.reason
                 assert outcome.contributors == {rt.peer_id for rt in runtimes}
@@ -407,6 +415,20 @@ def test_a_round_of_several_groups_gives_everyone_the_mean_over_all_of_them(code
                 assert torch.allclose(v.double(), expect, atol=atol, rtol=0)
             assert all(torch.equal(v, vectors[0]) for v in vectors)
             assert {len(r.last_group.members) for r in rounds} == {2, 3}
+
+
+def _robust_groups_mean(runtimes, inputs, weights):
+    """The columns' weighted mean of each group's trimmed mean (a median of 3, a mean of 2)."""
+    ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+    index = {rt.peer_id.raw: i for i, rt in enumerate(runtimes)}
+    total, weight = 0.0, 0.0
+    for group in form_groups(b"k/none/trimmed_mean", ready, max_group_size=3):
+        members = [index[p.peer] for p in group.members]
+        stacked = torch.stack([inputs[i] for i in members])
+        combined = stacked.median(dim=0).values if len(members) == 3 else stacked.mean(dim=0)
+        w = sum(weights[i] for i in members)
+        total, weight = total + w * combined.double(), weight + w
+    return total / weight
 
 
 def _lose_in_columns(runtimes, rounds, lost_members, weights, inputs):

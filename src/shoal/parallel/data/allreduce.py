@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -159,6 +160,13 @@ async def run_allreduce(
     ``round_id`` in the inbox before peers may send (it is closed here at the end).
     """
     config = config or AllReduceConfig()
+    if tag:
+        # Tagged contributions are group means (columns of a round across groups): a few,
+        # each already one group's robust combination, and several columns must reach the
+        # same bits. Screening still applies; the combination is the weighted mean.
+        config = dataclasses.replace(
+            config, aggregation=dataclasses.replace(config.aggregation, kind="mean")
+        )
     loop = asyncio.get_running_loop()
     start = loop.time()
     budget = max(0.0, deadline - start)
