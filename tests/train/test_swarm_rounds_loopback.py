@@ -361,8 +361,10 @@ def test_the_window_is_at_least_a_share_of_the_round_period():
         assert window_of(b"r2") < 1.5
 
 
-def _across_swarm(runtimes, dhts, codec="none", **config):
-    config = RoundsConfig(wire_codec=codec, window_initial_s=20.0, max_group_size=3, **config)
+def _across_swarm(runtimes, dhts, codec="none", max_group_size=3, **config):
+    config = RoundsConfig(
+        wire_codec=codec, window_initial_s=20.0, max_group_size=max_group_size, **config
+    )
     return [
         SwarmRounds(rt, dht.node, swarm="t", config=config)
         for rt, dht in zip(runtimes, dhts, strict=True)
@@ -395,7 +397,7 @@ def test_a_round_of_several_groups_gives_everyone_the_mean_over_all_of_them(
     # 7 peers in groups of at most 3: groups of 3, 2 and 2, and two columns across them,
     # one of which holds two members of the group of 3 (its mean must count once). Every
     # peer ends with the same bits, whichever column it averaged in (a robust rule
-    # combines each group; columns take the weighted mean of the groups').
+    # combines each group's members, then the groups' results, each group one vote).
     with _swarm(7) as (runtimes, dhts):
         rounds = _across_swarm(runtimes, dhts, codec, aggregation=aggregation)
         weights = [float(i + 1) for i in range(7)]
@@ -410,25 +412,27 @@ def test_a_round_of_several_groups_gives_everyone_the_mean_over_all_of_them(
             for outcome, v in zip(outcomes, vectors, strict=True):
                 assert outcome.ok and outcome.included, outcome.reason
                 assert outcome.contributors == {rt.peer_id for rt in runtimes}
-                assert outcome.weight == sum(weights) and outcome.group_size == 7
+                # a robust rule trusts no claimed weight: across groups, contributors count
+                total = sum(weights) if aggregation == "mean" else 7
+                assert outcome.weight == total and outcome.group_size == 7
                 assert "across" in outcome.seconds
                 assert torch.allclose(v.double(), expect, atol=atol, rtol=0)
             assert all(torch.equal(v, vectors[0]) for v in vectors)
             assert {len(r.last_group.members) for r in rounds} == {2, 3}
 
 
-def _robust_groups_mean(runtimes, inputs, weights):
-    """The columns' weighted mean of each group's trimmed mean (a median of 3, a mean of 2)."""
+def _robust_groups_mean(runtimes, inputs, weights, parts=False):
+    """The median of the three groups' trimmed means (a median of 3, a mean of 2); with
+    ``parts``, and the groups' results."""
     ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
     index = {rt.peer_id.raw: i for i, rt in enumerate(runtimes)}
-    total, weight = 0.0, 0.0
+    results = []
     for group in form_groups(b"k/none/trimmed_mean", ready, max_group_size=3):
-        members = [index[p.peer] for p in group.members]
-        stacked = torch.stack([inputs[i] for i in members])
-        combined = stacked.median(dim=0).values if len(members) == 3 else stacked.mean(dim=0)
-        w = sum(weights[i] for i in members)
-        total, weight = total + w * combined.double(), weight + w
-    return total / weight
+        stacked = torch.stack([inputs[index[p.peer]] for p in group.members])
+        results.append(stacked.median(dim=0).values if len(stacked) == 3 else stacked.mean(dim=0))
+    stacked = torch.stack(results).double()
+    median = stacked.median(dim=0).values
+    return (median, stacked) if parts else median
 
 
 def _lose_in_columns(runtimes, rounds, lost_members, weights, inputs):
@@ -574,7 +578,7 @@ def test_a_column_member_bringing_another_groups_tag_is_refused():
 
 def test_peers_whose_column_failed_decline_the_second_exchange_their_groups_run():
     with _swarm(7) as (runtimes, dhts):
-        # A group whose other members decline still averages (one member brings it)
+        # min_contributors=1: a group whose other members decline still runs its part
         rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=10.0, min_contributors=1)
         ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
         small = next(
@@ -598,8 +602,8 @@ def test_peers_whose_column_failed_decline_the_second_exchange_their_groups_run(
             results = dict(zip(range(7), pool.map(second, range(7)), strict=True))
         for i in ok:
             outcome, took = results[i]
-            assert outcome.ok and outcome.group_size == 7, outcome.reason
-            assert outcome.weight == len(ok)  # the decliners' groups count without them
+            # A group that kept no majority of its members fails across groups (at once)
+            assert outcome.ok or "of its group's" in outcome.reason, outcome.reason
             # the decliners were not waited for until the collect deadline (5.5 s)
             assert took < 4.0, took
 
@@ -641,3 +645,84 @@ def test_a_peer_its_column_left_out_takes_no_part_in_the_second_exchange():
             else:
                 assert outcome.ok and outcome.group_size == 7, outcome.reason
                 assert took < 4.0, took  # no one waited for it (collect deadline: 5.5 s)
+
+
+def test_a_group_confirmed_as_two_halves_cannot_give_the_swarm_two_models(monkeypatch):
+    # Each half agrees on itself (as when posts land late) and both halves' rounds succeed:
+    # each column would take one half's mean for the group's, another in each column.
+    import hashlib
+
+    from shoal.parallel.data.rendezvous import Group
+    from shoal.train import swarm_round
+
+    with _swarm(8) as (runtimes, dhts):
+        rounds = _across_swarm(runtimes, dhts, max_group_size=4, allreduce_timeout_s=4.0)
+        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+        split = form_groups(b"k/none", ready, max_group_size=4)[0]
+        halves = [split.members[:2], split.members[2:]]
+        real = swarm_round.find_group
+
+        async def find_group(board, round_key, me, **kwargs):
+            found = await real(board, round_key, me, **kwargs)
+            half = next((h for h in halves if me in h), None)
+            if isinstance(found, Group) and half is not None:
+                digest = hashlib.blake2b(found.group_id + b"/half", digest_size=16)
+                digest.update(b"".join(p.peer for p in half))
+                return Group(digest.digest(), tuple(half), round_groups=found.round_groups)
+            return found
+
+        monkeypatch.setattr(swarm_round, "find_group", find_group)
+        weights = [float(i + 1) for i in range(8)]
+        inputs = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+        vectors = [x.clone() for x in inputs]
+        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        ok = [i for i, o in enumerate(outcomes) if o.ok]
+        assert len({vectors[i].numpy().tobytes() for i in ok}) <= 1
+        assert len({outcomes[i].contributors for i in ok}) <= 1
+        for i, outcome in enumerate(outcomes):
+            if not outcome.ok:
+                assert torch.equal(vectors[i], inputs[i])
+
+
+@pytest.mark.parametrize("lie", ["values", "weight"])
+def test_a_liar_alone_for_its_group_in_a_column_cannot_set_a_robust_columns_result(lie):
+    with _swarm(7) as (runtimes, dhts):
+        rounds = _across_swarm(runtimes, dhts, aggregation="trimmed_mean")
+        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+        groups = form_groups(b"k/none/trimmed_mean", ready, max_group_size=3)
+        small = next(g for g in groups if len(g.members) == 2)  # one member in each column
+        liar = [rt.peer_id.raw for rt in runtimes].index(small.members[0].peer)
+        average = rounds[liar].averager.average
+        poison = torch.full((10_000,), 3.0)
+
+        async def lying(tensors, weight, **kwargs):
+            if kwargs.get("tag"):  # its group's honest tag, with its own values or weight
+                if lie == "values":
+                    tensors = [poison.clone()]
+                else:
+                    weight = 2.0**40
+            return await average(tensors, weight, **kwargs)
+
+        rounds[liar].averager.average = lying
+        weights = [float(i + 1) for i in range(7)]
+        inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+        vectors = [x.clone() for x in inputs]
+        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        honest, results = _robust_groups_mean(runtimes, inputs, weights, parts=True)
+        low, high = results.min(dim=0).values, results.max(dim=0).values
+        for i, (outcome, v) in enumerate(zip(outcomes, vectors, strict=True)):
+            if i == liar:
+                continue
+            if not outcome.ok:  # its column went without the liar's group: untouched
+                assert lie == "weight" and torch.equal(v, inputs[i])
+            elif not torch.allclose(v.double(), honest, atol=1e-5, rtol=0):
+                # The liar's column: the median of three group results is one of the two
+                # honest ones wherever the lie is not (a known limit: that column's
+                # members hold another model than the rest until the peers realign).
+                assert lie == "values"
+                assert bool(((v.double() >= low - 1e-6) & (v.double() <= high + 1e-6)).all())
+        if lie == "weight":  # refused at the reducers: never averaged anywhere
+            assert not any(
+                o.ok and not torch.allclose(v.double(), honest, atol=1e-5, rtol=0)
+                for o, v in zip(outcomes, vectors, strict=True)
+            )

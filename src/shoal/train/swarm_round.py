@@ -243,21 +243,39 @@ def wait_outcome(
             return RoundOutcome(False, reason=f"round error: {type(exc).__name__}: {exc}")
 
 
-def _tag_refused(
-    order: tuple[bytes, ...], group_of: Mapping[bytes, int], sender: object, tag: bytes
-) -> str | None:
-    """Why ``sender`` may not bring ``tag`` into a column (None: it may): a tag must be
-    the bitmap (exactly as ``members_tag`` writes it) of some members of the sender's own
-    group. Another group's tag would put the sender's values in that group's place, and a
-    second spelling of one set would count a group twice."""
-    if not isinstance(sender, PeerID) or sender.raw not in group_of:
-        return "not a member of the round's groups"
-    marked = tag_members(order, tag)
-    if not marked or tag != members_tag(order, marked):
-        return "a malformed tag for a contribution across groups"
-    if any(group_of[peer] != group_of[sender.raw] for peer in marked):
-        return "a tag that marks peers of another group"
-    return None
+class _ColumnTags:
+    """What a member of a column may bring under a tag (see :meth:`refused`)."""
+
+    def __init__(self, groups: tuple[Group, ...], *, counted: bool) -> None:
+        self.order = round_order(groups)
+        self.group_of = {p.peer: k for k, g in enumerate(groups) for p in g.members}
+        self.sizes = [len(g.members) for g in groups]
+        self.counted = counted
+        """Weights are contributor counts (robust rules): a tag's weight is its size."""
+
+    def refused(self, sender: object, tag: bytes, weight: float | None = None) -> str | None:
+        """Why ``sender`` may not bring ``tag`` (with ``weight``) into a column, or None.
+
+        A tag must be the bitmap (exactly as ``members_tag`` writes it) of more than half
+        of the sender's own group: another group's tag would put the sender's values in
+        that group's place, a second spelling of one set would count a group twice, and
+        a group that confirmed as two halves (each agreed by its own members) would bring
+        two means, each taken for the group's in the columns it reached, where one set of
+        contributors can be a majority. With ``counted``, the weight is the tag's size,
+        not a claim (a robust round trusts no claimed weight)."""
+        if not isinstance(sender, PeerID) or sender.raw not in self.group_of:
+            return "not a member of the round's groups"
+        marked = tag_members(self.order, tag)
+        if not marked or tag != members_tag(self.order, marked):
+            return "a malformed tag for a contribution across groups"
+        group = self.group_of[sender.raw]
+        if any(self.group_of[peer] != group for peer in marked):
+            return "a tag that marks peers of another group"
+        if 2 * len(marked) <= self.sizes[group]:
+            return f"a tag for {len(marked)} of its group's {self.sizes[group]} members"
+        if self.counted and weight is not None and weight != len(marked):
+            return f"weight {weight!r} for a tag of {len(marked)} contributors"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +422,15 @@ class SwarmRounds:
             if missed is not None:
                 await self._leave(missed)
             return RoundOutcome(False, reason=group.reason, seconds=seconds)
+        original = None
+        if column is not None:
+            # What a failure restores: the stage across groups may fail after ours
+            # succeeded. Off the loop, as the vector may be big.
+            try:
+                original = await asyncio.to_thread(vector.clone)
+            except asyncio.CancelledError:
+                await self._leave(*confirmed)
+                raise
         spec = self.transport.join(group)  # shares follow the announced links
         members = list(spec.members)
         self.averager.prepare(spec)
@@ -413,8 +440,6 @@ class SwarmRounds:
             # finished first may send before ours has.
             across = _Across(self.transport.join(column), group.round_groups)
             self.averager.prepare(across.column, vector.numel(), tagged=True)
-        # What a failure restores: the stage across groups may fail after ours succeeded.
-        original = None if across is None else vector.clone()
         result = None
         try:
             result = await self.averager.average(
@@ -505,16 +530,20 @@ class SwarmRounds:
         than from each one's own: a group whose round waited out a dead member starts here
         late, and would miss the others' collect deadlines otherwise."""
         t0 = time.monotonic()
-        column, order = across.column, round_order(across.groups)
-        group_of = {p.peer: k for k, g in enumerate(across.groups) for p in g.members}
-        tag = members_tag(order, (p.raw for p in outcome.contributors))
+        if until - t0 <= 0:
+            return "no time left for the stage across groups"
+        column = across.column
+        rules = _ColumnTags(across.groups, counted=self.config.aggregation != "mean")
+        tag = members_tag(rules.order, (p.raw for p in outcome.contributors))
+        # A robust rule trusts no claimed weight: a group then weighs its contributors.
+        weight = float(len(outcome.contributors)) if rules.counted else outcome.weight
         result = await self.averager.average(
             [vector],
-            outcome.weight,
+            weight,
             group=column,
-            timeout_s=max(until - t0, 1.0),
+            timeout_s=until - t0,
             tag=tag,
-            check_tag=lambda sender, tag: _tag_refused(order, group_of, sender, tag),
+            check_tag=rules.refused,
         )
         outcome.seconds["across"] = time.monotonic() - t0
         self._observe_links()
@@ -524,14 +553,16 @@ class SwarmRounds:
         by_group: dict[int, set[bytes]] = {}  # each group's tags: one, in an honest round
         for member in result.contributors:
             tagged = result.tags.get(member, b"")
-            if isinstance(member, PeerID) and not _tag_refused(order, group_of, member, tagged):
-                by_group.setdefault(group_of[member.raw], set()).add(tagged)
+            if isinstance(member, PeerID) and not rules.refused(member, tagged):
+                by_group.setdefault(rules.group_of[member.raw], set()).add(tagged)
         if len(by_group) < len(across.groups):
             missing = len(across.groups) - len(by_group)
             return f"{missing} of {len(across.groups)} groups missing from this peer's column"
         if any(len(tags) > 1 for tags in by_group.values()):
             return "a group's members brought different contributor sets to the column"
-        represented = set().union(*(tag_members(order, t) for ts in by_group.values() for t in ts))
+        represented = set().union(
+            *(tag_members(rules.order, t) for ts in by_group.values() for t in ts)
+        )
         # A follow-up exchange goes on with the members whose own values are in the mean
         # (a member its group left out does not take part: see ``again``).
         kept = [
@@ -542,7 +573,7 @@ class SwarmRounds:
         self.last_across = _Across(column.subgroup(kept, column.round_id), across.groups)
         outcome.contributors = frozenset(PeerID(raw) for raw in represented)
         outcome.weight = result.weight
-        outcome.group_size = len(order)  # as for one group: every member, left out or not
+        outcome.group_size = len(rules.order)  # as for one group: every member, left out or not
         return ""
 
     def skipped(self) -> None:
@@ -634,13 +665,18 @@ class SwarmRounds:
             # mean alone is not this exchange's result, so it takes no part.
             await send_leave(self.transport, spec.round_id, spec.members)
             return RoundOutcome(False, reason="this peer was left out of its column last round")
-        self.averager.prepare(spec)
         original = None
         if across is not None:
             column = replace(across.column, round_id=across.column.round_id[:32] + tag[:16])
             across = replace(across, column=column)
+            try:
+                original = await asyncio.to_thread(vector.clone)  # off the loop: may be big
+            except asyncio.CancelledError:
+                await send_leave(self.transport, spec.round_id, spec.members)
+                await send_leave(self.transport, column.round_id, column.members)
+                raise
             self.averager.prepare(column, vector.numel(), tagged=True)
-            original = vector.clone()
+        self.averager.prepare(spec)
         t0 = time.monotonic()
         result = None
         try:

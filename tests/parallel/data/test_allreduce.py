@@ -184,7 +184,7 @@ def test_a_tag_that_check_tag_refuses_is_screened_out_at_every_reducer():
     # a belongs to group g1 but says it carries g2's mean: it would take g2's place.
     groups = {"a": b"g1", "b": b"g1", "c": b"g2", "d": b"g2"}
 
-    def check_tag(sender, tag):
+    def check_tag(sender, tag, weight):
         return None if groups.get(sender, b"") == tag else f"{sender} may not carry {tag!r}"
 
     members = ["a", "b", "c", "d", "e"]

@@ -151,14 +151,21 @@ def weighted_mean(
     return out
 
 
-def _trimmed_mean(parts: Sequence[torch.Tensor], trim_fraction: float) -> torch.Tensor:
+def _trimmed_mean(
+    parts: Sequence[torch.Tensor], trim_fraction: float, *, fused: bool = True
+) -> torch.Tensor:
     n = len(parts)
     # Round up: int(n * 0.2) trims nothing below five peers, where one liar decides the mean.
     k = min(math.ceil(n * trim_fraction), (n - 1) // 2)
-    if k == 0:
-        return torch.stack(list(parts)).mean(dim=0)
-    ordered = torch.stack(list(parts)).sort(dim=0).values
-    return ordered[k : n - k].mean(dim=0)
+    stacked = torch.stack(list(parts))
+    kept = stacked.sort(dim=0).values[k : n - k] if k else stacked
+    if fused:
+        return kept.mean(dim=0)
+    # Value by value, in one order: the same bits however the vector is cut into parts.
+    out = kept[0].clone()
+    for row in kept[1:]:
+        out.add_(row)
+    return out.div_(n - 2 * k)
 
 
 def _median(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -197,10 +204,13 @@ def aggregate(
     *,
     fused: bool = True,
 ) -> torch.Tensor:
-    """Combine accepted contributions according to ``config.kind`` (``mean`` fills ``out``;
-    ``fused``: see :func:`weighted_mean`)."""
+    """Combine accepted contributions according to ``config.kind`` (``mean`` fills ``out``).
+
+    ``fused=False`` gives the same bits however the vector is cut into parts, on any CPU
+    (see :func:`weighted_mean`); ``centered_clip`` has no such form (its clipping looks at
+    whole parts)."""
     if config.kind == "mean":
         return weighted_mean(parts, weights, out, fused=fused)
     if config.kind == "trimmed_mean":
-        return _trimmed_mean(parts, config.trim_fraction)
+        return _trimmed_mean(parts, config.trim_fraction, fused=fused)
     return _centered_clip(parts, weights, config.clip_radius, config.clip_iterations)

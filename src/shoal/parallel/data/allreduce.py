@@ -142,14 +142,14 @@ async def run_allreduce(
     buffers: BufferPool | None = None,
     screened: dict[Member, str] | None = None,
     tag: bytes = b"",
-    check_tag: Callable[[Member, bytes], str | None] | None = None,
+    check_tag: Callable[[Member, bytes, float], str | None] | None = None,
 ) -> tuple[RoundResult, dict[int, torch.Tensor] | None]:
     """Run one round; return the result and, on success, the reduced part of every range.
 
     ``tag`` says what ``flat`` stands for (see ``Contribution.tag``): members sending the
     same non-empty tag count once in every part, with the weight of the first of them in
-    member order. ``check_tag(sender, tag)`` says why a reducer refuses a contribution
-    under that tag (None: it may stand for it); contributions under one tag must carry the
+    member order. ``check_tag(sender, tag, weight)`` says why a reducer refuses a
+    contribution under that tag and weight (None: it may stand for them); contributions under one tag must carry the
     same values, or a reducer fails the round.
 
     ``screened``, when given, receives the senders whose messages this member refused
@@ -160,12 +160,13 @@ async def run_allreduce(
     ``round_id`` in the inbox before peers may send (it is closed here at the end).
     """
     config = config or AllReduceConfig()
-    if tag:
-        # Tagged contributions are group means (columns of a round across groups): a few,
-        # each already one group's robust combination, and several columns must reach the
-        # same bits. Screening still applies; the combination is the weighted mean.
+    if tag and config.aggregation.kind == "centered_clip":
+        # Tagged contributions are group means (columns of a round across groups), and
+        # several columns must reach the same bits: clipping looks at whole parts, which
+        # the columns cut differently. A trimmed mean of the group means still outvotes
+        # a lying group's member among three groups or more.
         config = dataclasses.replace(
-            config, aggregation=dataclasses.replace(config.aggregation, kind="mean")
+            config, aggregation=dataclasses.replace(config.aggregation, kind="trimmed_mean")
         )
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -491,14 +492,14 @@ def _screen_tags(
     contributions: Sequence[Contribution],
     accepted: set[Member],
     rejected: dict[Member, str],
-    check_tag: Callable[[Member, bytes], str | None] | None,
+    check_tag: Callable[[Member, bytes, float], str | None] | None,
 ) -> None:
     """Move the accepted senders whose tag ``check_tag`` refuses to ``rejected``."""
     if check_tag is None:
         return
     for m in contributions:
         if m.sender in accepted:
-            why = check_tag(m.sender, m.tag)
+            why = check_tag(m.sender, m.tag, m.weight)
             if why is not None:
                 accepted.discard(m.sender)
                 rejected[m.sender] = why

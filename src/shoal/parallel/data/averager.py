@@ -110,7 +110,7 @@ class Averager:
         group: GroupSpec,
         timeout_s: float,
         tag: bytes = b"",
-        check_tag: Callable[[Member, bytes], str | None] | None = None,
+        check_tag: Callable[[Member, bytes, float], str | None] | None = None,
     ) -> RoundResult:
         """Average ``tensors`` in place with ``group``; see the module docstring. Members
         sending the same non-empty ``tag`` count once (see ``Contribution.tag``), and
