@@ -200,7 +200,8 @@ class RoundOutcome:
     ok: bool
     contributors: frozenset[PeerID] = frozenset()
     weight: float = 0.0
-    """Sum of the contributors' weights (samples)."""
+    """Sum of the contributors' weights (samples; across groups under a robust rule, the
+    contributors' count: no claimed weight is trusted there)."""
     group_size: int = 0
     reason: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
