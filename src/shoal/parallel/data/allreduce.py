@@ -149,8 +149,8 @@ async def run_allreduce(
     ``tag`` says what ``flat`` stands for (see ``Contribution.tag``): members sending the
     same non-empty tag count once in every part, with the weight of the first of them in
     member order. ``check_tag(sender, tag, weight)`` says why a reducer refuses a
-    contribution under that tag and weight (None: it may stand for them); contributions under one tag must carry the
-    same values, or a reducer fails the round.
+    contribution under that tag and weight (None: it may stand for them); contributions
+    under one tag must carry the same values, or a reducer fails the round.
 
     ``screened``, when given, receives the senders whose messages this member refused
     itself (see ``RoundResult.screened``), also when the round fails.
@@ -358,7 +358,7 @@ async def run_allreduce(
             sent = {m.sender: m.tag for m in msgs(Contribution, j) if m.tag}
             part_tags[j] = {p: sent[p] for p in order if p in sent}
             counted = _counted(order, part_tags[j])
-            twins = _unlike_twins(counted, part_tags[j], have)
+            twins = await _offload(numel, _unlike_twins, counted, part_tags[j], have)
             if twins:
                 # One of them lies, and which cannot be told: this part has no value for
                 # that tag, and the others' parts would: leave, so every member fails now.
