@@ -102,10 +102,11 @@ class DiLoCoStrategy:
             stop=self.stop,
             timeout_s=self.rounds.config.round_deadline_s,
         )
-        if stage == 0 and not outcome.ok and self.lowrank is not None:
+        if stage == 0 and not outcome.ok and self.lowrank is not None and not self.stop.is_set():
             # Its group may have succeeded where its stage across groups failed: the
-            # others' second exchange must not wait for it.
-            with contextlib.suppress(NetworkError):
+            # others' second exchange must not wait for it (best effort: the runtime may
+            # be closing).
+            with contextlib.suppress(NetworkError, RuntimeError):
                 decline = self.rounds.decline_again(_again_tag(1))
                 self.services.runtime.run(decline, timeout_s=_DECLINE_S)
         return outcome
