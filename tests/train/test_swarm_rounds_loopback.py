@@ -376,7 +376,9 @@ def _weighted_round(runtimes, rounds, vectors, weights, key: bytes, *, again: bo
         if again:
             coro = rounds[i].again(vectors[i], weights[i], tag=b"/1")
         else:
-            coro = rounds[i].average(vectors[i], weights[i], round_key=key, expected_peers=7)
+            coro = rounds[i].average(
+                vectors[i], weights[i], round_key=key, expected_peers=len(rounds)
+            )
         return runtimes[i].run(coro, timeout_s=60.0)
 
     with ThreadPoolExecutor(len(rounds)) as pool:
@@ -435,6 +437,24 @@ def _robust_groups_mean(runtimes, inputs, weights, parts=False):
     return (median, stacked) if parts else median
 
 
+def _seeded_round(runtimes, rounds, numel):
+    """One round of every peer, peer ``i`` with weight ``i + 1`` and a vector seeded ``i``:
+    the weights, the inputs, the vectors after the round, and the outcomes."""
+    n = len(runtimes)
+    weights = [float(i + 1) for i in range(n)]
+    inputs = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(n)]
+    vectors = [x.clone() for x in inputs]
+    return weights, inputs, vectors, _weighted_round(runtimes, rounds, vectors, weights, b"k")
+
+
+def _group_of_size(runtimes, size, key=b"k/none", max_group_size=3):
+    """The first group of ``size`` members a round of ``runtimes`` under ``key`` forms."""
+    ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
+    return next(
+        g for g in form_groups(key, ready, max_group_size=max_group_size) if len(g.members) == size
+    )
+
+
 def _lose_in_columns(runtimes, rounds, lost_members, weights, inputs):
     """A round in which the given peers never reach their columns; the outcomes and
     vectors."""
@@ -452,10 +472,7 @@ def _lose_in_columns(runtimes, rounds, lost_members, weights, inputs):
 def test_a_group_still_counts_whole_when_one_of_its_two_members_in_a_column_is_lost():
     with _swarm(7) as (runtimes, dhts):
         rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=4.0)
-        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
-        big = next(
-            g for g in form_groups(b"k/none", ready, max_group_size=3) if len(g.members) == 3
-        )
+        big = _group_of_size(runtimes, 3)
         lost = [rt.peer_id.raw for rt in runtimes].index(big.members[2].peer)
         weights = [float(i + 1) for i in range(7)]
         inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
@@ -479,10 +496,7 @@ def test_a_column_that_lost_a_groups_only_member_fails_and_no_peer_keeps_another
     # mean over the other groups only, and its members would hold another model.
     with _swarm(7) as (runtimes, dhts):
         rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=4.0)
-        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
-        small = next(
-            g for g in form_groups(b"k/none", ready, max_group_size=3) if len(g.members) == 2
-        )
+        small = _group_of_size(runtimes, 2)
         weights = [float(i + 1) for i in range(7)]
         inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
         outcomes, vectors = _lose_in_columns(
@@ -506,9 +520,7 @@ def test_a_peer_whose_group_went_on_without_it_tells_its_column_not_to_wait(monk
 
     with _swarm(7) as (runtimes, dhts):
         rounds = _across_swarm(runtimes, dhts)
-        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
-        groups = form_groups(b"k/none", ready, max_group_size=3)
-        big = next(grp for grp in groups if len(grp.members) == 3)
+        big = _group_of_size(runtimes, 3)
         index = {rt.peer_id.raw: i for i, rt in enumerate(runtimes)}
         lost = index[big.members[2].peer]  # shares a column with big.members[0]
         real = swarm_round.find_group
@@ -522,10 +534,7 @@ def test_a_peer_whose_group_went_on_without_it_tells_its_column_not_to_wait(monk
             return found
 
         monkeypatch.setattr(swarm_round, "find_group", find_group)
-        weights = [float(i + 1) for i in range(7)]
-        inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
-        vectors = [x.clone() for x in inputs]
-        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        weights, inputs, vectors, outcomes = _seeded_round(runtimes, rounds, 10_000)
         others = [i for i in range(7) if i != lost]
         assert not outcomes[lost].ok and torch.equal(vectors[lost], inputs[lost])
         for i in others:
@@ -564,10 +573,7 @@ def test_a_column_member_bringing_another_groups_tag_is_refused():
                 penalize(screened)
 
             r._penalize = noted
-        weights = [float(i + 1) for i in range(7)]
-        inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
-        vectors = [x.clone() for x in inputs]
-        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        weights, inputs, vectors, outcomes = _seeded_round(runtimes, rounds, 10_000)
         everyone = _mean(inputs, weights, range(7))  # the liar was honest in its group
         for i, (outcome, v) in enumerate(zip(outcomes, vectors, strict=True)):
             if i != liar:
@@ -580,10 +586,7 @@ def test_peers_whose_column_failed_decline_the_second_exchange_their_groups_run(
     with _swarm(7) as (runtimes, dhts):
         # min_contributors=1: a group whose other members decline still runs its part
         rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=10.0, min_contributors=1)
-        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
-        small = next(
-            g for g in form_groups(b"k/none", ready, max_group_size=3) if len(g.members) == 2
-        )
+        small = _group_of_size(runtimes, 2)
         weights = [float(i + 1) for i in range(7)]
         inputs = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
         outcomes, _ = _lose_in_columns(runtimes, rounds, [small.members[0].peer], weights, inputs)
@@ -611,10 +614,7 @@ def test_peers_whose_column_failed_decline_the_second_exchange_their_groups_run(
 def test_a_peer_its_column_left_out_takes_no_part_in_the_second_exchange():
     with _swarm(7) as (runtimes, dhts):
         rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=10.0)
-        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
-        big = next(
-            g for g in form_groups(b"k/none", ready, max_group_size=3) if len(g.members) == 3
-        )
+        big = _group_of_size(runtimes, 3)
         odd = [rt.peer_id.raw for rt in runtimes].index(big.members[2].peer)
         average = rounds[odd].averager.average
 
@@ -624,10 +624,7 @@ def test_a_peer_its_column_left_out_takes_no_part_in_the_second_exchange():
             return await average(tensors, weight, **kwargs)
 
         rounds[odd].averager.average = refused_in_column
-        weights = [float(i + 1) for i in range(7)]
-        inputs = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
-        vectors = [x.clone() for x in inputs]
-        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        weights, _inputs, _vectors, outcomes = _seeded_round(runtimes, rounds, 1000)
         assert all(o.ok and o.weight == sum(weights) for o in outcomes)
         assert outcomes[odd].included  # its values are in the mean, by its twin
         rounds[odd].averager.average = average
@@ -672,10 +669,7 @@ def test_a_group_confirmed_as_two_halves_cannot_give_the_swarm_two_models(monkey
             return found
 
         monkeypatch.setattr(swarm_round, "find_group", find_group)
-        weights = [float(i + 1) for i in range(8)]
-        inputs = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(8)]
-        vectors = [x.clone() for x in inputs]
-        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        _weights, inputs, vectors, outcomes = _seeded_round(runtimes, rounds, 1000)
         ok = [i for i, o in enumerate(outcomes) if o.ok]
         assert len({vectors[i].numpy().tobytes() for i in ok}) <= 1
         assert len({outcomes[i].contributors for i in ok}) <= 1
@@ -688,9 +682,7 @@ def test_a_group_confirmed_as_two_halves_cannot_give_the_swarm_two_models(monkey
 def test_a_liar_alone_for_its_group_in_a_column_cannot_set_a_robust_columns_result(lie):
     with _swarm(7) as (runtimes, dhts):
         rounds = _across_swarm(runtimes, dhts, aggregation="trimmed_mean")
-        ready = [ReadyPeer(rt.peer_id.raw, 1.0, 1e8) for rt in runtimes]
-        groups = form_groups(b"k/none/trimmed_mean", ready, max_group_size=3)
-        small = next(g for g in groups if len(g.members) == 2)  # one member in each column
+        small = _group_of_size(runtimes, 2, b"k/none/trimmed_mean")  # one in each column
         liar = [rt.peer_id.raw for rt in runtimes].index(small.members[0].peer)
         average = rounds[liar].averager.average
         poison = torch.full((10_000,), 3.0)
@@ -704,10 +696,7 @@ def test_a_liar_alone_for_its_group_in_a_column_cannot_set_a_robust_columns_resu
             return await average(tensors, weight, **kwargs)
 
         rounds[liar].averager.average = lying
-        weights = [float(i + 1) for i in range(7)]
-        inputs = [torch.randn(10_000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
-        vectors = [x.clone() for x in inputs]
-        outcomes = _weighted_round(runtimes, rounds, vectors, weights, b"k")
+        weights, inputs, vectors, outcomes = _seeded_round(runtimes, rounds, 10_000)
         honest, results = _robust_groups_mean(runtimes, inputs, weights, parts=True)
         low, high = results.min(dim=0).values, results.max(dim=0).values
         for i, (outcome, v) in enumerate(zip(outcomes, vectors, strict=True)):
