@@ -715,3 +715,36 @@ def test_a_liar_alone_for_its_group_in_a_column_cannot_set_a_robust_columns_resu
                 o.ok and not torch.allclose(v.double(), honest, atol=1e-5, rtol=0)
                 for o, v in zip(outcomes, vectors, strict=True)
             )
+
+
+def test_a_peer_whose_column_failed_alone_declines_the_columns_second_exchange_too():
+    with _swarm(7) as (runtimes, dhts):
+        rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=10.0)
+        big = _group_of_size(runtimes, 3)
+        odd = [rt.peer_id.raw for rt in runtimes].index(big.members[2].peer)
+        across = rounds[odd]._across
+
+        async def failed_here(*args, **kwargs) -> str:
+            await across(*args, **kwargs)  # the others commit with it
+            return "a part never arrived here (test)"
+
+        rounds[odd]._across = failed_here
+        _, _, _, outcomes = _seeded_round(runtimes, rounds, 1000)
+        assert [i for i, o in enumerate(outcomes) if not o.ok] == [odd]
+        odd_id = runtimes[odd].peer_id  # kept by the others for their follow-up
+        assert any(r.last_across and odd_id in r.last_across.column.members for r in rounds)
+
+        def second(i: int):
+            t0 = time.monotonic()
+            if i == odd:  # as low-rank DiLoCo does when its first exchange failed
+                runtimes[i].run(rounds[i].decline_again(b"/1"), timeout_s=10.0)
+                return None, 0.0
+            coro = rounds[i].again(torch.full((1000,), float(i)), 1.0, tag=b"/1")
+            return runtimes[i].run(coro, timeout_s=60.0), time.monotonic() - t0
+
+        with ThreadPoolExecutor(7) as pool:
+            results = list(pool.map(second, range(7)))
+        for i, (outcome, took) in enumerate(results):
+            if i != odd:
+                assert outcome.ok, outcome.reason  # its twin brings its group
+                assert took < 4.0, took  # not waited for (collect deadline: 5.5 s)

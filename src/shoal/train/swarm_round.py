@@ -342,6 +342,9 @@ class SwarmRounds:
         """Its column's contributors, when its stage across groups succeeded."""
         self._last_ok = False
         """The last round succeeded here (its stage across groups included)."""
+        self._failed_column: GroupSpec | None = None
+        """The last round's column, when its stage across groups failed here only: its
+        other members may have committed, counting on this peer in a follow-up."""
         self._retry_keys: OrderedDict[bytes, bytes] = OrderedDict()
         """Round key -> the key its retry uses, for keys whose all-reduce failed here."""
         self._last_start: float | None = None
@@ -372,6 +375,7 @@ class SwarmRounds:
         cfg = self.config
         self.last_group = self.last_across = None  # until this round says otherwise
         self._last_ok = False
+        self._failed_column = None
         period_s = 0.0 if self._last_start is None else t0 - self._last_start
         self._last_start = t0
         address = None if cfg.client_mode else self.own_address()
@@ -483,6 +487,7 @@ class SwarmRounds:
             if why:
                 vector.copy_(original)
                 self._failed_key(round_key, group.group_id)
+                self._failed_column = across.column
                 return RoundOutcome(
                     False, group_size=len(members), reason=f"across groups: {why}", seconds=seconds
                 )
@@ -636,13 +641,19 @@ class SwarmRounds:
 
     async def decline_again(self, tag: bytes) -> None:
         """Say that this peer takes no part in the follow-up exchange ``tag`` of the last
-        round (see :meth:`again`), which the other contributors of its group run counting
-        on it: its group succeeded, and the stage across groups failed here only. They
-        then go on without it at once instead of at the collect deadline. Never raises."""
+        round (see :meth:`again`), which the other contributors of its group (and of its
+        column, should the column's round have failed here only) run counting on it: its
+        group succeeded, and the stage across groups failed here. They then go on without
+        it at once instead of at the collect deadline. Never raises."""
         last = self.last_group
         if last is None or self._last_ok or self.runtime.peer_id not in last.members:
             return
-        await send_leave(self.transport, last.round_id[:32] + tag[:16], last.members)
+        leaves = [send_leave(self.transport, last.round_id[:32] + tag[:16], last.members)]
+        column = self._failed_column
+        if column is not None:  # the others' column holds the contributors they agreed on
+            again = column.round_id[:32] + tag[:16]
+            leaves.append(send_leave(self.transport, again, column.members, exact=False))
+        await asyncio.gather(*leaves)
 
     async def again(self, vector: torch.Tensor, weight: float, *, tag: bytes) -> RoundOutcome:
         """A follow-up all-reduce with the last round's contributors, without matchmaking.

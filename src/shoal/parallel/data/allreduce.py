@@ -197,8 +197,8 @@ async def run_allreduce(
         a, b = ranges[j]
         return flat[a:b]
 
-    def left() -> set[Member]:
-        return {m.sender for m in msgs(Leave) if members[m.part] == m.sender}
+    def left() -> set[Member]:  # the sender leaves itself, whatever index it gave
+        return {m.sender for m in msgs(Leave)}
 
     try:
         # 1. Reduce-scatter: contributions out, own part's contributions in.
@@ -469,11 +469,17 @@ async def run_allreduce(
         inbox.close(round_id)
 
 
-async def send_leave(transport: RoundTransport, round_id: bytes, members: Sequence[Member]) -> None:
+async def send_leave(
+    transport: RoundTransport, round_id: bytes, members: Sequence[Member], *, exact: bool = True
+) -> None:
     """Tell the other ``members`` that this one leaves round ``round_id`` (best effort,
-    within ``_LEAVE_TIMEOUT_S``; it never raises, so a cancelled caller stays cancelled)."""
+    within ``_LEAVE_TIMEOUT_S``; it never raises, so a cancelled caller stays cancelled).
+
+    ``exact=False``: the others may run the round with a subset of ``members`` that this
+    one cannot know (a follow-up exchange among the contributors they agreed on), so the
+    leave names index 0, which every round has."""
     me = transport.me
-    leave = Leave(round_id, me, list(members).index(me))
+    leave = Leave(round_id, me, list(members).index(me) if exact else 0)
     until = asyncio.get_running_loop().time() + _LEAVE_TIMEOUT_S
     with contextlib.suppress(Exception):
         await _send_all(

@@ -88,7 +88,8 @@ class Leave:
     round_id: bytes
     sender: Member
     part: int
-    """The sender's index in the group."""
+    """The sender's index in the group as the sender knows it (0 when it cannot know it:
+    see ``send_leave``). Who leaves is the authenticated sender, whatever its index."""
 
 
 Message = Contribution | Report | Reduced | Leave
