@@ -32,7 +32,6 @@ from shoal.net.aio import within
 from shoal.net.identity import PeerID
 from shoal.net.runtime import NetRuntime
 from shoal.parallel.data.aggregate import AggregationConfig, check_kind
-from shoal.parallel.data.allreduce import send_leave
 from shoal.parallel.data.averager import Averager, GroupSpec
 from shoal.parallel.data.dht_board import DhtBoard, RecordStore
 from shoal.parallel.data.grpc_transport import GrpcTransport
@@ -47,6 +46,7 @@ from shoal.parallel.data.matchmaking import (
 )
 from shoal.parallel.data.rendezvous import Group, MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
+from shoal.parallel.data.sending import send_leave
 from shoal.parallel.data.wire import MAX_GROUP_SIZE
 
 __all__ = [

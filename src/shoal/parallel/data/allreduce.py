@@ -42,10 +42,8 @@ copy of what it sent, so every member ends with identical values.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
-import logging
 import time
 from collections.abc import Callable, Sequence, Set
 from typing import TypeVar
@@ -53,7 +51,6 @@ from typing import TypeVar
 import torch
 
 from shoal.compress import Codec
-from shoal.errors import NetworkError
 from shoal.parallel.data.aggregate import aggregate
 from shoal.parallel.data.agreement import agreed_contributors, cut_off_reducers, heard_from
 from shoal.parallel.data.buffers import BufferPool
@@ -68,15 +65,14 @@ from shoal.parallel.data.messages import (
     wire_numel,
 )
 from shoal.parallel.data.round import AllReduceConfig, RoundResult, RoundStatus
+from shoal.parallel.data.sending import send_all, send_leave
+from shoal.parallel.data.tags import counted_senders, screen_tags, unlike_twins
 from shoal.parallel.data.transport import RoundTransport
 
-__all__ = ["AllReduceConfig", "RoundResult", "RoundStatus", "run_allreduce", "send_leave"]
+__all__ = ["AllReduceConfig", "RoundResult", "RoundStatus", "run_allreduce"]
 
 T = TypeVar("T")
 _OFFLOAD_NUMEL = 1 << 20
-_LEAVE_TIMEOUT_S = 1.0
-"""How long a stopping member spends telling the others it leaves."""
-_log = logging.getLogger(__name__)
 
 
 async def _encode_off(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
@@ -84,48 +80,6 @@ async def _encode_off(codec: Codec | None, tensor: torch.Tensor) -> WireTensor:
     if codec is None:
         return tensor
     return await _offload(tensor.numel(), codec.encode, tensor)
-
-
-async def _send_all(
-    transport: RoundTransport,
-    sends: Sequence[tuple[Member, object]],
-    deadline: float,
-    *,
-    log_level: int = logging.WARNING,
-) -> dict[Member, str]:
-    """Send concurrently; return the members that could not be reached, with the error.
-
-    What could not be sent is logged in one line (``log_level``): a lost report costs the
-    round its sender's part, and the round's outcome only names who was left out."""
-    loop = asyncio.get_running_loop()
-    failed: dict[Member, str] = {}
-
-    async def one(to: Member, message: object) -> None:
-        try:
-            if to == transport.me:
-                transport.inbox.deliver(message)  # type: ignore[arg-type]
-            else:
-                timeout = max(0.0, deadline - loop.time())
-                await transport.send(to, message, timeout)  # type: ignore[arg-type]
-        except (NetworkError, TimeoutError) as exc:
-            failed[to] = f"{type(message).__name__}: {type(exc).__name__}: {exc}"
-
-    tasks = [asyncio.ensure_future(one(to, message)) for to, message in sends]
-    try:
-        if tasks:
-            await asyncio.wait(tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
-    if failed:
-        rid = getattr(sends[0][1], "round_id", b"")
-        lost = "; ".join(f"{to!r} ({why})" for to, why in list(failed.items())[:3])
-        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-        _log.log(log_level, "round %s: not sent to %s%s", rid.hex()[:12], lost, more)
-    return failed
 
 
 async def run_allreduce(
@@ -209,7 +163,7 @@ async def run_allreduce(
             )
             for j in live_parts
         ]
-        send_task = asyncio.ensure_future(_send_all(transport, sends, collect_at))
+        send_task = asyncio.ensure_future(send_all(transport, sends, collect_at))
         accepted: set[Member] = set()
         rejected: dict[Member, str] = {}
         contributions: dict[int, dict[Member, tuple[float, torch.Tensor]]] = {}
@@ -226,7 +180,7 @@ async def run_allreduce(
                 accepted, rejected = await _offload(
                     numel, screen_contributions, got, config.aggregation
                 )
-                _screen_tags(collected, accepted, rejected, check_tag)
+                screen_tags(collected, accepted, rejected, check_tag)
                 if screened is not None:
                     screened.update(rejected)
                 contributions[my_part] = {p: got[p] for p in accepted}
@@ -249,7 +203,7 @@ async def run_allreduce(
             }
             unused = {m: why for m, why in unused.items() if m in members}
             report = Report(round_id, me, my_part, frozenset(accepted), {**unused, **rejected})
-            await _send_all(transport, [(m, report) for m in members], report_at)
+            await send_all(transport, [(m, report) for m in members], report_at)
         await inbox.wait_until(
             lambda: (
                 {r.part for r in msgs(Report) if r.sender == members[r.part]}
@@ -320,7 +274,7 @@ async def run_allreduce(
                 )
                 for j in dead
             ]
-            await _send_all(transport, repair, repair_at)
+            await send_all(transport, repair, repair_at)
         mine = [j for j in dead if reassigned[j] == me]
         for j in mine:
             await inbox.wait_until(_have_all(msgs, j, common, left), repair_at)
@@ -328,7 +282,7 @@ async def run_allreduce(
             ok, refused = screen_contributions(
                 {p: got[p] for p in common if p in got}, config.aggregation
             )
-            _screen_tags(msgs(Contribution, j), ok, refused, check_tag)
+            screen_tags(msgs(Contribution, j), ok, refused, check_tag)
             if screened is not None:
                 screened.update(refused)
             contributions[j] = {p: got[p] for p in ok}
@@ -357,8 +311,8 @@ async def run_allreduce(
             numel = part_of(j).numel()
             sent = {m.sender: m.tag for m in msgs(Contribution, j) if m.tag}
             part_tags[j] = {p: sent[p] for p in order if p in sent}
-            counted = _counted(order, part_tags[j])
-            twins = await _offload(numel, _unlike_twins, counted, part_tags[j], have)
+            counted = counted_senders(order, part_tags[j])
+            twins = await _offload(numel, unlike_twins, counted, part_tags[j], have)
             if twins:
                 # One of them lies, and which cannot be told: this part has no value for
                 # that tag, and the others' parts would: leave, so every member fails now.
@@ -385,7 +339,7 @@ async def run_allreduce(
             message = Reduced(round_id, me, j, common, part_weight[j], wire, part_tags[j])
             broadcasts += [(m, message) for m in members if m != me]
         if broadcasts:
-            await _send_all(transport, broadcasts, deadline)
+            await send_all(transport, broadcasts, deadline)
 
         # 5. Commit: every part must carry the same contributor set.
         arrived: dict[int, Reduced] = {}
@@ -469,80 +423,11 @@ async def run_allreduce(
         inbox.close(round_id)
 
 
-async def send_leave(
-    transport: RoundTransport, round_id: bytes, members: Sequence[Member], *, exact: bool = True
-) -> None:
-    """Tell the other ``members`` that this one leaves round ``round_id`` (best effort,
-    within ``_LEAVE_TIMEOUT_S``; it never raises, so a cancelled caller stays cancelled).
-
-    ``exact=False``: the others may run the round with a subset of ``members`` that this
-    one cannot know (a follow-up exchange among the contributors they agreed on), so the
-    leave names index 0, which every round has."""
-    me = transport.me
-    leave = Leave(round_id, me, list(members).index(me) if exact else 0)
-    until = asyncio.get_running_loop().time() + _LEAVE_TIMEOUT_S
-    with contextlib.suppress(Exception):
-        await _send_all(
-            transport, [(m, leave) for m in members if m != me], until, log_level=logging.DEBUG
-        )
-
-
 async def _offload(numel: int, fn: Callable[..., T], *args: object) -> T:
     """Run big tensor work on a worker thread (torch releases the GIL), small work inline."""
     if numel >= _OFFLOAD_NUMEL:
         return await asyncio.to_thread(fn, *args)
     return fn(*args)
-
-
-def _screen_tags(
-    contributions: Sequence[Contribution],
-    accepted: set[Member],
-    rejected: dict[Member, str],
-    check_tag: Callable[[Member, bytes, float], str | None] | None,
-) -> None:
-    """Move the accepted senders whose tag ``check_tag`` refuses to ``rejected``."""
-    if check_tag is None:
-        return
-    for m in contributions:
-        if m.sender in accepted:
-            why = check_tag(m.sender, m.tag, m.weight)
-            if why is not None:
-                accepted.discard(m.sender)
-                rejected[m.sender] = why
-
-
-def _unlike_twins(
-    counted: Sequence[Member],
-    tags: dict[Member, bytes],
-    have: dict[Member, tuple[float, torch.Tensor]],
-) -> str:
-    """The senders whose values differ from those of the counted sender of their tag
-    (empty when none do): they must be the same mean."""
-    first = {tags[m]: m for m in counted if m in tags}
-    unlike = [
-        m
-        for m, tag in tags.items()
-        if first[tag] != m
-        and (have[m][0] != have[first[tag]][0] or not torch.equal(have[m][1], have[first[tag]][1]))
-    ]
-    return ", ".join(str(m)[:12] for m in unlike)
-
-
-def _counted(order: Sequence[Member], tags: dict[Member, bytes]) -> list[Member]:
-    """The first sender in ``order`` of each tag, in the order of the tags, then the
-    untagged senders in ``order``.
-
-    Several rounds (one per column of a round across groups) reduce the same tagged means
-    with different members: summed in the tags' order, with each product rounded on its
-    own (``fused=False``), every one of them computes the same bits.
-    """
-    first: dict[bytes, Member] = {}
-    for m in order:
-        tag = tags.get(m, b"")
-        if tag and tag not in first:
-            first[tag] = m
-    untagged = [m for m in order if not tags.get(m)]
-    return [first[tag] for tag in sorted(first)] + untagged
 
 
 def _have_all(

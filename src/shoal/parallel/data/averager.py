@@ -20,10 +20,11 @@ import torch
 
 from shoal.compress.registry import codec_by_name
 from shoal.errors import ConfigError
-from shoal.parallel.data.allreduce import AllReduceConfig, RoundResult, run_allreduce, send_leave
+from shoal.parallel.data.allreduce import AllReduceConfig, RoundResult, run_allreduce
 from shoal.parallel.data.buffers import BufferPool
 from shoal.parallel.data.messages import Member
 from shoal.parallel.data.partition import FlatVector, part_ranges, plan_shares
+from shoal.parallel.data.sending import send_leave
 from shoal.parallel.data.transport import RoundTransport
 
 __all__ = ["Averager", "GroupSpec"]
