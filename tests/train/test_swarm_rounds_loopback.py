@@ -464,7 +464,7 @@ def _lose_in_columns(runtimes, rounds, lost_members, weights, inputs):
 
     index = {rt.peer_id.raw: i for i, rt in enumerate(runtimes)}
     for peer in lost_members:
-        rounds[index[peer]]._across = gone
+        rounds[index[peer]]._column_round = gone
     vectors = [x.clone() for x in inputs]
     return _weighted_round(runtimes, rounds, vectors, weights, b"k"), vectors
 
@@ -722,13 +722,13 @@ def test_a_peer_whose_column_failed_alone_declines_the_columns_second_exchange_t
         rounds = _across_swarm(runtimes, dhts, allreduce_timeout_s=10.0)
         big = _group_of_size(runtimes, 3)
         odd = [rt.peer_id.raw for rt in runtimes].index(big.members[2].peer)
-        across = rounds[odd]._across
+        across = rounds[odd]._column_round
 
         async def failed_here(*args, **kwargs) -> str:
             await across(*args, **kwargs)  # the others commit with it
             return "a part never arrived here (test)"
 
-        rounds[odd]._across = failed_here
+        rounds[odd]._column_round = failed_here
         _, _, _, outcomes = _seeded_round(runtimes, rounds, 1000)
         assert [i for i, o in enumerate(outcomes) if not o.ok] == [odd]
         odd_id = runtimes[odd].peer_id  # kept by the others for their follow-up

@@ -41,13 +41,12 @@ from shoal.parallel.data.matchmaking import (
     ReadyPeer,
     cross_groups,
     members_tag,
-    round_order,
-    tag_members,
 )
 from shoal.parallel.data.rendezvous import Group, MatchConfig, NoGroup, find_group
 from shoal.parallel.data.round import AllReduceConfig
 from shoal.parallel.data.sending import send_leave
 from shoal.parallel.data.wire import MAX_GROUP_SIZE
+from shoal.train.swarm_across import Across, ColumnTags, column_verdict, follow_up
 
 __all__ = [
     "RoundOutcome",
@@ -244,50 +243,6 @@ def wait_outcome(
             return RoundOutcome(False, reason=f"round error: {type(exc).__name__}: {exc}")
 
 
-class _ColumnTags:
-    """What a member of a column may bring under a tag (see :meth:`refused`)."""
-
-    def __init__(self, groups: tuple[Group, ...], *, counted: bool) -> None:
-        self.order = round_order(groups)
-        self.group_of = {p.peer: k for k, g in enumerate(groups) for p in g.members}
-        self.sizes = [len(g.members) for g in groups]
-        self.counted = counted
-        """Weights are contributor counts (robust rules): a tag's weight is its size."""
-
-    def refused(self, sender: object, tag: bytes, weight: float | None = None) -> str | None:
-        """Why ``sender`` may not bring ``tag`` (with ``weight``) into a column, or None.
-
-        A tag must be the bitmap (exactly as ``members_tag`` writes it) of more than half
-        of the sender's own group: another group's tag would put the sender's values in
-        that group's place, a second spelling of one set would count a group twice, and
-        a group that confirmed as two halves (each agreed by its own members) would bring
-        two means, each taken for the group's in the columns it reached, where one set of
-        contributors can be a majority. With ``counted``, the weight is the tag's size,
-        not a claim (a robust round trusts no claimed weight)."""
-        if not isinstance(sender, PeerID) or sender.raw not in self.group_of:
-            return "not a member of the round's groups"
-        marked = tag_members(self.order, tag)
-        if not marked or tag != members_tag(self.order, marked):
-            return "a malformed tag for a contribution across groups"
-        group = self.group_of[sender.raw]
-        if any(self.group_of[peer] != group for peer in marked):
-            return "a tag that marks peers of another group"
-        if 2 * len(marked) <= self.sizes[group]:
-            return f"a tag for {len(marked)} of its group's {self.sizes[group]} members"
-        if self.counted and weight is not None and weight != len(marked):
-            return f"weight {weight!r} for a tag of {len(marked)} contributors"
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class _Across:
-    """This peer's seat in the stage of a round across groups."""
-
-    column: GroupSpec
-    groups: tuple[Group, ...]
-    """Every group of the round (the positions a contributors' tag marks)."""
-
-
 class SwarmRounds:
     """Rendezvous on the DHT + butterfly all-reduce, for one peer (use on the network loop).
 
@@ -338,7 +293,7 @@ class SwarmRounds:
         """Its measured downlink, bits/s (the same of each round's fastest message received)."""
         self.last_group: GroupSpec | None = None
         """The contributors of the last successful round, as a group (for :meth:`again`)."""
-        self.last_across: _Across | None = None
+        self.last_across: Across | None = None
         """Its column's contributors, when its stage across groups succeeded."""
         self._last_ok = False
         """The last round succeeded here (its stage across groups included)."""
@@ -443,7 +398,7 @@ class SwarmRounds:
         if column is not None:
             # Held from now, and bounded by its part sizes: the members of a group that
             # finished first may send before ours has.
-            across = _Across(self.transport.join(column), group.round_groups)
+            across = Across(self.transport.join(column), group.round_groups)
             self.averager.prepare(across.column, vector.numel(), tagged=True)
         result = None
         try:
@@ -454,8 +409,7 @@ class SwarmRounds:
             if result is None or not result.ok:  # failed, raised or cancelled mid-round
                 self._failed_key(round_key, group.group_id)
                 if across is not None:  # no mean of our group to bring there
-                    self.transport.inbox.close(across.column.round_id)
-                    await send_leave(self.transport, across.column.round_id, across.column.members)
+                    await self._abandon(across.column)
         seconds["allreduce"] = time.monotonic() - t1
         self._observe_links()
         self._penalize(result.screened)
@@ -479,13 +433,9 @@ class SwarmRounds:
             included=included,
         )
         if across is not None and original is not None:
-            why = await self._restoring(
-                vector,
-                original,
-                self._across(vector, outcome, across, until=t1 + 2 * cfg.allreduce_timeout_s),
-            )
+            until = t1 + 2 * cfg.allreduce_timeout_s
+            why = await self._across(vector, original, outcome, across, until=until)
             if why:
-                vector.copy_(original)
                 self._failed_key(round_key, group.group_id)
                 self._failed_column = across.column
                 return RoundOutcome(
@@ -493,19 +443,6 @@ class SwarmRounds:
                 )
         self._last_ok = True
         return outcome
-
-    @staticmethod
-    async def _restoring(
-        vector: torch.Tensor, original: torch.Tensor, stage: Awaitable[str]
-    ) -> str:
-        """Await the stage across groups; should it be cancelled, ``vector`` gets its
-        ``original`` values back first (a failed round leaves the caller's tensors as they
-        were, and the own group's mean is already in them)."""
-        try:
-            return await stage
-        except asyncio.CancelledError:
-            vector.copy_(original)
-            raise
 
     def _failed_key(self, round_key: bytes, group_id: bytes) -> None:
         """Meet under another key when ``round_key`` is tried again (see :meth:`average`)."""
@@ -522,31 +459,47 @@ class SwarmRounds:
         return next((c for c in columns if any(p.peer == me for p in c.members)), None)
 
     async def _across(
-        self, vector: torch.Tensor, outcome: RoundOutcome, across: _Across, *, until: float
+        self,
+        vector: torch.Tensor,
+        original: torch.Tensor,
+        outcome: RoundOutcome,
+        across: Across,
+        *,
+        until: float,
     ) -> str:
         """The stage of a round cut into several groups: average this group's mean (in
         ``vector``) with the other groups' in this peer's column, tagged with this group's
         contributors, so a group counts once whichever of its members reach the column.
 
-        Every column must hold every group: columns are separate all-reduces, and one
-        that went on without a group would leave its members with another model than the
-        rest of the swarm. On success ``vector`` and ``outcome`` stand for the whole round;
-        else the reason is returned (and the caller restores ``vector``). The budget ends
-        at ``until`` (monotonic) for every member, counted from the round's start rather
-        than from each one's own: a group whose round waited out a dead member starts here
-        late, and would miss the others' collect deadlines otherwise."""
+        On success ``vector`` and ``outcome`` stand for the whole round (the column held
+        every group: ``column_verdict``); else ``vector`` gets its ``original`` values back
+        (also when cancelled) and the reason is returned. The budget ends at ``until``
+        (monotonic) for every member, counted from the round's start rather than from each
+        one's own: a group whose round waited out a dead member starts here late, and would
+        miss the others' collect deadlines otherwise."""
+        try:
+            why = await self._column_round(vector, outcome, across, until=until)
+        except asyncio.CancelledError:
+            vector.copy_(original)
+            raise
+        if why:
+            vector.copy_(original)
+        return why
+
+    async def _column_round(
+        self, vector: torch.Tensor, outcome: RoundOutcome, across: Across, *, until: float
+    ) -> str:
         t0 = time.monotonic()
         if until - t0 <= 0:
             return "no time left for the stage across groups"
-        column = across.column
-        rules = _ColumnTags(across.groups, counted=self.config.aggregation != "mean")
+        rules = ColumnTags(across.groups, counted=self.config.aggregation != "mean")
         tag = members_tag(rules.order, (p.raw for p in outcome.contributors))
         # A robust rule trusts no claimed weight: a group then weighs its contributors.
         weight = float(len(outcome.contributors)) if rules.counted else outcome.weight
         result = await self.averager.average(
             [vector],
             weight,
-            group=column,
+            group=across.column,
             timeout_s=until - t0,
             tag=tag,
             check_tag=rules.refused,
@@ -556,31 +509,20 @@ class SwarmRounds:
         self._penalize(result.screened)
         if not result.ok:
             return result.reason
-        by_group: dict[int, set[bytes]] = {}  # each group's tags: one, in an honest round
-        for member in result.contributors:
-            tagged = result.tags.get(member, b"")
-            if isinstance(member, PeerID) and not rules.refused(member, tagged):
-                by_group.setdefault(rules.group_of[member.raw], set()).add(tagged)
-        if len(by_group) < len(across.groups):
-            missing = len(across.groups) - len(by_group)
-            return f"{missing} of {len(across.groups)} groups missing from this peer's column"
-        if any(len(tags) > 1 for tags in by_group.values()):
-            return "a group's members brought different contributor sets to the column"
-        represented = set().union(
-            *(tag_members(rules.order, t) for ts in by_group.values() for t in ts)
-        )
-        # A follow-up exchange goes on with the members whose own values are in the mean
-        # (a member its group left out does not take part: see ``again``).
-        kept = [
-            i
-            for i, m in enumerate(column.members)
-            if m in result.contributors and isinstance(m, PeerID) and m.raw in represented
-        ]
-        self.last_across = _Across(column.subgroup(kept, column.round_id), across.groups)
+        why, represented = column_verdict(rules, len(across.groups), result)
+        if why:
+            return why
+        self.last_across = follow_up(across, result, represented)
         outcome.contributors = frozenset(PeerID(raw) for raw in represented)
         outcome.weight = result.weight
         outcome.group_size = len(rules.order)  # as for one group: every member, left out or not
         return ""
+
+    async def _abandon(self, column: GroupSpec) -> None:
+        """Give up this peer's seat in a column it will not reach (its group's round
+        failed): stop holding the column's messages, and tell its members."""
+        self.transport.inbox.close(column.round_id)
+        await send_leave(self.transport, column.round_id, column.members)
 
     def skipped(self) -> None:
         """A round was not tried (no peer to average with): the round period restarts now,
@@ -697,8 +639,7 @@ class SwarmRounds:
             )
         finally:
             if across is not None and (result is None or not result.ok):
-                self.transport.inbox.close(across.column.round_id)
-                await send_leave(self.transport, across.column.round_id, across.column.members)
+                await self._abandon(across.column)
         self._observe_links()
         self._penalize(result.screened)
         seconds = {"allreduce": time.monotonic() - t0}
@@ -717,10 +658,8 @@ class SwarmRounds:
         )
         if across is not None and original is not None:
             until = t0 + 2 * self.config.allreduce_timeout_s
-            stage = self._across(vector, outcome, across, until=until)
-            why = await self._restoring(vector, original, stage)
+            why = await self._across(vector, original, outcome, across, until=until)
             if why:
-                vector.copy_(original)
                 return RoundOutcome(
                     False,
                     group_size=len(spec.members),
