@@ -30,7 +30,7 @@ from shoal.train.diloco import DiLoCo, DiLoCoConfig
 from shoal.train.diloco_topk import WIRE_CODEC, TopKAverager
 from shoal.train.evaluate import evaluate_bpb
 from shoal.train.outer import OuterConfig
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 from shoal.train.trainer import Trainer
 
 __all__ = ["Setting", "run_replicas"]

@@ -34,7 +34,7 @@ from shoal.parallel.data.loopback import LoopbackSwarm, Placement
 from shoal.parallel.data.partition import plan_shares
 from shoal.testbed import Public, Testbed, Topology
 from shoal.testbed.netns import missing_tools
-from shoal.train.swarm_round import moving_average
+from shoal.train.swarm_round_config import moving_average
 
 WAYS = ("equal", "measured", "client")
 SLOW = 0  # the slow peer's rank

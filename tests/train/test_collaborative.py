@@ -13,7 +13,7 @@ from shoal.train.collaborative import (
     should_step,
 )
 from shoal.train.collaborative_strategy import parse_progress
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 
 ME, OTHER, THIRD = b"a" * 32, b"b" * 32, b"c" * 32
 
@@ -167,7 +167,7 @@ def test_progress_records_outlive_a_round_in_progress():
     """A peer publishes nothing while it waits in a round: its record must still count for
     the others until the round's deadline, or they never reach the global batch with it."""
     from shoal.train.collaborative_strategy import progress_ttl_s
-    from shoal.train.swarm_round import RoundsConfig
+    from shoal.train.swarm_round_config import RoundsConfig
 
     for cfg in (
         RoundsConfig(),

@@ -11,7 +11,7 @@ import torch
 from shoal.errors import ConfigError
 from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
 from shoal.train.outer import OuterConfig, OuterNesterov
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 
 
 def test_outer_nesterov_matches_hand_computation() -> None:

@@ -11,7 +11,7 @@ from shoal.errors import ConfigError
 from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
 from shoal.train.diloco_lowrank import LowRankAverager
 from shoal.train.outer import OuterConfig
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 
 SHAPES = [torch.Size([32, 24]), torch.Size([24]), torch.Size([16, 2, 8])]
 

@@ -131,7 +131,7 @@ def _lowrank_strategy(monkeypatch, rank: int):
 def test_a_resync_takes_the_masters_and_q_together_or_neither(monkeypatch, donor_rank):
     # From a peer of another rank, the masters were adopted and Q silently was not.
     import shoal.train.diloco_strategy as ds
-    from shoal.train.swarm_round import RoundOutcome
+    from shoal.train.swarm_round_config import RoundOutcome
 
     mine, donor = _lowrank_strategy(monkeypatch, 4), _lowrank_strategy(monkeypatch, donor_rank)
     donor.diloco.outer.step(torch.full((donor.diloco.outer.numel,), 0.01))

@@ -12,7 +12,7 @@ import torch
 from shoal.train.diloco import ResyncState
 from shoal.train.diloco_streaming import StreamingDiLoCo, fragment_offsets, split_fragments
 from shoal.train.outer import OuterConfig, OuterNesterov
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 
 
 def test_split_fragments_is_contiguous_balanced_and_complete() -> None:

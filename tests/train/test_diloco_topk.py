@@ -11,7 +11,7 @@ from shoal.errors import ConfigError
 from shoal.train.diloco import DiLoCo, DiLoCoConfig
 from shoal.train.diloco_topk import TopKAverager
 from shoal.train.outer import OuterConfig
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 
 N = 1000
 

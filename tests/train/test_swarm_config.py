@@ -13,7 +13,7 @@ import pytest
 from shoal.cli._peer_run import Printer
 from shoal.errors import ConfigError
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundsConfig
+from shoal.train.swarm_round_config import RoundsConfig
 from shoal.train.swarm_strategy import blocking_round, round_key
 
 

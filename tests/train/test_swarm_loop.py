@@ -19,7 +19,7 @@ from shoal.train.diloco_streaming_strategy import StreamingStrategy
 from shoal.train.outer import OuterConfig
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_peer import _loop
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 from shoal.train.swarm_state import AppliedRounds
 from shoal.train.swarm_strategy import StepOutcome
 

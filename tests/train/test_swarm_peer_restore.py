@@ -22,7 +22,7 @@ from shoal.train.outer import OuterConfig
 from shoal.train.run_state import checkpoint_root
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_peer import _restore, build_trainer, run_peer
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 from shoal.train.swarm_state import (
     APPLIED_FILE,
     AppliedRounds,

@@ -17,7 +17,8 @@ from shoal.errors import ConfigError
 from shoal.net import Identity, NetConfig, NetRuntime
 from shoal.net.shaper import LinkShaper, ShaperConfig
 from shoal.parallel.data.matchmaking import ReadyPeer, form_groups
-from shoal.train.swarm_round import RoundsConfig, SwarmRounds, announced_bandwidth, retry_key
+from shoal.train.swarm_round import SwarmRounds
+from shoal.train.swarm_round_config import RoundsConfig, announced_bandwidth, retry_key
 
 NUMEL = 1_000_000
 

@@ -207,7 +207,8 @@ def test_members_addresses_resolve_together_and_within_a_bound():
     from shoal.net.identity import PeerID
     from shoal.parallel.data.matchmaking import ReadyPeer
     from shoal.parallel.data.rendezvous import Group
-    from shoal.train.swarm_round import DIAL_RESOLVE_S, SwarmRounds
+    from shoal.train.swarm_round import SwarmRounds
+    from shoal.train.swarm_round_config import DIAL_RESOLVE_S
 
     me = bytes([1]) * 32
     peers = [me] + [bytes([i]) * 32 for i in range(2, 7)]

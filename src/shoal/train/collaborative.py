@@ -22,7 +22,7 @@ import torch
 
 from shoal.errors import ConfigError
 from shoal.train.diloco import RoundReport
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 
 __all__ = [
     "CollaborativeConfig",

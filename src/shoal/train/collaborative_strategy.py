@@ -20,7 +20,7 @@ import torch
 from shoal.errors import CheckpointError, NetworkError
 from shoal.train.collaborative import CollaborativeConfig, CollaborativeSync, ProgressRecord
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundOutcome, RoundsConfig
+from shoal.train.swarm_round_config import RoundOutcome, RoundsConfig
 from shoal.train.swarm_services import PeerServices
 from shoal.train.swarm_state import fetch_from_swarm, restore_peer
 from shoal.train.swarm_strategy import (

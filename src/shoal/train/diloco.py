@@ -50,7 +50,7 @@ import torch
 
 from shoal.errors import CheckpointError, ConfigError
 from shoal.train.outer import OuterConfig, OuterNesterov, OuterState, checked_count
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 
 __all__ = ["DiLoCo", "DiLoCoConfig", "ResyncState", "RoundReport"]
 

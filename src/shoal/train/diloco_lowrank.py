@@ -36,7 +36,7 @@ import torch
 
 from shoal.errors import CheckpointError, ConfigError
 from shoal.train.outer import fp32_copy
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 
 __all__ = ["LowRankAverager"]
 

@@ -14,7 +14,7 @@ from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
 from shoal.train.diloco_lowrank import LowRankAverager
 from shoal.train.diloco_topk import TopKAverager
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 from shoal.train.swarm_services import PeerServices
 from shoal.train.swarm_state import LOCAL_PREFIX, fetch_snapshot_from_swarm
 from shoal.train.swarm_strategy import (

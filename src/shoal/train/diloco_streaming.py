@@ -73,7 +73,7 @@ import torch
 from shoal.errors import CheckpointError
 from shoal.train.diloco import ResyncState, RoundReport
 from shoal.train.outer import OuterConfig, OuterNesterov, OuterState, checked_count, saved_count
-from shoal.train.swarm_round import RoundOutcome, wait_outcome
+from shoal.train.swarm_round_config import RoundOutcome, wait_outcome
 
 __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
 

@@ -11,7 +11,7 @@ from shoal.train.diloco import ResyncState
 from shoal.train.diloco_strategy import resync_from_swarm
 from shoal.train.diloco_streaming import StreamingDiLoCo
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 from shoal.train.swarm_services import PeerServices
 from shoal.train.swarm_strategy import StepOutcome, outer_round_key, swarm_average, swarm_rounds
 from shoal.train.trainer import Trainer

@@ -27,7 +27,7 @@ import torch
 from shoal.compress.topk import ErrorFeedback, TopKCodec
 from shoal.errors import ConfigError
 from shoal.train.diloco_lowrank import RawAverage
-from shoal.train.swarm_round import RoundOutcome
+from shoal.train.swarm_round_config import RoundOutcome
 
 __all__ = ["TopKAverager"]
 

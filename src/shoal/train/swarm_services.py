@@ -40,7 +40,7 @@ from shoal.swarm.membership import Membership
 from shoal.swarm.peerinfo import PeerInfo, Reachability
 from shoal.train.config import TrainConfig, with_overrides
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import MEMBERSHIP_READ_S
+from shoal.train.swarm_round_config import MEMBERSHIP_READ_S
 
 __all__ = [
     "PeerServices",

@@ -21,7 +21,8 @@ import torch
 from shoal.net.runtime import NetRuntime
 from shoal.train.diloco import RoundReport
 from shoal.train.swarm_config import PeerOptions
-from shoal.train.swarm_round import RoundOutcome, RoundsConfig, SwarmRounds, wait_outcome
+from shoal.train.swarm_round import SwarmRounds
+from shoal.train.swarm_round_config import RoundOutcome, RoundsConfig, wait_outcome
 from shoal.train.swarm_services import PeerServices
 
 __all__ = [
