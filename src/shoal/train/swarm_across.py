@@ -64,10 +64,11 @@ class Across:
     """Every group of the round (the positions a contributors' tag marks)."""
 
 
-def column_verdict(rules: ColumnTags, groups: int, result: RoundResult) -> tuple[str, set[bytes]]:
+def column_verdict(rules: ColumnTags, result: RoundResult) -> tuple[str, set[bytes]]:
     """Why a column's successful all-reduce does not count (empty: it does), and the
-    peers its result stands for: every one of the round's ``groups`` must be in it, under
-    one tag each."""
+    peers its result stands for: every group of the round must be in it, under one tag
+    each."""
+    groups = len(rules.sizes)
     by_group: dict[int, set[bytes]] = {}  # each group's tags: one, in an honest round
     for member in result.contributors:
         tagged = result.tags.get(member, b"")

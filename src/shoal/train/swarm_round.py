@@ -323,7 +323,7 @@ class SwarmRounds:
         self._penalize(result.screened)
         if not result.ok:
             return result.reason
-        why, represented = column_verdict(rules, len(across.groups), result)
+        why, represented = column_verdict(rules, result)
         if why:
             return why
         self.last_across = follow_up(across, result, represented)
