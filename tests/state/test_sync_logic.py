@@ -15,6 +15,7 @@ from shoal.net.identity import Identity
 from shoal.net.proto.v1 import state_pb2
 from shoal.state.announce import (
     Announcement,
+    RefusedVersions,
     choose_donors,
     encode_announcement,
     parse_announcements,
@@ -52,6 +53,29 @@ def test_choose_donors_prefers_freshest_step_then_most_held_version():
     assert [(f.step, f.version) for f in choice.fallbacks] == [(10, "b"), (9, "a"), (8, "v1")]
     assert all(f.fallbacks == () for f in choice.fallbacks)
     assert len(choose_donors(anns, max_fallbacks=1).fallbacks) == 1
+
+
+def test_choose_donors_passes_over_refused_versions_whoever_serves_them():
+    anns = [_ann(0, 9, "bad"), _ann(1, 9, "bad"), _ann(2, 5, "good"), _ann(3, 7, "other")]
+    refused = RefusedVersions()
+    assert choose_donors(anns).version == "bad"  # the freshest, held by the most
+    refused.add("bad")
+    choice = choose_donors(anns, skip=refused)
+    assert choice is not None and choice.version == "other"
+    assert [f.version for f in choice.fallbacks] == ["good"]
+    refused.add("other")
+    refused.add("good")
+    assert choose_donors(anns, skip=refused) is None
+
+
+def test_refused_versions_keep_the_newest_few():
+    refused = RefusedVersions(capacity=2)
+    refused.add("")  # a snapshot taken here has no version: nothing to skip
+    for v in ("a", "b", "a", "c"):
+        refused.add(v)
+    assert list(refused) == ["a", "c"] and "b" not in refused and len(refused) == 2
+    with pytest.raises(ConfigError):
+        RefusedVersions(capacity=0)
 
 
 def test_choose_donors_excludes_self_and_keeps_spares():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 import torch
 
 from shoal.train.collaborative import (
@@ -156,11 +157,44 @@ def test_a_round_failed_by_stopping_downloads_no_state(monkeypatch):
     def fetch(*args, **kwargs):
         raise AssertionError("a stopping peer fetched state")
 
-    monkeypatch.setattr(cs, "fetch_from_swarm", fetch)
+    monkeypatch.setattr(cs, "fetch_snapshot_from_swarm", fetch)
     strategy = object.__new__(cs.SyncStrategy)
     strategy.stop = threading.Event()
     strategy.stop.set()
     assert strategy._catch_up() is False
+
+
+@pytest.mark.parametrize("model", [{}, {"w": torch.zeros(2)}])
+def test_a_catch_up_snapshot_that_does_not_fit_is_refused_not_raised(monkeypatch, model):
+    # A donor's snapshot without model tensors raised out of the catch-up (and the step
+    # loop); one of another model was asked for again at every later catch-up.
+    import threading
+    from types import SimpleNamespace
+
+    import shoal.train.collaborative_strategy as cs
+    from shoal.state.announce import RefusedVersions
+    from shoal.state.checkpoint import Snapshot
+
+    snap = Snapshot(step=9, files={"model": model}, meta={"mode": "sync"}, version="v-bad")
+    skipped = []
+
+    def fetch(*args, refused, **kwargs):
+        skipped.append(list(refused))
+        return snap
+
+    monkeypatch.setattr(cs, "fetch_snapshot_from_swarm", fetch)
+    strategy = object.__new__(cs.SyncStrategy)
+    strategy.stop = threading.Event()
+    strategy.mode = "sync"
+    strategy.services = SimpleNamespace(
+        runtime=None, dht=None, state_key=b"k", refused=RefusedVersions()
+    )
+    trainer = SimpleNamespace(step=3, model=torch.nn.Linear(2, 2), optimizer=None, windows=None)
+    trainer.model_cfg = SimpleNamespace(to_dict=lambda: {"n_layer": 1})
+    strategy.trainer = trainer
+    assert strategy._catch_up() is False and trainer.step == 3
+    assert strategy._catch_up() is False
+    assert skipped == [[], ["v-bad"]]
 
 
 def test_progress_records_outlive_a_round_in_progress():

@@ -344,10 +344,12 @@ def test_a_donor_with_fewer_outer_steps_is_never_adopted_whatever_its_step() -> 
     d.applied = 3
     own = [m.clone() for m in d.outer.master]
     behind = {**donor.state_tensors(), "outer.applied": torch.tensor(2)}
-    d.resync = lambda: ResyncState(5, behind, step=10_000)
+    refused: list[int] = []
+    d.resync = lambda: ResyncState(5, behind, step=10_000, refuse=lambda: refused.append(1))
     d.mark_stale()
     report = d.after_local_step(4)
     assert report is not None and not report.resynced and d.applied == 3
+    assert refused == [1]  # announced as ahead, it never will be: not asked for again
     assert all(torch.equal(a, b) for a, b in zip(d.outer.master, own, strict=True))
     # the count travels with snapshots
     again, _, _ = _failing_peer_and_donor(5)
@@ -370,17 +372,22 @@ def test_an_invalid_donor_state_is_refused_and_the_peer_goes_on(spoil) -> None:
     d, donor, calls = _failing_peer_and_donor(5)
     own, local = [m.clone() for m in d.outer.master], [p.clone() for p in d.params]
     bad = {**donor.state_tensors(), "outer.applied": torch.tensor(3), **spoil}
-    d.resync = lambda: ResyncState(5, bad, step=40)
+    refused: list[int] = []
+    d.resync = lambda: ResyncState(5, bad, step=40, refuse=lambda: refused.append(1))
     d.mark_stale()
     report = d.after_local_step(4)  # refused: the round runs on the peer's own state
     assert report is not None and not report.resynced and calls == [0]
+    assert refused == [1]  # its snapshot is passed over by the next ask
     assert d.applied == 0 and d.round_index == 1
     assert all(torch.equal(a, b) for a, b in zip(d.outer.master, own, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(d.params, local, strict=True))
     assert d.stale  # asked again at the next round, where a good donor is taken
-    d.resync = lambda: ResyncState(5, donor.state_tensors(), step=40)
+    d.resync = lambda: ResyncState(
+        5, donor.state_tensors(), step=40, refuse=lambda: refused.append(2)
+    )
     report = d.after_local_step(4)
     assert report is not None and report.resynced and d.round_index == 5
+    assert refused == [1]  # an adopted state is not refused
     assert not d.load_state(bad, 7) and d.round_index == 5  # a restore refuses it too
 
 

@@ -10,7 +10,7 @@ import torch
 
 from shoal.dht.peer import DHT
 from shoal.net import Identity, NetConfig, NetRuntime
-from shoal.state.announce import StateAnnouncer, state_key
+from shoal.state.announce import RefusedVersions, StateAnnouncer, state_key
 from shoal.state.checkpoint import Snapshot
 from shoal.state.snapshot import prepare
 from shoal.state.sync_service import StateServer
@@ -36,24 +36,34 @@ def _donor_snapshot(step: int, mode: str) -> Snapshot:
     )
 
 
+def _services(runtime=None, dht=None, key=b"k") -> SimpleNamespace:
+    return SimpleNamespace(runtime=runtime, dht=dht, state_key=key, refused=RefusedVersions())
+
+
 @contextlib.contextmanager
-def _serving(snap: Snapshot, swarm: str):
-    """A donor that serves and announces ``snap``, and a joiner's services to resync with."""
+def _serving(snap: Snapshot, swarm: str, *more: Snapshot):
+    """A donor that serves and announces ``snap`` (one more donor for each of ``more``),
+    and a joiner's services to resync with."""
     joiner = NetRuntime(Identity.generate(), NetConfig(port=0)).start()
-    donor = NetRuntime(Identity.generate(), NetConfig(port=0)).start()
-    joiner_dht, donor_dht = DHT(joiner), DHT(donor)
+    joiner_dht = DHT(joiner)
+    donors: list[tuple[NetRuntime, DHT]] = []
     key = state_key(swarm)
     try:
-        donor_dht.bootstrap([joiner.address])
-        served = prepare(snap)
-        StateServer(donor, lambda: served)
-        announcer = StateAnnouncer(donor_dht, key, lambda: served, address=donor.address)
-        assert donor.run(announcer.announce_once(), timeout_s=20)
-        yield SimpleNamespace(runtime=joiner, dht=joiner_dht, state_key=key), donor
+        for one in (snap, *more):
+            donor = NetRuntime(Identity.generate(), NetConfig(port=0)).start()
+            donor_dht = DHT(donor)
+            donors.append((donor, donor_dht))
+            donor_dht.bootstrap([joiner.address])
+            served = prepare(one)
+            StateServer(donor, lambda served=served: served)
+            announcer = StateAnnouncer(donor_dht, key, lambda s=served: s, address=donor.address)
+            assert donor.run(announcer.announce_once(), timeout_s=20)
+        yield _services(joiner, joiner_dht, key), donors[0][0]
     finally:
-        donor_dht.close()
+        for donor, donor_dht in donors:
+            donor_dht.close()
+            donor.close()
         joiner_dht.close()
-        donor.close()
         joiner.close()
 
 
@@ -98,6 +108,25 @@ def test_a_peer_tied_with_a_donor_finds_it_only_when_its_own_tag_is_greater():
         assert state is not None and state.step == 40
 
 
+def test_a_refused_snapshot_is_passed_over_and_the_next_resync_finds_another_donor():
+    # Every ask chose the freshest snapshot again, however often it had been refused: a
+    # peer that needed state never got any while a donor served one it could not take.
+    bad = _donor_snapshot(50, "diloco")
+    bad.meta["round_index"] = "not a count"
+    good = _donor_snapshot(40, "diloco")
+    with _serving(bad, "resync-refused", good) as (services, bad_donor):
+        assert resync_from_swarm(services, "diloco", newer_than=10) is None
+        assert list(services.refused) == [prepare(bad).manifest.version]
+        served = bad_donor.traffic.snapshot()["services"]["shoal.v1.State"]["bytes_out"]
+        state = resync_from_swarm(services, "diloco", newer_than=10)
+        assert state is not None and state.step == 40 and state.round_index == 5
+        again = bad_donor.traffic.snapshot()["services"]["shoal.v1.State"]["bytes_out"]
+        assert again == served  # nothing more was asked of it
+        state.refuse()  # a strategy that cannot adopt it says so: neither is asked again
+        assert resync_from_swarm(services, "diloco", newer_than=10) is None
+        assert len(services.refused) == 2
+
+
 @pytest.mark.parametrize("bad", [None, "7", [1], "x", float("inf"), -1, True, 2**60, 1.0])
 def test_a_donor_s_meta_that_is_not_a_count_refuses_its_snapshot(monkeypatch, bad):
     # int() of it raised out of the resync, and so out of the stale peer's step loop.
@@ -106,7 +135,7 @@ def test_a_donor_s_meta_that_is_not_a_count_refuses_its_snapshot(monkeypatch, ba
     snap = _donor_snapshot(40, "diloco")
     snap.meta["round_index"] = bad
     monkeypatch.setattr(ds, "fetch_snapshot_from_swarm", lambda *a, **k: snap)
-    services = SimpleNamespace(runtime=None, dht=None, state_key=b"k")
+    services = _services()
     assert resync_from_swarm(services, "diloco", ahead_of=[0]) is None
     snap.meta["round_index"] = 7
     state = resync_from_swarm(services, "diloco", ahead_of=[0])

@@ -195,13 +195,18 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     donor.outers[1].master = [m - 5.0 for m in donor.outers[1].master]  # behind on fragment 1
     tensors = donor.state_tensors()
     tensors["outer.in_flight"] = torch.tensor(0)  # its round of fragment 0 in flight
-    state = ResyncState(round_index=8, tensors=tensors, step=30)
+    refused: list[int] = []
+    state = ResyncState(round_index=8, tensors=tensors, step=30, refuse=lambda: refused.append(1))
     s = _streaming(params, Launcher(), resync=lambda *_: state)
+    s.applied = [4, 2]  # ahead of it on every fragment: nothing to take, never will be
+    s.stale = True
+    s._resync()
+    assert refused == [1] and s.applied == [4, 2]
     s.applied = [2, 2]
     own_f1 = [m.clone() for m in s.outers[1].master]
     s.stale = True
     s._resync()
-    assert not s.stale and s.applied == [3, 2]
+    assert not s.stale and s.applied == [3, 2] and refused == [1]
     assert s.unsettled == {0}  # taken while in flight: asked for again at its launch
     # the next round line says so (it used to read resynced=False whatever was adopted)
     assert s._take_resynced() and not s._take_resynced()
@@ -278,11 +283,13 @@ def test_a_donor_state_that_is_not_finite_or_not_counted_is_refused(spoil) -> No
     donor = _streaming([p + 1.0 for p in params], Launcher())
     donor.applied = [3, 3]
     tensors = {**donor.state_tensors(), **spoil}
-    s = _streaming(params, Launcher(), resync=lambda *_: ResyncState(8, tensors, 30))
+    refused: list[int] = []
+    state = ResyncState(8, tensors, 30, refuse=lambda: refused.append(1))
+    s = _streaming(params, Launcher(), resync=lambda *_: state)
     before = _masters(s)
     s.mark_stale()
     s._resync()
-    assert s.applied == [0, 0] and s.stale
+    assert s.applied == [0, 0] and s.stale and refused == [1]
     assert all(torch.equal(a, b) for a, b in zip(_masters(s), before, strict=True))
     assert s.state_misfit(tensors) is not None and not s.load_state(tensors)
 

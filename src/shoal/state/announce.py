@@ -9,6 +9,8 @@ strategy keeps them) that expires after
 (``parse_announcements``), and ``choose_donors`` picks the freshest step, the version most
 donors hold at that step, and up to ``max_donors`` of them; the others stay as spares, and
 the next snapshots in that order are fallbacks for when none of them can serve.
+A snapshot the caller downloaded and could not use (``RefusedVersions``: its meta or
+tensors do not fit) is skipped by version from then on, so the next ask finds another.
 
 Steps are each peer's own count and drift apart between peers; progress counts (e.g. the
 rounds each streaming fragment applied) compare across peers. A peer that may have missed
@@ -26,7 +28,8 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +43,7 @@ from shoal.state.snapshot import MAX_PROGRESS, ServedSnapshot, valid_progress, v
 __all__ = [
     "Announcement",
     "DonorChoice",
+    "RefusedVersions",
     "StateAnnouncer",
     "choose_donors",
     "encode_announcement",
@@ -157,10 +161,45 @@ class DonorChoice:
         return replace(self, fallbacks=keep)
 
 
+class RefusedVersions(Collection[str]):
+    """Versions of snapshots this peer downloaded and could not use, the newest
+    ``capacity`` of them: ``choose_donors(skip=...)`` passes over them.
+
+    Every ask would otherwise choose the same freshest snapshot again, whatever was wrong
+    with it, and a peer that needs state would never get any. A version names the content
+    (the manifest's hash), so a refused snapshot is skipped whoever serves it; bounded,
+    because a donor can publish new versions without end (the oldest are forgotten).
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        if capacity < 1:
+            raise ConfigError(f"RefusedVersions capacity must be >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self._versions: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, version: str) -> None:
+        if not version:  # a snapshot taken here, never announced
+            return
+        self._versions[version] = None
+        self._versions.move_to_end(version)
+        while len(self._versions) > self.capacity:
+            self._versions.popitem(last=False)
+
+    def __contains__(self, version: object) -> bool:
+        return version in self._versions
+
+    def __iter__(self) -> Any:
+        return iter(list(self._versions))
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+
 def choose_donors(
     announcements: list[Announcement],
     *,
     exclude: PeerID | None = None,
+    skip: Collection[str] = (),
     max_donors: int = 3,
     max_fallbacks: int = 3,
     rng: random.Random | None = None,
@@ -173,12 +212,13 @@ def choose_donors(
     With ``ahead_of`` (the caller's progress counts), only snapshots whose counts are
     ahead of those somewhere are candidates, most rounds gained first, then by step; with
     ``tag_below`` too, so are snapshots of exactly those counts under a smaller tag (after
-    every one ahead; the smallest tag first, where every diverged side ends up)."""
+    every one ahead; the smallest tag first, where every diverged side ends up). Snapshots
+    whose version is in ``skip`` are never chosen."""
     by_snapshot: dict[tuple[int, str], list[Announcement]] = {}
     gain: dict[tuple[int, str], int] = {}
     tag: dict[tuple[int, str], str] = {}  # of tied snapshots: the smallest is taken first
     for a in announcements:
-        if exclude is not None and a.peer_id == exclude:
+        if (exclude is not None and a.peer_id == exclude) or a.version in skip:
             continue
         if ahead_of is not None:
             ahead = _rounds_ahead(a.progress, ahead_of)

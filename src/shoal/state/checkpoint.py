@@ -118,6 +118,8 @@ class Snapshot:
     """File stem -> safetensors string metadata."""
     meta: dict[str, Any] = field(default_factory=dict)
     """JSON-able metadata stored in the manifest."""
+    version: str = ""
+    """The version (manifest hash) it was downloaded as; empty for one taken here."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -54,6 +54,8 @@ class Recovered:
     such as error feedback), whichever source the rest comes from: no donor has it."""
     own_meta: dict[str, Any] = field(default_factory=dict)
     """That checkpoint's meta (what it was written by: mode, model, ...)."""
+    swarm_version: str = ""
+    """The version of the snapshot downloaded from the swarm (empty: none was)."""
 
     @property
     def step(self) -> int:
@@ -117,7 +119,15 @@ def recover(
                 result.seconds,
                 donors,
             )
-            return Recovered(Source.SWARM, ckpt, local_step, swarm_step, own_local, own_meta)
+            return Recovered(
+                Source.SWARM,
+                ckpt,
+                local_step,
+                swarm_step,
+                own_local,
+                own_meta,
+                swarm_version=result.snapshot.version,
+            )
         source = choose_source(local_step, None)
     disk = local if source is Source.DISK else None
     return Recovered(source, disk, local_step, swarm_step, own_local, own_meta)

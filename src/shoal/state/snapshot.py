@@ -261,7 +261,13 @@ def assemble(manifest: state_pb2.StateManifest, tensors: list[torch.Tensor]) -> 
     for entry, tensor in zip(manifest.tensors, tensors, strict=True):
         stem, key = entry.name.split("/", 1)
         files.setdefault(stem, {})[key] = tensor
-    return Snapshot(step=int(manifest.step), files=files, file_meta=file_meta, meta=meta)
+    return Snapshot(
+        step=int(manifest.step),
+        files=files,
+        file_meta=file_meta,
+        meta=meta,
+        version=manifest.version,
+    )
 
 
 def as_checkpoint(snapshot: Snapshot, origin: str | Path) -> LoadedCheckpoint:

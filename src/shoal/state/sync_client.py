@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -382,14 +382,17 @@ async def find_donors(
     exclude: Any = None,
     ahead_of: Sequence[int] | None = None,
     tag_below: str | None = None,
+    skip: Collection[str] = (),
 ) -> DonorChoice | None:
     """Read the announcements under ``key`` and choose donors (None when nobody announces,
     or, with ``ahead_of``, when no snapshot is ahead of those progress counts, nor tied
-    with them under a tag below ``tag_below``: see ``choose_donors``)."""
+    with them under a tag below ``tag_below``, or every one is of a version in ``skip``:
+    see ``choose_donors``)."""
     value = await within(dht.node.get(key), config.dht_timeout_s)
     return choose_donors(
         parse_announcements(value),
         exclude=exclude,
+        skip=skip,
         max_donors=config.max_donors,
         ahead_of=ahead_of,
         tag_below=tag_below,

@@ -18,11 +18,12 @@ import msgpack
 import torch
 
 from shoal.errors import CheckpointError, NetworkError
+from shoal.state.snapshot import as_checkpoint
 from shoal.train.collaborative import CollaborativeConfig, CollaborativeSync, ProgressRecord
 from shoal.train.swarm_config import PeerOptions
 from shoal.train.swarm_round_config import RoundOutcome, RoundsConfig
 from shoal.train.swarm_services import PeerServices
-from shoal.train.swarm_state import fetch_from_swarm, restore_peer
+from shoal.train.swarm_state import fetch_snapshot_from_swarm, restore_peer
 from shoal.train.swarm_strategy import (
     StepOutcome,
     blocking_round,
@@ -138,12 +139,14 @@ class SyncStrategy:
         if self.stop.is_set():  # the round failed because we are stopping: no download
             return False
         s, t = self.services, self.trainer
-        ckpt = fetch_from_swarm(s.runtime, s.dht, s.state_key, newer_than=t.step)
-        if ckpt is None:
+        snapshot = fetch_snapshot_from_swarm(
+            s.runtime, s.dht, s.state_key, newer_than=t.step, refused=s.refused
+        )
+        if snapshot is None:
             return False
         try:
             restored = restore_peer(
-                ckpt,
+                as_checkpoint(snapshot, "swarm"),
                 t.model,
                 t.optimizer,
                 t.windows,
@@ -153,6 +156,7 @@ class SyncStrategy:
             )
         except CheckpointError as exc:
             log.warning("catch-up state does not fit: %s", exc)
+            s.refused.add(snapshot.version)
             return False
         t.step = self.sync.step = restored.step
         return True

@@ -84,6 +84,8 @@ class ResyncState:
     """``OuterNesterov.state_tensors()`` of the donor."""
     step: int = 0
     """The donor snapshot's step: a later resync wants state fresher than this."""
+    refuse: Callable[[], None] = field(default=lambda: None, compare=False)
+    """Called when this state cannot be adopted: later resyncs pass over its snapshot."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,10 +213,14 @@ class DiLoCo:
             adopted, theirs = self._read(state.tensors)
         except CheckpointError as exc:  # nothing changed; asked again while asks are left
             log.warning("refused the swarm's outer state of step %d: %s", state.step, exc)
+            state.refuse()
             return False
         tied = theirs is not None and self._loses_tie(theirs, state)
         if theirs is not None and theirs <= self.applied and not tied:
-            return False  # not ahead: adopting it could undo a round we applied
+            # Not ahead, though announced so: adopting it could undo a round we applied,
+            # and as our count only grows, it never will be.
+            state.refuse()
+            return False
         self.outer.keeping_progress(self.params, lambda: self.outer.adopt(adopted))
         # Never lower it: a donor's snapshot comes from its last applied round, and the
         # swarm (like us) has counted the failed ones since; taking the snapshot's index

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from functools import partial
 
 import torch
 
@@ -212,13 +213,18 @@ def resync_from_swarm(
         only=lambda name: name.startswith("extra/outer."),
         ahead_of=ahead_of,
         tag_below=tag_below,
+        refused=s.refused,
     )
-    if snapshot is None or snapshot.meta.get("mode") != mode:
+    if snapshot is None:
         return None
     try:  # the donor's meta is whatever it sent: a bad one costs this resync, not the peer
+        if snapshot.meta.get("mode") != mode:
+            raise CheckpointError(f"mode {snapshot.meta.get('mode')!r}, not {mode!r}")
         round_index = meta_count(snapshot.meta, "round_index", 0)
     except CheckpointError as exc:
         log.warning("refused the swarm's snapshot of step %d: %s", snapshot.step, exc)
+        s.refused.add(snapshot.version)
         return None
     tensors = {k: v for k, v in snapshot.files.get("extra", {}).items() if k.startswith("outer.")}
-    return ResyncState(round_index, tensors, snapshot.step)
+    refuse = partial(s.refused.add, snapshot.version)
+    return ResyncState(round_index, tensors, snapshot.step, refuse)

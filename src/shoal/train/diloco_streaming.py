@@ -289,8 +289,11 @@ class StreamingDiLoCo:
             read = self._read(state.tensors, self._taken(state.tensors, donor, mine))
         except CheckpointError as exc:  # asked for again at the next launch, if asks are left
             log.warning("refused the swarm's outer state of step %d: %s", state.step, exc)
+            state.refuse()
             self.stale = self._asks_left > 0
             return
+        if not read:  # announced ahead, holds nothing we lack: never worth asking again
+            state.refuse()
         in_flight = _in_flight(state.tensors, len(self.outers))
         for f, fragment_state in read.items():
             outer = self.outers[f]

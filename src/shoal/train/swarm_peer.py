@@ -215,6 +215,8 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
         source, restored = _restore(
             found, opts, trainer, shape, seed_for_data, fits=strategy.state_misfit
         )
+        if found.source is Source.SWARM and source is not Source.SWARM:
+            services.refused.add(found.swarm_version)  # its resyncs look elsewhere
         if restored is None and found.checkpoint is not None:
             # Nothing fit, and a refused snapshot may have reached the model: start afresh.
             strategy.close()

@@ -32,7 +32,7 @@ from shoal.net.nat.limits import RelayConfig
 from shoal.net.nat.reserve import RelayAddress
 from shoal.net.nat.traversal import Traversal, TraversalConfig
 from shoal.parallel.data.dht_board import BOARD_VERSION
-from shoal.state.announce import StateAnnouncer, state_key
+from shoal.state.announce import RefusedVersions, StateAnnouncer, state_key
 from shoal.state.background import BackgroundCheckpointer, CheckpointerConfig, SavedCheckpoint
 from shoal.state.sync_service import StateServer
 from shoal.swarm.config import SwarmConfig
@@ -213,6 +213,8 @@ class PeerServices:
     ckpt: BackgroundCheckpointer | None = None
     server: StateServer | None = None
     announcer: StateAnnouncer | None = None
+    refused: RefusedVersions = field(default_factory=RefusedVersions)
+    """Snapshots downloaded from the swarm that this peer could not use (not asked again)."""
     _closed: bool = field(default=False)
 
     @classmethod

@@ -32,6 +32,7 @@ import torch
 
 from shoal.errors import CheckpointError, DataError, NetworkError
 from shoal.models.data import TrainWindows
+from shoal.state.announce import RefusedVersions
 from shoal.state.checkpoint import (
     LoadedCheckpoint,
     Snapshot,
@@ -40,7 +41,6 @@ from shoal.state.checkpoint import (
     meta_section,
     take_snapshot,
 )
-from shoal.state.snapshot import as_checkpoint
 from shoal.state.sync_client import SyncConfig, download, find_donors
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "Restored",
     "applied_count",
     "drop_stale_local",
-    "fetch_from_swarm",
     "fetch_snapshot_from_swarm",
     "keep_own_local",
     "last_applied_count",
@@ -362,19 +361,6 @@ def keep_own_local(
     return replace(restored, strategy={**restored.strategy, **own})
 
 
-def fetch_from_swarm(
-    runtime: Any, dht: Any, key: bytes, *, newer_than: int, timeout_s: float = 30.0
-) -> LoadedCheckpoint | None:
-    """Download the freshest announced snapshot if its step is above ``newer_than``.
-
-    Blocking (compute thread). Network failures give None (logged), never an exception.
-    """
-    snapshot = fetch_snapshot_from_swarm(
-        runtime, dht, key, newer_than=newer_than, timeout_s=timeout_s
-    )
-    return None if snapshot is None else as_checkpoint(snapshot, "swarm")
-
-
 def fetch_snapshot_from_swarm(
     runtime: Any,
     dht: Any,
@@ -385,17 +371,30 @@ def fetch_snapshot_from_swarm(
     only: Callable[[str], bool] | None = None,
     ahead_of: list[int] | None = None,
     tag_below: str | None = None,
+    refused: RefusedVersions | None = None,
 ) -> Snapshot | None:
-    """:func:`fetch_from_swarm` as a raw snapshot, optionally of the ``only`` tensors
-    (selected by manifest name, ``"<file stem>/<key>"``). With ``ahead_of`` (progress
+    """Download the freshest announced snapshot if its step is above ``newer_than``,
+    optionally only its ``only`` tensors (selected by manifest name, ``"<file
+    stem>/<key>"``). Blocking (compute thread); network failures give None (logged), never
+    an exception. With ``ahead_of`` (progress
     counts), a snapshot counts as fresher when its counts are ahead of those somewhere,
     whatever its step: steps drift apart between peers; with ``tag_below`` too, so does
-    one of the same counts under a smaller progress tag (``choose_donors``)."""
+    one of the same counts under a smaller progress tag (``choose_donors``).
+
+    Snapshots of a version in ``refused`` are passed over: a caller that cannot use what
+    it got adds ``snapshot.version`` there, and its next ask finds another donor's."""
     config = SyncConfig(dht_timeout_s=min(10.0, timeout_s), total_timeout_s=timeout_s)
+    skip = refused if refused is not None else ()
     try:
         choice = runtime.run(
             find_donors(
-                dht, key, config, exclude=runtime.peer_id, ahead_of=ahead_of, tag_below=tag_below
+                dht,
+                key,
+                config,
+                exclude=runtime.peer_id,
+                ahead_of=ahead_of,
+                tag_below=tag_below,
+                skip=skip,
             ),
             timeout_s=timeout_s,
         )
