@@ -211,3 +211,49 @@ def test_what_a_peer_answers_counts_against_it_wherever_it_is(make_runtime):
     assert not a.is_banned(b.peer_id)  # only its address is refused
     a.run(fail(ProtocolViolation("malformed reply")), 5)
     assert a.is_banned(b.peer_id)
+
+
+def test_calls_queued_on_one_refused_dial_are_one_failure_not_one_each(make_runtime):
+    # Four calls waiting for one handshake that failed made four strikes: one burst of
+    # traffic to a peer that was down for a moment banned it.
+    a = make_runtime(
+        health=HealthConfig(ban_threshold=2, ban_base_s=60, score_half_life_s=1e6),
+        reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
+        call_retry=RetryPolicy(attempts=1),
+    )
+    stub = a.stub(peer_pb2_grpc.PeerStub, DEAD)
+
+    async def together() -> list[object]:
+        calls = [stub.Ping(peer_pb2.PingRequest(), timeout_s=2) for _ in range(4)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = a.run(together(), 10)
+    assert all(isinstance(r, PeerUnavailable) for r in results), results
+    assert sum("while this call waited" in str(r) for r in results) >= 2  # they did queue
+    assert a.health.score(DEAD, time.monotonic()) == pytest.approx(1.0)
+    assert not a.health.is_banned(DEAD, time.monotonic())
+
+
+def test_failures_of_attempts_begun_before_a_peer_called_us_do_not_count(make_runtime):
+    # Dials begun while a restarted peer was down failed just after it came back and
+    # called us: their strikes banned it again, after its handshake had lifted the old
+    # ban, and nothing lifted the new one (every averaging round with it failed).
+    a = make_runtime(health=HealthConfig(ban_threshold=2, ban_base_s=600, score_half_life_s=1e6))
+    b = make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address, peer_id=b.peer_id)
+    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
+    conn = a.pool._conns[(b.address, b.peer_id.raw)]
+    reach = conn.reach_key
+    began = a.pool.now()
+    to_a = b.stub(peer_pb2_grpc.PeerStub, a.address, peer_id=a.peer_id)
+    b.run(to_a.Ping(peer_pb2.PingRequest()), 5)  # b's handshake with a: it is up
+
+    async def fail(since: float) -> None:
+        for _ in range(2):
+            a.pool.failed(conn, PeerUnavailable("connection refused"), began_s=since)
+
+    a.run(fail(began), 5)
+    assert a.health.score(reach, time.monotonic()) == 0.0
+    assert not a.health.is_banned(reach, time.monotonic())
+    a.run(fail(a.pool.now()), 5)  # begun after it called: they count
+    assert a.health.is_banned(reach, time.monotonic())

@@ -59,13 +59,31 @@ def channel_options(config: NetConfig) -> list[tuple[str, Any]]:
     ]
 
 
+class _Shared:
+    """Marks a queued caller's copy of a failed handshake's verdict: the failure is counted
+    once, by the caller that made the handshake (four calls queued on one refused dial
+    made four strikes of the five that ban a peer)."""
+
+
+class _SharedUnavailable(_Shared, PeerUnavailable):
+    pass
+
+
+class _SharedTimeout(_Shared, PeerTimeout):
+    pass
+
+
+class _SharedAuthentication(_Shared, AuthenticationError):
+    pass
+
+
 def _shared(error: NetworkError, label: str) -> NetworkError:
     """The error a queued caller gets when the handshake it waited for failed."""
-    cls: type[NetworkError] = PeerUnavailable
+    cls: type[NetworkError] = _SharedUnavailable
     if isinstance(error, AuthenticationError):
-        cls = AuthenticationError
+        cls = _SharedAuthentication
     elif isinstance(error, PeerTimeout):
-        cls = PeerTimeout
+        cls = _SharedTimeout
     return cls(f"handshake failed while this call waited: {error}", peer=label)
 
 
@@ -248,10 +266,16 @@ class ConnectionPool:
         self._conns: dict[tuple[str, bytes | None], Connection] = {}
         self._retired: list[Connection] = []
         self._backoff: dict[str, Backoff] = {}
+        self._returned: dict[str, float] = {}
+        """Peer label -> when it last opened a session with us (it was up then)."""
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._conns)
+
+    def now(self) -> float:
+        """The pool's clock: what ``failed(began_s=...)`` compares."""
+        return self._clock()
 
     async def get(self, address: str, peer_id: PeerID | None, timeout_s: float) -> Connection:
         """A connection with a live session; raises PeerUnavailable/PeerTimeout/AuthenticationError."""
@@ -287,34 +311,56 @@ class ConnectionPool:
         try:
             await conn.ensure_session(min(timeout_s, self._config.connect_timeout_s))
         except NetworkError as exc:
-            backoff.failed(self._config.reconnect, self._clock(), self._rng())
-            self.failed(conn, exc)
+            if self._counts(conn, exc, now):
+                backoff.failed(self._config.reconnect, self._clock(), self._rng())
+            self.failed(conn, exc, began_s=now)
             raise
         self._backoff.pop(address, None)  # reachable again: forget past failures
         return conn
 
     def peer_returned(self, peer: PeerID) -> None:
         """``peer`` opened a session with us: it is up, so the bans its addresses earned
-        (and their reconnect backoff) are lifted, once per ban. A peer restarted at its
-        old address was refused for up to the ban's length (10 s at first), and a round
-        that grouped it failed for every member (nobody could send it a part). Dials made
-        without knowing the PeerID (bootstrap addresses) are not forgiven."""
-        for address in self.health.forgive_reach(peer.to_string(), self._clock()):
+        (and their reconnect backoff) are lifted, once per ban, and attempts to reach it
+        that began before now no longer count when they fail (:meth:`failed`). A peer
+        restarted at its old address was refused for up to the ban's length (10 s at
+        first), and a round that grouped it failed for every member (nobody could send it
+        a part). Dials made without knowing the PeerID (bootstrap addresses) are not
+        forgiven."""
+        label, now = peer.to_string(), self._clock()
+        if label not in self._returned and len(self._returned) >= _MAX_BACKOFF_ENTRIES:
+            self._returned.clear()  # only lets stale failures count again
+        self._returned[label] = now
+        for address in self.health.forgive_reach(label, now):
             self._backoff.pop(address, None)
+
+    def _counts(self, conn: Connection, exc: NetworkError, began_s: float | None) -> bool:
+        """Whether a failure to reach ``conn``'s peer counts against it: not a queued
+        caller's copy of another's verdict, nor an attempt begun before the peer last
+        called us. Dials begun while a peer was down failed after it came back and had
+        called us; their strikes banned it again, now with nothing left to lift the ban."""
+        if isinstance(exc, _Shared):
+            return False
+        returned = self._returned.get(conn.label)
+        return began_s is None or returned is None or began_s > returned
 
     def succeeded(self, conn: Connection) -> None:
         self.health.success(conn.reach_key, self._clock())
 
-    def failed(self, conn: Connection, exc: NetworkError) -> None:
+    def failed(self, conn: Connection, exc: NetworkError, began_s: float | None = None) -> None:
         """Feed a failure to health; a transport failure retires the connection.
 
         Unreachable, silent or someone else answering (``PeerUnavailable``,
-        ``PeerTimeout``, ``AuthenticationError``) counts against the peer at this address;
+        ``PeerTimeout``, ``AuthenticationError``) counts against the peer at this address,
+        unless the attempt began (``began_s``, :meth:`now`) before the peer last called us;
         what the peer itself answered (an error status, a malformed reply) counts against
         it wherever it is, so another port evades nothing.
         """
         unreachable = isinstance(exc, (PeerUnavailable, PeerTimeout, AuthenticationError))
-        self.health.failure(conn.reach_key if unreachable else conn.label, self._clock())
+        key = conn.reach_key if unreachable else conn.label
+        now = self._clock()
+        if (not unreachable or self._counts(conn, exc, began_s)) and self.health.failure(key, now):
+            until = self.health.banned_until(key, now) or now
+            log.info("banned %s for %.0f s after: %s", key, until - now, exc)
         if isinstance(exc, (PeerUnavailable, AuthenticationError)):
             self.retire(conn)
 
