@@ -24,10 +24,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def setup_logging() -> None:
-    """Send Shoal's log lines to stderr unless the embedding program configured logging."""
+    """Send Shoal's log lines to stderr unless the embedding program configured logging.
+    Lines written to a file or pipe (read later, and next to other peers' logs) carry the
+    wall-clock time; a terminal shows them as they happen."""
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="shoal: %(message)s")
+        stamped = not sys.stderr.isatty()
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="shoal %(asctime)s.%(msecs)03d %(message)s" if stamped else "shoal: %(message)s",
+            datefmt="%H:%M:%S",
+        )
 
 
 def build_config(config_file: str | Path | None, flags: dict[str, Any]) -> TrainConfig:
