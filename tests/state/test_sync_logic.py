@@ -62,6 +62,7 @@ def test_choose_donors_passes_over_refused_versions_whoever_serves_them():
     refused.add("bad")
     choice = choose_donors(anns, skip=refused)
     assert choice is not None and choice.version == "other"
+    assert choice.skip == {"bad"} and choice.fallbacks[0].skip == {"bad"}  # for download
     assert [f.version for f in choice.fallbacks] == ["good"]
     refused.add("other")
     refused.add("good")

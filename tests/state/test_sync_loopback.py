@@ -149,6 +149,11 @@ def test_a_donor_that_moved_on_serves_its_newer_snapshot(runtimes):
     ann = Announcement(donor.peer_id, 7, served_old.version, donor.address, 0)
     result = joiner.run(download(joiner, DonorChoice(7, served_old.version, [ann], []), CFG), 60)
     _assert_same(result.snapshot, new)
+    assert result.snapshot.version == served_new.version  # what a refusal would name
+    # unless the caller refused that newer one already
+    refused = DonorChoice(7, served_old.version, [ann], [], skip=frozenset({served_new.version}))
+    with pytest.raises(PeerUnavailable):
+        joiner.run(download(joiner, refused, CFG), 60)
 
 
 def test_announce_sync_and_recover_through_the_dht(runtimes, tmp_path):

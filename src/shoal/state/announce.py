@@ -153,6 +153,9 @@ class DonorChoice:
     """Other snapshots (other versions, then older steps), tried in order when no donor of
     this one can serve it: every peer's snapshot is its own version, so a dead donor
     would otherwise leave a joiner with nothing while others serve the same step."""
+    skip: frozenset[str] = frozenset()
+    """Versions the caller refused (``choose_donors(skip=...)``): a donor that moved on
+    since it announced is not taken at a newer snapshot of one of them either."""
 
     def newer_than(self, step: int | None) -> DonorChoice:
         """This choice keeping only the fallbacks above ``step`` (all when None): a caller
@@ -235,11 +238,14 @@ def choose_donors(
         key=lambda sv: (-gain.get(sv, 0), tag.get(sv, ""), -sv[0], -len(by_snapshot[sv]), sv[1]),
     )
     rng = rng or random.Random()
+    refused = frozenset(skip)
     choices = []
     for step, version in ranked[: 1 + max_fallbacks]:
         donors = sorted(by_snapshot[step, version], key=lambda a: a.peer_id.raw)
         rng.shuffle(donors)
-        choices.append(DonorChoice(step, version, donors[:max_donors], donors[max_donors:]))
+        choices.append(
+            DonorChoice(step, version, donors[:max_donors], donors[max_donors:], skip=refused)
+        )
     return replace(choices[0], fallbacks=tuple(choices[1:]))
 
 

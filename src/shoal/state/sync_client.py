@@ -228,7 +228,7 @@ class _Downloader:
                 m = await stub.Manifest(
                     state_pb2.ManifestRequest(), timeout_s=cfg.manifest_timeout_s
                 )
-                if m.step < self.choice.step:
+                if m.step < self.choice.step or m.version in self.choice.skip:
                     return None
             check_manifest(m, cfg.limits)
         except NetworkError as exc:
