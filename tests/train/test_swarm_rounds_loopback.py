@@ -332,6 +332,51 @@ def test_a_peer_stopped_right_after_confirming_its_group_is_not_waited_for():
         assert took < 40.0
 
 
+def test_a_peer_stopped_as_it_confirmed_is_not_waited_for_by_the_part_that_went_on():
+    # One member never confirmed, so the others went on as a smaller group under another
+    # id; a second member stopped right after confirming, and its leave named the group it
+    # had confirmed: the others waited for it until the collect deadline (0.55 x 30 s).
+    with _swarm(4) as (runtimes, dhts):
+        rounds = [
+            SwarmRounds(
+                rt,
+                dht.node,
+                swarm="t",
+                config=RoundsConfig(wire_codec="none", window_initial_s=20.0),
+            )
+            for rt, dht in zip(runtimes, dhts, strict=True)
+        ]
+        stopping, never = rounds[2], rounds[3]
+        real_confirm = stopping.board.confirm
+
+        async def confirm_then_stop(*args, **kwargs):
+            await real_confirm(*args, **kwargs)
+            raise asyncio.CancelledError  # SIGTERM lands right after the confirmation
+
+        async def stop_before_confirming(*args, **kwargs):
+            raise asyncio.CancelledError
+
+        stopping.board.confirm = confirm_then_stop  # type: ignore[method-assign]
+        never.board.confirm = stop_before_confirming  # type: ignore[method-assign]
+        vectors = [torch.full((NUMEL,), float(i)) for i in range(4)]
+
+        def one(i: int):
+            coro = rounds[i].average(vectors[i], 1.0, round_key=b"r-stop-4", expected_peers=4)
+            try:
+                return runtimes[i].run(coro, timeout_s=60.0)
+            except (asyncio.CancelledError, concurrent.futures.CancelledError):
+                return None
+
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(one, range(4)))
+        assert outcomes[2] is None and outcomes[3] is None
+        both = {runtimes[0].peer_id, runtimes[1].peer_id}
+        for outcome in outcomes[:2]:
+            assert outcome.ok and outcome.contributors == both, outcome.reason
+            assert outcome.seconds["allreduce"] < 8.0, outcome.seconds
+        assert torch.allclose(vectors[0], torch.full((NUMEL,), 0.5))
+
+
 def test_the_window_is_at_least_a_share_of_the_round_period():
     # Peers that used to arrive together shrink the learned window to its floor; under
     # load a late peer then misses the round and loses its local work. The window is at

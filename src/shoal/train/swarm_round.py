@@ -173,6 +173,8 @@ class SwarmRounds:
             )
             if isinstance(group, Group):
                 confirmed[:] = [group]  # the agreed group: perhaps a subset of the one confirmed
+                if group.confirmed_id:  # a member stopped as it confirmed names that one
+                    self.transport.inbox.alias_leaves(group.confirmed_id, group.group_id)
                 column = self._column(round_key, group.round_groups)
                 if column is None:
                     group = await self._dialable(group)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shoal.errors import ProtocolViolation
-from shoal.parallel.data.messages import Contribution, Report
+from shoal.parallel.data.messages import Contribution, Leave, Report
 from shoal.parallel.data.transport import Inbox
 
 
@@ -147,3 +147,18 @@ def test_a_message_being_received_refuses_its_parallel_repeats():
     assert inbox.check(b"r", Report, "a", 0, None) is None  # another kind is fine
     inbox.received(b"r", Contribution, "a", 0)
     assert inbox.check(b"r", Contribution, "a", 0, 10) is None
+
+
+def test_leaves_for_a_confirmed_group_count_for_the_part_of_it_that_went_on():
+    inbox = Inbox()
+    confirmed, went_on = b"G" * 16, b"S" * 16
+    early = Leave(confirmed, "c", 3)  # index 3 of the 4 it confirmed
+    assert inbox.deliver(early)
+    inbox.open(went_on, members=["a", "b", "c"], part_sizes=[4, 4, 4])
+    inbox.alias_leaves(confirmed, went_on)  # the one held already moves over
+    assert inbox.messages(went_on) == [Leave(went_on, "c", 0)]
+    assert inbox.deliver(Leave(confirmed, "b", 1))  # and later ones go there at once
+    assert [m.sender for m in inbox.messages(went_on)] == ["c", "b"]
+    assert not inbox.deliver(Leave(confirmed, "x", 0))  # not a member of that round
+    inbox.deliver(Contribution(confirmed, "a", 0, 1.0, torch.zeros(4)))
+    assert len(inbox.messages(went_on)) == 2  # only leaves are carried over

@@ -153,6 +153,9 @@ class Group:
     """Every group the round was cut into, as derived from the board (this one's members
     before confirmation among them), when there are several: the round goes on across
     them (:func:`cross_groups`)."""
+    confirmed_id: bytes = field(default=b"", compare=False)
+    """The id of the group its members confirmed, when only some of them did and this
+    group is those (empty: this is the group they confirmed)."""
 
 
 def _order_key(round_key: bytes, peer: bytes) -> bytes:

@@ -473,4 +473,4 @@ async def _confirm(
     digest = hashlib.blake2b(group.group_id + b"/confirmed", digest_size=16)
     for p in agreed:
         digest.update(p.peer)
-    return Group(digest.digest(), agreed)
+    return Group(digest.digest(), agreed, confirmed_id=group.group_id)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
 from shoal.compress import Encoded
 from shoal.errors import ProtocolViolation
-from shoal.parallel.data.messages import Member, Message, wire_numel
+from shoal.parallel.data.messages import Leave, Member, Message, wire_numel
 
 __all__ = ["Inbox", "RoundTransport"]
 
@@ -114,6 +114,7 @@ class Inbox:
         self._waiters: set[asyncio.Future[None]] = set()
         self._reserved_by: dict[Member, int] = {}
         self._watchers: dict[bytes, set[Callable[[], None]]] = {}
+        self._leave_aliases: OrderedDict[bytes, bytes] = OrderedDict()
         self.dropped = 0
 
     @property
@@ -220,8 +221,26 @@ class Inbox:
             if not watchers:
                 del self._watchers[round_id]
 
+    def alias_leaves(self, confirmed_id: bytes, round_id: bytes) -> None:
+        """Leaves sent for ``confirmed_id`` (a group as its members confirmed it) count for
+        ``round_id`` (the part of it that went on under another id, when some members did
+        not confirm), those held already included. A member stopped while it confirmed
+        cannot know which part that is, and its leave named the group it confirmed: the
+        others waited for it until their collect deadline. Bounded like open rounds."""
+        self._leave_aliases[confirmed_id] = round_id
+        self._leave_aliases.move_to_end(confirmed_id)
+        while len(self._leave_aliases) > self._max_open:
+            self._leave_aliases.popitem(last=False)
+        for held in [m for m in self._rounds.get(confirmed_id, ()) if isinstance(m, Leave)]:
+            self.deliver(held)
+
     def deliver(self, message: Message) -> bool:
         """Store a message; False when it was dropped (see :meth:`check`, or a bound)."""
+        alias = self._leave_aliases.get(message.round_id)
+        if alias is not None and isinstance(message, Leave):
+            # Index 0, which every round has: the sender's index in the confirmed group
+            # may be past the end of the smaller round (who leaves is the sender).
+            message = replace(message, round_id=alias, part=0)
         rid = message.round_id
         if self.check(rid, type(message), message.sender, message.part, _numel(message)):
             self.dropped += 1
