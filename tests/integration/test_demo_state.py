@@ -62,3 +62,13 @@ def test_children_close_kills_a_child_that_ignores_sigterm(tmp_path):
     kids.close()  # idempotent
     with pytest.raises(RuntimeError):
         kids.start("late", [sys.executable, "-c", "pass"])
+
+
+def test_the_default_deadline_grows_with_the_rounds_a_run_has():
+    from shoal.cli._demo_state import default_deadline_s
+
+    assert default_deadline_s("diloco", 100, 10) == 170.0  # the default run: 10 rounds
+    assert default_deadline_s("streaming", 150, 10) == 180.0
+    # sync averages at every step: 100 rounds, about 1.5 s each on the demo's links
+    assert default_deadline_s("sync", 100, 10) == 350.0
+    assert default_deadline_s("diloco", 5, 10) == 170.0

@@ -39,7 +39,9 @@ def register(app: typer.Typer) -> None:
         mode: str = typer.Option("diloco", "--mode", help="diloco | streaming | sync"),
         rate_mbit: float = typer.Option(100.0, "--rate-mbit", help="Each peer link's cap."),
         delay_ms: float = typer.Option(25.0, "--delay-ms", help="One-way latency per link."),
-        deadline_s: float = typer.Option(170.0, "--deadline", help="Whole-run deadline, s."),
+        deadline_s: float = typer.Option(
+            None, "--deadline", help="Whole-run deadline, s (170, plus 2 per round past 10)."
+        ),
         monitor: bool = typer.Option(True, "--monitor/--no-monitor", help="Start the dashboard."),
         local: bool = typer.Option(False, "--local", help="Single-process run instead."),
         eval_every: int = typer.Option(50, "--eval-every", help="--local: validate every N."),
@@ -60,14 +62,19 @@ def register(app: typer.Typer) -> None:
         from shoal.cli._demo_swarm import run_swarm_demo
         from shoal.cli._demo_view import Progress, print_summary
 
+        from shoal.cli._demo_state import default_deadline_s
+
+        steps = 100 if steps is None else steps
         cfg = DemoConfig(
             peers=peers,
-            steps=100 if steps is None else steps,
+            steps=steps,
             local_steps=local_steps,
             mode=mode,
             rate_mbit=rate_mbit,
             delay_ms=delay_ms,
-            deadline_s=deadline_s,
+            deadline_s=default_deadline_s(mode, steps, local_steps)
+            if deadline_s is None
+            else deadline_s,
             monitor=monitor,
             kill_peer=min(2, peers - 1),
         )
