@@ -58,11 +58,9 @@ def register(app: typer.Typer) -> None:
                 threads=threads,
             )
             return
-        from shoal.cli._demo_state import DemoConfig
+        from shoal.cli._demo_state import DemoConfig, default_deadline_s
         from shoal.cli._demo_swarm import run_swarm_demo
         from shoal.cli._demo_view import Progress, print_summary
-
-        from shoal.cli._demo_state import default_deadline_s
 
         steps = 100 if steps is None else steps
         cfg = DemoConfig(
