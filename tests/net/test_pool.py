@@ -257,3 +257,35 @@ def test_failures_of_attempts_begun_before_a_peer_called_us_do_not_count(make_ru
     assert not a.health.is_banned(reach, time.monotonic())
     a.run(fail(a.pool.now()), 5)  # begun after it called: they count
     assert a.health.is_banned(reach, time.monotonic())
+
+
+def test_calls_whose_wait_behind_a_hanging_handshake_runs_out_are_not_strikes(make_runtime):
+    # Only the call that made the handshake learns anything about the peer; the queued
+    # ones that gave up first were each counted as a failure of their own.
+    import socket
+
+    silent = socket.socket()  # accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    a = make_runtime(
+        health=HealthConfig(ban_threshold=3, ban_base_s=60, score_half_life_s=1e6),
+        reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
+        call_retry=RetryPolicy(attempts=1),
+    )
+    stub = a.stub(peer_pb2_grpc.PeerStub, address)
+
+    async def burst() -> list[object]:
+        first = asyncio.ensure_future(stub.Ping(peer_pb2.PingRequest(), timeout_s=2.0))
+        while not a.pool._conns:  # the first call owns the handshake
+            await asyncio.sleep(0.01)
+        queued = [stub.Ping(peer_pb2.PingRequest(), timeout_s=0.5) for _ in range(3)]
+        return await asyncio.gather(first, *queued, return_exceptions=True)
+
+    try:
+        results = a.run(burst(), 10)
+    finally:
+        silent.close()
+    assert sum("handshake queue timed out" in str(r) for r in results) == 3, results
+    assert a.health.score(address, time.monotonic()) == pytest.approx(1.0)
+    assert not a.health.is_banned(address, time.monotonic())

@@ -164,10 +164,10 @@ def test_a_round_failed_by_stopping_downloads_no_state(monkeypatch):
     assert strategy._catch_up() is False
 
 
-@pytest.mark.parametrize("model", [{}, {"w": torch.zeros(2)}])
-def test_a_catch_up_snapshot_that_does_not_fit_is_refused_not_raised(monkeypatch, model):
+@pytest.mark.parametrize("files", [{}, {"model": {"w": torch.zeros(2)}}])
+def test_a_catch_up_snapshot_that_does_not_fit_is_refused_not_raised(monkeypatch, files):
     # A donor's snapshot without model tensors raised out of the catch-up (and the step
-    # loop); one of another model was asked for again at every later catch-up.
+    # loop); one whose tensors do not load was asked for again at every later catch-up.
     import threading
     from types import SimpleNamespace
 
@@ -175,7 +175,8 @@ def test_a_catch_up_snapshot_that_does_not_fit_is_refused_not_raised(monkeypatch
     from shoal.state.announce import RefusedVersions
     from shoal.state.checkpoint import Snapshot
 
-    snap = Snapshot(step=9, files={"model": model}, meta={"mode": "sync"}, version="v-bad")
+    meta = {"mode": "sync", "config": {"model_shape": {"n_layer": 1}}}  # ours: checked first
+    snap = Snapshot(step=9, files=files, meta=meta, version="v-bad")
     skipped = []
 
     def fetch(*args, refused, **kwargs):
@@ -189,7 +190,8 @@ def test_a_catch_up_snapshot_that_does_not_fit_is_refused_not_raised(monkeypatch
     strategy.services = SimpleNamespace(
         runtime=None, dht=None, state_key=b"k", refused=RefusedVersions()
     )
-    trainer = SimpleNamespace(step=3, model=torch.nn.Linear(2, 2), optimizer=None, windows=None)
+    windows = SimpleNamespace(shard_index=0, num_shards=1)
+    trainer = SimpleNamespace(step=3, model=torch.nn.Linear(2, 2), optimizer=None, windows=windows)
     trainer.model_cfg = SimpleNamespace(to_dict=lambda: {"n_layer": 1})
     strategy.trainer = trainer
     assert strategy._catch_up() is False and trainer.step == 3

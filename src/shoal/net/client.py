@@ -162,7 +162,7 @@ class Method:
             attempt += 1
             conn: Connection | None = None
             feed = _Requests(request) if streaming else None
-            began = stub.pool.now()
+            tried_s = stub.pool.now()  # this attempt's start, on the pool's clock
             try:
                 conn = await self._connect(deadline)
                 call = self._callable(conn)(
@@ -197,7 +197,7 @@ class Method:
                 attempt -= 1
             except (PeerUnavailable, PeerTimeout) as exc:
                 if conn is not None:
-                    stub.pool.failed(conn, exc, began_s=began)
+                    stub.pool.failed(conn, exc, began_s=tried_s)
                 delay = backoff_s(config.call_retry, attempt, stub.rng())
                 elapsed = loop.time() - start
                 if (
@@ -209,14 +209,14 @@ class Method:
                 await asyncio.sleep(delay)
             except NetworkError as exc:
                 if conn is not None:
-                    stub.pool.failed(conn, exc, began_s=began)
+                    stub.pool.failed(conn, exc, began_s=tried_s)
                 raise
 
     async def _response_stream(self, request: Any, timeout_s: float | None) -> AsyncIterator[Any]:
         stub, path = self._stub, self.spec.path
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_s or stub.config.stream_timeout_s)
-        began = stub.pool.now()
+        tried_s = stub.pool.now()
         conn = await self._connect(deadline)
         feed = _Requests(request) if self.spec.kind == "stream_stream" else None
         call = self._callable(conn)(
@@ -231,7 +231,7 @@ class Method:
             if feed is not None and feed.error is not None:
                 raise feed.error from None
             err = _mapped(exc, conn, path)
-            stub.pool.failed(conn, err, began_s=began)
+            stub.pool.failed(conn, err, began_s=tried_s)
             if isinstance(err, _SessionLost):
                 raise PeerUnavailable("peer restarted; retry", peer=conn.label) from exc
             raise err from exc

@@ -60,9 +60,10 @@ def channel_options(config: NetConfig) -> list[tuple[str, Any]]:
 
 
 class _Shared:
-    """Marks a queued caller's copy of a failed handshake's verdict: the failure is counted
-    once, by the caller that made the handshake (four calls queued on one refused dial
-    made four strikes of the five that ban a peer)."""
+    """Marks what a caller queued behind another's handshake gets: a copy of its failed
+    verdict, or its own wait running out. The failure is counted once, by the caller that
+    made the handshake (four calls queued on one refused dial made four strikes of the
+    five that ban a peer)."""
 
 
 class _SharedUnavailable(_Shared, PeerUnavailable):
@@ -155,8 +156,8 @@ class Connection:
         finished_seen = self._finished
         try:
             await within(self._lock.acquire(), timeout_s)
-        except asyncio.TimeoutError:
-            raise PeerTimeout("handshake queue timed out", peer=self.label) from None
+        except asyncio.TimeoutError:  # another call's handshake is still going: no verdict
+            raise _SharedTimeout("handshake queue timed out", peer=self.label) from None
         try:
             if not self._live():
                 if self._finished != finished_seen and self._last_error is not None:

@@ -216,7 +216,10 @@ def _run_claimed(opts: PeerOptions, stop: threading.Event, emit: Emit) -> int:
             found, opts, trainer, shape, seed_for_data, fits=strategy.state_misfit
         )
         if found.source is Source.SWARM and source is not Source.SWARM:
-            services.refused.add(found.swarm_version)  # its resyncs look elsewhere
+            # Its resyncs look elsewhere. Some reasons to refuse a whole restore (its AdamW
+            # state) would not refuse the outer state alone; skipping that one version costs
+            # little: every new snapshot of its donor is a version of its own.
+            services.refused.add(found.swarm_version)
         if restored is None and found.checkpoint is not None:
             # Nothing fit, and a refused snapshot may have reached the model: start afresh.
             strategy.close()

@@ -157,6 +157,7 @@ def test_leaves_for_a_confirmed_group_count_for_the_part_of_it_that_went_on():
     inbox.open(went_on, members=["a", "b", "c"], part_sizes=[4, 4, 4])
     inbox.alias_leaves(confirmed, went_on)  # the one held already moves over
     assert inbox.messages(went_on) == [Leave(went_on, "c", 0)]
+    assert inbox.messages(confirmed) == []  # moved, not copied
     assert inbox.deliver(Leave(confirmed, "b", 1))  # and later ones go there at once
     assert [m.sender for m in inbox.messages(went_on)] == ["c", "b"]
     assert not inbox.deliver(Leave(confirmed, "x", 0))  # not a member of that round

@@ -231,8 +231,17 @@ class Inbox:
         self._leave_aliases.move_to_end(confirmed_id)
         while len(self._leave_aliases) > self._max_open:
             self._leave_aliases.popitem(last=False)
-        for held in [m for m in self._rounds.get(confirmed_id, ()) if isinstance(m, Leave)]:
-            self.deliver(held)
+        held = self._rounds.get(confirmed_id, [])
+        leaves = [m for m in held if isinstance(m, Leave)]
+        if leaves:  # moved, not copied: that id never opens here, and would hold a slot
+            kept: list[Message] = [m for m in held if not isinstance(m, Leave)]
+            if kept:
+                self._rounds[confirmed_id] = kept
+                self._keys[confirmed_id] = {(type(m), m.sender, m.part) for m in kept}
+            else:
+                self._forget(confirmed_id)
+        for leave in leaves:
+            self.deliver(leave)
 
     def deliver(self, message: Message) -> bool:
         """Store a message; False when it was dropped (see :meth:`check`, or a bound)."""
