@@ -255,7 +255,19 @@ def test_failures_of_attempts_begun_before_a_peer_called_us_do_not_count(make_ru
     a.run(fail(began), 5)
     assert a.health.score(reach, time.monotonic()) == 0.0
     assert not a.health.is_banned(reach, time.monotonic())
-    a.run(fail(a.pool.now()), 5)  # begun after it called: they count
+
+    async def once(since: float, returns_first: bool = False) -> None:
+        if returns_first:
+            a.pool.peer_returned(b.peer_id)
+        a.pool.failed(conn, PeerUnavailable("connection refused"), began_s=since)
+
+    # A peer that opens a session with us during each of our dials cannot excuse them
+    # all: only dials begun before its first return since a failure counted are excused.
+    a.run(once(a.pool.now(), returns_first=True), 5)  # begun after b's handshake: counts
+    assert a.health.score(reach, time.monotonic()) == pytest.approx(1.0)
+    a.run(once(a.pool.now(), returns_first=True), 5)  # a fresh return excuses this one
+    assert a.health.score(reach, time.monotonic()) == pytest.approx(1.0)
+    a.run(once(a.pool.now(), returns_first=True), 5)  # the next return is no longer first
     assert a.health.is_banned(reach, time.monotonic())
 
 

@@ -268,7 +268,8 @@ class ConnectionPool:
         self._retired: list[Connection] = []
         self._backoff: dict[str, Backoff] = {}
         self._returned: dict[str, float] = {}
-        """Peer label -> when it last opened a session with us (it was up then)."""
+        """Peer label -> when it first opened a session with us since a failure to reach
+        it last counted (it was up then)."""
         self._closed = False
 
     def __len__(self) -> int:
@@ -322,7 +323,8 @@ class ConnectionPool:
     def peer_returned(self, peer: PeerID) -> None:
         """``peer`` opened a session with us: it is up, so the bans its addresses earned
         (and their reconnect backoff) are lifted, once per ban, and attempts to reach it
-        that began before now no longer count when they fail (:meth:`failed`). A peer
+        that began before now no longer count when they fail (:meth:`failed`; until one
+        that began after counts, later sessions excuse nothing more). A peer
         restarted at its old address was refused for up to the ban's length (10 s at
         first), and a round that grouped it failed for every member (nobody could send it
         a part). Dials made without knowing the PeerID (bootstrap addresses) are not
@@ -330,15 +332,18 @@ class ConnectionPool:
         label, now = peer.to_string(), self._clock()
         if label not in self._returned and len(self._returned) >= _MAX_BACKOFF_ENTRIES:
             self._returned.clear()  # only lets stale failures count again
-        self._returned[label] = now
+        # The first return since a failure counted, not the latest: a peer that opened
+        # sessions with us during every dial of ours would otherwise excuse them all.
+        self._returned.setdefault(label, now)
         for address in self.health.forgive_reach(label, now):
             self._backoff.pop(address, None)
 
     def _counts(self, conn: Connection, exc: NetworkError, began_s: float | None) -> bool:
         """Whether a failure to reach ``conn``'s peer counts against it: not a queued
-        caller's copy of another's verdict, nor an attempt begun before the peer last
-        called us. Dials begun while a peer was down failed after it came back and had
-        called us; their strikes banned it again, now with nothing left to lift the ban."""
+        caller's copy of another's verdict, nor an attempt begun before the peer called us
+        (first since the last failure that counted). Dials begun while a peer was down
+        failed after it came back and had called us; their strikes banned it again, now
+        with nothing left to lift the ban."""
         if isinstance(exc, _Shared):
             return False
         returned = self._returned.get(conn.label)
@@ -359,7 +364,10 @@ class ConnectionPool:
         unreachable = isinstance(exc, (PeerUnavailable, PeerTimeout, AuthenticationError))
         key = conn.reach_key if unreachable else conn.label
         now = self._clock()
-        if (not unreachable or self._counts(conn, exc, began_s)) and self.health.failure(key, now):
+        counts = not unreachable or self._counts(conn, exc, began_s)
+        if counts and unreachable:
+            self._returned.pop(conn.label, None)  # the next return excuses afresh
+        if counts and self.health.failure(key, now):
             until = self.health.banned_until(key, now) or now
             log.info("banned %s for %.0f s after: %s", key, until - now, exc)
         if isinstance(exc, (PeerUnavailable, AuthenticationError)):
