@@ -29,7 +29,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -191,7 +191,7 @@ class RefusedVersions(Collection[str]):
     def __contains__(self, version: object) -> bool:
         return version in self._versions
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[str]:
         return iter(list(self._versions))
 
     def __len__(self) -> int:
