@@ -82,7 +82,7 @@ class HealthConfig:
     """Per-peer failure scores and temporary bans (see ``health.py``)."""
 
     failure_weight: float = 1.0
-    """Score added by one failed call."""
+    """Score added by one failed attempt (each attempt of a retried call counts)."""
     score_half_life_s: float = 60.0
     """A peer's failure score halves every this many seconds."""
     ban_threshold: float = 5.0

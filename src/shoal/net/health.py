@@ -1,7 +1,8 @@
 """Per-peer failure scores and temporary bans (pure: ``now_s`` comes in as an argument).
 
-Each failed call adds ``failure_weight`` to the peer's score; the score halves every
-``score_half_life_s``. A score reaching ``ban_threshold`` bans the peer for
+Each failed attempt adds ``failure_weight`` to the peer's score (an idempotent call the
+client retries counts each attempt; calls queued on one handshake count it once, see
+``pool.py``); the score halves every ``score_half_life_s``. A score reaching ``ban_threshold`` bans the peer for
 ``ban_base_s * 2**(n-1)`` (capped at ``ban_max_s``) where n counts its bans within
 ``ban_memory_s``; the score restarts at zero. A success halves the score. Routing (the
 pool, and layers above via ``is_banned``) skips banned peers. Keys are labels: the pool
