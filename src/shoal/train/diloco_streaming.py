@@ -293,6 +293,12 @@ class StreamingDiLoCo:
             self.stale = self._asks_left > 0
             return
         if not read:  # announced ahead, holds nothing we lack: never worth asking again
+            log.info(
+                "refused the swarm's outer state of step %d: its rounds %s are none ahead of %s",
+                state.step,
+                donor,
+                self.applied,
+            )
             state.refuse()
         in_flight = _in_flight(state.tensors, len(self.outers))
         for f, fragment_state in read.items():
