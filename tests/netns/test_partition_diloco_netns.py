@@ -53,12 +53,26 @@ def _rounds_of_all_until_one_state(peers: dict[str, PeerEvents]) -> dict[str, li
     fingerprint is common to all of them (within ``HEAL_TIMEOUT_S``)."""
     seen: dict[str, list[str]] = {h: [] for h in peers}
     deadline = time.monotonic() + HEAL_TIMEOUT_S
-    while not set.intersection(*(set(prints) for prints in seen.values())):
-        for h, p in peers.items():
-            left = deadline - time.monotonic()
-            assert left > 0, f"no common state within {HEAL_TIMEOUT_S} s: {seen}"
-            seen[h].append(p.wait_for(_round_of(4), left)["fingerprint"])
+    try:
+        while not set.intersection(*(set(prints) for prints in seen.values())):
+            for h, p in peers.items():
+                left = deadline - time.monotonic()
+                assert left > 0, f"no common state within {HEAL_TIMEOUT_S} s: {seen}"
+                seen[h].append(p.wait_for(_round_of(4), left)["fingerprint"])
+    except AssertionError as exc:  # what every peer did about the other side, to tell why
+        raise AssertionError(f"{exc}\n{_heal_story(peers)}") from None
     return seen
+
+
+def _heal_story(peers: dict[str, PeerEvents]) -> str:
+    """Each peer's log lines about bans, resyncs and refusals."""
+    words = ("banned", "fetched", "refused", "no state", "unavailable")
+    lines = []
+    for h, p in peers.items():
+        for line in p.err_path.read_text(errors="replace").splitlines():
+            if any(w in line for w in words):
+                lines.append(f"{h}: {line[:200]}")
+    return "\n".join(lines[-120:])
 
 
 @pytest.mark.parametrize("mode", ["diloco", "streaming"])
