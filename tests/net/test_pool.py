@@ -194,14 +194,19 @@ def test_concise_keeps_what_is_not_a_connect_failure():
     )
 
 
-def test_what_a_peer_answers_counts_against_it_wherever_it_is(make_runtime):
-    # Failed dials ban an address, but errors and garbage a peer answers with must not be
-    # shed by announcing another port.
+def _connected(make_runtime):
+    """Runtime ``a`` (bans after 2 strikes, for 600 s) with a live connection to ``b``."""
     a = make_runtime(health=HealthConfig(ban_threshold=2, ban_base_s=600, score_half_life_s=1e6))
     b = make_runtime()
     stub = a.stub(peer_pb2_grpc.PeerStub, b.address, peer_id=b.peer_id)
     a.run(stub.Ping(peer_pb2.PingRequest()), 5)
-    conn = a.pool._conns[(b.address, b.peer_id.raw)]
+    return a, b, a.pool._conns[(b.address, b.peer_id.raw)]
+
+
+def test_what_a_peer_answers_counts_against_it_wherever_it_is(make_runtime):
+    # Failed dials ban an address, but errors and garbage a peer answers with must not be
+    # shed by announcing another port.
+    a, b, conn = _connected(make_runtime)
 
     async def fail(exc):
         for _ in range(2):
@@ -213,14 +218,20 @@ def test_what_a_peer_answers_counts_against_it_wherever_it_is(make_runtime):
     assert a.is_banned(b.peer_id)
 
 
-def test_calls_queued_on_one_refused_dial_are_one_failure_not_one_each(make_runtime):
-    # Four calls waiting for one handshake that failed made four strikes: one burst of
-    # traffic to a peer that was down for a moment banned it.
-    a = make_runtime(
-        health=HealthConfig(ban_threshold=2, ban_base_s=60, score_half_life_s=1e6),
+def _no_retries(make_runtime, ban_threshold: int):
+    """A runtime whose calls are never retried and whose reconnects barely wait: each
+    call is one attempt, so strikes can be counted."""
+    return make_runtime(
+        health=HealthConfig(ban_threshold=ban_threshold, ban_base_s=60, score_half_life_s=1e6),
         reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
         call_retry=RetryPolicy(attempts=1),
     )
+
+
+def test_calls_queued_on_one_refused_dial_are_one_failure_not_one_each(make_runtime):
+    # Four calls waiting for one handshake that failed made four strikes: one burst of
+    # traffic to a peer that was down for a moment banned it.
+    a = _no_retries(make_runtime, ban_threshold=2)
     stub = a.stub(peer_pb2_grpc.PeerStub, DEAD)
 
     async def together() -> list[object]:
@@ -238,11 +249,7 @@ def test_failures_of_attempts_begun_before_a_peer_called_us_do_not_count(make_ru
     # Dials begun while a restarted peer was down failed just after it came back and
     # called us: their strikes banned it again, after its handshake had lifted the old
     # ban, and nothing lifted the new one (every averaging round with it failed).
-    a = make_runtime(health=HealthConfig(ban_threshold=2, ban_base_s=600, score_half_life_s=1e6))
-    b = make_runtime()
-    stub = a.stub(peer_pb2_grpc.PeerStub, b.address, peer_id=b.peer_id)
-    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
-    conn = a.pool._conns[(b.address, b.peer_id.raw)]
+    a, b, conn = _connected(make_runtime)
     reach = conn.reach_key
     began = a.pool.now()
     to_a = b.stub(peer_pb2_grpc.PeerStub, a.address, peer_id=a.peer_id)
@@ -280,11 +287,7 @@ def test_calls_whose_wait_behind_a_hanging_handshake_runs_out_are_not_strikes(ma
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
     address = f"127.0.0.1:{silent.getsockname()[1]}"
-    a = make_runtime(
-        health=HealthConfig(ban_threshold=3, ban_base_s=60, score_half_life_s=1e6),
-        reconnect=RetryPolicy(initial_s=0.01, max_s=0.02),
-        call_retry=RetryPolicy(attempts=1),
-    )
+    a = _no_retries(make_runtime, ban_threshold=3)
     stub = a.stub(peer_pb2_grpc.PeerStub, address)
 
     async def burst() -> list[object]:
