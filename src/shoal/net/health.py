@@ -4,9 +4,10 @@ Each failed attempt adds ``failure_weight`` to the peer's score (an idempotent c
 client retries counts each attempt; calls queued on one handshake count it once, see
 ``pool.py``); the score halves every ``score_half_life_s``. A score reaching
 ``ban_threshold`` bans the peer for ``ban_base_s * 2**(n-1)`` (capped at ``ban_max_s``)
-where n counts its bans within ``ban_memory_s``; the score restarts at zero. A success halves the score. Routing (the
-pool, and layers above via ``is_banned``) skips banned peers. Keys are labels: the pool
-scores failed dials under ``peer@address`` and what a peer answered under its PeerID.
+where n counts its bans within ``ban_memory_s``; the score restarts at zero. A success
+halves the score. Routing (the pool, and layers above via ``is_banned``) skips banned
+peers. Keys are labels: the pool scores failed dials under ``peer@address`` and what a
+peer answered under its PeerID.
 A peer that calls us is up again: the bans its addresses earned are lifted, once per ban
 (``forgive_reach``), so a peer restarted at the same address is not shunned for what its
 old process's death cost.
