@@ -57,6 +57,12 @@ __all__ = ["SwarmRounds"]
 log = logging.getLogger(__name__)
 
 
+def _follow_up_id(round_id: bytes, tag: bytes) -> bytes:
+    """The round id of the follow-up exchange ``tag`` of round ``round_id`` (see
+    :meth:`SwarmRounds.again`): every member of that round derives it alike."""
+    return round_id[:32] + tag[:16]
+
+
 class SwarmRounds:
     """Rendezvous on the DHT + butterfly all-reduce, for one peer (use on the network loop).
 
@@ -347,7 +353,7 @@ class SwarmRounds:
 
     async def _leave(self, *groups: Group) -> None:
         """Tell each group's members that this peer leaves its round (a subset of a group
-        that agreed without us runs under another id and ignores it)."""
+        that went on under another id counts it too: ``Inbox.alias_leaves``)."""
 
         async def leave(group: Group) -> None:
             with contextlib.suppress(Exception):  # the caller must see its cancellation
@@ -406,10 +412,10 @@ class SwarmRounds:
         last = self.last_group
         if last is None or self._last_ok or self.runtime.peer_id not in last.members:
             return
-        leaves = [send_leave(self.transport, last.round_id[:32] + tag[:16], last.members)]
+        leaves = [send_leave(self.transport, _follow_up_id(last.round_id, tag), last.members)]
         column = self._failed_column
         if column is not None:  # the others' column holds the contributors they agreed on
-            again = column.round_id[:32] + tag[:16]
+            again = _follow_up_id(column.round_id, tag)
             leaves.append(send_leave(self.transport, again, column.members, exact=False))
         await asyncio.gather(*leaves)
 
@@ -428,7 +434,7 @@ class SwarmRounds:
             return RoundOutcome(False, reason="no reducer among the last round's contributors")
         if self.runtime.peer_id not in last.members:
             return RoundOutcome(False, reason="this peer was left out of the last round")
-        spec = replace(last, round_id=last.round_id[:32] + tag[:16])
+        spec = replace(last, round_id=_follow_up_id(last.round_id, tag))
         across = self.last_across
         if across is not None and self.runtime.peer_id not in across.column.members:
             # Its column went on without it (its group's mean came by a twin): a group's
@@ -437,7 +443,7 @@ class SwarmRounds:
             return RoundOutcome(False, reason="this peer was left out of its column last round")
         original = None
         if across is not None:
-            column = replace(across.column, round_id=across.column.round_id[:32] + tag[:16])
+            column = replace(across.column, round_id=_follow_up_id(across.column.round_id, tag))
             across = replace(across, column=column)
             try:
                 original = await asyncio.to_thread(vector.clone)  # off the loop: may be big
