@@ -57,11 +57,15 @@ class PeerEvents:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.events.put(json.loads(line))
-            except ValueError:
-                continue
+        # kept beside the stderr log: a failed run's events can be read afterwards
+        with open(self.err_path.with_suffix(".jsonl"), "w") as kept:
+            for line in self.proc.stdout:
+                kept.write(line)
+                kept.flush()
+                try:
+                    self.events.put(json.loads(line))
+                except ValueError:
+                    continue
 
     def wait_for(self, predicate: Any, timeout_s: float) -> dict[str, Any]:
         """The next event ``predicate`` accepts (earlier ones go to ``seen`` too)."""

@@ -10,7 +10,7 @@ import pytest
 from shoal.errors import PeerUnavailable, ProtocolViolation
 from shoal.net.config import HealthConfig, RetryPolicy
 from shoal.net.errmap import concise
-from shoal.net.proto.v1 import peer_pb2, peer_pb2_grpc
+from shoal.net.proto.v1 import dht_pb2, dht_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 DEAD = "127.0.0.1:1"  # nothing listens on port 1
 
@@ -67,13 +67,30 @@ def test_concurrent_calls_share_one_session(make_runtime):
     assert len(a.pool) == 1 and len(b.sessions) == 1
 
 
-def test_removed_service_answers_unimplemented(make_runtime):
+def test_a_stopped_service_answers_unavailable_and_costs_no_misbehaviour_strike(make_runtime):
+    """A peer shutting down stops its services before its server: calls in between are
+    the peer going away, not the peer misbehaving, and must not ban it wherever it is."""
+    a, b = make_runtime(), make_runtime()
+    stub = a.stub(peer_pb2_grpc.PeerStub, b.address, b.peer_id)
+    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
+    b.remove_service("shoal.v1.Peer")
+    label = b.peer_id.to_string()
+    for _ in range(3):
+        with pytest.raises(PeerUnavailable, match="UNAVAILABLE: service stopped"):
+            a.run(stub.Info(peer_pb2.InfoRequest()), 5)
+    now = time.monotonic()
+    assert a.health.score(label, now) == 0.0 and not a.health.is_banned(label, now)
+    # ... they count at its address, where its restart (a call to us) lifts them
+    assert a.health.score(f"{label}@{b.address}", now) > 0.0
+
+
+def test_a_service_never_served_answers_unimplemented(make_runtime):
     a, b = make_runtime(), make_runtime()
     stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
     a.run(stub.Ping(peer_pb2.PingRequest()), 5)
-    b.remove_service("shoal.v1.Peer")
+    dht = a.stub(dht_pb2_grpc.DHTStub, b.address)
     with pytest.raises(ProtocolViolation, match="UNIMPLEMENTED"):
-        a.run(stub.Info(peer_pb2.InfoRequest()), 5)
+        a.run(dht.Ping(dht_pb2.DHTPingRequest()), 5)
 
 
 def test_runtime_bridge_rules(make_runtime):

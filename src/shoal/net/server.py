@@ -68,11 +68,16 @@ class _Registrar:
             self.handlers[f"/{service}/{name}"] = handler
 
 
-def _rejection(detail: str) -> grpc.RpcMethodHandler:
+def _rejection(detail: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> Any:
     async def reject(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
+        await context.abort(code, detail)
 
     return grpc.stream_stream_rpc_method_handler(reject)
+
+
+def _service_of(method: str) -> str:
+    """``/shoal.v1.DHT/FindValue`` -> ``shoal.v1.DHT``."""
+    return method[1:].rpartition("/")[0]
 
 
 class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -85,6 +90,8 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._traffic = traffic
         self._clock = clock
         self._methods: dict[str, grpc.RpcMethodHandler] = {}
+        self._stopped: set[str] = set()
+        """Services this peer served and stopped: their calls are answered UNAVAILABLE."""
         # wrapped handlers per (method, caller): built once, reused by later calls
         self._wrapped: dict[tuple[str, PeerID | None], grpc.RpcMethodHandler] = {}
 
@@ -93,14 +100,21 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
         registrar = _Registrar()
         register(servicer, registrar)
         self._methods.update(registrar.handlers)
+        self._stopped.difference_update(_service_of(m) for m in registrar.handlers)
         self._wrapped.clear()
         return sorted(registrar.handlers)
 
     def remove(self, service: str) -> None:
-        """Stop serving every method of ``service`` (e.g. ``shoal.v1.Stage``)."""
+        """Stop serving every method of ``service`` (e.g. ``shoal.v1.Stage``).
+
+        Its calls are answered UNAVAILABLE from then on, as a peer that is down would be,
+        not UNIMPLEMENTED: a caller counts what a peer answered against the peer wherever
+        it is, and a peer shutting down (its services stop before its server does) was
+        banned by its callers for a protocol violation, a ban its restart did not lift."""
         prefix = f"/{service}/"
         for path in [p for p in self._methods if p.startswith(prefix)]:
             del self._methods[path]
+        self._stopped.add(service)
         self._wrapped.clear()
 
     @property
@@ -111,7 +125,9 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
         method: str = handler_call_details.method
         handler = self._methods.get(method)
         if handler is None:
-            return None
+            if _service_of(method) in self._stopped:
+                return _rejection("service stopped", grpc.StatusCode.UNAVAILABLE)
+            return None  # never served here: UNIMPLEMENTED
         if method == HANDSHAKE_METHOD:
             return self._cached(handler, None, method)
         token = None
