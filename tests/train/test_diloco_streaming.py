@@ -219,8 +219,10 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     assert restored.load_state(s.state_tensors()) and restored.applied == [3, 2]
     tensors["outer.in_flight"] = torch.tensor(-1)
     tensors["outer.0.applied"] = torch.tensor(4)
-    s._resync()  # fragment 0 adopted again, settled this time: nothing left to ask
-    assert s.applied == [4, 2] and s.unsettled == set()
+    s._resync()  # fragment 0 adopted again, not in flight this time ...
+    # ... which does not say the swarm applied no round of it since: it is still asked
+    # for at its launch (the snapshot may predate the swarm's last round of it)
+    assert s.applied == [4, 2] and s.unsettled == {0}
 
 
 def _filled(fragments: int, fill: float) -> StreamingDiLoCo:
@@ -452,3 +454,39 @@ def test_after_rounds_alone_the_next_launch_is_the_fragment_with_fewest_rounds()
     # too) launches what the donor launches
     restored = _streaming(_model(), launch, local_steps=8, fragments=4)
     assert restored.load_state(s.state_tensors()) and restored.rotation == 3
+
+
+def test_a_failed_fragment_round_asks_again_right_before_that_fragment_launches():
+    # A member one round behind on fragment 1 met the swarm on its previous round key and
+    # failed at once; the swarm then ran that round without it, waiting out its window. The
+    # member asked at its next launch (fragment 0), before the swarm had applied that
+    # round, so it took fragment 1 still one round behind, and met the swarm on a stale key
+    # again: round after round, every round of fragment 1 went on without it.
+    donor = _streaming(_model(), Launcher())
+    donor.applied = [0, 1]
+    behind = ResyncState(round_index=1, tensors=donor.state_tensors(), step=2)
+    donor.applied = [1, 2]
+    caught_up = ResyncState(round_index=2, tensors=donor.state_tensors(), step=4)
+    asked: list[tuple[int, list[int]]] = []
+    swarm = {"state": behind}
+
+    def resync(ahead_of: list[int], tag_below: str) -> ResyncState:
+        asked.append((s.step, list(ahead_of)))
+        return swarm["state"]
+
+    outcomes = {0: RoundOutcome(True, group_size=2), 1: RoundOutcome(False, reason="left")}
+    launch = lambda v, w, i, f, fp: _done(outcomes[f])  # noqa: E731
+    s = _streaming(_model(), launch, resync=resync, overlap_steps=0)
+    s.step = 2  # fragment 1 is due at step 4, fragment 0 at step 6
+    s.after_local_step(8)
+    s.after_local_step(8)  # step 4: fragment 1's round fails
+    swarm["state"] = behind  # what the swarm announced before it applied that round
+    s.after_local_step(8)
+    s.after_local_step(8)  # step 6: fragment 0 asks, gets a state still behind on 1
+    assert s.applied == [1, 1]
+    swarm["state"] = caught_up  # announced once the swarm applied it
+    outcomes[1] = RoundOutcome(True, group_size=2)
+    s.after_local_step(8)
+    s.after_local_step(8)  # step 8: fragment 1 asks again before it launches
+    assert [step for step, _ in asked] == [6, 8], asked
+    assert s.applied[1] == 3  # caught up (2), then its own round with the swarm

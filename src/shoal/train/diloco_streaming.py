@@ -56,6 +56,12 @@ snapshot names the fragment in flight (``outer.in_flight``), and a peer that tak
 fragment from it (a restore, or a resync that adopts it) asks again before it launches the
 fragment itself. Without this, a joiner met the members on that fragment's previous round
 key, where only their old entries stood, and failed its first round of it.
+
+A failed fragment round asks again right before that fragment's next launch too. The
+swarm runs that round without this peer after waiting out its window for it, so the ask
+at the next launch (another fragment's) finds the swarm's state still a round behind on
+the failed fragment; adopted, it met the swarm on the key of the round just run, failed
+at once, and so on at every round of that fragment.
 """
 
 from __future__ import annotations
@@ -169,8 +175,9 @@ class StreamingDiLoCo:
         self.applied = [0] * len(self.groups)
         """Rounds each fragment applied (or adopted from a donor that had applied them)."""
         self.unsettled: set[int] = set()
-        """Fragments this peer took from a snapshot whose round of them was in flight (the
-        swarm has most likely applied it since): asked for again before their launch."""
+        """Fragments asked for again right before their next launch: those whose last
+        round failed, and those taken from a snapshot whose round of them was in flight
+        (in both cases the swarm has most likely applied a round of them since)."""
         self.rotation = 0
         """Slot ``k`` of the cycle launches fragment ``(k + rotation) % F``."""
         self._realign = False
@@ -244,6 +251,10 @@ class StreamingDiLoCo:
             outer.keeping_progress(self.fragment_params(p.fragment), lambda: outer.step(p.delta))
         elif not outcome.skipped:
             self.mark_stale()
+            # The swarm may be running this round without us still (it waits out its
+            # window for us), so the ask at the next launch, of another fragment, may
+            # find this one still a round behind: ask again right before launching it.
+            self.unsettled.add(p.fragment)
         if (
             outcome.ok
             and outcome.group_size < outcome.expected
@@ -309,8 +320,6 @@ class StreamingDiLoCo:
             self.resynced = True
             if f == in_flight:
                 self.unsettled.add(f)
-            else:
-                self.unsettled.discard(f)
         if read and self.on_resync is not None:
             self.on_resync()
 
