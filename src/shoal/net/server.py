@@ -112,9 +112,11 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
         it is, and a peer shutting down (its services stop before its server does) was
         banned by its callers for a protocol violation, a ban its restart did not lift."""
         prefix = f"/{service}/"
-        for path in [p for p in self._methods if p.startswith(prefix)]:
+        served = [p for p in self._methods if p.startswith(prefix)]
+        for path in served:
             del self._methods[path]
-        self._stopped.add(service)
+        if served:  # one never served here stays UNIMPLEMENTED
+            self._stopped.add(service)
         self._wrapped.clear()
 
     @property
