@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import pytest
 
 from shoal.errors import PeerUnavailable, ProtocolViolation
@@ -67,31 +68,47 @@ def test_concurrent_calls_share_one_session(make_runtime):
     assert len(a.pool) == 1 and len(b.sessions) == 1
 
 
-def test_a_stopped_service_answers_unavailable_and_costs_no_misbehaviour_strike(make_runtime):
-    """A peer shutting down stops its services before its server: calls in between are
-    the peer going away, not the peer misbehaving, and must not ban it wherever it is."""
+class _Pong(dht_pb2_grpc.DHTServicer):
+    async def Ping(self, request, context):
+        return dht_pb2.DHTPingResponse()
+
+
+def test_a_service_not_served_yet_or_any_more_answers_unavailable_not_a_violation(make_runtime):
+    """A peer starts its services after its server and stops them before it: calls in
+    between are the peer coming or going, not the peer misbehaving, and must not ban it
+    wherever it is (a restarted peer was called at once by peers that knew it)."""
     a, b = make_runtime(), make_runtime()
-    stub = a.stub(peer_pb2_grpc.PeerStub, b.address, b.peer_id)
-    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
-    b.remove_service("shoal.v1.Peer")
+    dht = a.stub(dht_pb2_grpc.DHTStub, b.address, b.peer_id)
     label = b.peer_id.to_string()
-    for _ in range(3):
-        with pytest.raises(PeerUnavailable, match="UNAVAILABLE: service stopped"):
-            a.run(stub.Info(peer_pb2.InfoRequest()), 5)
+
+    def ping() -> None:
+        a.run(dht.Ping(dht_pb2.DHTPingRequest()), 5)
+
+    with pytest.raises(PeerUnavailable, match="UNAVAILABLE: service not served here now"):
+        ping()  # not served yet
+    b.add_servicer(dht_pb2_grpc.add_DHTServicer_to_server, _Pong())
+    ping()
+    b.remove_service("shoal.v1.DHT")
+    with pytest.raises(PeerUnavailable, match="UNAVAILABLE: service not served here now"):
+        ping()  # not served any more
     now = time.monotonic()
     assert a.health.score(label, now) == 0.0 and not a.health.is_banned(label, now)
     # ... they count at its address, where its restart (a call to us) lifts them
     assert a.health.score(f"{label}@{b.address}", now) > 0.0
 
 
-def test_a_service_never_served_answers_unimplemented(make_runtime):
-    a, b = make_runtime(), make_runtime()
-    stub = a.stub(peer_pb2_grpc.PeerStub, b.address)
-    a.run(stub.Ping(peer_pb2.PingRequest()), 5)
-    dht = a.stub(dht_pb2_grpc.DHTStub, b.address)
-    b.remove_service("shoal.v1.DHT")  # stopping what never ran changes nothing
-    with pytest.raises(ProtocolViolation, match="UNIMPLEMENTED"):
-        a.run(dht.Ping(dht_pb2.DHTPingRequest()), 5)
+def test_a_method_of_no_shoal_service_answers_unimplemented(make_runtime):
+    b = make_runtime()
+
+    async def call() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(b.address) as channel:
+            try:
+                await channel.unary_unary("/other.v1.Thing/Do")(b"", timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    assert b.run(call(), 10) == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_runtime_bridge_rules(make_runtime):

@@ -480,9 +480,10 @@ def test_a_failed_fragment_round_asks_again_right_before_that_fragment_launches(
     s.step = 2  # fragment 1 is due at step 4, fragment 0 at step 6
     s.after_local_step(8)
     s.after_local_step(8)  # step 4: fragment 1's round fails
-    swarm["state"] = behind  # what the swarm announced before it applied that round
     s.after_local_step(8)
-    s.after_local_step(8)  # step 6: fragment 0 asks, gets a state still behind on 1
+    # step 6: fragment 0 asks, and gets what the swarm announced before it applied the
+    # round of fragment 1 this peer failed: still one round behind on fragment 1
+    s.after_local_step(8)
     assert s.applied == [1, 1]
     swarm["state"] = caught_up  # announced once the swarm applied it
     outcomes[1] = RoundOutcome(True, group_size=2)

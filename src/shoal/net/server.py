@@ -75,9 +75,8 @@ def _rejection(detail: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICA
     return grpc.stream_stream_rpc_method_handler(reject)
 
 
-def _service_of(method: str) -> str:
-    """``/shoal.v1.DHT/FindValue`` -> ``shoal.v1.DHT``."""
-    return method[1:].rpartition("/")[0]
+_OWN_PACKAGE = "/shoal.v1."
+"""Methods of Shoal's own services start with this."""
 
 
 class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
@@ -90,8 +89,6 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._traffic = traffic
         self._clock = clock
         self._methods: dict[str, grpc.RpcMethodHandler] = {}
-        self._stopped: set[str] = set()
-        """Services this peer served and stopped: their calls are answered UNAVAILABLE."""
         # wrapped handlers per (method, caller): built once, reused by later calls
         self._wrapped: dict[tuple[str, PeerID | None], grpc.RpcMethodHandler] = {}
 
@@ -100,23 +97,15 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
         registrar = _Registrar()
         register(servicer, registrar)
         self._methods.update(registrar.handlers)
-        self._stopped.difference_update(_service_of(m) for m in registrar.handlers)
         self._wrapped.clear()
         return sorted(registrar.handlers)
 
     def remove(self, service: str) -> None:
-        """Stop serving every method of ``service`` (e.g. ``shoal.v1.Stage``).
-
-        Its calls are answered UNAVAILABLE from then on, as a peer that is down would be,
-        not UNIMPLEMENTED: a caller counts what a peer answered against the peer wherever
-        it is, and a peer shutting down (its services stop before its server does) was
-        banned by its callers for a protocol violation, a ban its restart did not lift."""
+        """Stop serving every method of ``service`` (e.g. ``shoal.v1.Stage``); its calls
+        are answered UNAVAILABLE from then on (see :meth:`service`)."""
         prefix = f"/{service}/"
-        served = [p for p in self._methods if p.startswith(prefix)]
-        for path in served:
+        for path in [p for p in self._methods if p.startswith(prefix)]:
             del self._methods[path]
-        if served:  # one never served here stays UNIMPLEMENTED
-            self._stopped.add(service)
         self._wrapped.clear()
 
     @property
@@ -127,9 +116,14 @@ class Dispatcher(grpc.GenericRpcHandler):  # type: ignore[misc]
         method: str = handler_call_details.method
         handler = self._methods.get(method)
         if handler is None:
-            if _service_of(method) in self._stopped:
-                return _rejection("service stopped", grpc.StatusCode.UNAVAILABLE)
-            return None  # never served here: UNIMPLEMENTED
+            # A Shoal service not served here now is answered as a peer that is down
+            # would be, not UNIMPLEMENTED: a caller counts an answer against the peer
+            # wherever it is (a ban its restart does not lift), and a peer only starts
+            # its services after its server (a restarted one was called at once by peers
+            # that knew it) and stops them before it. Anything else is not Shoal's.
+            if method.startswith(_OWN_PACKAGE):
+                return _rejection("service not served here now", grpc.StatusCode.UNAVAILABLE)
+            return None  # UNIMPLEMENTED
         if method == HANDSHAKE_METHOD:
             return self._cached(handler, None, method)
         token = None

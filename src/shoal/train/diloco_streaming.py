@@ -285,7 +285,8 @@ class StreamingDiLoCo:
         """The swarm may have applied a round this peer did not: ask before the next two
         launches at most (members that applied a round this one failed may not have
         announced their snapshot yet at the first). No snapshot ahead of ours then means
-        the swarm applied no round this peer lacks; a round that fails again asks again."""
+        the swarm applied no round this peer lacks; a round that fails again asks again.
+        A failed round also asks right before its fragment's next launch (``unsettled``)."""
         self.stale, self._asks_left = True, 2
 
     def _resync(self) -> None:
