@@ -68,7 +68,9 @@ class _Registrar:
             self.handlers[f"/{service}/{name}"] = handler
 
 
-def _rejection(detail: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> Any:
+def _rejection(
+    detail: str, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+) -> grpc.RpcMethodHandler:
     async def reject(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, detail)
 
