@@ -10,7 +10,7 @@ import torch
 
 from shoal.errors import ConfigError
 from shoal.train.diloco import DiLoCo, DiLoCoConfig, ResyncState
-from shoal.train.outer import OuterConfig, OuterNesterov
+from shoal.train.outer import OuterConfig, OuterNesterov, rank_of
 from shoal.train.swarm_round_config import RoundOutcome
 
 
@@ -243,6 +243,62 @@ def test_sides_that_applied_as_many_rounds_join_the_smaller_fingerprint(wins) ->
     assert seen[0][0] == kept.fingerprint() and d.applied == 2
     # Either way the local progress travels on top of the outer state held.
     assert torch.allclose(seen[0][1][5:], local_progress.reshape(-1), atol=1e-6)
+
+
+def _ranked_against_fingerprints(start, more: int, fewer: int):
+    """Two outer states one step from ``start``: the one of ``more`` contributors has the
+    greater fingerprint, so ordering by fingerprint alone would make it yield."""
+    many = OuterNesterov(start)
+    many.step(torch.full((11,), 0.01), contributors=more)
+    for k in range(2, 50):
+        few = OuterNesterov(start)
+        few.step(torch.full((11,), 0.01 * k), contributors=fewer)
+        if few.fingerprint() < many.fingerprint():
+            return many, few
+    raise AssertionError("no pair of states ordered against their fingerprints")
+
+
+def test_an_outer_state_records_its_round_s_contributors_and_ranks_by_them() -> None:
+    start = _peer_params(5)
+    many, few = _ranked_against_fingerprints(start, more=4, fewer=2)
+    assert many.contributors == 4 and many.tag() < few.tag()  # more contributors first
+    restored = OuterNesterov(start)
+    assert restored.load_state_tensors(many.state_tensors())
+    assert restored.contributors == 4 and restored.tag() == many.tag()
+    assert restored.tag_of(few.state_tensors()) == few.tag()
+    older = {k: v for k, v in few.state_tensors().items() if k != "outer.contributors"}
+    assert restored.tag_of(older) == rank_of(0) + few.fingerprint()  # from before the count
+    assert restored.load_state_tensors(older) and restored.contributors == 0
+    bad = {**few.state_tensors(), "outer.contributors": torch.tensor(0.5)}
+    assert restored.tag_of(bad) is None and not restored.load_state_tensors(bad)
+
+
+@pytest.mark.parametrize("mine", [4, 2])
+def test_of_sides_that_applied_as_many_rounds_the_one_of_fewer_contributors_yields(mine) -> None:
+    # One round's ready peers went apart as a group of four and a pair (two late
+    # restarters met under the key the four had left). Ordered by fingerprint alone, the
+    # four took the pair's state half of the time and threw their own step away.
+    start = _peer_params(5)
+    many, few = _ranked_against_fingerprints(start, more=4, fewer=2)
+    ours, theirs = (many, few) if mine == 4 else (few, many)
+    ps = [m.clone() for m in ours.master]
+    d = DiLoCo(ps, DiLoCoConfig(local_steps=1), lambda v, w, i: RoundOutcome(True))
+    assert d.outer.load_state_tensors(ours.state_tensors())
+    d.applied, d.round_index = 1, 1
+    tensors = {**theirs.state_tensors(), "outer.applied": torch.tensor(1)}
+    d.resync = lambda: ResyncState(1, tensors)
+    d.mark_stale()
+    starts: list[str] = []
+
+    def average(vector, weight, index):
+        starts.append(d.outer.fingerprint())
+        return RoundOutcome(True, contributors=frozenset(range(6)))
+
+    d.average = average
+    report = d.after_local_step(4)
+    assert report is not None and report.ok and report.resynced is (mine == 2)
+    assert starts == [many.fingerprint()]  # both sides go on from the four's state
+    assert d.outer.contributors == 6  # the round just applied
 
 
 def test_failed_round_keeps_samples_and_local_params() -> None:

@@ -334,6 +334,32 @@ def test_sides_with_equal_counts_join_the_smaller_tag_as_a_whole(wins) -> None:
     assert s.tag() == mine.tag()
 
 
+@pytest.mark.parametrize("mine", [4, 2])
+def test_of_sides_with_equal_counts_the_one_of_fewer_contributors_yields(mine) -> None:
+    # A group of four and a pair that went apart in one round hold as many rounds of every
+    # fragment: by the hash alone, the four took the pair's state half of the time.
+    def side(shift: float, contributors: int) -> StreamingDiLoCo:
+        s = _streaming(_model(), Launcher())
+        s.applied = [2, 2]
+        for outer in s.outers:
+            outer.master = [m + shift for m in outer.master]
+            outer.contributors = contributors
+        return s
+
+    many = side(0.1, 4)
+    few = next(
+        f for f in (side(0.1 * k, 2) for k in range(2, 50)) if f.tag()[6:] < many.tag()[6:]
+    )  # the four's hash is the greater: ordered by it alone, they would yield
+    assert many.tag() < few.tag()
+    ours, theirs = (many, few) if mine == 4 else (few, many)
+    state = ResyncState(round_index=4, tensors=theirs.state_tensors(), step=20)
+    s = _streaming([p.clone() for p in ours.params], Launcher(), resync=lambda *_: state)
+    assert s.load_state(ours.state_tensors()) and s.tag() == ours.tag()
+    s.stale = True
+    s._resync()
+    assert s.tag() == many.tag() and s._take_resynced() is (mine == 2)
+
+
 def test_a_peer_restored_mid_round_resyncs_before_it_launches_the_fragment_that_was_in_flight() -> (
     None
 ):

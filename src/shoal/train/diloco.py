@@ -29,7 +29,8 @@ The commit rule:
   ``θ`` and meet under different round keys; without asking, each side went on averaging
   with its half for good. The side behind (fewer outer steps applied) adopts the other's
   ``θ`` and meets it at the next round; of sides that applied as many steps, the one whose
-  ``θ`` fingerprint is greater adopts the other's (snapshots announce it as their
+  ``θ`` came from the round of fewer contributors (of as many, whose fingerprint is
+  greater) adopts the other's (``OuterNesterov.tag``; snapshots announce it as their
   progress tag). A swarm larger than a group meets in several groups per round, which
   diverge alike and join the same way.
 - **Skipped** (``outcome.skipped``: no other live peer could average with this one): as a
@@ -165,8 +166,9 @@ class DiLoCo:
         self.round_index += 1
         if outcome.ok:
             self.applied += 1
+        contributors = len(outcome.contributors)
         if outcome.ok and outcome.included:
-            self.outer.step(delta)
+            self.outer.step(delta, contributors)
             self.outer.load_into(self.params)
             self.samples = 0
             self.stale = False
@@ -174,7 +176,7 @@ class DiLoCo:
             # The swarm's mean left this peer's contribution out (late, or screened): take
             # the outer step everyone takes, and keep the local progress and its samples
             # on top of it for the next round instead of dropping them.
-            self.outer.keeping_progress(self.params, lambda: self.outer.step(delta))
+            self.outer.keeping_progress(self.params, lambda: self.outer.step(delta, contributors))
             self.stale = False
         else:
             self.mark_stale()
@@ -234,12 +236,14 @@ class DiLoCo:
 
     def _loses_tie(self, theirs: int, state: ResyncState) -> bool:
         """``state`` applied as many outer steps as this peer, from other outer parameters
-        (two sides of a healed partition): the side whose fingerprint is greater takes the
-        other's, an order both sides agree on, so they meet under one round key again."""
+        (two sides of a healed partition, or two groups of one round): the side whose
+        :meth:`OuterNesterov.tag` is greater (fewer contributors, or as many and a greater
+        fingerprint) takes the other's, an order both sides agree on, so they meet under
+        one round key again."""
         if theirs != self.applied:
             return False
-        other = self.outer.fingerprint_of(state.tensors)
-        return other is not None and other < self.outer.fingerprint()
+        other = self.outer.tag_of(state.tensors)
+        return other is not None and other < self.outer.tag()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         applied = torch.tensor(self.applied, dtype=torch.int64)

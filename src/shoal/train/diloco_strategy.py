@@ -126,7 +126,7 @@ class DiLoCoStrategy:
             self.services,
             self.mode,
             ahead_of=[self.diloco.applied],
-            tag_below=self.diloco.outer.fingerprint(),
+            tag_below=self.diloco.outer.tag(),
         )
 
     def step(self) -> StepOutcome:
@@ -156,7 +156,7 @@ class DiLoCoStrategy:
 
     @property
     def progress_tag(self) -> str | None:
-        return self.diloco.outer.fingerprint()
+        return self.diloco.outer.tag()
 
     def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
         """Why a snapshot's outer ``tensors`` cannot be this peer's (None: they can): the

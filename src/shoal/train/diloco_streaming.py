@@ -37,9 +37,10 @@ every round of it failed from then on.
 A round that succeeds with fewer peers than are live asks too, as in ``diloco.py`` but once
 a cycle at most (the ask is a DHT read on the compute thread): two sides of a healed
 partition hold other fragment states and meet under other keys. Sides
-with equal counts of every fragment are told apart by :meth:`StreamingDiLoCo.tag` (a hash
-of all fragments' fingerprints, announced with snapshots): the greater takes the other's
-whole outer state.
+with equal counts of every fragment are told apart by :meth:`StreamingDiLoCo.tag` (the
+fragments' contributor counts summed, then a hash of all fragments' fingerprints, announced
+with snapshots): the greater, the side of fewer contributors, takes the other's whole outer
+state.
 
 Which fragment a slot launches follows the peer's own step count, and step counts differ
 between peers by whatever each trained alone. A peer that trained alone before two others
@@ -78,7 +79,15 @@ import torch
 
 from shoal.errors import CheckpointError
 from shoal.train.diloco import ResyncState, RoundReport
-from shoal.train.outer import OuterConfig, OuterNesterov, OuterState, checked_count, saved_count
+from shoal.train.outer import (
+    OuterConfig,
+    OuterNesterov,
+    OuterState,
+    checked_count,
+    contributors_of,
+    rank_of,
+    saved_count,
+)
 from shoal.train.swarm_round_config import RoundOutcome, wait_outcome
 
 __all__ = ["StreamingDiLoCo", "fragment_offsets", "split_fragments"]
@@ -239,16 +248,19 @@ class StreamingDiLoCo:
         self._realign = outcome.skipped
         if outcome.ok:
             self.applied[p.fragment] += 1
+        contributors = len(outcome.contributors)
         if outcome.ok and outcome.included:
             outer = self.outers[p.fragment]
-            outer.step(p.delta)
+            outer.step(p.delta, contributors)
             a = self.mix_alpha
             for param, m in zip(self.fragment_params(p.fragment), outer.master, strict=True):
                 param.mul_(a).add_(m.to(param.device, param.dtype), alpha=1 - a)
             self.samples[p.fragment] = 0
         elif outcome.ok:  # our contribution was left out: keep its progress and samples
             outer = self.outers[p.fragment]
-            outer.keeping_progress(self.fragment_params(p.fragment), lambda: outer.step(p.delta))
+            outer.keeping_progress(
+                self.fragment_params(p.fragment), lambda: outer.step(p.delta, contributors)
+            )
         elif not outcome.skipped:
             self.mark_stale()
             # The swarm may be running this round without us still (it waits out its
@@ -340,14 +352,20 @@ class StreamingDiLoCo:
         ]
 
     def tag(self) -> str:
-        """A hash of every fragment's outer parameters: the state :attr:`applied` reached."""
-        return _combined(o.fingerprint() for o in self.outers)
+        """The state :attr:`applied` reached: the fragments' contributor counts summed (more
+        sort first, see ``outer.py``), then a hash of every fragment's outer parameters."""
+        contributors = sum(o.contributors for o in self.outers)
+        return rank_of(contributors) + _combined(o.fingerprint() for o in self.outers)
 
     def tag_of(self, tensors: dict[str, torch.Tensor]) -> str | None:
         """:meth:`tag` of the outer state in a snapshot's ``tensors`` (None: it does not
         fit this model)."""
-        prints = [o.fingerprint_of(tensors, prefix=f"outer.{f}") for f, o in enumerate(self.outers)]
-        return None if any(p is None for p in prints) else _combined(prints)  # type: ignore[arg-type]
+        prefixes = [f"outer.{f}" for f in range(len(self.outers))]
+        prints = [o.fingerprint_of(tensors, p) for o, p in zip(self.outers, prefixes, strict=True)]
+        counts = [contributors_of(tensors, p) for p in prefixes]
+        if any(p is None for p in prints) or any(c is None for c in counts):
+            return None
+        return rank_of(sum(c or 0 for c in counts)) + _combined(p or "" for p in prints)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -15,6 +15,13 @@ Vocabulary (used by ``diloco.py`` and ``diloco_streaming.py``):
   DiLoCo paper. Peers that start a round with equal ``θ`` and ``b`` and apply the same
   ``Δ̄`` end it with equal ``θ`` and ``b``: element-wise fp32 arithmetic is deterministic.
 
+Each outer state also records how many contributors the round that produced it had
+(``contributors``). Two sides that applied as many outer steps from different states
+(groups of one round that went apart, the sides of a healed partition) must agree which
+one takes the other's state: the :meth:`OuterNesterov.tag` orders them, the side of more
+contributors first and the smaller fingerprint among equals, so four peers do not throw
+away their step for that of two.
+
 Pure tensor math, no I/O; the parameters can be any subset of a model (a fragment).
 """
 
@@ -38,7 +45,9 @@ __all__ = [
     "OuterNesterov",
     "OuterState",
     "checked_count",
+    "contributors_of",
     "fp32_copy",
+    "rank_of",
     "saved_count",
 ]
 
@@ -66,6 +75,9 @@ class OuterNesterov:
         self.config = config or OuterConfig()
         self._master = [p.detach().to("cpu", torch.float32, copy=True) for p in params]
         self.momentum = [torch.zeros_like(m) for m in self._master]
+        self.contributors = 0
+        """Contributors of the round whose step produced the masters (0: none recorded,
+        as in the initial state or a snapshot from before the count existed)."""
         self._print: tuple[list[weakref.ref[torch.Tensor]], list[tuple[int, int]], str] | None = (
             None
         )
@@ -119,6 +131,20 @@ class OuterNesterov:
             masters.append(t.detach().to("cpu", torch.float32))
         return _fingerprint(masters)
 
+    def tag(self) -> str:
+        """Orders states that applied as many outer steps: smaller is preferred (more
+        contributors first, then the smaller :meth:`fingerprint`)."""
+        return rank_of(self.contributors) + self.fingerprint()
+
+    def tag_of(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> str | None:
+        """:meth:`tag` of the state in ``tensors`` (None: it does not fit this model, or
+        its count of contributors is malformed)."""
+        printed = self.fingerprint_of(tensors, prefix)
+        contributors = contributors_of(tensors, prefix)
+        if printed is None or contributors is None:
+            return None
+        return rank_of(contributors) + printed
+
     @property
     def numel(self) -> int:
         return sum(m.numel() for m in self.master)
@@ -133,8 +159,9 @@ class OuterNesterov:
             ]
         )
 
-    def step(self, mean_delta: torch.Tensor) -> None:
-        """Apply one outer step with the mean pseudo-gradient (flat fp32, ``numel`` values)."""
+    def step(self, mean_delta: torch.Tensor, contributors: int = 0) -> None:
+        """Apply one outer step with the mean pseudo-gradient (flat fp32, ``numel`` values)
+        over ``contributors`` peers."""
         if mean_delta.numel() != self.numel:
             raise ConfigError(f"pseudo-gradient has {mean_delta.numel()} values, need {self.numel}")
         lr, mu = self.config.lr, self.config.momentum
@@ -144,6 +171,7 @@ class OuterNesterov:
             offset += m.numel()
             b.mul_(mu).add_(d)
             m.sub_(lr * (d + mu * b))
+        self.contributors = contributors
 
     @torch.no_grad()
     def load_into(self, params: Sequence[torch.Tensor]) -> None:
@@ -169,6 +197,7 @@ class OuterNesterov:
         for i, (m, b) in enumerate(zip(self.master, self.momentum, strict=True)):
             out[f"{prefix}.master.{i}"] = m
             out[f"{prefix}.momentum.{i}"] = b
+        out[f"{prefix}.contributors"] = torch.tensor(self.contributors, dtype=torch.int64)
         return out
 
     def read_state(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> OuterState:
@@ -190,11 +219,12 @@ class OuterNesterov:
         extra = f"{prefix}.master.{len(self.master)}"
         if extra in tensors:
             raise CheckpointError(f"{extra} is one tensor more than the {len(masters)} here")
-        return OuterState(masters, moms)
+        return OuterState(masters, moms, _contributors(tensors, prefix))
 
     def adopt(self, state: OuterState) -> None:
         """Take ``state`` (from :meth:`read_state`) as the masters and momenta."""
         self.master, self.momentum = state.master, state.momentum
+        self.contributors = state.contributors
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str = "outer") -> bool:
         """Restore from :meth:`state_tensors`; False (nothing changed) when
@@ -217,6 +247,7 @@ class OuterState:
 
     master: list[torch.Tensor]
     momentum: list[torch.Tensor]
+    contributors: int = 0
 
 
 def fp32_copy(name: str, t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -244,6 +275,32 @@ def _fingerprint(masters: Sequence[torch.Tensor]) -> str:
     for m in masters:
         h.update(m.contiguous().numpy().data)  # the buffer itself, not a bytes copy
     return h.hexdigest()
+
+
+_MAX_RANKED = 99_999
+"""Contributor counts beyond this rank alike (a round holds at most a few hundred)."""
+
+
+def rank_of(contributors: int) -> str:
+    """A prefix that sorts states of more contributors first (a smaller string)."""
+    return f"{_MAX_RANKED - min(max(contributors, 0), _MAX_RANKED):05d}."
+
+
+def _contributors(tensors: dict[str, torch.Tensor], prefix: str) -> int:
+    """The contributor count saved under ``prefix`` (0 when absent: an older snapshot).
+
+    Raises:
+        CheckpointError: it holds something other than a count.
+    """
+    return checked_count(tensors, f"{prefix}.contributors") or 0
+
+
+def contributors_of(tensors: dict[str, torch.Tensor], prefix: str = "outer") -> int | None:
+    """:func:`_contributors`, None when malformed."""
+    try:
+        return _contributors(tensors, prefix)
+    except CheckpointError:
+        return None
 
 
 def saved_count(tensors: dict[str, torch.Tensor], key: str) -> int | None:
