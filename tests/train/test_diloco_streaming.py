@@ -11,7 +11,7 @@ import torch
 
 from shoal.train.diloco import ResyncState
 from shoal.train.diloco_streaming import StreamingDiLoCo, fragment_offsets, split_fragments
-from shoal.train.outer import OuterConfig, OuterNesterov
+from shoal.train.outer import OuterConfig, OuterNesterov, rank_of
 from shoal.train.swarm_round_config import RoundOutcome
 
 
@@ -347,8 +347,9 @@ def test_of_sides_with_equal_counts_the_one_of_fewer_contributors_yields(mine) -
         return s
 
     many = side(0.1, 4)
+    rank = len(rank_of(0))  # the hash follows the rank
     few = next(
-        f for f in (side(0.1 * k, 2) for k in range(2, 50)) if f.tag()[6:] < many.tag()[6:]
+        f for f in (side(0.1 * k, 2) for k in range(2, 50)) if f.tag()[rank:] < many.tag()[rank:]
     )  # the four's hash is the greater: ordered by it alone, they would yield
     assert many.tag() < few.tag()
     ours, theirs = (many, few) if mine == 4 else (few, many)

@@ -296,7 +296,8 @@ def _contributors(tensors: dict[str, torch.Tensor], prefix: str) -> int:
 
 
 def contributors_of(tensors: dict[str, torch.Tensor], prefix: str = "outer") -> int | None:
-    """:func:`_contributors`, None when malformed."""
+    """The contributor count saved under ``prefix`` (0 when absent), None when it holds
+    something other than a count."""
     try:
         return _contributors(tensors, prefix)
     except CheckpointError:
