@@ -276,8 +276,8 @@ def test_an_outer_state_records_its_round_s_contributors_and_ranks_by_them() -> 
 @pytest.mark.parametrize("mine", [4, 2])
 def test_of_sides_that_applied_as_many_rounds_the_one_of_fewer_contributors_yields(mine) -> None:
     # One round's ready peers went apart as a group of four and a pair (two late
-    # restarters met under the key the four had left). Ordered by fingerprint alone, the
-    # four took the pair's state half of the time and threw their own step away.
+    # restarters met under the key the four had left). Ordered by fingerprint alone,
+    # which side yielded was a coin toss: the four could throw their own step away.
     start = _peer_params(5)
     many, few = _ranked_against_fingerprints(start, more=4, fewer=2)
     ours, theirs = (many, few) if mine == 4 else (few, many)

@@ -337,7 +337,7 @@ def test_sides_with_equal_counts_join_the_smaller_tag_as_a_whole(wins) -> None:
 @pytest.mark.parametrize("mine", [4, 2])
 def test_of_sides_with_equal_counts_the_one_of_fewer_contributors_yields(mine) -> None:
     # A group of four and a pair that went apart in one round hold as many rounds of every
-    # fragment: by the hash alone, the four took the pair's state half of the time.
+    # fragment: by the hash alone, which side yielded was a coin toss.
     def side(shift: float, contributors: int) -> StreamingDiLoCo:
         s = _streaming(_model(), Launcher())
         s.applied = [2, 2]
