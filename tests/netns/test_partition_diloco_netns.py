@@ -3,7 +3,8 @@
 Four ``shoal peer --mode diloco`` (or ``streaming``) processes on four public hosts of a
 testbed of their own. Cut into two pairs, each pair averages on its own and their outer
 parameters diverge; the pairs then meet under different round keys. After the cut heals, the pair behind (or, with
-as many rounds applied, the one whose outer fingerprint is greater) takes the other's outer
+as many rounds applied from rounds of as many contributors, the one whose outer fingerprint
+is greater) takes the other's outer
 state, and all four average together again with one set of parameters.
 """
 

@@ -301,6 +301,14 @@ def test_of_sides_that_applied_as_many_rounds_the_one_of_fewer_contributors_yiel
     assert d.outer.contributors == 6  # the round just applied
 
 
+def test_a_member_left_out_of_a_round_records_its_contributors_too() -> None:
+    ps = _peer_params(3)
+    left_out = RoundOutcome(True, contributors=frozenset(range(5)), included=False)
+    d = DiLoCo(ps, DiLoCoConfig(local_steps=1), lambda v, w, i: left_out)
+    report = d.after_local_step(4)
+    assert report is not None and report.ok and d.outer.contributors == 5
+
+
 def test_failed_round_keeps_samples_and_local_params() -> None:
     ps = _peer_params(2)
     d = DiLoCo(ps, DiLoCoConfig(local_steps=3), lambda v, w, i: RoundOutcome(False, reason="x"))

@@ -518,3 +518,18 @@ def test_a_failed_fragment_round_asks_again_right_before_that_fragment_launches(
     s.after_local_step(8)  # step 8: fragment 1 asks again before it launches
     assert [step for step, _ in asked] == [6, 8], asked
     assert s.applied[1] == 3  # caught up (2), then its own round with the swarm
+
+
+@pytest.mark.parametrize("included", [True, False])
+def test_an_applied_fragment_round_records_its_contributors(included) -> None:
+    # The count ranks sides that applied as many rounds: it is the round's, whether this
+    # peer's own contribution was in it or left out (it takes the same outer step).
+    three = RoundOutcome(True, group_size=3, contributors=frozenset(range(3)), included=included)
+    s = _streaming(_model(), lambda *a: _done(three), overlap_steps=0)
+    for _ in range(2):  # step 2: fragment 0's round applies
+        s.after_local_step(8)
+    assert [o.contributors for o in s.outers] == [3, 0]
+    restored = _streaming(_model(), Launcher())
+    assert restored.load_state(s.state_tensors()) and restored.tag() == s.tag()
+    older = {k: v for k, v in s.state_tensors().items() if not k.endswith(".contributors")}
+    assert restored.load_state(older) and [o.contributors for o in restored.outers] == [0, 0]

@@ -39,8 +39,8 @@ a cycle at most (the ask is a DHT read on the compute thread): two sides of a he
 partition hold other fragment states and meet under other keys. Sides
 with equal counts of every fragment are told apart by :meth:`StreamingDiLoCo.tag` (the
 fragments' contributor counts summed, then a hash of all fragments' fingerprints, announced
-with snapshots): the greater, the side of fewer contributors, takes the other's whole outer
-state.
+with snapshots): the greater (fewer contributors, or as many and a greater hash) takes the
+other's whole outer state.
 
 Which fragment a slot launches follows the peer's own step count, and step counts differ
 between peers by whatever each trained alone. A peer that trained alone before two others

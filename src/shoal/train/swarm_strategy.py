@@ -71,7 +71,8 @@ class Strategy(Protocol):
     @property
     def progress_tag(self) -> str | None:
         """Names the state :attr:`progress` reached (announced with it): peers with equal
-        counts and different tags diverged, and one of them takes the other's state."""
+        counts and different tags diverged (or one holds a state from before the tag named
+        its round's contributors), and the one of the greater tag takes the other's state."""
         ...
 
     def step(self) -> StepOutcome: ...
