@@ -64,6 +64,11 @@ def _nbytes(message: Message) -> int:
     return 0
 
 
+def _key(message: Message) -> tuple[type, Member, int]:
+    """What a round holds one of per sender: its kind and part (see :meth:`Inbox.check`)."""
+    return type(message), message.sender, message.part
+
+
 def _numel(message: Message) -> int | None:
     data = getattr(message, "data", None)
     return None if data is None else wire_numel(data)
@@ -237,7 +242,7 @@ class Inbox:
             kept: list[Message] = [m for m in held if not isinstance(m, Leave)]
             if kept:
                 self._rounds[confirmed_id] = kept
-                self._keys[confirmed_id] = {(type(m), m.sender, m.part) for m in kept}
+                self._keys[confirmed_id] = {_key(m) for m in kept}
             else:
                 self._forget(confirmed_id)
         for leave in leaves:
@@ -271,7 +276,7 @@ class Inbox:
             self.dropped += 1
             return False
         box.append(message)
-        self._keys.setdefault(rid, set()).add((type(message), message.sender, message.part))
+        self._keys.setdefault(rid, set()).add(_key(message))
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
