@@ -36,6 +36,9 @@ process with an exact exchange instead of the network (``_diloco_inproc.py``), o
 ``H:outer_lr:outer_momentum`` setting, against one baseline, and prints the frontier:
 ``loss_gap`` and the payload-only ``comm_reduction`` of every setting. It separates what
 the algorithm can reach from what the swarm adds, at a fraction of a swarm run's time.
+With ``--miss ROUND:COUNT`` the last replica misses COUNT rounds from ROUND on (they fail
+for it, the others average without it) and, after each, adopts replica 0's outer state
+the way a stale peer resyncs: what a peer's return after an outage costs the swarm.
 """
 
 from __future__ import annotations
@@ -194,6 +197,16 @@ def _ddp_fp32_bytes(args: argparse.Namespace, num_params: int) -> int:
     return int(args.steps * n * 2 * (n - 1) / n * 4 * num_params)
 
 
+def _missed_rounds(text: str) -> range:
+    try:
+        start, count = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROUND:COUNT, e.g. 2:3, got {text!r}") from None
+    if start < 0 or count < 1:
+        raise argparse.ArgumentTypeError(f"ROUND must be >= 0 and COUNT >= 1, got {text!r}")
+    return range(start, start + count)
+
+
 def _in_process(args: argparse.Namespace) -> dict[str, Any]:
     import importlib.util
 
@@ -231,7 +244,13 @@ def _in_process(args: argparse.Namespace) -> dict[str, Any]:
         for setting in settings:
             t1 = time.monotonic()
             out = run_replicas(
-                configs, setting, args.codec, val=val, eval_every=args.eval_every, log=_log
+                configs,
+                setting,
+                args.codec,
+                val=val,
+                eval_every=args.eval_every,
+                log=_log,
+                missed=args.miss,
             )
             curve = out["curve"]
             val_bpb = curve[-1]["val_bpb"]
@@ -261,6 +280,7 @@ def _in_process(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "codec": args.codec,
         "params": num_params,
+        "missed": f"{args.miss.start}:{len(args.miss)}" if args.miss else None,
         "frontier": frontier,
         "baseline_curve": base_curve,
         "baseline_seconds": round(base_s, 1),
@@ -316,7 +336,19 @@ def main(argv: list[str]) -> dict[str, Any]:
         help="with --in-process: comma-separated H:outer_lr:outer_momentum[:topk] points "
         "(default: --local-steps:--outer-lr:--outer-momentum:--topk)",
     )
+    p.add_argument(
+        "--miss",
+        type=_missed_rounds,
+        default=range(0),
+        metavar="ROUND:COUNT",
+        help="with --in-process: the last replica misses COUNT rounds from ROUND on (its "
+        "rounds fail; it then adopts replica 0's outer state, as a stale peer resyncs)",
+    )
     args = p.parse_args(argv)
+    if args.miss and not args.in_process:
+        p.error("--miss needs --in-process")
+    if args.miss and args.peers < 2:
+        p.error("--miss needs --peers 2 or more (the last replica misses, replica 0 goes on)")
     if args.topk and not args.in_process:  # in process, each setting picks its codec
         args.codec = WIRE_CODEC  # what top-k vectors travel in
     torch.set_num_threads(1)

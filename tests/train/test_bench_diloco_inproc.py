@@ -51,3 +51,36 @@ def test_frontier_reports_every_setting_with_its_payload():
         assert p["comm_reduction"] == pytest.approx(
             result["ddp_fp32_bytes"] / p["payload_bytes"], rel=1e-3
         )
+
+
+@pytest.mark.slow
+def test_a_missed_round_averages_without_the_replica_that_then_catches_up():
+    result = run_bench(
+        "diloco",
+        [
+            "--in-process",
+            *("--peers", "2", "--codec", "none", "--settings", "3:1:0", "--miss", "0:1"),
+            *_SMALL,
+        ],
+    )
+    (point,) = result["frontier"]
+    assert result["missed"] == "0:1" and point["rounds"] == 2
+    # Round 0 had one input: nothing to exchange. Round 1 is a full fp32 exchange of the
+    # two (each sends half its vector in, and the other half of the mean out): the replica
+    # that missed round 0 took part again once it had asked for replica 0's state.
+    assert point["payload_bytes"] == 2 * 4 * result["params"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ("2", "expected ROUND:COUNT"),
+        ("a:1", "expected ROUND:COUNT"),
+        ("-1:2", "ROUND must be >= 0 and COUNT >= 1"),
+        ("0:0", "ROUND must be >= 0 and COUNT >= 1"),
+    ],
+)
+def test_a_bad_miss_is_refused_with_the_reason(bad, why, capsys):
+    with pytest.raises(SystemExit):
+        run_bench("diloco", ["--in-process", f"--miss={bad}"])
+    assert why in capsys.readouterr().err

@@ -159,10 +159,10 @@ def test_stale_peer_resyncs_onto_the_swarm_and_keeps_its_local_progress() -> Non
     def failing(vector, weight, index):
         return RoundOutcome(False, reason="no group")
 
-    seen: list[torch.Tensor] = []
+    seen: list[tuple[torch.Tensor, float]] = []
 
     def ok(vector, weight, index):
-        seen.append(vector.clone())
+        seen.append((vector.clone(), weight))
         return RoundOutcome(True, group_size=2)
 
     ps = [t.clone() for t in start]
@@ -175,9 +175,13 @@ def test_stale_peer_resyncs_onto_the_swarm_and_keeps_its_local_progress() -> Non
     d.average = ok
     report = d.after_local_step(4)
     assert report is not None and report.resynced and report.round_index == 1
-    # The pseudo-gradient sent after the resync is exactly the local progress, rebased.
+    # The pseudo-gradient sent after the resync is the local progress, rebased, and scaled
+    # to one round: it spans two local steps (H = 1), one of them under a round the swarm
+    # applied, so half of it goes, with half its 8 samples as weight.
     expected = torch.cat([(-lp).reshape(-1) for lp in local_progress])
-    assert torch.allclose(seen[0], expected, atol=1e-6)
+    vector, weight = seen[0]
+    assert torch.allclose(vector, expected / 2, atol=1e-6)
+    assert weight == 4.0
 
 
 def test_a_round_with_fewer_peers_than_live_asks_whether_the_swarm_is_ahead() -> None:
@@ -320,6 +324,79 @@ def test_failed_round_keeps_samples_and_local_params() -> None:
     assert report is not None and not report.ok
     assert d.samples == 24 and d.local_steps_done == 0
     assert all(torch.equal(a, b) for a, b in zip(ps, snapshot, strict=True))
+
+
+def _sent_after(outcomes: list[RoundOutcome], *, resync: ResyncState | None = None):
+    """A peer with H = 2 that moves its parameters by 1 per local step (4 samples each)
+    and meets ``outcomes`` round after round (a resync, if any, offers ``resync`` once):
+    the vectors and weights it sent."""
+    ps = [torch.zeros(3)]
+    offers = [resync] if resync is not None else []
+    sent: list[tuple[torch.Tensor, float]] = []
+    plan = iter(outcomes)
+
+    def average(vector, weight, index):
+        sent.append((vector.clone(), weight))
+        outcome = next(plan)
+        if outcome.ok:
+            vector.zero_()  # the others' mean: no outer movement, to keep the sums simple
+        return outcome
+
+    d = DiLoCo(
+        ps,
+        DiLoCoConfig(local_steps=2, outer=OuterConfig(lr=1.0, momentum=0.0)),
+        average,
+        lambda: offers.pop() if offers else None,
+    )
+    for _ in range(2 * len(outcomes)):
+        ps[0].sub_(1.0)  # Δ grows by 1 per local step
+        d.after_local_step(4)
+    return d, sent
+
+
+def test_a_contribution_over_rounds_the_swarm_applied_is_scaled_to_one_round() -> None:
+    """Left out twice (the swarm stepped without this peer, which kept its progress), the
+    third contribution carries 6 local steps: it is sent as 2 steps' worth, with 2 steps'
+    samples as weight. Whole, it outweighed every other member of the round, on top of an
+    outer state that already held the swarm's progress of those rounds."""
+    left_out = RoundOutcome(True, group_size=3, included=False)
+    d, sent = _sent_after([left_out, left_out, RoundOutcome(True, group_size=3)])
+    assert [w for _, w in sent] == [8.0, 8.0, 8.0]
+    assert [v[0].item() for v, _ in sent] == [2.0, 2.0, 2.0]
+    assert d.samples == 0 and not d.overlapped  # included: nothing carried any more
+
+
+def test_progress_nobody_applied_anything_over_is_sent_whole() -> None:
+    """Failed rounds with no swarm round adopted since (the peer was cut off, or alone):
+    nobody holds that progress, and all of it goes, with all its samples."""
+    failed = RoundOutcome(False, reason="no group")
+    _, sent = _sent_after([failed, failed, RoundOutcome(True, group_size=2)])
+    assert [w for _, w in sent] == [8.0, 16.0, 24.0]
+    assert [v[0].item() for v, _ in sent] == [2.0, 4.0, 6.0]
+
+
+def test_after_adopting_the_swarm_s_round_the_progress_is_scaled_to_one_round() -> None:
+    donor = OuterNesterov([torch.zeros(3)], OuterConfig(lr=1.0, momentum=0.0))
+    donor.step(torch.zeros(3))  # one round applied, same parameters: rebasing moves nothing
+    offer = ResyncState(1, {**donor.state_tensors(), "outer.applied": torch.tensor(1)})
+    failed = RoundOutcome(False, reason="no group")
+    d, sent = _sent_after([failed, RoundOutcome(True, group_size=2)], resync=offer)
+    assert d.applied == 2  # the adopted round, then its own
+    assert [w for _, w in sent] == [8.0, 8.0]
+    assert [v[0].item() for v, _ in sent] == [2.0, 2.0]
+
+
+def test_a_tie_s_state_is_not_rounds_on_top_of_this_peer_s_progress() -> None:
+    """The other side of a tie applied as many rounds from other state: its state holds
+    none of the rounds this peer's progress missed, so the progress still goes whole."""
+    theirs = OuterNesterov([torch.full((3,), 5.0)])
+    theirs.contributors = 4  # as many rounds applied (none), more contributors: we yield
+    offer = ResyncState(0, {**theirs.state_tensors(), "outer.applied": torch.tensor(0)})
+    failed = RoundOutcome(False, reason="no group")
+    d, sent = _sent_after([failed, RoundOutcome(True, group_size=2)], resync=offer)
+    assert torch.equal(d.outer.master[0], theirs.master[0])  # taken (the mean was zero)
+    assert [w for _, w in sent] == [8.0, 16.0]
+    assert [v[0].item() for v, _ in sent] == [2.0, 4.0]
 
 
 def _failing_peer_and_donor(donor_round: int) -> tuple[DiLoCo, OuterNesterov, list[int]]:

@@ -208,6 +208,7 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     s._resync()
     assert not s.stale and s.applied == [3, 2] and refused == [1]
     assert s.unsettled == {0}  # taken while in flight: asked for again at its launch
+    assert s.overlapped == [True, False]  # fragment 0's next contribution: one round
     # the next round line says so (it used to read resynced=False whatever was adopted)
     assert s._take_resynced() and not s._take_resynced()
     assert all(
@@ -326,6 +327,8 @@ def test_sides_with_equal_counts_join_the_smaller_tag_as_a_whole(wins) -> None:
     assert asked == [([2, 2], before)] and s.applied == [2, 2]
     assert s.tag() == (before if wins else theirs.tag())
     assert s._take_resynced() is not wins
+    # the other side's rounds instead of ours, not on top of them: progress goes whole
+    assert s.overlapped == [False, False]
     assert adopted == ([] if wins else [True])  # told only when it took something
     theirs.applied = [2, 1]  # behind on one fragment: no tie, and nothing ahead to take
     s = _streaming([p.clone() for p in mine.params], Launcher(), resync=resync)
@@ -533,3 +536,32 @@ def test_an_applied_fragment_round_records_its_contributors(included) -> None:
     assert restored.load_state(s.state_tensors()) and restored.tag() == s.tag()
     older = {k: v for k, v in s.state_tensors().items() if not k.endswith(".contributors")}
     assert restored.load_state(older) and [o.contributors for o in restored.outers] == [0, 0]
+
+
+def test_a_fragment_s_contribution_over_rounds_it_missed_is_scaled_to_one_round() -> None:
+    """Fragment 0 (offset 2 of H = 4) is left out of its rounds at steps 2 and 6: the
+    swarm steps without this peer, which keeps its progress. At step 6 and 10 its vector
+    carries 6 and 10 local steps; each goes as 4 steps' worth, with 4 steps' samples.
+    Fragment 1's round at step 4 fails with no swarm round adopted since: its next one
+    carries its 8 steps whole (nobody else holds them)."""
+    params = _model()
+    sent: list[tuple[int, float, float]] = []
+    rounds_of_0 = iter([False, False, True])
+    rounds_of_1 = iter([False, True, True])
+
+    def launch(vector, weight, index, fragment, fp):
+        sent.append((fragment, vector[0].item(), weight))
+        vector.zero_()  # the mean: no outer movement, to keep the sums simple
+        if fragment == 1 and not next(rounds_of_1):
+            return _done(RoundOutcome(False, reason="no group"))
+        included = next(rounds_of_0) if fragment == 0 else True
+        return _done(RoundOutcome(True, group_size=3, included=included))
+
+    s = _streaming(params, launch, overlap_steps=0, outer=OuterConfig(lr=1.0, momentum=0.0))
+    for _ in range(12):
+        params[0].sub_(1.0)  # fragment 0 moves by 1 per local step
+        s.after_local_step(8)
+    frag0 = [(v, w) for f, v, w in sent if f == 0]
+    assert frag0 == [(2.0, 16.0), (4.0, 32.0), (4.0, 32.0)]
+    assert [w for f, _, w in sent if f == 1] == [32.0, 64.0, 32.0]
+    assert s.samples[0] == 16 and s.overlapped == [False, False]  # reset at step 10

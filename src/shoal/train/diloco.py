@@ -3,7 +3,9 @@
 Every peer holds the same outer parameters ``θ`` (``outer.py``). After each block of
 ``local_steps`` inner steps it computes ``Δ = θ - θ_local`` and averages it with the swarm
 in round ``r`` (``r`` counts rounds attempted; every peer derives the same round key from
-it), weighted by the samples it trained on since its last applied round. The wire codec of
+it), weighted by the samples it trained on since its last applied round. When the swarm took
+outer steps this peer's progress is not in since then, both are scaled to one round
+(:func:`~shoal.train.outer.one_round_share`). The wire codec of
 the all-reduce compresses ``Δ`` (int8 blockwise by default: 4x fewer bytes than fp32,
 error ≤ absmax/254 per block).
 
@@ -50,7 +52,13 @@ from dataclasses import dataclass, field
 import torch
 
 from shoal.errors import CheckpointError, ConfigError
-from shoal.train.outer import OuterConfig, OuterNesterov, OuterState, checked_count
+from shoal.train.outer import (
+    OuterConfig,
+    OuterNesterov,
+    OuterState,
+    checked_count,
+    one_round_share,
+)
 from shoal.train.swarm_round_config import RoundOutcome
 
 __all__ = ["DiLoCo", "DiLoCoConfig", "ResyncState", "RoundReport"]
@@ -129,7 +137,12 @@ class DiLoCo:
         """Rounds attempted so far = index of the next round."""
         self.local_steps_done = 0
         self.samples = 0
-        """Samples trained since the last applied outer step."""
+        """Samples trained since this peer's progress last went into an applied outer step."""
+        self.steps_carried = 0
+        """Local steps since then: what the next pseudo-gradient carries."""
+        self.overlapped = False
+        """This peer took an outer step without its progress since then (adopted, or the
+        others' mean): the next pseudo-gradient is scaled to one round."""
         self.applied = 0
         """Outer steps applied (or adopted from a donor that had applied more)."""
         self.stale = False
@@ -141,6 +154,7 @@ class DiLoCo:
         """Count one inner step; every H-th runs a round and returns its report."""
         self.local_steps_done += 1
         self.samples += samples
+        self.steps_carried += 1
         if self.local_steps_done < self.config.local_steps:
             return None
         return self.run_round()
@@ -158,8 +172,13 @@ class DiLoCo:
                 before, False, 0, 0, 0.0, "caught up with the swarm", {}, resynced=True
             )
         delta = self.outer.pseudo_gradient(self.params)
+        weight = float(self.samples)
+        if self.overlapped:
+            weight = one_round_share(
+                delta, self.samples, self.steps_carried, self.config.local_steps
+            )
         r = self.round_index
-        outcome = self.average(delta, float(self.samples), r)
+        outcome = self.average(delta, weight, r)
         self.local_steps_done = 0
         if outcome.skipped:  # alone: no round was tried, and none is counted
             return RoundReport(r, False, 0, 0, 0.0, outcome.reason, dict(outcome.seconds))
@@ -170,14 +189,14 @@ class DiLoCo:
         if outcome.ok and outcome.included:
             self.outer.step(delta, contributors)
             self.outer.load_into(self.params)
-            self.samples = 0
-            self.stale = False
+            self.samples = self.steps_carried = 0
+            self.stale = self.overlapped = False
         elif outcome.ok:
             # The swarm's mean left this peer's contribution out (late, or screened): take
             # the outer step everyone takes, and keep the local progress and its samples
             # on top of it for the next round instead of dropping them.
             self.outer.keeping_progress(self.params, lambda: self.outer.step(delta, contributors))
-            self.stale = False
+            self.stale, self.overlapped = False, True
         else:
             self.mark_stale()
         if outcome.ok and outcome.group_size < outcome.expected:
@@ -224,6 +243,9 @@ class DiLoCo:
             state.refuse()
             return False
         self.outer.keeping_progress(self.params, lambda: self.outer.adopt(adopted))
+        # Rounds the swarm applied that our progress is not in (a tie's state is the other
+        # side's rounds instead of ours, not rounds on top of them).
+        self.overlapped = self.overlapped or not tied
         # Never lower it: a donor's snapshot comes from its last applied round, and the
         # swarm (like us) has counted the failed ones since; taking the snapshot's index
         # would put us on round keys one behind everyone else's for good.
@@ -282,5 +304,6 @@ class DiLoCo:
         self.applied = applied or 0
         self.round_index = round_index
         self.local_steps_done = 0
-        self.samples = 0
+        self.samples = self.steps_carried = 0
+        self.overlapped = False
         return True

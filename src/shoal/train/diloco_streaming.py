@@ -19,8 +19,10 @@ The outer parameters depend only on ``Δ̄_f``, never on when it landed, so they
 across contributors; the mix keeps part of the ``t' - t`` local steps taken meanwhile
 (α = 0 discards them, as plain DiLoCo would). With ``τ = 0`` the result is awaited at
 step ``t`` itself: no overlap. A failed fragment round changes nothing (local progress
-kept) and marks the peer stale: before its next launch it asks ``resync`` for the swarm's
-outer state and rebases onto it, as ``diloco.py`` does.
+kept; once the swarm's rounds of it are adopted, the fragment's next contribution is
+scaled to one round's steps and samples: ``outer.one_round_share``) and marks the peer
+stale: before its next launch it asks ``resync`` for the swarm's outer state and rebases
+onto it, as ``diloco.py`` does.
 
 Each fragment counts the rounds it applied (``outer.<f>.applied`` in snapshots). A stale
 peer keeps applying the other fragments' rounds and its snapshots look fresh, while the
@@ -85,6 +87,7 @@ from shoal.train.outer import (
     OuterState,
     checked_count,
     contributors_of,
+    one_round_share,
     rank_of,
     saved_count,
 )
@@ -171,6 +174,14 @@ class StreamingDiLoCo:
         self.step = 0
         """Local steps taken (drives the schedule; restored with the run's step)."""
         self.samples = [0] * len(self.groups)
+        """Per fragment: samples trained since this peer's progress on it last went into an
+        applied round."""
+        self.steps_carried = [0] * len(self.groups)
+        """Per fragment: local steps since then (what its next pseudo-gradient carries)."""
+        self.overlapped = [False] * len(self.groups)
+        """Per fragment: this peer took one of its outer steps without its progress since
+        then (adopted, or the others' mean); the next pseudo-gradient is scaled to one
+        round (``outer.one_round_share``)."""
         self.pending: _Pending | None = None
         self.stale = False
         self._asks_left = 0
@@ -202,6 +213,7 @@ class StreamingDiLoCo:
         abandoned, after a resync's DHT read and download)."""
         self.step += 1
         self.samples = [s + samples for s in self.samples]
+        self.steps_carried = [s + 1 for s in self.steps_carried]
         reports = []
         p = self.pending
         if p is not None and (p.future.done() or self.step >= p.launched_at + self.overlap_steps):
@@ -233,8 +245,13 @@ class StreamingDiLoCo:
             self._resync()
         outer = self.outers[f]
         delta = outer.pseudo_gradient(self.fragment_params(f))
+        weight = float(self.samples[f])
+        if self.overlapped[f]:
+            weight = one_round_share(
+                delta, self.samples[f], self.steps_carried[f], self.local_steps
+            )
         index = (self.step - self.offsets[slot]) // self.local_steps
-        future = self.launch(delta, float(self.samples[f]), index, f, outer.fingerprint())
+        future = self.launch(delta, weight, index, f, outer.fingerprint())
         self.pending = _Pending(f, index * len(self.groups) + slot, delta, future, self.step)
 
     @torch.no_grad()
@@ -255,12 +272,14 @@ class StreamingDiLoCo:
             a = self.mix_alpha
             for param, m in zip(self.fragment_params(p.fragment), outer.master, strict=True):
                 param.mul_(a).add_(m.to(param.device, param.dtype), alpha=1 - a)
-            self.samples[p.fragment] = 0
+            self.samples[p.fragment] = self.steps_carried[p.fragment] = 0
+            self.overlapped[p.fragment] = False
         elif outcome.ok:  # our contribution was left out: keep its progress and samples
             outer = self.outers[p.fragment]
             outer.keeping_progress(
                 self.fragment_params(p.fragment), lambda: outer.step(p.delta, contributors)
             )
+            self.overlapped[p.fragment] = True
         elif not outcome.skipped:
             self.mark_stale()
             # The swarm may be running this round without us still (it waits out its
@@ -329,6 +348,8 @@ class StreamingDiLoCo:
             outer = self.outers[f]
             outer.keeping_progress(self.fragment_params(f), partial(outer.adopt, fragment_state))
             theirs = donor[f]
+            # rounds on top of ours, unless a tie's (the other side's instead of ours)
+            self.overlapped[f] |= theirs is None or theirs > self.applied[f]
             self.applied[f] = theirs if theirs is not None else self.applied[f]
             self.resynced = True
             if f == in_flight:
