@@ -183,6 +183,7 @@ def run_replicas(
     codec = codec_by_name(codec_name) if codec_name != "none" else None
     exchange = _Exchange(len(configs), codec, missed)
     published = _Published()
+    resyncs: list[int] = []  # states the missing replica adopted
     trainers = [Trainer(cfg, show_progress=False, log_lines=False) for cfg in configs]
     outer = OuterConfig(lr=setting.outer_lr, momentum=setting.outer_momentum)
     loops = [
@@ -191,6 +192,7 @@ def run_replicas(
             DiLoCoConfig(local_steps=setting.local_steps, outer=outer),
             _sparsified(exchange.average_fn(rank), setting.topk),
             resync=published.take if rank == len(trainers) - 1 and missed else None,
+            on_resync=lambda _state: resyncs.append(1),
         )
         for rank, t in enumerate(trainers)
     ]
@@ -209,7 +211,7 @@ def run_replicas(
                 if report is None:
                     continue
                 rounds[rank] += 1
-                if rank == 0:
+                if rank == 0 and missed:
                     published.put(loop.round_index, loop.state_tensors())
                 if rank == 0 and rounds[0] % eval_every == 0:
                     bpb = evaluate_bpb(
@@ -236,4 +238,9 @@ def run_replicas(
         t0 = trainers[0]
         bpb = evaluate_bpb(t0.model, val, device=t0.device, autocast=t0.autocast)
         curve.append({"step": steps, "val_bpb": round(bpb, 4)})
-    return {"rounds": rounds[0], "curve": curve, "wire_bytes": exchange.wire_bytes}
+    return {
+        "rounds": rounds[0],
+        "curve": curve,
+        "wire_bytes": exchange.wire_bytes,
+        "resyncs": len(resyncs),
+    }

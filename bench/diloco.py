@@ -270,6 +270,8 @@ def _in_process(args: argparse.Namespace) -> dict[str, Any]:
                     "seconds": round(time.monotonic() - t1, 1),
                 }
             )
+            if args.miss:  # states the replica that missed rounds adopted from replica 0
+                frontier[-1]["resyncs"] = out["resyncs"]
             _log(f"setting {setting}: {frontier[-1]}")
     return {
         "bench": "diloco",

@@ -39,6 +39,7 @@ def test_frontier_reports_every_setting_with_its_payload():
     )
     first, second = result["frontier"]
     assert (first["rounds"], second["rounds"]) == (2, 1)
+    assert result["missed"] is None and "resyncs" not in first
     # int8: one byte per value plus one fp32 scale per 4096-value block, sent by each of the
     # 2 replicas for half the vector, on the way in and on the way out.
     params = result["params"]
@@ -65,9 +66,9 @@ def test_a_missed_round_averages_without_the_replica_that_then_catches_up():
     )
     (point,) = result["frontier"]
     assert result["missed"] == "0:1" and point["rounds"] == 2
+    assert point["resyncs"] == 1  # it took replica 0's state after the round it missed
     # Round 0 had one input: nothing to exchange. Round 1 is a full fp32 exchange of the
-    # two (each sends half its vector in, and the other half of the mean out): the replica
-    # that missed round 0 took part again once it had asked for replica 0's state.
+    # two (each sends half its vector in, and the other half of the mean out).
     assert point["payload_bytes"] == 2 * 4 * result["params"]
 
 

@@ -354,16 +354,18 @@ def _sent_after(outcomes: list[RoundOutcome], *, resync: ResyncState | None = No
     return d, sent
 
 
-def test_a_contribution_over_rounds_the_swarm_applied_is_scaled_to_one_round() -> None:
-    """Left out twice (the swarm stepped without this peer, which kept its progress), the
-    third contribution carries 6 local steps: it is sent as 2 steps' worth, with 2 steps'
-    samples as weight. Whole, it outweighed every other member of the round, on top of an
-    outer state that already held the swarm's progress of those rounds."""
+def test_steps_the_swarm_stepped_past_without_them_count_as_one_round_at_most() -> None:
+    """Left out twice (the swarm stepped without this peer, which kept its progress). The
+    second contribution carries 4 local steps, the first 2 of them left out of a round:
+    one round's worth, so all of it goes. The third carries 6, the first 4 of them left
+    out: those count as 2, so it goes as 4 steps' worth with 4 steps' samples. Whole, it
+    outweighed the round's other members, on top of an outer state that already held the
+    swarm's progress of those rounds."""
     left_out = RoundOutcome(True, group_size=3, included=False)
     d, sent = _sent_after([left_out, left_out, RoundOutcome(True, group_size=3)])
-    assert [w for _, w in sent] == [8.0, 8.0, 8.0]
-    assert [v[0].item() for v, _ in sent] == [2.0, 2.0, 2.0]
-    assert d.samples == 0 and not d.overlapped  # included: nothing carried any more
+    assert [w for _, w in sent] == [8.0, 16.0, 16.0]
+    assert [v[0].item() for v, _ in sent] == [2.0, 4.0, 4.0]
+    assert d.samples == d.steps_carried == d.steps_overlapped == 0  # included: none carried
 
 
 def test_progress_nobody_applied_anything_over_is_sent_whole() -> None:
@@ -384,6 +386,73 @@ def test_after_adopting_the_swarm_s_round_the_progress_is_scaled_to_one_round() 
     assert d.applied == 2  # the adopted round, then its own
     assert [w for _, w in sent] == [8.0, 8.0]
     assert [v[0].item() for v, _ in sent] == [2.0, 2.0]
+
+
+def test_steps_trained_alone_after_an_adopted_round_count_whole() -> None:
+    """Failed at step 2, adopted the swarm's round at step 4 (those 4 steps count as 2),
+    then alone for three rounds (6 steps nobody else holds): 8 of its 10 steps go."""
+    donor = OuterNesterov([torch.zeros(3)], OuterConfig(lr=1.0, momentum=0.0))
+    donor.step(torch.zeros(3))
+    offer = ResyncState(1, {**donor.state_tensors(), "outer.applied": torch.tensor(1)})
+    failed = RoundOutcome(False, reason="no group")
+    alone = RoundOutcome(False, reason="alone", skipped=True)
+    plan = [failed, alone, alone, alone, RoundOutcome(True, group_size=2)]
+    _, sent = _sent_after(plan, resync=offer)
+    assert [v[0].item() for v, _ in sent] == [2.0, 2.0, 4.0, 6.0, 8.0]
+    assert [w for _, w in sent] == [8.0, 8.0, 16.0, 24.0, 32.0]
+
+
+@pytest.mark.parametrize("swarm_ahead", [False, True])
+def test_progress_restored_from_its_own_checkpoint_is_carried_and_counted(swarm_ahead) -> None:
+    """A restart from this peer's disk restores a model holding steps no applied round
+    holds: they are counted, and when the swarm's rounds are adopted over them at the
+    restart's resync, they go as one round's worth. (Counted from 0, a restarted peer sent
+    many rounds of progress at one round's weight, or, once adopted over, unscaled.)"""
+    ps = [torch.zeros(3)]
+    donor = OuterNesterov([torch.zeros(3)])
+    donor.step(torch.zeros(3))
+    offers = [ResyncState(0, {**donor.state_tensors(), "outer.applied": torch.tensor(1)})]
+    sent: list[tuple[float, float]] = []
+
+    def average(vector, weight, index):
+        sent.append((vector[0].item(), weight))
+        return RoundOutcome(True, group_size=2)
+
+    d = DiLoCo(ps, DiLoCoConfig(local_steps=2), average, lambda: offers.pop())
+    assert d.load_state(d.state_tensors(), 0)
+    ps[0].sub_(6.0)  # six steps of progress came back with the model
+    d.carry(6, 24)
+    if swarm_ahead:
+        d.mark_stale()  # what the strategies do after a restart from their own disk
+    for _ in range(2):
+        ps[0].sub_(1.0)
+        d.after_local_step(4)
+    assert sent == ([(2.0, 8.0)] if swarm_ahead else [(8.0, 32.0)])
+    assert d.samples == d.steps_carried == 0
+
+
+def test_a_peer_restored_from_a_donor_carries_nothing() -> None:
+    ps = [torch.zeros(3)]
+    d = DiLoCo(ps, DiLoCoConfig(local_steps=2), _unused)
+    d.carry(6, 24)
+    d.start_from_outer()
+    assert d.samples == d.steps_carried == d.steps_overlapped == 0
+
+
+def test_a_restart_from_its_own_checkpoint_carries_the_steps_since_its_last_round() -> None:
+    from shoal.train.diloco_strategy import DiLoCoStrategy
+
+    strategy = object.__new__(DiLoCoStrategy)
+    strategy.lowrank = strategy.topk = None
+    strategy.trainer = SimpleNamespace(step=30)
+    strategy.opts = SimpleNamespace(batch_size=8)
+    strategy.diloco = DiLoCo([torch.zeros(3)], DiLoCoConfig(local_steps=2), _unused)
+    tensors = strategy.diloco.state_tensors()
+    assert strategy.load_state(tensors, 4, applied_step=18)  # 12 steps since its last round
+    d = strategy.diloco
+    assert d.stale and (d.steps_carried, d.samples, d.round_index) == (12, 96, 4)
+    assert strategy.load_state(tensors, 4, applied_step=30)  # none since
+    assert (d.steps_carried, d.samples) == (0, 0)
 
 
 def test_a_tie_s_state_is_not_rounds_on_top_of_this_peer_s_progress() -> None:

@@ -265,9 +265,9 @@ def test_a_peer_left_out_of_the_second_exchange_sends_its_dense_progress_once() 
     assert b.samples == 1
     second = _round(peers, [0.0, 0.0])
     assert all(r.ok and r.contributors == 2 for r in second)
-    # B's +3 now goes in once, as one round's worth: the swarm stepped without it in round
-    # 1, so its two rounds of progress go as +1.5 with one round's samples.
-    assert torch.allclose(a.outer.master[1], torch.full((24,), 1.0 + (1 * 0.0 + 1 * 1.5) / 2))
+    # B's +3 now goes in once, weighted by the two rounds of samples it stands for (the
+    # one step the swarm stepped past without it is one round's worth: none scaled away).
+    assert torch.allclose(a.outer.master[1], torch.full((24,), 1.0 + (1 * 0.0 + 2 * 3.0) / 3))
     assert torch.equal(a.outer.master[1], b.outer.master[1])
 
 
@@ -290,8 +290,8 @@ def test_a_peer_left_out_of_the_first_exchange_takes_the_swarm_step_at_its_next_
     assert c.samples == 1 and all(e.abs().max() == 0 for e in c_low.error.values())
     second = _round(peers, [0.0, 0.0, 0.0])
     assert second[2].resynced and all(r.ok and r.contributors == 3 for r in second)
-    # C's +6 goes in once, as one round's worth after adopting the round it missed: +3
-    # with one round's samples, so 1.5 + 3 / 3.
+    # C's +6 goes in once: its 2 steps, adopted over, count as one round (H = 1), so +3
+    # with one round's samples: 1.5 + 3 / 3.
     assert torch.allclose(a.outer.master[1], torch.full((24,), 2.5))
     assert a.outer.fingerprint() == b.outer.fingerprint() == c.outer.fingerprint()
     assert all(torch.equal(a_low.q[i], c_low.q[i]) for i in a_low.q)

@@ -205,10 +205,11 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     s.applied = [2, 2]
     own_f1 = [m.clone() for m in s.outers[1].master]
     s.stale = True
+    s.steps_carried = [5, 5]
     s._resync()
     assert not s.stale and s.applied == [3, 2] and refused == [1]
     assert s.unsettled == {0}  # taken while in flight: asked for again at its launch
-    assert s.overlapped == [True, False]  # fragment 0's next contribution: one round
+    assert s.steps_overlapped == [5, 0]  # those 5 steps of fragment 0: one round at most
     # the next round line says so (it used to read resynced=False whatever was adopted)
     assert s._take_resynced() and not s._take_resynced()
     assert all(
@@ -323,12 +324,13 @@ def test_sides_with_equal_counts_join_the_smaller_tag_as_a_whole(wins) -> None:
     assert s.load_state(mine.state_tensors())
     before = s.tag()
     s.stale = True
+    s.steps_carried = [3, 3]
     s._resync()
     assert asked == [([2, 2], before)] and s.applied == [2, 2]
     assert s.tag() == (before if wins else theirs.tag())
     assert s._take_resynced() is not wins
     # the other side's rounds instead of ours, not on top of them: progress goes whole
-    assert s.overlapped == [False, False]
+    assert s.steps_overlapped == [0, 0]
     assert adopted == ([] if wins else [True])  # told only when it took something
     theirs.applied = [2, 1]  # behind on one fragment: no tie, and nothing ahead to take
     s = _streaming([p.clone() for p in mine.params], Launcher(), resync=resync)
@@ -540,9 +542,10 @@ def test_an_applied_fragment_round_records_its_contributors(included) -> None:
 
 def test_a_fragment_s_contribution_over_rounds_it_missed_is_scaled_to_one_round() -> None:
     """Fragment 0 (offset 2 of H = 4) is left out of its rounds at steps 2 and 6: the
-    swarm steps without this peer, which keeps its progress. At step 6 and 10 its vector
-    carries 6 and 10 local steps; each goes as 4 steps' worth, with 4 steps' samples.
-    Fragment 1's round at step 4 fails with no swarm round adopted since: its next one
+    swarm steps without this peer, which keeps its progress. At step 6 its vector carries
+    6 steps, the first 2 left out of a round (less than a round): all go. At step 10 it
+    carries 10, the first 6 left out: those count as 4, so 8 steps' worth goes, with 8
+    steps' samples. Fragment 1's round at step 4 fails with no swarm round adopted since: its next one
     carries its 8 steps whole (nobody else holds them)."""
     params = _model()
     sent: list[tuple[int, float, float]] = []
@@ -562,6 +565,6 @@ def test_a_fragment_s_contribution_over_rounds_it_missed_is_scaled_to_one_round(
         params[0].sub_(1.0)  # fragment 0 moves by 1 per local step
         s.after_local_step(8)
     frag0 = [(v, w) for f, v, w in sent if f == 0]
-    assert frag0 == [(2.0, 16.0), (4.0, 32.0), (4.0, 32.0)]
+    assert frag0 == [(2.0, 16.0), (6.0, 48.0), (8.0, 64.0)]
     assert [w for f, _, w in sent if f == 1] == [32.0, 64.0, 32.0]
-    assert s.samples[0] == 16 and s.overlapped == [False, False]  # reset at step 10
+    assert s.samples[0] == 16 and s.steps_overlapped == [0, 0]  # reset at step 10

@@ -73,6 +73,15 @@ def test_a_step_that_ends_two_rounds_reports_both() -> None:
     assert s.streaming.applied == [1, 0] and s.applied_step == 4
 
 
+def test_a_restart_from_its_own_checkpoint_carries_the_steps_since_its_last_round() -> None:
+    s, _ = _strategy(threading.Event())
+    s.trainer.step = 30
+    tensors = s.streaming.state_tensors()
+    assert s.load_state(tensors, 7, applied_step=18)  # 12 steps since its last round
+    assert s.streaming.stale and s.streaming.step == 30
+    assert s.streaming.steps_carried == [12, 12] and s.streaming.samples == [24, 24]
+
+
 class _Checkpointer:
     def __init__(self) -> None:
         self.saves: list[tuple[int, bool, bool]] = []

@@ -3,9 +3,9 @@
 Every peer holds the same outer parameters ``θ`` (``outer.py``). After each block of
 ``local_steps`` inner steps it computes ``Δ = θ - θ_local`` and averages it with the swarm
 in round ``r`` (``r`` counts rounds attempted; every peer derives the same round key from
-it), weighted by the samples it trained on since its last applied round. When the swarm took
-outer steps this peer's progress is not in since then, both are scaled to one round
-(:func:`~shoal.train.outer.one_round_share`). The wire codec of
+it), weighted by the samples it trained on since its last applied round. Steps the swarm
+took outer steps after without them count as one round at most, in the vector and its
+weight alike (:func:`~shoal.train.outer.one_round_share`). The wire codec of
 the all-reduce compresses ``Δ`` (int8 blockwise by default: 4x fewer bytes than fp32,
 error ≤ absmax/254 per block).
 
@@ -140,9 +140,9 @@ class DiLoCo:
         """Samples trained since this peer's progress last went into an applied outer step."""
         self.steps_carried = 0
         """Local steps since then: what the next pseudo-gradient carries."""
-        self.overlapped = False
-        """This peer took an outer step without its progress since then (adopted, or the
-        others' mean): the next pseudo-gradient is scaled to one round."""
+        self.steps_overlapped = 0
+        """Of those, the first this many: the steps before this peer's last outer step that
+        left them out (adopted, or the others' mean); they count as one round at most."""
         self.applied = 0
         """Outer steps applied (or adopted from a donor that had applied more)."""
         self.stale = False
@@ -172,11 +172,9 @@ class DiLoCo:
                 before, False, 0, 0, 0.0, "caught up with the swarm", {}, resynced=True
             )
         delta = self.outer.pseudo_gradient(self.params)
-        weight = float(self.samples)
-        if self.overlapped:
-            weight = one_round_share(
-                delta, self.samples, self.steps_carried, self.config.local_steps
-            )
+        weight = one_round_share(
+            delta, self.samples, self.steps_carried, self.steps_overlapped, self.config.local_steps
+        )
         r = self.round_index
         outcome = self.average(delta, weight, r)
         self.local_steps_done = 0
@@ -189,14 +187,14 @@ class DiLoCo:
         if outcome.ok and outcome.included:
             self.outer.step(delta, contributors)
             self.outer.load_into(self.params)
-            self.samples = self.steps_carried = 0
-            self.stale = self.overlapped = False
+            self.samples = self.steps_carried = self.steps_overlapped = 0
+            self.stale = False
         elif outcome.ok:
             # The swarm's mean left this peer's contribution out (late, or screened): take
             # the outer step everyone takes, and keep the local progress and its samples
             # on top of it for the next round instead of dropping them.
             self.outer.keeping_progress(self.params, lambda: self.outer.step(delta, contributors))
-            self.stale, self.overlapped = False, True
+            self.stale, self.steps_overlapped = False, self.steps_carried
         else:
             self.mark_stale()
         if outcome.ok and outcome.group_size < outcome.expected:
@@ -243,9 +241,8 @@ class DiLoCo:
             state.refuse()
             return False
         self.outer.keeping_progress(self.params, lambda: self.outer.adopt(adopted))
-        # Rounds the swarm applied that our progress is not in (a tie's state is the other
-        # side's rounds instead of ours, not rounds on top of them).
-        self.overlapped = self.overlapped or not tied
+        if not tied:  # a tie's state holds the other side's rounds instead of ours, not
+            self.steps_overlapped = self.steps_carried  # rounds on top of our progress
         # Never lower it: a donor's snapshot comes from its last applied round, and the
         # swarm (like us) has counted the failed ones since; taking the snapshot's index
         # would put us on round keys one behind everyone else's for good.
@@ -292,6 +289,7 @@ class DiLoCo:
     def start_from_outer(self) -> None:
         """The model becomes the outer parameters: no local progress of its own."""
         self.outer.load_into(self.params)
+        self.samples = self.steps_carried = self.steps_overlapped = 0
 
     def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
         """Adopt restored outer state (startup recovery); the caller restored the model.
@@ -304,6 +302,11 @@ class DiLoCo:
         self.applied = applied or 0
         self.round_index = round_index
         self.local_steps_done = 0
-        self.samples = self.steps_carried = 0
-        self.overlapped = False
+        self.samples = self.steps_carried = self.steps_overlapped = 0
         return True
+
+    def carry(self, steps: int, samples: int) -> None:
+        """The restored model holds ``steps`` local steps on ``samples`` samples that no
+        applied round holds (a restart from this peer's own checkpoint): its next
+        pseudo-gradient carries them, and counts them."""
+        self.steps_carried, self.samples = steps, samples

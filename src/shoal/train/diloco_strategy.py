@@ -180,6 +180,8 @@ class DiLoCoStrategy:
         loaded = self.diloco.load_state(tensors, round_index)
         if loaded and applied_step < self.trainer.step:
             self.diloco.mark_stale()  # the swarm may have applied rounds without it
+            carried = self.trainer.step - applied_step  # in the model, in no applied round
+            self.diloco.carry(carried, carried * self.opts.batch_size)
         return loaded
 
     def start_from_outer(self) -> None:

@@ -178,10 +178,10 @@ class StreamingDiLoCo:
         applied round."""
         self.steps_carried = [0] * len(self.groups)
         """Per fragment: local steps since then (what its next pseudo-gradient carries)."""
-        self.overlapped = [False] * len(self.groups)
-        """Per fragment: this peer took one of its outer steps without its progress since
-        then (adopted, or the others' mean); the next pseudo-gradient is scaled to one
-        round (``outer.one_round_share``)."""
+        self.steps_overlapped = [0] * len(self.groups)
+        """Per fragment: of those, the steps before this peer's last outer step of it that
+        left them out (adopted, or the others' mean); they count as one round at most
+        (``outer.one_round_share``)."""
         self.pending: _Pending | None = None
         self.stale = False
         self._asks_left = 0
@@ -245,11 +245,13 @@ class StreamingDiLoCo:
             self._resync()
         outer = self.outers[f]
         delta = outer.pseudo_gradient(self.fragment_params(f))
-        weight = float(self.samples[f])
-        if self.overlapped[f]:
-            weight = one_round_share(
-                delta, self.samples[f], self.steps_carried[f], self.local_steps
-            )
+        weight = one_round_share(
+            delta,
+            self.samples[f],
+            self.steps_carried[f],
+            self.steps_overlapped[f],
+            self.local_steps,
+        )
         index = (self.step - self.offsets[slot]) // self.local_steps
         future = self.launch(delta, weight, index, f, outer.fingerprint())
         self.pending = _Pending(f, index * len(self.groups) + slot, delta, future, self.step)
@@ -273,13 +275,13 @@ class StreamingDiLoCo:
             for param, m in zip(self.fragment_params(p.fragment), outer.master, strict=True):
                 param.mul_(a).add_(m.to(param.device, param.dtype), alpha=1 - a)
             self.samples[p.fragment] = self.steps_carried[p.fragment] = 0
-            self.overlapped[p.fragment] = False
+            self.steps_overlapped[p.fragment] = 0
         elif outcome.ok:  # our contribution was left out: keep its progress and samples
             outer = self.outers[p.fragment]
             outer.keeping_progress(
                 self.fragment_params(p.fragment), lambda: outer.step(p.delta, contributors)
             )
-            self.overlapped[p.fragment] = True
+            self.steps_overlapped[p.fragment] = self.steps_carried[p.fragment]
         elif not outcome.skipped:
             self.mark_stale()
             # The swarm may be running this round without us still (it waits out its
@@ -348,8 +350,8 @@ class StreamingDiLoCo:
             outer = self.outers[f]
             outer.keeping_progress(self.fragment_params(f), partial(outer.adopt, fragment_state))
             theirs = donor[f]
-            # rounds on top of ours, unless a tie's (the other side's instead of ours)
-            self.overlapped[f] |= theirs is None or theirs > self.applied[f]
+            if theirs is None or theirs > self.applied[f]:  # on top of ours, not a tie's
+                self.steps_overlapped[f] = self.steps_carried[f]
             self.applied[f] = theirs if theirs is not None else self.applied[f]
             self.resynced = True
             if f == in_flight:
@@ -407,10 +409,19 @@ class StreamingDiLoCo:
             return str(exc)
         return None
 
+    def carry(self, steps: int, samples: int) -> None:
+        """The restored model holds ``steps`` local steps on ``samples`` samples that no
+        applied round holds (a restart from this peer's own checkpoint), in every fragment:
+        their next pseudo-gradients carry them, and count them."""
+        self.steps_carried = [steps] * len(self.groups)
+        self.samples = [samples] * len(self.groups)
+
     def start_from_outer(self) -> None:
         """Every fragment's parameters become its outer parameters (no local progress)."""
         for f, outer in enumerate(self.outers):
             outer.load_into(self.fragment_params(f))
+        self.carry(0, 0)
+        self.steps_overlapped = [0] * len(self.groups)
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Adopt a snapshot's outer state (startup recovery): every fragment or, when one

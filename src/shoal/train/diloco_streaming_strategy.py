@@ -108,6 +108,8 @@ class StreamingStrategy:
         # the swarm may have applied rounds without it, so it asks before its first launch.
         if applied_step < self.trainer.step:
             self.streaming.mark_stale()
+            carried = self.trainer.step - applied_step  # in the model, in no applied round
+            self.streaming.carry(carried, carried * self.opts.batch_size)
         return True
 
     def start_from_outer(self) -> None:

@@ -4,7 +4,8 @@ Instead of the whole pseudo-gradient, a peer sends the ``k`` largest-magnitude v
 ``M = Δ + e`` (``e``: what its earlier rounds did not send) as (position, value) pairs, the
 ``sparse`` wire codec; the swarm's weighted mean of those sparse vectors is the outer step's
 input. What was not sent stays in ``e`` and goes out in later rounds: nothing is lost, only
-delayed (``compress/topk.py``). Peers pick different positions, so a mean holds up to
+delayed (``compress/topk.py``; ``Δ`` itself may arrive scaled, when it carries steps the
+swarm stepped past: ``outer.one_round_share``). Peers pick different positions, so a mean holds up to
 ``contributors x k`` non-zeros; the codec sends a result part dense once half of it is
 non-zero, so no part costs more than fp32.
 
