@@ -19,9 +19,9 @@ The outer parameters depend only on ``Δ̄_f``, never on when it landed, so they
 across contributors; the mix keeps part of the ``t' - t`` local steps taken meanwhile
 (α = 0 discards them, as plain DiLoCo would). With ``τ = 0`` the result is awaited at
 step ``t`` itself: no overlap. A failed fragment round changes nothing (local progress
-kept; once the swarm's rounds of it are adopted, the fragment's next contribution is
-scaled to one round's steps and samples: ``outer.one_round_share``) and marks the peer
-stale: before its next launch it asks ``resync`` for the swarm's outer state and rebases
+kept; once the swarm's rounds of it are adopted, the steps they stepped past count as one
+round at most in the fragment's next contribution: ``outer.one_round_share``) and marks the
+peer stale: before its next launch it asks ``resync`` for the swarm's outer state and rebases
 onto it, as ``diloco.py`` does.
 
 Each fragment counts the rounds it applied (``outer.<f>.applied`` in snapshots). A stale
@@ -438,6 +438,8 @@ class StreamingDiLoCo:
         in_flight = _in_flight(tensors, len(self.outers))
         self.unsettled = {in_flight} if in_flight is not None else set()
         self.rotation = _fragment_index(tensors, _ROTATION, len(self.outers)) or 0
+        self.carry(0, 0)  # the caller says what the restored model holds (:meth:`carry`)
+        self.steps_overlapped = [0] * len(self.groups)
         return True
 
     def _read(
