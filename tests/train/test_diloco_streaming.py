@@ -101,10 +101,11 @@ def test_unfinished_round_is_waited_for_at_the_overlap_bound_and_failure_changes
     before = [p.clone() for p in params]
     reports = s.after_local_step(8)  # step 4: bound reached -> waited (times out), failed
     assert reports and not reports[0].ok
-    assert asked == [[0, 0, 0, 0]]  # stale: asked the swarm before launching fragment 1
+    assert asked == [[0, 0, 0, 0]]  # stale: asked the swarm before the next launch
     assert launch.futures[0].cancelled()
     assert all(torch.equal(a, b) for a, b in zip(params, before, strict=True))
-    assert [c[0] for c in launch.calls] == [0, 1]  # fragment 1 launched at its own offset
+    # at the next offset, fragment 0 again: still the fewest applied rounds
+    assert [c[0] for c in launch.calls] == [0, 0]
 
 
 def _streaming(params, launch, **kw) -> StreamingDiLoCo:
@@ -388,7 +389,10 @@ def test_a_peer_restored_mid_round_resyncs_before_it_launches_the_fragment_that_
         asked.append((joiner.step, ahead_of))
         return swarm
 
+    launched: list[int] = []
+
     def alone(vector, weight, index, fragment, fp):  # rounds that change nothing
+        launched.append(fragment)
         fut: concurrent.futures.Future[RoundOutcome] = concurrent.futures.Future()
         fut.set_result(RoundOutcome(False, reason="alone", skipped=True))
         return fut
@@ -397,20 +401,18 @@ def test_a_peer_restored_mid_round_resyncs_before_it_launches_the_fragment_that_
     assert joiner.load_state(snapshot) and joiner.unsettled == {0} and joiner.applied == [0, 0]
     joiner.step = 2
     joiner.after_local_step(8)
-    joiner.after_local_step(8)  # step 4: fragment 1 launched; it was not in flight
-    assert asked == []
-    for _ in range(2):
-        joiner.after_local_step(8)  # step 6: fragment 0 -> resync first
+    joiner.after_local_step(8)  # step 4: fragment 0 is due (fewest rounds) -> resync first
     # for state ahead of its counts: its own step says nothing (its rounds of other
     # fragments make its state look fresh, and steps drift apart between peers)
-    assert asked == [(6, [0, 0])] and joiner.applied[0] == 1 and joiner.unsettled == set()
+    assert asked == [(4, [0, 0])] and joiner.applied[0] == 1 and joiner.unsettled == set()
+    assert launched == [1]  # fragment 0 taken, so fragment 1 is the one due
     assert all(
         torch.equal(a, b)
         for a, b in zip(joiner.outers[0].master, donor.outers[0].master, strict=True)
     )
     for _ in range(4):
-        joiner.after_local_step(8)  # settled: the next launch of fragment 0 asks nothing
-    assert asked == [(6, [0, 0])]
+        joiner.after_local_step(8)  # settled: the launches after ask nothing
+    assert asked == [(4, [0, 0])] and launched == [1, 1, 1]
     # snapshots without the mark (older ones, or none in flight) ask for nothing
     assert _streaming(_model(), Launcher()).load_state(donor.state_tensors())
     legacy = {k: v for k, v in snapshot.items() if k != "outer.in_flight"}
@@ -459,45 +461,45 @@ def test_a_round_in_a_group_smaller_than_the_live_swarm_asks_too():
     assert len(asked) == 4, asked
 
 
-def test_after_rounds_alone_the_next_launch_is_the_fragment_with_fewest_rounds():
-    # A peer that trained alone before two others came launched fragment f one slot away
-    # from them, round after round: each side waited out its window for the other.
+def test_every_slot_launches_the_fragment_with_the_fewest_applied_rounds():
+    # The choice follows the counts, which the peers of one outer state share, not the
+    # peer's own step count. Slots used to launch fragments in turn from the peer's step,
+    # realigned after a round alone: a peer restarted just after a round of fragment 1
+    # failed for everyone (counts [7, 6, 6, 6]) realigned to fragment 1 while the swarm
+    # went on to fragment 2, and failed every round after ("no group formed").
+    failed = RoundOutcome(False, reason="parts missing")
     skipped = RoundOutcome(False, reason="alone", skipped=True)
-    state = {"alone": True}
-    launched: list[int] = []
+    ok = RoundOutcome(True, group_size=2)
 
-    def launch(vector, weight, index, fragment, fp):
-        launched.append(fragment)
-        fut: concurrent.futures.Future[RoundOutcome] = concurrent.futures.Future()
-        fut.set_result(skipped if state["alone"] else RoundOutcome(True, group_size=2))
-        return fut
+    def run(step: int, outcomes: list[RoundOutcome]) -> list[int]:
+        launched: list[int] = []
+        plan = iter(outcomes)
 
-    s = _streaming(_model(), launch, local_steps=8, fragments=4)
-    s.applied = [3, 2, 2, 2]
-    for _ in range(5):  # slots at steps 2 and 4: alone, and then fragment 1 (fewest)
-        s.after_local_step(8)
-    assert launched == [0, 1]
-    state["alone"] = False
-    for _ in range(8):  # steps 6, 8, 10, 12: from fragment 1 again, then in turn
-        s.after_local_step(8)
-    assert launched == [0, 1, 1, 2, 3, 0]
-    assert s.rotation == 3 and s.applied == [4, 3, 3, 3]
-    # the schedule travels with snapshots: a peer restored from one (it takes the step
-    # too) launches what the donor launches
-    restored = _streaming(_model(), launch, local_steps=8, fragments=4)
-    assert restored.load_state(s.state_tensors()) and restored.rotation == 3
+        def launch(vector, weight, index, fragment, fp):
+            launched.append(fragment)
+            return _done(next(plan))
+
+        s = _streaming(_model(), launch, local_steps=8, fragments=4, overlap_steps=0)
+        s.applied, s.step = [7, 6, 6, 6], step
+        while len(launched) < len(outcomes):
+            s.after_local_step(8)
+        return launched
+
+    # the swarm: fragment 1's round fails for everyone and is tried again at the next slot
+    assert run(0, [failed, ok, ok, ok, ok]) == [1, 1, 2, 3, 0]
+    # a peer restarted with the same counts at another step, alone at first: the same order
+    assert run(3, [skipped, skipped, ok, ok, ok, ok]) == [1, 1, 1, 2, 3, 0]
 
 
-def test_a_failed_fragment_round_asks_again_right_before_that_fragment_launches():
-    # A member one round behind on fragment 1 met the swarm on its previous round key and
+def test_a_member_that_failed_a_fragment_round_asks_before_it_tries_that_fragment_again():
+    # A member one round behind on fragment 0 met the swarm on its previous round key and
     # failed at once; the swarm then ran that round without it, waiting out its window. The
-    # member asked at its next launch (fragment 0), before the swarm had applied that
-    # round, so it took fragment 1 still one round behind, and met the swarm on a stale key
-    # again: round after round, every round of fragment 1 went on without it.
+    # member's next slot is that fragment again (fewest applied rounds): it asks first, and
+    # until the swarm has announced the round it gets nothing ahead and fails again; then it
+    # takes the round and goes on with the swarm's next fragment.
     donor = _streaming(_model(), Launcher())
-    donor.applied = [0, 1]
     behind = ResyncState(round_index=1, tensors=donor.state_tensors(), step=2)
-    donor.applied = [1, 2]
+    donor.applied = [1, 0]
     caught_up = ResyncState(round_index=2, tensors=donor.state_tensors(), step=4)
     asked: list[tuple[int, list[int]]] = []
     swarm = {"state": behind}
@@ -506,23 +508,22 @@ def test_a_failed_fragment_round_asks_again_right_before_that_fragment_launches(
         asked.append((s.step, list(ahead_of)))
         return swarm["state"]
 
-    outcomes = {0: RoundOutcome(True, group_size=2), 1: RoundOutcome(False, reason="left")}
-    launch = lambda v, w, i, f, fp: _done(outcomes[f])  # noqa: E731
+    launched: list[int] = []
+
+    def launch(vector, weight, index, fragment, fp):
+        launched.append(fragment)
+        ok = len(launched) > 2  # the first two rounds of fragment 0 fail for this member
+        return _done(RoundOutcome(True, group_size=2) if ok else RoundOutcome(False, reason="x"))
+
     s = _streaming(_model(), launch, resync=resync, overlap_steps=0)
-    s.step = 2  # fragment 1 is due at step 4, fragment 0 at step 6
-    s.after_local_step(8)
-    s.after_local_step(8)  # step 4: fragment 1's round fails
-    s.after_local_step(8)
-    # step 6: fragment 0 asks, and gets what the swarm announced before it applied the
-    # round of fragment 1 this peer failed: still one round behind on fragment 1
-    s.after_local_step(8)
-    assert s.applied == [1, 1]
+    for _ in range(4):  # steps 2 and 4: fragment 0 fails; the ask at 4 finds nothing ahead
+        s.after_local_step(8)
+    assert launched == [0, 0] and [step for step, _ in asked] == [4]
     swarm["state"] = caught_up  # announced once the swarm applied it
-    outcomes[1] = RoundOutcome(True, group_size=2)
-    s.after_local_step(8)
-    s.after_local_step(8)  # step 8: fragment 1 asks again before it launches
-    assert [step for step, _ in asked] == [6, 8], asked
-    assert s.applied[1] == 3  # caught up (2), then its own round with the swarm
+    for _ in range(2):  # step 6: asks again, takes the round, launches fragment 1
+        s.after_local_step(8)
+    assert [step for step, _ in asked] == [4, 6] and launched == [0, 0, 1]
+    assert s.applied == [1, 1]
 
 
 @pytest.mark.parametrize("included", [True, False])
@@ -541,12 +542,13 @@ def test_an_applied_fragment_round_records_its_contributors(included) -> None:
 
 
 def test_a_fragment_s_contribution_over_rounds_it_missed_is_scaled_to_one_round() -> None:
-    """Fragment 0 (offset 2 of H = 4) is left out of its rounds at steps 2 and 6: the
-    swarm steps without this peer, which keeps its progress. At step 6 its vector carries
-    6 steps, the first 2 left out of a round (less than a round): all go. At step 10 it
-    carries 10, the first 6 left out: those count as 4, so 8 steps' worth goes, with 8
-    steps' samples. Fragment 1's round at step 4 fails with no swarm round adopted since: its next one
-    carries its 8 steps whole (nobody else holds them)."""
+    """H = 4, 2 fragments, a slot every 2 steps. Fragment 0 is left out of its rounds at
+    steps 2 and 8: the swarm steps without this peer, which keeps its progress. At step 8
+    its vector carries 8 steps, the first 2 left out of a round (less than a round): all
+    go. At step 12 it carries 12, the first 8 left out: those count as 4, so 8 steps' worth
+    goes, with 8 steps' samples. Fragment 1's round at step 4 fails with no swarm round
+    adopted since: at step 6 (tried again) it carries its 6 steps whole (nobody else holds
+    them)."""
     params = _model()
     sent: list[tuple[int, float, float]] = []
     rounds_of_0 = iter([False, False, True])
@@ -565,6 +567,7 @@ def test_a_fragment_s_contribution_over_rounds_it_missed_is_scaled_to_one_round(
         params[0].sub_(1.0)  # fragment 0 moves by 1 per local step
         s.after_local_step(8)
     frag0 = [(v, w) for f, v, w in sent if f == 0]
-    assert frag0 == [(2.0, 16.0), (6.0, 48.0), (8.0, 64.0)]
-    assert [w for f, _, w in sent if f == 1] == [32.0, 64.0, 32.0]
-    assert s.samples[0] == 16 and s.steps_overlapped == [0, 0]  # reset at step 10
+    assert [f for f, _, _ in sent] == [0, 1, 1, 0, 1, 0]
+    assert frag0 == [(2.0, 16.0), (8.0, 64.0), (8.0, 64.0)]
+    assert [w for f, _, w in sent if f == 1] == [32.0, 48.0, 32.0]
+    assert s.samples[0] == 0 and s.steps_overlapped == [0, 0]  # included at step 12

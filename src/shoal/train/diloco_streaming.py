@@ -1,10 +1,11 @@
 """Streaming DiLoCo: parameter fragments synchronized at staggered times, overlapping compute.
 
 The parameters are cut into ``F`` fragments of about equal size (whole tensors, in model
-order). Fragment ``f`` has its own outer Nesterov state (``outer.py``) and is synchronized
-every ``H`` local steps at offset ``o_f = (f + 1)·H/F``: at local step ``t`` with
-``t ≡ o_f (mod H)``. So one fragment's worth of bytes is in flight at a time, and peak
-bandwidth drops by ``F``.
+order). Fragment ``f`` has its own outer Nesterov state (``outer.py``). Every ``H`` local
+steps hold ``F`` slots, at offsets ``o_k = (k + 1)·H/F`` (local step ``t`` with
+``t ≡ o_k (mod H)``), and each slot synchronizes one fragment: where every round succeeds,
+each fragment once per ``H`` steps (which one, below). So one fragment's worth of bytes is
+in flight at a time, and peak bandwidth drops by ``F``.
 
 **Delayed application (the exact rule).** At the sync step ``t`` the peer takes
 ``Δ_f = θ_f - θ_local,f(t)`` and starts its all-reduce on the network loop; the compute
@@ -44,14 +45,19 @@ fragments' contributor counts summed, then a hash of all fragments' fingerprints
 with snapshots): the greater (fewer contributors, or as many and a greater hash) takes the
 other's whole outer state.
 
-Which fragment a slot launches follows the peer's own step count, and step counts differ
-between peers by whatever each trained alone. A peer that trained alone before two others
-came launched fragment ``f`` one slot away from them, round after round: each side waited
-out its window for the other, the windows grew to 40 s and training all but stopped. So
-after a round skipped alone, the next slot launches the fragment with the fewest applied
-rounds (the lowest index among equals), and the schedule goes on from there
-(``rotation``): peers that start together, or meet after being alone, start from the same
-fragment.
+Every slot launches the fragment with the fewest applied rounds (the lowest index among
+equals): in a swarm where every round succeeds, that is each fragment in turn, and a
+fragment whose round failed for everyone is tried again at the next slot. The choice
+depends on the counts only, which every peer of one outer state shares (and a resync
+brings a peer's up to the swarm's before it chooses), never on the peer's own step count:
+step counts differ between peers by whatever each trained alone, and which fragment a
+slot launches used to follow them. A peer that trained alone before two others came then
+launched fragment ``f`` one slot away from them, round after round, each side waiting out
+its window for the other (the windows grew to 40 s). Aligning the order after a round
+alone (the fewest-applied fragment, then in turn) fixed that case and broke another: a
+peer restarted just after a round of fragment ``f`` failed for everyone realigned to
+``f`` while the swarm went on to ``f + 1``, and every round of that peer failed ("no
+group formed") until it was restarted again.
 
 A snapshot is taken right after a round is applied, often just as the next fragment's
 round is launched: the swarm then applies that round moments after the snapshot. So a
@@ -99,7 +105,6 @@ log = logging.getLogger(__name__)
 
 
 _IN_FLIGHT = "outer.in_flight"
-_ROTATION = "outer.rotation"
 LaunchFn = Callable[[torch.Tensor, float, int, int, str], "concurrent.futures.Future[RoundOutcome]"]
 ResyncFn = Callable[[list[int], str], ResyncState | None]
 
@@ -121,7 +126,7 @@ def split_fragments(sizes: Sequence[int], fragments: int) -> list[list[int]]:
 
 
 def fragment_offsets(fragments: int, local_steps: int) -> list[int]:
-    """Step offset (1..H) within each H-step cycle at which each fragment syncs."""
+    """Step offset (1..H) within each H-step cycle of each of the ``fragments`` slots."""
     return [max(1, (f + 1) * local_steps // fragments) for f in range(fragments)]
 
 
@@ -198,11 +203,6 @@ class StreamingDiLoCo:
         """Fragments asked for again right before their next launch: those whose last
         round failed, and those taken from a snapshot whose round of them was in flight
         (in both cases the swarm has most likely applied a round of them since)."""
-        self.rotation = 0
-        """Slot ``k`` of the cycle launches fragment ``(k + rotation) % F``."""
-        self._realign = False
-        """The last round was skipped alone: the next slot starts from the fragment with
-        the fewest applied rounds."""
 
     def fragment_params(self, f: int) -> list[torch.Tensor]:
         return [self.params[i] for i in self.groups[f]]
@@ -225,11 +225,7 @@ class StreamingDiLoCo:
             if phase == offset:
                 if self.pending is not None:  # never two fragments in flight
                     reports.append(self._finish())
-                n = len(self.groups)
-                if self._realign:
-                    first = min(range(n), key=lambda f: (self.applied[f], f))
-                    self.rotation, self._realign = (first - slot) % n, False
-                self._launch((slot + self.rotation) % n, slot)
+                self._launch(slot)
                 if self.overlap_steps == 0:  # no overlap: apply before the next step
                     reports.append(self._finish())
         return reports
@@ -238,11 +234,20 @@ class StreamingDiLoCo:
         """Finish the round in flight, if any (before a snapshot or at the end)."""
         return [self._finish()] if self.pending is not None else []
 
-    def _launch(self, f: int, slot: int) -> None:
-        settle = f in self.unsettled
+    def next_fragment(self) -> int:
+        """The fragment the next slot launches: the one with the fewest applied rounds, the
+        lowest index among equals (see the module doc)."""
+        return min(range(len(self.groups)), key=lambda f: (self.applied[f], f))
+
+    def _launch(self, slot: int) -> None:
+        f = self.next_fragment()
+        if self.stale or f in self.unsettled:
+            self.unsettled.discard(f)  # asked for now
+            self._resync()  # may bring counts (and so the choice) up to the swarm's
+            f = self.next_fragment()
+        # Launched now (a fragment the resync just took while in flight too: asking again
+        # at once would find the same snapshot; its round key is the swarm's round's).
         self.unsettled.discard(f)
-        if self.stale or settle:
-            self._resync()
         outer = self.outers[f]
         delta = outer.pseudo_gradient(self.fragment_params(f))
         weight = one_round_share(
@@ -264,7 +269,6 @@ class StreamingDiLoCo:
         outcome = wait_outcome(p.future, stop=self.stop, timeout_s=self.wait_timeout_s)
         if not outcome.skipped:  # alone: no round was tried, nothing to count or resync
             self.round_index += 1
-        self._realign = outcome.skipped
         if outcome.ok:
             self.applied[p.fragment] += 1
         contributors = len(outcome.contributors)
@@ -397,8 +401,6 @@ class StreamingDiLoCo:
             out[f"outer.{f}.applied"] = torch.tensor(self.applied[f], dtype=torch.int64)
         in_flight = self.pending.fragment if self.pending is not None else -1
         out[_IN_FLIGHT] = torch.tensor(in_flight, dtype=torch.int64)
-        # with the step it belongs to: a peer restored from it keeps the donor's schedule
-        out[_ROTATION] = torch.tensor(self.rotation, dtype=torch.int64)
         return out
 
     def state_misfit(self, tensors: dict[str, torch.Tensor]) -> str | None:
@@ -437,7 +439,6 @@ class StreamingDiLoCo:
         self.applied = [n or 0 for n in _applied_counts(tensors, len(self.outers))]
         in_flight = _in_flight(tensors, len(self.outers))
         self.unsettled = {in_flight} if in_flight is not None else set()
-        self.rotation = _fragment_index(tensors, _ROTATION, len(self.outers)) or 0
         self.carry(0, 0)  # the caller says what the restored model holds (:meth:`carry`)
         self.steps_overlapped = [0] * len(self.groups)
         return True
