@@ -209,7 +209,9 @@ def test_resync_adopts_only_fragments_the_donor_applied_more_rounds_of() -> None
     s.steps_carried = [5, 5]
     s._resync()
     assert not s.stale and s.applied == [3, 2] and refused == [1]
-    assert s.unsettled == {0}  # taken while in flight: asked for again at its launch
+    # taken while in flight, by a resync before another launch: asked for again before
+    # its own launch (one right before a launch of it launches it, see the module doc)
+    assert s.unsettled == {0}
     assert s.steps_overlapped == [5, 0]  # those 5 steps of fragment 0: one round at most
     # the next round line says so (it used to read resynced=False whatever was adopted)
     assert s._take_resynced() and not s._take_resynced()
@@ -487,8 +489,39 @@ def test_every_slot_launches_the_fragment_with_the_fewest_applied_rounds():
 
     # the swarm: fragment 1's round fails for everyone and is tried again at the next slot
     assert run(0, [failed, ok, ok, ok, ok]) == [1, 1, 2, 3, 0]
-    # a peer restarted with the same counts at another step, alone at first: the same order
+    # a peer restarted with the same counts, alone at first: the same order
     assert run(3, [skipped, skipped, ok, ok, ok, ok]) == [1, 1, 1, 2, 3, 0]
+
+
+def test_a_member_behind_on_a_fragment_takes_the_swarm_s_round_and_launches_what_it_does():
+    # The swarm applied fragment 1's round this member failed: the member's counts say 1
+    # is due, the swarm's say 2. The ask before the choice brings the counts (and so the
+    # choice) up to the swarm's.
+    swarm = _streaming(_model(), Launcher(), local_steps=8, fragments=4)
+    swarm.applied = [7, 7, 6, 6]
+    assert swarm.next_fragment() == 2
+    launched: list[int] = []
+
+    def launch(vector, weight, index, fragment, fp):
+        launched.append(fragment)
+        return _done(RoundOutcome(True, group_size=2))
+
+    state = ResyncState(round_index=9, tensors=swarm.state_tensors(), step=40)
+    member = _streaming(_model(), launch, local_steps=8, fragments=4, overlap_steps=0)
+    member.resync = lambda ahead_of, tag_below: state
+    member.applied, member.stale = [7, 6, 6, 6], True
+    for _ in range(2):
+        member.after_local_step(8)
+    assert launched == [2] and member.applied == [7, 7, 7, 6]
+
+
+def test_a_snapshot_of_the_step_based_schedule_loads_and_its_rotation_is_ignored():
+    old = _streaming(_model(), Launcher(), local_steps=8, fragments=4)
+    old.applied = [7, 6, 7, 7]
+    tensors = {**old.state_tensors(), "outer.rotation": torch.tensor(3)}
+    s = _streaming(_model(), Launcher(), local_steps=8, fragments=4)
+    assert s.state_misfit(tensors) is None and s.load_state(tensors)
+    assert s.next_fragment() == 1 and s.tag() == old.tag()
 
 
 def test_a_member_that_failed_a_fragment_round_asks_before_it_tries_that_fragment_again():

@@ -108,6 +108,8 @@ def test_peers_set_apart_by_a_setting_are_not_counted_and_are_named(tmp_path: Pa
             scope_difference(round_scope(diloco), round_scope(replace(diloco, rank=2))) == "rank=2"
         )
         assert "group=" not in round_scope(diloco)  # the default keeps existing keys
+        # peers that pick fragments by step count and rotation never meet these
+        assert "sched=counts" in round_scope(streaming) and "sched" not in round_scope(diloco)
         sparse = replace(diloco, wire_codec="sparse")
         assert (
             round_scope(sparse)

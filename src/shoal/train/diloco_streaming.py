@@ -62,15 +62,24 @@ group formed") until it was restarted again.
 A snapshot is taken right after a round is applied, often just as the next fragment's
 round is launched: the swarm then applies that round moments after the snapshot. So a
 snapshot names the fragment in flight (``outer.in_flight``), and a peer that takes that
-fragment from it (a restore, or a resync that adopts it) asks again before it launches the
-fragment itself. Without this, a joiner met the members on that fragment's previous round
-key, where only their old entries stood, and failed its first round of it.
+fragment from it (a restore, or a resync before another fragment's launch) asks again
+before it launches that fragment itself. Without this, a joiner met the members on that
+fragment's previous round key, where only their old entries stood, and failed its first
+round of it. When the resync that took it is the one right before the launch, the peer
+launches it at once: asking again would find the same snapshot, and its key is the round
+the swarm has in flight, which it joins while that round's window is open.
 
-A failed fragment round asks again right before that fragment's next launch too. The
-swarm runs that round without this peer after waiting out its window for it, so the ask
-at the next launch (another fragment's) finds the swarm's state still a round behind on
-the failed fragment; adopted, it met the swarm on the key of the round just run, failed
-at once, and so on at every round of that fragment.
+A failed fragment round marks that fragment (``unsettled``) and the peer stale. The
+fragment is then usually the one due next (the fewest applied rounds), and the peer asks
+the swarm right before choosing. The swarm runs that round without it after waiting out
+its window for it, so the ask may find it not yet announced: the peer then tries the
+fragment again on its old key and fails once more (while the swarm's next round waits
+out a window for it), and takes the swarm's round at the slot after.
+
+A fragment whose round fails for everyone at every try stops every fragment from
+synchronizing: each slot tries it again. (When slots followed the step count, the other
+fragments went on and that one never synchronized.) Nothing here moves on from it: what
+a peer knows of failures is its own, and a choice made from it would set peers apart.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def round_scope(opts: PeerOptions) -> str:
     model=1a2b3c4d v=7``: the mode, the wire codec, a robust aggregation (a robust round
     fails where a mean succeeds), the low-rank factor rank (and the layout of its two
     exchanges), the top-k fraction and the
-    streaming fragments (they change what a round's vector is), the largest group (it
+    streaming fragments (they change what a round's vector is) and how slots pick them
+    (peers of another rule launch other fragments at once), the largest group (it
     cuts a round into groups), the
     model shape and the rendezvous board's format (peers of another format cannot read
     this one's entries: counting them would make every window wait for them). It prefixes
@@ -140,6 +141,9 @@ def round_scope(opts: PeerOptions) -> str:
             fields["topk"] = f"{opts.topk:g}"
     if opts.mode == "streaming":
         fields["frags"] = str(opts.fragments)
+        # slots pick fragments by applied counts: peers that pick them by step count and
+        # rotation would wait out every window for each other
+        fields["sched"] = "counts"
     if opts.max_group_size != 64:  # absent at the default, so existing keys stay
         fields["group"] = str(opts.max_group_size)
     fields["model"] = _model_tag(opts)
