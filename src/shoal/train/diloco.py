@@ -4,10 +4,10 @@ Every peer holds the same outer parameters ``θ`` (``outer.py``). After each blo
 ``local_steps`` inner steps it computes ``Δ = θ - θ_local`` and averages it with the swarm
 in round ``r`` (``r`` counts rounds attempted; every peer derives the same round key from
 it), weighted by the samples it trained on since its last applied round. Steps the swarm
-took outer steps after without them count as one round at most, in the vector and its
-weight alike (:func:`~shoal.train.outer.one_round_share`). The wire codec of
-the all-reduce compresses ``Δ`` (int8 blockwise by default: 4x fewer bytes than fp32,
-error ≤ absmax/254 per block).
+stepped past without them (outer steps this peer adopted, or took without its own
+contribution) count as one round at most, in the vector and its weight alike
+(:func:`~shoal.train.outer.one_round_share`). The wire codec of the all-reduce compresses
+``Δ`` (int8 blockwise by default: 4x fewer bytes than fp32, error ≤ absmax/254 per block).
 
 The commit rule:
 

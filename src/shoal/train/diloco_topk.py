@@ -5,9 +5,9 @@ Instead of the whole pseudo-gradient, a peer sends the ``k`` largest-magnitude v
 ``sparse`` wire codec; the swarm's weighted mean of those sparse vectors is the outer step's
 input. What was not sent stays in ``e`` and goes out in later rounds: nothing is lost, only
 delayed (``compress/topk.py``; ``Δ`` itself may arrive scaled, when it carries steps the
-swarm stepped past: ``outer.one_round_share``). Peers pick different positions, so a mean holds up to
-``contributors x k`` non-zeros; the codec sends a result part dense once half of it is
-non-zero, so no part costs more than fp32.
+swarm stepped past: ``outer.one_round_share``). Peers pick different positions, so a mean
+holds up to ``contributors x k`` non-zeros; the codec sends a result part dense once half
+of it is non-zero, so no part costs more than fp32.
 
 Commit rule, as for the low-rank averager: ``e`` becomes ``M - sent`` only when this peer's
 values are in the mean (round ok and this peer included). Otherwise nothing of it was

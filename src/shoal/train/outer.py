@@ -23,10 +23,10 @@ contributors first and the smaller fingerprint among equals, so four peers do no
 away their step for that of two.
 
 A peer whose rounds failed keeps its local progress, so its next pseudo-gradient carries
-several rounds' worth of steps. The steps the swarm took outer steps after without them
-(this peer adopted those, or applied them without its own contribution) count as one round
-at most (:func:`one_round_share` scales the vector and its weight alike): weighted by all
-its samples, the one drifted vector outweighed the rest of the round, on top of an outer
+several rounds' worth of steps. The steps the swarm stepped past without them (outer steps
+this peer adopted, or applied without its own contribution) count as one round at most
+(:func:`one_round_share` scales the vector and its weight alike): weighted by all its
+samples, the one drifted vector outweighed the rest of the round, on top of an outer
 state that already held the swarm's progress of those rounds (FedNova's normalization of
 unequal local steps). Steps after the last such outer step, trained alone with nothing
 applied meanwhile, count whole: nobody else has them.
@@ -287,16 +287,16 @@ def one_round_share(
     samples, in place so that its first ``overlapped`` steps count as one round of
     ``local_steps`` at most; returns its averaging weight, scaled alike.
 
-    ``overlapped``: the steps the swarm took outer steps after without them (this peer
-    then adopted those steps, or took the others' mean when left out). It kept its progress,
-    and its next pseudo-gradient carries all of it. Sent whole with all its samples as
-    weight, that counted twice over: a longer vector, and a larger share of the mean, on top
-    of an outer state that already moved. In ``shoal bench diloco --in-process --miss 1:5``
-    (4 replicas, H=75; one misses rounds 1 to 5 of 8 and resyncs after each), the swarm
-    ended at 2.7649 bits/byte that way, and at 2.6176 with this scaling (2.6401 with only
-    the weight scaled, 2.6464 with only the vector; 2.5896 when no round is missed).
-    Missing rounds 2 to 4: 2.6558 against 2.6081. Steps after the last such outer step
-    (trained alone, say) count whole: nobody else holds them.
+    ``overlapped``: the steps before this peer's last outer step that left them out (it
+    adopted the swarm's state after a failed round, or took the others' mean when left out).
+    It kept its progress, and its next pseudo-gradient carries all of it. Sent whole with
+    all its samples as weight, that counted twice over: a longer vector, and a larger share
+    of the mean, on top of an outer state that already moved. In ``shoal bench diloco
+    --in-process --miss 1:5`` (4 replicas, H=75; one misses rounds 1 to 5 of 8 and resyncs
+    after each), the swarm ended at 2.7649 bits/byte that way, and at 2.6176 with this
+    scaling (2.6401 with only the weight scaled, 2.6464 with only the vector; 2.5896 when no
+    round is missed). Missing rounds 2 to 4: 2.6558 against 2.6081. Steps after the last
+    such outer step (trained alone, say) count whole: nobody else holds them.
     """
     counted = min(overlapped, local_steps) + (steps - overlapped)
     if counted >= steps:
