@@ -187,7 +187,7 @@ class DiLoCo:
         if outcome.ok and outcome.included:
             self.outer.step(delta, contributors)
             self.outer.load_into(self.params)
-            self.samples = self.steps_carried = self.steps_overlapped = 0
+            self.carry(0, 0)
             self.stale = False
         elif outcome.ok:
             # The swarm's mean left this peer's contribution out (late, or screened): take
@@ -289,7 +289,7 @@ class DiLoCo:
     def start_from_outer(self) -> None:
         """The model becomes the outer parameters: no local progress of its own."""
         self.outer.load_into(self.params)
-        self.samples = self.steps_carried = self.steps_overlapped = 0
+        self.carry(0, 0)
 
     def load_state(self, tensors: dict[str, torch.Tensor], round_index: int) -> bool:
         """Adopt restored outer state (startup recovery); the caller restored the model.
@@ -302,11 +302,12 @@ class DiLoCo:
         self.applied = applied or 0
         self.round_index = round_index
         self.local_steps_done = 0
-        self.samples = self.steps_carried = self.steps_overlapped = 0
+        self.carry(0, 0)  # the caller says what the restored model holds
         return True
 
     def carry(self, steps: int, samples: int) -> None:
         """The restored model holds ``steps`` local steps on ``samples`` samples that no
-        applied round holds (a restart from this peer's own checkpoint): its next
-        pseudo-gradient carries them, and counts them."""
-        self.steps_carried, self.samples = steps, samples
+        applied round holds (a restart from this peer's own checkpoint; 0: none, as after
+        a round that included them): its next pseudo-gradient carries them, and counts
+        them, none of them stepped past yet."""
+        self.steps_carried, self.samples, self.steps_overlapped = steps, samples, 0

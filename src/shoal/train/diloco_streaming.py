@@ -422,17 +422,18 @@ class StreamingDiLoCo:
 
     def carry(self, steps: int, samples: int) -> None:
         """The restored model holds ``steps`` local steps on ``samples`` samples that no
-        applied round holds (a restart from this peer's own checkpoint), in every fragment:
-        their next pseudo-gradients carry them, and count them."""
+        applied round holds (a restart from this peer's own checkpoint; 0: none), in every
+        fragment: their next pseudo-gradients carry them, and count them, none of them
+        stepped past yet."""
         self.steps_carried = [steps] * len(self.groups)
         self.samples = [samples] * len(self.groups)
+        self.steps_overlapped = [0] * len(self.groups)
 
     def start_from_outer(self) -> None:
         """Every fragment's parameters become its outer parameters (no local progress)."""
         for f, outer in enumerate(self.outers):
             outer.load_into(self.fragment_params(f))
         self.carry(0, 0)
-        self.steps_overlapped = [0] * len(self.groups)
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Adopt a snapshot's outer state (startup recovery): every fragment or, when one
@@ -449,7 +450,6 @@ class StreamingDiLoCo:
         in_flight = _in_flight(tensors, len(self.outers))
         self.unsettled = {in_flight} if in_flight is not None else set()
         self.carry(0, 0)  # the caller says what the restored model holds (:meth:`carry`)
-        self.steps_overlapped = [0] * len(self.groups)
         return True
 
     def _read(
